@@ -1,1 +1,31 @@
-//! placeholder
+//! relay-core: the relay's wire protocol, sans IO.
+//!
+//! No sockets, no executor, no clock: pure functions and state machines over
+//! byte buffers, so every rule of the protocol is tested and fuzzed alone.
+//!
+//! # Layout
+//! - [`name`]: address, group and uid validation.
+//! - [`frame`]: frame types, flags, error codes and the [`Frame`] struct.
+//! - [`codec`]: the binary form (length prefix, two-step decoding).
+//! - [`json`]: the JSON form and the payload crossing rules.
+//! - [`conn`]: one connection's protocol state machine (hello, heartbeats,
+//!   deadlines, limits, the bounded outbound queue).
+//! - [`route`]: address → shard hashing and server-assigned addresses.
+//! - [`auth`]: HMAC client tokens.
+
+pub mod auth;
+pub mod codec;
+pub mod conn;
+pub mod frame;
+pub mod json;
+pub mod name;
+pub mod route;
+
+pub use codec::{DecodeError, Decoder};
+pub use conn::{
+    CloseReason, ConnConfig, Connection, Event, Hello, Now, Role, SendError, Transport, Wire,
+};
+pub use frame::{ErrorCode, Flags, Frame, FrameType};
+pub use json::JsonError;
+pub use name::{NameError, validate_name};
+pub use route::shard_of;

@@ -1,0 +1,53 @@
+//! Client tokens for `[auth] mode = "hmac"`.
+//!
+//! A device's token is the lowercase hex of HMAC-SHA256(secret, address): a
+//! vendor computes it once per device at provisioning time, the relay only
+//! needs the shared secret. See docs/protocol.md for the test vector.
+
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+
+type HmacSha256 = Hmac<Sha256>;
+
+/// The token for `address` under `secret` (64 lowercase hex digits).
+pub fn token_for(secret: &[u8], address: &[u8]) -> String {
+    let mut mac = HmacSha256::new_from_slice(secret).expect("HMAC accepts keys of any length");
+    mac.update(address);
+    hex::encode(mac.finalize().into_bytes())
+}
+
+/// Checks `token` (hex, either case) for `address` in constant time.
+pub fn verify_token(secret: &[u8], address: &[u8], token: &str) -> bool {
+    let Ok(raw) = hex::decode(token.trim()) else {
+        return false;
+    };
+    let mut mac = HmacSha256::new_from_slice(secret).expect("HMAC accepts keys of any length");
+    mac.update(address);
+    mac.verify_slice(&raw).is_ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rfc4231_case_2_vector() {
+        // RFC 4231 test case 2: key "Jefe", data "what do ya want for nothing?"
+        assert_eq!(
+            token_for(b"Jefe", b"what do ya want for nothing?"),
+            "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
+        );
+    }
+
+    #[test]
+    fn documented_device_vector() {
+        let t = token_for(b"s3cret", b"ctl-8266-0042");
+        assert_eq!(t.len(), 64);
+        assert!(verify_token(b"s3cret", b"ctl-8266-0042", &t));
+        assert!(verify_token(b"s3cret", b"ctl-8266-0042", &t.to_uppercase()));
+        assert!(!verify_token(b"s3cret", b"ctl-8266-0043", &t));
+        assert!(!verify_token(b"other", b"ctl-8266-0042", &t));
+        assert!(!verify_token(b"s3cret", b"ctl-8266-0042", "zz"));
+        assert!(!verify_token(b"s3cret", b"ctl-8266-0042", ""));
+    }
+}

@@ -1,0 +1,90 @@
+//! Names on the wire: addresses, groups and uids.
+//!
+//! All three share one alphabet (`A-Z a-z 0-9 . _ : @ -`) and a length of 1 to
+//! 64 bytes, so a C controller can keep them in a fixed 65-byte buffer and the
+//! relay can put them in URLs, Redis keys and JSON without escaping.
+
+use thiserror::Error;
+
+/// Longest address, group or uid, in bytes.
+pub const MAX_NAME_LEN: usize = 64;
+
+/// Why a name was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
+#[non_exhaustive]
+pub enum NameError {
+    #[error("name is empty")]
+    Empty,
+    #[error("name is {0} bytes, at most 64 are allowed")]
+    TooLong(usize),
+    #[error("byte 0x{byte:02x} at offset {at} is outside A-Z a-z 0-9 . _ : @ -")]
+    BadByte { at: usize, byte: u8 },
+}
+
+/// True for the bytes an address, group or uid may contain.
+#[inline]
+pub const fn is_name_byte(b: u8) -> bool {
+    matches!(b, b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'.' | b'_' | b':' | b'@' | b'-')
+}
+
+/// Checks an address, group or uid: 1..=64 bytes of the shared alphabet.
+pub fn validate_name(name: &[u8]) -> Result<(), NameError> {
+    if name.is_empty() {
+        return Err(NameError::Empty);
+    }
+    if name.len() > MAX_NAME_LEN {
+        return Err(NameError::TooLong(name.len()));
+    }
+    match name.iter().position(|&b| !is_name_byte(b)) {
+        Some(at) => Err(NameError::BadByte { at, byte: name[at] }),
+        None => Ok(()),
+    }
+}
+
+/// Views a validated name as text. Names are ASCII, so this cannot fail for
+/// anything `validate_name` accepted; other bytes are shown lossily.
+pub fn name_str(name: &[u8]) -> std::borrow::Cow<'_, str> {
+    String::from_utf8_lossy(name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accepts_the_whole_alphabet() {
+        assert_eq!(validate_name(b"ctl-8266-0042"), Ok(()));
+        assert_eq!(validate_name(b"A.z_0:9@-"), Ok(()));
+        assert_eq!(validate_name(&[b'a'; 64]), Ok(()));
+    }
+
+    #[test]
+    fn refuses_empty_long_and_foreign_bytes() {
+        assert_eq!(validate_name(b""), Err(NameError::Empty));
+        assert_eq!(validate_name(&[b'a'; 65]), Err(NameError::TooLong(65)));
+        assert_eq!(
+            validate_name(b"a b"),
+            Err(NameError::BadByte { at: 1, byte: b' ' })
+        );
+        assert_eq!(
+            validate_name(b"x/y"),
+            Err(NameError::BadByte { at: 1, byte: b'/' })
+        );
+        assert_eq!(
+            validate_name("é".as_bytes()),
+            Err(NameError::BadByte { at: 0, byte: 0xc3 })
+        );
+    }
+
+    #[test]
+    fn alphabet_is_exactly_the_documented_one() {
+        let allowed: Vec<u8> = (0u8..=255).filter(|&b| is_name_byte(b)).collect();
+        let mut expected: Vec<u8> = (b'A'..=b'Z')
+            .chain(b'a'..=b'z')
+            .chain(b'0'..=b'9')
+            .collect();
+        expected.extend_from_slice(b".:@_-");
+        expected.sort();
+        assert_eq!(allowed, expected);
+    }
+}
