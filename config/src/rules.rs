@@ -1,0 +1,331 @@
+//! The rules a well-typed configuration must still keep: ranges, and keys that
+//! must agree with each other. Every broken rule becomes one `Problem`; none
+//! panics. Warnings are things that load but deserve an operator's look.
+
+use std::net::SocketAddr;
+
+use crate::{AuthMode, Config, Problem};
+
+/// Smallest `limits.max_frame`: the fixed part of a binary body (PROTOCOL.md).
+pub const MIN_FRAME: u32 = relay_core::frame::MIN_BODY as u32;
+/// Largest `limits.max_frame` (16 MiB): beyond it one frame could pin a
+/// shard's memory and the outbound queues stop meaning anything.
+pub const MAX_FRAME_CEILING: u32 = 16 * 1024 * 1024;
+/// The per-process open-file limit the relay is sized for.
+pub const OPEN_FILES_LIMIT: u32 = 20_000;
+/// Descriptors kept for everything that is not a client: listeners and the
+/// shard mesh of every shard, io_uring, Redis/MySQL/notifier sockets, the spool.
+pub const RESERVED_FILES: u32 = 1_000;
+/// Largest `limits.max_connections`.
+pub const MAX_CONNECTIONS_CEILING: u32 = OPEN_FILES_LIMIT - RESERVED_FILES;
+/// Largest `shards.count`.
+pub const MAX_SHARDS: usize = 1024;
+/// Shortest secret that is not reported as weak, in bytes.
+pub const MIN_SECRET_BYTES: usize = 16;
+/// Longest name of a node (the alphabet and length of addresses).
+pub const MAX_NODE_NAME: usize = relay_core::name::MAX_NAME_LEN;
+
+const MIB: u64 = 1024 * 1024;
+
+/// Collects problems for one configuration.
+struct Rules {
+    problems: Vec<Problem>,
+}
+
+impl Rules {
+    fn fail(&mut self, key: &str, reason: impl Into<String>) {
+        self.problems.push(Problem::at(key, reason));
+    }
+
+    /// `value` must lie in `min..=max`.
+    fn range(&mut self, key: &str, value: u64, min: u64, max: u64, why: &str) {
+        if value < min || value > max {
+            let what = if value < min {
+                format!("at least {min}")
+            } else {
+                format!("at most {max}")
+            };
+            self.fail(key, format!("is {value}, must be {what}{why}"));
+        }
+    }
+}
+
+/// Every rule broken by `config`, with `file` left for the caller to fill in.
+pub(crate) fn check(config: &Config) -> Vec<Problem> {
+    let mut r = Rules {
+        problems: Vec::new(),
+    };
+    let c = config;
+
+    if let Err(reason) = check_name(&c.node.name) {
+        r.fail("node.name", reason);
+    }
+
+    if c.http.enabled && c.listeners.tcp == c.listeners.http && c.listeners.tcp.port() != 0 {
+        r.fail(
+            "listeners.http",
+            format!("is the same address as listeners.tcp ({})", c.listeners.tcp),
+        );
+    }
+
+    let s = &c.shards;
+    r.range(
+        "shards.count",
+        s.count as u64,
+        0,
+        MAX_SHARDS as u64,
+        " (0 means one shard per core)",
+    );
+    r.range(
+        "shards.io_memory_kib",
+        s.io_memory_kib as u64,
+        64,
+        1024 * 1024,
+        " (locked memory for io_uring buffers, per shard)",
+    );
+    r.range(
+        "shards.ring_depth",
+        u64::from(s.ring_depth),
+        8,
+        32_768,
+        " (io_uring allows up to 32768 entries)",
+    );
+    r.range(
+        "shards.mesh_capacity",
+        s.mesh_capacity as u64,
+        1,
+        1 << 20,
+        "",
+    );
+    r.range("shards.max_batch", s.max_batch as u64, 1, 65_536, "");
+
+    let l = &c.limits;
+    r.range(
+        "limits.max_frame",
+        u64::from(l.max_frame),
+        u64::from(MIN_FRAME),
+        u64::from(MAX_FRAME_CEILING),
+        " (a frame body has 9 fixed bytes; 16 MiB is the ceiling)",
+    );
+    r.range(
+        "limits.max_connections",
+        u64::from(l.max_connections),
+        1,
+        u64::from(MAX_CONNECTIONS_CEILING),
+        " (the open-file limit is 20000 and 1000 descriptors are kept for listeners, mesh, sinks and spool)",
+    );
+    r.range(
+        "limits.queue_bytes",
+        l.queue_bytes as u64,
+        1,
+        1024 * MIB,
+        "",
+    );
+    // A queue that cannot hold one largest frame (with its 4-byte length prefix) drops it always.
+    let frame_ok = (MIN_FRAME..=MAX_FRAME_CEILING).contains(&l.max_frame);
+    if frame_ok && l.queue_bytes >= 1 && l.queue_bytes < l.max_frame as usize + 4 {
+        r.fail(
+            "limits.queue_bytes",
+            format!(
+                "is {}, must be at least limits.max_frame + 4 ({}) so one largest frame fits in a queue",
+                l.queue_bytes,
+                u64::from(l.max_frame) + 4
+            ),
+        );
+    }
+    r.range(
+        "limits.slow_consumer_timeout_ms",
+        l.slow_consumer_timeout_ms,
+        1,
+        3_600_000,
+        "",
+    );
+    r.range(
+        "limits.frames_per_sec",
+        u64::from(l.frames_per_sec),
+        1,
+        10_000_000,
+        "",
+    );
+    r.range(
+        "limits.burst",
+        u64::from(l.burst),
+        1,
+        100_000_000,
+        " (the token bucket's size)",
+    );
+    r.range(
+        "limits.hello_timeout_ms",
+        l.hello_timeout_ms,
+        100,
+        600_000,
+        "",
+    );
+    r.range(
+        "limits.max_groups_per_conn",
+        l.max_groups_per_conn as u64,
+        0,
+        1 << 20,
+        "",
+    );
+    r.range("limits.max_meta_bytes", l.max_meta_bytes as u64, 0, MIB, "");
+
+    let h = &c.heartbeat;
+    r.range("heartbeat.min_s", u64::from(h.min_s), 1, 86_400, "");
+    r.range(
+        "heartbeat.max_s",
+        u64::from(h.max_s),
+        1,
+        86_400,
+        " (one day)",
+    );
+    r.range(
+        "heartbeat.idle_factor",
+        u64::from(h.idle_factor),
+        2,
+        100,
+        " (a factor of 1 would drop a client whose ping is a moment late)",
+    );
+    if h.min_s > h.max_s {
+        r.fail(
+            "heartbeat.min_s",
+            format!("is {}, above heartbeat.max_s ({})", h.min_s, h.max_s),
+        );
+    } else if h.interval_s < h.min_s || h.interval_s > h.max_s {
+        r.fail(
+            "heartbeat.interval_s",
+            format!(
+                "is {}, must lie within heartbeat.min_s..=heartbeat.max_s ({}..={})",
+                h.interval_s, h.min_s, h.max_s
+            ),
+        );
+    }
+
+    if c.auth.mode == AuthMode::Hmac && c.auth.secret.is_empty() {
+        r.fail(
+            "auth.secret",
+            "must be set when auth.mode is \"hmac\" (tokens are HMACs made with it)",
+        );
+    }
+
+    match &c.http.api_token {
+        Some(token) if token.is_empty() => r.fail(
+            "http.api_token",
+            "is empty; set a token, or remove the key to leave the API open",
+        ),
+        Some(token) if !token.bytes().all(|b| b.is_ascii_graphic()) => r.fail(
+            "http.api_token",
+            "must be printable ASCII without spaces (it travels in an Authorization header)",
+        ),
+        _ => {}
+    }
+    r.range("http.max_body", c.http.max_body as u64, 1, 64 * MIB, "");
+
+    if let Err(reason) = check_log_filter(&c.log.level) {
+        r.fail("log.level", reason);
+    }
+
+    r.range(
+        "shutdown.grace_ms",
+        c.shutdown.grace_ms,
+        0,
+        600_000,
+        " (ten minutes)",
+    );
+
+    let sections = [
+        c.plugins.check(),
+        c.redis.check(),
+        c.mysql.check(),
+        c.notify.check(),
+    ];
+    for (key, reason) in sections.into_iter().flatten() {
+        r.fail(&key, reason);
+    }
+
+    r.problems
+}
+
+/// Things that load but deserve a look before production.
+pub(crate) fn warnings(config: &Config) -> Vec<Problem> {
+    let c = config;
+    let mut out = Vec::new();
+    let open = |addr: &SocketAddr| !addr.ip().is_loopback();
+    if c.auth.mode == AuthMode::Hmac {
+        let lower = c.auth.secret.to_ascii_lowercase();
+        if lower.contains("change") && lower.contains("me") {
+            out.push(Problem::at(
+                "auth.secret",
+                "is the shipped placeholder; set your own secret",
+            ));
+        } else if !c.auth.secret.is_empty() && c.auth.secret.len() < MIN_SECRET_BYTES {
+            out.push(Problem::at(
+                "auth.secret",
+                format!("is shorter than {MIN_SECRET_BYTES} bytes; a short key is guessable"),
+            ));
+        }
+    }
+    if c.auth.mode == AuthMode::None
+        && (open(&c.listeners.tcp) || (c.http.enabled && open(&c.listeners.http)))
+    {
+        out.push(Problem::at(
+            "auth.mode",
+            "is \"none\" while a listener is reachable beyond loopback",
+        ));
+    }
+    if c.auth.mode == AuthMode::None && !c.auth.secret.is_empty() {
+        out.push(Problem::at(
+            "auth.secret",
+            "is set but unused while auth.mode is \"none\"",
+        ));
+    }
+    if c.http.enabled && c.http.api_token.is_none() && open(&c.listeners.http) {
+        out.push(Problem::at(
+            "http.api_token",
+            "is not set while the HTTP API is reachable beyond loopback",
+        ));
+    }
+    if let Some(token) = &c.http.api_token {
+        let lower = token.to_ascii_lowercase();
+        if lower.contains("change") && lower.contains("me") {
+            out.push(Problem::at(
+                "http.api_token",
+                "is the shipped placeholder; set your own token",
+            ));
+        }
+    }
+    out
+}
+
+/// A node name follows the address rules: 1 to 64 bytes of `A-Z a-z 0-9 . _ : @ -`.
+fn check_name(name: &str) -> Result<(), String> {
+    relay_core::validate_name(name.as_bytes()).map_err(|err| err.to_string())
+}
+
+/// A light check of a tracing `EnvFilter` directive list: comma-separated
+/// directives, each a level, a target, or `target[span{field}]=level`.
+fn check_log_filter(filter: &str) -> Result<(), String> {
+    const LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
+    if filter.trim().is_empty() {
+        return Err("must not be empty (e.g. \"info\" or \"info,relay_shards=debug\")".into());
+    }
+    for directive in filter.split(',').map(str::trim).filter(|d| !d.is_empty()) {
+        if directive.contains(char::is_whitespace) {
+            return Err(format!("directive `{directive}` contains a space"));
+        }
+        // `target[span{field=value}]` has an `=` that is not the level's.
+        let level = directive
+            .rsplit_once('=')
+            .filter(|(_, level)| !level.contains(['}', ']']));
+        if let Some((_, level)) = level {
+            let level = level.to_ascii_lowercase();
+            let numeric = matches!(level.as_str(), "0" | "1" | "2" | "3" | "4" | "5");
+            if !numeric && !LEVELS.contains(&level.as_str()) {
+                return Err(format!(
+                    "directive `{directive}` ends in an unknown level; use trace, debug, info, warn, error or off"
+                ));
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,252 @@
+//! The relay's own configuration sections (`[node]` … `[shutdown]`), each with
+//! the defaults that let a newcomer start with no file at all. The sections of
+//! the script workers and sinks live in `plugins.rs`.
+//!
+//! Durations and sizes are plain integers whose unit is in the key name
+//! (`_ms`, `_s`, `_kib`, `_bytes`), so an operator never guesses a unit.
+
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+
+use serde::{Deserialize, Serialize};
+
+/// `[node]`: who this relay is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NodeConfig {
+    /// Name of this node, sent to clients in WELCOME (`"node"`) and used as the
+    /// node's key once several nodes share a Redis. Same alphabet as addresses.
+    pub name: String,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        Self { name: "n1".into() }
+    }
+}
+
+/// `[listeners]`: where clients connect.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ListenersConfig {
+    /// Controllers' TCP port (binary frames, or JSON lines when the first byte
+    /// is `{`). Loopback by default so a first start exposes nothing.
+    pub tcp: SocketAddr,
+    /// HTTP port: console page, `/ws`, `/api`, `/metrics`, `/healthz`.
+    pub http: SocketAddr,
+}
+
+impl Default for ListenersConfig {
+    fn default() -> Self {
+        Self {
+            tcp: SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 7000)),
+            http: SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 8080)),
+        }
+    }
+}
+
+/// `[shards]`: the thread-per-core runtime.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ShardsConfig {
+    /// Number of shards (one executor thread each); 0 means one per available core.
+    pub count: usize,
+    /// Pin each shard to its own core, so its caches and io_uring stay warm.
+    pub pin: bool,
+    /// Memory each shard registers with io_uring, in KiB. It is locked memory,
+    /// and the locked-memory limit is small (often 8 MiB per process), so keep it low.
+    pub io_memory_kib: usize,
+    /// Entries of each shard's io_uring submission ring.
+    pub ring_depth: u32,
+    /// Messages each shard-to-shard channel holds before the sender waits.
+    pub mesh_capacity: usize,
+    /// Most frames carried by one cross-shard message (batching cuts wakeups).
+    pub max_batch: usize,
+}
+
+impl Default for ShardsConfig {
+    fn default() -> Self {
+        Self {
+            count: 0,
+            pin: true,
+            io_memory_kib: 512,
+            ring_depth: 512,
+            mesh_capacity: 1024,
+            max_batch: 256,
+        }
+    }
+}
+
+/// `[limits]`: the bounds that keep one client from hurting the others.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Largest frame body in bytes (PROTOCOL.md `max_frame`; also sent in WELCOME).
+    pub max_frame: u32,
+    /// Most client connections the whole process accepts; beyond it new
+    /// connections are refused. Must leave room under the open-file limit for
+    /// listeners, the shard mesh, sinks and the spool.
+    pub max_connections: u32,
+    /// Bytes one connection's outbound queue may hold before frames to it are dropped.
+    pub queue_bytes: usize,
+    /// How long a connection's queue may stay full before it is disconnected
+    /// as a slow consumer.
+    pub slow_consumer_timeout_ms: u64,
+    /// Sustained frames per second one connection may send (token bucket rate).
+    pub frames_per_sec: u32,
+    /// Frames one connection may send in a burst above the rate (bucket size).
+    pub burst: u32,
+    /// A connection that has not said hello within this time is closed.
+    pub hello_timeout_ms: u64,
+    /// Most groups one connection may be a member of.
+    pub max_groups_per_conn: usize,
+    /// Largest hello `meta` object (as JSON text) kept with a session.
+    pub max_meta_bytes: usize,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            max_frame: 65536,
+            max_connections: 18000,
+            queue_bytes: 262_144,
+            slow_consumer_timeout_ms: 5000,
+            frames_per_sec: 2000,
+            burst: 4000,
+            hello_timeout_ms: 10_000,
+            max_groups_per_conn: 256,
+            max_meta_bytes: 4096,
+        }
+    }
+}
+
+/// `[heartbeat]`: how liveness is judged.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HeartbeatConfig {
+    /// Heartbeat period offered to clients that do not ask for one.
+    pub interval_s: u32,
+    /// A connection silent for `idle_factor × heartbeat_s` is closed
+    /// (`idle_timeout`), so one or two lost pings do not drop a device.
+    pub idle_factor: u32,
+    /// Smallest heartbeat a client may ask for (guards the server against ping floods).
+    pub min_s: u32,
+    /// Largest heartbeat a client may ask for (bounds how long a dead link holds an address).
+    pub max_s: u32,
+}
+
+impl Default for HeartbeatConfig {
+    fn default() -> Self {
+        Self {
+            interval_s: 30,
+            idle_factor: 3,
+            min_s: 5,
+            max_s: 3600,
+        }
+    }
+}
+
+/// How a hello is authenticated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+#[non_exhaustive]
+pub enum AuthMode {
+    /// Every hello is accepted: for a first start on loopback and for tests.
+    #[default]
+    None,
+    /// The hello `token` must be an HMAC-SHA256 made with `auth.secret`.
+    Hmac,
+}
+
+/// `[auth]`: who may connect and what clients may do themselves.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// `none` (accept every hello) or `hmac` (check the hello token).
+    pub mode: AuthMode,
+    /// Key of the HMAC tokens; required when `mode = "hmac"`.
+    pub secret: String,
+    /// Whether clients may JOIN/LEAVE groups themselves; when false only the
+    /// backend manages membership through the HTTP API.
+    pub allow_client_join: bool,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self {
+            mode: AuthMode::None,
+            secret: String::new(),
+            allow_client_join: true,
+        }
+    }
+}
+
+/// `[http]`: the HTTP port's features.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpConfig {
+    /// Serve HTTP at all (console, WebSocket, API, metrics).
+    pub enabled: bool,
+    /// Bearer token `/api/*` requires; absent means the API is open (fine on loopback only).
+    pub api_token: Option<String>,
+    /// Largest request body the API reads, in bytes.
+    pub max_body: usize,
+    /// Serve the console page at `/`.
+    pub console: bool,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            api_token: None,
+            max_body: 1_048_576,
+            console: true,
+        }
+    }
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+#[non_exhaustive]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line, for log shippers.
+    Json,
+}
+
+/// `[log]`: what is logged and how.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// A tracing `EnvFilter` directive, e.g. `info` or `info,relay_shards=debug`.
+    pub level: String,
+    /// `text` or `json`.
+    pub format: LogFormat,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            level: "info".into(),
+            format: LogFormat::Text,
+        }
+    }
+}
+
+/// `[shutdown]`: how the relay stops.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ShutdownConfig {
+    /// Longest time spent draining outbound queues after BYE/`shutting_down`
+    /// before connections are closed regardless.
+    pub grace_ms: u64,
+}
+
+impl Default for ShutdownConfig {
+    fn default() -> Self {
+        Self { grace_ms: 5000 }
+    }
+}
