@@ -181,11 +181,18 @@ pub fn encode_body(frame: &Frame, out: &mut impl BufMut) {
     out.put_slice(&frame.payload);
 }
 
+/// Length of the body `encode_body` writes for `frame` (names cut to 64).
+#[inline]
+pub fn body_len(frame: &Frame) -> usize {
+    MIN_BODY
+        + frame.src.len().min(MAX_NAME_LEN)
+        + frame.dst.len().min(MAX_NAME_LEN)
+        + frame.payload.len()
+}
+
 /// Appends `frame` with its length prefix.
 pub fn encode(frame: &Frame, out: &mut BytesMut) {
-    let src = frame.src.len().min(MAX_NAME_LEN);
-    let dst = frame.dst.len().min(MAX_NAME_LEN);
-    let body = MIN_BODY + src + dst + frame.payload.len();
+    let body = body_len(frame);
     out.reserve(4 + body);
     out.put_u32(body as u32);
     encode_body(frame, out);

@@ -9,6 +9,8 @@
 //! - Any sender → JSON receiver: flag JSON and valid JSON text give
 //!   `"payload": <value>`; anything else gives `"payload_b64": "<base64>"`.
 
+use std::borrow::Cow;
+
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
 use bytes::{BufMut, Bytes, BytesMut};
@@ -48,26 +50,28 @@ impl JsonError {
     }
 }
 
+// String fields are `Cow`: borrowed from the line when they hold no escape,
+// owned when they do (`"payload_b64":"AA\/8"` from encoders that escape `/`).
 #[derive(Deserialize)]
 struct Inbound<'a> {
-    #[serde(rename = "type")]
-    kind: Option<&'a str>,
+    #[serde(rename = "type", borrow, default)]
+    kind: Option<Cow<'a, str>>,
     #[serde(default)]
     seq: u32,
     #[serde(default)]
     ack: bool,
     #[serde(borrow, default)]
-    addr: Option<&'a str>,
+    addr: Option<Cow<'a, str>>,
     #[serde(borrow, default)]
-    src: Option<&'a str>,
+    src: Option<Cow<'a, str>>,
     #[serde(borrow, default)]
-    dst: Option<&'a str>,
+    dst: Option<Cow<'a, str>>,
     #[serde(borrow, default)]
-    group: Option<&'a str>,
+    group: Option<Cow<'a, str>>,
     #[serde(borrow, default)]
     payload: Option<&'a RawValue>,
     #[serde(borrow, default)]
-    payload_b64: Option<&'a str>,
+    payload_b64: Option<Cow<'a, str>>,
     // hello fields, gathered back into a hello payload object
     #[serde(borrow, default)]
     role: Option<&'a RawValue>,
@@ -78,7 +82,7 @@ struct Inbound<'a> {
     #[serde(borrow, default)]
     meta: Option<&'a RawValue>,
     // server-sent fields, accepted so a client library can parse what we send
-    #[serde(default)]
+    #[serde(borrow, default)]
     code: Option<&'a RawValue>,
     #[serde(borrow, default)]
     message: Option<&'a RawValue>,
@@ -90,8 +94,8 @@ struct Inbound<'a> {
     node: Option<&'a RawValue>,
 }
 
-fn name_field(v: Option<&str>, field: &'static str) -> Result<Bytes, JsonError> {
-    let s = v.unwrap_or("");
+fn name_field(v: Option<&Cow<'_, str>>, field: &'static str) -> Result<Bytes, JsonError> {
+    let s = v.map(|c| c.as_ref()).unwrap_or("");
     if s.len() > MAX_NAME_LEN {
         return Err(JsonError::NameTooLong(field));
     }
@@ -102,7 +106,7 @@ fn name_field(v: Option<&str>, field: &'static str) -> Result<Bytes, JsonError> 
 pub fn parse_json(line: &[u8]) -> Result<Frame, JsonError> {
     let m: Inbound<'_> =
         serde_json::from_slice(line).map_err(|e| JsonError::Syntax(e.to_string()))?;
-    let kind_name = m.kind.ok_or(JsonError::MissingType)?;
+    let kind_name = m.kind.as_deref().ok_or(JsonError::MissingType)?;
     let kind = FrameType::from_name(kind_name)
         .ok_or_else(|| JsonError::UnknownType(kind_name.to_owned()))?;
     let mut f = Frame::new(kind);
@@ -110,7 +114,7 @@ pub fn parse_json(line: &[u8]) -> Result<Frame, JsonError> {
     f.flags = f.flags.with(Flags::ACK_REQ, m.ack);
     match kind {
         FrameType::Hello => {
-            f.src = name_field(m.addr.or(m.src), "addr")?;
+            f.src = name_field(m.addr.as_ref().or(m.src.as_ref()), "addr")?;
             let mut obj = Vec::with_capacity(64);
             obj.push(b'{');
             for (k, v) in [
@@ -135,10 +139,10 @@ pub fn parse_json(line: &[u8]) -> Result<Frame, JsonError> {
             return Ok(f);
         }
         FrameType::Welcome => {
-            f.dst = name_field(m.addr, "addr")?;
+            f.dst = name_field(m.addr.as_ref(), "addr")?;
             let mut obj = Vec::with_capacity(96);
             obj.push(b'{');
-            let addr = serde_json::to_string(m.addr.unwrap_or("")).unwrap_or_default();
+            let addr = serde_json::to_string(m.addr.as_deref().unwrap_or("")).unwrap_or_default();
             obj.extend_from_slice(format!("\"addr\":{addr}").as_bytes());
             if let Some(t) = m.server_time_ms {
                 obj.extend_from_slice(format!(",\"server_time_ms\":{t}").as_bytes());
@@ -160,7 +164,9 @@ pub fn parse_json(line: &[u8]) -> Result<Frame, JsonError> {
             return Ok(f);
         }
         FrameType::Pong => {
-            f.payload = Bytes::copy_from_slice(&m.server_time_ms.unwrap_or(0).to_be_bytes());
+            if m.server_time_ms.is_some() {
+                f.payload = Bytes::copy_from_slice(&m.server_time_ms.unwrap_or(0).to_be_bytes());
+            }
             return Ok(f);
         }
         FrameType::Error => {
@@ -188,21 +194,21 @@ pub fn parse_json(line: &[u8]) -> Result<Frame, JsonError> {
         }
         _ => {}
     }
-    f.src = name_field(m.src, "src")?;
+    f.src = name_field(m.src.as_ref(), "src")?;
     match kind {
         FrameType::Join | FrameType::Leave | FrameType::Publish => {
-            f.dst = name_field(m.group.or(m.dst), "group")?;
+            f.dst = name_field(m.group.as_ref().or(m.dst.as_ref()), "group")?;
         }
         _ => {
-            if let Some(g) = m.group {
+            if let Some(g) = &m.group {
                 f.dst = name_field(Some(g), "group")?;
                 f.flags = f.flags.with(Flags::GROUP, true);
             } else {
-                f.dst = name_field(m.dst, "dst")?;
+                f.dst = name_field(m.dst.as_ref(), "dst")?;
             }
         }
     }
-    match (m.payload, m.payload_b64) {
+    match (m.payload, m.payload_b64.as_deref()) {
         (Some(_), Some(_)) => return Err(JsonError::TwoPayloads),
         (Some(raw), None) => {
             let mut v = Vec::with_capacity(raw.get().len());
@@ -221,11 +227,18 @@ pub fn parse_json(line: &[u8]) -> Result<Frame, JsonError> {
 /// Appends `json` with the whitespace between tokens removed. `json` must be
 /// valid JSON text (as `RawValue` guarantees); strings are copied unchanged.
 pub fn minify_into(json: &[u8], out: &mut Vec<u8>) {
+    minify_runs(json, |run| out.extend_from_slice(run));
+}
+
+/// Feeds `emit` the runs of `json` that remain once the whitespace between
+/// tokens is dropped. Inside strings nothing is dropped; valid JSON has no raw
+/// newline there, so the result is always one line.
+fn minify_runs(json: &[u8], mut emit: impl FnMut(&[u8])) {
     let mut in_str = false;
     let mut escaped = false;
-    for &b in json {
+    let mut start = 0;
+    for (i, &b) in json.iter().enumerate() {
         if in_str {
-            out.push(b);
             if escaped {
                 escaped = false;
             } else if b == b'\\' {
@@ -233,13 +246,31 @@ pub fn minify_into(json: &[u8], out: &mut Vec<u8>) {
             } else if b == b'"' {
                 in_str = false;
             }
-        } else if !matches!(b, b' ' | b'\t' | b'\n' | b'\r') {
-            if b == b'"' {
-                in_str = true;
+        } else if matches!(b, b' ' | b'\t' | b'\n' | b'\r') {
+            if start < i {
+                emit(&json[start..i]);
             }
-            out.push(b);
+            start = i + 1;
+        } else if b == b'"' {
+            in_str = true;
         }
     }
+    if start < json.len() {
+        emit(&json[start..]);
+    }
+}
+
+/// The `seq` of a JSON line that failed to parse as a frame, when the line is
+/// at least a JSON object with a valid `seq` (so its ERROR can carry it).
+pub fn seq_of(line: &[u8]) -> u32 {
+    #[derive(Deserialize)]
+    struct SeqOnly {
+        #[serde(default)]
+        seq: u32,
+    }
+    serde_json::from_slice::<SeqOnly>(line)
+        .map(|s| s.seq)
+        .unwrap_or(0)
 }
 
 /// True when `payload` is a complete JSON value.
@@ -269,7 +300,8 @@ fn put_payload(out: &mut BytesMut, frame: &Frame) {
     }
     if frame.flags.json() && is_json(&frame.payload) {
         out.put_slice(b",\"payload\":");
-        out.put_slice(&frame.payload);
+        // A binary sender's JSON may be pretty-printed: one line is required.
+        minify_runs(&frame.payload, |run| out.put_slice(run));
     } else {
         out.put_slice(b",\"payload_b64\":\"");
         let start = out.len();
@@ -307,9 +339,12 @@ pub fn write_json(frame: &Frame, out: &mut BytesMut) {
         }
         FrameType::Welcome => put_object_members(out, &frame.payload),
         FrameType::Pong => {
-            out.put_slice(
-                format!(",\"server_time_ms\":{}", frame.pong_time().unwrap_or(0)).as_bytes(),
-            );
+            if frame.seq != 0 {
+                out.put_slice(format!(",\"seq\":{}", frame.seq).as_bytes());
+            }
+            if let Some(t) = frame.pong_time() {
+                out.put_slice(format!(",\"server_time_ms\":{t}").as_bytes());
+            }
         }
         FrameType::Error => {
             if frame.seq != 0 {
@@ -495,6 +530,50 @@ mod tests {
             parse_json(long.as_bytes()),
             Err(JsonError::NameTooLong("dst"))
         );
+    }
+
+    #[test]
+    fn escaped_strings_are_understood() {
+        // Encoders that escape `/` (PHP's json_encode) and names written with
+        // \u escapes must parse like their plain forms.
+        let f = parse_json(br#"{"type":"d\u0061ta","dst":"ctl\u002d1","payload_b64":"AAEC\/w=="}"#)
+            .unwrap();
+        assert_eq!(f.kind, FrameType::Data);
+        assert_eq!(&f.dst[..], b"ctl-1");
+        assert_eq!(&f.payload[..], &[0, 1, 2, 255]);
+    }
+
+    #[test]
+    fn seq_is_recovered_from_refused_lines() {
+        assert_eq!(seq_of(br#"{"type":"teleport","seq":12}"#), 12);
+        assert_eq!(seq_of(br#"{"seq":3,"dst":7}"#), 3);
+        assert_eq!(seq_of(b"{nope"), 0);
+        assert_eq!(seq_of(br#"{"seq":"x"}"#), 0);
+    }
+
+    #[test]
+    fn pong_keeps_seq_and_time() {
+        let mut p = Frame::pong(1_763_800_000_123);
+        p.seq = 4;
+        let s = to_json_string(&p);
+        assert_eq!(
+            v(&s),
+            json!({"type":"pong","seq":4,"server_time_ms":1_763_800_000_123u64})
+        );
+        assert_eq!(parse_json(s.as_bytes()).unwrap(), p);
+    }
+
+    #[test]
+    fn pretty_json_payloads_are_written_on_one_line() {
+        let mut f = Frame::data(
+            &b"a"[..],
+            &b"b"[..],
+            &b"{\n \"k\" : [1,\r\n 2],\"s\":\"x y\"\n}\n"[..],
+        );
+        f.flags = Flags(Flags::JSON);
+        let s = to_json_string(&f);
+        assert!(!s.contains('\n') && !s.contains('\r'), "{s}");
+        assert_eq!(v(&s)["payload"], json!({"k":[1,2],"s":"x y"}));
     }
 
     #[test]
