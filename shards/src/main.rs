@@ -1,1 +1,136 @@
-fn main() {}
+//! `relay`: runs the relay, or checks and prints its configuration.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use relay_config::{Config, DEFAULTS_TOML, LogFormat};
+use relay_shards::Relay;
+
+/// An IoT message relay: controllers on TCP, browsers on WebSocket, one
+/// address per client, frames forwarded to an address, a group or a uid.
+///
+/// With no arguments it runs on built-in defaults: controllers on
+/// 127.0.0.1:7000, one shard per core, auth off.
+#[derive(Debug, Parser)]
+#[command(name = "relay", version, about, long_about = None)]
+struct Cli {
+    /// Configuration file (TOML). Without it the built-in defaults are used.
+    /// Every key can also be set with RELAY__<SECTION>__<KEY>=value.
+    #[arg(short, long, value_name = "FILE", global = true)]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the relay (the default when no command is given).
+    Run,
+    /// Load and validate a configuration file, report every problem, and exit.
+    CheckConfig {
+        /// The file to check.
+        file: PathBuf,
+    },
+    /// Show configuration.
+    Config {
+        #[command(subcommand)]
+        what: ConfigCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ConfigCommand {
+    /// Print the commented built-in defaults (a starting point for a file).
+    Print {
+        /// Print the effective configuration (file + environment) instead.
+        #[arg(long)]
+        effective: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command.unwrap_or(Command::Run) {
+        Command::Run => run(cli.config),
+        Command::CheckConfig { file } => match Config::load(Some(&file)) {
+            Ok(cfg) => {
+                for w in cfg.warnings(&file.display().to_string()) {
+                    eprintln!("warning: {w}");
+                }
+                println!("{}: ok", file.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("{e}");
+                ExitCode::from(2)
+            }
+        },
+        Command::Config {
+            what: ConfigCommand::Print { effective },
+        } => {
+            if effective {
+                match Config::load(cli.config.as_deref()) {
+                    Ok(cfg) => print!("{}", cfg.to_toml()),
+                    Err(e) => {
+                        eprintln!("{e}");
+                        return ExitCode::from(2);
+                    }
+                }
+            } else {
+                print!("{DEFAULTS_TOML}");
+            }
+            ExitCode::SUCCESS
+        }
+    }
+}
+
+fn run(path: Option<PathBuf>) -> ExitCode {
+    let cfg = match Config::load(path.as_deref()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(2);
+        }
+    };
+    init_logging(&cfg);
+    let relay = match Relay::start(&cfg) {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let stop = relay.stop_flag();
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        if let Err(e) = signal_hook::flag::register(sig, stop.clone()) {
+            tracing::error!("cannot handle signal {sig}: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
+    match relay.join() {
+        Ok(()) => {
+            tracing::info!("relay stopped");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            tracing::error!("{e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(cfg: &Config) {
+    let filter = std::env::var("RELAY_LOG")
+        .ok()
+        .and_then(|v| tracing_subscriber::EnvFilter::try_new(v).ok())
+        .or_else(|| tracing_subscriber::EnvFilter::try_new(&cfg.log.level).ok())
+        .unwrap_or_else(|| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match cfg.log.format {
+        LogFormat::Json => builder.json().init(),
+        _ => builder.init(),
+    }
+}

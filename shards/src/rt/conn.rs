@@ -1,0 +1,190 @@
+//! The driver of one TCP connection: a single task that reads into the
+//! shard's shared read buffer, feeds the protocol state machine, and writes
+//! whatever the connection's queue holds in one write per wake-up.
+//!
+//! Reads are readiness-based (glommio's non-buffered stream tries a
+//! non-blocking `recv` and otherwise waits for readability), so an idle
+//! connection holds no read buffer: bytes are copied out of the shared buffer
+//! only while a frame is incomplete.
+
+use std::cell::RefCell;
+use std::future::poll_fn;
+use std::os::fd::AsRawFd;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::task::Poll;
+
+use bytes::{Bytes, BytesMut};
+use futures_lite::{AsyncRead, AsyncWrite};
+use glommio::net::TcpStream;
+use relay_core::conn::{CloseReason, Hello};
+
+use super::{Shard, now};
+use crate::cell::ConnCell;
+use crate::router::{Handover, Outcome};
+use crate::stats::ShardStats;
+
+/// Largest single write; a fuller queue goes out in several.
+const MAX_WRITE: usize = 256 * 1024;
+/// Reads handled per wake-up before yielding to other connections.
+const READ_BUDGET: u32 = 16;
+
+enum End {
+    Closed,
+    Handover { owner: usize, hello: Hello },
+}
+
+/// Runs a connection until it closes or moves to its owner shard.
+pub(super) async fn drive(
+    shard: Rc<Shard>,
+    cell: Rc<ConnCell>,
+    mut stream: TcpStream,
+    mut rbuf: BytesMut,
+    mut writing: Option<Bytes>,
+) {
+    let router = &shard.router;
+    let cfg = &router.cfg.conn;
+    let rshared: &RefCell<Vec<u8>> = &shard.read_buf;
+    let mut off = 0usize;
+    let mut fresh = !rbuf.is_empty();
+
+    let end = poll_fn(|cx| {
+        {
+            let mut w = cell.waker.borrow_mut();
+            if !w.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                *w = Some(cx.waker().clone());
+            }
+        }
+        let mut budget = READ_BUDGET;
+        loop {
+            let t = now();
+            // Input already buffered (handed over, or left by the last read).
+            if fresh {
+                fresh = false;
+                loop {
+                    let ev = cell.conn.borrow_mut().handle_input(cfg, t, &mut rbuf);
+                    let Some(ev) = ev else { break };
+                    if let Outcome::Handover { owner, hello } = router.on_event(&cell, ev, t) {
+                        return Poll::Ready(End::Handover { owner, hello });
+                    }
+                }
+                if rbuf.is_empty() && rbuf.capacity() > 0 {
+                    rbuf = BytesMut::new();
+                }
+            }
+            // Write everything queued.
+            loop {
+                if writing.is_none() {
+                    writing = cell.conn.borrow_mut().poll_transmit(MAX_WRITE);
+                    off = 0;
+                }
+                let Some(chunk) = &writing else { break };
+                match Pin::new(&mut stream).poll_write(cx, &chunk[off..]) {
+                    Poll::Ready(Ok(n)) if n > 0 => {
+                        off += n;
+                        ShardStats::add(&router.stats.bytes_out, n as u64);
+                        if off == chunk.len() {
+                            let len = chunk.len();
+                            writing = None;
+                            cell.conn.borrow_mut().on_transmitted(cfg, t, len);
+                        }
+                    }
+                    Poll::Ready(_) => {
+                        cell.closing(CloseReason::PeerClosed, t.mono_ms);
+                        return Poll::Ready(End::Closed);
+                    }
+                    Poll::Pending => break,
+                }
+            }
+            if cell.conn.borrow().is_closing() || cell.reason.get().is_some() {
+                let flushed = writing.is_none();
+                let late = cell.close_deadline.get().is_some_and(|d| d <= t.mono_ms);
+                return if flushed || late {
+                    Poll::Ready(End::Closed)
+                } else {
+                    Poll::Pending
+                };
+            }
+            if budget == 0 {
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
+            budget -= 1;
+            let mut buf = rshared.borrow_mut();
+            match Pin::new(&mut stream).poll_read(cx, &mut buf[..]) {
+                Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => {
+                    cell.closing(CloseReason::PeerClosed, t.mono_ms);
+                    return Poll::Ready(End::Closed);
+                }
+                Poll::Ready(Ok(n)) => {
+                    ShardStats::add(&router.stats.bytes_in, n as u64);
+                    rbuf.extend_from_slice(&buf[..n]);
+                    fresh = true;
+                }
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    })
+    .await;
+
+    *cell.waker.borrow_mut() = None;
+    match end {
+        End::Closed => {
+            // Let the last bytes (an ERROR, a BYE) reach the peer before FIN.
+            discard_unread(&stream);
+            let _ = stream.shutdown(std::net::Shutdown::Write).await;
+            router.on_closed(&cell);
+            drop(stream);
+        }
+        End::Handover { owner, hello } => {
+            router.forget(&cell);
+            // SAFETY: dup of an fd we own; the duplicate travels to the owner
+            // shard, which takes ownership of it. The original closes with `stream`.
+            let fd = unsafe { libc::dup(stream.as_raw_fd()) };
+            drop(stream);
+            if fd < 0 {
+                tracing::warn!("hand-over failed: dup: {}", std::io::Error::last_os_error());
+                return;
+            }
+            let pending_out = match writing {
+                Some(w) => w.slice(off..),
+                None => Bytes::new(),
+            };
+            let conn = std::mem::replace(
+                &mut *cell.conn.borrow_mut(),
+                relay_core::Connection::new(cfg, relay_core::Transport::Tcp, now()),
+            );
+            let session = cell.session.borrow().clone();
+            let h = Handover {
+                fd,
+                conn,
+                hello,
+                rbuf,
+                pending_out,
+                session,
+            };
+            ShardStats::add(&router.stats.handovers, 1);
+            shard.send_handover(owner, h).await;
+        }
+    }
+}
+
+/// Reads and drops what the peer sent and we will never process, so closing
+/// does not turn into a reset that could discard our last frames.
+fn discard_unread(stream: &TcpStream) {
+    let mut scratch = [0u8; 4096];
+    for _ in 0..16 {
+        // SAFETY: non-blocking recv into a local buffer of the given length.
+        let n = unsafe {
+            libc::recv(
+                stream.as_raw_fd(),
+                scratch.as_mut_ptr().cast(),
+                scratch.len(),
+                libc::MSG_DONTWAIT,
+            )
+        };
+        if n <= 0 {
+            break;
+        }
+    }
+}

@@ -1,0 +1,422 @@
+//! The glommio runtime: one executor per shard, each with its own listener
+//! (SO_REUSEPORT), connection tasks, the cross-shard mesh, a flusher that
+//! batches what crosses, and a sweeper that applies deadlines. Every
+//! `use glommio` of the relay lives under this module.
+
+mod conn;
+
+use std::cell::RefCell;
+use std::future::poll_fn;
+use std::net::SocketAddr;
+use std::os::fd::FromRawFd;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::task::Poll;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context as _, bail};
+use glommio::channels::channel_mesh::{MeshBuilder, Senders};
+use glommio::net::{TcpListener, TcpStream};
+use glommio::{LocalExecutorPoolBuilder, PoolPlacement, PoolThreadHandles};
+use relay_config::{AuthMode, Config};
+use relay_core::conn::{ConnConfig, Connection, Event, Now, Transport};
+
+use crate::router::{Cross, Handover, MAX_SHARDS, Router, RouterConfig};
+use crate::stats::ShardStats;
+
+/// Size of each shard's shared read buffer.
+const READ_BUF: usize = 64 * 1024;
+/// How often each shard applies deadlines.
+const SWEEP_MS: u64 = 100;
+
+/// What crosses between shards.
+#[derive(Debug)]
+pub enum MeshMsg {
+    Batch(Vec<Cross>),
+    Handover(Box<Handover>),
+}
+
+/// The clock every shard uses: monotonic ms since start, wall ms since epoch.
+pub fn now() -> Now {
+    static START: OnceLock<Instant> = OnceLock::new();
+    let start = *START.get_or_init(Instant::now);
+    let wall_ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
+    Now {
+        mono_ms: start.elapsed().as_millis() as u64 + 1,
+        wall_ms,
+    }
+}
+
+/// State shared by all shards of one relay (thread-safe, off the data path).
+#[derive(Debug)]
+pub struct Shared {
+    pub stop: Arc<AtomicBool>,
+    /// Open TCP connections across shards, against `max_connections`.
+    pub open: AtomicUsize,
+    pub max_connections: usize,
+    pub stats: Vec<Arc<ShardStats>>,
+    pub started: Instant,
+    ready: AtomicUsize,
+    errors: Mutex<Vec<String>>,
+}
+
+/// One shard's runtime state.
+pub(crate) struct Shard {
+    pub router: Router,
+    pub read_buf: RefCell<Vec<u8>>,
+    senders: Senders<MeshMsg>,
+    shared: Arc<Shared>,
+    max_batch: usize,
+    /// Woken when the shard starts shutting down (stops the accept loop).
+    stop_waker: RefCell<Option<std::task::Waker>>,
+}
+
+impl Shard {
+    async fn send_handover(&self, owner: usize, h: Handover) {
+        if let Err(glommio::GlommioError::Closed(glommio::ResourceType::Channel(
+            MeshMsg::Handover(h),
+        ))) = self
+            .senders
+            .send_to(owner, MeshMsg::Handover(Box::new(h)))
+            .await
+        {
+            // The owner is gone (shutdown): close the connection here.
+            // SAFETY: the fd was duplicated for this hand-over and is ours.
+            drop(unsafe { std::net::TcpStream::from_raw_fd(h.fd) });
+            self.shared.open.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// A running relay.
+pub struct Relay {
+    tcp_addr: SocketAddr,
+    shared: Arc<Shared>,
+    handles: Option<PoolThreadHandles<()>>,
+}
+
+impl std::fmt::Debug for Relay {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Relay")
+            .field("tcp_addr", &self.tcp_addr)
+            .finish()
+    }
+}
+
+impl Relay {
+    /// Starts the shards and returns once every one of them is listening.
+    pub fn start(cfg: &Config) -> anyhow::Result<Relay> {
+        let shards = cfg.shard_count().clamp(1, MAX_SHARDS);
+        let reserve = reserve_port(cfg.listeners.tcp)
+            .with_context(|| format!("binding {}", cfg.listeners.tcp))?;
+        let tcp_addr = reserve
+            .local_addr()?
+            .as_socket()
+            .context("tcp listener address")?;
+        let shared = Arc::new(Shared {
+            stop: Arc::new(AtomicBool::new(false)),
+            open: AtomicUsize::new(0),
+            max_connections: cfg.limits.max_connections as usize,
+            stats: (0..shards)
+                .map(|_| Arc::new(ShardStats::default()))
+                .collect(),
+            started: Instant::now(),
+            ready: AtomicUsize::new(0),
+            errors: Mutex::new(Vec::new()),
+        });
+        let rcfg = router_config(cfg);
+        let mesh = MeshBuilder::<MeshMsg, _>::full(shards, cfg.shards.mesh_capacity.max(1));
+        let placement = if cfg.shards.pin {
+            PoolPlacement::MaxSpread(shards, None)
+        } else {
+            PoolPlacement::Unbound(shards)
+        };
+        let max_batch = cfg.shards.max_batch.max(1);
+        let grace = cfg.shutdown.grace_ms;
+        let sh = shared.clone();
+        let handles = LocalExecutorPoolBuilder::new(placement)
+            .name("relay-shard")
+            .io_memory(cfg.shards.io_memory_kib.max(64) * 1024)
+            .ring_depth(cfg.shards.ring_depth.max(8) as usize)
+            .on_all_shards(move || {
+                let (mesh, rcfg, sh) = (mesh.clone(), rcfg.clone(), sh.clone());
+                async move {
+                    if let Err(e) =
+                        shard_main(mesh, rcfg, sh.clone(), tcp_addr, shards, max_batch, grace).await
+                    {
+                        sh.errors.lock().map(|mut v| v.push(format!("{e:#}"))).ok();
+                        sh.stop.store(true, Ordering::SeqCst);
+                    }
+                }
+            })
+            .map_err(|e| anyhow::anyhow!("starting shard executors: {e}"))?;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while shared.ready.load(Ordering::SeqCst) < shards {
+            if let Some(e) = shared.errors.lock().ok().and_then(|v| v.first().cloned()) {
+                shared.stop.store(true, Ordering::SeqCst);
+                let _ = handles.join_all();
+                bail!("shard failed to start: {e}");
+            }
+            if Instant::now() > deadline {
+                shared.stop.store(true, Ordering::SeqCst);
+                bail!("shards did not start within 20 s");
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        drop(reserve);
+        tracing::info!(%tcp_addr, shards, "relay listening");
+        Ok(Relay {
+            tcp_addr,
+            shared,
+            handles: Some(handles),
+        })
+    }
+
+    /// Where controllers connect.
+    pub fn tcp_addr(&self) -> SocketAddr {
+        self.tcp_addr
+    }
+
+    /// Per-shard counters.
+    pub fn stats(&self) -> &[Arc<ShardStats>] {
+        &self.shared.stats
+    }
+
+    /// The flag that stops the relay (for signal handlers).
+    pub fn stop_flag(&self) -> Arc<AtomicBool> {
+        self.shared.stop.clone()
+    }
+
+    /// Begins a graceful shutdown; `join` waits for it.
+    pub fn stop(&self) {
+        self.shared.stop.store(true, Ordering::SeqCst);
+    }
+
+    /// Waits until every shard has exited.
+    pub fn join(mut self) -> anyhow::Result<()> {
+        if let Some(h) = self.handles.take() {
+            for r in h.join_all() {
+                if let Err(e) = r {
+                    bail!("shard exited with an error: {e:?}");
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        if let Some(h) = self.handles.take() {
+            self.shared.stop.store(true, Ordering::SeqCst);
+            let _ = h.join_all();
+        }
+    }
+}
+
+/// Binds (without listening) to learn the port when 0 is asked, and to hold
+/// it while every shard binds the same address with SO_REUSEPORT.
+fn reserve_port(addr: SocketAddr) -> std::io::Result<socket2::Socket> {
+    let domain = if addr.is_ipv6() {
+        socket2::Domain::IPV6
+    } else {
+        socket2::Domain::IPV4
+    };
+    let s = socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
+    s.set_reuse_port(true)?;
+    s.set_reuse_address(true)?;
+    s.bind(&addr.into())?;
+    Ok(s)
+}
+
+/// Resolves the router's settings from the config.
+pub fn router_config(cfg: &Config) -> RouterConfig {
+    let l = &cfg.limits;
+    RouterConfig {
+        conn: ConnConfig {
+            max_frame: l.max_frame as usize,
+            hello_timeout_ms: l.hello_timeout_ms,
+            heartbeat_default_s: cfg.heartbeat.interval_s,
+            heartbeat_min_s: cfg.heartbeat.min_s,
+            heartbeat_max_s: cfg.heartbeat.max_s,
+            idle_factor: cfg.heartbeat.idle_factor,
+            queue_bytes: l.queue_bytes,
+            slow_consumer_timeout_ms: l.slow_consumer_timeout_ms,
+            frames_per_sec: l.frames_per_sec,
+            burst: l.burst,
+            max_meta_bytes: l.max_meta_bytes,
+            auth_secret: match cfg.auth.mode {
+                AuthMode::Hmac => Some(cfg.auth.secret.as_bytes().to_vec()),
+                _ => None,
+            },
+        },
+        node: cfg.node.name.clone(),
+        allow_client_join: cfg.auth.allow_client_join,
+        max_groups_per_conn: l.max_groups_per_conn,
+        outbox_limit: cfg.shards.mesh_capacity.max(1) * cfg.shards.max_batch.max(1),
+        close_grace_ms: 2000,
+    }
+}
+
+async fn shard_main(
+    mesh: MeshBuilder<MeshMsg, glommio::channels::channel_mesh::Full>,
+    rcfg: RouterConfig,
+    shared: Arc<Shared>,
+    tcp_addr: SocketAddr,
+    shards: usize,
+    max_batch: usize,
+    grace_ms: u64,
+) -> anyhow::Result<()> {
+    let (senders, mut receivers) = mesh
+        .join()
+        .await
+        .map_err(|_| anyhow::anyhow!("mesh join failed"))?;
+    let id = senders.peer_id();
+    let router = Router::new(id, shards, rcfg, shared.stats[id].clone());
+    let listener = TcpListener::bind(tcp_addr)
+        .map_err(|e| anyhow::anyhow!("shard {id}: binding {tcp_addr}: {e}"))?;
+    let shard = Rc::new(Shard {
+        router,
+        read_buf: RefCell::new(vec![0; READ_BUF]),
+        senders,
+        shared: shared.clone(),
+        max_batch,
+        stop_waker: RefCell::new(None),
+    });
+
+    for (peer, rx) in receivers.streams() {
+        let shard = shard.clone();
+        glommio::spawn_local(async move {
+            while let Some(msg) = rx.recv().await {
+                match msg {
+                    MeshMsg::Batch(items) => shard.router.on_cross(peer, items, now()),
+                    MeshMsg::Handover(h) => adopt(&shard, *h),
+                }
+            }
+        })
+        .detach();
+    }
+    glommio::spawn_local(flusher(shard.clone())).detach();
+    glommio::spawn_local(accept_loop(shard.clone(), listener)).detach();
+    shared.ready.fetch_add(1, Ordering::SeqCst);
+
+    // The sweeper is the shard's main task: it ends the shard.
+    let mut shutdown_deadline = None;
+    loop {
+        glommio::timer::sleep(Duration::from_millis(SWEEP_MS)).await;
+        let t = now();
+        shard.router.sweep(t);
+        if shared.stop.load(Ordering::Relaxed) && shutdown_deadline.is_none() {
+            let deadline = t.mono_ms + grace_ms;
+            shutdown_deadline = Some(deadline);
+            shard.router.shutdown(t, deadline);
+            if let Some(w) = shard.stop_waker.borrow_mut().take() {
+                w.wake();
+            }
+        }
+        if let Some(d) = shutdown_deadline
+            && (shard.router.conn_count() == 0 || t.mono_ms >= d + SWEEP_MS)
+        {
+            break;
+        }
+    }
+    tracing::debug!(shard = id, "shard stopped");
+    Ok(())
+}
+
+async fn accept_loop(shard: Rc<Shard>, listener: TcpListener) {
+    loop {
+        let stopped = poll_fn(|cx| {
+            if shard.router.is_shutting_down() || shard.shared.stop.load(Ordering::Relaxed) {
+                Poll::Ready(None)
+            } else {
+                *shard.stop_waker.borrow_mut() = Some(cx.waker().clone());
+                Poll::Pending
+            }
+        });
+        let accepted =
+            futures_lite::future::or(async { Some(listener.accept().await) }, stopped).await;
+        let stream = match accepted {
+            None => break,
+            Some(Ok(s)) => s,
+            Some(Err(e)) => {
+                tracing::warn!("accept failed: {e}");
+                glommio::timer::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        let shared = &shard.shared;
+        if shared.open.fetch_add(1, Ordering::Relaxed) >= shared.max_connections {
+            shared.open.fetch_sub(1, Ordering::Relaxed);
+            tracing::warn!(
+                "max_connections ({}) reached; connection refused",
+                shared.max_connections
+            );
+            continue;
+        }
+        let _ = stream.set_nodelay(true);
+        let remote = stream
+            .peer_addr()
+            .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+        ShardStats::add(&shard.router.stats.accepted_total, 1);
+        let conn = Connection::new(&shard.router.cfg.conn, Transport::Tcp, now());
+        let cell = shard.router.register(conn, Router::session(remote));
+        glommio::spawn_local(conn::drive(
+            shard.clone(),
+            cell,
+            stream,
+            bytes::BytesMut::new(),
+            None,
+        ))
+        .detach();
+    }
+}
+
+/// Takes a connection handed over by another shard.
+fn adopt(shard: &Rc<Shard>, h: Handover) {
+    // SAFETY: the fd was duplicated for this hand-over; we are its only owner.
+    let stream = unsafe { TcpStream::from_raw_fd(h.fd) };
+    let cell = shard.router.register(h.conn, h.session);
+    let t = now();
+    let _ = shard.router.on_event(&cell, Event::Hello(h.hello), t);
+    let writing = (!h.pending_out.is_empty()).then_some(h.pending_out);
+    glommio::spawn_local(conn::drive(shard.clone(), cell, stream, h.rbuf, writing)).detach();
+}
+
+/// Ships each peer's waiting items as batches of at most `max_batch`.
+async fn flusher(shard: Rc<Shard>) {
+    loop {
+        let batches = poll_fn(|cx| {
+            let b = shard.router.take_outbox(cx.waker());
+            if b.is_empty() {
+                Poll::Pending
+            } else {
+                Poll::Ready(b)
+            }
+        })
+        .await;
+        for (peer, mut items) in batches {
+            while !items.is_empty() {
+                let rest = if items.len() > shard.max_batch {
+                    items.split_off(shard.max_batch)
+                } else {
+                    Vec::new()
+                };
+                let batch = std::mem::replace(&mut items, rest);
+                if shard
+                    .senders
+                    .send_to(peer, MeshMsg::Batch(batch))
+                    .await
+                    .is_err()
+                {
+                    // The peer has stopped; nothing more can reach it.
+                    break;
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,83 @@
+//! Counters of one shard, written only by that shard's thread and read by
+//! anyone (the HTTP API, `/metrics`). Plain relaxed atomics: no lock on the
+//! data path.
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+use relay_core::Role;
+
+/// Why a frame did not reach a recipient.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DropReason {
+    NoRoute = 0,
+    SlowConsumer = 1,
+    RateLimited = 2,
+    MeshFull = 3,
+    BadFrame = 4,
+    PluginQueueFull = 5,
+}
+
+impl DropReason {
+    pub const ALL: [DropReason; 6] = [
+        DropReason::NoRoute,
+        DropReason::SlowConsumer,
+        DropReason::RateLimited,
+        DropReason::MeshFull,
+        DropReason::BadFrame,
+        DropReason::PluginQueueFull,
+    ];
+    pub fn name(self) -> &'static str {
+        match self {
+            DropReason::NoRoute => "no_route",
+            DropReason::SlowConsumer => "slow_consumer",
+            DropReason::RateLimited => "rate_limited",
+            DropReason::MeshFull => "mesh_full",
+            DropReason::BadFrame => "bad_frame",
+            DropReason::PluginQueueFull => "plugin_queue_full",
+        }
+    }
+}
+
+/// One shard's counters and gauges.
+#[derive(Debug, Default)]
+pub struct ShardStats {
+    /// Open connections by role (after hello), indexed like `Role::ALL`.
+    pub conns_by_role: [AtomicU64; 4],
+    /// Connections accepted and not yet past hello.
+    pub conns_pending: AtomicU64,
+    pub frames_in: AtomicU64,
+    pub frames_out: AtomicU64,
+    pub bytes_in: AtomicU64,
+    pub bytes_out: AtomicU64,
+    pub drops: [AtomicU64; 6],
+    /// Frames sent to another shard over the mesh.
+    pub cross_frames: AtomicU64,
+    /// Connections handed to their owner shard after hello.
+    pub handovers: AtomicU64,
+    /// Bytes waiting in outbound queues, sampled by the shard's sweeper.
+    pub queue_bytes: AtomicU64,
+    pub accepted_total: AtomicU64,
+    pub closed_total: AtomicU64,
+}
+
+impl ShardStats {
+    pub fn add(c: &AtomicU64, n: u64) {
+        c.fetch_add(n, Relaxed);
+    }
+    pub fn dropped(&self, why: DropReason) {
+        self.drops[why as usize].fetch_add(1, Relaxed);
+    }
+    pub fn role_index(role: Role) -> usize {
+        Role::ALL.iter().position(|r| *r == role).unwrap_or(0)
+    }
+    pub fn conns(&self) -> u64 {
+        self.conns_by_role
+            .iter()
+            .map(|c| c.load(Relaxed))
+            .sum::<u64>()
+            + self.conns_pending.load(Relaxed)
+    }
+    pub fn get(c: &AtomicU64) -> u64 {
+        c.load(Relaxed)
+    }
+}
