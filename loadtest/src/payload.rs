@@ -1,0 +1,155 @@
+//! The stamp every load-test message carries: its intended send time (CLOCK_MONOTONIC
+//! ns, shared by all processes on the host) and the step it belongs to. Binary form:
+//! the payload's first 12 bytes (u64 BE time, u32 BE step), padded to the payload size.
+//! JSON form: `{"t":<ns>,"s":<step>,"p":"xxxx"}` padded the same way.
+
+use bytes::BufMut;
+use serde::Deserialize;
+
+/// Bytes the binary stamp takes at the start of a payload.
+pub const STAMP_LEN: usize = 12;
+
+/// What a message carries to measure it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stamp {
+    /// When the message was meant to be sent (not when it was), ns of CLOCK_MONOTONIC.
+    pub intended_ns: u64,
+    /// Step the message belongs to; a message arriving during another step is late.
+    pub step: u32,
+}
+
+#[derive(Deserialize)]
+struct JsonStamp {
+    t: u64,
+    s: u32,
+}
+
+impl Stamp {
+    /// Writes the binary payload: stamp, then `b'x'` up to `payload_len` bytes.
+    pub fn put_binary(&self, out: &mut impl BufMut, payload_len: usize) {
+        out.put_u64(self.intended_ns);
+        out.put_u32(self.step);
+        out.put_bytes(b'x', payload_len.saturating_sub(STAMP_LEN));
+    }
+
+    /// Length of the JSON payload for these numbers without padding.
+    fn json_base_len(&self) -> usize {
+        // {"t":N,"s":N,"p":""}
+        18 + digits(self.intended_ns) + digits(self.step as u64)
+    }
+
+    /// Writes the JSON payload object, padded towards `payload_len` bytes.
+    pub fn put_json(&self, out: &mut impl BufMut, payload_len: usize) {
+        out.put_slice(b"{\"t\":");
+        put_decimal(out, self.intended_ns);
+        out.put_slice(b",\"s\":");
+        put_decimal(out, self.step as u64);
+        out.put_slice(b",\"p\":\"");
+        out.put_bytes(b'x', payload_len.saturating_sub(self.json_base_len()));
+        out.put_slice(b"\"}");
+    }
+
+    /// Length `put_json` writes for `payload_len`.
+    pub fn json_len(&self, payload_len: usize) -> usize {
+        self.json_base_len().max(payload_len)
+    }
+
+    /// Reads a binary stamp from the start of a payload.
+    pub fn from_binary(b: &[u8]) -> Option<Stamp> {
+        if b.len() < STAMP_LEN {
+            return None;
+        }
+        Some(Stamp {
+            intended_ns: u64::from_be_bytes(b[0..8].try_into().ok()?),
+            step: u32::from_be_bytes(b[8..12].try_into().ok()?),
+        })
+    }
+
+    /// Reads a JSON stamp from JSON payload text.
+    pub fn from_json_bytes(b: &[u8]) -> Option<Stamp> {
+        let j: JsonStamp = serde_json::from_slice(b).ok()?;
+        Some(Stamp {
+            intended_ns: j.t,
+            step: j.s,
+        })
+    }
+
+    /// Reads a JSON stamp from a parsed payload value.
+    pub fn from_json_value(v: &serde_json::Value) -> Option<Stamp> {
+        Some(Stamp {
+            intended_ns: v.get("t")?.as_u64()?,
+            step: u32::try_from(v.get("s")?.as_u64()?).ok()?,
+        })
+    }
+
+    /// Reads either form: JSON when flagged as JSON or when it starts with `{`.
+    pub fn from_payload(b: &[u8], json: bool) -> Option<Stamp> {
+        if json || b.first() == Some(&b'{') {
+            Self::from_json_bytes(b)
+        } else {
+            Self::from_binary(b)
+        }
+    }
+}
+
+fn digits(mut n: u64) -> usize {
+    let mut d = 1;
+    while n >= 10 {
+        n /= 10;
+        d += 1;
+    }
+    d
+}
+
+fn put_decimal(out: &mut impl BufMut, n: u64) {
+    let mut buf = [0u8; 20];
+    let mut i = buf.len();
+    let mut n = n;
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.put_slice(&buf[i..]);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn binary_stamp_round_trips_and_pads() {
+        let s = Stamp { intended_ns: 123_456_789_012, step: 7 };
+        let mut v = Vec::new();
+        s.put_binary(&mut v, 64);
+        assert_eq!(v.len(), 64);
+        assert_eq!(Stamp::from_binary(&v), Some(s));
+        assert_eq!(Stamp::from_payload(&v, false), Some(s));
+        assert_eq!(Stamp::from_binary(&v[..11]), None);
+    }
+
+    #[test]
+    fn json_stamp_round_trips_and_pads() {
+        let s = Stamp { intended_ns: 9_000_000_000_000_000_000, step: 0 };
+        let mut v = Vec::new();
+        s.put_json(&mut v, 64);
+        assert_eq!(v.len(), 64);
+        assert_eq!(v.len(), s.json_len(64));
+        let value: serde_json::Value = serde_json::from_slice(&v).unwrap();
+        assert_eq!(Stamp::from_json_value(&value), Some(s));
+        assert_eq!(Stamp::from_payload(&v, true), Some(s));
+        // A payload shorter than the stamp text is not truncated.
+        let mut short = Vec::new();
+        s.put_json(&mut short, 16);
+        assert_eq!(Stamp::from_json_bytes(&short), Some(s));
+    }
+
+    #[test]
+    fn foreign_payloads_have_no_stamp() {
+        assert_eq!(Stamp::from_payload(b"{\"cmd\":\"on\"}", true), None);
+        assert_eq!(Stamp::from_payload(b"hi", false), None);
+    }
+}

@@ -1,0 +1,918 @@
+//! The scenario: what to simulate and how to measure it, read from a TOML file
+//! (`config/loadtest/*.toml`) and overridden by command-line flags. Validation returns
+//! every problem at once, each naming its key and the reason.
+
+use std::fmt;
+use std::net::{Ipv4Addr, SocketAddr, ToSocketAddrs};
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+/// Why a scenario cannot be used.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ScenarioError {
+    /// The file could not be read.
+    #[error("cannot read scenario {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// The TOML does not parse or has unknown keys or wrong types.
+    #[error("scenario {origin}: {message}")]
+    Parse { origin: String, message: String },
+    /// The values parse but break one or more rules.
+    #[error("scenario {origin} is not valid:\n  - {}", problems.join("\n  - "))]
+    Invalid {
+        origin: String,
+        problems: Vec<String>,
+    },
+}
+
+/// A duration written as `"250ms"`, `"10s"`, `"2m"`, `"1h"` or a number of seconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
+pub struct Dur(pub Duration);
+
+/// A duration string that does not parse.
+#[derive(Debug, Clone, thiserror::Error, PartialEq)]
+#[error("`{0}` is not a duration (write e.g. 250ms, 10s, 2m, 1h)")]
+pub struct BadDuration(pub String);
+
+impl Dur {
+    /// Whole seconds.
+    pub const fn secs(s: u64) -> Self {
+        Dur(Duration::from_secs(s))
+    }
+    /// Milliseconds.
+    pub const fn millis(ms: u64) -> Self {
+        Dur(Duration::from_millis(ms))
+    }
+    /// Nanoseconds, saturating at u64::MAX.
+    pub fn as_nanos(&self) -> u64 {
+        u64::try_from(self.0.as_nanos()).unwrap_or(u64::MAX)
+    }
+    /// Seconds as a float.
+    pub fn as_secs_f64(&self) -> f64 {
+        self.0.as_secs_f64()
+    }
+}
+
+impl FromStr for Dur {
+    type Err = BadDuration;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let t = s.trim();
+        let bad = || BadDuration(s.to_string());
+        let split = t
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(t.len());
+        let (num, unit) = t.split_at(split);
+        let value: f64 = num.parse().map_err(|_| bad())?;
+        let scale = match unit.trim() {
+            "ns" => 1e-9,
+            "us" | "µs" => 1e-6,
+            "ms" => 1e-3,
+            "" | "s" => 1.0,
+            "m" | "min" => 60.0,
+            "h" => 3600.0,
+            _ => return Err(bad()),
+        };
+        let secs = value * scale;
+        if !secs.is_finite() || secs < 0.0 || secs > 1e9 {
+            return Err(bad());
+        }
+        Ok(Dur(Duration::from_secs_f64(secs)))
+    }
+}
+
+impl fmt::Display for Dur {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let ns = self.0.as_nanos();
+        if ns == 0 {
+            write!(f, "0s")
+        } else if ns % 1_000_000_000 == 0 {
+            write!(f, "{}s", ns / 1_000_000_000)
+        } else if ns % 1_000_000 == 0 {
+            write!(f, "{}ms", ns / 1_000_000)
+        } else if ns % 1_000 == 0 {
+            write!(f, "{}us", ns / 1_000)
+        } else {
+            write!(f, "{ns}ns")
+        }
+    }
+}
+
+impl Serialize for Dur {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_string())
+    }
+}
+
+impl<'de> Deserialize<'de> for Dur {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Int(u64),
+            Float(f64),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Int(n) => Ok(Dur(Duration::from_secs(n))),
+            Raw::Float(x) if x.is_finite() && x >= 0.0 && x <= 1e9 => {
+                Ok(Dur(Duration::from_secs_f64(x)))
+            }
+            Raw::Float(x) => Err(serde::de::Error::custom(BadDuration(x.to_string()))),
+            Raw::Text(t) => t.parse().map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+/// The traffic pattern a scenario drives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+#[non_exhaustive]
+pub enum Pattern {
+    /// Each controller sends to its own browser(s) at `rate`.
+    #[default]
+    Telemetry,
+    /// Each browser sends a command to its controller, which replies; latency is the
+    /// round trip.
+    Command,
+    /// One publishing controller per group, `members` browsers in each group.
+    #[serde(alias = "fan-out")]
+    Fanout,
+    /// Many controllers send to few dashboards.
+    #[serde(alias = "fan-in")]
+    Fanin,
+    /// Connected controllers that only heartbeat.
+    Idle,
+    /// Controllers connect at `connect_rate` per second and hold the connection.
+    Storm,
+}
+
+impl Pattern {
+    /// All patterns, in documentation order.
+    pub const ALL: [Pattern; 6] = [
+        Pattern::Telemetry,
+        Pattern::Command,
+        Pattern::Fanout,
+        Pattern::Fanin,
+        Pattern::Idle,
+        Pattern::Storm,
+    ];
+
+    /// Lower-case name as written in scenarios.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Pattern::Telemetry => "telemetry",
+            Pattern::Command => "command",
+            Pattern::Fanout => "fanout",
+            Pattern::Fanin => "fanin",
+            Pattern::Idle => "idle",
+            Pattern::Storm => "storm",
+        }
+    }
+
+    /// True for patterns that send data at a rate (and so can be ramped).
+    pub fn sends_data(&self) -> bool {
+        matches!(
+            self,
+            Pattern::Telemetry | Pattern::Command | Pattern::Fanout | Pattern::Fanin
+        )
+    }
+}
+
+impl fmt::Display for Pattern {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Pattern {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "telemetry" => Ok(Pattern::Telemetry),
+            "command" => Ok(Pattern::Command),
+            "fanout" | "fan-out" => Ok(Pattern::Fanout),
+            "fanin" | "fan-in" => Ok(Pattern::Fanin),
+            "idle" => Ok(Pattern::Idle),
+            "storm" => Ok(Pattern::Storm),
+            _ => Err(format!(
+                "unknown pattern `{s}` (telemetry, command, fanout, fanin, idle, storm)"
+            )),
+        }
+    }
+}
+
+/// Wire form of the relay protocol a client speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Form {
+    /// Binary frames (length-prefixed on TCP, binary messages on WebSocket).
+    #[default]
+    Binary,
+    /// JSON (one object per line on TCP, text messages on WebSocket).
+    Json,
+}
+
+impl FromStr for Form {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "binary" => Ok(Form::Binary),
+            "json" => Ok(Form::Json),
+            _ => Err(format!("unknown form `{s}` (binary, json)")),
+        }
+    }
+}
+
+/// Where a group of clients connects, parsed from a URL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Endpoint {
+    /// `tcp://host:port`: relay controllers over TCP.
+    RelayTcp { addr: SocketAddr },
+    /// `ws://host:port/path`: relay browsers over WebSocket.
+    RelayWs {
+        addr: SocketAddr,
+        host: String,
+        path: String,
+    },
+    /// `mqtt://host:port`: an MQTT 3.1.1 broker.
+    Mqtt { addr: SocketAddr },
+}
+
+impl Endpoint {
+    /// Parses and resolves a URL of the forms above.
+    pub fn parse(url: &str) -> Result<Self, String> {
+        let (scheme, rest) = url
+            .split_once("://")
+            .ok_or_else(|| format!("`{url}` is not a URL (tcp://, ws:// or mqtt://)"))?;
+        let (hostport, path) = match rest.find('/') {
+            Some(i) => (&rest[..i], &rest[i..]),
+            None => (rest, ""),
+        };
+        let default_port = match scheme {
+            "tcp" => 7000,
+            "ws" => 80,
+            "mqtt" => 1883,
+            "wss" | "mqtts" => return Err(format!("`{url}`: TLS targets are not supported")),
+            _ => return Err(format!("`{url}`: unknown scheme `{scheme}` (tcp, ws, mqtt)")),
+        };
+        let with_port = if hostport.rsplit_once(':').is_some_and(|(_, p)| !p.contains(']')) {
+            hostport.to_string()
+        } else {
+            format!("{hostport}:{default_port}")
+        };
+        let addr = with_port
+            .to_socket_addrs()
+            .map_err(|e| format!("`{url}`: cannot resolve `{with_port}`: {e}"))?
+            .find(|a| a.is_ipv4())
+            .ok_or_else(|| format!("`{url}`: `{with_port}` has no IPv4 address"))?;
+        match scheme {
+            "tcp" => Ok(Endpoint::RelayTcp { addr }),
+            "mqtt" => Ok(Endpoint::Mqtt { addr }),
+            _ => Ok(Endpoint::RelayWs {
+                addr,
+                host: hostport.to_string(),
+                path: if path.is_empty() { "/ws".into() } else { path.into() },
+            }),
+        }
+    }
+
+    /// The socket address to connect to.
+    pub fn addr(&self) -> SocketAddr {
+        match self {
+            Endpoint::RelayTcp { addr } | Endpoint::Mqtt { addr } => *addr,
+            Endpoint::RelayWs { addr, .. } => *addr,
+        }
+    }
+
+    /// True for MQTT targets.
+    pub fn is_mqtt(&self) -> bool {
+        matches!(self, Endpoint::Mqtt { .. })
+    }
+}
+
+/// `[target]`: where the clients connect and in which form they speak.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TargetSpec {
+    /// URL controllers connect to: `tcp://host:port` (relay) or `mqtt://host:port`.
+    pub controllers: String,
+    /// URL browsers connect to: `ws://host:port/ws` (relay); empty means the same
+    /// broker as `controllers` when that is MQTT.
+    pub browsers: String,
+    /// Form controllers speak on TCP.
+    pub controller_form: Form,
+    /// Form browsers speak on WebSocket (`json`: text messages, hello in the URL).
+    pub browser_form: Form,
+    /// Prefix of every address, group and topic the run uses, so concurrent runs do
+    /// not collide; empty means a fresh one per run.
+    pub prefix: String,
+    /// Pid of the server to sample from /proc (0: find the process listening on the
+    /// controllers' port).
+    pub server_pid: u32,
+}
+
+impl Default for TargetSpec {
+    fn default() -> Self {
+        Self {
+            controllers: "tcp://127.0.0.1:7000".into(),
+            browsers: "ws://127.0.0.1:8080/ws".into(),
+            controller_form: Form::Binary,
+            browser_form: Form::Json,
+            prefix: String::new(),
+            server_pid: 0,
+        }
+    }
+}
+
+/// `[load]`: the fleet and the traffic it makes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LoadSpec {
+    /// Controllers (telemetry, command, fanin, idle, storm).
+    pub controllers: u32,
+    /// Browsers watching each controller (telemetry; >1 uses a group per controller).
+    pub browsers_per_controller: u32,
+    /// Groups, each with one publishing controller (fanout).
+    pub groups: u32,
+    /// Browsers in each group (fanout).
+    pub members: u32,
+    /// Dashboards receiving everything (fanin).
+    pub dashboards: u32,
+    /// Messages per second per sending client.
+    pub rate: Option<f64>,
+    /// Messages per second for the whole fleet (divided among the senders); use this
+    /// or `rate`.
+    pub total_rate: Option<f64>,
+    /// Connections opened per second (storm: the measured rate; others: pacing of the
+    /// connect phase, 0 = as fast as `connect_concurrency` allows).
+    pub connect_rate: f64,
+    /// Storm only: close each connection right after its handshake instead of holding.
+    pub storm_close: bool,
+    /// Payload size in bytes (≥ 16: the timestamp stamp).
+    pub payload_bytes: u32,
+    /// Heartbeat interval of every client.
+    pub heartbeat: Dur,
+    /// How long each step sends.
+    pub duration: Dur,
+    /// How long to wait after sending stops for messages still in flight.
+    pub drain: Dur,
+    /// A connection writes at most once per tick, batching what is due.
+    pub tick: Dur,
+}
+
+impl Default for LoadSpec {
+    fn default() -> Self {
+        Self {
+            controllers: 100,
+            browsers_per_controller: 1,
+            groups: 1,
+            members: 100,
+            dashboards: 1,
+            rate: None,
+            total_rate: None,
+            connect_rate: 0.0,
+            storm_close: false,
+            payload_bytes: 64,
+            heartbeat: Dur::secs(30),
+            duration: Dur::secs(10),
+            drain: Dur::secs(2),
+            tick: Dur::millis(1),
+        }
+    }
+}
+
+/// `[run]`: how the tool spreads the fleet over processes and sockets.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RunSpec {
+    /// Worker processes (0: as many as the open-file limit requires).
+    pub workers: u32,
+    /// Runtime threads per worker (0: the machine's cores divided among workers).
+    pub threads: u32,
+    /// Source addresses to connect from: `127.0.0.2`, or ranges `127.0.0.2..127.0.0.9`
+    /// (empty: 127.0.0.1, plus more loopback addresses when one runs out of ports).
+    pub source_addrs: Vec<String>,
+    /// Handshakes in flight at once per worker during the connect phase.
+    pub connect_concurrency: u32,
+    /// Give up on one connection's TCP connect + handshake after this long.
+    pub connect_timeout: Dur,
+    /// Most messages one connection writes in one batch.
+    pub max_batch: u32,
+    /// Open files kept free in each process for everything but connections.
+    pub fd_reserve: u32,
+    /// Delay between announcing a step and its start, so every worker starts together.
+    pub start_lead: Dur,
+    /// Interval of /proc samples of the server.
+    pub sample_interval: Dur,
+    /// Most replies one command controller keeps queued before dropping (counted).
+    pub reply_queue: u32,
+}
+
+impl Default for RunSpec {
+    fn default() -> Self {
+        Self {
+            workers: 0,
+            threads: 0,
+            source_addrs: Vec::new(),
+            connect_concurrency: 256,
+            connect_timeout: Dur::secs(10),
+            max_batch: 1024,
+            fd_reserve: 256,
+            start_lead: Dur::millis(200),
+            sample_interval: Dur::millis(500),
+            reply_queue: 4096,
+        }
+    }
+}
+
+/// `[find_max]`: ramp the rate and report the highest that meets the SLO.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FindMaxSpec {
+    /// Run the ramp instead of one fixed-rate step.
+    pub enabled: bool,
+    /// The p99 latency a passing step must stay under.
+    pub slo_p99: Dur,
+    /// The loss ratio a passing step must stay under (0.001 = 0.1%).
+    pub max_loss: f64,
+    /// First total rate (msg/s for the fleet); default: `total_rate`, or `rate` × senders,
+    /// or 1 msg/s per sender.
+    pub start_rate: Option<f64>,
+    /// Each ramp step multiplies the rate by this.
+    pub factor: f64,
+    /// Most ramp steps before giving up growing.
+    pub max_steps: u32,
+    /// Bisection steps between the last passing and the first failing rate.
+    pub refine_steps: u32,
+    /// Upper bound of the total rate; 0 = none.
+    pub max_rate: f64,
+    /// Length of each step (the drain comes on top).
+    pub step_duration: Dur,
+}
+
+impl Default for FindMaxSpec {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            slo_p99: Dur::millis(10),
+            max_loss: 0.001,
+            start_rate: None,
+            factor: 1.5,
+            max_steps: 20,
+            refine_steps: 3,
+            max_rate: 0.0,
+            step_duration: Dur::secs(5),
+        }
+    }
+}
+
+/// `[report]`: where the reports go (the human summary always goes to stdout).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReportSpec {
+    /// JSON report path.
+    pub json: Option<PathBuf>,
+    /// HTML report path.
+    pub html: Option<PathBuf>,
+}
+
+/// A complete scenario.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Scenario {
+    /// Short name shown in reports.
+    pub name: String,
+    /// One line on what the scenario measures.
+    pub description: String,
+    /// Traffic pattern.
+    pub pattern: Pattern,
+    pub target: TargetSpec,
+    pub load: LoadSpec,
+    pub run: RunSpec,
+    pub find_max: FindMaxSpec,
+    pub report: ReportSpec,
+}
+
+impl Default for Scenario {
+    fn default() -> Self {
+        Self {
+            name: "adhoc".into(),
+            description: String::new(),
+            pattern: Pattern::Telemetry,
+            target: TargetSpec::default(),
+            load: LoadSpec::default(),
+            run: RunSpec::default(),
+            find_max: FindMaxSpec::default(),
+            report: ReportSpec::default(),
+        }
+    }
+}
+
+/// Highest payload the tool will send (a relay frame is at most 65536 bytes with headers).
+pub const MAX_PAYLOAD: u32 = 60_000;
+/// Smallest payload: the binary stamp takes 12 bytes.
+pub const MIN_PAYLOAD: u32 = 16;
+/// Longest address prefix, so that every generated address stays within 64 bytes.
+pub const MAX_PREFIX: usize = 40;
+
+impl Scenario {
+    /// Reads and parses a scenario file (not yet validated: flags may still override).
+    pub fn load(path: &std::path::Path) -> Result<Self, ScenarioError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ScenarioError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::from_toml(&text, &path.display().to_string())
+    }
+
+    /// Parses scenario TOML; `origin` names it in errors.
+    pub fn from_toml(text: &str, origin: &str) -> Result<Self, ScenarioError> {
+        toml::from_str(text).map_err(|e| ScenarioError::Parse {
+            origin: origin.to_string(),
+            message: e.to_string(),
+        })
+    }
+
+    /// The controllers' endpoint.
+    pub fn controller_endpoint(&self) -> Result<Endpoint, String> {
+        Endpoint::parse(&self.target.controllers)
+    }
+
+    /// The browsers' endpoint (the MQTT broker again when controllers use MQTT and no
+    /// browser URL is given).
+    pub fn browser_endpoint(&self) -> Result<Endpoint, String> {
+        let ctl = self.controller_endpoint()?;
+        if ctl.is_mqtt() && (self.target.browsers.is_empty() || self.target.browsers == TargetSpec::default().browsers) {
+            return Ok(ctl);
+        }
+        Endpoint::parse(&self.target.browsers)
+    }
+
+    /// Number of clients that send data at the pattern's rate.
+    pub fn senders(&self) -> u64 {
+        let l = &self.load;
+        match self.pattern {
+            Pattern::Telemetry | Pattern::Fanin => l.controllers as u64,
+            Pattern::Command => l.controllers as u64,
+            Pattern::Fanout => l.groups as u64,
+            Pattern::Idle | Pattern::Storm => 0,
+        }
+    }
+
+    /// Total number of connections the scenario opens.
+    pub fn connections(&self) -> u64 {
+        let l = &self.load;
+        match self.pattern {
+            Pattern::Telemetry => l.controllers as u64 * (1 + l.browsers_per_controller as u64),
+            Pattern::Command => l.controllers as u64 * 2,
+            Pattern::Fanout => l.groups as u64 * (1 + l.members as u64),
+            Pattern::Fanin => l.controllers as u64 + l.dashboards as u64,
+            Pattern::Idle | Pattern::Storm => l.controllers as u64,
+        }
+    }
+
+    /// Messages per second per sender for a fleet-wide `total` rate.
+    pub fn per_sender_rate(&self, total: f64) -> f64 {
+        let n = self.senders();
+        if n == 0 { 0.0 } else { total / n as f64 }
+    }
+
+    /// The configured fleet-wide rate, from `total_rate` or `rate` × senders.
+    pub fn total_rate(&self) -> Option<f64> {
+        match (self.load.total_rate, self.load.rate) {
+            (Some(t), _) => Some(t),
+            (None, Some(r)) => Some(r * self.senders() as f64),
+            (None, None) => None,
+        }
+    }
+
+    /// Source addresses from `run.source_addrs` (ranges expanded), empty when unset.
+    pub fn source_addrs(&self) -> Result<Vec<Ipv4Addr>, String> {
+        let mut out = Vec::new();
+        for item in &self.run.source_addrs {
+            out.extend(parse_addr_range(item)?);
+        }
+        Ok(out)
+    }
+
+    /// Checks every rule and returns all problems at once.
+    pub fn validate(&self, origin: &str) -> Result<(), ScenarioError> {
+        let mut p: Vec<String> = Vec::new();
+        let l = &self.load;
+        let ctl = self.controller_endpoint();
+        match &ctl {
+            Err(e) => p.push(format!("target.controllers: {e}")),
+            Ok(Endpoint::RelayWs { .. }) => p.push(
+                "target.controllers: controllers connect over tcp:// (relay) or mqtt://".into(),
+            ),
+            Ok(_) => {}
+        }
+        if let Ok(c) = &ctl {
+            match self.browser_endpoint() {
+                Err(e) => p.push(format!("target.browsers: {e}")),
+                Ok(b) => {
+                    if c.is_mqtt() != b.is_mqtt() {
+                        p.push("target.browsers: controllers and browsers must both be MQTT or both be the relay".into());
+                    } else if matches!(b, Endpoint::RelayTcp { .. }) {
+                        p.push("target.browsers: browsers connect over ws://host:port/ws".into());
+                    }
+                }
+            }
+        }
+        let prefix = &self.target.prefix;
+        if prefix.len() > MAX_PREFIX {
+            p.push(format!("target.prefix: at most {MAX_PREFIX} bytes"));
+        }
+        if !prefix.bytes().all(is_addr_byte) {
+            p.push("target.prefix: only A-Z a-z 0-9 . _ : @ - are allowed".into());
+        }
+        let nonzero = |p: &mut Vec<String>, key: &str, v: u32| {
+            if v == 0 {
+                p.push(format!("load.{key}: must be at least 1 for pattern {}", self.pattern));
+            }
+        };
+        match self.pattern {
+            Pattern::Telemetry => {
+                nonzero(&mut p, "controllers", l.controllers);
+                nonzero(&mut p, "browsers_per_controller", l.browsers_per_controller);
+            }
+            Pattern::Command | Pattern::Idle => nonzero(&mut p, "controllers", l.controllers),
+            Pattern::Fanout => {
+                nonzero(&mut p, "groups", l.groups);
+                nonzero(&mut p, "members", l.members);
+            }
+            Pattern::Fanin => {
+                nonzero(&mut p, "controllers", l.controllers);
+                nonzero(&mut p, "dashboards", l.dashboards);
+            }
+            Pattern::Storm => {
+                nonzero(&mut p, "controllers", l.controllers);
+                if !(l.connect_rate > 0.0 && l.connect_rate.is_finite()) {
+                    p.push("load.connect_rate: a storm needs a connect rate above 0".into());
+                }
+            }
+        }
+        if !(l.connect_rate >= 0.0 && l.connect_rate.is_finite()) {
+            p.push("load.connect_rate: must be a finite number ≥ 0".into());
+        }
+        if self.connections() > 10_000_000 {
+            p.push("load: more than 10,000,000 connections".into());
+        }
+        if l.rate.is_some() && l.total_rate.is_some() {
+            p.push("load.rate / load.total_rate: give one of them, not both".into());
+        }
+        for (key, v) in [("rate", l.rate), ("total_rate", l.total_rate)] {
+            if let Some(v) = v {
+                if !(v > 0.0 && v.is_finite() && v <= 1e9) {
+                    p.push(format!("load.{key}: must be above 0 and at most 1e9"));
+                }
+            }
+        }
+        if self.pattern.sends_data() && !self.find_max.enabled && self.total_rate().is_none() {
+            p.push(format!(
+                "load.rate: pattern {} sends data; give load.rate (per sender) or load.total_rate",
+                self.pattern
+            ));
+        }
+        if !(MIN_PAYLOAD..=MAX_PAYLOAD).contains(&l.payload_bytes) {
+            p.push(format!("load.payload_bytes: must be {MIN_PAYLOAD}..={MAX_PAYLOAD}"));
+        }
+        if l.heartbeat.0 < Duration::from_millis(10) || l.heartbeat.0 > Duration::from_secs(3600) {
+            p.push("load.heartbeat: must be between 10ms and 1h".into());
+        }
+        if l.duration.0.is_zero() || l.duration.0 > Duration::from_secs(86_400) {
+            p.push("load.duration: must be above 0 and at most 24h".into());
+        }
+        if l.drain.0 > Duration::from_secs(600) {
+            p.push("load.drain: at most 10m".into());
+        }
+        if l.tick.0 > Duration::from_secs(1) {
+            p.push("load.tick: at most 1s".into());
+        }
+        let r = &self.run;
+        if r.workers > 256 {
+            p.push("run.workers: at most 256".into());
+        }
+        if r.threads > 256 {
+            p.push("run.threads: at most 256".into());
+        }
+        if r.connect_concurrency == 0 || r.connect_concurrency > 100_000 {
+            p.push("run.connect_concurrency: must be 1..=100000".into());
+        }
+        if r.connect_timeout.0.is_zero() {
+            p.push("run.connect_timeout: must be above 0".into());
+        }
+        if r.max_batch == 0 {
+            p.push("run.max_batch: must be at least 1".into());
+        }
+        if r.start_lead.0 > Duration::from_secs(60) {
+            p.push("run.start_lead: at most 60s".into());
+        }
+        if r.sample_interval.0 < Duration::from_millis(10) {
+            p.push("run.sample_interval: at least 10ms".into());
+        }
+        if r.reply_queue == 0 {
+            p.push("run.reply_queue: must be at least 1".into());
+        }
+        if let Err(e) = self.source_addrs() {
+            p.push(format!("run.source_addrs: {e}"));
+        }
+        let f = &self.find_max;
+        if f.enabled {
+            if !self.pattern.sends_data() {
+                p.push(format!(
+                    "find_max.enabled: pattern {} sends no data; the ramp needs telemetry, command, fanout or fanin",
+                    self.pattern
+                ));
+            }
+            if f.slo_p99.0.is_zero() {
+                p.push("find_max.slo_p99: must be above 0".into());
+            }
+            if !(0.0..1.0).contains(&f.max_loss) {
+                p.push("find_max.max_loss: must be in [0, 1)".into());
+            }
+            if !(f.factor > 1.0 && f.factor.is_finite() && f.factor <= 100.0) {
+                p.push("find_max.factor: must be above 1 and at most 100".into());
+            }
+            if f.max_steps == 0 || f.max_steps > 100 {
+                p.push("find_max.max_steps: must be 1..=100".into());
+            }
+            if f.refine_steps > 20 {
+                p.push("find_max.refine_steps: at most 20".into());
+            }
+            if let Some(s) = f.start_rate {
+                if !(s > 0.0 && s.is_finite()) {
+                    p.push("find_max.start_rate: must be above 0".into());
+                }
+            }
+            if !(f.max_rate >= 0.0 && f.max_rate.is_finite()) {
+                p.push("find_max.max_rate: must be ≥ 0 (0 = no bound)".into());
+            }
+            if f.step_duration.0.is_zero() {
+                p.push("find_max.step_duration: must be above 0".into());
+            }
+        }
+        if p.is_empty() {
+            Ok(())
+        } else {
+            Err(ScenarioError::Invalid {
+                origin: origin.to_string(),
+                problems: p,
+            })
+        }
+    }
+}
+
+/// True for bytes allowed in relay addresses and group names.
+pub fn is_addr_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'@' | b'-')
+}
+
+/// Parses `a.b.c.d` or `a.b.c.d..a.b.c.e` (inclusive, at most 65536 addresses).
+pub fn parse_addr_range(item: &str) -> Result<Vec<Ipv4Addr>, String> {
+    let parse = |s: &str| {
+        s.trim()
+            .parse::<Ipv4Addr>()
+            .map_err(|_| format!("`{s}` is not an IPv4 address"))
+    };
+    match item.split_once("..") {
+        None => Ok(vec![parse(item)?]),
+        Some((a, b)) => {
+            let (a, b) = (u32::from(parse(a)?), u32::from(parse(b)?));
+            if b < a {
+                return Err(format!("`{item}`: the range ends before it starts"));
+            }
+            if b - a >= 65_536 {
+                return Err(format!("`{item}`: more than 65536 addresses"));
+            }
+            Ok((a..=b).map(Ipv4Addr::from).collect())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse_in_every_unit() {
+        assert_eq!("250ms".parse::<Dur>().unwrap(), Dur::millis(250));
+        assert_eq!("10s".parse::<Dur>().unwrap(), Dur::secs(10));
+        assert_eq!("2m".parse::<Dur>().unwrap(), Dur::secs(120));
+        assert_eq!("1h".parse::<Dur>().unwrap(), Dur::secs(3600));
+        assert_eq!("1.5s".parse::<Dur>().unwrap(), Dur::millis(1500));
+        assert_eq!("7".parse::<Dur>().unwrap(), Dur::secs(7));
+        assert!("ten seconds".parse::<Dur>().is_err());
+        assert!("5 parsecs".parse::<Dur>().is_err());
+        assert!("-1s".parse::<Dur>().is_err());
+        assert_eq!(Dur::millis(1500).to_string(), "1500ms");
+        assert_eq!(Dur::secs(30).to_string(), "30s");
+    }
+
+    #[test]
+    fn toml_durations_accept_strings_and_numbers() {
+        let s = Scenario::from_toml(
+            "[load]\nduration = \"3s\"\ndrain = 1\nheartbeat = 0.5\nrate = 2.0\n",
+            "t",
+        )
+        .unwrap();
+        assert_eq!(s.load.duration, Dur::secs(3));
+        assert_eq!(s.load.drain, Dur::secs(1));
+        assert_eq!(s.load.heartbeat, Dur::millis(500));
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected_with_their_name() {
+        let e = Scenario::from_toml("[load]\ncontrolers = 5\n", "x.toml").unwrap_err();
+        let msg = e.to_string();
+        assert!(msg.contains("controlers"), "{msg}");
+        assert!(msg.contains("x.toml"), "{msg}");
+    }
+
+    #[test]
+    fn validation_lists_every_problem_with_its_key() {
+        let mut s = Scenario::default();
+        s.load.controllers = 0;
+        s.load.payload_bytes = 4;
+        s.load.rate = Some(-1.0);
+        s.target.controllers = "http://x".into();
+        let e = s.validate("bad.toml").unwrap_err();
+        let ScenarioError::Invalid { problems, .. } = &e else {
+            panic!("{e}")
+        };
+        let all = problems.join("\n");
+        for key in ["load.controllers", "load.payload_bytes", "load.rate", "target.controllers"] {
+            assert!(all.contains(key), "missing {key} in {all}");
+        }
+    }
+
+    #[test]
+    fn sending_patterns_need_a_rate_unless_ramping() {
+        let mut s = Scenario::default();
+        assert!(s.validate("t").is_err());
+        s.find_max.enabled = true;
+        s.validate("t").unwrap();
+        s.pattern = Pattern::Idle;
+        assert!(s.validate("t").is_err(), "idle cannot be ramped");
+        s.find_max.enabled = false;
+        s.validate("t").unwrap();
+    }
+
+    #[test]
+    fn endpoints_parse_and_default_ports() {
+        assert_eq!(
+            Endpoint::parse("tcp://127.0.0.1:7001").unwrap(),
+            Endpoint::RelayTcp { addr: "127.0.0.1:7001".parse().unwrap() }
+        );
+        assert_eq!(
+            Endpoint::parse("mqtt://127.0.0.1").unwrap().addr(),
+            "127.0.0.1:1883".parse().unwrap()
+        );
+        let Endpoint::RelayWs { path, host, .. } = Endpoint::parse("ws://localhost:8080").unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!(path, "/ws");
+        assert_eq!(host, "localhost:8080");
+        assert!(Endpoint::parse("wss://x:1").is_err());
+        assert!(Endpoint::parse("nope").is_err());
+    }
+
+    #[test]
+    fn mqtt_controllers_imply_mqtt_browsers() {
+        let mut s = Scenario::default();
+        s.target.controllers = "mqtt://127.0.0.1:1883".into();
+        assert!(s.browser_endpoint().unwrap().is_mqtt());
+        s.load.rate = Some(1.0);
+        s.validate("t").unwrap();
+    }
+
+    #[test]
+    fn rates_convert_between_total_and_per_sender() {
+        let mut s = Scenario::default();
+        s.pattern = Pattern::Fanin;
+        s.load.controllers = 1000;
+        s.load.total_rate = Some(20_000.0);
+        assert_eq!(s.total_rate(), Some(20_000.0));
+        assert_eq!(s.per_sender_rate(20_000.0), 20.0);
+        s.load.total_rate = None;
+        s.load.rate = Some(5.0);
+        assert_eq!(s.total_rate(), Some(5000.0));
+        assert_eq!(s.connections(), 1001);
+    }
+
+    #[test]
+    fn address_ranges_expand() {
+        let v = parse_addr_range("127.0.0.2..127.0.0.4").unwrap();
+        assert_eq!(v.len(), 3);
+        assert_eq!(v[2], Ipv4Addr::new(127, 0, 0, 4));
+        assert!(parse_addr_range("127.0.0.4..127.0.0.2").is_err());
+        assert!(parse_addr_range("localhost").is_err());
+    }
+}
