@@ -68,7 +68,9 @@ struct Inbound<'a> {
     dst: Option<Cow<'a, str>>,
     #[serde(borrow, default)]
     group: Option<Cow<'a, str>>,
-    #[serde(borrow, default)]
+    /// `Some` for any value, `null` included (a plain `Option` would turn
+    /// `"payload":null` into no payload at all).
+    #[serde(borrow, default, deserialize_with = "present")]
     payload: Option<&'a RawValue>,
     #[serde(borrow, default)]
     payload_b64: Option<Cow<'a, str>>,
@@ -92,6 +94,10 @@ struct Inbound<'a> {
     max_frame: Option<u64>,
     #[serde(borrow, default)]
     node: Option<&'a RawValue>,
+}
+
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::Error> {
+    <&'de RawValue>::deserialize(d).map(Some)
 }
 
 fn name_field(v: Option<&Cow<'_, str>>, field: &'static str) -> Result<Bytes, JsonError> {
@@ -530,6 +536,14 @@ mod tests {
             parse_json(long.as_bytes()),
             Err(JsonError::NameTooLong("dst"))
         );
+    }
+
+    #[test]
+    fn a_null_payload_is_a_payload() {
+        let f = parse_json(br#"{"type":"data","dst":"a","payload":null}"#).unwrap();
+        assert_eq!(&f.payload[..], b"null");
+        assert!(f.flags.json());
+        assert_eq!(v(&to_json_string(&f))["payload"], Value::Null);
     }
 
     #[test]
