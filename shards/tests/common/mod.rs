@@ -1,0 +1,227 @@
+//! Test helpers: a relay on port 0 and blocking clients in both wire forms.
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use relay_config::Config;
+use relay_core::codec::{self, Decoder};
+use relay_core::frame::{Flags, Frame, FrameType};
+use relay_core::json;
+use relay_shards::Relay;
+
+/// A config for tests: loopback, port 0, two unpinned shards.
+pub fn test_config() -> Config {
+    let mut cfg = Config::default();
+    cfg.listeners.tcp = "127.0.0.1:0".parse().unwrap();
+    cfg.listeners.http = "127.0.0.1:0".parse().unwrap();
+    cfg.shards.count = 2;
+    cfg.shards.pin = false;
+    cfg.plugins.enabled = false;
+    cfg.shards.io_memory_kib = 256;
+    cfg
+}
+
+/// Starts a relay with `tweak` applied to the test config.
+pub fn start(tweak: impl FnOnce(&mut Config)) -> Relay {
+    let mut cfg = test_config();
+    tweak(&mut cfg);
+    Relay::start(&cfg).expect("relay starts")
+}
+
+/// Owner shard of an address under `shards` shards.
+pub fn shard(addr: &str, shards: usize) -> usize {
+    relay_core::shard_of(addr.as_bytes(), shards)
+}
+
+/// Finds `n` addresses with `prefix` that land on `shard`.
+pub fn addrs_on(prefix: &str, shard_idx: usize, shards: usize, n: usize) -> Vec<String> {
+    (0..)
+        .map(|i| format!("{prefix}{i}"))
+        .filter(|a| shard(a, shards) == shard_idx)
+        .take(n)
+        .collect()
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Form {
+    Binary,
+    Json,
+}
+
+/// A blocking client speaking one form.
+pub struct Client {
+    pub stream: TcpStream,
+    pub form: Form,
+    pub addr: String,
+    buf: BytesMut,
+}
+
+impl Client {
+    pub fn connect(relay: SocketAddr, form: Form) -> Client {
+        let stream = TcpStream::connect(relay).expect("connect");
+        stream.set_nodelay(true).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        Client {
+            stream,
+            form,
+            addr: String::new(),
+            buf: BytesMut::new(),
+        }
+    }
+
+    /// Connects and says hello as `addr` (empty: let the server assign one).
+    pub fn hello(relay: SocketAddr, form: Form, addr: &str) -> Client {
+        Self::hello_with(relay, form, addr, serde_json::json!({}))
+    }
+
+    pub fn hello_with(
+        relay: SocketAddr,
+        form: Form,
+        addr: &str,
+        fields: serde_json::Value,
+    ) -> Client {
+        let mut c = Client::connect(relay, form);
+        let mut f = Frame::new(FrameType::Hello);
+        f.src = Bytes::copy_from_slice(addr.as_bytes());
+        f.payload = fields.to_string().into();
+        f.flags = Flags(Flags::JSON);
+        c.send(&f);
+        let w = c.expect(FrameType::Welcome);
+        let v: serde_json::Value = serde_json::from_slice(&w.payload).unwrap();
+        c.addr = v["addr"].as_str().unwrap().to_owned();
+        if !addr.is_empty() {
+            assert_eq!(c.addr, addr);
+        }
+        c
+    }
+
+    pub fn send(&mut self, f: &Frame) {
+        let mut out = BytesMut::new();
+        match self.form {
+            Form::Binary => codec::encode(f, &mut out),
+            Form::Json => {
+                json::write_json(f, &mut out);
+                out.extend_from_slice(b"\n");
+            }
+        }
+        self.stream.write_all(&out).expect("write");
+    }
+
+    pub fn send_raw(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.stream.write_all(bytes)
+    }
+
+    pub fn data(&mut self, dst: &str, seq: u32, ack: bool, payload: &[u8]) {
+        let mut f = Frame::data(
+            Bytes::new(),
+            Bytes::copy_from_slice(dst.as_bytes()),
+            Bytes::copy_from_slice(payload),
+        );
+        f.seq = seq;
+        f.flags = Flags(if ack { Flags::ACK_REQ } else { 0 });
+        self.send(&f);
+    }
+
+    fn try_decode(&mut self) -> Option<Frame> {
+        match self.form {
+            Form::Binary => Decoder::new(1 << 24)
+                .decode(&mut self.buf)
+                .expect("server sent a valid frame"),
+            Form::Json => {
+                let i = self.buf.iter().position(|&b| b == b'\n')?;
+                let line = self.buf.split_to(i + 1);
+                Some(json::parse_json(&line).unwrap_or_else(|e| panic!("bad line {line:?}: {e}")))
+            }
+        }
+    }
+
+    /// Next frame within `timeout`; `None` on timeout; panics on EOF.
+    pub fn recv_timeout(&mut self, timeout: Duration) -> Option<Frame> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(f) = self.try_decode() {
+                return Some(f);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            let mut tmp = [0u8; 65536];
+            match self.stream.read(&mut tmp) {
+                Ok(0) => panic!("{}: connection closed while waiting for a frame", self.addr),
+                Ok(n) => self.buf.extend_from_slice(&tmp[..n]),
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) => {}
+                Err(e) => panic!("read: {e}"),
+            }
+        }
+    }
+
+    pub fn recv(&mut self) -> Frame {
+        self.recv_timeout(Duration::from_secs(5))
+            .unwrap_or_else(|| panic!("{}: no frame within 5 s", self.addr))
+    }
+
+    /// Next frame, which must be of `kind`.
+    pub fn expect(&mut self, kind: FrameType) -> Frame {
+        let f = self.recv();
+        assert_eq!(f.kind, kind, "{}: expected {kind:?}, got {f:?}", self.addr);
+        f
+    }
+
+    /// Next frame must be ERROR with `code`; returns its seq.
+    pub fn expect_error(&mut self, code: relay_core::ErrorCode) -> u32 {
+        let f = self.expect(FrameType::Error);
+        let (c, msg) = f.error_parts().unwrap();
+        assert_eq!(
+            c, code as u16,
+            "{}: expected {code:?}, got {c} {msg:?}",
+            self.addr
+        );
+        f.seq
+    }
+
+    /// Reads until EOF (or `timeout`), returning the frames seen; true if closed.
+    pub fn drain_until_closed(&mut self, timeout: Duration) -> (Vec<Frame>, bool) {
+        let deadline = Instant::now() + timeout;
+        let mut frames = Vec::new();
+        loop {
+            while let Some(f) = self.try_decode() {
+                frames.push(f);
+            }
+            if Instant::now() >= deadline {
+                return (frames, false);
+            }
+            let mut tmp = [0u8; 65536];
+            match self.stream.read(&mut tmp) {
+                Ok(0) => {
+                    while let Some(f) = self.try_decode() {
+                        frames.push(f);
+                    }
+                    return (frames, true);
+                }
+                Ok(n) => self.buf.extend_from_slice(&tmp[..n]),
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) => {}
+                Err(_) => return (frames, true),
+            }
+        }
+    }
+
+    /// Nothing arrives within `d`.
+    pub fn expect_silence(&mut self, d: Duration) {
+        if let Some(f) = self.recv_timeout(d) {
+            panic!("{}: expected nothing, got {f:?}", self.addr);
+        }
+    }
+}
