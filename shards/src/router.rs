@@ -74,12 +74,15 @@ pub enum Outcome {
     },
 }
 
+/// Called with (recipients reached, first error) when a fan-out completes.
+pub type AckCallback = Box<dyn FnOnce(u32, Option<(ErrorCode, String)>)>;
+
 /// Who waits for the answer to a fan-out.
 pub enum AckTarget {
     /// ACK or ERROR to a client frame.
     Conn { id: ConnId, seq: u32 },
     /// A caller inside the relay (the HTTP API).
-    Callback(Box<dyn FnOnce(u32, Option<(ErrorCode, String)>)>),
+    Callback(AckCallback),
 }
 
 impl std::fmt::Debug for AckTarget {
@@ -789,7 +792,7 @@ impl Router {
             .collect()
     }
 
-    /// Applies deadlines; returns the soonest one still ahead.
+    /// Applies deadlines that have passed and samples the queued bytes.
     pub fn sweep(&self, now: Now) {
         let cells: Vec<Rc<ConnCell>> = self.conns.borrow().values().cloned().collect();
         let mut queued = 0u64;

@@ -186,6 +186,11 @@ impl Relay {
         &self.shared.stats
     }
 
+    /// Time since the relay started.
+    pub fn uptime(&self) -> Duration {
+        self.shared.started.elapsed()
+    }
+
     /// The flag that stops the relay (for signal handlers).
     pub fn stop_flag(&self) -> Arc<AtomicBool> {
         self.shared.stop.clone()
