@@ -1,1 +1,40 @@
-//! relay-plugins: placeholder
+//! relay-plugins: operators' Rhai rules and hooks, alarms, notifiers, and the
+//! Redis / MySQL sinks with their disk spool, on threads of their own.
+//!
+//! Shards hand `Event`s to [`PluginHost::events`] with a `try_send` that never
+//! blocks; scripts answer with `Action`s on an executor-agnostic channel. Nothing
+//! here depends on the shards' runtime.
+//!
+//! # Layout
+//! - `event`: the boundary types (`Event`, `Action`, `ClientInfo`, `MessageEvent`).
+//! - `host`: `PluginHost`, which starts and stops everything below.
+//! - `worker`: script worker threads and the rules-folder watcher.
+//! - `rules`: one worker's engine and compiled scripts; calls the hooks.
+//! - `script`: the sandboxed engine, loading the folder, errors with file and line.
+//! - `api`: the functions scripts call (alarms, state, counters, persist, send...).
+//! - `effect`: what scripts and alarms ask for, before any IO.
+//! - `alarm`: the alarm book: raise/clear/ack, `alarm_when`, escalation chains.
+//! - `shared`: state shared by the threads, and the counters.
+//! - `sink`: the sink thread (Redis and MySQL writers, alarm clock, notifiers).
+//! - `spool`: the on-disk spool behind each sink.
+//! - `notify`: HTTP notifiers: templates, retries, rate limits, attempt records.
+//! - `cli`: `relay rules check` and `relay rules test`.
+pub mod alarm;
+pub mod api;
+pub mod cli;
+pub mod effect;
+pub mod event;
+pub mod host;
+pub mod notify;
+pub mod rules;
+pub mod script;
+pub mod shared;
+pub mod sink;
+pub mod spool;
+pub mod worker;
+
+pub use alarm::{AckError, AlarmView};
+pub use effect::{AlarmEvent, Effect, NotifyJob, Transition};
+pub use event::{Action, ClientInfo, Event, MessageEvent, RULES_SRC};
+pub use host::{ActionReceiver, EventSender, HostConfig, PluginError, PluginHost};
+pub use shared::PluginStats;

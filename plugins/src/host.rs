@@ -1,0 +1,355 @@
+//! `PluginHost`: starts the script workers, the sink thread and the rules watcher,
+//! and is the handle the shards use (events in, alarms, acknowledge, device shadow,
+//! counters, shutdown).
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use crossbeam_channel::{Sender, TrySendError};
+use relay_config::plugins::{MysqlConfig, NotifyConfig, PluginsConfig, RedisConfig};
+use serde_json::{Map, Value};
+
+use crate::alarm::{AckError, Alarm, AlarmView, Watch};
+use crate::event::{Action, Event};
+use crate::script;
+use crate::shared::{PluginStats, Shared};
+use crate::sink::{self, SinkThread};
+use crate::worker::{SourceBox, Watcher, Worker};
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// The four sections the plugins use.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct HostConfig {
+    pub plugins: PluginsConfig,
+    pub redis: RedisConfig,
+    pub mysql: MysqlConfig,
+    pub notify: NotifyConfig,
+}
+
+impl HostConfig {
+    /// The plugin sections of the relay's configuration.
+    pub fn from_config(cfg: &relay_config::Config) -> HostConfig {
+        HostConfig {
+            plugins: cfg.plugins.clone(),
+            redis: cfg.redis.clone(),
+            mysql: cfg.mysql.clone(),
+            notify: cfg.notify.clone(),
+        }
+    }
+
+    /// Every problem of the four sections, as `key: reason` lines.
+    pub fn problems(&self) -> Vec<String> {
+        let mut p = self.plugins.check();
+        p.extend(self.redis.check());
+        p.extend(self.mysql.check());
+        p.extend(self.notify.check());
+        p.into_iter().map(|(k, r)| format!("{k}: {r}")).collect()
+    }
+}
+
+/// Why the host could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PluginError {
+    /// The plugin sections are invalid.
+    #[error("invalid plugin configuration:\n{}", .0.join("\n"))]
+    Config(Vec<String>),
+    /// The sink thread or its spool could not start.
+    #[error(transparent)]
+    Sink(#[from] sink::SinkStartError),
+    /// A thread could not be spawned.
+    #[error("spawning {0}: {1}")]
+    Thread(&'static str, String),
+    /// The SIGHUP handler could not be installed.
+    #[error("installing the SIGHUP handler: {0}")]
+    Signal(String),
+}
+
+/// Actions from scripts for the shards (any shard may pull; executor-agnostic).
+pub type ActionReceiver = async_channel::Receiver<Action>;
+
+/// Hands events to the workers without ever blocking.
+#[derive(Debug, Clone)]
+pub struct EventSender {
+    /// One bounded queue per worker.
+    txs: Arc<[Sender<Event>]>,
+    /// Counters.
+    shared: Arc<Shared>,
+}
+
+impl EventSender {
+    /// Queues `event` for the worker of its address. Never blocks; `false` means the
+    /// queue was full (or the host stopped) and the event was dropped and counted.
+    pub fn try_send(&self, event: Event) -> bool {
+        if self.txs.is_empty() {
+            return true; // plugins disabled: nothing wants events
+        }
+        let w = Event::worker_of(event.addr(), self.txs.len());
+        let stats = &self.shared.stats;
+        match self.txs[w].try_send(event) {
+            Ok(()) => {
+                self.shared.count(&stats.events_in);
+                true
+            }
+            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
+                self.shared.count(&stats.events_dropped);
+                false
+            }
+        }
+    }
+}
+
+/// The running plugins: workers, sink thread, watcher.
+#[derive(Debug)]
+pub struct PluginHost {
+    /// Shared state.
+    shared: Arc<Shared>,
+    /// Event queues.
+    events: EventSender,
+    /// Worker threads.
+    workers: Vec<JoinHandle<()>>,
+    /// Rules watcher.
+    watcher: Option<JoinHandle<()>>,
+    /// Sink thread.
+    sink: Option<SinkThread>,
+    /// Stops workers and watcher.
+    stop: Arc<AtomicBool>,
+    /// SIGHUP registration, removed at shutdown.
+    sighup: Option<signal_hook::SigId>,
+}
+
+fn join_bounded(h: JoinHandle<()>, what: &str, within: Duration) {
+    let until = Instant::now() + within;
+    while !h.is_finished() && Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    if h.is_finished() {
+        let _ = h.join();
+    } else {
+        tracing::error!("{what} did not stop within {within:?}; left running");
+    }
+}
+
+impl PluginHost {
+    /// Starts the plugins with the relay's configuration.
+    pub fn start(cfg: &relay_config::Config) -> Result<(PluginHost, ActionReceiver), PluginError> {
+        Self::start_with(HostConfig::from_config(cfg))
+    }
+
+    /// Starts the plugins with their four sections.
+    pub fn start_with(cfg: HostConfig) -> Result<(PluginHost, ActionReceiver), PluginError> {
+        let problems = cfg.problems();
+        if !problems.is_empty() {
+            return Err(PluginError::Config(problems));
+        }
+        let shared = Shared::new(&cfg.plugins, &cfg.mysql, &cfg.notify);
+        let (actions_tx, actions_rx) = async_channel::bounded(cfg.plugins.actions_queue);
+        let stop = Arc::new(AtomicBool::new(false));
+        if !cfg.plugins.enabled {
+            let host = PluginHost {
+                events: EventSender {
+                    txs: Arc::from(Vec::new()),
+                    shared: shared.clone(),
+                },
+                shared,
+                workers: Vec::new(),
+                watcher: None,
+                sink: None,
+                stop,
+                sighup: None,
+            };
+            return Ok((host, actions_rx));
+        }
+        let (sink, loaded) = sink::start(&cfg, shared.clone())?;
+        restore(&shared, loaded);
+
+        let dir = PathBuf::from(&cfg.plugins.dir);
+        let engine = script::sandbox(&cfg.plugins);
+        let sources = match script::load_dir(&engine, &dir, &[]) {
+            Ok((sources, errors)) => {
+                for e in errors {
+                    tracing::error!(target: "relay::rules", "{e} (file not loaded)");
+                    shared.count(&shared.stats.reload_failures);
+                }
+                sources
+            }
+            Err(e) => {
+                tracing::warn!(target: "relay::rules", dir = %dir.display(), "rules folder not readable ({e}); no rules loaded");
+                Vec::new()
+            }
+        };
+        let names: Vec<&str> = sources.iter().map(|s| s.name.as_str()).collect();
+        tracing::info!(target: "relay::rules", dir = %dir.display(), files = ?names, "rules loaded");
+        let sources = Arc::new(SourceBox::new(sources));
+
+        let mut txs = Vec::with_capacity(cfg.plugins.workers);
+        let mut workers = Vec::with_capacity(cfg.plugins.workers);
+        for idx in 0..cfg.plugins.workers {
+            let (tx, rx) = crossbeam_channel::bounded(cfg.plugins.queue);
+            txs.push(tx);
+            let w = Worker {
+                idx,
+                rx,
+                shared: shared.clone(),
+                sink: sink.tx.clone(),
+                actions: actions_tx.clone(),
+                sources: sources.clone(),
+                cfg: cfg.plugins.clone(),
+                stop: stop.clone(),
+            };
+            let h = std::thread::Builder::new()
+                .name(format!("relay-rules-{idx}"))
+                .spawn(move || w.run())
+                .map_err(|e| PluginError::Thread("script worker", e.to_string()))?;
+            workers.push(h);
+        }
+        let (watcher, sighup) = if cfg.plugins.reload {
+            let flag = Arc::new(AtomicBool::new(false));
+            let id = signal_hook::flag::register(signal_hook::consts::SIGHUP, flag.clone())
+                .map_err(|e| PluginError::Signal(e.to_string()))?;
+            let w = Watcher {
+                dir,
+                cfg: cfg.plugins.clone(),
+                sources,
+                shared: shared.clone(),
+                sighup: flag,
+                stop: stop.clone(),
+            };
+            let h = std::thread::Builder::new()
+                .name("relay-rules-watch".into())
+                .spawn(move || w.run())
+                .map_err(|e| PluginError::Thread("rules watcher", e.to_string()))?;
+            (Some(h), Some(id))
+        } else {
+            (None, None)
+        };
+        let host = PluginHost {
+            events: EventSender {
+                txs: Arc::from(txs),
+                shared: shared.clone(),
+            },
+            shared,
+            workers,
+            watcher,
+            sink: Some(sink),
+            stop,
+            sighup,
+        };
+        Ok((host, actions_rx))
+    }
+
+    /// A handle for the shards to queue events.
+    pub fn events(&self) -> EventSender {
+        self.events.clone()
+    }
+
+    /// Active alarms, by key.
+    pub fn alarms(&self) -> Vec<AlarmView> {
+        self.shared.book().views()
+    }
+
+    /// Acknowledges alarm `key` on behalf of `by`; its escalation chain stops.
+    pub fn ack(&self, key: &str, by: &str) -> Result<AlarmView, AckError> {
+        let v = self.shared.book().ack(now_ms(), key, by)?;
+        self.shared.clock_kick.notify_one();
+        Ok(v)
+    }
+
+    /// The device shadow of `addr` (empty when unknown).
+    pub fn state(&self, addr: &str) -> Map<String, Value> {
+        self.shared
+            .state_read()
+            .shadows
+            .get(addr)
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// The value of counter `key` (0 when unknown).
+    pub fn counter(&self, key: &str) -> i64 {
+        self.shared
+            .state_read()
+            .counters
+            .get(key)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// The plugin counters.
+    pub fn stats(&self) -> PluginStats {
+        self.shared.snapshot()
+    }
+
+    /// Stops the workers (finishing queued events, bounded), the watcher, then the
+    /// sink thread (flushing writes to the sinks or the spool).
+    pub fn shutdown(mut self) {
+        self.stop_all();
+    }
+
+    fn stop_all(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for h in self.workers.drain(..) {
+            join_bounded(h, "script worker", Duration::from_secs(5));
+        }
+        if let Some(h) = self.watcher.take() {
+            join_bounded(h, "rules watcher", Duration::from_secs(2));
+        }
+        if let Some(id) = self.sighup.take() {
+            signal_hook::low_level::unregister(id);
+        }
+        if let Some(s) = self.sink.take() {
+            s.stop.notify_one();
+            join_bounded(s.handle, "sink thread", Duration::from_secs(20));
+        }
+    }
+}
+
+impl Drop for PluginHost {
+    fn drop(&mut self) {
+        self.stop_all();
+    }
+}
+
+/// Loads what an earlier run left in Redis into the alarm book and the state cache.
+fn restore(shared: &Shared, loaded: sink::Loaded) {
+    let snap = loaded.snapshot;
+    let mut alarms = Vec::new();
+    for (k, v) in snap.alarms {
+        match serde_json::from_str::<Alarm>(&v) {
+            Ok(a) => alarms.push(a),
+            Err(e) => tracing::warn!(key = %k, "stored alarm unreadable ({e}); skipped"),
+        }
+    }
+    let mut watches = Vec::new();
+    for (k, v) in snap.watches {
+        match serde_json::from_str::<Watch>(&v) {
+            Ok(w) => watches.push((k, w)),
+            Err(e) => tracing::warn!(key = %k, "stored alarm timer unreadable ({e}); skipped"),
+        }
+    }
+    if !alarms.is_empty() || !watches.is_empty() {
+        tracing::info!(
+            alarms = alarms.len(),
+            timers = watches.len(),
+            "alarms restored from redis"
+        );
+    }
+    shared.book().restore(alarms, watches);
+    let mut st = shared.state_write();
+    st.counters.extend(snap.counters);
+    for (addr, fields) in snap.shadows {
+        let m = st.shadows.entry(addr).or_default();
+        for (f, v) in fields {
+            m.insert(f, serde_json::from_str(&v).unwrap_or(Value::String(v)));
+        }
+    }
+}

@@ -1,0 +1,249 @@
+//! One worker's compiled rules: an `Engine` and one `AST` per file, and the calls
+//! of the hooks for each event. Live workers and `relay rules test` both use it.
+use std::cell::RefCell;
+use std::rc::Rc;
+use std::sync::Arc;
+
+use relay_config::plugins::PluginsConfig;
+use rhai::{AST, CallFnOptions, Dynamic, Engine, Map as RhaiMap, Scope};
+
+use crate::api::{self, CallCtx, Ctx};
+use crate::effect::Effect;
+use crate::event::{ClientInfo, Event, MessageEvent};
+use crate::script::{self, ScriptError, Source};
+use crate::shared::Shared;
+
+/// A compiled file and the hooks it defines.
+struct Compiled {
+    /// File name.
+    name: String,
+    /// The text it was compiled from (to skip recompiling unchanged files).
+    text: String,
+    /// Compiled script.
+    ast: AST,
+    /// Which of `script::HOOKS` it defines.
+    hooks: [bool; 4],
+}
+
+/// What one event (or tick) produced.
+#[derive(Debug, Default)]
+pub struct Outcome {
+    /// Effects, in the order the scripts asked for them.
+    pub effects: Vec<Effect>,
+    /// Hook calls that failed (already counted in the stats).
+    pub errors: Vec<ScriptError>,
+    /// A script touched the alarm book.
+    pub touched_alarms: bool,
+}
+
+/// The rules of one worker thread.
+pub struct Rules {
+    /// Sandboxed engine with the relay functions.
+    engine: Engine,
+    /// Files in name order.
+    scripts: Vec<Compiled>,
+    /// The call context the functions write into.
+    ctx: Ctx,
+}
+
+impl std::fmt::Debug for Rules {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Rules")
+            .field(
+                "scripts",
+                &self.scripts.iter().map(|s| &s.name).collect::<Vec<_>>(),
+            )
+            .finish()
+    }
+}
+
+fn client_map(c: &ClientInfo) -> RhaiMap {
+    let mut m = RhaiMap::new();
+    m.insert("addr".into(), c.addr.clone().into());
+    m.insert("role".into(), c.role.clone().into());
+    m.insert("meta".into(), api::from_json(&c.meta));
+    m.insert("remote".into(), c.remote.clone().into());
+    m.insert("shard".into(), (c.shard as i64).into());
+    m.insert("time_ms".into(), (c.time_ms as i64).into());
+    m
+}
+
+/// The payload as a script sees it: parsed JSON when it is JSON, otherwise a blob.
+fn payload_value(m: &MessageEvent) -> Dynamic {
+    let looks_json = m
+        .payload
+        .iter()
+        .find(|b| !b.is_ascii_whitespace())
+        .is_some_and(|b| *b == b'{' || *b == b'[');
+    if (m.json || looks_json)
+        && let Ok(v) = serde_json::from_slice::<serde_json::Value>(&m.payload)
+    {
+        return api::from_json(&v);
+    }
+    Dynamic::from_blob(m.payload.to_vec())
+}
+
+fn message_map(m: &MessageEvent) -> RhaiMap {
+    let mut map = RhaiMap::new();
+    map.insert("src".into(), m.src.clone().into());
+    map.insert("dst".into(), m.dst.clone().into());
+    map.insert(
+        "group".into(),
+        m.group.clone().map(Dynamic::from).unwrap_or(Dynamic::UNIT),
+    );
+    map.insert("payload".into(), payload_value(m));
+    map.insert("size".into(), (m.payload.len() as i64).into());
+    map.insert("time_ms".into(), (m.time_ms as i64).into());
+    map
+}
+
+/// The line where `fn name(` is defined in `text` (0 when not found).
+fn hook_line(text: &str, name: &str) -> usize {
+    text.lines()
+        .position(|l| {
+            let l = l.trim_start();
+            l.strip_prefix("fn").is_some_and(|r| {
+                r.trim_start()
+                    .strip_prefix(name)
+                    .is_some_and(|r| r.trim_start().starts_with('('))
+            })
+        })
+        .map_or(0, |i| i + 1)
+}
+
+impl Rules {
+    /// An engine with the limits of `cfg` and no scripts yet.
+    pub fn new(cfg: &PluginsConfig, shared: Arc<Shared>) -> Rules {
+        let mut engine = script::sandbox(cfg);
+        let ctx: Ctx = Rc::new(RefCell::new(CallCtx {
+            now_ms: 0,
+            file: String::new(),
+            effects: Vec::new(),
+            touched_alarms: false,
+            shared,
+        }));
+        api::register(&mut engine, &ctx);
+        Rules {
+            engine,
+            scripts: Vec::new(),
+            ctx,
+        }
+    }
+
+    /// The engine (to compile with the same settings elsewhere).
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    /// Replaces the scripts with `sources`. A file that fails to compile keeps its
+    /// previous version; its error is returned.
+    pub fn load(&mut self, sources: &[Source]) -> Vec<ScriptError> {
+        let mut errors = Vec::new();
+        let mut next = Vec::with_capacity(sources.len());
+        let mut old: Vec<Compiled> = std::mem::take(&mut self.scripts);
+        for s in sources {
+            if let Some(i) = old
+                .iter()
+                .position(|c| c.name == s.name && c.text == s.text)
+            {
+                next.push(old.swap_remove(i));
+                continue;
+            }
+            match script::compile(&self.engine, &s.name, &s.text) {
+                Ok(ast) => {
+                    let mut hooks = [false; 4];
+                    for f in ast.iter_functions() {
+                        for (i, (h, n)) in script::HOOKS.iter().enumerate() {
+                            if f.name == *h && f.params.len() == *n {
+                                hooks[i] = true;
+                            }
+                        }
+                    }
+                    next.push(Compiled {
+                        name: s.name.clone(),
+                        text: s.text.clone(),
+                        ast,
+                        hooks,
+                    });
+                }
+                Err(e) => {
+                    errors.push(e);
+                    if let Some(i) = old.iter().position(|c| c.name == s.name) {
+                        next.push(old.swap_remove(i));
+                    }
+                }
+            }
+        }
+        self.scripts = next;
+        errors
+    }
+
+    /// Names of the loaded files.
+    pub fn files(&self) -> Vec<String> {
+        self.scripts.iter().map(|s| s.name.clone()).collect()
+    }
+
+    /// Whether any script defines `on_tick`.
+    pub fn has_tick(&self) -> bool {
+        self.scripts.iter().any(|s| s.hooks[3])
+    }
+
+    /// Calls the hooks for `event` at `now_ms`.
+    pub fn handle(&mut self, now_ms: u64, event: &Event) -> Outcome {
+        match event {
+            Event::Connect(c) => self.call(now_ms, 0, vec![client_map(c).into()]),
+            Event::Disconnect(c, reason) => {
+                self.call(now_ms, 1, vec![client_map(c).into(), reason.clone().into()])
+            }
+            Event::Message(m) => self.call(now_ms, 2, vec![message_map(m).into()]),
+        }
+    }
+
+    /// Calls `on_tick(now_ms)`.
+    pub fn tick(&mut self, now_ms: u64) -> Outcome {
+        self.call(now_ms, 3, vec![(now_ms as i64).into()])
+    }
+
+    fn call(&mut self, now_ms: u64, hook: usize, args: Vec<Dynamic>) -> Outcome {
+        let mut out = Outcome::default();
+        let name = script::HOOKS[hook].0;
+        for s in self.scripts.iter().filter(|s| s.hooks[hook]) {
+            {
+                let mut cx = self.ctx.borrow_mut();
+                cx.now_ms = now_ms;
+                cx.file.clone_from(&s.name);
+            }
+            let mut opts = CallFnOptions::new();
+            opts.eval_ast = false;
+            let mut scope = Scope::new();
+            let result = self.engine.call_fn_with_options::<Dynamic>(
+                opts,
+                &mut scope,
+                &s.ast,
+                name,
+                args.clone(),
+            );
+            let mut cx = self.ctx.borrow_mut();
+            let effects = std::mem::take(&mut cx.effects);
+            out.effects.extend(effects);
+            if let Err(e) = result {
+                let mut se = ScriptError::from_eval(&s.name, &e);
+                if se.line == 0 {
+                    // Limit trips carry no position: point at the hook that was running.
+                    se.line = hook_line(&s.text, name);
+                    se.message = format!("{} (in {name})", se.message);
+                }
+                let shared = &cx.shared;
+                shared.count(&shared.stats.script_errors);
+                if se.limit {
+                    shared.count(&shared.stats.limit_trips);
+                }
+                tracing::warn!(target: "relay::rules", "{se}");
+                out.errors.push(se);
+            }
+        }
+        let mut cx = self.ctx.borrow_mut();
+        out.touched_alarms = std::mem::take(&mut cx.touched_alarms);
+        out
+    }
+}
