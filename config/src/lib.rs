@@ -12,12 +12,14 @@
 //! comes back together in one [`ConfigError`], one line per [`Problem`]:
 //!
 //! ```text
-//! config/relay.toml: limits.max_frame: is 4, must be at least 9 (a frame body has 9 fixed bytes; 16 MiB is the ceiling)
-//! config/relay.toml: limits.bogus: unknown key; expected one of `max_frame`, `max_connections`, …
 //! env RELAY__AUTH__MODE: auth.mode: unknown value `hmca`, expected `none` or `hmac`
+//! config/relay.toml: limits.bogus: unknown key; expected one of `max_frame`, `max_connections`, …
+//! config/relay.toml: limits.max_frame: is 4, must be at least 9 (a frame body has 9 fixed bytes; 16 MiB is the ceiling)
 //! ```
 //!
-//! Keys the schema does not know are refused, in the file and in overrides.
+//! Problems that serde finds (unknown keys, wrong types) come first, in key
+//! order, then the broken rules (ranges, keys that must agree). Keys the schema
+//! does not know are refused, in the file and in overrides.
 //!
 //! # Environment overrides
 //! `RELAY__<SECTION>__<KEY>=value` sets one key, e.g.

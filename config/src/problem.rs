@@ -54,8 +54,8 @@ impl fmt::Display for Problem {
 /// Every problem found in one configuration; never empty when returned as an error.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigError {
-    /// In document order for file problems, then environment overrides, then
-    /// cross-key rules.
+    /// Problems that stop decoding (unknown keys, wrong types) in key order,
+    /// then broken rules (ranges, keys that must agree).
     pub problems: Vec<Problem>,
 }
 
