@@ -120,14 +120,17 @@ impl Worker {
             .then(|| Duration::from_secs_f64(self.cfg.tick_s));
         let mut next_tick = tick.map(|t| Instant::now() + t);
         let mut stop_deadline: Option<Instant> = None;
-        loop {
+        let refresh = |rules: &mut Rules, generation: &mut u64| {
             let g = self.sources.generation();
-            if g != generation {
-                generation = g;
+            if g != *generation {
+                *generation = g;
                 for e in rules.load(&self.sources.get()) {
                     tracing::debug!(worker = self.idx, "{e}");
                 }
             }
+        };
+        loop {
+            refresh(&mut rules, &mut generation);
             if self.stop.load(Ordering::Relaxed) {
                 // Finish what is queued, within a bound, then leave.
                 let deadline =
@@ -143,7 +146,11 @@ impl Worker {
                 wait = wait.min(t.saturating_duration_since(Instant::now()));
             }
             match self.rx.recv_timeout(wait) {
-                Ok(ev) => self.handle(&mut rules, ev),
+                Ok(ev) => {
+                    // Scripts published while waiting apply to this event already.
+                    refresh(&mut rules, &mut generation);
+                    self.handle(&mut rules, ev)
+                }
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => break,
             }

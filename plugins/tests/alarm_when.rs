@@ -37,7 +37,10 @@ fn alarm_when_debounces_and_holds() {
     std::thread::sleep(Duration::from_millis(100));
     ev.try_send(msg("c1", json!({"temp": 20.0})));
     std::thread::sleep(Duration::from_millis(400));
-    assert!(!active("c1/overheat"), "a 100 ms spike must not raise a 300 ms alarm");
+    assert!(
+        !active("c1/overheat"),
+        "a 100 ms spike must not raise a 300 ms alarm"
+    );
 
     // Held: raised by the timer, with no further reading.
     let t0 = Instant::now();
@@ -46,7 +49,10 @@ fn alarm_when_debounces_and_holds() {
         host.alarms().into_iter().find(|a| a.key == "c1/overheat")
     });
     let waited = t0.elapsed();
-    assert!(waited >= Duration::from_millis(280), "raised too early: {waited:?}");
+    assert!(
+        waited >= Duration::from_millis(280),
+        "raised too early: {waited:?}"
+    );
     assert_eq!(raised.text, "c1 reads 91.0");
     assert_eq!(raised.severity.as_str(), "critical");
 
@@ -58,7 +64,9 @@ fn alarm_when_debounces_and_holds() {
     assert!(active("c1/overheat"), "a short dip must not clear it");
     let t1 = Instant::now();
     ev.try_send(msg("c1", json!({"temp": 20.0})));
-    wait_for(Duration::from_secs(3), "overheat cleared", || (!active("c1/overheat")).then_some(()));
+    wait_for(Duration::from_secs(3), "overheat cleared", || {
+        (!active("c1/overheat")).then_some(())
+    });
     assert!(t1.elapsed() >= Duration::from_millis(280));
     // Only one raise for all those hot readings.
     host.shutdown();
@@ -79,11 +87,15 @@ fn alarm_repeat_counts_in_a_row() {
     std::thread::sleep(Duration::from_millis(300));
     assert!(!active(), "never three open readings in a row yet");
     ev.try_send(msg("d1", json!({"door": "open"})));
-    wait_for(Duration::from_secs(3), "door alarm", || active().then_some(()));
+    wait_for(Duration::from_secs(3), "door alarm", || {
+        active().then_some(())
+    });
     for _ in 0..3 {
         ev.try_send(msg("d1", json!({"door": "closed"})));
     }
-    wait_for(Duration::from_secs(3), "door alarm cleared", || (!active()).then_some(()));
+    wait_for(Duration::from_secs(3), "door alarm cleared", || {
+        (!active()).then_some(())
+    });
     host.shutdown();
     cleanup(&id, &[]);
 }

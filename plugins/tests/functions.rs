@@ -45,7 +45,10 @@ fn on_message(msg) {
 "#;
 
 fn readings_table(id: &str) -> TableConfig {
-    let col = |n: &str, kind| ColumnConfig { name: n.into(), kind };
+    let col = |n: &str, kind| ColumnConfig {
+        name: n.into(),
+        kind,
+    };
     TableConfig {
         name: format!("{id}_readings"),
         columns: vec![
@@ -82,11 +85,18 @@ fn every_function_reaches_its_sink() {
         v.filter(|v| v.contains("controller"))
     });
     assert_eq!(host.state("ctl-1").get("fw"), Some(&json!("1.2")));
-    assert!(ev.try_send(Event::Disconnect(client("ctl-1", "controller"), "idle_timeout".into())));
+    assert!(ev.try_send(Event::Disconnect(
+        client("ctl-1", "controller"),
+        "idle_timeout".into()
+    )));
     wait_for(Duration::from_secs(5), "offline alarm", || {
         host.alarms().into_iter().find(|a| a.key == "ctl-1/offline")
     });
-    let alarm = host.alarms().into_iter().find(|a| a.key == "ctl-1/offline").unwrap();
+    let alarm = host
+        .alarms()
+        .into_iter()
+        .find(|a| a.key == "ctl-1/offline")
+        .unwrap();
     assert_eq!(alarm.text, "ctl-1 offline (idle_timeout)");
     wait_for(Duration::from_secs(5), "alarm stored in redis", || {
         let v: Option<String> = r.hget(format!("{id}:alarms"), "ctl-1/offline").unwrap();
@@ -107,7 +117,10 @@ fn every_function_reaches_its_sink() {
 
     // Readings: state, persist, counters, send.
     for t in [21.5, 85.0] {
-        assert!(ev.try_send(msg("ctl-1", json!({"kind": "reading", "temp": t, "room": "r1"}))));
+        assert!(ev.try_send(msg(
+            "ctl-1",
+            json!({"kind": "reading", "temp": t, "room": "r1"})
+        )));
     }
     let got = take_actions(&actions, 1, Duration::from_secs(5));
     match &got[..] {
@@ -130,8 +143,10 @@ fn every_function_reaches_its_sink() {
     assert_eq!(counters, 2);
     assert_eq!(host.counter("room/r1"), 2);
     let rows = wait_for(Duration::from_secs(5), "persisted rows", || {
-        mysql_rows_opt(&format!("SELECT addr, temp, ok, raw FROM `{id}_readings` ORDER BY id"))
-            .filter(|r| r.len() == 2)
+        mysql_rows_opt(&format!(
+            "SELECT addr, temp, ok, raw FROM `{id}_readings` ORDER BY id"
+        ))
+        .filter(|r| r.len() == 2)
     });
     assert_eq!(rows[0][..3], ["ctl-1", "21.5", "1"]);
     assert_eq!(rows[1][..3], ["ctl-1", "85", "0"]);
@@ -143,21 +158,32 @@ fn every_function_reaches_its_sink() {
     let got = take_actions(&actions, 1, Duration::from_secs(5));
     assert_eq!(
         got,
-        [Action::Publish { group: "room-1".into(), payload: "plain text".into(), json: false }]
+        [Action::Publish {
+            group: "room-1".into(),
+            payload: "plain text".into(),
+            json: false
+        }]
     );
     assert!(ev.try_send(msg("ctl-2", json!({"kind": "page"}))));
     let rows = wait_for(Duration::from_secs(5), "notify attempt row", || {
-        mysql_rows_opt(&format!("SELECT channel, target, event, status FROM `{id}_notify`"))
-            .filter(|r| !r.is_empty())
+        mysql_rows_opt(&format!(
+            "SELECT channel, target, event, status FROM `{id}_notify`"
+        ))
+        .filter(|r| !r.is_empty())
     });
     assert_eq!(rows[0], ["log", "ops", "message", "sent"]);
 
     // Alarm transitions land in the history table in order.
-    for kind in [json!({"kind": "alarm", "sev": "minor"}), json!({"kind": "alarm", "sev": "critical"})] {
+    for kind in [
+        json!({"kind": "alarm", "sev": "minor"}),
+        json!({"kind": "alarm", "sev": "critical"}),
+    ] {
         assert!(ev.try_send(msg("ctl-3", kind)));
     }
     let v = wait_for(Duration::from_secs(5), "escalated alarm", || {
-        host.alarms().into_iter().find(|a| a.key == "ctl-3/a" && a.severity.as_str() == "critical")
+        host.alarms()
+            .into_iter()
+            .find(|a| a.key == "ctl-3/a" && a.severity.as_str() == "critical")
     });
     host.ack("ctl-3/a", "alice").unwrap();
     assert_eq!(v.count, 2);
@@ -170,7 +196,10 @@ fn every_function_reaches_its_sink() {
         ))
         .filter(|r| r.len() == 4)
     });
-    let hist: Vec<Vec<&str>> = hist.iter().map(|r| r.iter().map(String::as_str).collect()).collect();
+    let hist: Vec<Vec<&str>> = hist
+        .iter()
+        .map(|r| r.iter().map(String::as_str).collect())
+        .collect();
     assert_eq!(
         hist,
         [
@@ -183,7 +212,13 @@ fn every_function_reaches_its_sink() {
 
     // Bad calls are script errors, counted, and do not stop later events.
     let before = host.stats().script_errors;
-    for k in ["bad_table", "bad_column", "bad_type", "bad_severity", "bad_channel"] {
+    for k in [
+        "bad_table",
+        "bad_column",
+        "bad_type",
+        "bad_severity",
+        "bad_channel",
+    ] {
         assert!(ev.try_send(msg("ctl-4", json!({"kind": k}))));
     }
     assert!(ev.try_send(msg("ctl-4", vec![0u8, 1, 2].into())));
@@ -196,5 +231,9 @@ fn every_function_reaches_its_sink() {
     assert_eq!(stats.events_dropped, 0);
     host.shutdown();
     let _: () = r.del(format!("{id}:state:ctl-1")).unwrap();
-    drop_tables(&[format!("{id}_readings"), format!("{id}_alarms"), format!("{id}_notify")]);
+    drop_tables(&[
+        format!("{id}_readings"),
+        format!("{id}_alarms"),
+        format!("{id}_notify"),
+    ]);
 }

@@ -61,13 +61,23 @@ fn escalation_reaches_http_and_stops_on_ack() {
 
     // Alarm A: acknowledged before the SMS step; only the webhook is called.
     let t0 = Instant::now();
-    ev.try_send(msg("c1", json!({"kind": "raise", "key": "c1/fire", "sev": "critical"})));
+    ev.try_send(msg(
+        "c1",
+        json!({"kind": "raise", "key": "c1/fire", "sev": "critical"}),
+    ));
     let hook = wait_for(Duration::from_secs(5), "webhook request", || {
-        server.requests().into_iter().find(|r| r.path.starts_with("/hook"))
+        server
+            .requests()
+            .into_iter()
+            .find(|r| r.path.starts_with("/hook"))
     });
     assert_eq!(hook.method, "POST");
     assert_eq!(hook.path, "/hook/ops%20room");
-    assert!(hook.headers.contains(&("x-alarm".into(), "c1/fire".into())), "{:?}", hook.headers);
+    assert!(
+        hook.headers.contains(&("x-alarm".into(), "c1/fire".into())),
+        "{:?}",
+        hook.headers
+    );
     let body: serde_json::Value = serde_json::from_str(&hook.body).unwrap();
     assert_eq!(
         body,
@@ -75,7 +85,10 @@ fn escalation_reaches_http_and_stops_on_ack() {
     );
     let view = host.ack("c1/fire", "bob").unwrap();
     assert_eq!(view.acked_by.as_deref(), Some("bob"));
-    assert!(t0.elapsed() < Duration::from_millis(600), "ack must come before the SMS step");
+    assert!(
+        t0.elapsed() < Duration::from_millis(600),
+        "ack must come before the SMS step"
+    );
     std::thread::sleep(Duration::from_millis(1000));
     assert!(
         !server.requests().iter().any(|r| r.path.starts_with("/sms")),
@@ -84,16 +97,25 @@ fn escalation_reaches_http_and_stops_on_ack() {
 
     // Alarm B, not acknowledged: the SMS step fires after its delay.
     let t1 = Instant::now();
-    ev.try_send(msg("c2", json!({"kind": "raise", "key": "c2/fire", "sev": "critical"})));
+    ev.try_send(msg(
+        "c2",
+        json!({"kind": "raise", "key": "c2/fire", "sev": "critical"}),
+    ));
     let sms = wait_for(Duration::from_secs(5), "sms request", || {
-        server.requests().into_iter().find(|r| r.path.starts_with("/sms"))
+        server
+            .requests()
+            .into_iter()
+            .find(|r| r.path.starts_with("/sms"))
     });
     assert!(sms.at.duration_since(t1) >= Duration::from_millis(550));
     assert_eq!(sms.method, "GET");
     assert_eq!(sms.path, "/sms?to=%2B100&msg=c2%20is%20on%20fire");
 
     // Acknowledging an unknown alarm is NotFound.
-    assert!(matches!(host.ack("nope", "x"), Err(relay_plugins::AckError::NotFound(_))));
+    assert!(matches!(
+        host.ack("nope", "x"),
+        Err(relay_plugins::AckError::NotFound(_))
+    ));
 
     // Every attempt is recorded.
     let rows = wait_for(Duration::from_secs(5), "attempt rows", || {
@@ -119,7 +141,10 @@ fn retries_back_off_and_rate_limit_holds() {
     cfg.notify = notify_cfg(server.addr.port(), 3, 2);
     let (host, _a) = PluginHost::start_with(cfg).unwrap();
     let ev = host.events();
-    ev.try_send(msg("c1", json!({"kind": "raise", "key": "c1/x", "sev": "critical"})));
+    ev.try_send(msg(
+        "c1",
+        json!({"kind": "raise", "key": "c1/x", "sev": "critical"}),
+    ));
     let reqs = wait_for(Duration::from_secs(5), "three attempts", || {
         let r = server.requests();
         (r.len() == 3).then_some(r)
@@ -128,10 +153,19 @@ fn retries_back_off_and_rate_limit_holds() {
     assert!(reqs[1].at.duration_since(reqs[0].at) >= Duration::from_millis(90));
     assert!(reqs[2].at.duration_since(reqs[1].at) >= Duration::from_millis(190));
     let rows = wait_for(Duration::from_secs(5), "attempt rows", || {
-        mysql_rows_opt(&format!("SELECT attempt, status, http_status FROM `{id}_notify` ORDER BY id"))
-            .filter(|r| r.len() == 3)
+        mysql_rows_opt(&format!(
+            "SELECT attempt, status, http_status FROM `{id}_notify` ORDER BY id"
+        ))
+        .filter(|r| r.len() == 3)
     });
-    assert_eq!(rows, [["1", "failed", "500"], ["2", "failed", "503"], ["3", "sent", "200"]]);
+    assert_eq!(
+        rows,
+        [
+            ["1", "failed", "500"],
+            ["2", "failed", "503"],
+            ["3", "sent", "200"]
+        ]
+    );
 
     // Rate limit of 2 per minute per target: the webhook target already used one,
     // the sms target "+7" gets two, then is refused.
@@ -141,12 +175,18 @@ fn retries_back_off_and_rate_limit_holds() {
     wait_for(Duration::from_secs(5), "rate limited", || {
         (host.stats().notify_rate_limited == 1).then_some(())
     });
-    let sms: Vec<_> = server.requests().into_iter().filter(|r| r.path.starts_with("/sms")).collect();
+    let sms: Vec<_> = server
+        .requests()
+        .into_iter()
+        .filter(|r| r.path.starts_with("/sms"))
+        .collect();
     assert_eq!(sms.len(), 2);
     // The refusal is recorded at once, the sends when their requests finish.
     let rows = wait_for(Duration::from_secs(5), "rate-limited row", || {
-        mysql_rows_opt(&format!("SELECT status FROM `{id}_notify` WHERE target = '+7' ORDER BY status"))
-            .filter(|r| r.len() == 3)
+        mysql_rows_opt(&format!(
+            "SELECT status FROM `{id}_notify` WHERE target = '+7' ORDER BY status"
+        ))
+        .filter(|r| r.len() == 3)
     });
     assert_eq!(rows, [["rate_limited"], ["sent"], ["sent"]]);
     host.shutdown();

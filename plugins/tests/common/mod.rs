@@ -35,7 +35,10 @@ pub fn init_log() {
 
 /// A unique name for this test run (process id, test name, time).
 pub fn unique(name: &str) -> String {
-    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_micros();
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_micros();
     format!("t{}_{}_{}", std::process::id(), name, t % 1_000_000_000)
 }
 
@@ -56,7 +59,11 @@ pub fn write_rules(dir: &Path, files: &[(&str, &str)]) {
 
 /// Config for a test named `name`: its own rules folder, spool, Redis prefix, and
 /// (when `tables` is given) MySQL tables; Redis and MySQL on.
-pub fn config(name: &str, rules: &[(&str, &str)], tables: Vec<TableConfig>) -> (HostConfig, String) {
+pub fn config(
+    name: &str,
+    rules: &[(&str, &str)],
+    tables: Vec<TableConfig>,
+) -> (HostConfig, String) {
     let id = unique(name);
     let dir = temp_dir(&format!("{id}-rules"));
     write_rules(&dir, rules);
@@ -143,7 +150,10 @@ pub fn client(addr: &str, role: &str) -> ClientInfo {
 
 /// A synchronous Redis connection for checks.
 pub fn redis() -> redis::Connection {
-    redis::Client::open(REDIS_URL).unwrap().get_connection().expect("Redis reachable")
+    redis::Client::open(REDIS_URL)
+        .unwrap()
+        .get_connection()
+        .expect("Redis reachable")
 }
 
 /// Runs a query against MariaDB and returns the rows as strings (NULL as "NULL").
@@ -153,7 +163,10 @@ pub fn mysql_rows(sql: &str) -> Vec<Vec<String>> {
 
 /// Rows of `sql`, or none while the table does not exist yet.
 pub fn mysql_rows_opt(sql: &str) -> Option<Vec<Vec<String>>> {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     rt.block_on(async {
         use mysql_async::prelude::Queryable;
         let mut conn = mysql_async::Conn::new(mysql_async::Opts::from_url(MYSQL_URL).unwrap())
@@ -168,7 +181,9 @@ pub fn mysql_rows_opt(sql: &str) -> Option<Vec<Vec<String>>> {
                         .into_iter()
                         .map(|v| match v {
                             mysql_async::Value::NULL => "NULL".to_string(),
-                            mysql_async::Value::Bytes(b) => String::from_utf8_lossy(&b).into_owned(),
+                            mysql_async::Value::Bytes(b) => {
+                                String::from_utf8_lossy(&b).into_owned()
+                            }
                             mysql_async::Value::Int(i) => i.to_string(),
                             mysql_async::Value::UInt(u) => u.to_string(),
                             mysql_async::Value::Double(d) => d.to_string(),
@@ -192,7 +207,10 @@ pub fn drop_tables(names: &[String]) {
 /// Removes what a test left in Redis (keys under its prefix) and MariaDB (its tables).
 pub fn cleanup(id: &str, extra_tables: &[&str]) {
     let mut r = redis();
-    let keys: Vec<String> = redis::cmd("KEYS").arg(format!("{id}:*")).query(&mut r).unwrap_or_default();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{id}:*"))
+        .query(&mut r)
+        .unwrap_or_default();
     for k in keys {
         let _: Result<(), _> = redis::cmd("DEL").arg(k).query(&mut r);
     }
@@ -277,7 +295,10 @@ impl HttpServer {
                 let status = statuses.get(n).or(statuses.last()).copied().unwrap_or(200);
                 n += 1;
                 let mut sock = sock;
-                let _ = write!(sock, "HTTP/1.1 {status} X\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok");
+                let _ = write!(
+                    sock,
+                    "HTTP/1.1 {status} X\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok"
+                );
             }
         });
         HttpServer { addr, seen, stop }
@@ -291,5 +312,88 @@ impl HttpServer {
 impl Drop for HttpServer {
     fn drop(&mut self) {
         self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// A TCP proxy on 127.0.0.1:0 in front of `upstream` that the test can cut (every
+/// open connection closed, new ones refused) and restore.
+pub struct Proxy {
+    pub addr: std::net::SocketAddr,
+    up: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    conns: std::sync::Arc<std::sync::Mutex<Vec<std::net::TcpStream>>>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Proxy {
+    pub fn start(upstream: &str) -> Proxy {
+        use std::sync::atomic::Ordering;
+        let upstream: std::net::SocketAddr = upstream.parse().unwrap();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let up = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let conns = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (up2, stop2, conns2) = (up.clone(), stop.clone(), conns.clone());
+        std::thread::spawn(move || {
+            let until = Instant::now() + Duration::from_secs(300);
+            while !stop2.load(Ordering::Relaxed) && Instant::now() < until {
+                let Ok((client, _)) = listener.accept() else {
+                    std::thread::sleep(Duration::from_millis(2));
+                    continue;
+                };
+                if !up2.load(Ordering::Relaxed) {
+                    drop(client); // refused while cut
+                    continue;
+                }
+                client.set_nonblocking(false).unwrap();
+                let Ok(server) =
+                    std::net::TcpStream::connect_timeout(&upstream, Duration::from_secs(2))
+                else {
+                    continue;
+                };
+                {
+                    let mut c = conns2.lock().unwrap();
+                    c.push(client.try_clone().unwrap());
+                    c.push(server.try_clone().unwrap());
+                }
+                for (mut from, mut to) in [
+                    (client.try_clone().unwrap(), server.try_clone().unwrap()),
+                    (server, client),
+                ] {
+                    std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut from, &mut to);
+                        let _ = to.shutdown(std::net::Shutdown::Both);
+                        let _ = from.shutdown(std::net::Shutdown::Both);
+                    });
+                }
+            }
+        });
+        Proxy {
+            addr,
+            up,
+            conns,
+            stop,
+        }
+    }
+
+    /// Closes every connection through the proxy and refuses new ones.
+    pub fn cut(&self) {
+        self.up.store(false, std::sync::atomic::Ordering::Relaxed);
+        for c in self.conns.lock().unwrap().drain(..) {
+            let _ = c.shutdown(std::net::Shutdown::Both);
+        }
+    }
+
+    /// Accepts connections again.
+    pub fn restore(&self) {
+        self.up.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.cut();
     }
 }
