@@ -27,6 +27,8 @@ pub struct Session {
     pub meta: Bytes,
     /// Groups this connection is a member of.
     pub groups: Vec<Bytes>,
+    /// Uids bound to this connection's address (through the API).
+    pub uids: Vec<Bytes>,
 }
 
 #[derive(Debug)]

@@ -79,7 +79,15 @@ mod tests {
 
     #[test]
     fn unknown_paths_are_none() {
-        for p in ["", "/nope.js", "/../Cargo.toml", "/api/v1/stats", "/ws", "app.js", "/APP.JS"] {
+        for p in [
+            "",
+            "/nope.js",
+            "/../Cargo.toml",
+            "/api/v1/stats",
+            "/ws",
+            "app.js",
+            "/APP.JS",
+        ] {
             assert_eq!(asset(p), None, "{p}");
         }
     }
@@ -112,7 +120,10 @@ mod tests {
                 }
                 assert!(!r.contains("//"), "{path} loads {r} from another origin");
                 let p = format!("/{}", r.trim_start_matches("./"));
-                assert!(asset(&p).is_some(), "{path} refers to {r}, which is not embedded");
+                assert!(
+                    asset(&p).is_some(),
+                    "{path} refers to {r}, which is not embedded"
+                );
                 checked += 1;
             }
         }
@@ -139,7 +150,13 @@ mod tests {
     fn no_html_sinks() {
         for (path, _, _) in ASSETS.iter().filter(|a| a.0.ends_with(".js")) {
             let src = text(path);
-            for sink in ["innerHTML", "outerHTML", "insertAdjacentHTML", "document.write", "eval("] {
+            for sink in [
+                "innerHTML",
+                "outerHTML",
+                "insertAdjacentHTML",
+                "document.write",
+                "eval(",
+            ] {
                 assert!(!src.contains(sink), "{path} uses {sink}");
             }
         }
@@ -149,8 +166,14 @@ mod tests {
     #[test]
     fn token_is_not_persisted() {
         for (path, _, _) in ASSETS.iter().filter(|a| a.0.ends_with(".js")) {
-            assert!(!text(path).contains("localStorage"), "{path} uses localStorage");
-            assert!(!text(path).contains("document.cookie"), "{path} uses cookies");
+            assert!(
+                !text(path).contains("localStorage"),
+                "{path} uses localStorage"
+            );
+            assert!(
+                !text(path).contains("document.cookie"),
+                "{path} uses cookies"
+            );
         }
         assert!(text("/app.js").contains("sessionStorage"));
     }

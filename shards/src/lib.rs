@@ -4,13 +4,21 @@
 //! - [`router`]: one shard's routing state (owned addresses, groups, pending
 //!   acknowledgements) and every routing decision; no IO, no executor.
 //! - [`cell`]: the per-connection record shared by a driver and its router.
-//! - [`stats`]: lock-free per-shard counters.
+//! - [`stats`]: lock-free per-shard counters; [`metrics`] renders them.
+//! - [`http`]: HTTP/1.1 request parsing and responses (httparse).
+//! - [`ws`]: the WebSocket frame layer (tungstenite headers).
+//! - [`api`]: the HTTP API routes over the router.
 //! - `rt`: the glommio runtime (executors, listeners, connection drivers,
 //!   the cross-shard mesh, deadlines, shutdown). All glommio code is there.
 
+pub mod api;
 pub mod cell;
+pub mod console;
+pub mod http;
+pub mod metrics;
 pub mod router;
 mod rt;
 pub mod stats;
+pub mod ws;
 
-pub use rt::{MeshMsg, Relay, now, router_config};
+pub use rt::{Extensions, MeshMsg, Relay, now, router_config};

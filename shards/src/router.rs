@@ -1,44 +1,72 @@
-//! The per-shard router: which connections this shard owns, group
-//! membership, and what happens to every event a connection produces.
+//! The per-shard router: which connections this shard owns, group and uid
+//! indexes, and what happens to every event a connection produces.
 //!
 //! It is a plain single-threaded struct with no sockets and no executor: the
 //! runtime (`rt`) feeds it events and cross-shard messages, writes what it
 //! queues, and ships its outboxes over the mesh. Everything that crosses
 //! shards is a [`Cross`] item, batched per destination shard.
 //!
-//! Ownership: an address lives on `shard_of(address) % shards`. Groups: each
-//! shard indexes its own members (`group → local members`) and keeps, for
-//! every group, the mask of shards that have members; a publish is sent only
-//! to those shards, and each delivers locally.
+//! Ownership: an address lives on `shard_of(address) % shards`. Groups and
+//! uids are both an [`Index`]: each shard holds its own members
+//! (`name → local connections`) and, for every name, the mask of shards that
+//! have members; a publish or uid send goes only to those shards, and each
+//! delivers locally, so every member is reached once.
 
 use std::cell::{Cell, RefCell};
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::net::SocketAddr;
+use std::ops::Bound;
 use std::rc::Rc;
 use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
 
 use bytes::{Bytes, BytesMut};
-use relay_core::conn::{CloseReason, ConnConfig, Connection, Event, Hello, Now, SendError};
-use relay_core::frame::{ErrorCode, Flags, Frame};
+use relay_core::conn::{CloseReason, ConnConfig, Connection, Event, Hello, Now, Role, SendError};
+use relay_core::frame::{ErrorCode, Flags, Frame, FrameType};
 use relay_core::name::name_str;
 use relay_core::route::{assign_address, shard_of};
 
 use crate::cell::{ConnCell, ConnId, Session, conn_id};
 use crate::stats::{DropReason, ShardStats};
+use crate::ws::WsDecoder;
 
-/// Most shards a relay runs (group masks are 64-bit).
+/// Most shards a relay runs (index masks are 64-bit).
 pub const MAX_SHARDS: usize = 64;
+
+/// Prefix of the tap groups: members of `watch:<addr>` receive a copy of
+/// every DATA and PUBLISH that `<addr>` sends (the console's live view).
+pub const WATCH_PREFIX: &[u8] = b"watch:";
+
+/// Which index a name belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Index {
+    Group = 0,
+    Uid = 1,
+}
+
+/// A failure reported to whoever asked (ERROR frame or HTTP status).
+pub type Failure = (ErrorCode, String);
 
 /// Work one shard asks of another. Many travel in one mesh message.
 #[derive(Debug)]
 pub enum Cross {
     /// Deliver DATA to `frame.dst`, which the receiving shard owns.
-    Deliver { frame: Frame, reply: Option<u64> },
-    /// Deliver to the receiving shard's local members of group `frame.dst`.
-    GroupDeliver { frame: Frame, reply: Option<u64> },
-    /// The sending shard now has (or no longer has) members of `group`.
+    Deliver {
+        frame: Frame,
+        reply: Option<u64>,
+    },
+    /// Deliver to the receiving shard's local members of `name`.
+    Fanout {
+        index: Index,
+        name: Bytes,
+        frame: Frame,
+        exclude: Vec<Bytes>,
+        reply: Option<u64>,
+    },
+    /// The sending shard now has (or no longer has) members of `name`.
     Mask {
-        group: Bytes,
+        index: Index,
+        name: Bytes,
         has: bool,
         reply: Option<u64>,
     },
@@ -46,8 +74,78 @@ pub enum Cross {
     Reply {
         token: u64,
         delivered: u32,
-        error: Option<(ErrorCode, String)>,
+        error: Option<Failure>,
     },
+    /// An API operation to run on the receiving shard.
+    Call {
+        call: Call,
+        reply: u64,
+    },
+    CallDone {
+        token: u64,
+        result: CallResult,
+    },
+}
+
+/// API operations that run on a given shard.
+#[derive(Debug, Clone)]
+pub enum Call {
+    /// Session of an address this shard owns.
+    Client(Bytes),
+    /// This shard's online addresses after `after`, filtered, sorted, at most `limit`.
+    List {
+        role: Option<Role>,
+        prefix: String,
+        after: Option<Bytes>,
+        limit: usize,
+    },
+    /// Add `addr` (owned here) to `name`.
+    Bind {
+        index: Index,
+        name: Bytes,
+        addr: Bytes,
+    },
+    /// Remove `addr` (owned here) from `name`.
+    Unbind {
+        index: Index,
+        name: Bytes,
+        addr: Bytes,
+    },
+    /// Remove every local member of a group.
+    Dissolve(Bytes),
+    /// Disconnect `addr` (owned here) with ERROR `forbidden`.
+    Kick(Bytes),
+    /// This shard's members of `name` after `after`, sorted, at most `limit`.
+    Members {
+        index: Index,
+        name: Bytes,
+        after: Option<Bytes>,
+        limit: usize,
+    },
+    /// Deliver to every local client (of `role`).
+    Broadcast { frame: Frame, role: Option<Role> },
+}
+
+/// What a [`Call`] answers.
+#[derive(Debug, Clone)]
+pub enum CallResult {
+    Client(Option<ClientView>),
+    List(Vec<ClientView>),
+    Members(Vec<Bytes>),
+    Done(Result<u32, Failure>),
+}
+
+/// What the API shows of a session.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClientView {
+    pub addr: Bytes,
+    pub role: Role,
+    pub shard: usize,
+    pub connected_at_ms: u64,
+    pub remote: SocketAddr,
+    pub uids: Vec<Bytes>,
+    pub groups: Vec<Bytes>,
+    pub meta: Bytes,
 }
 
 /// A connection moving to the shard that owns its address, with everything
@@ -61,6 +159,8 @@ pub struct Handover {
     /// Bytes already taken for writing but not yet written.
     pub pending_out: Bytes,
     pub session: Session,
+    /// WebSocket frame state, for browser connections.
+    pub ws: Option<WsDecoder>,
 }
 
 /// What a connection's driver must do after an event.
@@ -75,7 +175,9 @@ pub enum Outcome {
 }
 
 /// Called with (recipients reached, first error) when a fan-out completes.
-pub type AckCallback = Box<dyn FnOnce(u32, Option<(ErrorCode, String)>)>;
+pub type AckCallback = Box<dyn FnOnce(u32, Option<Failure>)>;
+/// Called with the result of a [`Call`].
+pub type CallCallback = Box<dyn FnOnce(CallResult)>;
 
 /// Who waits for the answer to a fan-out.
 pub enum AckTarget {
@@ -99,11 +201,11 @@ struct Pending {
     target: AckTarget,
     remaining: usize,
     delivered: u32,
-    error: Option<(ErrorCode, String)>,
+    error: Option<Failure>,
 }
 
 #[derive(Debug, Default)]
-struct GroupEntry {
+struct Entry {
     /// Members owned by this shard.
     local: HashMap<ConnId, Rc<ConnCell>>,
     /// Bit i: shard i has members (this shard's bit included).
@@ -124,7 +226,6 @@ pub struct RouterConfig {
 }
 
 /// One shard's routing state.
-#[derive(Debug)]
 pub struct Router {
     pub shard: usize,
     pub shards: usize,
@@ -132,16 +233,43 @@ pub struct Router {
     pub stats: Arc<ShardStats>,
     conns: RefCell<HashMap<ConnId, Rc<ConnCell>>>,
     by_addr: RefCell<HashMap<Bytes, Rc<ConnCell>>>,
-    groups: RefCell<HashMap<Bytes, GroupEntry>>,
+    /// The owned addresses in order, for paged listings.
+    sorted: RefCell<BTreeSet<Bytes>>,
+    indexes: [RefCell<HashMap<Bytes, Entry>>; 2],
+    /// Addresses with a `watch:` group somewhere.
+    watched: RefCell<HashSet<Bytes>>,
     outbox: RefCell<Vec<Vec<Cross>>>,
     /// Woken when an outbox gets its first item.
     flush_waker: RefCell<Option<std::task::Waker>>,
     pending: RefCell<HashMap<u64, Pending>>,
+    calls: RefCell<HashMap<u64, CallCallback>>,
+    /// Results of calls from other shards, sent back after the current batch
+    /// (a bind completes only when every shard has learnt the new mask).
+    completed: Rc<RefCell<Vec<(usize, u64, CallResult)>>>,
     next_token: Cell<u64>,
     next_conn: Cell<u64>,
     assign_counter: Cell<u64>,
     /// Set once shutdown began: no new hellos are accepted.
     shutting_down: Cell<bool>,
+    /// Receives connect/disconnect/message events (the rules engine).
+    pub hooks: RefCell<Option<Box<dyn Hooks>>>,
+}
+
+impl std::fmt::Debug for Router {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Router")
+            .field("shard", &self.shard)
+            .field("shards", &self.shards)
+            .finish()
+    }
+}
+
+/// Observer of session and message events (never blocks, never fails).
+pub trait Hooks {
+    fn connected(&self, cell: &ConnCell, shard: usize, now: Now);
+    fn disconnected(&self, cell: &ConnCell, shard: usize, reason: CloseReason, now: Now);
+    /// A DATA or PUBLISH accepted from `frame.src` (after it was forwarded).
+    fn message(&self, frame: &Frame, group: bool, now: Now);
 }
 
 impl Router {
@@ -153,14 +281,19 @@ impl Router {
             stats,
             conns: RefCell::default(),
             by_addr: RefCell::default(),
-            groups: RefCell::default(),
+            sorted: RefCell::default(),
+            indexes: [RefCell::default(), RefCell::default()],
+            watched: RefCell::default(),
             outbox: RefCell::new((0..shards).map(|_| Vec::new()).collect()),
             flush_waker: RefCell::new(None),
             pending: RefCell::default(),
+            calls: RefCell::default(),
+            completed: Rc::default(),
             next_token: Cell::new(1),
             next_conn: Cell::new(1),
             assign_counter: Cell::new(0),
             shutting_down: Cell::new(false),
+            hooks: RefCell::new(None),
         }
     }
 
@@ -184,11 +317,6 @@ impl Router {
         self.by_addr.borrow().get(addr).cloned()
     }
 
-    /// Online addresses owned here.
-    pub fn addresses(&self) -> Vec<Bytes> {
-        self.by_addr.borrow().keys().cloned().collect()
-    }
-
     /// Routes one event of `cell`.
     pub fn on_event(&self, cell: &Rc<ConnCell>, ev: Event, now: Now) -> Outcome {
         match ev {
@@ -196,22 +324,28 @@ impl Router {
             Event::Data(frame) => {
                 ShardStats::add(&self.stats.frames_in, 1);
                 let ack = frame.flags.ack_req().then_some(frame.seq);
+                self.tap(&frame, now);
                 self.unicast(
-                    frame,
+                    frame.clone(),
                     ack.map(|seq| AckTarget::Conn { id: cell.id, seq }),
                     now,
                 );
+                self.hook_message(&frame, false, now);
             }
             Event::Publish(frame) => {
                 ShardStats::add(&self.stats.frames_in, 1);
                 let ack = frame.flags.ack_req().then_some(frame.seq);
                 let group = frame.dst.clone();
-                self.publish(
+                self.tap(&frame, now);
+                self.fanout(
+                    Index::Group,
                     &group,
-                    frame,
+                    frame.clone(),
+                    Vec::new(),
                     ack.map(|seq| AckTarget::Conn { id: cell.id, seq }),
                     now,
                 );
+                self.hook_message(&frame, true, now);
             }
             Event::Join {
                 group,
@@ -219,7 +353,8 @@ impl Router {
                 ack_req,
             } => {
                 ShardStats::add(&self.stats.frames_in, 1);
-                if !self.cfg.allow_client_join {
+                let watch = group.starts_with(WATCH_PREFIX);
+                if !self.cfg.allow_client_join && !watch {
                     self.reply_conn(
                         cell,
                         seq,
@@ -228,8 +363,11 @@ impl Router {
                     );
                 } else {
                     let target = ack_req.then_some(AckTarget::Conn { id: cell.id, seq });
-                    if let Err(e) = self.join(cell, group, target) {
-                        self.reply_conn(cell, seq, ack_req, Err(e));
+                    // With ACK_REQ the error is answered through the target.
+                    if let Err(e) = self.add_member(Index::Group, cell, group, target)
+                        && !ack_req
+                    {
+                        self.reply_conn(cell, seq, false, Err(e));
                     }
                 }
             }
@@ -239,12 +377,35 @@ impl Router {
                 ack_req,
             } => {
                 ShardStats::add(&self.stats.frames_in, 1);
-                self.leave(cell, &group);
+                self.remove_member(Index::Group, cell, &group);
                 self.reply_conn(cell, seq, ack_req, Ok(1));
             }
             Event::Closed(reason) => cell.closing(reason, now.mono_ms + self.cfg.close_grace_ms),
         }
         Outcome::Continue
+    }
+
+    fn hook_message(&self, frame: &Frame, group: bool, now: Now) {
+        if let Some(h) = self.hooks.borrow().as_ref() {
+            h.message(frame, group, now);
+        }
+    }
+
+    /// Copies a frame sent by a watched address to its `watch:` group.
+    fn tap(&self, frame: &Frame, now: Now) {
+        if self.watched.borrow().is_empty() || !self.watched.borrow().contains(&frame.src) {
+            return;
+        }
+        let mut name = BytesMut::with_capacity(WATCH_PREFIX.len() + frame.src.len());
+        name.extend_from_slice(WATCH_PREFIX);
+        name.extend_from_slice(&frame.src);
+        let name = name.freeze();
+        if name.len() > relay_core::name::MAX_NAME_LEN {
+            return;
+        }
+        let mut copy = frame.clone();
+        copy.flags = copy.flags.with(Flags::ACK_REQ, false);
+        self.fanout(Index::Group, &name, copy, Vec::new(), None, now);
     }
 
     fn on_hello(&self, cell: &Rc<ConnCell>, hello: Hello, now: Now) -> Outcome {
@@ -282,6 +443,7 @@ impl Router {
     /// connection that held it, and sends WELCOME.
     pub fn accept_hello(&self, cell: &Rc<ConnCell>, hello: &Hello, addr: Bytes, now: Now) {
         let old = self.by_addr.borrow_mut().insert(addr.clone(), cell.clone());
+        self.sorted.borrow_mut().insert(addr.clone());
         if let Some(old) = old
             && old.id != cell.id
         {
@@ -305,62 +467,68 @@ impl Router {
             s.meta = hello.meta.clone();
             s.connected_at_ms = now.wall_ms;
         }
-        self.stats
-            .conns_pending
-            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        self.stats.conns_pending.fetch_sub(1, Relaxed);
         ShardStats::add(
             &self.stats.conns_by_role[ShardStats::role_index(hello.role)],
             1,
         );
+        if let Some(h) = self.hooks.borrow().as_ref() {
+            h.connected(cell, self.shard, now);
+        }
     }
 
     /// Removes a connection that is handed to another shard.
     pub fn forget(&self, cell: &Rc<ConnCell>) {
         self.conns.borrow_mut().remove(&cell.id);
-        self.stats
-            .conns_pending
-            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        self.stats.conns_pending.fetch_sub(1, Relaxed);
     }
 
     /// Cleans up after a connection's driver ended.
-    pub fn on_closed(&self, cell: &Rc<ConnCell>) {
+    pub fn on_closed(&self, cell: &Rc<ConnCell>, now: Now) {
         if self.conns.borrow_mut().remove(&cell.id).is_none() {
             return;
         }
         ShardStats::add(&self.stats.closed_total, 1);
         let conn = cell.conn.borrow();
         if conn.addr().is_empty() {
-            self.stats
-                .conns_pending
-                .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+            self.stats.conns_pending.fetch_sub(1, Relaxed);
             return;
         }
-        self.stats.conns_by_role[ShardStats::role_index(conn.role())]
-            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        self.stats.conns_by_role[ShardStats::role_index(conn.role())].fetch_sub(1, Relaxed);
         let addr = conn.addr().clone();
         drop(conn);
         let mut by_addr = self.by_addr.borrow_mut();
         if by_addr.get(&addr).is_some_and(|c| c.id == cell.id) {
             by_addr.remove(&addr);
+            self.sorted.borrow_mut().remove(&addr);
         }
         drop(by_addr);
         self.drop_memberships(cell);
+        if let Some(h) = self.hooks.borrow().as_ref() {
+            h.disconnected(
+                cell,
+                self.shard,
+                cell.reason.get().unwrap_or(CloseReason::PeerClosed),
+                now,
+            );
+        }
     }
 
     fn drop_memberships(&self, cell: &Rc<ConnCell>) {
-        let groups = std::mem::take(&mut cell.session.borrow_mut().groups);
+        let (groups, uids) = {
+            let mut s = cell.session.borrow_mut();
+            (std::mem::take(&mut s.groups), std::mem::take(&mut s.uids))
+        };
         for g in groups {
-            self.leave_inner(cell, &g);
+            self.leave_index(Index::Group, cell, &g);
+        }
+        for u in uids {
+            self.leave_index(Index::Uid, cell, &u);
         }
     }
 
     /// Queues `frame` for one recipient on this shard.
-    fn deliver_local(
-        &self,
-        cell: &ConnCell,
-        frame: &Frame,
-        now: Now,
-    ) -> Result<(), (ErrorCode, String)> {
+    fn deliver_local(&self, cell: &ConnCell, frame: &Frame, now: Now) -> Result<(), Failure> {
         let r = cell.conn.borrow_mut().send(&self.cfg.conn, now, frame);
         match r {
             Ok(()) => {
@@ -370,12 +538,26 @@ impl Router {
             }
             Err(SendError::Full) => {
                 self.stats.dropped(DropReason::SlowConsumer);
+                let who = cell.conn.borrow().addr().clone();
                 Err((
                     ErrorCode::SlowConsumer,
-                    format!("{} is not reading; frame dropped", name_str(&frame.dst)),
+                    format!("{} is not reading; frame dropped", name_str(&who)),
                 ))
             }
             Err(SendError::Closed) => {
+                self.stats.dropped(DropReason::NoRoute);
+                Err((
+                    ErrorCode::NoRoute,
+                    format!("{} is offline", name_str(&frame.dst)),
+                ))
+            }
+        }
+    }
+
+    fn deliver_owned(&self, frame: &Frame, now: Now) -> Result<u32, Failure> {
+        match self.lookup(&frame.dst) {
+            Some(dst) => self.deliver_local(&dst, frame, now).map(|()| 1),
+            None => {
                 self.stats.dropped(DropReason::NoRoute);
                 Err((
                     ErrorCode::NoRoute,
@@ -389,16 +571,7 @@ impl Router {
     pub fn unicast(&self, frame: Frame, ack: Option<AckTarget>, now: Now) {
         let owner = shard_of(&frame.dst, self.shards);
         if owner == self.shard {
-            let result = match self.lookup(&frame.dst) {
-                Some(dst) => self.deliver_local(&dst, &frame, now).map(|()| 1),
-                None => {
-                    self.stats.dropped(DropReason::NoRoute);
-                    Err((
-                        ErrorCode::NoRoute,
-                        format!("{} is offline", name_str(&frame.dst)),
-                    ))
-                }
-            };
+            let result = self.deliver_owned(&frame, now);
             if let Some(t) = ack {
                 self.resolve(t, result);
             }
@@ -409,73 +582,82 @@ impl Router {
         }
     }
 
-    /// PUBLISH to every member of `group` on every shard that has one.
-    pub fn publish(&self, group: &Bytes, mut frame: Frame, ack: Option<AckTarget>, now: Now) {
-        frame.dst = group.clone();
-        frame.flags = frame.flags.with(Flags::GROUP, true);
-        frame.kind = relay_core::FrameType::Data;
-        let mask = self.groups.borrow().get(group).map(|g| g.mask).unwrap_or(0);
-        let mut delivered = 0;
-        let mut error = None;
+    /// To every member of group or uid `name`, on every shard that has one.
+    /// Group deliveries are DATA with flag GROUP and dst = the group; uid
+    /// deliveries are DATA with dst = the uid.
+    pub fn fanout(
+        &self,
+        index: Index,
+        name: &Bytes,
+        mut frame: Frame,
+        exclude: Vec<Bytes>,
+        ack: Option<AckTarget>,
+        now: Now,
+    ) {
+        frame.dst = name.clone();
+        frame.flags = frame.flags.with(Flags::GROUP, index == Index::Group);
+        frame.kind = FrameType::Data;
+        let mask = self.indexes[index as usize]
+            .borrow()
+            .get(name)
+            .map(|g| g.mask)
+            .unwrap_or(0);
+        let (mut delivered, mut error) = (0, None);
         if mask & (1 << self.shard) != 0 {
-            let (n, e) = self.deliver_group_local(group, &frame, now);
-            delivered += n;
-            error = error.or(e);
+            (delivered, error) = self.deliver_index_local(index, name, &frame, &exclude, now);
         }
         let remote: Vec<usize> = (0..self.shards)
             .filter(|&s| s != self.shard && mask & (1 << s) != 0)
             .collect();
-        match ack {
+        let token = match ack {
             Some(t) if !remote.is_empty() => {
                 let token = self.pending_for(t, remote.len());
                 if let Some(p) = self.pending.borrow_mut().get_mut(&token) {
                     p.delivered = delivered;
-                    p.error = error;
+                    p.error = error.clone();
                 }
-                for s in remote {
-                    ShardStats::add(&self.stats.cross_frames, 1);
-                    self.push(
-                        s,
-                        Cross::GroupDeliver {
-                            frame: frame.clone(),
-                            reply: Some(token),
-                        },
-                    );
-                }
+                Some(token)
             }
-            ack => {
-                for s in remote {
-                    ShardStats::add(&self.stats.cross_frames, 1);
-                    self.push(
-                        s,
-                        Cross::GroupDeliver {
-                            frame: frame.clone(),
-                            reply: None,
-                        },
-                    );
-                }
-                if let Some(t) = ack {
-                    self.finish(t, delivered, error);
-                }
+            Some(t) => {
+                self.finish(t, delivered, error);
+                None
             }
+            None => None,
+        };
+        for s in remote {
+            ShardStats::add(&self.stats.cross_frames, 1);
+            self.push(
+                s,
+                Cross::Fanout {
+                    index,
+                    name: name.clone(),
+                    frame: frame.clone(),
+                    exclude: exclude.clone(),
+                    reply: token,
+                },
+            );
         }
     }
 
-    fn deliver_group_local(
+    fn deliver_index_local(
         &self,
-        group: &Bytes,
+        index: Index,
+        name: &Bytes,
         frame: &Frame,
+        exclude: &[Bytes],
         now: Now,
-    ) -> (u32, Option<(ErrorCode, String)>) {
-        let members: Vec<Rc<ConnCell>> = self
-            .groups
+    ) -> (u32, Option<Failure>) {
+        let members: Vec<Rc<ConnCell>> = self.indexes[index as usize]
             .borrow()
-            .get(group)
+            .get(name)
             .map(|g| g.local.values().cloned().collect())
             .unwrap_or_default();
         let mut n = 0;
         let mut err = None;
         for m in members {
+            if !exclude.is_empty() && exclude.iter().any(|x| x == m.conn.borrow().addr()) {
+                continue;
+            }
             match self.deliver_local(&m, frame, now) {
                 Ok(()) => n += 1,
                 Err(e) => err = err.or(Some(e)),
@@ -484,37 +666,52 @@ impl Router {
         (n, err)
     }
 
-    /// Adds `cell` to `group`. When this shard gains its first member, every
-    /// other shard is told, and the ACK waits until they all know.
-    pub fn join(
+    /// Adds `cell` to `name`. When this shard gains its first member, every
+    /// other shard is told, and the ACK waits until they all know, so a
+    /// publish right after the ACK reaches the new member from any shard.
+    pub fn add_member(
         &self,
+        index: Index,
         cell: &Rc<ConnCell>,
-        group: Bytes,
+        name: Bytes,
         ack: Option<AckTarget>,
-    ) -> Result<(), (ErrorCode, String)> {
+    ) -> Result<(), Failure> {
         {
             let mut s = cell.session.borrow_mut();
-            if !s.groups.contains(&group) {
-                if s.groups.len() >= self.cfg.max_groups_per_conn {
-                    return Err((
+            let list = if index == Index::Group {
+                &mut s.groups
+            } else {
+                &mut s.uids
+            };
+            if !list.contains(&name) {
+                if index == Index::Group && list.len() >= self.cfg.max_groups_per_conn {
+                    let e = (
                         ErrorCode::Forbidden,
                         format!(
                             "at most {} groups per connection",
                             self.cfg.max_groups_per_conn
                         ),
-                    ));
+                    );
+                    drop(s);
+                    if let Some(t) = ack {
+                        self.finish(t, 0, Some(e.clone()));
+                    }
+                    return Err(e);
                 }
-                s.groups.push(group.clone());
+                list.push(name.clone());
             }
         }
         let newly_here = {
-            let mut groups = self.groups.borrow_mut();
-            let e = groups.entry(group.clone()).or_default();
+            let mut idx = self.indexes[index as usize].borrow_mut();
+            let e = idx.entry(name.clone()).or_default();
             e.local.insert(cell.id, cell.clone());
             let was = e.mask & (1 << self.shard) != 0;
             e.mask |= 1 << self.shard;
             !was
         };
+        if newly_here {
+            self.mask_changed(index, &name);
+        }
         let peers: Vec<usize> = (0..self.shards).filter(|&s| s != self.shard).collect();
         if newly_here && !peers.is_empty() {
             let token = ack.map(|t| self.pending_for(t, peers.len()));
@@ -522,7 +719,8 @@ impl Router {
                 self.push(
                     p,
                     Cross::Mask {
-                        group: group.clone(),
+                        index,
+                        name: name.clone(),
                         has: true,
                         reply: token,
                     },
@@ -534,33 +732,41 @@ impl Router {
         Ok(())
     }
 
-    /// Removes `cell` from `group`.
-    pub fn leave(&self, cell: &Rc<ConnCell>, group: &Bytes) {
-        cell.session.borrow_mut().groups.retain(|g| g != group);
-        self.leave_inner(cell, group);
+    /// Removes `cell` from `name`.
+    pub fn remove_member(&self, index: Index, cell: &Rc<ConnCell>, name: &Bytes) {
+        {
+            let mut s = cell.session.borrow_mut();
+            let list = if index == Index::Group {
+                &mut s.groups
+            } else {
+                &mut s.uids
+            };
+            list.retain(|g| g != name);
+        }
+        self.leave_index(index, cell, name);
     }
 
-    fn leave_inner(&self, cell: &Rc<ConnCell>, group: &Bytes) {
+    fn leave_index(&self, index: Index, cell: &Rc<ConnCell>, name: &Bytes) {
         let now_empty = {
-            let mut groups = self.groups.borrow_mut();
-            let Some(e) = groups.get_mut(group) else {
-                return;
-            };
+            let mut idx = self.indexes[index as usize].borrow_mut();
+            let Some(e) = idx.get_mut(name) else { return };
             if e.local.remove(&cell.id).is_none() || !e.local.is_empty() {
                 return;
             }
             e.mask &= !(1 << self.shard);
             if e.mask == 0 {
-                groups.remove(group);
+                idx.remove(name);
             }
             true
         };
         if now_empty {
+            self.mask_changed(index, name);
             for p in (0..self.shards).filter(|&s| s != self.shard) {
                 self.push(
                     p,
                     Cross::Mask {
-                        group: group.clone(),
+                        index,
+                        name: name.clone(),
                         has: false,
                         reply: None,
                     },
@@ -569,18 +775,16 @@ impl Router {
         }
     }
 
-    /// Local members of `group` on this shard.
-    pub fn group_members(&self, group: &[u8]) -> Vec<Bytes> {
-        self.groups
-            .borrow()
-            .get(group)
-            .map(|g| {
-                g.local
-                    .values()
-                    .map(|c| c.conn.borrow().addr().clone())
-                    .collect()
-            })
-            .unwrap_or_default()
+    fn mask_changed(&self, index: Index, name: &Bytes) {
+        if index != Index::Group || !name.starts_with(WATCH_PREFIX) {
+            return;
+        }
+        let target = name.slice(WATCH_PREFIX.len()..);
+        if self.indexes[0].borrow().contains_key(name) {
+            self.watched.borrow_mut().insert(target);
+        } else {
+            self.watched.borrow_mut().remove(&target);
+        }
     }
 
     /// Applies a batch from shard `from`.
@@ -588,16 +792,7 @@ impl Router {
         for item in items {
             match item {
                 Cross::Deliver { frame, reply } => {
-                    let result = match self.lookup(&frame.dst) {
-                        Some(dst) => self.deliver_local(&dst, &frame, now).map(|()| 1),
-                        None => {
-                            self.stats.dropped(DropReason::NoRoute);
-                            Err((
-                                ErrorCode::NoRoute,
-                                format!("{} is offline", name_str(&frame.dst)),
-                            ))
-                        }
-                    };
+                    let result = self.deliver_owned(&frame, now);
                     if let Some(token) = reply {
                         let (delivered, error) = match result {
                             Ok(n) => (n, None),
@@ -613,9 +808,15 @@ impl Router {
                         );
                     }
                 }
-                Cross::GroupDeliver { frame, reply } => {
-                    let group = frame.dst.clone();
-                    let (delivered, error) = self.deliver_group_local(&group, &frame, now);
+                Cross::Fanout {
+                    index,
+                    name,
+                    frame,
+                    exclude,
+                    reply,
+                } => {
+                    let (delivered, error) =
+                        self.deliver_index_local(index, &name, &frame, &exclude, now);
                     if let Some(token) = reply {
                         self.push(
                             from,
@@ -627,18 +828,24 @@ impl Router {
                         );
                     }
                 }
-                Cross::Mask { group, has, reply } => {
+                Cross::Mask {
+                    index,
+                    name,
+                    has,
+                    reply,
+                } => {
                     {
-                        let mut groups = self.groups.borrow_mut();
+                        let mut idx = self.indexes[index as usize].borrow_mut();
                         if has {
-                            groups.entry(group).or_default().mask |= 1 << from;
-                        } else if let Some(e) = groups.get_mut(&group) {
+                            idx.entry(name.clone()).or_default().mask |= 1 << from;
+                        } else if let Some(e) = idx.get_mut(&name) {
                             e.mask &= !(1 << from);
                             if e.mask == 0 {
-                                groups.remove(&group);
+                                idx.remove(&name);
                             }
                         }
                     }
+                    self.mask_changed(index, &name);
                     if let Some(token) = reply {
                         self.push(
                             from,
@@ -675,13 +882,206 @@ impl Router {
                         self.finish(p.target, p.delivered, p.error);
                     }
                 }
+                Cross::Call { call, reply } => {
+                    let completed = self.completed.clone();
+                    self.exec(
+                        call,
+                        Box::new(move |r| completed.borrow_mut().push((from, reply, r))),
+                        now,
+                    );
+                }
+                Cross::CallDone { token, result } => {
+                    if let Some(cb) = self.calls.borrow_mut().remove(&token) {
+                        cb(result);
+                    }
+                }
+            }
+        }
+        let done: Vec<_> = std::mem::take(&mut *self.completed.borrow_mut());
+        for (to, token, result) in done {
+            self.push(to, Cross::CallDone { token, result });
+        }
+    }
+
+    /// Runs `call` on shard `shard`, calling `done` with its result.
+    pub fn call(&self, shard: usize, call: Call, done: CallCallback, now: Now) {
+        if shard == self.shard {
+            self.exec(call, done, now);
+        } else {
+            let token = self.token();
+            self.calls.borrow_mut().insert(token, done);
+            self.push(shard, Cross::Call { call, reply: token });
+        }
+    }
+
+    fn exec(&self, call: Call, done: CallCallback, now: Now) {
+        match call {
+            Call::Client(addr) => done(CallResult::Client(
+                self.lookup(&addr).map(|c| self.view(&c)),
+            )),
+            Call::List {
+                role,
+                prefix,
+                after,
+                limit,
+            } => {
+                let sorted = self.sorted.borrow();
+                let by_addr = self.by_addr.borrow();
+                // `after` is exclusive; below the prefix, start at the prefix.
+                let lower = match after {
+                    Some(a) if a.as_ref() >= prefix.as_bytes() => Bound::Excluded(a),
+                    _ => Bound::Included(Bytes::copy_from_slice(prefix.as_bytes())),
+                };
+                let mut out = Vec::new();
+                for a in sorted.range((lower, Bound::Unbounded)) {
+                    if out.len() >= limit {
+                        break;
+                    }
+                    if !a.starts_with(prefix.as_bytes()) {
+                        break;
+                    }
+                    let Some(c) = by_addr.get(a) else { continue };
+                    if role.is_some_and(|r| c.conn.borrow().role() != r) {
+                        continue;
+                    }
+                    out.push(self.view(c));
+                }
+                done(CallResult::List(out))
+            }
+            Call::Bind { index, name, addr } => match self.lookup(&addr) {
+                None => done(CallResult::Done(Err((
+                    ErrorCode::NoRoute,
+                    format!("{} is offline", name_str(&addr)),
+                )))),
+                Some(cell) => {
+                    let cb: AckCallback =
+                        Box::new(move |n, e| done(CallResult::Done(e.map_or(Ok(n), Err))));
+                    // A refusal is answered through the callback too.
+                    let _ = self.add_member(index, &cell, name, Some(AckTarget::Callback(cb)));
+                }
+            },
+            Call::Unbind { index, name, addr } => match self.lookup(&addr) {
+                None => done(CallResult::Done(Err((
+                    ErrorCode::NoRoute,
+                    format!("{} is offline", name_str(&addr)),
+                )))),
+                Some(cell) => {
+                    let member = {
+                        let s = cell.session.borrow();
+                        let list = if index == Index::Group {
+                            &s.groups
+                        } else {
+                            &s.uids
+                        };
+                        list.contains(&name)
+                    };
+                    self.remove_member(index, &cell, &name);
+                    done(CallResult::Done(if member {
+                        Ok(1)
+                    } else {
+                        Err((
+                            ErrorCode::NoRoute,
+                            format!("{} is not a member of {}", name_str(&addr), name_str(&name)),
+                        ))
+                    }))
+                }
+            },
+            Call::Dissolve(group) => {
+                let members: Vec<Rc<ConnCell>> = self.indexes[0]
+                    .borrow()
+                    .get(&group)
+                    .map(|e| e.local.values().cloned().collect())
+                    .unwrap_or_default();
+                let n = members.len() as u32;
+                for m in members {
+                    self.remove_member(Index::Group, &m, &group);
+                }
+                done(CallResult::Done(Ok(n)))
+            }
+            Call::Kick(addr) => match self.lookup(&addr) {
+                None => done(CallResult::Done(Err((
+                    ErrorCode::NoRoute,
+                    format!("{} is offline", name_str(&addr)),
+                )))),
+                Some(cell) => {
+                    let ev = cell.conn.borrow_mut().close_with(
+                        &self.cfg.conn,
+                        ErrorCode::Forbidden,
+                        "disconnected by the server",
+                        CloseReason::Kicked,
+                    );
+                    if ev.is_some() {
+                        cell.closing(CloseReason::Kicked, now.mono_ms + self.cfg.close_grace_ms);
+                    }
+                    cell.wake();
+                    done(CallResult::Done(Ok(1)))
+                }
+            },
+            Call::Members {
+                index,
+                name,
+                after,
+                limit,
+            } => {
+                let mut v: Vec<Bytes> = self.indexes[index as usize]
+                    .borrow()
+                    .get(&name)
+                    .map(|e| {
+                        e.local
+                            .values()
+                            .map(|c| c.conn.borrow().addr().clone())
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                v.retain(|a| after.as_ref().is_none_or(|x| a > x));
+                v.sort();
+                v.truncate(limit);
+                done(CallResult::Members(v))
+            }
+            Call::Broadcast { frame, role } => {
+                let targets: Vec<Rc<ConnCell>> = self
+                    .by_addr
+                    .borrow()
+                    .values()
+                    .filter(|c| role.is_none_or(|r| c.conn.borrow().role() == r))
+                    .cloned()
+                    .collect();
+                let mut n = 0;
+                for c in targets {
+                    let mut f = frame.clone();
+                    f.dst = c.conn.borrow().addr().clone();
+                    if self.deliver_local(&c, &f, now).is_ok() {
+                        n += 1;
+                    }
+                }
+                done(CallResult::Done(Ok(n)))
             }
         }
     }
 
+    fn view(&self, c: &ConnCell) -> ClientView {
+        let conn = c.conn.borrow();
+        let s = c.session.borrow();
+        ClientView {
+            addr: conn.addr().clone(),
+            role: conn.role(),
+            shard: self.shard,
+            connected_at_ms: s.connected_at_ms,
+            remote: s.remote,
+            uids: s.uids.clone(),
+            groups: s.groups.clone(),
+            meta: s.meta.clone(),
+        }
+    }
+
+    fn token(&self) -> u64 {
+        let t = self.next_token.get();
+        self.next_token.set(t + 1);
+        t
+    }
+
     fn pending_for(&self, target: AckTarget, remaining: usize) -> u64 {
-        let token = self.next_token.get();
-        self.next_token.set(token + 1);
+        let token = self.token();
         self.pending.borrow_mut().insert(
             token,
             Pending {
@@ -694,7 +1094,7 @@ impl Router {
         token
     }
 
-    fn resolve(&self, target: AckTarget, result: Result<u32, (ErrorCode, String)>) {
+    fn resolve(&self, target: AckTarget, result: Result<u32, Failure>) {
         match result {
             Ok(n) => self.finish(target, n, None),
             Err(e) => self.finish(target, 0, Some(e)),
@@ -704,7 +1104,7 @@ impl Router {
     /// Answers a fan-out. A unicast that failed reports its error; a group
     /// publish is accepted once every shard queued it for its members, and
     /// reports an error only when it reached nobody because of one.
-    fn finish(&self, target: AckTarget, delivered: u32, error: Option<(ErrorCode, String)>) {
+    fn finish(&self, target: AckTarget, delivered: u32, error: Option<Failure>) {
         match target {
             AckTarget::Conn { id, seq } => {
                 let Some(cell) = self.conns.borrow().get(&id).cloned() else {
@@ -717,17 +1117,11 @@ impl Router {
                 cell.conn.borrow_mut().control(&self.cfg.conn, &frame);
                 cell.wake();
             }
-            AckTarget::Callback(f) => f(delivered, error),
+            AckTarget::Callback(f) => f(delivered, error.filter(|_| delivered == 0)),
         }
     }
 
-    fn reply_conn(
-        &self,
-        cell: &ConnCell,
-        seq: u32,
-        ack_req: bool,
-        result: Result<u32, (ErrorCode, String)>,
-    ) {
+    fn reply_conn(&self, cell: &ConnCell, seq: u32, ack_req: bool, result: Result<u32, Failure>) {
         let frame = match result {
             Ok(_) if ack_req => Frame::ack(seq),
             Ok(_) => return,
@@ -740,30 +1134,32 @@ impl Router {
     fn push(&self, peer: usize, item: Cross) {
         let mut outbox = self.outbox.borrow_mut();
         let q = &mut outbox[peer];
-        if q.len() >= self.cfg.outbox_limit {
+        let droppable = matches!(item, Cross::Deliver { .. } | Cross::Fanout { .. });
+        if droppable && q.len() >= self.cfg.outbox_limit {
             // The peer shard is not keeping up: refuse rather than grow.
+            // Control items (masks, replies, calls) are never dropped; they
+            // are bounded by the data items that cause them.
             drop(outbox);
             self.stats.dropped(DropReason::MeshFull);
-            match item {
-                Cross::Deliver { reply: Some(t), .. }
-                | Cross::GroupDeliver { reply: Some(t), .. } => {
-                    self.on_cross(
-                        peer,
-                        vec![Cross::Reply {
-                            token: t,
-                            delivered: 0,
-                            error: Some((
-                                ErrorCode::Internal,
-                                "shard mesh is full; frame dropped".into(),
-                            )),
-                        }],
-                        Now {
-                            mono_ms: 0,
-                            wall_ms: 0,
-                        },
-                    );
-                }
-                _ => {}
+            if let Cross::Deliver { reply: Some(t), .. } | Cross::Fanout { reply: Some(t), .. } =
+                item
+            {
+                let fail = Cross::Reply {
+                    token: t,
+                    delivered: 0,
+                    error: Some((
+                        ErrorCode::Internal,
+                        "shard mesh is full; frame dropped".into(),
+                    )),
+                };
+                self.on_cross(
+                    peer,
+                    vec![fail],
+                    Now {
+                        mono_ms: 0,
+                        wall_ms: 0,
+                    },
+                );
             }
             return;
         }
@@ -812,26 +1208,22 @@ impl Router {
                 cell.wake();
             }
         }
-        self.stats
-            .queue_bytes
-            .store(queued, std::sync::atomic::Ordering::Relaxed);
+        self.stats.queue_bytes.store(queued, Relaxed);
     }
 
     /// Begins a graceful shutdown: every client gets ERROR `shutting_down`
-    /// after what is already queued, and is closed once flushed or at `deadline`.
-    pub fn shutdown(&self, now: Now, deadline_ms: u64) {
+    /// after what is already queued, and is closed once flushed or at `deadline_ms`.
+    pub fn shutdown(&self, deadline_ms: u64) {
         self.shutting_down.set(true);
         let cells: Vec<Rc<ConnCell>> = self.conns.borrow().values().cloned().collect();
         for cell in cells {
-            let ev = cell.conn.borrow_mut().close_with(
+            let _ = cell.conn.borrow_mut().close_with(
                 &self.cfg.conn,
                 ErrorCode::ShuttingDown,
                 "relay is shutting down",
                 CloseReason::Shutdown,
             );
-            if ev.is_some() || cell.reason.get().is_none() {
-                cell.closing(CloseReason::Shutdown, deadline_ms);
-            }
+            cell.closing(CloseReason::Shutdown, deadline_ms);
             cell.close_deadline.set(Some(
                 cell.close_deadline
                     .get()
@@ -839,20 +1231,20 @@ impl Router {
             ));
             cell.wake();
         }
-        let _ = now;
     }
 
     pub fn is_shutting_down(&self) -> bool {
         self.shutting_down.get()
     }
 
-    /// A placeholder session for a connection whose peer address is known.
+    /// A fresh session for a connection from `remote`.
     pub fn session(remote: SocketAddr) -> Session {
         Session {
             remote,
             connected_at_ms: 0,
             meta: Bytes::from_static(b"{}"),
             groups: Vec::new(),
+            uids: Vec::new(),
         }
     }
 }

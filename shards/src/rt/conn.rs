@@ -17,12 +17,13 @@ use std::task::Poll;
 use bytes::{Bytes, BytesMut};
 use futures_lite::{AsyncRead, AsyncWrite};
 use glommio::net::TcpStream;
-use relay_core::conn::{CloseReason, Hello};
+use relay_core::conn::{CloseReason, Event, Hello};
 
 use super::{Shard, now};
 use crate::cell::ConnCell;
 use crate::router::{Handover, Outcome};
 use crate::stats::ShardStats;
+use crate::ws::{self, WsDecoder, WsMsg};
 
 /// Largest single write; a fuller queue goes out in several.
 const MAX_WRITE: usize = 256 * 1024;
@@ -34,19 +35,24 @@ enum End {
     Handover { owner: usize, hello: Hello },
 }
 
-/// Runs a connection until it closes or moves to its owner shard.
+/// Runs a connection until it closes or moves to its owner shard. `ws` is
+/// the WebSocket frame state of a browser connection (None on plain TCP);
+/// `first` an event to route before anything is read (a hello in the URL).
 pub(super) async fn drive(
     shard: Rc<Shard>,
     cell: Rc<ConnCell>,
     mut stream: TcpStream,
     mut rbuf: BytesMut,
     mut writing: Option<Bytes>,
+    mut ws: Option<WsDecoder>,
+    mut first: Option<Event>,
 ) {
     let router = &shard.router;
     let cfg = &router.cfg.conn;
     let rshared: &RefCell<Vec<u8>> = &shard.read_buf;
     let mut off = 0usize;
     let mut fresh = !rbuf.is_empty();
+    let mut close_sent = false;
 
     let end = poll_fn(|cx| {
         {
@@ -58,12 +64,31 @@ pub(super) async fn drive(
         let mut budget = READ_BUDGET;
         loop {
             let t = now();
+            if let Some(ev) = first.take()
+                && let Outcome::Handover { owner, hello } = router.on_event(&cell, ev, t)
+            {
+                return Poll::Ready(End::Handover { owner, hello });
+            }
             // Input already buffered (handed over, or left by the last read).
             if fresh {
                 fresh = false;
                 loop {
-                    let ev = cell.conn.borrow_mut().handle_input(cfg, t, &mut rbuf);
-                    let Some(ev) = ev else { break };
+                    if cell.conn.borrow().is_closing() {
+                        break;
+                    }
+                    let step = match ws.as_mut() {
+                        None => cell
+                            .conn
+                            .borrow_mut()
+                            .handle_input(cfg, t, &mut rbuf)
+                            .map_or(Step::Stop, Step::Route),
+                        Some(dec) => ws_step(&cell, dec, &mut rbuf, cfg, t, &mut close_sent),
+                    };
+                    let ev = match step {
+                        Step::Stop => break,
+                        Step::Again => continue,
+                        Step::Route(ev) => ev,
+                    };
                     if let Outcome::Handover { owner, hello } = router.on_event(&cell, ev, t) {
                         return Poll::Ready(End::Handover { owner, hello });
                     }
@@ -71,6 +96,16 @@ pub(super) async fn drive(
                 if rbuf.is_empty() && rbuf.capacity() > 0 {
                     rbuf = BytesMut::new();
                 }
+            }
+            if ws.is_some() && !close_sent && cell.reason.get().is_some() {
+                // A browser learns why in the close frame too.
+                let reason = cell.reason.get().unwrap_or(CloseReason::PeerClosed);
+                if reason != CloseReason::PeerClosed {
+                    cell.conn
+                        .borrow_mut()
+                        .send_raw(&ws::close_frame(ws::close_code(reason), reason.name()));
+                }
+                close_sent = true;
             }
             // Write everything queued.
             loop {
@@ -133,7 +168,11 @@ pub(super) async fn drive(
             // Let the last bytes (an ERROR, a BYE) reach the peer before FIN.
             discard_unread(&stream);
             let _ = stream.shutdown(std::net::Shutdown::Write).await;
-            router.on_closed(&cell);
+            router.on_closed(&cell, now());
+            shard
+                .shared
+                .open
+                .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
             drop(stream);
         }
         End::Handover { owner, hello } => {
@@ -150,10 +189,9 @@ pub(super) async fn drive(
                 Some(w) => w.slice(off..),
                 None => Bytes::new(),
             };
-            let conn = std::mem::replace(
-                &mut *cell.conn.borrow_mut(),
-                relay_core::Connection::new(cfg, relay_core::Transport::Tcp, now()),
-            );
+            let transport = cell.conn.borrow().transport();
+            let fresh_conn = relay_core::Connection::new(cfg, transport, now());
+            let conn = std::mem::replace(&mut *cell.conn.borrow_mut(), fresh_conn);
             let session = cell.session.borrow().clone();
             let h = Handover {
                 fd,
@@ -162,9 +200,52 @@ pub(super) async fn drive(
                 rbuf,
                 pending_out,
                 session,
+                ws,
             };
             ShardStats::add(&router.stats.handovers, 1);
             shard.send_handover(owner, h).await;
+        }
+    }
+}
+
+/// What one pass over the input produced.
+enum Step {
+    /// Nothing more to do until more bytes arrive.
+    Stop,
+    /// Handled internally (a WebSocket ping); look again.
+    Again,
+    Route(Event),
+}
+
+/// Takes one WebSocket message off `rbuf` and feeds it to the connection.
+fn ws_step(
+    cell: &ConnCell,
+    dec: &mut WsDecoder,
+    rbuf: &mut BytesMut,
+    cfg: &relay_core::ConnConfig,
+    t: relay_core::Now,
+    close_sent: &mut bool,
+) -> Step {
+    let mut c = cell.conn.borrow_mut();
+    let event = |ev: Option<Event>| ev.map_or(Step::Again, Step::Route);
+    match dec.decode(rbuf, cfg.max_line()) {
+        Ok(None) => Step::Stop,
+        Ok(Some(WsMsg::Text(m))) => event(c.handle_message(cfg, t, true, m)),
+        Ok(Some(WsMsg::Binary(m))) => event(c.handle_message(cfg, t, false, m)),
+        Ok(Some(WsMsg::Ping(p))) => {
+            c.send_raw(&ws::pong_frame(&p));
+            c.touch(t);
+            Step::Again
+        }
+        Ok(Some(WsMsg::Pong)) => {
+            c.touch(t);
+            Step::Again
+        }
+        Ok(Some(WsMsg::Close(_))) => Step::Route(c.close(CloseReason::Bye)),
+        Err(e) => {
+            c.send_raw(&ws::close_frame(e.close_code(), &e.to_string()));
+            *close_sent = true;
+            Step::Route(c.close(CloseReason::ProtocolError))
         }
     }
 }

@@ -4,6 +4,7 @@
 //! `use glommio` of the relay lives under this module.
 
 mod conn;
+mod http;
 
 use std::cell::RefCell;
 use std::future::poll_fn;
@@ -52,7 +53,6 @@ pub fn now() -> Now {
 }
 
 /// State shared by all shards of one relay (thread-safe, off the data path).
-#[derive(Debug)]
 pub struct Shared {
     pub stop: Arc<AtomicBool>,
     /// Open TCP connections across shards, against `max_connections`.
@@ -60,8 +60,26 @@ pub struct Shared {
     pub max_connections: usize,
     pub stats: Vec<Arc<ShardStats>>,
     pub started: Instant,
+    /// `[http] api_token`: required as a bearer token on `/api/*` when set.
+    pub api_token: Option<String>,
+    pub max_body: usize,
+    /// Serve the console page at `/`.
+    pub console: bool,
+    /// The rules engine, when enabled.
+    pub plugins: Option<Arc<dyn crate::api::PluginApi + Send + Sync>>,
+    /// Extra counters for `/metrics` (the rules engine's).
+    pub plugin_metrics: Option<Arc<dyn Fn() -> Vec<(String, String, u64)> + Send + Sync>>,
     ready: AtomicUsize,
     errors: Mutex<Vec<String>>,
+}
+
+impl Shared {
+    fn plugin_metrics(&self) -> Vec<(String, String, u64)> {
+        self.plugin_metrics
+            .as_ref()
+            .map(|f| f())
+            .unwrap_or_default()
+    }
 }
 
 /// One shard's runtime state.
@@ -71,8 +89,8 @@ pub(crate) struct Shard {
     senders: Senders<MeshMsg>,
     shared: Arc<Shared>,
     max_batch: usize,
-    /// Woken when the shard starts shutting down (stops the accept loop).
-    stop_waker: RefCell<Option<std::task::Waker>>,
+    /// Woken when the shard starts shutting down (stops the accept loops).
+    stop_wakers: RefCell<Vec<std::task::Waker>>,
 }
 
 impl Shard {
@@ -92,9 +110,18 @@ impl Shard {
     }
 }
 
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared")
+            .field("max_connections", &self.max_connections)
+            .finish()
+    }
+}
+
 /// A running relay.
 pub struct Relay {
     tcp_addr: SocketAddr,
+    http_addr: Option<SocketAddr>,
     shared: Arc<Shared>,
     handles: Option<PoolThreadHandles<()>>,
 }
@@ -110,6 +137,11 @@ impl std::fmt::Debug for Relay {
 impl Relay {
     /// Starts the shards and returns once every one of them is listening.
     pub fn start(cfg: &Config) -> anyhow::Result<Relay> {
+        Self::start_with(cfg, Extensions::default())
+    }
+
+    /// Starts with the rules engine (or other extensions) attached.
+    pub fn start_with(cfg: &Config, ext: Extensions) -> anyhow::Result<Relay> {
         let shards = cfg.shard_count().clamp(1, MAX_SHARDS);
         let reserve = reserve_port(cfg.listeners.tcp)
             .with_context(|| format!("binding {}", cfg.listeners.tcp))?;
@@ -117,6 +149,22 @@ impl Relay {
             .local_addr()?
             .as_socket()
             .context("tcp listener address")?;
+        let http_reserve = if cfg.http.enabled {
+            Some(
+                reserve_port(cfg.listeners.http)
+                    .with_context(|| format!("binding {}", cfg.listeners.http))?,
+            )
+        } else {
+            None
+        };
+        let http_addr = match &http_reserve {
+            Some(r) => Some(
+                r.local_addr()?
+                    .as_socket()
+                    .context("http listener address")?,
+            ),
+            None => None,
+        };
         let shared = Arc::new(Shared {
             stop: Arc::new(AtomicBool::new(false)),
             open: AtomicUsize::new(0),
@@ -125,6 +173,11 @@ impl Relay {
                 .map(|_| Arc::new(ShardStats::default()))
                 .collect(),
             started: Instant::now(),
+            api_token: cfg.http.api_token.clone(),
+            max_body: cfg.http.max_body,
+            console: cfg.http.console,
+            plugins: ext.plugins,
+            plugin_metrics: ext.plugin_metrics,
             ready: AtomicUsize::new(0),
             errors: Mutex::new(Vec::new()),
         });
@@ -138,16 +191,27 @@ impl Relay {
         let max_batch = cfg.shards.max_batch.max(1);
         let grace = cfg.shutdown.grace_ms;
         let sh = shared.clone();
+        let hooks = ext.hooks;
         let handles = LocalExecutorPoolBuilder::new(placement)
             .name("relay-shard")
             .io_memory(cfg.shards.io_memory_kib.max(64) * 1024)
             .ring_depth(cfg.shards.ring_depth.max(8) as usize)
             .on_all_shards(move || {
                 let (mesh, rcfg, sh) = (mesh.clone(), rcfg.clone(), sh.clone());
+                let hooks = hooks.clone();
                 async move {
-                    if let Err(e) =
-                        shard_main(mesh, rcfg, sh.clone(), tcp_addr, shards, max_batch, grace).await
-                    {
+                    let addrs = (tcp_addr, http_addr);
+                    let r = shard_main(
+                        mesh,
+                        rcfg,
+                        sh.clone(),
+                        addrs,
+                        shards,
+                        max_batch,
+                        grace,
+                        hooks,
+                    );
+                    if let Err(e) = r.await {
                         sh.errors.lock().map(|mut v| v.push(format!("{e:#}"))).ok();
                         sh.stop.store(true, Ordering::SeqCst);
                     }
@@ -168,9 +232,16 @@ impl Relay {
             std::thread::sleep(Duration::from_millis(2));
         }
         drop(reserve);
-        tracing::info!(%tcp_addr, shards, "relay listening");
+        drop(http_reserve);
+        match http_addr {
+            Some(h) => {
+                tracing::info!("relay listening tcp_addr={tcp_addr} http_addr={h} shards={shards}")
+            }
+            None => tracing::info!("relay listening tcp_addr={tcp_addr} shards={shards}"),
+        }
         Ok(Relay {
             tcp_addr,
+            http_addr,
             shared,
             handles: Some(handles),
         })
@@ -179,6 +250,11 @@ impl Relay {
     /// Where controllers connect.
     pub fn tcp_addr(&self) -> SocketAddr {
         self.tcp_addr
+    }
+
+    /// Where the HTTP API, `/ws`, `/metrics` and the console are served.
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.http_addr
     }
 
     /// Per-shard counters.
@@ -267,14 +343,38 @@ pub fn router_config(cfg: &Config) -> RouterConfig {
     }
 }
 
+/// Extra parts attached to a relay at start.
+#[derive(Default, Clone)]
+pub struct Extensions {
+    /// Answers the alarm and device-shadow routes of the API.
+    pub plugins: Option<Arc<dyn crate::api::PluginApi + Send + Sync>>,
+    /// Makes each shard's event observer (the rules engine's feed).
+    pub hooks: HooksFactory,
+    /// Extra counters for `/metrics`.
+    pub plugin_metrics: Option<Arc<dyn Fn() -> Vec<(String, String, u64)> + Send + Sync>>,
+}
+
+impl std::fmt::Debug for Extensions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Extensions")
+            .field("plugins", &self.plugins.is_some())
+            .finish()
+    }
+}
+
+/// Builds one shard's event observer, given the shard index.
+pub type HooksFactory = Option<Arc<dyn Fn(usize) -> Box<dyn crate::router::Hooks> + Send + Sync>>;
+
+#[allow(clippy::too_many_arguments)]
 async fn shard_main(
     mesh: MeshBuilder<MeshMsg, glommio::channels::channel_mesh::Full>,
     rcfg: RouterConfig,
     shared: Arc<Shared>,
-    tcp_addr: SocketAddr,
+    (tcp_addr, http_addr): (SocketAddr, Option<SocketAddr>),
     shards: usize,
     max_batch: usize,
     grace_ms: u64,
+    hooks: HooksFactory,
 ) -> anyhow::Result<()> {
     let (senders, mut receivers) = mesh
         .join()
@@ -282,15 +382,24 @@ async fn shard_main(
         .map_err(|_| anyhow::anyhow!("mesh join failed"))?;
     let id = senders.peer_id();
     let router = Router::new(id, shards, rcfg, shared.stats[id].clone());
+    if let Some(make) = &hooks {
+        *router.hooks.borrow_mut() = Some(make(id));
+    }
     let listener = TcpListener::bind(tcp_addr)
         .map_err(|e| anyhow::anyhow!("shard {id}: binding {tcp_addr}: {e}"))?;
+    let http_listener = match http_addr {
+        Some(a) => Some(
+            TcpListener::bind(a).map_err(|e| anyhow::anyhow!("shard {id}: binding {a}: {e}"))?,
+        ),
+        None => None,
+    };
     let shard = Rc::new(Shard {
         router,
         read_buf: RefCell::new(vec![0; READ_BUF]),
         senders,
         shared: shared.clone(),
         max_batch,
-        stop_waker: RefCell::new(None),
+        stop_wakers: RefCell::new(Vec::new()),
     });
 
     for (peer, rx) in receivers.streams() {
@@ -306,7 +415,10 @@ async fn shard_main(
         .detach();
     }
     glommio::spawn_local(flusher(shard.clone())).detach();
-    glommio::spawn_local(accept_loop(shard.clone(), listener)).detach();
+    glommio::spawn_local(accept_loop(shard.clone(), listener, Kind::Tcp)).detach();
+    if let Some(l) = http_listener {
+        glommio::spawn_local(accept_loop(shard.clone(), l, Kind::Http)).detach();
+    }
     shared.ready.fetch_add(1, Ordering::SeqCst);
 
     // The sweeper is the shard's main task: it ends the shard.
@@ -318,8 +430,8 @@ async fn shard_main(
         if shared.stop.load(Ordering::Relaxed) && shutdown_deadline.is_none() {
             let deadline = t.mono_ms + grace_ms;
             shutdown_deadline = Some(deadline);
-            shard.router.shutdown(t, deadline);
-            if let Some(w) = shard.stop_waker.borrow_mut().take() {
+            shard.router.shutdown(deadline);
+            for w in shard.stop_wakers.borrow_mut().drain(..) {
                 w.wake();
             }
         }
@@ -333,13 +445,22 @@ async fn shard_main(
     Ok(())
 }
 
-async fn accept_loop(shard: Rc<Shard>, listener: TcpListener) {
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Tcp,
+    Http,
+}
+
+async fn accept_loop(shard: Rc<Shard>, listener: TcpListener, kind: Kind) {
     loop {
         let stopped = poll_fn(|cx| {
             if shard.router.is_shutting_down() || shard.shared.stop.load(Ordering::Relaxed) {
                 Poll::Ready(None)
             } else {
-                *shard.stop_waker.borrow_mut() = Some(cx.waker().clone());
+                let mut w = shard.stop_wakers.borrow_mut();
+                if !w.iter().any(|x| x.will_wake(cx.waker())) {
+                    w.push(cx.waker().clone());
+                }
                 Poll::Pending
             }
         });
@@ -364,20 +485,19 @@ async fn accept_loop(shard: Rc<Shard>, listener: TcpListener) {
             continue;
         }
         let _ = stream.set_nodelay(true);
+        ShardStats::add(&shard.router.stats.accepted_total, 1);
+        if kind == Kind::Http {
+            glommio::spawn_local(http::serve(shard.clone(), stream)).detach();
+            continue;
+        }
         let remote = stream
             .peer_addr()
             .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
-        ShardStats::add(&shard.router.stats.accepted_total, 1);
         let conn = Connection::new(&shard.router.cfg.conn, Transport::Tcp, now());
         let cell = shard.router.register(conn, Router::session(remote));
-        glommio::spawn_local(conn::drive(
-            shard.clone(),
-            cell,
-            stream,
-            bytes::BytesMut::new(),
-            None,
-        ))
-        .detach();
+        let rbuf = bytes::BytesMut::new();
+        let task = conn::drive(shard.clone(), cell, stream, rbuf, None, None, None);
+        glommio::spawn_local(task).detach();
     }
 }
 
@@ -389,7 +509,16 @@ fn adopt(shard: &Rc<Shard>, h: Handover) {
     let t = now();
     let _ = shard.router.on_event(&cell, Event::Hello(h.hello), t);
     let writing = (!h.pending_out.is_empty()).then_some(h.pending_out);
-    glommio::spawn_local(conn::drive(shard.clone(), cell, stream, h.rbuf, writing)).detach();
+    glommio::spawn_local(conn::drive(
+        shard.clone(),
+        cell,
+        stream,
+        h.rbuf,
+        writing,
+        h.ws,
+        None,
+    ))
+    .detach();
 }
 
 /// Ships each peer's waiting items as batches of at most `max_batch`.

@@ -1,0 +1,590 @@
+//! The HTTP API of API.md: a web backend pushes to clients and manages uids
+//! and groups. Handlers are async functions over the shard's [`Router`];
+//! work on other shards goes through [`Router::call`] and the answers come
+//! back on an executor-agnostic channel, so nothing here knows the runtime.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+
+use base64::Engine as _;
+use bytes::Bytes;
+use relay_core::conn::Role;
+use relay_core::frame::{ErrorCode, Flags, Frame};
+use relay_core::name::{name_str, validate_name};
+use relay_core::route::shard_of;
+use serde_json::{Value, json};
+
+use crate::router::{AckTarget, Call, CallResult, ClientView, Failure, Index, Router};
+use crate::stats::{DropReason, ShardStats};
+
+/// Source address of messages sent by the API (outside the address alphabet,
+/// so no client can hold it).
+pub const API_SRC: &str = "$api";
+/// Default and largest page sizes.
+pub const DEFAULT_LIMIT: usize = 100;
+pub const MAX_LIMIT: usize = 1000;
+
+/// What the rules engine offers the API (alarms, device shadow).
+pub trait PluginApi {
+    fn alarms(&self) -> Value;
+    /// `None` when no alarm has that key.
+    fn ack(&self, key: &str, by: &str) -> Option<Value>;
+    fn state(&self, addr: &str) -> Value;
+    /// Alarm history, newest first; `Err` when MySQL is not configured.
+    fn history(&self, limit: usize, before_id: Option<u64>) -> Result<Value, String>;
+}
+
+/// Everything a request may touch.
+pub struct Api<'a> {
+    pub router: &'a Router,
+    pub stats: &'a [Arc<ShardStats>],
+    pub token: Option<&'a str>,
+    pub uptime_s: f64,
+    pub max_frame: usize,
+    pub plugins: Option<&'a dyn PluginApi>,
+}
+
+/// A response: status and JSON body.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Reply {
+    pub status: u16,
+    pub body: Value,
+}
+
+fn ok(body: Value) -> Reply {
+    Reply { status: 200, body }
+}
+
+fn err(code: ErrorCode, message: impl Into<String>) -> Reply {
+    let status = match code {
+        ErrorCode::NoRoute => 404,
+        ErrorCode::Unauthorized => 401,
+        ErrorCode::TooLarge => 413,
+        ErrorCode::ShuttingDown | ErrorCode::SlowConsumer => 503,
+        ErrorCode::Internal => 500,
+        _ => 400,
+    };
+    Reply {
+        status,
+        body: json!({"error": code.name(), "message": message.into()}),
+    }
+}
+
+fn failure(f: Failure) -> Reply {
+    err(f.0, f.1)
+}
+
+fn not_found(what: &str) -> Reply {
+    Reply {
+        status: 404,
+        body: json!({"error": "not_found", "message": format!("no route {what}")}),
+    }
+}
+
+async fn call(router: &Router, shard: usize, c: Call) -> Option<CallResult> {
+    let (tx, rx) = async_channel::bounded(1);
+    router.call(
+        shard,
+        c,
+        Box::new(move |r| drop(tx.try_send(r))),
+        crate::now(),
+    );
+    rx.recv().await.ok()
+}
+
+async fn call_all(router: &Router, c: Call) -> Vec<CallResult> {
+    let (tx, rx) = async_channel::bounded(router.shards.max(1));
+    for s in 0..router.shards {
+        let tx = tx.clone();
+        router.call(
+            s,
+            c.clone(),
+            Box::new(move |r| drop(tx.try_send(r))),
+            crate::now(),
+        );
+    }
+    drop(tx);
+    let mut out = Vec::with_capacity(router.shards);
+    while let Ok(r) = rx.recv().await {
+        out.push(r);
+    }
+    out
+}
+
+async fn acked(router: &Router, f: impl FnOnce(AckTarget)) -> Result<u32, Failure> {
+    let (tx, rx) = async_channel::bounded(1);
+    f(AckTarget::Callback(Box::new(move |n, e| {
+        drop(tx.try_send(e.map_or(Ok(n), Err)))
+    })));
+    let _ = router;
+    rx.recv().await.unwrap_or(Err((
+        ErrorCode::Internal,
+        "the shard did not answer".into(),
+    )))
+}
+
+fn name(raw: &str, what: &str) -> Result<Bytes, Reply> {
+    let s = crate::http::decode(raw);
+    validate_name(s.as_bytes()).map_err(|e| err(ErrorCode::BadAddress, format!("{what}: {e}")))?;
+    Ok(Bytes::from(s))
+}
+
+fn body_json(body: &[u8]) -> Result<serde_json::Map<String, Value>, Reply> {
+    if body.is_empty() {
+        return Ok(serde_json::Map::new());
+    }
+    match serde_json::from_slice::<Value>(body) {
+        Ok(Value::Object(m)) => Ok(m),
+        Ok(_) => Err(err(ErrorCode::BadFrame, "body must be a JSON object")),
+        Err(e) => Err(err(ErrorCode::BadFrame, format!("body is not JSON: {e}"))),
+    }
+}
+
+fn body_addr(m: &serde_json::Map<String, Value>, key: &str) -> Result<Bytes, Reply> {
+    let s = m
+        .get(key)
+        .and_then(Value::as_str)
+        .ok_or_else(|| err(ErrorCode::BadFrame, format!("\"{key}\" is required")))?;
+    validate_name(s.as_bytes()).map_err(|e| err(ErrorCode::BadAddress, format!("{key}: {e}")))?;
+    Ok(Bytes::copy_from_slice(s.as_bytes()))
+}
+
+/// DATA from the body's `payload` (JSON) or `payload_b64`, src `$api` or `src`.
+fn frame_from(m: &serde_json::Map<String, Value>, max_frame: usize) -> Result<Frame, Reply> {
+    let mut f = Frame::new(relay_core::FrameType::Data);
+    f.src = match m.get("src").and_then(Value::as_str) {
+        Some(s) => {
+            validate_name(s.as_bytes())
+                .map_err(|e| err(ErrorCode::BadAddress, format!("src: {e}")))?;
+            Bytes::copy_from_slice(s.as_bytes())
+        }
+        None => Bytes::from_static(API_SRC.as_bytes()),
+    };
+    match (m.get("payload"), m.get("payload_b64")) {
+        (Some(_), Some(_)) => {
+            return Err(err(
+                ErrorCode::BadFrame,
+                "give payload or payload_b64, not both",
+            ));
+        }
+        (Some(v), None) => {
+            f.payload = Bytes::from(v.to_string());
+            f.flags = Flags(Flags::JSON);
+        }
+        (None, Some(Value::String(b))) => {
+            f.payload = base64::engine::general_purpose::STANDARD
+                .decode(b)
+                .map_err(|_| err(ErrorCode::BadFrame, "payload_b64 is not valid base64"))?
+                .into();
+        }
+        (None, Some(_)) => return Err(err(ErrorCode::BadFrame, "payload_b64 must be a string")),
+        (None, None) => {
+            return Err(err(
+                ErrorCode::BadFrame,
+                "\"payload\" or \"payload_b64\" is required",
+            ));
+        }
+    }
+    if f.body_len() > max_frame {
+        return Err(err(
+            ErrorCode::TooLarge,
+            format!("payload exceeds max_frame ({max_frame} bytes)"),
+        ));
+    }
+    Ok(f)
+}
+
+struct Page {
+    limit: usize,
+    after: Option<Bytes>,
+}
+
+fn page(query: &str) -> Result<Page, Reply> {
+    let limit = match crate::http::query_param(query, "limit") {
+        None => DEFAULT_LIMIT,
+        Some(l) => l
+            .parse::<usize>()
+            .map_err(|_| err(ErrorCode::BadFrame, "limit must be a number"))?
+            .clamp(1, MAX_LIMIT),
+    };
+    let after = crate::http::query_param(query, "after")
+        .filter(|a| !a.is_empty())
+        .map(Bytes::from);
+    Ok(Page { limit, after })
+}
+
+fn view_json(v: &ClientView) -> Value {
+    json!({
+        "addr": name_str(&v.addr),
+        "online": true,
+        "role": v.role.name(),
+        "shard": v.shard,
+        "connected_at_ms": v.connected_at_ms,
+        "remote": v.remote.to_string(),
+        "uids": v.uids.iter().map(|u| name_str(u).into_owned()).collect::<Vec<_>>(),
+        "groups": v.groups.iter().map(|g| name_str(g).into_owned()).collect::<Vec<_>>(),
+        "meta": serde_json::from_slice::<Value>(&v.meta).unwrap_or(json!({})),
+    })
+}
+
+fn paged(items: Vec<Value>, limit: usize, key: impl Fn(&Value) -> String, more: bool) -> Value {
+    let next = if more {
+        items.last().map(|v| Value::String(key(v)))
+    } else {
+        None
+    };
+    let _ = limit;
+    json!({"items": items, "next": next.unwrap_or(Value::Null)})
+}
+
+/// Handles one request to `/api/...`.
+pub async fn handle(
+    api: &Api<'_>,
+    method: &str,
+    path: &str,
+    query: &str,
+    authorization: Option<&str>,
+    body: &[u8],
+) -> Reply {
+    if let Some(token) = api.token {
+        let given = authorization
+            .and_then(|a| a.strip_prefix("Bearer "))
+            .map(str::trim);
+        if given != Some(token) {
+            return err(ErrorCode::Unauthorized, "missing or wrong API token");
+        }
+    }
+    if api.router.is_shutting_down() {
+        return err(ErrorCode::ShuttingDown, "relay is shutting down");
+    }
+    let segs: Vec<&str> = path.trim_start_matches("/api/v1/").split('/').collect();
+    let r = match (method, segs.as_slice()) {
+        ("POST", ["send"]) => send(api, body).await,
+        ("POST", ["uids", uid, "send"]) => fan(api, Index::Uid, uid, body).await,
+        ("POST", ["groups", group, "publish"]) => fan(api, Index::Group, group, body).await,
+        ("POST", ["broadcast"]) => broadcast(api, body).await,
+        ("POST", ["uids", uid, "bind"]) => bind(api, Index::Uid, uid, body).await,
+        ("DELETE", ["uids", uid, "bind", addr]) => unbind(api, Index::Uid, uid, addr).await,
+        ("POST", ["groups", group, "members"]) => bind(api, Index::Group, group, body).await,
+        ("DELETE", ["groups", group, "members", addr]) => {
+            unbind(api, Index::Group, group, addr).await
+        }
+        ("DELETE", ["groups", group]) => dissolve(api, group).await,
+        ("GET", ["clients"]) => list(api, query).await,
+        ("GET", ["clients", addr]) => client(api, addr).await,
+        ("GET", ["clients", addr, "state"]) => state(api, addr),
+        ("DELETE", ["clients", addr]) => kick(api, addr).await,
+        ("GET", ["uids", uid]) => members(api, Index::Uid, uid, query).await,
+        ("GET", ["groups", group]) => members(api, Index::Group, group, query).await,
+        ("GET", ["stats"]) => Ok(stats(api)),
+        ("GET", ["alarms"]) => alarms(api),
+        ("GET", ["alarms", "history"]) => history(api, query),
+        ("POST", ["alarms", key, "ack"]) => ack(api, key, body),
+        (_, _) => Err(not_found(&format!("{method} {path}"))),
+    };
+    r.unwrap_or_else(|e| e)
+}
+
+async fn send(api: &Api<'_>, body: &[u8]) -> Result<Reply, Reply> {
+    let m = body_json(body)?;
+    let dst = body_addr(&m, "dst")?;
+    let mut f = frame_from(&m, api.max_frame)?;
+    f.dst = dst;
+    let n = acked(api.router, |t| api.router.unicast(f, Some(t), crate::now()))
+        .await
+        .map_err(failure)?;
+    Ok(ok(json!({"count": n})))
+}
+
+async fn fan(api: &Api<'_>, index: Index, raw: &str, body: &[u8]) -> Result<Reply, Reply> {
+    let name = name(raw, if index == Index::Uid { "uid" } else { "group" })?;
+    let m = body_json(body)?;
+    let f = frame_from(&m, api.max_frame)?;
+    let exclude: Vec<Bytes> = match m.get("exclude") {
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::Array(a)) => a
+            .iter()
+            .filter_map(Value::as_str)
+            .map(|s| Bytes::copy_from_slice(s.as_bytes()))
+            .collect(),
+        Some(_) => {
+            return Err(err(
+                ErrorCode::BadFrame,
+                "exclude must be an array of addresses",
+            ));
+        }
+    };
+    let n = acked(api.router, |t| {
+        api.router
+            .fanout(index, &name, f, exclude, Some(t), crate::now())
+    })
+    .await;
+    // Reaching nobody is not an error for a group or uid: the count says it.
+    Ok(ok(json!({"count": n.unwrap_or(0)})))
+}
+
+async fn broadcast(api: &Api<'_>, body: &[u8]) -> Result<Reply, Reply> {
+    let m = body_json(body)?;
+    let f = frame_from(&m, api.max_frame)?;
+    let role = match m.get("role").and_then(Value::as_str) {
+        None => None,
+        Some(r) => Some(
+            Role::from_name(r)
+                .ok_or_else(|| err(ErrorCode::BadFrame, format!("unknown role {r:?}")))?,
+        ),
+    };
+    let mut n = 0;
+    for r in call_all(api.router, Call::Broadcast { frame: f, role }).await {
+        if let CallResult::Done(Ok(k)) = r {
+            n += k;
+        }
+    }
+    Ok(ok(json!({"count": n})))
+}
+
+async fn bind(api: &Api<'_>, index: Index, raw: &str, body: &[u8]) -> Result<Reply, Reply> {
+    let name = name(raw, if index == Index::Uid { "uid" } else { "group" })?;
+    let addr = body_addr(&body_json(body)?, "addr")?;
+    let owner = shard_of(&addr, api.router.shards);
+    match call(api.router, owner, Call::Bind { index, name, addr }).await {
+        Some(CallResult::Done(Ok(_))) => Ok(ok(json!({"ok": true}))),
+        Some(CallResult::Done(Err(f))) => Err(failure(f)),
+        _ => Err(err(ErrorCode::Internal, "the owner shard did not answer")),
+    }
+}
+
+async fn unbind(api: &Api<'_>, index: Index, raw: &str, addr: &str) -> Result<Reply, Reply> {
+    let name = name(raw, if index == Index::Uid { "uid" } else { "group" })?;
+    let addr = self::name(addr, "addr")?;
+    let owner = shard_of(&addr, api.router.shards);
+    match call(api.router, owner, Call::Unbind { index, name, addr }).await {
+        Some(CallResult::Done(Ok(_))) => Ok(ok(json!({"ok": true}))),
+        Some(CallResult::Done(Err(f))) => Err(failure(f)),
+        _ => Err(err(ErrorCode::Internal, "the owner shard did not answer")),
+    }
+}
+
+async fn dissolve(api: &Api<'_>, raw: &str) -> Result<Reply, Reply> {
+    let group = name(raw, "group")?;
+    let mut n = 0;
+    for r in call_all(api.router, Call::Dissolve(group.clone())).await {
+        if let CallResult::Done(Ok(k)) = r {
+            n += k;
+        }
+    }
+    if n == 0 {
+        return Err(err(
+            ErrorCode::NoRoute,
+            format!("group {} has no members", name_str(&group)),
+        ));
+    }
+    Ok(ok(json!({"count": n})))
+}
+
+async fn client(api: &Api<'_>, raw: &str) -> Result<Reply, Reply> {
+    let addr = name(raw, "addr")?;
+    let owner = shard_of(&addr, api.router.shards);
+    match call(api.router, owner, Call::Client(addr.clone())).await {
+        Some(CallResult::Client(Some(v))) => Ok(ok(view_json(&v))),
+        _ => Err(err(
+            ErrorCode::NoRoute,
+            format!("{} is offline", name_str(&addr)),
+        )),
+    }
+}
+
+fn state(api: &Api<'_>, raw: &str) -> Result<Reply, Reply> {
+    let addr = name(raw, "addr")?;
+    let p = api.plugins.ok_or_else(|| {
+        err(
+            ErrorCode::Unsupported,
+            "rules are disabled: no device shadow",
+        )
+    })?;
+    Ok(ok(p.state(&name_str(&addr))))
+}
+
+async fn kick(api: &Api<'_>, raw: &str) -> Result<Reply, Reply> {
+    let addr = name(raw, "addr")?;
+    let owner = shard_of(&addr, api.router.shards);
+    match call(api.router, owner, Call::Kick(addr)).await {
+        Some(CallResult::Done(Ok(_))) => Ok(ok(json!({"ok": true}))),
+        Some(CallResult::Done(Err(f))) => Err(failure(f)),
+        _ => Err(err(ErrorCode::Internal, "the owner shard did not answer")),
+    }
+}
+
+async fn list(api: &Api<'_>, query: &str) -> Result<Reply, Reply> {
+    let p = page(query)?;
+    let role = match crate::http::query_param(query, "role").filter(|r| !r.is_empty()) {
+        None => None,
+        Some(r) => Some(
+            Role::from_name(&r)
+                .ok_or_else(|| err(ErrorCode::BadFrame, format!("unknown role {r:?}")))?,
+        ),
+    };
+    let prefix = crate::http::query_param(query, "prefix").unwrap_or_default();
+    let mut all: Vec<ClientView> = Vec::new();
+    // One more than the page tells whether there is a next one.
+    let c = Call::List {
+        role,
+        prefix,
+        after: p.after,
+        limit: p.limit + 1,
+    };
+    for r in call_all(api.router, c).await {
+        if let CallResult::List(v) = r {
+            all.extend(v);
+        }
+    }
+    all.sort_by(|a, b| a.addr.cmp(&b.addr));
+    let more = all.len() > p.limit;
+    all.truncate(p.limit);
+    let items: Vec<Value> = all.iter().map(view_json).collect();
+    Ok(ok(paged(
+        items,
+        p.limit,
+        |v| v["addr"].as_str().unwrap_or("").to_owned(),
+        more,
+    )))
+}
+
+async fn members(api: &Api<'_>, index: Index, raw: &str, query: &str) -> Result<Reply, Reply> {
+    let name = name(raw, if index == Index::Uid { "uid" } else { "group" })?;
+    let p = page(query)?;
+    let mut page_items: Vec<Bytes> = Vec::new();
+    let mut count = 0usize;
+    for r in call_all(
+        api.router,
+        Call::Members {
+            index,
+            name: name.clone(),
+            after: None,
+            limit: usize::MAX,
+        },
+    )
+    .await
+    {
+        if let CallResult::Members(v) = r {
+            count += v.len();
+            page_items.extend(
+                v.into_iter()
+                    .filter(|a| p.after.as_ref().is_none_or(|x| a > x)),
+            );
+        }
+    }
+    page_items.sort();
+    let more = page_items.len() > p.limit;
+    page_items.truncate(p.limit);
+    let items: Vec<Value> = page_items
+        .iter()
+        .map(|a| json!({"addr": name_str(a)}))
+        .collect();
+    let mut body = paged(
+        items,
+        p.limit,
+        |v| v["addr"].as_str().unwrap_or("").to_owned(),
+        more,
+    );
+    body["count"] = json!(count);
+    body[if index == Index::Uid { "uid" } else { "group" }] = json!(name_str(&name));
+    if count == 0 && index == Index::Uid {
+        return Err(err(
+            ErrorCode::NoRoute,
+            format!("uid {} has no bound address", name_str(&name)),
+        ));
+    }
+    Ok(ok(body))
+}
+
+/// Counters of every shard, as `/api/v1/stats` shows them.
+pub fn stats(api: &Api<'_>) -> Reply {
+    let get = ShardStats::get;
+    let mut by_role = serde_json::Map::new();
+    for (i, role) in Role::ALL.iter().enumerate() {
+        by_role.insert(
+            role.name().into(),
+            json!(
+                api.stats
+                    .iter()
+                    .map(|s| get(&s.conns_by_role[i]))
+                    .sum::<u64>()
+            ),
+        );
+    }
+    let shards: Vec<Value> = api
+        .stats
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            json!({
+                "shard": i,
+                "connections": s.conns(),
+                "frames_in": get(&s.frames_in),
+                "frames_out": get(&s.frames_out),
+                "queue_bytes": get(&s.queue_bytes),
+            })
+        })
+        .collect();
+    let mut drops = serde_json::Map::new();
+    for d in DropReason::ALL {
+        drops.insert(
+            d.name().into(),
+            json!(
+                api.stats
+                    .iter()
+                    .map(|s| s.drops[d as usize].load(Relaxed))
+                    .sum::<u64>()
+            ),
+        );
+    }
+    ok(json!({
+        "connections": api.stats.iter().map(|s| s.conns()).sum::<u64>(),
+        "connections_by_role": by_role,
+        "shards": shards,
+        "frames_in": api.stats.iter().map(|s| get(&s.frames_in)).sum::<u64>(),
+        "frames_out": api.stats.iter().map(|s| get(&s.frames_out)).sum::<u64>(),
+        "drops": drops,
+        "uptime_s": api.uptime_s,
+    }))
+}
+
+fn plugins<'a>(api: &Api<'a>) -> Result<&'a dyn PluginApi, Reply> {
+    api.plugins.ok_or_else(|| {
+        err(
+            ErrorCode::Unsupported,
+            "rules are disabled ([plugins] enabled = false)",
+        )
+    })
+}
+
+fn alarms(api: &Api<'_>) -> Result<Reply, Reply> {
+    Ok(ok(json!({"items": plugins(api)?.alarms(), "next": null})))
+}
+
+fn history(api: &Api<'_>, query: &str) -> Result<Reply, Reply> {
+    let p = plugins(api)?;
+    let limit = page(query)?.limit;
+    let before = crate::http::query_param(query, "after").and_then(|a| a.parse().ok());
+    match p.history(limit, before) {
+        Ok(v) => Ok(ok(v)),
+        Err(msg) => Err(Reply {
+            status: 503,
+            body: json!({"error": "unsupported", "message": msg}),
+        }),
+    }
+}
+
+fn ack(api: &Api<'_>, raw_key: &str, body: &[u8]) -> Result<Reply, Reply> {
+    let p = plugins(api)?;
+    let key = crate::http::decode(raw_key);
+    let m = body_json(body)?;
+    let by = m.get("by").and_then(Value::as_str).unwrap_or("api");
+    match p.ack(&key, by) {
+        Some(v) => Ok(ok(v)),
+        None => Err(Reply {
+            status: 404,
+            body: json!({"error": "not_found", "message": format!("no active alarm {key:?}")}),
+        }),
+    }
+}

@@ -1,0 +1,257 @@
+//! HTTP/1.1 for the API, `/metrics`, the console and the WebSocket upgrade,
+//! sans IO: request heads are parsed by `httparse`, bodies delimited by
+//! Content-Length, responses rendered to bytes. The runtime owns the socket.
+
+use bytes::{Buf, Bytes, BytesMut};
+use thiserror::Error;
+
+/// Largest request head accepted.
+pub const MAX_HEAD: usize = 16 * 1024;
+const MAX_HEADERS: usize = 48;
+
+/// One parsed request.
+#[derive(Debug, Clone, Default)]
+pub struct Request {
+    pub method: String,
+    /// Path without the query, not yet percent-decoded.
+    pub path: String,
+    pub query: String,
+    pub authorization: Option<String>,
+    pub upgrade_websocket: bool,
+    pub ws_key: Option<String>,
+    pub ws_version: Option<String>,
+    pub keep_alive: bool,
+    pub body: Bytes,
+}
+
+/// Why a request could not be read. Each maps to a status and a close.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[non_exhaustive]
+pub enum HttpError {
+    #[error("malformed request: {0}")]
+    Malformed(String),
+    #[error("request head exceeds {MAX_HEAD} bytes")]
+    HeadTooLarge,
+    #[error("body of {0} bytes exceeds max_body")]
+    BodyTooLarge(usize),
+    #[error("a Content-Length is required for a body (chunked bodies are not accepted)")]
+    LengthRequired,
+}
+
+impl HttpError {
+    pub fn status(&self) -> u16 {
+        match self {
+            HttpError::Malformed(_) => 400,
+            HttpError::HeadTooLarge => 431,
+            HttpError::BodyTooLarge(_) => 413,
+            HttpError::LengthRequired => 411,
+        }
+    }
+}
+
+/// Takes one whole request (head and body) off `buf`, or `Ok(None)` when
+/// more bytes are needed.
+pub fn parse_request(buf: &mut BytesMut, max_body: usize) -> Result<Option<Request>, HttpError> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut headers);
+    let head_len = match req.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => {
+            return if buf.len() > MAX_HEAD {
+                Err(HttpError::HeadTooLarge)
+            } else {
+                Ok(None)
+            };
+        }
+        Err(e) => return Err(HttpError::Malformed(e.to_string())),
+    };
+    if head_len > MAX_HEAD {
+        return Err(HttpError::HeadTooLarge);
+    }
+    let target = req.path.unwrap_or("/");
+    let (path, query) = target.split_once('?').unwrap_or((target, ""));
+    let mut r = Request {
+        method: req.method.unwrap_or("GET").to_owned(),
+        path: path.to_owned(),
+        query: query.to_owned(),
+        keep_alive: req.version == Some(1),
+        ..Request::default()
+    };
+    let mut content_length = 0usize;
+    let mut connection_upgrade = false;
+    for h in req.headers.iter() {
+        let value = std::str::from_utf8(h.value)
+            .map_err(|_| HttpError::Malformed("header is not UTF-8".into()))?;
+        match h.name.to_ascii_lowercase().as_str() {
+            "content-length" => {
+                content_length = value
+                    .trim()
+                    .parse()
+                    .map_err(|_| HttpError::Malformed("bad Content-Length".into()))?
+            }
+            "transfer-encoding" if !value.eq_ignore_ascii_case("identity") => {
+                return Err(HttpError::LengthRequired);
+            }
+            "authorization" => r.authorization = Some(value.to_owned()),
+            "upgrade" => r.upgrade_websocket = value.eq_ignore_ascii_case("websocket"),
+            "connection" => {
+                let v = value.to_ascii_lowercase();
+                connection_upgrade = v.split(',').any(|t| t.trim() == "upgrade");
+                if v.split(',').any(|t| t.trim() == "close") {
+                    r.keep_alive = false;
+                }
+                if v.split(',').any(|t| t.trim() == "keep-alive") {
+                    r.keep_alive = true;
+                }
+            }
+            "sec-websocket-key" => r.ws_key = Some(value.trim().to_owned()),
+            "sec-websocket-version" => r.ws_version = Some(value.trim().to_owned()),
+            _ => {}
+        }
+    }
+    r.upgrade_websocket &= connection_upgrade;
+    if content_length > max_body {
+        return Err(HttpError::BodyTooLarge(content_length));
+    }
+    if buf.len() < head_len + content_length {
+        buf.reserve(head_len + content_length - buf.len());
+        return Ok(None);
+    }
+    buf.advance(head_len);
+    r.body = buf.split_to(content_length).freeze();
+    Ok(Some(r))
+}
+
+/// The value of `key` in a query string, percent-decoded.
+pub fn query_param(query: &str, key: &str) -> Option<String> {
+    query.split('&').find_map(|kv| {
+        let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+        (decode(k) == key).then(|| decode(v))
+    })
+}
+
+/// Percent-decodes a path segment or query value (`+` is a space in queries,
+/// but addresses never contain spaces, so it is left as is).
+pub fn decode(s: &str) -> String {
+    percent_encoding::percent_decode_str(s)
+        .decode_utf8_lossy()
+        .into_owned()
+}
+
+/// A complete response.
+pub fn response(status: u16, content_type: &str, body: &[u8], keep_alive: bool) -> Vec<u8> {
+    let mut out = Vec::with_capacity(128 + body.len());
+    out.extend_from_slice(
+        format!(
+            "HTTP/1.1 {status} {}\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\ncache-control: no-store\r\n{}\r\n",
+            reason(status),
+            body.len(),
+            if keep_alive { "" } else { "connection: close\r\n" }
+        )
+        .as_bytes(),
+    );
+    out.extend_from_slice(body);
+    out
+}
+
+/// A JSON response.
+pub fn json(status: u16, value: &serde_json::Value, keep_alive: bool) -> Vec<u8> {
+    response(
+        status,
+        "application/json",
+        value.to_string().as_bytes(),
+        keep_alive,
+    )
+}
+
+/// The 101 answer to a WebSocket upgrade.
+pub fn switching_protocols(key: &str) -> Vec<u8> {
+    let accept = tungstenite::handshake::derive_accept_key(key.as_bytes());
+    format!(
+        "HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: Upgrade\r\nsec-websocket-accept: {accept}\r\n\r\n"
+    )
+    .into_bytes()
+}
+
+fn reason(status: u16) -> &'static str {
+    match status {
+        101 => "Switching Protocols",
+        200 => "OK",
+        204 => "No Content",
+        400 => "Bad Request",
+        401 => "Unauthorized",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        411 => "Length Required",
+        413 => "Payload Too Large",
+        426 => "Upgrade Required",
+        431 => "Request Header Fields Too Large",
+        500 => "Internal Server Error",
+        503 => "Service Unavailable",
+        504 => "Gateway Timeout",
+        _ => "Status",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_a_request_in_pieces() {
+        let raw = b"POST /api/v1/send?x=1 HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer t\r\nContent-Length: 5\r\n\r\nhello";
+        let mut buf = BytesMut::new();
+        for (i, b) in raw.iter().enumerate() {
+            buf.extend_from_slice(&[*b]);
+            let r = parse_request(&mut buf, 1024).unwrap();
+            if i + 1 < raw.len() {
+                assert!(r.is_none());
+            } else {
+                let r = r.unwrap();
+                assert_eq!(
+                    (r.method.as_str(), r.path.as_str(), r.query.as_str()),
+                    ("POST", "/api/v1/send", "x=1")
+                );
+                assert_eq!(r.authorization.as_deref(), Some("Bearer t"));
+                assert_eq!(&r.body[..], b"hello");
+                assert!(r.keep_alive);
+            }
+        }
+        assert!(buf.is_empty());
+    }
+
+    #[test]
+    fn refuses_large_and_chunked_bodies() {
+        let mut b = BytesMut::from(&b"POST / HTTP/1.1\r\nContent-Length: 100\r\n\r\n"[..]);
+        assert_eq!(parse_request(&mut b, 10).unwrap_err().status(), 413);
+        let mut b = BytesMut::from(&b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"[..]);
+        assert_eq!(parse_request(&mut b, 10).unwrap_err().status(), 411);
+        let mut b = BytesMut::from(&b"GARBAGE\x01\r\n\r\n"[..]);
+        assert_eq!(parse_request(&mut b, 10).unwrap_err().status(), 400);
+        let mut b = BytesMut::from(&vec![b'a'; MAX_HEAD + 1][..]);
+        assert!(parse_request(&mut b, 10).is_err());
+    }
+
+    #[test]
+    fn websocket_upgrade_and_accept_key() {
+        let mut b = BytesMut::from(
+            &b"GET /ws?addr=web-1 HTTP/1.1\r\nUpgrade: websocket\r\nConnection: keep-alive, Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"[..],
+        );
+        let r = parse_request(&mut b, 0).unwrap().unwrap();
+        assert!(r.upgrade_websocket);
+        let resp = String::from_utf8(switching_protocols(r.ws_key.as_deref().unwrap())).unwrap();
+        // RFC 6455 1.3 example.
+        assert!(resp.contains("sec-websocket-accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo="));
+        assert_eq!(query_param(&r.query, "addr").as_deref(), Some("web-1"));
+    }
+
+    #[test]
+    fn percent_decoding_of_php_urlencode() {
+        assert_eq!(decode("ctl%3A42%40site"), "ctl:42@site");
+        assert_eq!(
+            query_param("a=1&prefix=ctl%3A&b", "prefix").as_deref(),
+            Some("ctl:")
+        );
+        assert_eq!(query_param("a=1", "b"), None);
+    }
+}

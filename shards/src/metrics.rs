@@ -1,0 +1,188 @@
+//! `/metrics` in the Prometheus text exposition format, from every shard's
+//! counters and the process's own RSS and CPU time (read from /proc).
+
+use std::fmt::Write as _;
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+
+use relay_core::conn::Role;
+
+use crate::stats::{DropReason, ShardStats};
+
+/// Resident set size and CPU seconds (user + system) of this process.
+pub fn process_usage() -> (u64, f64) {
+    let page = 4096u64;
+    let rss = std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| {
+            s.split_whitespace()
+                .nth(1)
+                .and_then(|v| v.parse::<u64>().ok())
+        })
+        .map_or(0, |pages| pages * page);
+    // SAFETY: sysconf has no preconditions.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let cpu = std::fs::read_to_string("/proc/self/stat")
+        .ok()
+        .and_then(|s| {
+            // Fields after the parenthesised command name; utime and stime are 14 and 15.
+            let rest = &s[s.rfind(')')? + 2..];
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            Some((f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?) / ticks)
+        })
+        .unwrap_or(0.0);
+    (rss, cpu)
+}
+
+/// Renders all metrics. `extra` holds (name, help, value) of other parts
+/// (the rules engine).
+pub fn render(stats: &[Arc<ShardStats>], uptime_s: f64, extra: &[(&str, &str, u64)]) -> String {
+    let mut out = String::with_capacity(4096);
+    let mut family = |name: &str, kind: &str, help: &str| {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    };
+    family(
+        "relay_connections",
+        "gauge",
+        "Open connections by role and shard (pending: before hello).",
+    );
+    let mut lines = String::new();
+    for (i, s) in stats.iter().enumerate() {
+        for (r, role) in Role::ALL.iter().enumerate() {
+            let _ = writeln!(
+                lines,
+                "relay_connections{{role=\"{}\",shard=\"{i}\"}} {}",
+                role.name(),
+                s.conns_by_role[r].load(Relaxed)
+            );
+        }
+        let _ = writeln!(
+            lines,
+            "relay_connections{{role=\"pending\",shard=\"{i}\"}} {}",
+            s.conns_pending.load(Relaxed)
+        );
+    }
+    out.push_str(&lines);
+    let counters: [(&str, &str, fn(&ShardStats) -> u64); 8] = [
+        (
+            "relay_frames_in_total",
+            "Frames received from clients.",
+            |s| s.frames_in.load(Relaxed),
+        ),
+        ("relay_frames_out_total", "Frames queued to clients.", |s| {
+            s.frames_out.load(Relaxed)
+        }),
+        (
+            "relay_bytes_in_total",
+            "Bytes read from client sockets.",
+            |s| s.bytes_in.load(Relaxed),
+        ),
+        (
+            "relay_bytes_out_total",
+            "Bytes written to client sockets.",
+            |s| s.bytes_out.load(Relaxed),
+        ),
+        (
+            "relay_cross_shard_frames_total",
+            "Frames forwarded to another shard.",
+            |s| s.cross_frames.load(Relaxed),
+        ),
+        (
+            "relay_handovers_total",
+            "Connections handed to their owner shard after hello.",
+            |s| s.handovers.load(Relaxed),
+        ),
+        ("relay_accepted_total", "Connections accepted.", |s| {
+            s.accepted_total.load(Relaxed)
+        }),
+        ("relay_closed_total", "Connections closed.", |s| {
+            s.closed_total.load(Relaxed)
+        }),
+    ];
+    let mut lines = String::new();
+    for (name, help, get) in counters {
+        let _ = writeln!(lines, "# HELP {name} {help}\n# TYPE {name} counter");
+        for (i, s) in stats.iter().enumerate() {
+            let _ = writeln!(lines, "{name}{{shard=\"{i}\"}} {}", get(s));
+        }
+    }
+    out.push_str(&lines);
+    let _ = writeln!(
+        out,
+        "# HELP relay_queue_bytes Bytes waiting in outbound queues.\n# TYPE relay_queue_bytes gauge"
+    );
+    for (i, s) in stats.iter().enumerate() {
+        let _ = writeln!(
+            out,
+            "relay_queue_bytes{{shard=\"{i}\"}} {}",
+            s.queue_bytes.load(Relaxed)
+        );
+    }
+    let _ = writeln!(
+        out,
+        "# HELP relay_dropped_frames_total Frames not delivered, by reason.\n# TYPE relay_dropped_frames_total counter"
+    );
+    for d in DropReason::ALL {
+        let n: u64 = stats
+            .iter()
+            .map(|s| s.drops[d as usize].load(Relaxed))
+            .sum();
+        let _ = writeln!(
+            out,
+            "relay_dropped_frames_total{{reason=\"{}\"}} {n}",
+            d.name()
+        );
+    }
+    let (rss, cpu) = process_usage();
+    let _ = writeln!(
+        out,
+        "# HELP process_resident_memory_bytes Resident memory size in bytes.\n# TYPE process_resident_memory_bytes gauge\nprocess_resident_memory_bytes {rss}"
+    );
+    let _ = writeln!(
+        out,
+        "# HELP process_cpu_seconds_total User and system CPU time spent in seconds.\n# TYPE process_cpu_seconds_total counter\nprocess_cpu_seconds_total {cpu}"
+    );
+    let _ = writeln!(
+        out,
+        "# HELP relay_uptime_seconds Time since the relay started.\n# TYPE relay_uptime_seconds gauge\nrelay_uptime_seconds {uptime_s}"
+    );
+    for (name, help, v) in extra {
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}"
+        );
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_every_family_with_help_and_type() {
+        let s = Arc::new(ShardStats::default());
+        s.frames_in.store(7, Relaxed);
+        s.dropped(DropReason::NoRoute);
+        let text = render(
+            &[s.clone(), Arc::new(ShardStats::default())],
+            1.5,
+            &[("relay_rules_errors_total", "Script errors.", 3)],
+        );
+        assert!(text.contains("relay_frames_in_total{shard=\"0\"} 7\n"));
+        assert!(text.contains("relay_frames_in_total{shard=\"1\"} 0\n"));
+        assert!(text.contains("relay_dropped_frames_total{reason=\"no_route\"} 1\n"));
+        assert!(text.contains("relay_connections{role=\"controller\",shard=\"0\"} 0\n"));
+        assert!(text.contains("relay_rules_errors_total 3\n"));
+        // Every sample line belongs to a family announced with TYPE.
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            let name = line.split(['{', ' ']).next().unwrap();
+            assert!(
+                text.contains(&format!("# TYPE {name} ")),
+                "{name} has no TYPE"
+            );
+        }
+        let (rss, _) = process_usage();
+        assert!(rss > 0);
+    }
+}

@@ -1,0 +1,281 @@
+//! The WebSocket frame layer (RFC 6455) for server connections, sans IO:
+//! headers are parsed with tungstenite's `FrameHeader`, client payloads
+//! unmasked, fragments reassembled up to a bound, control frames surfaced.
+//! The HTTP upgrade itself is in `http`; writing uses `relay_core::conn::ws_header`.
+
+use std::io::Cursor;
+
+use bytes::{Buf, Bytes, BytesMut};
+use thiserror::Error;
+use tungstenite::protocol::frame::FrameHeader;
+use tungstenite::protocol::frame::coding::{Control, Data, OpCode};
+
+/// One complete message or control frame from the client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WsMsg {
+    Text(Bytes),
+    Binary(Bytes),
+    Ping(Bytes),
+    Pong,
+    /// The client closes, with its status code if it gave one.
+    Close(Option<u16>),
+}
+
+/// A violation of RFC 6455 by the client; the connection must close with
+/// the given status code.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[non_exhaustive]
+pub enum WsError {
+    #[error("client frames must be masked")]
+    Unmasked,
+    #[error("reserved bits or opcode used")]
+    Reserved,
+    #[error("control frame is fragmented or longer than 125 bytes")]
+    BadControl,
+    #[error("continuation without a message, or a new message inside one")]
+    BadFragment,
+    #[error("message of {0} bytes exceeds the limit")]
+    TooBig(u64),
+    #[error("text message is not UTF-8")]
+    NotUtf8,
+    #[error("malformed frame header")]
+    Header,
+}
+
+impl WsError {
+    /// The close status code for this error (1002 protocol, 1007 data, 1009 size).
+    pub fn close_code(&self) -> u16 {
+        match self {
+            WsError::TooBig(_) => 1009,
+            WsError::NotUtf8 => 1007,
+            _ => 1002,
+        }
+    }
+}
+
+/// Reassembles client messages. Holds a buffer only while a fragmented
+/// message is in progress.
+#[derive(Debug, Default)]
+pub struct WsDecoder {
+    partial: Option<(bool, BytesMut)>,
+}
+
+impl WsDecoder {
+    /// Takes the next message off `buf`, or `Ok(None)` when more bytes are
+    /// needed. `max_message` bounds a message (and each frame) in bytes.
+    pub fn decode(
+        &mut self,
+        buf: &mut BytesMut,
+        max_message: usize,
+    ) -> Result<Option<WsMsg>, WsError> {
+        loop {
+            let mut cur = Cursor::new(&buf[..]);
+            let (header, len) = match FrameHeader::parse(&mut cur) {
+                Ok(Some(h)) => h,
+                Ok(None) => return Ok(None),
+                Err(_) => return Err(WsError::Header),
+            };
+            let head_len = cur.position() as usize;
+            let Some(mask) = header.mask else {
+                return Err(WsError::Unmasked);
+            };
+            if header.rsv1 || header.rsv2 || header.rsv3 {
+                return Err(WsError::Reserved);
+            }
+            let is_control = matches!(header.opcode, OpCode::Control(_));
+            if is_control && (!header.is_final || len > 125) {
+                return Err(WsError::BadControl);
+            }
+            let so_far = self.partial.as_ref().map_or(0, |(_, b)| b.len()) as u64;
+            if !is_control && len.saturating_add(so_far) > max_message as u64 {
+                return Err(WsError::TooBig(len.saturating_add(so_far)));
+            }
+            let len = len as usize;
+            if buf.len() < head_len + len {
+                // Reserve once for the whole frame so reads append in place.
+                buf.reserve(head_len + len - buf.len());
+                return Ok(None);
+            }
+            buf.advance(head_len);
+            let mut payload = buf.split_to(len);
+            for (i, b) in payload.iter_mut().enumerate() {
+                *b ^= mask[i & 3];
+            }
+            match header.opcode {
+                OpCode::Control(Control::Ping) => return Ok(Some(WsMsg::Ping(payload.freeze()))),
+                OpCode::Control(Control::Pong) => return Ok(Some(WsMsg::Pong)),
+                OpCode::Control(Control::Close) => {
+                    let code =
+                        (payload.len() >= 2).then(|| u16::from_be_bytes([payload[0], payload[1]]));
+                    return Ok(Some(WsMsg::Close(code)));
+                }
+                OpCode::Control(Control::Reserved(_)) | OpCode::Data(Data::Reserved(_)) => {
+                    return Err(WsError::Reserved);
+                }
+                OpCode::Data(Data::Continue) => {
+                    let Some((_, acc)) = self.partial.as_mut() else {
+                        return Err(WsError::BadFragment);
+                    };
+                    acc.extend_from_slice(&payload);
+                    if header.is_final {
+                        let (text, acc) = self.partial.take().expect("checked above");
+                        return finish(text, acc.freeze()).map(Some);
+                    }
+                }
+                OpCode::Data(d) => {
+                    if self.partial.is_some() {
+                        return Err(WsError::BadFragment);
+                    }
+                    let text = d == Data::Text;
+                    if header.is_final {
+                        return finish(text, payload.freeze()).map(Some);
+                    }
+                    self.partial = Some((text, payload));
+                }
+            }
+        }
+    }
+}
+
+fn finish(text: bool, payload: Bytes) -> Result<WsMsg, WsError> {
+    if text {
+        if std::str::from_utf8(&payload).is_err() {
+            return Err(WsError::NotUtf8);
+        }
+        Ok(WsMsg::Text(payload))
+    } else {
+        Ok(WsMsg::Binary(payload))
+    }
+}
+
+/// A server close frame with `code` and a short reason.
+pub fn close_frame(code: u16, reason: &str) -> Vec<u8> {
+    let reason = &reason.as_bytes()[..reason.len().min(123)];
+    let mut out = BytesMut::new();
+    relay_core::conn::ws_header(0x8, 2 + reason.len(), &mut out);
+    out.extend_from_slice(&code.to_be_bytes());
+    out.extend_from_slice(reason);
+    out.to_vec()
+}
+
+/// A server pong echoing `payload`.
+pub fn pong_frame(payload: &[u8]) -> Vec<u8> {
+    let mut out = BytesMut::new();
+    relay_core::conn::ws_header(0xA, payload.len(), &mut out);
+    out.extend_from_slice(payload);
+    out.to_vec()
+}
+
+/// Close status for a connection ending for `reason`: 1000 for BYE, 1001
+/// at shutdown, otherwise 4000 + the protocol's error code, so a browser's
+/// `onclose` can tell `replaced` (4007) from `idle_timeout` (4013).
+pub fn close_code(reason: relay_core::CloseReason) -> u16 {
+    use relay_core::{CloseReason as R, ErrorCode as E};
+    match reason {
+        R::Bye | R::PeerClosed => 1000,
+        R::Shutdown => 1001,
+        R::ProtocolError => 1002,
+        R::IdleTimeout => 4000 + E::IdleTimeout as u16,
+        R::HelloTimeout => 4000 + E::HelloRequired as u16,
+        R::SlowConsumer => 4000 + E::SlowConsumer as u16,
+        R::Replaced => 4000 + E::Replaced as u16,
+        R::Kicked => 4000 + E::Forbidden as u16,
+        R::Unauthorized => 4000 + E::Unauthorized as u16,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn client_frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
+        let mask = [0x37, 0xfa, 0x21, 0x3d];
+        let mut v = vec![(if fin { 0x80 } else { 0 }) | opcode];
+        if payload.len() < 126 {
+            v.push(0x80 | payload.len() as u8);
+        } else {
+            v.push(0x80 | 126);
+            v.extend_from_slice(&(payload.len() as u16).to_be_bytes());
+        }
+        v.extend_from_slice(&mask);
+        v.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i & 3]));
+        v
+    }
+
+    #[test]
+    fn rfc6455_masked_hello_example() {
+        // RFC 6455 5.7: a masked text "Hello".
+        let mut b = BytesMut::from(
+            &[
+                0x81, 0x85, 0x37, 0xfa, 0x21, 0x3d, 0x7f, 0x9f, 0x4d, 0x51, 0x58,
+            ][..],
+        );
+        let m = WsDecoder::default().decode(&mut b, 1024).unwrap();
+        assert_eq!(m, Some(WsMsg::Text(Bytes::from_static(b"Hello"))));
+        assert!(b.is_empty());
+    }
+
+    #[test]
+    fn fragments_are_reassembled_and_control_frames_interleave() {
+        let mut raw = client_frame(false, 0x1, b"Hel");
+        raw.extend(client_frame(true, 0x9, b"p"));
+        raw.extend(client_frame(true, 0x0, b"lo"));
+        let mut d = WsDecoder::default();
+        let mut b = BytesMut::new();
+        let mut out = Vec::new();
+        // Feed one byte at a time: any chunking works.
+        for byte in raw {
+            b.extend_from_slice(&[byte]);
+            while let Some(m) = d.decode(&mut b, 1024).unwrap() {
+                out.push(m);
+            }
+        }
+        assert_eq!(
+            out,
+            vec![
+                WsMsg::Ping(Bytes::from_static(b"p")),
+                WsMsg::Text(Bytes::from_static(b"Hello"))
+            ]
+        );
+    }
+
+    #[test]
+    fn protocol_violations_are_errors() {
+        let mut d = WsDecoder::default();
+        let mut unmasked = BytesMut::from(&[0x81, 0x01, b'a'][..]);
+        assert_eq!(d.decode(&mut unmasked, 1024), Err(WsError::Unmasked));
+        let mut big = BytesMut::from(&client_frame(true, 0x2, &[0u8; 300])[..]);
+        assert_eq!(
+            WsDecoder::default()
+                .decode(&mut big, 100)
+                .unwrap_err()
+                .close_code(),
+            1009
+        );
+        let mut cont = BytesMut::from(&client_frame(true, 0x0, b"x")[..]);
+        assert_eq!(
+            WsDecoder::default().decode(&mut cont, 100),
+            Err(WsError::BadFragment)
+        );
+        let mut bad_utf8 = BytesMut::from(&client_frame(true, 0x1, &[0xff])[..]);
+        assert_eq!(
+            WsDecoder::default().decode(&mut bad_utf8, 100),
+            Err(WsError::NotUtf8)
+        );
+        let mut long_ping = BytesMut::from(&client_frame(true, 0x9, &[0u8; 126])[..]);
+        assert_eq!(
+            WsDecoder::default().decode(&mut long_ping, 1000),
+            Err(WsError::BadControl)
+        );
+    }
+
+    #[test]
+    fn close_frames_carry_the_code() {
+        let mut b = BytesMut::from(&client_frame(true, 0x8, &[0x03, 0xe8])[..]);
+        assert_eq!(
+            WsDecoder::default().decode(&mut b, 100).unwrap(),
+            Some(WsMsg::Close(Some(1000)))
+        );
+        assert_eq!(close_frame(4007, "replaced")[..4], [0x88, 10, 0x0f, 0xa7]);
+    }
+}
