@@ -39,10 +39,14 @@ mod tests {
         );
     }
 
+    /// The test vector of docs/protocol.md ("The HMAC token").
     #[test]
     fn documented_device_vector() {
         let t = token_for(b"s3cret", b"ctl-8266-0042");
-        assert_eq!(t.len(), 64);
+        assert_eq!(
+            t,
+            "9988764a9af4f21a2f99934d56acc425e1a9c03dd4abdc450093f4be20aa1f72"
+        );
         assert!(verify_token(b"s3cret", b"ctl-8266-0042", &t));
         assert!(verify_token(b"s3cret", b"ctl-8266-0042", &t.to_uppercase()));
         assert!(!verify_token(b"s3cret", b"ctl-8266-0043", &t));

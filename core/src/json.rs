@@ -279,9 +279,14 @@ pub fn seq_of(line: &[u8]) -> u32 {
         .unwrap_or(0)
 }
 
-/// True when `payload` is a complete JSON value.
+/// True when `payload` is a complete JSON value in UTF-8. (The UTF-8 check is
+/// explicit: serde_json skips the bytes of strings it ignores unchecked, and a
+/// JSON receiver must never get a line that is not UTF-8.)
 pub fn is_json(payload: &[u8]) -> bool {
-    serde_json::from_slice::<serde::de::IgnoredAny>(payload).is_ok()
+    match std::str::from_utf8(payload) {
+        Ok(text) => serde_json::from_str::<serde::de::IgnoredAny>(text).is_ok(),
+        Err(_) => false,
+    }
 }
 
 fn put_name(out: &mut BytesMut, key: &str, name: &[u8]) {
@@ -536,6 +541,17 @@ mod tests {
             parse_json(long.as_bytes()),
             Err(JsonError::NameTooLong("dst"))
         );
+    }
+
+    #[test]
+    fn json_flag_on_text_that_is_not_utf8_gives_base64() {
+        let mut f = Frame::data(&b"a"[..], &b"b"[..], &b"\"pu\xb9lish\""[..]);
+        f.flags = Flags(Flags::JSON);
+        assert!(!is_json(&f.payload));
+        let mut out = BytesMut::new();
+        write_json(&f, &mut out);
+        let s = std::str::from_utf8(&out).expect("JSON output is always UTF-8");
+        assert_eq!(v(s)["payload_b64"], json!(B64.encode(&f.payload)));
     }
 
     #[test]

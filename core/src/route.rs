@@ -55,6 +55,18 @@ mod tests {
         assert_eq!(fnv1a_64(b"foobar"), 0x85944171f73967e8);
     }
 
+    /// The examples of docs/protocol.md ("Address to shard").
+    #[test]
+    fn documented_shard_examples() {
+        assert_eq!(fnv1a_64(b"ctl-8266-0042"), 0x0003_f94f_3f20_1ab4);
+        assert_eq!(fnv1a_64(b"web-7f3a"), 0x0adc_3aa4_fe37_c9a1);
+        assert_eq!(fnv1a_64(b"ctl-42"), 0x3d92_a80c_1dee_7213);
+        let at = |a: &[u8]| [1, 2, 4, 8].map(|n| shard_of(a, n));
+        assert_eq!(at(b"ctl-8266-0042"), [0, 0, 0, 4]);
+        assert_eq!(at(b"web-7f3a"), [0, 1, 1, 1]);
+        assert_eq!(at(b"ctl-42"), [0, 1, 3, 3]);
+    }
+
     #[test]
     fn mapping_is_pinned() {
         // If this changes, addresses move between shards across versions.
