@@ -33,6 +33,13 @@ export function alarmsFor(list, addr) {
   return list.filter((a) => alarmAddr(a) === addr || a.key === addr);
 }
 
+/** What to say when the active alarms cannot be read. */
+export function alarmsError(e) {
+  return e.code === "unsupported"
+    ? "Alarms need rules: set [plugins] enabled = true in the relay's configuration."
+    : `Alarms unavailable: ${e.message}`;
+}
+
 /** One alarm with its acknowledge button; `onChange` runs after an acknowledge. */
 export function alarmCard(a, ctx, onChange) {
   const key = String(a.key);
@@ -173,7 +180,7 @@ export function alarmsView(root, ctx) {
       render();
     } catch (e) {
       if (!alive || e.status === 401) return;
-      summary.textContent = `Alarms unavailable: ${e.message}`;
+      summary.textContent = alarmsError(e);
       summary.className = "error";
     }
   }
@@ -213,11 +220,11 @@ export function alarmsView(root, ctx) {
       historyTable.hidden = true;
       moreBtn.hidden = true;
       historyNote.hidden = false;
-      historyNote.className = e.status === 404 || e.status === 503 ? "notice" : "error";
-      historyNote.textContent =
-        e.status === 404 || e.status === 503
-          ? "History needs MySQL: set [mysql] enabled = true in the relay's configuration to keep every raise, acknowledge and clear."
-          : `History unavailable: ${e.message}`;
+      const needsMysql = e.status === 404 || e.status === 503 || e.code === "unsupported";
+      historyNote.className = needsMysql ? "notice" : "error";
+      historyNote.textContent = needsMysql
+        ? "History needs MySQL: set [mysql] enabled = true in the relay's configuration to keep every raise, acknowledge and clear."
+        : `History unavailable: ${e.message}`;
     }
   }
 

@@ -5,7 +5,7 @@
 // the session and the device's alarms are polled from the HTTP API.
 
 import { h, replace, ago, clock, brief } from "./dom.js";
-import { severityRank, alarmCard, alarmsFor } from "./alarms.js";
+import { severityRank, alarmCard, alarmsFor, alarmsError } from "./alarms.js";
 
 const STREAM_MAX = 200;
 const COMMANDS_MAX = 50;
@@ -255,7 +255,13 @@ export function deviceView(root, ctx, addr) {
       );
     } catch (e) {
       if (!alive || e.status === 401) return;
-      replace(shadow, h("p", { class: e.status === 404 ? "muted" : "error", text: e.status === 404 ? "No state recorded for this device." : `Shadow unavailable: ${e.message}` }));
+      const text =
+        e.status === 404
+          ? "No state recorded for this device."
+          : e.code === "unsupported"
+            ? "The device shadow needs rules: set [plugins] enabled = true in the relay's configuration."
+            : `Shadow unavailable: ${e.message}`;
+      replace(shadow, h("p", { class: e.status === 404 || e.code === "unsupported" ? "muted" : "error", text }));
     }
   }
 
@@ -273,7 +279,7 @@ export function deviceView(root, ctx, addr) {
       );
     } catch (e) {
       if (!alive || e.status === 401) return;
-      replace(alarmsBox, h("p", { class: "error", text: `Alarms unavailable: ${e.message}` }));
+      replace(alarmsBox, h("p", { class: "error", text: alarmsError(e) }));
     }
   }
 

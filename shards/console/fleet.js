@@ -181,7 +181,7 @@ export function fleetView(root, ctx) {
         try {
           entry = { state: await api.state(addr), at: Date.now() };
         } catch (e) {
-          entry = { state: null, at: Date.now(), error: e.status === 404 ? "—" : `(${e.message})` };
+          entry = { state: null, at: Date.now(), error: e.status === 404 || e.code === "unsupported" ? "—" : `(${e.message})` };
         }
         if (!alive) return;
         states.set(addr, entry);

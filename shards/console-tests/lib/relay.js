@@ -1,0 +1,160 @@
+// lib/relay.js: runs the real `relay` binary for a test. Writes a config file
+// (loopback listeners on port 0, an API token, a rules folder) into a fresh
+// temporary folder, starts the binary, reads the listening addresses from its
+// log, and stops it with SIGTERM (SIGKILL if it does not exit in time).
+
+import { spawn } from "node:child_process";
+import { mkdtempSync, mkdirSync, writeFileSync, existsSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join, resolve, dirname } from "node:path";
+import { fileURLToPath } from "node:url";
+import { randomBytes } from "node:crypto";
+
+const here = dirname(fileURLToPath(import.meta.url));
+
+/** The relay binary: $RELAY_BIN, else the workspace's debug build. */
+export const RELAY_BIN = resolve(process.env.RELAY_BIN || join(here, "../../../target/debug/relay"));
+
+/** A rule that keeps `temp` in the device shadow and raises a critical alarm above 80. */
+export const OVERHEAT_RULE = `// Device shadow and overheat alarm for the console tests.
+fn on_message(msg) {
+    let p = msg.payload;
+    if type_of(p) != "map" || !("temp" in p) { return; }
+    let t = p.temp;
+    state_set(msg.src, "temp", t);
+    if t > 80 {
+        alarm_raise(\`\${msg.src}/overheat\`, "critical", \`\${msg.src} reads \${t} °C\`);
+    }
+}
+`;
+
+const toml = (s) => JSON.stringify(String(s));
+
+/** Strips terminal colour codes from a log line. */
+const plain = (line) => line.replace(/\x1b\[[0-9;]*m/g, "");
+
+/**
+ * Starts a relay.
+ * @param {object} o
+ * @param {boolean} [o.mysql] keep alarm history in MariaDB on 127.0.0.1:3306 (db `test`)
+ * @param {number} [o.startTimeoutMs] longest wait for the "relay listening" line
+ * @returns {Promise<{http: string, tcp: string, token: string, dir: string, logs: string[], stop: () => Promise<void>}>}
+ */
+export async function startRelay({ mysql = false, startTimeoutMs = 30000 } = {}) {
+  if (!existsSync(RELAY_BIN)) {
+    throw new Error(`relay binary not found at ${RELAY_BIN}: run \`cargo build -p relay-shards --bin relay\` or set RELAY_BIN`);
+  }
+  const dir = mkdtempSync(join(tmpdir(), "relay-console-"));
+  const rules = join(dir, "rules");
+  mkdirSync(rules);
+  writeFileSync(join(rules, "overheat.rhai"), OVERHEAT_RULE);
+  const token = `console-test-${randomBytes(8).toString("hex")}`;
+  const config = [
+    "[node]",
+    'name = "console-test"',
+    "[listeners]",
+    'tcp = "127.0.0.1:0"',
+    'http = "127.0.0.1:0"',
+    "[shards]",
+    "count = 2",
+    "pin = false",
+    "io_memory_kib = 256",
+    "[limits]",
+    "max_connections = 1000",
+    "[http]",
+    `api_token = ${toml(token)}`,
+    "console = true",
+    "[plugins]",
+    "enabled = true",
+    `dir = ${toml(rules)}`,
+    `spool_dir = ${toml(join(dir, "spool"))}`,
+    "reload = false",
+    "[mysql]",
+    `enabled = ${mysql}`,
+    'url = "mysql://root@127.0.0.1:3306/test"',
+    'alarm_table = "console_test_alarm_events"',
+    'notify_table = "console_test_notify_attempts"',
+    "",
+  ].join("\n");
+  const configPath = join(dir, "relay.toml");
+  writeFileSync(configPath, config);
+
+  const child = spawn(RELAY_BIN, ["--config", configPath], {
+    cwd: dir,
+    env: { ...process.env, NO_COLOR: "1", RELAY_LOG: process.env.RELAY_LOG || "info" },
+    stdio: ["ignore", "pipe", "pipe"],
+  });
+  const logs = [];
+  let exited = null;
+  const exit = new Promise((res) => child.on("exit", (code, signal) => res((exited = { code, signal }))));
+
+  const listening = new Promise((res, rej) => {
+    const timer = setTimeout(
+      () => rej(new Error(`relay did not log "relay listening" within ${startTimeoutMs} ms:\n${logs.slice(-30).join("\n")}`)),
+      startTimeoutMs,
+    );
+    let buf = "";
+    const onData = (chunk) => {
+      buf += chunk.toString("utf8");
+      let i;
+      while ((i = buf.indexOf("\n")) >= 0) {
+        const line = plain(buf.slice(0, i));
+        buf = buf.slice(i + 1);
+        logs.push(line);
+        if (logs.length > 2000) logs.shift();
+        if (process.env.RELAY_ECHO_LOG) process.stderr.write(`[relay] ${line}\n`);
+        if (line.includes("relay listening")) {
+          const tcp = /tcp_addr=(\S+)/.exec(line);
+          const http = /http_addr=(\S+)/.exec(line);
+          clearTimeout(timer);
+          if (!tcp || !http) rej(new Error(`the "relay listening" line lacks tcp_addr or http_addr: ${line}`));
+          else res({ tcp: tcp[1], http: http[1] });
+        }
+      }
+    };
+    child.stderr.on("data", onData);
+    child.stdout.on("data", onData);
+    exit.then(() => {
+      clearTimeout(timer);
+      rej(new Error(`relay exited (${JSON.stringify(exited)}) before listening:\n${logs.slice(-30).join("\n")}`));
+    });
+  });
+
+  let addrs;
+  try {
+    addrs = await listening;
+  } catch (e) {
+    child.kill("SIGKILL");
+    throw e;
+  }
+
+  async function stop() {
+    if (!exited) {
+      child.kill("SIGTERM");
+      const killer = setTimeout(() => child.kill("SIGKILL"), 10000);
+      await exit;
+      clearTimeout(killer);
+    }
+    if (!process.env.KEEP_RELAY_DIR) rmSync(dir, { recursive: true, force: true });
+  }
+
+  return { ...addrs, token, dir, logs, stop, child };
+}
+
+/** An HTTP API call to the relay with its token; returns {status, body}. */
+export async function api(relay, method, path, body) {
+  const res = await fetch(`http://${relay.http}${path}`, {
+    method,
+    headers: { Authorization: `Bearer ${relay.token}`, ...(body ? { "Content-Type": "application/json" } : {}) },
+    body: body ? JSON.stringify(body) : undefined,
+    signal: AbortSignal.timeout(10000),
+  });
+  const text = await res.text();
+  let json = null;
+  try {
+    json = text ? JSON.parse(text) : null;
+  } catch {
+    json = text;
+  }
+  return { status: res.status, body: json };
+}

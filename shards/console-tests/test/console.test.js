@@ -1,0 +1,322 @@
+// test/console.test.js: the relay's web console in a real browser. Starts the
+// relay binary with an overheat rule, a simulated controller on TCP, and
+// headless Chromium (Debian's /usr/bin/chromium) driven by playwright-core,
+// then goes through what an operator does: sign in (a wrong token first), see
+// the controller appear in the fleet, send it a command and see its reply and
+// the ACK, see the alarm the rule raised and acknowledge it, on a desktop and a
+// phone-sized screen, with no console errors. Screenshots of each view are
+// saved under docs/screenshots/.
+
+import { describe, it, before, after } from "node:test";
+import assert from "node:assert/strict";
+import { mkdirSync } from "node:fs";
+import { join, resolve, dirname } from "node:path";
+import { fileURLToPath } from "node:url";
+import { chromium } from "playwright-core";
+
+import { startRelay, api } from "../lib/relay.js";
+import { SimController } from "../lib/controller.js";
+
+const here = dirname(fileURLToPath(import.meta.url));
+const CHROMIUM = process.env.CHROMIUM_BIN || "/usr/bin/chromium";
+const SHOTS = resolve(process.env.SCREENSHOT_DIR || join(here, "../../../docs/screenshots"));
+const CTL = "ctl-sim-1";
+const OPERATOR = "Operator Ada";
+/** Longest wait for something to show up on the page. */
+const UI_MS = 15000;
+/** Phone screen (an iPhone 12-class device). */
+const PHONE = { width: 390, height: 844 };
+
+const CHROMIUM_ARGS = [
+  "--headless",
+  "--no-sandbox",
+  "--disable-gpu",
+  "--disable-quic",
+  "--no-first-run",
+  "--disable-background-networking",
+  "--disable-component-update",
+  "--disable-sync",
+];
+
+/**
+ * Opens a page that records every console error, uncaught exception and failed
+ * request. `expected(msg)` may excuse a console message the step provoked on
+ * purpose (the 401 of a wrong token).
+ */
+async function watchedPage(browser, options = {}) {
+  const context = await browser.newContext({ viewport: { width: 1280, height: 900 }, ...options });
+  const page = await context.newPage();
+  const problems = [];
+  const state = { expected: () => false, closing: false };
+  page.on("console", (msg) => {
+    if (msg.type() !== "error") return;
+    if (state.expected(msg)) return;
+    problems.push(`console.${msg.type()}: ${msg.text()} (${msg.location().url || "?"})`);
+  });
+  page.on("pageerror", (e) => problems.push(`uncaught: ${e.message}`));
+  page.on("requestfailed", (r) => {
+    if (!state.closing) problems.push(`request failed: ${r.method()} ${r.url()}: ${r.failure()?.errorText}`);
+  });
+  return { context, page, problems, state };
+}
+
+async function shot(page, name) {
+  mkdirSync(SHOTS, { recursive: true });
+  await page.screenshot({ path: join(SHOTS, `${name}.png`), fullPage: false });
+}
+
+async function signIn(page, token, name = OPERATOR) {
+  await page.locator("#token").fill(token);
+  await page.locator("#name").fill(name);
+  await page.locator("#signin-button").click();
+}
+
+/** No element is wider than the screen: the page never scrolls sideways. */
+async function assertNoSideScroll(page, where) {
+  const { scroll, client } = await page.evaluate(() => ({
+    scroll: document.documentElement.scrollWidth,
+    client: document.documentElement.clientWidth,
+  }));
+  assert.ok(scroll <= client, `${where}: page is ${scroll} px wide on a ${client} px screen`);
+}
+
+describe("relay web console in Chromium", { timeout: 180000 }, () => {
+  let relay;
+  let ctl;
+  let browser;
+  let desk;
+
+  before(async () => {
+    relay = await startRelay({ mysql: process.env.CONSOLE_TEST_MYSQL !== "0" });
+    ctl = new SimController(relay.tcp, CTL);
+    await ctl.connect();
+    ctl.telemetry({ temp: 90 });
+    ctl.every(1000, () => ({ temp: 90, rssi: -61 }));
+    browser = await chromium.launch({ executablePath: CHROMIUM, headless: true, args: CHROMIUM_ARGS });
+    desk = await watchedPage(browser);
+  });
+
+  after(async () => {
+    if (desk) desk.state.closing = true;
+    await browser?.close().catch(() => {});
+    ctl?.close();
+    await relay?.stop();
+  });
+
+  it("serves the page and refuses a wrong token with a clear message", async () => {
+    const { page, state } = desk;
+    const res = await page.goto(`http://${relay.http}/`);
+    assert.equal(res.status(), 200);
+    assert.match(res.headers()["content-type"] ?? "", /text\/html/);
+    await page.locator("#token").waitFor({ timeout: UI_MS });
+    await shot(page, "sign-in");
+
+    // The relay answers the wrong token with 401, which Chromium reports on the console.
+    state.expected = (msg) => /status of 401/.test(msg.text()) && /\/api\/v1\/stats/.test(msg.location().url ?? "");
+    await signIn(page, "not-the-token");
+    const error = page.locator("#signin-error");
+    await error.waitFor({ state: "visible", timeout: UI_MS });
+    assert.match(await error.textContent(), /Wrong API token/);
+    assert.equal(await page.locator("#top").isVisible(), false, "no session after a wrong token");
+    assert.equal(await page.evaluate(() => sessionStorage.getItem("relay.console.token")), null);
+    state.expected = () => false;
+  });
+
+  it("signs in, keeps the token for the session only, and shows the controller in the fleet", async () => {
+    const { page } = desk;
+    await signIn(page, relay.token);
+    await page.locator("#top").waitFor({ state: "visible", timeout: UI_MS });
+    assert.equal(await page.evaluate(() => sessionStorage.getItem("relay.console.token")), relay.token);
+    assert.equal(await page.evaluate(() => localStorage.length), 0);
+    // The page's own live link is up.
+    await page.locator('#link[data-state="open"]').waitFor({ timeout: UI_MS });
+
+    const row = page.locator(`#fleet-rows tr[data-addr="${CTL}"]`);
+    await row.waitFor({ timeout: UI_MS });
+    assert.equal((await row.locator("td").nth(1).textContent()).trim(), "controller");
+    assert.match(await row.locator("td").nth(2).textContent(), /ago/);
+    assert.match(await row.locator("td").nth(3).textContent(), /^\s*[01]\s*$/, "shard 0 or 1");
+    // The last state comes from the device shadow the rule keeps.
+    await page.waitForFunction(
+      (addr) => document.querySelector(`#fleet-rows tr[data-addr="${addr}"] td.state`)?.textContent.includes("temp=90"),
+      CTL,
+      { timeout: UI_MS },
+    );
+    // Live counts from /api/v1/stats.
+    await page.waitForFunction(() => Number(document.querySelector("#count-controllers .count-value")?.textContent) >= 1, null, {
+      timeout: UI_MS,
+    });
+    await page.waitForFunction(() => /\d/.test(document.querySelector("#count-in .count-value")?.textContent ?? ""), null, {
+      timeout: UI_MS,
+    });
+
+    // Search by address prefix: a prefix that matches nothing empties the list, ours brings it back.
+    await page.locator("#search").fill("nobody-");
+    await page.waitForFunction(() => document.querySelectorAll("#fleet-rows tr").length === 0, null, { timeout: UI_MS });
+    await page.locator("#search").fill("ctl-sim");
+    await row.waitFor({ timeout: UI_MS });
+    await shot(page, "fleet");
+  });
+
+  it("opens the device, streams its messages, sends a command and shows the reply and the ack", async () => {
+    const { page } = desk;
+    await page.locator(`#fleet-rows tr[data-addr="${CTL}"] a`).click();
+    await page.waitForFunction((addr) => document.querySelector("#device-addr")?.textContent === addr, CTL, { timeout: UI_MS });
+    await page.locator("#device-online.ok").waitFor({ timeout: UI_MS });
+    await page.waitForFunction(() => /Watching/.test(document.querySelector("#watch-note")?.textContent ?? ""), null, {
+      timeout: UI_MS,
+    });
+    // Telemetry the controller publishes reaches the page through the watch tap.
+    await page.locator("#stream li.tap", { hasText: '"temp":90' }).first().waitFor({ timeout: UI_MS });
+    await page.locator("#shadow", { hasText: "temp" }).waitFor({ timeout: UI_MS });
+    assert.match(await page.locator("#shadow").textContent(), /90/);
+
+    // Bad JSON is refused on the page, nothing is sent.
+    await page.locator("#command").fill("{not json");
+    await page.locator("#send").click();
+    await page.locator("#command-error").waitFor({ state: "visible", timeout: UI_MS });
+    assert.match(await page.locator("#command-error").textContent(), /Not valid JSON/);
+    assert.equal(await page.locator("#results li").count(), 0);
+
+    const before = ctl.received.filter((f) => f.type === "data").length;
+    await page.locator("#command").fill('{"cmd": "relay_on", "ch": 2}');
+    await page.locator("#send").click();
+    const result = page.locator("#results li").first();
+    await result.locator(".verdict.ok").waitFor({ timeout: UI_MS });
+    assert.match(await result.locator(".verdict").textContent(), /^ack/);
+    // The controller got it from the console's own address...
+    const got = ctl.received.filter((f) => f.type === "data").slice(before);
+    assert.equal(got.length, 1, "the controller received the command once");
+    assert.deepEqual(got[0].payload, { cmd: "relay_on", ch: 2 });
+    assert.match(got[0].src, /^console-[0-9a-f]{8}$/);
+    // ...and its reply is in the live stream.
+    await page.locator("#stream li", { hasText: '"echo":{"cmd":"relay_on","ch":2}' }).first().waitFor({ timeout: UI_MS });
+
+    // The device's alarm is listed in its view.
+    await page.locator("#device-alarms li", { hasText: `${CTL}/overheat` }).waitFor({ timeout: UI_MS });
+    await shot(page, "device");
+
+    // A command to an address nobody holds gets the relay's error, shown for its seq.
+    // The view asks for that address's session, which the relay answers with 404,
+    // and Chromium reports every 404 on the console: that one is expected here.
+    desk.state.expected = (msg) =>
+      /status of 404/.test(msg.text()) && /\/api\/v1\/clients\/ctl-nobody-here$/.test(msg.location().url ?? "");
+    await page.evaluate(() => {
+      location.hash = "#/device/ctl-nobody-here";
+    });
+    await page.waitForFunction(() => document.querySelector("#device-addr")?.textContent === "ctl-nobody-here", null, {
+      timeout: UI_MS,
+    });
+    await page.locator("#device-online.bad").waitFor({ timeout: UI_MS });
+    await page.locator("#command").fill('{"cmd": "status"}');
+    await page.locator("#send").click();
+    const refused = page.locator("#results li").first().locator(".verdict.bad");
+    await refused.waitFor({ timeout: UI_MS });
+    assert.match(await refused.textContent(), /no_route/);
+    await page.locator('a[data-nav="fleet"]').click();
+    await page.locator(`#fleet-rows tr[data-addr="${CTL}"]`).waitFor({ timeout: UI_MS });
+    await page.waitForTimeout(500); // a poll of the old view may still be answered
+    desk.state.expected = () => false;
+  });
+
+  it("shows the alarm raised by the rule and acknowledges it", async () => {
+    const { page } = desk;
+    await page.locator('a[data-nav="alarms"]').click();
+    const card = page.locator(`#alarm-list li[data-key="${CTL}/overheat"]`);
+    await card.waitFor({ timeout: UI_MS });
+    assert.equal((await card.locator(".sev").textContent()).trim(), "critical");
+    assert.match(await card.textContent(), /not acknowledged/);
+    assert.match(await card.textContent(), /reads 90/);
+    assert.equal(await page.locator("#alarm-badge").textContent(), "1");
+
+    await card.locator("button.ack").click();
+    await card.locator(".acked", { hasText: `acknowledged by ${OPERATOR}` }).waitFor({ timeout: UI_MS });
+    // The relay itself has it acknowledged.
+    const { status, body } = await api(relay, "GET", "/api/v1/alarms");
+    assert.equal(status, 200);
+    const alarm = body.items.find((a) => a.key === `${CTL}/overheat`);
+    assert.equal(alarm?.acked_by, OPERATOR);
+    await page.waitForFunction(() => document.querySelector("#alarm-badge")?.hidden === true, null, { timeout: UI_MS });
+
+    if (process.env.CONSOLE_TEST_MYSQL !== "0") {
+      // History from MySQL shows the acknowledge (the sink writes it asynchronously).
+      const row = page.locator(`#history-rows tr[data-key="${CTL}/overheat"]`, { hasText: "acknowledged" });
+      const deadline = Date.now() + 30000;
+      while (!(await row.count()) && Date.now() < deadline) {
+        await page.locator("section", { hasText: "History" }).getByRole("button", { name: "Refresh" }).click();
+        await page.waitForTimeout(1000);
+      }
+      assert.ok(await row.count(), "the acknowledge is in the history");
+      assert.match(await row.first().textContent(), new RegExp(OPERATOR));
+    }
+    await shot(page, "alarms");
+  });
+
+  it("works on a phone-sized screen without sideways scrolling", async () => {
+    const phone = await watchedPage(browser, { viewport: PHONE, deviceScaleFactor: 2, isMobile: true, hasTouch: true });
+    try {
+      const { page } = phone;
+      await page.goto(`http://${relay.http}/`);
+      await signIn(page, relay.token);
+      await page.locator(`#fleet-rows tr[data-addr="${CTL}"]`).waitFor({ timeout: UI_MS });
+      await page.waitForFunction(
+        (addr) => document.querySelector(`#fleet-rows tr[data-addr="${addr}"] td.state`)?.textContent.includes("temp=90"),
+        CTL,
+        { timeout: UI_MS },
+      );
+      await assertNoSideScroll(page, "fleet");
+      await shot(page, "fleet-phone");
+      await page.locator(`#fleet-rows tr[data-addr="${CTL}"] a`).tap();
+      await page.locator("#stream li.tap").first().waitFor({ timeout: UI_MS });
+      await assertNoSideScroll(page, "device");
+      await page.locator('a[data-nav="alarms"]').tap();
+      await page.locator(`#alarm-list li[data-key="${CTL}/overheat"]`).waitFor({ timeout: UI_MS });
+      await assertNoSideScroll(page, "alarms");
+      phone.state.closing = true;
+      assert.deepEqual(phone.problems, []);
+    } finally {
+      phone.state.closing = true;
+      await phone.context.close();
+    }
+  });
+
+  it("had no console errors, uncaught exceptions or failed requests", () => {
+    assert.deepEqual(desk.problems, []);
+  });
+});
+
+describe("relay web console without MySQL", { timeout: 120000 }, () => {
+  let relay;
+  let browser;
+
+  before(async () => {
+    relay = await startRelay({ mysql: false });
+    browser = await chromium.launch({ executablePath: CHROMIUM, headless: true, args: CHROMIUM_ARGS });
+  });
+
+  after(async () => {
+    await browser?.close().catch(() => {});
+    await relay?.stop();
+  });
+
+  it("says that alarm history needs MySQL", async () => {
+    const w = await watchedPage(browser);
+    try {
+      const { page, state } = w;
+      // The relay answers the history request with 503, which Chromium reports on the console.
+      state.expected = (msg) => /status of 503/.test(msg.text()) && /\/api\/v1\/alarms\/history/.test(msg.location().url ?? "");
+      await page.goto(`http://${relay.http}/#/alarms`);
+      await signIn(page, relay.token);
+      const note = page.locator("#history-note.notice");
+      await note.waitFor({ timeout: UI_MS });
+      assert.match(await note.textContent(), /History needs MySQL/);
+      assert.equal(await page.locator("#history-rows tr").count(), 0);
+      assert.match(await page.locator("#alarm-summary").textContent(), /No active alarms/);
+      w.state.closing = true;
+      assert.deepEqual(w.problems, []);
+    } finally {
+      w.state.closing = true;
+      await w.context.close();
+    }
+  });
+});
