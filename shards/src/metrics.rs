@@ -63,7 +63,8 @@ pub fn render(stats: &[Arc<ShardStats>], uptime_s: f64, extra: &[(&str, &str, u6
         );
     }
     out.push_str(&lines);
-    let counters: [(&str, &str, fn(&ShardStats) -> u64); 8] = [
+    type Counter = (&'static str, &'static str, fn(&ShardStats) -> u64);
+    let counters: [Counter; 8] = [
         (
             "relay_frames_in_total",
             "Frames received from clients.",

@@ -68,7 +68,7 @@ pub struct Shared {
     /// The rules engine, when enabled.
     pub plugins: Option<Arc<dyn crate::api::PluginApi + Send + Sync>>,
     /// Extra counters for `/metrics` (the rules engine's).
-    pub plugin_metrics: Option<Arc<dyn Fn() -> Vec<(String, String, u64)> + Send + Sync>>,
+    pub plugin_metrics: MetricsSource,
     ready: AtomicUsize,
     errors: Mutex<Vec<String>>,
 }
@@ -351,7 +351,7 @@ pub struct Extensions {
     /// Makes each shard's event observer (the rules engine's feed).
     pub hooks: HooksFactory,
     /// Extra counters for `/metrics`.
-    pub plugin_metrics: Option<Arc<dyn Fn() -> Vec<(String, String, u64)> + Send + Sync>>,
+    pub plugin_metrics: MetricsSource,
 }
 
 impl std::fmt::Debug for Extensions {
@@ -361,6 +361,9 @@ impl std::fmt::Debug for Extensions {
             .finish()
     }
 }
+
+/// Extra `/metrics` counters: (name, help, value).
+pub type MetricsSource = Option<Arc<dyn Fn() -> Vec<(String, String, u64)> + Send + Sync>>;
 
 /// Builds one shard's event observer, given the shard index.
 pub type HooksFactory = Option<Arc<dyn Fn(usize) -> Box<dyn crate::router::Hooks> + Send + Sync>>;

@@ -225,3 +225,123 @@ impl Client {
         }
     }
 }
+
+/// A blocking HTTP/1.1 request; returns (status, body as JSON or text).
+pub fn http(
+    relay: &Relay,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<&serde_json::Value>,
+) -> (u16, serde_json::Value) {
+    let addr = relay.http_addr().expect("http enabled");
+    let mut s = TcpStream::connect(addr).expect("connect http");
+    s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    let body = body.map(|b| b.to_string()).unwrap_or_default();
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: relay\r\nConnection: close\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).unwrap();
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).unwrap();
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status: u16 = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let value =
+        serde_json::from_str(body).unwrap_or_else(|_| serde_json::Value::String(body.to_owned()));
+    (status, value)
+}
+
+/// A WebSocket client of `/ws` (tungstenite, blocking, short read timeout).
+pub struct Browser {
+    pub ws: tungstenite::WebSocket<TcpStream>,
+}
+
+impl Browser {
+    /// Connects to `/ws` with `query` (may be empty).
+    pub fn connect(relay: &Relay, query: &str) -> Browser {
+        let addr = relay.http_addr().expect("http enabled");
+        let stream = TcpStream::connect(addr).unwrap();
+        let url = if query.is_empty() {
+            format!("ws://{addr}/ws")
+        } else {
+            format!("ws://{addr}/ws?{query}")
+        };
+        let (ws, resp) = tungstenite::client(url, stream).expect("websocket handshake");
+        assert_eq!(resp.status().as_u16(), 101);
+        ws.get_ref()
+            .set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        Browser { ws }
+    }
+
+    pub fn send_text(&mut self, v: serde_json::Value) {
+        self.ws
+            .send(tungstenite::Message::text(v.to_string()))
+            .unwrap();
+    }
+
+    pub fn send_binary(&mut self, f: &Frame) {
+        self.ws
+            .send(tungstenite::Message::binary(codec::body_bytes(f)))
+            .unwrap();
+    }
+
+    /// Next protocol message (text as JSON, binary decoded), or a close.
+    pub fn recv_timeout(&mut self, timeout: Duration) -> Option<WsIn> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            match self.ws.read() {
+                Ok(tungstenite::Message::Text(t)) => {
+                    return Some(WsIn::Json(serde_json::from_str(t.as_str()).unwrap()));
+                }
+                Ok(tungstenite::Message::Binary(b)) => {
+                    return Some(WsIn::Frame(codec::parse_body(b).unwrap()));
+                }
+                Ok(tungstenite::Message::Close(c)) => {
+                    return Some(WsIn::Close(c.map(|c| u16::from(c.code))));
+                }
+                Ok(_) => {}
+                Err(tungstenite::Error::Io(e))
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) => {}
+                Err(tungstenite::Error::ConnectionClosed | tungstenite::Error::AlreadyClosed) => {
+                    return Some(WsIn::Close(None));
+                }
+                Err(e) => panic!("websocket read: {e}"),
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+        }
+    }
+
+    pub fn recv(&mut self) -> WsIn {
+        self.recv_timeout(Duration::from_secs(5))
+            .expect("a websocket message within 5 s")
+    }
+
+    pub fn recv_json(&mut self) -> serde_json::Value {
+        match self.recv() {
+            WsIn::Json(v) => v,
+            other => panic!("expected a JSON text message, got {other:?}"),
+        }
+    }
+}
+
+#[derive(Debug)]
+pub enum WsIn {
+    Json(serde_json::Value),
+    Frame(Frame),
+    Close(Option<u16>),
+}
