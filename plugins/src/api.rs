@@ -292,6 +292,15 @@ pub fn register(engine: &mut Engine, ctx: &Ctx) {
             if !shared.mysql_enabled {
                 shared.count(&shared.stats.persist_skipped);
             }
+            // Not checked (MySQL off, no tables declared): kept for dry runs to show.
+            let mut out = serde_json::Map::new();
+            for (k, v) in row {
+                out.insert(k.to_string(), to_json(&v)?);
+            }
+            cx.effects.push(Effect::Persist {
+                table: table.to_string(),
+                row: out,
+            });
             return Ok(());
         };
         let mut out = serde_json::Map::new();
