@@ -265,6 +265,18 @@ impl AlarmBook {
         self.alarms.values().map(Alarm::view).collect()
     }
 
+    /// Active alarms with keys after `after` (all when `None`), in key order.
+    pub fn views_after<'a>(&'a self, after: Option<&str>) -> impl Iterator<Item = AlarmView> + 'a {
+        use std::ops::Bound;
+        let lower = match after {
+            Some(k) => Bound::Excluded(k.to_string()),
+            None => Bound::Unbounded,
+        };
+        self.alarms
+            .range((lower, Bound::Unbounded))
+            .map(|(_, a)| a.view())
+    }
+
     /// One active alarm.
     pub fn get(&self, key: &str) -> Option<AlarmView> {
         self.alarms.get(key).map(Alarm::view)
@@ -945,6 +957,21 @@ mod tests {
         assert!(jobs(&b.take_effects()).is_empty());
         b.poll(at_7h_next_day);
         assert_eq!(jobs(&b.take_effects()).len(), 1);
+    }
+
+    #[test]
+    fn views_page_in_key_order() {
+        let mut b = AlarmBook::new(&NotifyConfig::default(), 10);
+        for k in ["c", "a", "b"] {
+            b.raise(0, k, Severity::Info, "").unwrap();
+        }
+        let keys = |it: Vec<AlarmView>| it.into_iter().map(|a| a.key).collect::<Vec<_>>();
+        assert_eq!(keys(b.views_after(None).collect()), ["a", "b", "c"]);
+        assert_eq!(keys(b.views_after(Some("a")).collect()), ["b", "c"]);
+        assert_eq!(
+            keys(b.views_after(Some("c")).collect()),
+            Vec::<String>::new()
+        );
     }
 
     #[test]

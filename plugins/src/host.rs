@@ -74,6 +74,15 @@ pub enum PluginError {
     Signal(String),
 }
 
+/// A page of active alarms: `{"items": [...], "next": <key or null>}`.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct AlarmPage {
+    /// Alarms in key order.
+    pub items: Vec<AlarmView>,
+    /// Cursor for the next page (`after=`), none on the last page.
+    pub next: Option<String>,
+}
+
 /// Actions from scripts for the shards (any shard may pull; executor-agnostic).
 pub type ActionReceiver = async_channel::Receiver<Action>;
 
@@ -255,6 +264,22 @@ impl PluginHost {
     /// Active alarms, by key.
     pub fn alarms(&self) -> Vec<AlarmView> {
         self.shared.book().views()
+    }
+
+    /// One page of active alarms in key order: those after `after` (a key from an
+    /// earlier page's `next`), at most `limit` (1 to 1000), as `GET /api/v1/alarms`
+    /// returns them.
+    pub fn alarms_page(&self, after: Option<&str>, limit: usize) -> AlarmPage {
+        let limit = limit.clamp(1, 1000);
+        let book = self.shared.book();
+        let mut items: Vec<AlarmView> = book.views_after(after).take(limit + 1).collect();
+        let next = if items.len() > limit {
+            items.truncate(limit);
+            items.last().map(|a| a.key.clone())
+        } else {
+            None
+        };
+        AlarmPage { items, next }
     }
 
     /// Acknowledges alarm `key` on behalf of `by`; its escalation chain stops.

@@ -237,3 +237,35 @@ fn every_function_reaches_its_sink() {
         format!("{id}_notify"),
     ]);
 }
+
+#[test]
+fn alarms_are_listed_in_pages() {
+    require_services();
+    init_log();
+    let rules = r#"fn on_message(msg) { alarm_raise(msg.payload.key, "minor", "x"); }"#;
+    let (cfg, id) = config("page", &[("p.rhai", rules)], vec![]);
+    let (host, _a) = PluginHost::start_with(cfg).unwrap();
+    for k in ["b", "c", "a"] {
+        host.events().try_send(msg("s", json!({"key": k})));
+    }
+    wait_for(Duration::from_secs(5), "three alarms", || {
+        (host.alarms().len() == 3).then_some(())
+    });
+    let p1 = host.alarms_page(None, 2);
+    assert_eq!(
+        p1.items.iter().map(|a| a.key.as_str()).collect::<Vec<_>>(),
+        ["a", "b"]
+    );
+    assert_eq!(p1.next.as_deref(), Some("b"));
+    let p2 = host.alarms_page(p1.next.as_deref(), 2);
+    assert_eq!(
+        p2.items.iter().map(|a| a.key.as_str()).collect::<Vec<_>>(),
+        ["c"]
+    );
+    assert_eq!(p2.next, None);
+    let body = serde_json::to_value(&p2).unwrap();
+    assert_eq!(body["items"][0]["severity"], "minor");
+    assert!(body["next"].is_null());
+    host.shutdown();
+    cleanup(&id, &[]);
+}
