@@ -351,7 +351,6 @@ mod tests {
             "to=%2B33%206&a=hot%20%2242%22%20%C2%B0C"
         );
         assert_eq!(render("unclosed {{text", &f), "unclosed {{text");
-        // SAFETY-free: environment read only.
         assert_eq!(render("{{env.RELAY_TEST_SURELY_UNSET_VAR}}", &f), "");
     }
 

@@ -32,6 +32,7 @@ fn temp(name: &str) -> PathBuf {
 #[test]
 fn shipped_rules_compile() {
     let report = cli::check_dir(&rules_dir()).unwrap();
+    println!("{report}");
     for f in [
         "overheat.rhai",
         "offline.rhai",
