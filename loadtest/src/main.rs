@@ -1,1 +1,63 @@
-fn main() {}
+//! The `relay-loadtest` binary: parses flags and the scenario, runs it, prints the
+//! human summary and writes the JSON and HTML reports. With `--worker` it is one
+//! worker process of a split fleet instead.
+
+use std::io::IsTerminal;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::Parser;
+use relay_loadtest::cli::Cli;
+use relay_loadtest::coordinator::{self, RunOptions};
+use relay_loadtest::scenario::Scenario;
+use relay_loadtest::{html, limits, worker};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if cli.worker {
+        let _ = limits::raise_nofile();
+        return match worker::child_main() {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("relay-loadtest worker: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("relay-loadtest: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    let (mut s, origin) = match &cli.scenario {
+        Some(p) => (Scenario::load(p)?, p.display().to_string()),
+        None => (Scenario::default(), "flags".to_string()),
+    };
+    cli.apply(&mut s);
+    s.validate(&origin)?;
+    if cli.print_scenario {
+        print!("{}", toml::to_string(&s).context("printing the scenario")?);
+        return Ok(());
+    }
+    let opts = RunOptions {
+        progress: !cli.no_progress && std::io::stderr().is_terminal(),
+        worker_exe: std::env::current_exe().ok(),
+    };
+    let report = coordinator::run(&s, &opts)?;
+    print!("{}", report.human());
+    if let Some(p) = &s.report.json {
+        std::fs::write(p, report.to_json()).with_context(|| format!("writing {}", p.display()))?;
+        println!("JSON report: {}", p.display());
+    }
+    if let Some(p) = &s.report.html {
+        let page = html::render(&report)?;
+        std::fs::write(p, page).with_context(|| format!("writing {}", p.display()))?;
+        println!("HTML report: {}", p.display());
+    }
+    Ok(())
+}

@@ -76,9 +76,14 @@ impl MqttEncoder {
     }
 }
 
-/// The MQTT packet id used for request `seq`.
+/// The MQTT packet id used for request `seq`: `seq` itself for 1..=65535, wrapped
+/// past that, and never 0 (which MQTT forbids).
 pub fn pkid(seq: u32) -> u16 {
-    ((seq % u16::MAX as u32) + 1) as u16
+    if seq == 0 {
+        1
+    } else {
+        ((seq - 1) % u16::MAX as u32 + 1) as u16
+    }
 }
 
 /// Decodes broker packets.
@@ -148,7 +153,7 @@ mod tests {
         let Packet::Connect(c) = Packet::read(&mut out, 1 << 20).unwrap() else { panic!() };
         assert_eq!((c.client_id.as_str(), c.keep_alive, c.clean_session), ("ctl-1", 30, true));
         let Packet::Subscribe(s) = Packet::read(&mut out, 1 << 20).unwrap() else { panic!() };
-        assert_eq!(s.pkid, 1);
+        assert_eq!(s.pkid, 1, "seq 0 is sent as packet id 1");
         assert_eq!(s.filters[0].path, "lt/a/ctl-1");
         let Packet::Publish(p) = Packet::read(&mut out, 1 << 20).unwrap() else { panic!() };
         assert_eq!(p.topic, "lt/a/web-1");
@@ -191,7 +196,8 @@ mod tests {
     #[test]
     fn packet_ids_are_never_zero() {
         assert_eq!(pkid(0), 1);
-        assert_eq!(pkid(u16::MAX as u32 - 1), u16::MAX);
-        assert_eq!(pkid(u16::MAX as u32), 1);
+        assert_eq!(pkid(7), 7);
+        assert_eq!(pkid(u16::MAX as u32), u16::MAX);
+        assert_eq!(pkid(u16::MAX as u32 + 1), 1);
     }
 }

@@ -1,0 +1,255 @@
+//! Command-line flags. Every flag overrides the matching scenario key, so a shipped
+//! scenario can be reused with another target, size or rate.
+
+use std::path::PathBuf;
+
+use clap::Parser;
+
+use crate::scenario::{Dur, Form, Pattern, Scenario};
+
+/// Open-loop load generator for the relay (and any MQTT 3.1.1 broker).
+#[derive(Debug, Parser)]
+#[command(name = "relay-loadtest", version, about, long_about = None)]
+pub struct Cli {
+    /// Scenario file (TOML); flags override its values.
+    #[arg(short, long, value_name = "FILE")]
+    pub scenario: Option<PathBuf>,
+
+    /// Traffic pattern: telemetry, command, fanout, fanin, idle, storm.
+    #[arg(short, long)]
+    pub pattern: Option<Pattern>,
+    /// Controllers' URL: tcp://host:port (relay) or mqtt://host:port (any MQTT broker).
+    #[arg(short, long, value_name = "URL")]
+    pub target: Option<String>,
+    /// Browsers' URL: ws://host:port/ws (relay only).
+    #[arg(long, value_name = "URL")]
+    pub browsers: Option<String>,
+    /// Form controllers speak: binary or json.
+    #[arg(long)]
+    pub controller_form: Option<Form>,
+    /// Form browsers speak: json (text, hello in the URL) or binary.
+    #[arg(long)]
+    pub browser_form: Option<Form>,
+    /// Prefix of every address, group and topic of the run.
+    #[arg(long)]
+    pub prefix: Option<String>,
+    /// Pid of the server to sample (default: found from the controllers' port).
+    #[arg(long)]
+    pub server_pid: Option<u32>,
+
+    /// Controllers.
+    #[arg(short = 'n', long)]
+    pub controllers: Option<u32>,
+    /// Browsers per controller (telemetry).
+    #[arg(long)]
+    pub browsers_per_controller: Option<u32>,
+    /// Groups, one publisher each (fanout).
+    #[arg(long)]
+    pub groups: Option<u32>,
+    /// Members per group (fanout).
+    #[arg(long)]
+    pub members: Option<u32>,
+    /// Dashboards (fanin).
+    #[arg(long)]
+    pub dashboards: Option<u32>,
+    /// Messages per second per sender.
+    #[arg(short, long)]
+    pub rate: Option<f64>,
+    /// Messages per second for the whole fleet.
+    #[arg(long)]
+    pub total_rate: Option<f64>,
+    /// Connections per second (storm; pacing otherwise).
+    #[arg(long)]
+    pub connect_rate: Option<f64>,
+    /// Storm: close each connection after its handshake.
+    #[arg(long)]
+    pub storm_close: bool,
+    /// Payload bytes per message (≥ 16).
+    #[arg(long)]
+    pub payload: Option<u32>,
+    /// Heartbeat interval (e.g. 30s).
+    #[arg(long)]
+    pub heartbeat: Option<Dur>,
+    /// Sending time of the step (e.g. 10s).
+    #[arg(short, long)]
+    pub duration: Option<Dur>,
+    /// Wait after sending for messages in flight.
+    #[arg(long)]
+    pub drain: Option<Dur>,
+    /// Write at most once per tick per connection.
+    #[arg(long)]
+    pub tick: Option<Dur>,
+
+    /// Worker processes (0 = as the open-file limit requires).
+    #[arg(short, long)]
+    pub workers: Option<u32>,
+    /// Runtime threads per worker (0 = cores / workers).
+    #[arg(long)]
+    pub threads: Option<u32>,
+    /// Source addresses: 127.0.0.2,127.0.0.5..127.0.0.9
+    #[arg(long, value_delimiter = ',')]
+    pub source_addrs: Option<Vec<String>>,
+    /// Handshakes in flight per worker during the connect phase.
+    #[arg(long)]
+    pub connect_concurrency: Option<u32>,
+    /// Deadline of one connect + handshake.
+    #[arg(long)]
+    pub connect_timeout: Option<Dur>,
+
+    /// Ramp the rate and report the highest that meets the SLO.
+    #[arg(long)]
+    pub find_max: bool,
+    /// p99 bound of the SLO (e.g. 10ms).
+    #[arg(long)]
+    pub slo_p99: Option<Dur>,
+    /// Loss bound of the SLO (0.001 = 0.1%).
+    #[arg(long)]
+    pub max_loss: Option<f64>,
+    /// First total rate of the ramp.
+    #[arg(long)]
+    pub start_rate: Option<f64>,
+    /// Ramp growth factor.
+    #[arg(long)]
+    pub ramp_factor: Option<f64>,
+    /// Most ramp steps.
+    #[arg(long)]
+    pub max_steps: Option<u32>,
+    /// Bisection steps after the ramp.
+    #[arg(long)]
+    pub refine_steps: Option<u32>,
+    /// Highest total rate to try (0 = none).
+    #[arg(long)]
+    pub max_rate: Option<f64>,
+    /// Length of each ramp step.
+    #[arg(long)]
+    pub step_duration: Option<Dur>,
+
+    /// Write the JSON report here.
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
+    /// Write the HTML report here.
+    #[arg(long, value_name = "FILE")]
+    pub html: Option<PathBuf>,
+    /// No live progress line.
+    #[arg(long)]
+    pub no_progress: bool,
+    /// Print the effective scenario as TOML and exit.
+    #[arg(long)]
+    pub print_scenario: bool,
+
+    /// Internal: run as a worker process (commands on stdin, replies on stdout).
+    #[arg(long, hide = true)]
+    pub worker: bool,
+}
+
+impl Cli {
+    /// Applies every given flag to `s`.
+    pub fn apply(&self, s: &mut Scenario) {
+        fn set<T: Clone>(dst: &mut T, v: &Option<T>) {
+            if let Some(v) = v {
+                *dst = v.clone();
+            }
+        }
+        set(&mut s.pattern, &self.pattern);
+        if let Some(t) = &self.target {
+            s.target.controllers = t.clone();
+            if t.starts_with("mqtt://") && self.browsers.is_none() {
+                s.target.browsers = String::new();
+            }
+        }
+        set(&mut s.target.browsers, &self.browsers);
+        set(&mut s.target.controller_form, &self.controller_form);
+        set(&mut s.target.browser_form, &self.browser_form);
+        set(&mut s.target.prefix, &self.prefix);
+        set(&mut s.target.server_pid, &self.server_pid);
+        let l = &mut s.load;
+        set(&mut l.controllers, &self.controllers);
+        set(&mut l.browsers_per_controller, &self.browsers_per_controller);
+        set(&mut l.groups, &self.groups);
+        set(&mut l.members, &self.members);
+        set(&mut l.dashboards, &self.dashboards);
+        if self.rate.is_some() {
+            l.rate = self.rate;
+            l.total_rate = None;
+        }
+        if self.total_rate.is_some() {
+            l.total_rate = self.total_rate;
+            l.rate = None;
+        }
+        set(&mut l.connect_rate, &self.connect_rate);
+        l.storm_close |= self.storm_close;
+        set(&mut l.payload_bytes, &self.payload);
+        set(&mut l.heartbeat, &self.heartbeat);
+        set(&mut l.duration, &self.duration);
+        set(&mut l.drain, &self.drain);
+        set(&mut l.tick, &self.tick);
+        let r = &mut s.run;
+        set(&mut r.workers, &self.workers);
+        set(&mut r.threads, &self.threads);
+        set(&mut r.source_addrs, &self.source_addrs);
+        set(&mut r.connect_concurrency, &self.connect_concurrency);
+        set(&mut r.connect_timeout, &self.connect_timeout);
+        let f = &mut s.find_max;
+        f.enabled |= self.find_max;
+        set(&mut f.slo_p99, &self.slo_p99);
+        set(&mut f.max_loss, &self.max_loss);
+        if self.start_rate.is_some() {
+            f.start_rate = self.start_rate;
+        }
+        set(&mut f.factor, &self.ramp_factor);
+        set(&mut f.max_steps, &self.max_steps);
+        set(&mut f.refine_steps, &self.refine_steps);
+        set(&mut f.max_rate, &self.max_rate);
+        set(&mut f.step_duration, &self.step_duration);
+        if self.json.is_some() {
+            s.report.json = self.json.clone();
+        }
+        if self.html.is_some() {
+            s.report.html = self.html.clone();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_override_the_scenario() {
+        let mut s = Scenario::from_toml("pattern = \"fanin\"\n[load]\ncontrollers = 10\nrate = 2.0\n", "t").unwrap();
+        let cli = Cli::parse_from([
+            "relay-loadtest",
+            "--target",
+            "mqtt://127.0.0.1:1883",
+            "-n",
+            "50",
+            "--total-rate",
+            "1000",
+            "--duration",
+            "3s",
+            "--source-addrs",
+            "127.0.0.2,127.0.0.3..127.0.0.4",
+            "--find-max",
+            "--slo-p99",
+            "5ms",
+        ]);
+        cli.apply(&mut s);
+        assert_eq!(s.pattern, Pattern::Fanin);
+        assert_eq!(s.load.controllers, 50);
+        assert_eq!((s.load.rate, s.load.total_rate), (None, Some(1000.0)));
+        assert_eq!(s.load.duration, Dur::secs(3));
+        assert!(s.browser_endpoint().unwrap().is_mqtt());
+        assert_eq!(s.source_addrs().unwrap().len(), 3);
+        assert!(s.find_max.enabled);
+        assert_eq!(s.find_max.slo_p99, Dur::millis(5));
+        s.validate("t").unwrap();
+    }
+
+    #[test]
+    fn bad_flag_values_are_clear_errors() {
+        let e = Cli::try_parse_from(["relay-loadtest", "--duration", "soon"]).unwrap_err();
+        assert!(e.to_string().contains("soon"), "{e}");
+        let e = Cli::try_parse_from(["relay-loadtest", "--pattern", "bounce"]).unwrap_err();
+        assert!(e.to_string().contains("unknown pattern"), "{e}");
+    }
+}

@@ -1,0 +1,624 @@
+//! The result of a run: one [`Report`] value, printed as a human summary (with an
+//! HdrHistogram percentile table), written as JSON, and drawn as HTML by [`crate::html`].
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use hdrhistogram::Histogram;
+use serde::{Deserialize, Serialize};
+
+use crate::findmax::Outcome;
+use crate::procstat::ProcSample;
+use crate::scenario::Pattern;
+use crate::stats::{ConnectStats, StepStats, hist_b64};
+
+/// Percentiles of one histogram, plus its curve for plotting.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct LatencySummary {
+    /// Recorded values.
+    pub count: u64,
+    pub min_us: u64,
+    pub mean_us: f64,
+    pub p50_us: u64,
+    pub p90_us: u64,
+    pub p99_us: u64,
+    pub p999_us: u64,
+    pub p9999_us: u64,
+    pub max_us: u64,
+    /// (percentile, µs) points of the percentile curve, HdrHistogram's iteration.
+    pub curve: Vec<(f64, u64)>,
+}
+
+impl LatencySummary {
+    /// Summarises a µs histogram.
+    pub fn from_hist(h: &Histogram<u64>) -> Self {
+        if h.is_empty() {
+            return Self::default();
+        }
+        let curve = h
+            .iter_quantiles(4)
+            .map(|v| (v.quantile_iterated_to() * 100.0, h.highest_equivalent(v.value_iterated_to())))
+            .collect();
+        Self {
+            count: h.len(),
+            min_us: h.min(),
+            mean_us: h.mean(),
+            p50_us: h.value_at_quantile(0.5),
+            p90_us: h.value_at_quantile(0.9),
+            p99_us: h.value_at_quantile(0.99),
+            p999_us: h.value_at_quantile(0.999),
+            p9999_us: h.value_at_quantile(0.9999),
+            max_us: h.max(),
+            curve,
+        }
+    }
+}
+
+/// Messages in one second of a step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Second {
+    /// Seconds since the step start.
+    pub t: u32,
+    pub sent: u64,
+    pub received: u64,
+}
+
+/// The server's cost during one step.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct ServerStep {
+    /// CPU seconds (user + system) from step start to the end of its drain.
+    pub cpu_s: f64,
+    /// CPU time over wall time, in percent of one core.
+    pub cpu_percent: f64,
+    /// CPU µs per message the server delivered (data plus heartbeat answers).
+    pub cpu_us_per_msg: f64,
+    /// RSS at the end of the step, bytes.
+    pub rss_bytes: u64,
+}
+
+/// One step of the run.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StepReport {
+    /// Step number (1-based).
+    pub index: u32,
+    /// Messages per second per sending client.
+    pub rate_per_sender: f64,
+    /// Messages per second for the fleet.
+    pub total_rate: f64,
+    /// Sending time, seconds.
+    pub duration_s: f64,
+    pub sent: u64,
+    pub received: u64,
+    pub expected: u64,
+    pub lost: u64,
+    pub loss_ratio: f64,
+    /// Arrivals stamped with another step.
+    pub late: u64,
+    /// sent / duration.
+    pub send_rate: f64,
+    /// received / duration.
+    pub receive_rate: f64,
+    /// Latency from intended send time (round trip for the command pattern).
+    pub latency: LatencySummary,
+    /// Heartbeat round trip from its intended time.
+    pub heartbeat: LatencySummary,
+    pub pings: u64,
+    pub pongs: u64,
+    /// Per-second throughput.
+    pub throughput: Vec<Second>,
+    /// Errors by kind.
+    pub errors: BTreeMap<String, u64>,
+    /// Server cost, when a server process was sampled.
+    pub server: Option<ServerStep>,
+    /// find-max only: whether the step met the SLO.
+    pub passed: Option<bool>,
+    /// The latency histogram, HdrHistogram V2 serialization, base64.
+    pub latency_hdr: String,
+}
+
+impl StepReport {
+    /// Builds the report of one step from its merged stats.
+    pub fn new(index: u32, rate_per_sender: f64, total_rate: f64, duration_s: f64, s: &StepStats) -> Self {
+        let n = s.sent_per_sec.len().max(s.recv_per_sec.len());
+        let throughput = (0..n)
+            .map(|i| Second {
+                t: i as u32,
+                sent: s.sent_per_sec.get(i).copied().unwrap_or(0),
+                received: s.recv_per_sec.get(i).copied().unwrap_or(0),
+            })
+            .collect();
+        let d = duration_s.max(1e-9);
+        Self {
+            index,
+            rate_per_sender,
+            total_rate,
+            duration_s,
+            sent: s.sent,
+            received: s.received,
+            expected: s.expected,
+            lost: s.lost(),
+            loss_ratio: s.loss_ratio(),
+            late: s.late,
+            send_rate: s.sent as f64 / d,
+            receive_rate: s.received as f64 / d,
+            latency: LatencySummary::from_hist(&s.latency),
+            heartbeat: LatencySummary::from_hist(&s.heartbeat),
+            pings: s.pings,
+            pongs: s.pongs,
+            throughput,
+            errors: s.errors.clone(),
+            server: None,
+            passed: None,
+            latency_hdr: hist_b64::encode(&s.latency),
+        }
+    }
+}
+
+/// The connect phase.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ConnectReport {
+    pub planned: u64,
+    pub established: u64,
+    pub failed: u64,
+    /// Seconds from the first connect start to the last handshake end.
+    pub duration_s: f64,
+    /// Established connections per second.
+    pub rate: f64,
+    /// Connect + handshake time (from the intended start in a storm).
+    pub time: LatencySummary,
+    pub errors: BTreeMap<String, u64>,
+    /// The connect-time histogram, V2 + base64.
+    pub time_hdr: String,
+}
+
+impl ConnectReport {
+    /// Builds the report from merged connect stats.
+    pub fn new(c: &ConnectStats) -> Self {
+        Self {
+            planned: c.planned,
+            established: c.established,
+            failed: c.failed,
+            duration_s: c.last_ns.saturating_sub(c.first_ns) as f64 / 1e9,
+            rate: c.rate(),
+            time: LatencySummary::from_hist(&c.time),
+            errors: c.errors.clone(),
+            time_hdr: hist_b64::encode(&c.time),
+        }
+    }
+}
+
+/// The sampled server process.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ServerReport {
+    pub pid: u32,
+    /// How the pid was chosen.
+    pub found_by: String,
+    /// RSS before the fleet connected.
+    pub rss_before_bytes: u64,
+    /// RSS once the fleet was connected.
+    pub rss_connected_bytes: u64,
+    /// Highest RSS seen.
+    pub rss_peak_bytes: u64,
+    /// (RSS connected − RSS before) / established connections.
+    pub bytes_per_connection: Option<f64>,
+    /// CPU seconds over the whole run.
+    pub cpu_total_s: f64,
+    /// Every reading, for plots.
+    pub samples: Vec<ProcSample>,
+}
+
+/// The limits in force and what they did to the run.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct LimitsReport {
+    pub nofile_soft: u64,
+    pub nofile_hard: u64,
+    /// Connections one process may hold.
+    pub per_process_connections: u64,
+    /// Ephemeral ports per source address.
+    pub ephemeral_ports: u64,
+    pub source_addrs: Vec<String>,
+    /// Connections the scenario asked for.
+    pub connections_asked: u64,
+    /// Connections the plan allowed.
+    pub connections_planned: u64,
+    /// True when a limit made the run smaller than asked.
+    pub capped: bool,
+    /// What the limits did, in words.
+    pub notes: Vec<String>,
+}
+
+/// The capacity search.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FindMaxReport {
+    pub slo_p99_ms: f64,
+    pub max_loss: f64,
+    pub steps: Vec<Outcome>,
+    pub best: Option<Outcome>,
+    pub first_failure: Option<f64>,
+    /// The capacity answer in one sentence.
+    pub answer: String,
+}
+
+/// Fleet shape.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FleetReport {
+    pub controllers: u64,
+    pub browsers: u64,
+    pub connections: u64,
+    pub senders: u64,
+    pub payload_bytes: u32,
+    pub heartbeat_s: f64,
+}
+
+/// Where the clients connected.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TargetReport {
+    /// `relay` or `mqtt`.
+    pub kind: String,
+    pub controllers: String,
+    pub browsers: String,
+    pub controller_form: String,
+    pub browser_form: String,
+    pub prefix: String,
+}
+
+/// A whole run.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Report {
+    pub tool: String,
+    pub version: String,
+    pub name: String,
+    pub description: String,
+    pub pattern: Pattern,
+    pub started_unix_ms: u64,
+    pub target: TargetReport,
+    pub fleet: FleetReport,
+    pub workers: u32,
+    pub threads_per_worker: u32,
+    pub connect: ConnectReport,
+    pub steps: Vec<StepReport>,
+    pub server: Option<ServerReport>,
+    pub limits: LimitsReport,
+    pub find_max: Option<FindMaxReport>,
+}
+
+/// `1234` µs as `1.23 ms`, and so on.
+pub fn fmt_us(us: u64) -> String {
+    if us < 1_000 {
+        format!("{us} µs")
+    } else if us < 1_000_000 {
+        format!("{:.2} ms", us as f64 / 1e3)
+    } else {
+        format!("{:.2} s", us as f64 / 1e6)
+    }
+}
+
+/// Bytes in binary units.
+pub fn fmt_bytes(b: f64) -> String {
+    if b.abs() < 1024.0 {
+        format!("{b:.0} B")
+    } else if b.abs() < 1024.0 * 1024.0 {
+        format!("{:.1} KiB", b / 1024.0)
+    } else if b.abs() < 1024.0 * 1024.0 * 1024.0 {
+        format!("{:.1} MiB", b / 1024.0 / 1024.0)
+    } else {
+        format!("{:.2} GiB", b / 1024.0 / 1024.0 / 1024.0)
+    }
+}
+
+/// A rate with thousands separators, no decimals past 100.
+pub fn fmt_rate(r: f64) -> String {
+    if r >= 100.0 {
+        group(r.round() as u64)
+    } else if r >= 1.0 {
+        format!("{r:.1}")
+    } else {
+        format!("{r:.3}")
+    }
+}
+
+/// 1234567 as `1,234,567`.
+pub fn group(n: u64) -> String {
+    let s = n.to_string();
+    let mut out = String::with_capacity(s.len() + s.len() / 3);
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+fn fmt_errors(e: &BTreeMap<String, u64>) -> String {
+    if e.is_empty() {
+        return "none".into();
+    }
+    e.iter()
+        .map(|(k, v)| format!("{k}={}", group(*v)))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn latency_line(l: &LatencySummary) -> String {
+    if l.count == 0 {
+        return "no samples".into();
+    }
+    format!(
+        "p50 {}  p90 {}  p99 {}  p99.9 {}  p99.99 {}  max {}  ({} samples)",
+        fmt_us(l.p50_us),
+        fmt_us(l.p90_us),
+        fmt_us(l.p99_us),
+        fmt_us(l.p999_us),
+        fmt_us(l.p9999_us),
+        fmt_us(l.max_us),
+        group(l.count)
+    )
+}
+
+/// The percentile table of a base64 V2 histogram, HdrHistogram style.
+pub fn percentile_table(hdr_b64: &str) -> String {
+    let Ok(h) = hist_b64::decode(hdr_b64) else {
+        return String::new();
+    };
+    if h.is_empty() {
+        return String::new();
+    }
+    let mut t = String::from("      percentile      latency        count\n");
+    for q in [0.0, 0.5, 0.75, 0.9, 0.95, 0.99, 0.999, 0.9999, 0.99999, 1.0] {
+        let v = h.value_at_quantile(q);
+        let below = h.count_between(0, v);
+        let _ = writeln!(t, "  {:>12.5}%  {:>11}  {:>11}", q * 100.0, fmt_us(v), group(below));
+    }
+    t
+}
+
+impl Report {
+    /// The step the summary leads with: the best passing step of a search, else the last.
+    pub fn main_step(&self) -> Option<&StepReport> {
+        if let Some(fm) = &self.find_max {
+            if let Some(best) = &fm.best {
+                if let Some(s) = self.steps.iter().find(|s| s.passed == Some(true) && s.total_rate == best.rate) {
+                    return Some(s);
+                }
+            }
+        }
+        self.steps.last()
+    }
+
+    /// The report as pretty JSON.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string_pretty(self).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
+    }
+
+    /// The human summary.
+    pub fn human(&self) -> String {
+        let mut o = String::new();
+        let t = &self.target;
+        let ends = if t.kind == "mqtt" {
+            t.controllers.clone()
+        } else {
+            format!("{} ({}) + {} ({})", t.controllers, t.controller_form, t.browsers, t.browser_form)
+        };
+        let _ = writeln!(o, "relay-loadtest {}: {} \"{}\" against {}", self.version, self.pattern, self.name, ends);
+        let f = &self.fleet;
+        let _ = writeln!(
+            o,
+            "fleet: {} controllers, {} browsers ({} connections, {} senders) in {} worker(s) × {} thread(s); payload {} B; heartbeat {}s",
+            group(f.controllers),
+            group(f.browsers),
+            group(f.connections),
+            group(f.senders),
+            self.workers,
+            self.threads_per_worker,
+            f.payload_bytes,
+            f.heartbeat_s
+        );
+        let c = &self.connect;
+        let _ = writeln!(
+            o,
+            "connect: {}/{} established, {} failed in {:.2} s ({}/s); connect time {}",
+            group(c.established),
+            group(c.planned),
+            group(c.failed),
+            c.duration_s,
+            fmt_rate(c.rate),
+            latency_line(&c.time)
+        );
+        if !c.errors.is_empty() {
+            let _ = writeln!(o, "  connect errors: {}", fmt_errors(&c.errors));
+        }
+        for s in &self.steps {
+            let verdict = match s.passed {
+                Some(true) => "  [pass]",
+                Some(false) => "  [fail]",
+                None => "",
+            };
+            let _ = writeln!(
+                o,
+                "step {}: {} msg/s for {:.1} s ({} msg/s per sender){verdict}",
+                s.index,
+                fmt_rate(s.total_rate),
+                s.duration_s,
+                fmt_rate(s.rate_per_sender)
+            );
+            let _ = writeln!(
+                o,
+                "  sent {}  received {}  expected {}  lost {} ({:.4}%)  late {}",
+                group(s.sent),
+                group(s.received),
+                group(s.expected),
+                group(s.lost),
+                s.loss_ratio * 100.0,
+                group(s.late)
+            );
+            let _ = writeln!(
+                o,
+                "  throughput: sent {}/s, received {}/s",
+                fmt_rate(s.send_rate),
+                fmt_rate(s.receive_rate)
+            );
+            let what = if self.pattern == Pattern::Command {
+                "round trip"
+            } else {
+                "latency"
+            };
+            let _ = writeln!(o, "  {what} from intended send: {}", latency_line(&s.latency));
+            let _ = writeln!(
+                o,
+                "  heartbeats: {} sent, {} answered; round trip {}",
+                group(s.pings),
+                group(s.pongs),
+                latency_line(&s.heartbeat)
+            );
+            let _ = writeln!(o, "  errors: {}", fmt_errors(&s.errors));
+            if let Some(sv) = &s.server {
+                let _ = writeln!(
+                    o,
+                    "  server: {:.2} CPU-s ({:.0}% of a core), {:.2} CPU-µs per message, RSS {}",
+                    sv.cpu_s,
+                    sv.cpu_percent,
+                    sv.cpu_us_per_msg,
+                    fmt_bytes(sv.rss_bytes as f64)
+                );
+            }
+        }
+        if let Some(s) = self.main_step() {
+            let table = percentile_table(&s.latency_hdr);
+            if !table.is_empty() {
+                let _ = writeln!(o, "latency percentiles (step {}):", s.index);
+                o.push_str(&table);
+            }
+        }
+        if let Some(sv) = &self.server {
+            let per_conn = sv
+                .bytes_per_connection
+                .map(|b| format!(" ({} per connection)", fmt_bytes(b)))
+                .unwrap_or_default();
+            let _ = writeln!(
+                o,
+                "server pid {} ({}): RSS {} before connect, {} connected{per_conn}, peak {}; {:.2} CPU-s in all",
+                sv.pid,
+                sv.found_by,
+                fmt_bytes(sv.rss_before_bytes as f64),
+                fmt_bytes(sv.rss_connected_bytes as f64),
+                fmt_bytes(sv.rss_peak_bytes as f64),
+                sv.cpu_total_s
+            );
+        } else {
+            let _ = writeln!(o, "server: not sampled (no pid given or found)");
+        }
+        let l = &self.limits;
+        let _ = writeln!(
+            o,
+            "limits: open files {}/{} (soft/hard), {} connections per process, {} ephemeral ports per source address, sources {}",
+            l.nofile_soft,
+            l.nofile_hard,
+            group(l.per_process_connections),
+            group(l.ephemeral_ports),
+            l.source_addrs.join(",")
+        );
+        for n in &l.notes {
+            let _ = writeln!(o, "  {n}");
+        }
+        if let Some(fm) = &self.find_max {
+            let _ = writeln!(o, "find-max: {}", fm.answer);
+        }
+        o
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    pub(crate) fn sample_report() -> Report {
+        let mut st = StepStats::default();
+        st.sent = 1000;
+        st.expected = 1000;
+        st.received = 998;
+        st.sent_per_sec = vec![500, 500];
+        st.recv_per_sec = vec![499, 499];
+        for v in 1..=998u64 {
+            st.latency.saturating_record(100 + v);
+        }
+        st.errors.insert("server:no_route".into(), 2);
+        let mut c = ConnectStats::default();
+        c.planned = 20;
+        c.record(0, 1_000_000, Ok(()));
+        Report {
+            tool: "relay-loadtest".into(),
+            version: "0.1.0".into(),
+            name: "t".into(),
+            description: String::new(),
+            pattern: Pattern::Telemetry,
+            started_unix_ms: 0,
+            target: TargetReport {
+                kind: "relay".into(),
+                controllers: "tcp://127.0.0.1:7000".into(),
+                browsers: "ws://127.0.0.1:8080/ws".into(),
+                controller_form: "binary".into(),
+                browser_form: "json".into(),
+                prefix: "lt".into(),
+            },
+            fleet: FleetReport {
+                controllers: 10,
+                browsers: 10,
+                connections: 20,
+                senders: 10,
+                payload_bytes: 64,
+                heartbeat_s: 30.0,
+            },
+            workers: 1,
+            threads_per_worker: 2,
+            connect: ConnectReport::new(&c),
+            steps: vec![StepReport::new(1, 50.0, 500.0, 2.0, &st)],
+            server: None,
+            limits: LimitsReport::default(),
+            find_max: None,
+        }
+    }
+
+    #[test]
+    fn step_report_counts_and_rates() {
+        let r = sample_report();
+        let s = &r.steps[0];
+        assert_eq!((s.sent, s.received, s.lost), (1000, 998, 2));
+        assert!((s.loss_ratio - 0.002).abs() < 1e-12);
+        assert_eq!(s.send_rate, 500.0);
+        assert_eq!(s.throughput.len(), 2);
+        assert_eq!(s.throughput[1], Second { t: 1, sent: 500, received: 499 });
+        assert_eq!(s.latency.count, 998);
+        assert!(s.latency.p50_us >= 590 && s.latency.p50_us <= 610, "{}", s.latency.p50_us);
+        assert!(s.latency.curve.len() > 5);
+        assert!(s.latency.curve.windows(2).all(|w| w[0].0 <= w[1].0 && w[0].1 <= w[1].1));
+    }
+
+    #[test]
+    fn json_report_round_trips() {
+        let r = sample_report();
+        let back: Report = serde_json::from_str(&r.to_json()).unwrap();
+        assert_eq!(back.steps[0].received, 998);
+        let h = hist_b64::decode(&back.steps[0].latency_hdr).unwrap();
+        assert_eq!(h.len(), 998);
+    }
+
+    #[test]
+    fn human_summary_names_the_numbers() {
+        let text = sample_report().human();
+        for needle in ["sent 1,000", "received 998", "lost 2 (0.2000%)", "server:no_route=2", "percentile", "p99"] {
+            assert!(text.contains(needle), "missing {needle:?} in\n{text}");
+        }
+    }
+
+    #[test]
+    fn number_formats() {
+        assert_eq!(group(1234567), "1,234,567");
+        assert_eq!(group(12), "12");
+        assert_eq!(fmt_us(850), "850 µs");
+        assert_eq!(fmt_us(1500), "1.50 ms");
+        assert_eq!(fmt_us(2_500_000), "2.50 s");
+        assert_eq!(fmt_bytes(2048.0), "2.0 KiB");
+        assert_eq!(fmt_rate(20000.4), "20,000");
+    }
+}
