@@ -247,3 +247,97 @@ impl Rules {
         out
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+    use relay_config::plugins::{MysqlConfig, NotifyConfig};
+
+    fn rules(text: &str) -> Rules {
+        let cfg = PluginsConfig::default();
+        let shared = Shared::new(&cfg, &MysqlConfig::default(), &NotifyConfig::default());
+        let mut r = Rules::new(&cfg, shared);
+        let errors = r.load(&[Source {
+            name: "t.rhai".into(),
+            path: "t.rhai".into(),
+            text: text.into(),
+        }]);
+        assert!(errors.is_empty(), "{errors:?}");
+        r
+    }
+
+    fn message(payload: &[u8], json: bool) -> Event {
+        Event::Message(MessageEvent {
+            src: "a".into(),
+            dst: "b".into(),
+            group: None,
+            payload: Bytes::copy_from_slice(payload),
+            json,
+            time_ms: 5,
+        })
+    }
+
+    fn logs(out: &Outcome) -> Vec<String> {
+        out.effects
+            .iter()
+            .filter_map(|e| match e {
+                Effect::Log { text, .. } => Some(text.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn payloads_are_parsed_json_or_blobs() {
+        let mut r = rules("fn on_message(msg) { log(`${type_of(msg.payload)} ${msg.size}`); }");
+        let cases: [(&[u8], bool, &str); 5] = [
+            (b"{\"t\":1}", true, "map 7"),
+            (b"{\"t\":1}", false, "map 7"),
+            (b"[1,2]", true, "array 5"),
+            (b"42", true, "i64 2"),
+            (b"\x00\x01{", false, "blob 3"),
+        ];
+        for (bytes, json, want) in cases {
+            assert_eq!(
+                logs(&r.handle(0, &message(bytes, json))),
+                [want],
+                "{bytes:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_failing_file_does_not_stop_the_next_one() {
+        let cfg = PluginsConfig::default();
+        let shared = Shared::new(&cfg, &MysqlConfig::default(), &NotifyConfig::default());
+        let mut r = Rules::new(&cfg, shared);
+        let src = |n: &str, t: &str| Source {
+            name: n.into(),
+            path: n.into(),
+            text: t.into(),
+        };
+        r.load(&[
+            src("a.rhai", "fn on_tick(n) { throw \"boom\"; }"),
+            src("b.rhai", "fn on_tick(n) { log(\"b ran\"); }"),
+        ]);
+        let out = r.tick(1);
+        assert_eq!(out.errors.len(), 1);
+        assert_eq!(out.errors[0].file, "a.rhai");
+        assert_eq!(out.errors[0].line, 1);
+        assert_eq!(logs(&out), ["b ran"]);
+    }
+
+    #[test]
+    fn reload_keeps_a_file_that_no_longer_compiles() {
+        let mut r = rules("fn on_tick(n) { log(\"v1\"); }");
+        let errors = r.load(&[Source {
+            name: "t.rhai".into(),
+            path: "t.rhai".into(),
+            text: "fn on_tick(n) {".into(),
+        }]);
+        assert_eq!(errors.len(), 1);
+        assert_eq!(logs(&r.tick(1)), ["v1"]);
+        assert_eq!(r.files(), ["t.rhai"]);
+    }
+}

@@ -108,6 +108,24 @@ pub fn dispatch(
     }
 }
 
+/// Runs one hook call; a panic inside (a bug, never a script's doing) is logged and
+/// counted as a script error instead of ending the worker thread.
+fn guarded(shared: &Shared, call: impl FnOnce() -> Outcome) -> Outcome {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(call)) {
+        Ok(out) => out,
+        Err(p) => {
+            let what = p
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| p.downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            tracing::error!(target: "relay::rules", "hook call panicked: {what}");
+            shared.count(&shared.stats.script_errors);
+            Outcome::default()
+        }
+    }
+}
+
 impl Worker {
     /// The worker loop; returns at shutdown.
     pub fn run(self) {
@@ -157,7 +175,8 @@ impl Worker {
             if let (Some(t), Some(period)) = (next_tick, tick)
                 && Instant::now() >= t
             {
-                let out = rules.tick(now_ms());
+                let now = now_ms();
+                let out = guarded(&self.shared, || rules.tick(now));
                 dispatch(&self.shared, &self.sink, &self.actions, out);
                 let next = t + period;
                 next_tick = Some(if next < Instant::now() {
@@ -187,7 +206,7 @@ impl Worker {
             }
             Event::Message(_) => {}
         }
-        let out = rules.handle(now, &ev);
+        let out = guarded(&self.shared, || rules.handle(now, &ev));
         dispatch(&self.shared, &self.sink, &self.actions, out);
     }
 }
