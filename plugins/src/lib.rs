@@ -39,3 +39,18 @@ pub use effect::{AlarmEvent, Effect, NotifyJob, Transition};
 pub use event::{Action, ClientInfo, Event, MessageEvent, RULES_SRC};
 pub use host::{ActionReceiver, AlarmPage, EventSender, HostConfig, PluginError, PluginHost};
 pub use shared::PluginStats;
+
+#[cfg(test)]
+mod tests {
+    fn send_sync<T: Send + Sync>() {}
+
+    #[test]
+    fn handles_cross_threads() {
+        // The shards keep these on their own threads.
+        send_sync::<crate::PluginHost>();
+        send_sync::<crate::EventSender>();
+        send_sync::<crate::ActionReceiver>();
+        send_sync::<crate::Event>();
+        send_sync::<crate::Action>();
+    }
+}
