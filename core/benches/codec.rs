@@ -32,7 +32,7 @@ fn json_frame() -> Frame {
     let mut f = data_frame();
     // 64 bytes of JSON text, so the JSON form carries it as a value.
     f.payload =
-        Bytes::from_static(br#"{"cmd":"relay_on","ch":2,"at":1763800000000,"by":"web-7f3a-xx"}"#);
+        Bytes::from_static(br#"{"cmd":"relay_on","ch":2,"at":1763800000000,"by":"web-7f3a-xyz"}"#);
     assert_eq!(f.payload.len(), 64);
     f.flags = Flags(Flags::ACK_REQ | Flags::JSON);
     f

@@ -90,44 +90,51 @@ pub fn check(buf: &[u8], max_frame: usize) -> Result<Check, DecodeError> {
 }
 
 /// Parses one body (no length prefix): a whole WebSocket binary message, or
-/// what `check` delimited. Slices of `body` become the frame's fields.
+/// what `check` delimited. Slices of `body` become the frame's fields (no
+/// copy: two reference-count increments at most, none for empty names).
 pub fn parse_body(mut body: Bytes) -> Result<Frame, DecodeError> {
-    if body.len() < MIN_BODY {
-        return Err(DecodeError::TooShort(body.len()));
+    let b: &[u8] = &body;
+    let len = b.len();
+    let Some(&[version, kind, flags, s0, s1, s2, s3, src_len]) = b.first_chunk::<8>() else {
+        return Err(DecodeError::TooShort(len));
+    };
+    if len < MIN_BODY {
+        return Err(DecodeError::TooShort(len));
     }
-    let version = body[0];
     if version != VERSION {
         return Err(DecodeError::Version(version));
     }
-    let kind = body[1];
-    let flags = Flags(body[2]);
-    let seq = u32::from_be_bytes([body[3], body[4], body[5], body[6]]);
-    let src_len = body[7] as usize;
+    let flags = Flags(flags);
+    let seq = u32::from_be_bytes([s0, s1, s2, s3]);
+    let src_len = src_len as usize;
     if src_len > MAX_NAME_LEN {
         return Err(DecodeError::NameTooLong {
             field: "src",
             len: src_len,
         });
     }
-    body.advance(8);
-    if body.len() < src_len + 1 {
+    // 8 fixed bytes, src, then the dst_len byte must be there.
+    let dst_at = 8 + src_len;
+    if len < dst_at + 1 {
         return Err(DecodeError::Truncated { field: "src" });
     }
-    let src = body.split_to(src_len);
-    let dst_len = body.get_u8() as usize;
+    let dst_len = b[dst_at] as usize;
     if dst_len > MAX_NAME_LEN {
         return Err(DecodeError::NameTooLong {
             field: "dst",
             len: dst_len,
         });
     }
-    if body.len() < dst_len {
+    let payload_at = dst_at + 1 + dst_len;
+    if len < payload_at {
         return Err(DecodeError::Truncated { field: "dst" });
     }
-    let dst = body.split_to(dst_len);
     let Some(kind) = FrameType::from_u8(kind) else {
         return Err(DecodeError::UnknownType { kind, seq });
     };
+    let src = name_slice(&body, 8, src_len);
+    let dst = name_slice(&body, dst_at + 1, dst_len);
+    body.advance(payload_at);
     Ok(Frame {
         kind,
         flags,
@@ -136,6 +143,15 @@ pub fn parse_body(mut body: Bytes) -> Result<Frame, DecodeError> {
         dst,
         payload: body,
     })
+}
+
+#[inline]
+fn name_slice(body: &Bytes, at: usize, len: usize) -> Bytes {
+    if len == 0 {
+        Bytes::new()
+    } else {
+        body.slice(at..at + len)
+    }
 }
 
 /// Incremental decoder of length-prefixed frames.
@@ -157,24 +173,45 @@ impl Decoder {
         match check(buf, self.max_frame)? {
             Check::Incomplete { .. } => Ok(None),
             Check::Complete { body_len } => {
-                buf.advance(4);
-                let body = buf.split_to(body_len).freeze();
+                let mut body = buf.split_to(4 + body_len).freeze();
+                body.advance(4);
                 parse_body(body).map(Some)
             }
         }
     }
 }
 
+/// The names as written: longer than 64 bytes is a caller bug, cut to 64.
+#[inline]
+fn names(frame: &Frame) -> (&[u8], &[u8]) {
+    (
+        &frame.src[..frame.src.len().min(MAX_NAME_LEN)],
+        &frame.dst[..frame.dst.len().min(MAX_NAME_LEN)],
+    )
+}
+
+/// The 8 fixed bytes before src: version, type, flags (reserved bits
+/// cleared), seq, src_len.
+#[inline]
+fn fixed_head(frame: &Frame, src_len: usize) -> [u8; 8] {
+    let s = frame.seq.to_be_bytes();
+    [
+        VERSION,
+        frame.kind as u8,
+        frame.flags.defined().0,
+        s[0],
+        s[1],
+        s[2],
+        s[3],
+        src_len as u8,
+    ]
+}
+
 /// Appends the body of `frame` (no length prefix). Reserved flag bits are
 /// cleared; names longer than 64 bytes are a caller bug and are cut to 64.
 pub fn encode_body(frame: &Frame, out: &mut impl BufMut) {
-    let src = &frame.src[..frame.src.len().min(MAX_NAME_LEN)];
-    let dst = &frame.dst[..frame.dst.len().min(MAX_NAME_LEN)];
-    out.put_u8(VERSION);
-    out.put_u8(frame.kind as u8);
-    out.put_u8(frame.flags.defined().0);
-    out.put_u32(frame.seq);
-    out.put_u8(src.len() as u8);
+    let (src, dst) = names(frame);
+    out.put_slice(&fixed_head(frame, src.len()));
     out.put_slice(src);
     out.put_u8(dst.len() as u8);
     out.put_slice(dst);
@@ -184,18 +221,26 @@ pub fn encode_body(frame: &Frame, out: &mut impl BufMut) {
 /// Length of the body `encode_body` writes for `frame` (names cut to 64).
 #[inline]
 pub fn body_len(frame: &Frame) -> usize {
-    MIN_BODY
-        + frame.src.len().min(MAX_NAME_LEN)
-        + frame.dst.len().min(MAX_NAME_LEN)
-        + frame.payload.len()
+    let (src, dst) = names(frame);
+    MIN_BODY + src.len() + dst.len() + frame.payload.len()
 }
 
-/// Appends `frame` with its length prefix.
+/// Appends `frame` with its length prefix. The frame is written in place
+/// into one grown region of `out`, not field by field through `BufMut`.
 pub fn encode(frame: &Frame, out: &mut BytesMut) {
-    let body = body_len(frame);
-    out.reserve(4 + body);
-    out.put_u32(body as u32);
-    encode_body(frame, out);
+    let (src, dst) = names(frame);
+    let body = MIN_BODY + src.len() + dst.len() + frame.payload.len();
+    let start = out.len();
+    out.resize(start + 4 + body, 0);
+    let b = &mut out[start..];
+    b[..4].copy_from_slice(&(body as u32).to_be_bytes());
+    b[4..12].copy_from_slice(&fixed_head(frame, src.len()));
+    let (s, rest) = b[12..].split_at_mut(src.len());
+    s.copy_from_slice(src);
+    rest[0] = dst.len() as u8;
+    let (d, p) = rest[1..].split_at_mut(dst.len());
+    d.copy_from_slice(dst);
+    p.copy_from_slice(&frame.payload);
 }
 
 /// The body of `frame` as its own buffer (a WebSocket binary message).
