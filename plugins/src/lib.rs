@@ -18,6 +18,7 @@
 //! - `sink`: the sink thread (Redis and MySQL writers, alarm clock, notifiers).
 //! - `spool`: the on-disk spool behind each sink.
 //! - `notify`: HTTP notifiers: templates, retries, rate limits, attempt records.
+//! - `history`: the alarm history read back from MySQL, in pages.
 //! - `cli`: `relay rules check` and `relay rules test`.
 pub mod alarm;
 pub mod api;

@@ -269,3 +269,66 @@ fn alarms_are_listed_in_pages() {
     host.shutdown();
     cleanup(&id, &[]);
 }
+
+#[test]
+fn alarm_history_reads_back_newest_first_in_pages() {
+    require_services();
+    init_log();
+    let rules = r#"fn on_message(msg) { if msg.payload.up { alarm_raise("h/1", "major", "t"); } else { alarm_clear("h/1"); } }"#;
+    let (cfg, id) = config("hist", &[("h.rhai", rules)], vec![]);
+    let mysql = cfg.mysql.clone();
+    let (host, _a) = PluginHost::start_with(cfg).unwrap();
+    for up in [true, false, true] {
+        host.events().try_send(msg("s", json!({"up": up})));
+    }
+    wait_for(Duration::from_secs(5), "three transitions stored", || {
+        mysql_rows_opt(&format!("SELECT id FROM `{id}_alarms`")).filter(|r| r.len() == 3)
+    });
+    let (tx, rx) = std::sync::mpsc::channel();
+    relay_plugins::history::alarm_history_in_background(mysql.clone(), 2, None, move |r| {
+        tx.send(r).unwrap();
+    });
+    let (items, next) = rx.recv_timeout(Duration::from_secs(10)).unwrap().unwrap();
+    let tr: Vec<&str> = items
+        .iter()
+        .map(|i| i["transition"].as_str().unwrap())
+        .collect();
+    assert_eq!(tr, ["raised", "cleared"], "newest first");
+    assert_eq!(items[0]["key"], "h/1");
+    assert_eq!(items[0]["severity"], "major");
+    let next = next.expect("a second page");
+    let (tx, rx) = std::sync::mpsc::channel();
+    relay_plugins::history::alarm_history_in_background(mysql.clone(), 2, Some(next), move |r| {
+        tx.send(r).unwrap();
+    });
+    let (items, next) = rx.recv_timeout(Duration::from_secs(10)).unwrap().unwrap();
+    assert_eq!(items.len(), 1);
+    assert_eq!(items[0]["transition"], "raised");
+    assert_eq!(next, None);
+    // MySQL off: a clear error, no connection attempt.
+    let mut off = mysql.clone();
+    off.enabled = false;
+    let (tx, rx) = std::sync::mpsc::channel();
+    relay_plugins::history::alarm_history_in_background(off, 10, None, move |r| {
+        tx.send(r).unwrap()
+    });
+    assert!(
+        rx.recv_timeout(Duration::from_secs(10))
+            .unwrap()
+            .unwrap_err()
+            .contains("enabled")
+    );
+    // A table that does not exist yet reads as empty.
+    let mut none = mysql;
+    none.alarm_table = format!("{id}_never");
+    let (tx, rx) = std::sync::mpsc::channel();
+    relay_plugins::history::alarm_history_in_background(none, 10, None, move |r| {
+        tx.send(r).unwrap()
+    });
+    assert_eq!(
+        rx.recv_timeout(Duration::from_secs(10)).unwrap().unwrap(),
+        (vec![], None)
+    );
+    host.shutdown();
+    cleanup(&id, &[]);
+}
