@@ -69,25 +69,41 @@ export function alarmCard(a, ctx, onChange) {
           }
         },
       });
-  const age = typeof a.raised_at_ms === "number" ? h("span", { class: "ago", dataset: { ts: a.raised_at_ms }, text: ago(a.raised_at_ms) }) : "—";
+  const age =
+    typeof a.raised_at_ms === "number"
+      ? h("span", { class: "ago", dataset: { ts: a.raised_at_ms }, text: ago(a.raised_at_ms) })
+      : "—";
   const meta = [
     h("span", {}, "raised ", age),
     a.count > 1 ? h("span", { text: `×${a.count}` }) : null,
     acked
-      ? h("span", { class: "acked" }, `acknowledged by ${a.acked_by} `, typeof a.acked_at_ms === "number" ? h("span", { class: "ago", dataset: { ts: a.acked_at_ms }, text: ago(a.acked_at_ms) }) : "")
+      ? h(
+          "span",
+          { class: "acked" },
+          `acknowledged by ${a.acked_by} `,
+          typeof a.acked_at_ms === "number"
+            ? h("span", { class: "ago", dataset: { ts: a.acked_at_ms }, text: ago(a.acked_at_ms) })
+            : "",
+        )
       : h("span", { class: "unacked", text: "not acknowledged" }),
     typeof a.next_step_ms === "number" && !acked
-      ? h("span", { text: `next escalation ${a.next_step_ms > Date.now() ? "in " + duration(a.next_step_ms - Date.now()) : "due"}` })
+      ? h("span", {
+          text: `next escalation ${a.next_step_ms > Date.now() ? "in " + duration(a.next_step_ms - Date.now()) : "due"}`,
+        })
       : null,
   ];
   return h(
     "li",
-    { class: `alarm sev-${sev}${acked ? " is-acked" : ""}`, dataset: { key } },
+    { class: `alarm alarm-${sev}${acked ? " is-acked" : ""}`, dataset: { key } },
     h("span", { class: `sev sev-${sev}`, text: sev }),
     h(
       "div",
       { class: "alarm-body" },
-      h("div", { class: "alarm-key" }, addr ? h("a", { href: `#/device/${encodeURIComponent(addr)}`, text: key }) : key),
+      h(
+        "div",
+        { class: "alarm-key" },
+        addr ? h("a", { href: `#/device/${encodeURIComponent(addr)}`, text: key }) : key,
+      ),
       h("div", { class: "alarm-text", text: a.text ?? "" }),
       h("div", { class: "alarm-meta muted small" }, meta),
       err,
@@ -104,6 +120,9 @@ export function alarmsView(root, ctx) {
   let historyAfter = null;
   /** "Older" was used: the periodic history refresh would lose those rows. */
   let paged = false;
+  /** The relay cannot serve alarms (rules off) or history (no MySQL): stop polling. */
+  let alarmsOff = false;
+  let historyOff = false;
   const timers = [];
 
   const summary = h("p", { class: "muted", id: "alarm-summary", role: "status", text: "Loading…" });
@@ -130,23 +149,47 @@ export function alarmsView(root, ctx) {
   const historyTable = h(
     "table",
     { class: "grid history" },
-    h("thead", {}, h("tr", {}, ["When", "Alarm", "Transition", "Severity", "Text", "By"].map((t) => h("th", { scope: "col", text: t })))),
+    h(
+      "thead",
+      {},
+      h(
+        "tr",
+        {},
+        ["When", "Alarm", "Transition", "Severity", "Text", "By"].map((t) => h("th", { scope: "col", text: t })),
+      ),
+    ),
     historyBody,
   );
   historyTable.hidden = true;
-  const moreBtn = h("button", { type: "button", id: "history-more", text: "Older", onclick: () => {
-    paged = true;
-    loadHistory(false);
-  } });
+  const moreBtn = h("button", {
+    type: "button",
+    id: "history-more",
+    text: "Older",
+    onclick: () => {
+      paged = true;
+      loadHistory(false);
+    },
+  });
   moreBtn.hidden = true;
 
   root.append(
     h("h1", { class: "title", text: "Alarms" }),
-    h("section", { class: "card", "aria-labelledby": "h-active" }, h("div", { class: "card-head" }, h("h2", { id: "h-active", text: "Active" }), chips), summary, list),
+    h(
+      "section",
+      { class: "card", "aria-labelledby": "h-active" },
+      h("div", { class: "card-head" }, h("h2", { id: "h-active", text: "Active" }), chips),
+      summary,
+      list,
+    ),
     h(
       "section",
       { class: "card", "aria-labelledby": "h-history" },
-      h("div", { class: "card-head" }, h("h2", { id: "h-history", text: "History" }), h("button", { type: "button", class: "ghost", text: "Refresh", onclick: () => loadHistory(true) })),
+      h(
+        "div",
+        { class: "card-head" },
+        h("h2", { id: "h-history", text: "History" }),
+        h("button", { type: "button", class: "ghost", text: "Refresh", onclick: () => loadHistory(true) }),
+      ),
       historyNote,
       h("div", { class: "table-wrap" }, historyTable),
       moreBtn,
@@ -156,13 +199,18 @@ export function alarmsView(root, ctx) {
   function render() {
     const shown = last
       .filter((a) => !filter || a.severity === filter)
-      .sort((a, b) => severityRank(b.severity) - severityRank(a.severity) || (a.raised_at_ms ?? 0) - (b.raised_at_ms ?? 0));
+      .sort(
+        (a, b) => severityRank(b.severity) - severityRank(a.severity) || (a.raised_at_ms ?? 0) - (b.raised_at_ms ?? 0),
+      );
     const open = last.filter((a) => !a.acked_by).length;
     const bySev = SEVERITIES.map((s) => [s, last.filter((a) => a.severity === s).length]).filter(([, n]) => n);
     summary.textContent = last.length
       ? `${last.length} active (${bySev.map(([s, n]) => `${n} ${s}`).join(", ")}); ${open} not acknowledged.`
       : "No active alarms.";
-    replace(list, shown.map((a) => alarmCard(a, ctx, changed)));
+    replace(
+      list,
+      shown.map((a) => alarmCard(a, ctx, changed)),
+    );
   }
 
   function changed() {
@@ -171,7 +219,7 @@ export function alarmsView(root, ctx) {
   }
 
   async function refresh() {
-    if (document.hidden) return;
+    if (document.hidden || alarmsOff) return;
     try {
       const items = await api.alarms();
       if (!alive) return;
@@ -180,8 +228,9 @@ export function alarmsView(root, ctx) {
       render();
     } catch (e) {
       if (!alive || e.status === 401) return;
+      alarmsOff = e.code === "unsupported";
       summary.textContent = alarmsError(e);
-      summary.className = "error";
+      summary.className = alarmsOff ? "notice" : "error";
     }
   }
 
@@ -193,6 +242,7 @@ export function alarmsView(root, ctx) {
     try {
       const res = await api.history({ limit: HISTORY_PAGE, after: historyAfter ?? undefined });
       if (!alive) return;
+      historyOff = false;
       const rows = res.items.map((ev) => {
         const at = ev.at_ms ?? ev.time_ms ?? ev.ts_ms;
         const key = String(ev.key ?? ev.alarm_key ?? "");
@@ -221,6 +271,7 @@ export function alarmsView(root, ctx) {
       moreBtn.hidden = true;
       historyNote.hidden = false;
       const needsMysql = e.status === 404 || e.status === 503 || e.code === "unsupported";
+      historyOff = needsMysql;
       historyNote.className = needsMysql ? "notice" : "error";
       historyNote.textContent = needsMysql
         ? "History needs MySQL: set [mysql] enabled = true in the relay's configuration to keep every raise, acknowledge and clear."
@@ -232,7 +283,7 @@ export function alarmsView(root, ctx) {
   loadHistory(true);
   timers.push(
     setInterval(refresh, POLL_MS),
-    setInterval(() => !paged && !document.hidden && loadHistory(true), HISTORY_EVERY_MS),
+    setInterval(() => !paged && !historyOff && !document.hidden && loadHistory(true), HISTORY_EVERY_MS),
   );
   return () => {
     alive = false;

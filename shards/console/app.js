@@ -90,8 +90,10 @@ async function refreshBadge() {
     const open = alarms.filter((a) => !a.acked_by).length;
     badge.hidden = open === 0;
     badge.textContent = String(open);
-  } catch {
-    /* the alarms view shows errors; the badge just keeps its last value */
+  } catch (e) {
+    // Rules off: there are no alarms to count until the relay's configuration changes.
+    if (e.code === "unsupported") clearInterval(badgeTimer);
+    /* otherwise the alarms view shows errors; the badge keeps its last value */
   }
 }
 

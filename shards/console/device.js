@@ -20,6 +20,8 @@ export function deviceView(root, ctx, addr) {
   let paused = false;
   let streamCount = 0;
   const timers = [];
+  /** The relay has no rules running: no shadow and no alarms to poll. */
+  let rulesOff = false;
   /** Recent stream entries by "src|payload" for de-duplication. */
   const recent = new Map();
 
@@ -77,7 +79,14 @@ export function deviceView(root, ctx, addr) {
       h(
         "section",
         { class: "card span2", "aria-labelledby": "h-live" },
-        h("div", { class: "card-head" }, h("h2", { id: "h-live", text: "Live messages" }), streamCounter, pauseBtn, clearBtn),
+        h(
+          "div",
+          { class: "card-head" },
+          h("h2", { id: "h-live", text: "Live messages" }),
+          streamCounter,
+          pauseBtn,
+          clearBtn,
+        ),
         watchNote,
         stream,
       ),
@@ -88,7 +97,11 @@ export function deviceView(root, ctx, addr) {
         h(
           "form",
           { class: "command", onsubmit: submit },
-          h("label", { for: "command", class: "small muted", text: `JSON payload, delivered to ${addr} as DATA with an ACK request` }),
+          h("label", {
+            for: "command",
+            class: "small muted",
+            text: `JSON payload, delivered to ${addr} as DATA with an ACK request`,
+          }),
           cmd,
           cmdError,
           sendBtn,
@@ -101,8 +114,18 @@ export function deviceView(root, ctx, addr) {
         h("div", { class: "card-head" }, h("h2", { id: "h-shadow", text: "Device shadow" }), shadowAt),
         shadow,
       ),
-      h("section", { class: "card", "aria-labelledby": "h-session" }, h("h2", { id: "h-session", text: "Session" }), info),
-      h("section", { class: "card", "aria-labelledby": "h-alarms" }, h("h2", { id: "h-alarms", text: "Alarms" }), alarmsBox),
+      h(
+        "section",
+        { class: "card", "aria-labelledby": "h-session" },
+        h("h2", { id: "h-session", text: "Session" }),
+        info,
+      ),
+      h(
+        "section",
+        { class: "card", "aria-labelledby": "h-alarms" },
+        h("h2", { id: "h-alarms", text: "Alarms" }),
+        alarmsBox,
+      ),
     ),
   );
 
@@ -110,7 +133,12 @@ export function deviceView(root, ctx, addr) {
   function addEntry(kind, frame, note) {
     if (paused && kind !== "out") return;
     const time = Date.now();
-    const payload = frame.payload !== undefined ? frame.payload : frame.payload_b64 !== undefined ? { payload_b64: frame.payload_b64 } : null;
+    const payload =
+      frame.payload !== undefined
+        ? frame.payload
+        : frame.payload_b64 !== undefined
+          ? { payload_b64: frame.payload_b64 }
+          : null;
     const key = `${frame.src}|${brief(payload, 4096)}`;
     if (kind !== "out") {
       const seen = recent.get(key);
@@ -216,13 +244,23 @@ export function deviceView(root, ctx, addr) {
       const rows = [
         ["Role", c.role],
         ["Shard", c.shard],
-        ["Connected", typeof c.connected_at_ms === "number" ? h("span", { class: "ago", dataset: { ts: c.connected_at_ms }, text: ago(c.connected_at_ms) }) : null],
+        [
+          "Connected",
+          typeof c.connected_at_ms === "number"
+            ? h("span", { class: "ago", dataset: { ts: c.connected_at_ms }, text: ago(c.connected_at_ms) })
+            : null,
+        ],
         ["Remote", c.remote],
         ["Groups", Array.isArray(c.groups) && c.groups.length ? c.groups.join(", ") : null],
         ["Uids", Array.isArray(c.uids) && c.uids.length ? c.uids.join(", ") : null],
         ["Meta", c.meta && Object.keys(c.meta).length ? brief(c.meta, 400) : null],
       ];
-      replace(info, rows.filter(([, v]) => v !== null && v !== undefined && v !== "").map(([k, v]) => [h("dt", { text: k }), h("dd", {}, v)]));
+      replace(
+        info,
+        rows
+          .filter(([, v]) => v !== null && v !== undefined && v !== "")
+          .map(([k, v]) => [h("dt", { text: k }), h("dd", {}, v)]),
+      );
     } catch (e) {
       if (!alive || e.status === 401) return;
       if (e.status === 404) {
@@ -255,6 +293,7 @@ export function deviceView(root, ctx, addr) {
       );
     } catch (e) {
       if (!alive || e.status === 401) return;
+      if (e.code === "unsupported") rulesOff = true;
       const text =
         e.status === 404
           ? "No state recorded for this device."
@@ -274,20 +313,27 @@ export function deviceView(root, ctx, addr) {
       replace(
         alarmsBox,
         mine.length
-          ? h("ul", { class: "alarm-list" }, mine.map((a) => alarmCard(a, ctx, refreshAlarms)))
+          ? h(
+              "ul",
+              { class: "alarm-list" },
+              mine.map((a) => alarmCard(a, ctx, refreshAlarms)),
+            )
           : h("p", { class: "muted", text: "No active alarms." }),
       );
     } catch (e) {
       if (!alive || e.status === 401) return;
-      replace(alarmsBox, h("p", { class: "error", text: alarmsError(e) }));
+      if (e.code === "unsupported") rulesOff = true;
+      replace(alarmsBox, h("p", { class: e.code === "unsupported" ? "muted" : "error", text: alarmsError(e) }));
     }
   }
 
   function poll() {
     if (document.hidden) return;
     refreshSession();
-    refreshShadow();
-    refreshAlarms();
+    if (!rulesOff) {
+      refreshShadow();
+      refreshAlarms();
+    }
   }
   poll();
   timers.push(setInterval(poll, POLL_MS));

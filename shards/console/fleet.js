@@ -26,6 +26,8 @@ export function fleetView(root, ctx) {
   let listSeq = 0;
   /** addr -> {state, at, error} */
   const states = new Map();
+  /** The relay keeps no device shadow (rules off): stop asking for it. */
+  let noShadow = false;
   const timers = [];
 
   const counts = h("section", { class: "counts", id: "counts", "aria-label": "Live counts" });
@@ -53,7 +55,11 @@ export function fleetView(root, ctx) {
     h(
       "thead",
       {},
-      h("tr", {}, ["Address", "Role", "Connected", "Shard", "Last state"].map((t) => h("th", { scope: "col", text: t }))),
+      h(
+        "tr",
+        {},
+        ["Address", "Role", "Connected", "Shard", "Last state"].map((t) => h("th", { scope: "col", text: t })),
+      ),
     ),
     tbody,
   );
@@ -83,7 +89,12 @@ export function fleetView(root, ctx) {
       prevAt = now;
       if (!alive) return;
       const card = (label, value, id) =>
-        h("div", { class: "count", id }, h("span", { class: "count-value", text: value }), h("span", { class: "count-label", text: label }));
+        h(
+          "div",
+          { class: "count", id },
+          h("span", { class: "count-value", text: value }),
+          h("span", { class: "count-label", text: label }),
+        );
       replace(
         counts,
         card("controllers online", num(s.byRole.controller), "count-controllers"),
@@ -93,7 +104,7 @@ export function fleetView(root, ctx) {
         card("frames out / s", outRate === null ? "…" : num(Math.round(outRate)), "count-out"),
         card("dropped", num(s.drops), "count-drops"),
         card(
-          s.shards.length ? `shards (${s.shards.map((x) => num(x.conns)).join(" / ")})` : "shards",
+          s.shards.length ? `shards (connections ${s.shards.map((x) => num(x.conns)).join(" / ")})` : "shards",
           s.shards.length ? String(s.shards.length) : "—",
           "count-shards",
         ),
@@ -130,7 +141,7 @@ export function fleetView(root, ctx) {
     const what = memory.role ? `${memory.role}s` : "clients";
     const filter = memory.prefix ? ` whose address starts with “${memory.prefix}”` : "";
     status.textContent = items.length
-      ? `${items.length}${page.next ? "+" : ""} online ${what}${filter} on this page.`
+      ? `${items.length}${page.next ? "+" : ""} online ${items.length === 1 && !page.next ? what.replace(/s$/, "") : what}${filter} on this page.`
       : memory.cursors.length > 1
         ? "No more clients."
         : `No online ${what}${filter}.`;
@@ -160,18 +171,21 @@ export function fleetView(root, ctx) {
   }
 
   function stateText(st) {
-    if (!st) return "…";
+    if (!st) return noShadow ? "—" : "…";
     if (st.error) return st.error;
     const text = fields(st.state);
     return text === "{}" || text === "" ? "—" : text;
   }
 
   async function refreshStates() {
+    if (noShadow) return;
     const now = Date.now();
-    const addrs = (page ? page.items : []).map((c) => String(c.addr ?? "")).filter((a) => {
-      const s = states.get(a);
-      return !s || now - s.at > STATE_MAX_AGE_MS;
-    });
+    const addrs = (page ? page.items : [])
+      .map((c) => String(c.addr ?? ""))
+      .filter((a) => {
+        const s = states.get(a);
+        return !s || now - s.at > STATE_MAX_AGE_MS;
+      });
     // Forget rows that left the page so the map stays as small as a page.
     const visible = new Set((page ? page.items : []).map((c) => String(c.addr ?? "")));
     for (const a of states.keys()) if (!visible.has(a)) states.delete(a);
@@ -181,7 +195,12 @@ export function fleetView(root, ctx) {
         try {
           entry = { state: await api.state(addr), at: Date.now() };
         } catch (e) {
-          entry = { state: null, at: Date.now(), error: e.status === 404 || e.code === "unsupported" ? "—" : `(${e.message})` };
+          if (e.code === "unsupported") noShadow = true;
+          entry = {
+            state: null,
+            at: Date.now(),
+            error: e.status === 404 || e.code === "unsupported" ? "—" : `(${e.message})`,
+          };
         }
         if (!alive) return;
         states.set(addr, entry);

@@ -13,7 +13,7 @@ function total(v) {
   let sum = null;
   const vals = Array.isArray(v) ? v : isObj(v) ? Object.values(v) : [];
   for (const x of vals) {
-    const t = n(x) ?? (isObj(x) ? n(x.count) ?? n(x.total) : null);
+    const t = n(x) ?? (isObj(x) ? (n(x.count) ?? n(x.total)) : null);
     if (t !== null) sum = (sum ?? 0) + t;
   }
   return sum;
@@ -50,7 +50,7 @@ export function summarize(s) {
   if (Array.isArray(rawShards)) {
     shardList = rawShards.map((x, i) => ({
       index: isObj(x) && n(x.shard) !== null ? x.shard : i,
-      conns: n(x) ?? (isObj(x) ? n(x.connections) ?? total(x.connections) ?? total(x.by_role) ?? n(x.conns) : null),
+      conns: n(x) ?? (isObj(x) ? (n(x.connections) ?? total(x.connections) ?? total(x.by_role) ?? n(x.conns)) : null),
     }));
   } else if (isObj(rawShards)) {
     shardList = Object.entries(rawShards).map(([k, v]) => ({ index: Number(k), conns: n(v) ?? total(v) }));

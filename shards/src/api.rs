@@ -30,8 +30,14 @@ pub trait PluginApi {
     /// `None` when no alarm has that key.
     fn ack(&self, key: &str, by: &str) -> Option<Value>;
     fn state(&self, addr: &str) -> Value;
-    /// Alarm history, newest first; `Err` when MySQL is not configured.
-    fn history(&self, limit: usize, before_id: Option<u64>) -> Result<Value, String>;
+    /// Alarm history, newest first, answered on the returned channel by the
+    /// rules engine's own thread (a shard never waits on MySQL); `Err` when
+    /// MySQL is not configured.
+    fn history(
+        &self,
+        limit: usize,
+        before_id: Option<u64>,
+    ) -> async_channel::Receiver<Result<Value, String>>;
 }
 
 /// Everything a request may touch.
@@ -278,7 +284,7 @@ pub async fn handle(
         ("GET", ["groups", group]) => members(api, Index::Group, group, query).await,
         ("GET", ["stats"]) => Ok(stats(api)),
         ("GET", ["alarms"]) => alarms(api),
-        ("GET", ["alarms", "history"]) => history(api, query),
+        ("GET", ["alarms", "history"]) => history(api, query).await,
         ("POST", ["alarms", key, "ack"]) => ack(api, key, body),
         (_, _) => Err(not_found(&format!("{method} {path}"))),
     };
@@ -562,16 +568,18 @@ fn alarms(api: &Api<'_>) -> Result<Reply, Reply> {
     Ok(ok(json!({"items": plugins(api)?.alarms(), "next": null})))
 }
 
-fn history(api: &Api<'_>, query: &str) -> Result<Reply, Reply> {
+async fn history(api: &Api<'_>, query: &str) -> Result<Reply, Reply> {
     let p = plugins(api)?;
     let limit = page(query)?.limit;
     let before = crate::http::query_param(query, "after").and_then(|a| a.parse().ok());
-    match p.history(limit, before) {
-        Ok(v) => Ok(ok(v)),
-        Err(msg) => Err(Reply {
+    let rx = p.history(limit, before);
+    match rx.recv().await {
+        Ok(Ok(v)) => Ok(ok(v)),
+        Ok(Err(msg)) => Err(Reply {
             status: 503,
             body: json!({"error": "unsupported", "message": msg}),
         }),
+        Err(_) => Err(err(ErrorCode::Internal, "the rules engine did not answer")),
     }
 }
 

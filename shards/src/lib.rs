@@ -18,7 +18,8 @@ pub mod http;
 pub mod metrics;
 pub mod router;
 mod rt;
+pub mod rules;
 pub mod stats;
 pub mod ws;
 
-pub use rt::{Extensions, MeshMsg, Relay, now, router_config};
+pub use rt::{Extensions, HooksFactory, MeshMsg, MetricsSource, Relay, now, router_config};

@@ -37,6 +37,30 @@ enum Command {
         #[command(subcommand)]
         what: ConfigCommand,
     },
+    /// Check or dry-run the Rhai rules.
+    Rules {
+        #[command(subcommand)]
+        what: RulesCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum RulesCommand {
+    /// Compile every *.rhai in DIR (default: [plugins] dir) and report errors
+    /// with file, line and column.
+    Check {
+        /// The rules folder.
+        dir: Option<PathBuf>,
+    },
+    /// Replay recorded events (JSON lines) against SCRIPT with Redis, MySQL and
+    /// notifiers faked, and print every action it would take and when.
+    Test {
+        /// The script to test.
+        script: PathBuf,
+        /// Events, one JSON object per line (see docs/rules.md).
+        #[arg(long, value_name = "FILE.jsonl")]
+        events: PathBuf,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -66,6 +90,7 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
+        Command::Rules { what } => rules(cli.config, what),
         Command::Config {
             what: ConfigCommand::Print { effective },
         } => {
@@ -85,6 +110,52 @@ fn main() -> ExitCode {
     }
 }
 
+fn rules(path: Option<PathBuf>, what: RulesCommand) -> ExitCode {
+    let cfg = match Config::load(path.as_deref()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(2);
+        }
+    };
+    let host_cfg = relay_plugins::HostConfig::from_config(&cfg);
+    match what {
+        RulesCommand::Check { dir } => {
+            let dir = dir.unwrap_or_else(|| PathBuf::from(&cfg.plugins.dir));
+            match relay_plugins::cli::check_dir_with(&dir, &host_cfg) {
+                Ok(report) => {
+                    print!("{report}");
+                    ExitCode::SUCCESS
+                }
+                Err(report) => {
+                    eprint!("{report}");
+                    ExitCode::from(1)
+                }
+            }
+        }
+        RulesCommand::Test { script, events } => {
+            let mut out = std::io::stdout().lock();
+            match relay_plugins::cli::test_script_with(&host_cfg, &script, &events, &mut out) {
+                Ok(summary) => {
+                    eprintln!(
+                        "{} events, {} actions, {} errors",
+                        summary.events, summary.actions, summary.errors
+                    );
+                    if summary.errors > 0 {
+                        ExitCode::from(1)
+                    } else {
+                        ExitCode::SUCCESS
+                    }
+                }
+                Err(e) => {
+                    eprintln!("{e}");
+                    ExitCode::from(2)
+                }
+            }
+        }
+    }
+}
+
 fn run(path: Option<PathBuf>) -> ExitCode {
     let cfg = match Config::load(path.as_deref()) {
         Ok(c) => c,
@@ -94,7 +165,18 @@ fn run(path: Option<PathBuf>) -> ExitCode {
         }
     };
     init_logging(&cfg);
-    let relay = match Relay::start(&cfg) {
+    let (ext, host) = if cfg.plugins.enabled {
+        match relay_shards::rules::attach(&cfg) {
+            Ok((ext, host)) => (ext, Some(host)),
+            Err(e) => {
+                tracing::error!("rules engine: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    } else {
+        (relay_shards::Extensions::default(), None)
+    };
+    let relay = match Relay::start_with(&cfg, ext) {
         Ok(r) => r,
         Err(e) => {
             tracing::error!("{e:#}");
@@ -108,7 +190,15 @@ fn run(path: Option<PathBuf>) -> ExitCode {
             return ExitCode::FAILURE;
         }
     }
-    match relay.join() {
+    let joined = relay.join();
+    if let Some(host) = host {
+        // Every other handle went with the relay: flush sinks and stop.
+        match std::sync::Arc::try_unwrap(host) {
+            Ok(host) => host.shutdown(),
+            Err(_) => tracing::warn!("rules engine still referenced at exit; not flushed"),
+        }
+    }
+    match joined {
         Ok(()) => {
             tracing::info!("relay stopped");
             ExitCode::SUCCESS

@@ -3,7 +3,7 @@
 // temporary folder, starts the binary, reads the listening addresses from its
 // log, and stops it with SIGTERM (SIGKILL if it does not exit in time).
 
-import { spawn } from "node:child_process";
+import { spawn, spawnSync } from "node:child_process";
 import { mkdtempSync, mkdirSync, writeFileSync, existsSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join, resolve, dirname } from "node:path";
@@ -30,6 +30,26 @@ fn on_message(msg) {
 
 const toml = (s) => JSON.stringify(String(s));
 
+/** MariaDB tables the test relay writes alarm history and notifier attempts to. */
+export const MYSQL_TABLES = ["console_test_alarm_events", "console_test_notify_attempts"];
+
+/**
+ * Drops the test's history tables (the relay creates them again), so the
+ * history a test sees is the history of that run only.
+ */
+function resetMysqlTables() {
+  const r = spawnSync(
+    "mariadb",
+    ["-h127.0.0.1", "-P3306", "-uroot", "test", "-e", `DROP TABLE IF EXISTS ${MYSQL_TABLES.join(", ")}`],
+    { encoding: "utf8", timeout: 15000 },
+  );
+  if (r.error || r.status !== 0) {
+    throw new Error(
+      `cannot reset the MariaDB tables on 127.0.0.1:3306 (set CONSOLE_TEST_MYSQL=0 to run without MySQL): ${r.error?.message ?? r.stderr}`,
+    );
+  }
+}
+
 /** Strips terminal colour codes from a log line. */
 const plain = (line) => line.replace(/\x1b\[[0-9;]*m/g, "");
 
@@ -42,8 +62,11 @@ const plain = (line) => line.replace(/\x1b\[[0-9;]*m/g, "");
  */
 export async function startRelay({ mysql = false, startTimeoutMs = 30000 } = {}) {
   if (!existsSync(RELAY_BIN)) {
-    throw new Error(`relay binary not found at ${RELAY_BIN}: run \`cargo build -p relay-shards --bin relay\` or set RELAY_BIN`);
+    throw new Error(
+      `relay binary not found at ${RELAY_BIN}: run \`cargo build -p relay-shards --bin relay\` or set RELAY_BIN`,
+    );
   }
+  if (mysql) resetMysqlTables();
   const dir = mkdtempSync(join(tmpdir(), "relay-console-"));
   const rules = join(dir, "rules");
   mkdirSync(rules);
@@ -72,8 +95,8 @@ export async function startRelay({ mysql = false, startTimeoutMs = 30000 } = {})
     "[mysql]",
     `enabled = ${mysql}`,
     'url = "mysql://root@127.0.0.1:3306/test"',
-    'alarm_table = "console_test_alarm_events"',
-    'notify_table = "console_test_notify_attempts"',
+    `alarm_table = ${toml(MYSQL_TABLES[0])}`,
+    `notify_table = ${toml(MYSQL_TABLES[1])}`,
     "",
   ].join("\n");
   const configPath = join(dir, "relay.toml");
@@ -90,7 +113,10 @@ export async function startRelay({ mysql = false, startTimeoutMs = 30000 } = {})
 
   const listening = new Promise((res, rej) => {
     const timer = setTimeout(
-      () => rej(new Error(`relay did not log "relay listening" within ${startTimeoutMs} ms:\n${logs.slice(-30).join("\n")}`)),
+      () =>
+        rej(
+          new Error(`relay did not log "relay listening" within ${startTimeoutMs} ms:\n${logs.slice(-30).join("\n")}`),
+        ),
       startTimeoutMs,
     );
     let buf = "";

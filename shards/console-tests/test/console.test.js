@@ -21,6 +21,9 @@ const here = dirname(fileURLToPath(import.meta.url));
 const CHROMIUM = process.env.CHROMIUM_BIN || "/usr/bin/chromium";
 const SHOTS = resolve(process.env.SCREENSHOT_DIR || join(here, "../../../docs/screenshots"));
 const CTL = "ctl-sim-1";
+/** Other controllers online, more than one page of the fleet view (100). */
+const FLEET = 120;
+const fleetAddr = (i) => `ctl-8266-${String(i).padStart(4, "0")}`;
 const OPERATOR = "Operator Ada";
 /** Longest wait for something to show up on the page. */
 const UI_MS = 15000;
@@ -71,6 +74,15 @@ async function signIn(page, token, name = OPERATOR) {
   await page.locator("#signin-button").click();
 }
 
+/** Waits until `fn(arg)` is true in the page; a timeout names what was awaited. */
+async function until(page, what, fn, arg) {
+  try {
+    await page.waitForFunction(fn, arg, { timeout: UI_MS });
+  } catch (e) {
+    throw new Error(`timed out after ${UI_MS} ms waiting until ${what}`, { cause: e });
+  }
+}
+
 /** No element is wider than the screen: the page never scrolls sideways. */
 async function assertNoSideScroll(page, where) {
   const { scroll, client } = await page.evaluate(() => ({
@@ -83,15 +95,22 @@ async function assertNoSideScroll(page, where) {
 describe("relay web console in Chromium", { timeout: 180000 }, () => {
   let relay;
   let ctl;
+  const fleet = [];
   let browser;
   let desk;
 
   before(async () => {
     relay = await startRelay({ mysql: process.env.CONSOLE_TEST_MYSQL !== "0" });
-    ctl = new SimController(relay.tcp, CTL);
-    await ctl.connect();
-    ctl.telemetry({ temp: 90 });
-    ctl.every(1000, () => ({ temp: 90, rssi: -61 }));
+    // A fleet of normal controllers, each reporting one reading.
+    for (let i = 0; i < FLEET; i += 20) {
+      const batch = [];
+      for (let j = i; j < Math.min(FLEET, i + 20); j++) {
+        const c = new SimController(relay.tcp, fleetAddr(j));
+        fleet.push(c);
+        batch.push(c.connect().then(() => c.telemetry({ temp: 20 + (j % 13), rssi: -50 - (j % 30) })));
+      }
+      await Promise.all(batch);
+    }
     browser = await chromium.launch({ executablePath: CHROMIUM, headless: true, args: CHROMIUM_ARGS });
     desk = await watchedPage(browser);
   });
@@ -100,6 +119,7 @@ describe("relay web console in Chromium", { timeout: 180000 }, () => {
     if (desk) desk.state.closing = true;
     await browser?.close().catch(() => {});
     ctl?.close();
+    fleet.forEach((c) => c.close());
     await relay?.stop();
   });
 
@@ -131,41 +151,68 @@ describe("relay web console in Chromium", { timeout: 180000 }, () => {
     // The page's own live link is up.
     await page.locator('#link[data-state="open"]').waitFor({ timeout: UI_MS });
 
+    // A first page of 100 controllers, with their last state, and more behind "Next".
+    const rows = page.locator("#fleet-rows tr");
+    await until(page, "the first page holds 100 controllers", () => document.querySelectorAll("#fleet-rows tr").length === 100);
+    assert.equal(await rows.first().getAttribute("data-addr"), fleetAddr(0));
+    await until(page, "the first row shows its temperature from the device shadow", (addr) =>
+      /temp=2\d/.test(document.querySelector(`#fleet-rows tr[data-addr="${addr}"] td.state`)?.textContent ?? ""), fleetAddr(0));
+    await until(page, "the live count of controllers reaches the fleet", (n) =>
+      Number(document.querySelector("#count-controllers .count-value")?.textContent.replace(/,/g, "")) === n, FLEET);
+    await page.locator("#next").click();
+    await until(page, "the second page holds the other 20", (addr) =>
+      document.querySelectorAll("#fleet-rows tr").length === 20 &&
+      document.querySelector("#fleet-rows tr")?.dataset.addr === addr, fleetAddr(100));
+    assert.equal(await page.locator("#next").isDisabled(), true, "no third page");
+    await page.locator("#prev").click();
+    await until(page, "back on the first page", (addr) =>
+      document.querySelectorAll("#fleet-rows tr").length === 100 &&
+      document.querySelector("#fleet-rows tr")?.dataset.addr === addr, fleetAddr(0));
+
+    // Search by address prefix; then the simulated controller connects and appears.
+    await page.locator("#search").fill("ctl-sim");
+    await until(page, "a prefix matching nobody online empties the list", () =>
+      document.querySelectorAll("#fleet-rows tr").length === 0 &&
+      /No online controllers/.test(document.querySelector("#fleet-status")?.textContent ?? ""));
+    ctl = new SimController(relay.tcp, CTL);
+    await ctl.connect();
+    ctl.telemetry({ temp: 90 });
+    ctl.every(1000, () => ({ temp: 90, rssi: -61 }));
     const row = page.locator(`#fleet-rows tr[data-addr="${CTL}"]`);
     await row.waitFor({ timeout: UI_MS });
+    assert.equal(await rows.count(), 1);
     assert.equal((await row.locator("td").nth(1).textContent()).trim(), "controller");
     assert.match(await row.locator("td").nth(2).textContent(), /ago/);
     assert.match(await row.locator("td").nth(3).textContent(), /^\s*[01]\s*$/, "shard 0 or 1");
     // The last state comes from the device shadow the rule keeps.
-    await page.waitForFunction(
-      (addr) => document.querySelector(`#fleet-rows tr[data-addr="${addr}"] td.state`)?.textContent.includes("temp=90"),
-      CTL,
-      { timeout: UI_MS },
-    );
+    await until(page, "the fleet row shows temp=90 from the device shadow", (addr) =>
+      document.querySelector(`#fleet-rows tr[data-addr="${addr}"] td.state`)?.textContent.includes("temp=90"), CTL);
     // Live counts from /api/v1/stats.
-    await page.waitForFunction(() => Number(document.querySelector("#count-controllers .count-value")?.textContent) >= 1, null, {
-      timeout: UI_MS,
-    });
-    await page.waitForFunction(() => /\d/.test(document.querySelector("#count-in .count-value")?.textContent ?? ""), null, {
-      timeout: UI_MS,
-    });
+    await until(page, "the live count of controllers includes it", (n) =>
+      Number(document.querySelector("#count-controllers .count-value")?.textContent.replace(/,/g, "")) === n, FLEET + 1);
+    await until(page, "frames in / s shows a number", () =>
+      /\d/.test(document.querySelector("#count-in .count-value")?.textContent ?? ""));
 
-    // Search by address prefix: a prefix that matches nothing empties the list, ours brings it back.
-    await page.locator("#search").fill("nobody-");
-    await page.waitForFunction(() => document.querySelectorAll("#fleet-rows tr").length === 0, null, { timeout: UI_MS });
-    await page.locator("#search").fill("ctl-sim");
-    await row.waitFor({ timeout: UI_MS });
+    await page.locator("#search").fill("");
+    await until(page, "the whole fleet is listed again", () => document.querySelectorAll("#fleet-rows tr").length === 100);
+    await until(page, "the visible rows show their state", () =>
+      [...document.querySelectorAll("#fleet-rows td.state")].slice(0, 12).every((td) => /temp=/.test(td.textContent)));
     await shot(page, "fleet");
   });
 
   it("opens the device, streams its messages, sends a command and shows the reply and the ack", async () => {
     const { page } = desk;
     await page.locator(`#fleet-rows tr[data-addr="${CTL}"] a`).click();
-    await page.waitForFunction((addr) => document.querySelector("#device-addr")?.textContent === addr, CTL, { timeout: UI_MS });
+    await until(
+      page,
+      "the device view shows the address",
+      (addr) => document.querySelector("#device-addr")?.textContent === addr,
+      CTL,
+    );
     await page.locator("#device-online.ok").waitFor({ timeout: UI_MS });
-    await page.waitForFunction(() => /Watching/.test(document.querySelector("#watch-note")?.textContent ?? ""), null, {
-      timeout: UI_MS,
-    });
+    await until(page, "the page watches the device (joined watch:<addr>)", () =>
+      /Watching/.test(document.querySelector("#watch-note")?.textContent ?? ""),
+    );
     // Telemetry the controller publishes reaches the page through the watch tap.
     await page.locator("#stream li.tap", { hasText: '"temp":90' }).first().waitFor({ timeout: UI_MS });
     await page.locator("#shadow", { hasText: "temp" }).waitFor({ timeout: UI_MS });
@@ -190,7 +237,10 @@ describe("relay web console in Chromium", { timeout: 180000 }, () => {
     assert.deepEqual(got[0].payload, { cmd: "relay_on", ch: 2 });
     assert.match(got[0].src, /^console-[0-9a-f]{8}$/);
     // ...and its reply is in the live stream.
-    await page.locator("#stream li", { hasText: '"echo":{"cmd":"relay_on","ch":2}' }).first().waitFor({ timeout: UI_MS });
+    await page
+      .locator("#stream li", { hasText: '"echo":{"cmd":"relay_on","ch":2}' })
+      .first()
+      .waitFor({ timeout: UI_MS });
 
     // The device's alarm is listed in its view.
     await page.locator("#device-alarms li", { hasText: `${CTL}/overheat` }).waitFor({ timeout: UI_MS });
@@ -204,9 +254,11 @@ describe("relay web console in Chromium", { timeout: 180000 }, () => {
     await page.evaluate(() => {
       location.hash = "#/device/ctl-nobody-here";
     });
-    await page.waitForFunction(() => document.querySelector("#device-addr")?.textContent === "ctl-nobody-here", null, {
-      timeout: UI_MS,
-    });
+    await until(
+      page,
+      "the device view of an offline address is shown",
+      () => document.querySelector("#device-addr")?.textContent === "ctl-nobody-here",
+    );
     await page.locator("#device-online.bad").waitFor({ timeout: UI_MS });
     await page.locator("#command").fill('{"cmd": "status"}');
     await page.locator("#send").click();
@@ -236,7 +288,11 @@ describe("relay web console in Chromium", { timeout: 180000 }, () => {
     assert.equal(status, 200);
     const alarm = body.items.find((a) => a.key === `${CTL}/overheat`);
     assert.equal(alarm?.acked_by, OPERATOR);
-    await page.waitForFunction(() => document.querySelector("#alarm-badge")?.hidden === true, null, { timeout: UI_MS });
+    await until(
+      page,
+      "the alarm badge is gone after the acknowledge",
+      () => document.querySelector("#alarm-badge")?.hidden === true,
+    );
 
     if (process.env.CONSOLE_TEST_MYSQL !== "0") {
       // History from MySQL shows the acknowledge (the sink writes it asynchronously).
@@ -259,12 +315,19 @@ describe("relay web console in Chromium", { timeout: 180000 }, () => {
       await page.goto(`http://${relay.http}/`);
       await signIn(page, relay.token);
       await page.locator(`#fleet-rows tr[data-addr="${CTL}"]`).waitFor({ timeout: UI_MS });
-      await page.waitForFunction(
-        (addr) => document.querySelector(`#fleet-rows tr[data-addr="${addr}"] td.state`)?.textContent.includes("temp=90"),
+      await until(
+        page,
+        "the phone's fleet row shows temp=90",
+        (addr) =>
+          document.querySelector(`#fleet-rows tr[data-addr="${addr}"] td.state`)?.textContent.includes("temp=90"),
         CTL,
-        { timeout: UI_MS },
+      );
+      await until(page, "the phone shows frames in / s", () =>
+        /\d/.test(document.querySelector("#count-in .count-value")?.textContent ?? ""),
       );
       await assertNoSideScroll(page, "fleet");
+      const header = await page.locator("#top").boundingBox();
+      assert.ok(header.height < 80, `the header keeps to one line (${header.height} px high)`);
       await shot(page, "fleet-phone");
       await page.locator(`#fleet-rows tr[data-addr="${CTL}"] a`).tap();
       await page.locator("#stream li.tap").first().waitFor({ timeout: UI_MS });
@@ -304,7 +367,8 @@ describe("relay web console without MySQL", { timeout: 120000 }, () => {
     try {
       const { page, state } = w;
       // The relay answers the history request with 503, which Chromium reports on the console.
-      state.expected = (msg) => /status of 503/.test(msg.text()) && /\/api\/v1\/alarms\/history/.test(msg.location().url ?? "");
+      state.expected = (msg) =>
+        /status of 503/.test(msg.text()) && /\/api\/v1\/alarms\/history/.test(msg.location().url ?? "");
       await page.goto(`http://${relay.http}/#/alarms`);
       await signIn(page, relay.token);
       const note = page.locator("#history-note.notice");

@@ -192,6 +192,7 @@ impl Relay {
         let grace = cfg.shutdown.grace_ms;
         let sh = shared.clone();
         let hooks = ext.hooks;
+        let actions = ext.actions;
         let handles = LocalExecutorPoolBuilder::new(placement)
             .name("relay-shard")
             .io_memory(cfg.shards.io_memory_kib.max(64) * 1024)
@@ -199,6 +200,7 @@ impl Relay {
             .on_all_shards(move || {
                 let (mesh, rcfg, sh) = (mesh.clone(), rcfg.clone(), sh.clone());
                 let hooks = hooks.clone();
+                let actions = actions.clone();
                 async move {
                     let addrs = (tcp_addr, http_addr);
                     let r = shard_main(
@@ -210,6 +212,7 @@ impl Relay {
                         max_batch,
                         grace,
                         hooks,
+                        actions,
                     );
                     if let Err(e) = r.await {
                         sh.errors.lock().map(|mut v| v.push(format!("{e:#}"))).ok();
@@ -352,6 +355,8 @@ pub struct Extensions {
     pub hooks: HooksFactory,
     /// Extra counters for `/metrics`.
     pub plugin_metrics: MetricsSource,
+    /// Sends and publishes from rules; every shard drains this channel.
+    pub actions: Option<relay_plugins::ActionReceiver>,
 }
 
 impl std::fmt::Debug for Extensions {
@@ -366,7 +371,8 @@ impl std::fmt::Debug for Extensions {
 pub type MetricsSource = Option<Arc<dyn Fn() -> Vec<(String, String, u64)> + Send + Sync>>;
 
 /// Builds one shard's event observer, given the shard index.
-pub type HooksFactory = Option<Arc<dyn Fn(usize) -> Box<dyn crate::router::Hooks> + Send + Sync>>;
+pub type HooksFactory =
+    Option<Arc<dyn Fn(usize, Arc<ShardStats>) -> Box<dyn crate::router::Hooks> + Send + Sync>>;
 
 #[allow(clippy::too_many_arguments)]
 async fn shard_main(
@@ -378,6 +384,7 @@ async fn shard_main(
     max_batch: usize,
     grace_ms: u64,
     hooks: HooksFactory,
+    actions: Option<relay_plugins::ActionReceiver>,
 ) -> anyhow::Result<()> {
     let (senders, mut receivers) = mesh
         .join()
@@ -386,7 +393,7 @@ async fn shard_main(
     let id = senders.peer_id();
     let router = Router::new(id, shards, rcfg, shared.stats[id].clone());
     if let Some(make) = &hooks {
-        *router.hooks.borrow_mut() = Some(make(id));
+        *router.hooks.borrow_mut() = Some(make(id, shared.stats[id].clone()));
     }
     let listener = TcpListener::bind(tcp_addr)
         .map_err(|e| anyhow::anyhow!("shard {id}: binding {tcp_addr}: {e}"))?;
@@ -405,22 +412,35 @@ async fn shard_main(
         stop_wakers: RefCell::new(Vec::new()),
     });
 
+    // Long-lived tasks; dropping their handles when the shard ends cancels
+    // them, so nothing keeps the shard's state (and the relay's) alive.
+    let mut tasks = Vec::new();
     for (peer, rx) in receivers.streams() {
         let shard = shard.clone();
-        glommio::spawn_local(async move {
+        tasks.push(glommio::spawn_local(async move {
             while let Some(msg) = rx.recv().await {
                 match msg {
                     MeshMsg::Batch(items) => shard.router.on_cross(peer, items, now()),
                     MeshMsg::Handover(h) => adopt(&shard, *h),
                 }
             }
-        })
-        .detach();
+        }));
     }
-    glommio::spawn_local(flusher(shard.clone())).detach();
-    glommio::spawn_local(accept_loop(shard.clone(), listener, Kind::Tcp)).detach();
+    tasks.push(glommio::spawn_local(flusher(shard.clone())));
+    if let Some(rx) = actions {
+        tasks.push(glommio::spawn_local(rule_actions(shard.clone(), rx)));
+    }
+    tasks.push(glommio::spawn_local(accept_loop(
+        shard.clone(),
+        listener,
+        Kind::Tcp,
+    )));
     if let Some(l) = http_listener {
-        glommio::spawn_local(accept_loop(shard.clone(), l, Kind::Http)).detach();
+        tasks.push(glommio::spawn_local(accept_loop(
+            shard.clone(),
+            l,
+            Kind::Http,
+        )));
     }
     shared.ready.fetch_add(1, Ordering::SeqCst);
 
@@ -444,6 +464,7 @@ async fn shard_main(
             break;
         }
     }
+    drop(tasks);
     tracing::debug!(shard = id, "shard stopped");
     Ok(())
 }
@@ -522,6 +543,45 @@ fn adopt(shard: &Rc<Shard>, h: Handover) {
         None,
     ))
     .detach();
+}
+
+/// Routes what rules send (src `$rules`). Every shard pulls from the same
+/// channel, so the work spreads; routing takes each frame to its owner.
+async fn rule_actions(shard: Rc<Shard>, rx: relay_plugins::ActionReceiver) {
+    use relay_core::frame::{Flags, Frame};
+    while let Ok(action) = rx.recv().await {
+        let (target, payload, json, group) = match action {
+            relay_plugins::Action::Send { dst, payload, json } => (dst, payload, json, false),
+            relay_plugins::Action::Publish {
+                group,
+                payload,
+                json,
+            } => (group, payload, json, true),
+            other => {
+                tracing::warn!("rules asked for an action this relay does not know: {other:?}");
+                continue;
+            }
+        };
+        if let Err(e) = relay_core::validate_name(target.as_bytes()) {
+            tracing::warn!("a rule sent to {target:?}: {e}; dropped");
+            continue;
+        }
+        let mut f = Frame::data(
+            relay_plugins::RULES_SRC.as_bytes(),
+            target.clone().into_bytes(),
+            payload,
+        );
+        f.flags = Flags(if json { Flags::JSON } else { 0 });
+        let t = now();
+        if group {
+            let name = bytes::Bytes::from(target.into_bytes());
+            shard
+                .router
+                .fanout(crate::router::Index::Group, &name, f, Vec::new(), None, t);
+        } else {
+            shard.router.unicast(f, None, t);
+        }
+    }
 }
 
 /// Ships each peer's waiting items as batches of at most `max_batch`.

@@ -1,0 +1,211 @@
+//! Rules running inside the relay: hooks fed by real connections, actions
+//! routed back to clients, alarms and the device shadow through the API, and
+//! a runaway script that cannot stop the relay from forwarding.
+
+mod common;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{Client, Form, http, test_config};
+use relay_core::frame::{Flags, Frame, FrameType};
+use relay_shards::Relay;
+use serde_json::json;
+
+struct RulesRelay {
+    relay: Option<Relay>,
+    host: Option<Arc<relay_plugins::PluginHost>>,
+    dir: PathBuf,
+}
+
+impl Drop for RulesRelay {
+    fn drop(&mut self) {
+        drop(self.relay.take());
+        if let Some(h) = self.host.take().and_then(|h| Arc::try_unwrap(h).ok()) {
+            h.shutdown();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn start_with_rules(name: &str, scripts: &[(&str, &str)]) -> RulesRelay {
+    let dir = std::env::temp_dir().join(format!("relay-rules-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.join("rules")).unwrap();
+    for (file, text) in scripts {
+        std::fs::write(dir.join("rules").join(file), text).unwrap();
+    }
+    let mut cfg = test_config();
+    cfg.plugins.enabled = true;
+    cfg.plugins.dir = dir.join("rules").display().to_string();
+    cfg.plugins.spool_dir = dir.join("spool").display().to_string();
+    cfg.plugins.max_operations = 100_000;
+    cfg.plugins.workers = 2;
+    let (ext, host) = relay_shards::rules::attach(&cfg).expect("rules engine starts");
+    let relay = Relay::start_with(&cfg, ext).expect("relay starts");
+    RulesRelay {
+        relay: Some(relay),
+        host: Some(host),
+        dir,
+    }
+}
+
+fn metric(relay: &Relay, name: &str) -> u64 {
+    let (_, text) = http(relay, "GET", "/metrics", None, None);
+    text.as_str()
+        .unwrap()
+        .lines()
+        .filter(|l| l.starts_with(name))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
+fn json_data(dst: &str, v: serde_json::Value) -> Frame {
+    let mut f = Frame::data(
+        bytes::Bytes::new(),
+        dst.to_owned().into_bytes(),
+        v.to_string().into_bytes(),
+    );
+    f.flags = Flags(Flags::JSON);
+    f
+}
+
+#[test]
+fn a_rule_answers_a_controller_through_the_relay() {
+    let r = start_with_rules(
+        "answer",
+        &[(
+            "echo.rhai",
+            r#"
+            fn on_message(msg) {
+                let p = msg.payload;
+                if type_of(p) == "map" && p.ping == true {
+                    send(msg.src, #{ pong: true, seen: p.n });
+                }
+            }
+            "#,
+        )],
+    );
+    let relay = r.relay.as_ref().unwrap();
+    let mut c = Client::hello(relay.tcp_addr(), Form::Json, "ctl-echo");
+    let _sink = Client::hello(relay.tcp_addr(), Form::Binary, "sink");
+    c.send(&json_data("sink", json!({"ping": true, "n": 7})));
+    let f = c.expect(FrameType::Data);
+    assert_eq!(&f.src[..], b"$rules");
+    assert_eq!(
+        serde_json::from_slice::<serde_json::Value>(&f.payload).unwrap(),
+        json!({"pong": true, "seen": 7})
+    );
+}
+
+#[test]
+fn alarms_and_the_device_shadow_are_served_by_the_api() {
+    let r = start_with_rules(
+        "alarms",
+        &[(
+            "hot.rhai",
+            r#"
+            fn on_message(msg) {
+                let t = msg.payload?.temp;
+                if t == () { return; }
+                state_set(msg.src, "temp", t);
+                if t > 80.0 { alarm_raise(`${msg.src}/overheat`, "critical", `${msg.src} reads ${t}`); }
+            }
+            fn on_disconnect(client, reason) {
+                alarm_raise(`${client.addr}/offline`, "major", `${client.addr} offline (${reason})`);
+            }
+            "#,
+        )],
+    );
+    let relay = r.relay.as_ref().unwrap();
+    let mut c = Client::hello(relay.tcp_addr(), Form::Binary, "ctl-hot");
+    c.send(&json_data("ctl-hot", json!({"temp": 91.5})));
+    c.expect(FrameType::Data);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let items = loop {
+        let (s, b) = http(relay, "GET", "/api/v1/alarms", None, None);
+        assert_eq!(s, 200);
+        let items = b["items"].as_array().unwrap().clone();
+        if !items.is_empty() || Instant::now() > deadline {
+            break items;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(items.len(), 1, "{items:?}");
+    assert_eq!(items[0]["key"], "ctl-hot/overheat");
+    assert_eq!(items[0]["severity"], "critical");
+    let (_, state) = http(relay, "GET", "/api/v1/clients/ctl-hot/state", None, None);
+    assert_eq!(state["temp"], 91.5);
+    let (s, b) = http(
+        relay,
+        "POST",
+        "/api/v1/alarms/ctl-hot%2Foverheat/ack",
+        None,
+        Some(&json!({"by": "ops-1"})),
+    );
+    assert_eq!(s, 200, "{b}");
+    assert_eq!(b["acked_by"], "ops-1");
+    let (s, _) = http(
+        relay,
+        "POST",
+        "/api/v1/alarms/nope/ack",
+        None,
+        Some(&json!({"by": "ops-1"})),
+    );
+    assert_eq!(s, 404);
+    // The disconnect hook fires when the controller goes away.
+    drop(c);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (_, b) = http(relay, "GET", "/api/v1/alarms", None, None);
+        if b["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|a| a["key"] == "ctl-hot/offline")
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no offline alarm: {b}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (s, b) = http(relay, "GET", "/api/v1/alarms/history", None, None);
+    assert_eq!(s, 503, "history needs MySQL: {b}");
+}
+
+#[test]
+fn a_runaway_script_is_stopped_while_the_relay_keeps_forwarding() {
+    let r = start_with_rules(
+        "runaway",
+        &[(
+            "loop.rhai",
+            r#"
+            fn on_message(msg) {
+                let x = 0;
+                loop { x += 1; }
+            }
+            fn on_connect(client) {
+                let s = "x";
+                loop { s += s; }
+            }
+            "#,
+        )],
+    );
+    let relay = r.relay.as_ref().unwrap();
+    let mut a = Client::hello(relay.tcp_addr(), Form::Binary, "ctl-a");
+    let mut b = Client::hello(relay.tcp_addr(), Form::Json, "ctl-b");
+    let start = Instant::now();
+    for i in 0..200u32 {
+        a.data("ctl-b", i + 1, true, &i.to_be_bytes());
+        assert_eq!(&b.expect(FrameType::Data).payload[..], &i.to_be_bytes());
+        a.expect(FrameType::Ack);
+    }
+    assert!(start.elapsed() < Duration::from_secs(30));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while metric(relay, "relay_rules_limit_trips_total") < 3 {
+        assert!(Instant::now() < deadline, "limit trips were not counted");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(metric(relay, "relay_rules_errors_total") >= 3);
+}
