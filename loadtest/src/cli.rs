@@ -164,7 +164,10 @@ impl Cli {
         set(&mut s.target.server_pid, &self.server_pid);
         let l = &mut s.load;
         set(&mut l.controllers, &self.controllers);
-        set(&mut l.browsers_per_controller, &self.browsers_per_controller);
+        set(
+            &mut l.browsers_per_controller,
+            &self.browsers_per_controller,
+        );
         set(&mut l.groups, &self.groups);
         set(&mut l.members, &self.members);
         set(&mut l.dashboards, &self.dashboards);
@@ -216,7 +219,11 @@ mod tests {
 
     #[test]
     fn flags_override_the_scenario() {
-        let mut s = Scenario::from_toml("pattern = \"fanin\"\n[load]\ncontrollers = 10\nrate = 2.0\n", "t").unwrap();
+        let mut s = Scenario::from_toml(
+            "pattern = \"fanin\"\n[load]\ncontrollers = 10\nrate = 2.0\n",
+            "t",
+        )
+        .unwrap();
         let cli = Cli::parse_from([
             "relay-loadtest",
             "--target",

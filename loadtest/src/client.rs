@@ -181,7 +181,13 @@ async fn open_inner(env: &Env, spec: ClientSpec) -> Result<Session, ErrorKind> {
     if let Endpoint::RelayWs { host, path, .. } = endpoint {
         // JSON browsers say hello in the URL (the server then speaks JSON text);
         // binary browsers send a binary HELLO after the upgrade.
-        hello_in_url = matches!(wire, WireKind::Relay { form: Form::Json, .. });
+        hello_in_url = matches!(
+            wire,
+            WireKind::Relay {
+                form: Form::Json,
+                ..
+            }
+        );
         let target = if hello_in_url {
             let sep = if path.contains('?') { '&' } else { '?' };
             format!(
@@ -308,10 +314,7 @@ impl Session {
         let shared = Arc::new(Shared::default());
         let (rd, wr) = stream.into_split();
         let (tx, rx) = mpsc::channel::<Out>(env.reply_queue.max(1));
-        let dest = spec
-            .send
-            .as_ref()
-            .map(|s| wire.dest(&s.to, s.group));
+        let dest = spec.send.as_ref().map(|s| wire.dest(&s.to, s.group));
         let echo = spec.echo_to.as_ref().map(|a| wire.dest(a, false));
         let reader = tokio::spawn(read_loop(
             env.clone(),
@@ -360,12 +363,11 @@ async fn read_loop(
                 Ok(Some(ev)) => match ev {
                     Inbound::Data { stamp: Some(st) } => {
                         stamps.push(st);
-                        if echo {
-                            if let Err(mpsc::error::TrySendError::Full(_)) =
+                        if echo
+                            && let Err(mpsc::error::TrySendError::Full(_)) =
                                 tx.try_send(Out::Echo(st))
-                            {
-                                rec.error(key, &ErrorKind::ReplyDropped);
-                            }
+                        {
+                            rec.error(key, &ErrorKind::ReplyDropped);
                         }
                     }
                     Inbound::Data { stamp: None } => rec.error(key, &ErrorKind::Unstamped),
@@ -376,7 +378,7 @@ async fn read_loop(
                             .unwrap_or_else(|p| p.into_inner())
                             .pop_front();
                         if let Some(t) = sent {
-                            rec.pong(key, now.saturating_sub(t));
+                            rec.pong(key, t, now);
                         }
                     }
                     Inbound::Error { code, .. } => rec.error(key, &ErrorKind::Server(code)),
@@ -527,7 +529,7 @@ async fn write_loop(
                 n += 1;
             }
         }
-        let mut pinged = false;
+        let mut pinged = None;
         if now >= next_hb {
             enc.ping(&mut buf);
             let mut q = shared.pings.lock().unwrap_or_else(|p| p.into_inner());
@@ -536,9 +538,9 @@ async fn write_loop(
             }
             q.push_back(next_hb);
             drop(q);
+            pinged = Some(next_hb);
             // Next beat on the grid; skip beats missed while blocked.
             next_hb += hb * ((now - next_hb) / hb + 1);
-            pinged = true;
         }
         if buf.is_empty() {
             continue;
@@ -552,13 +554,19 @@ async fn write_loop(
         buf.clear();
         rec.sent(key, first_ns, n, recipients);
         rec.sent(key, now, replies, 1);
-        if pinged {
-            rec.pings(key, 1);
+        if let Some(t) = pinged {
+            rec.ping(key, t);
         }
     }
 }
 
-fn encode_out(enc: &mut Encoder, buf: &mut BytesMut, m: Out, echo: Option<&Dest>, len: usize) -> u64 {
+fn encode_out(
+    enc: &mut Encoder,
+    buf: &mut BytesMut,
+    m: Out,
+    echo: Option<&Dest>,
+    len: usize,
+) -> u64 {
     match m {
         Out::Echo(stamp) => match echo {
             Some(d) => {

@@ -46,10 +46,7 @@ pub enum RunError {
     #[error("worker: {0}")]
     Worker(String),
     #[error("cannot start worker process {exe}: {source}")]
-    Spawn {
-        exe: String,
-        source: std::io::Error,
-    },
+    Spawn { exe: String, source: std::io::Error },
     #[error("{0}")]
     Setup(String),
 }
@@ -134,7 +131,9 @@ impl Fleet {
                 continue;
             }
             let exe = exe.ok_or_else(|| {
-                RunError::Setup("splitting the fleet over processes needs the relay-loadtest binary".into())
+                RunError::Setup(
+                    "splitting the fleet over processes needs the relay-loadtest binary".into(),
+                )
             })?;
             let mut child = Process::new(exe)
                 .arg("--worker")
@@ -146,7 +145,10 @@ impl Fleet {
                     exe: exe.display().to_string(),
                     source,
                 })?;
-            let stdout = child.stdout.take().ok_or_else(|| RunError::Setup("no worker stdout".into()))?;
+            let stdout = child
+                .stdout
+                .take()
+                .ok_or_else(|| RunError::Setup("no worker stdout".into()))?;
             let stdin = child.stdin.take();
             let tx = tx.clone();
             std::thread::Builder::new()
@@ -163,7 +165,8 @@ impl Fleet {
                                 }
                             }
                             Err(e) => {
-                                let _ = tx.send((i, Reply::Failed(format!("unreadable reply: {e}"))));
+                                let _ =
+                                    tx.send((i, Reply::Failed(format!("unreadable reply: {e}"))));
                                 return;
                             }
                         }
@@ -185,7 +188,8 @@ impl Fleet {
 
     fn broadcast(&mut self, make: impl Fn(usize) -> Command) -> Result<(), RunError> {
         for (i, l) in self.links.iter_mut().enumerate() {
-            l.send(&make(i)).map_err(|e| RunError::Worker(format!("worker {i}: {e}")))?;
+            l.send(&make(i))
+                .map_err(|e| RunError::Worker(format!("worker {i}: {e}")))?;
         }
         Ok(())
     }
@@ -218,18 +222,22 @@ impl Fleet {
                     self.progress[i] = p;
                     progress.update(&phase(), self.total());
                 }
-                Ok((i, Reply::Failed(e))) => return Err(RunError::Worker(format!("worker {i}: {e}"))),
+                Ok((i, Reply::Failed(e))) => {
+                    return Err(RunError::Worker(format!("worker {i}: {e}")));
+                }
                 Ok((i, r)) => {
                     self.heard[i] = Instant::now();
-                    if got[i].is_none() {
-                        if let Some(v) = take(i, r) {
-                            got[i] = Some(v);
-                            left -= 1;
-                        }
+                    if got[i].is_none()
+                        && let Some(v) = take(i, r)
+                    {
+                        got[i] = Some(v);
+                        left -= 1;
                     }
                 }
                 Err(mpsc::RecvTimeoutError::Timeout) => {
-                    if let Some(i) = (0..n).find(|&i| got[i].is_none() && self.heard[i].elapsed() > SILENCE) {
+                    if let Some(i) =
+                        (0..n).find(|&i| got[i].is_none() && self.heard[i].elapsed() > SILENCE)
+                    {
                         return Err(RunError::Worker(format!("worker {i} fell silent")));
                     }
                     progress.update(&phase(), self.total());
@@ -296,7 +304,11 @@ fn find_server(s: &Scenario, ctl: &Endpoint) -> (Option<u32>, String) {
 }
 
 /// The sentence answering "how much does this server hold".
-pub fn capacity_answer(s: &Scenario, best: Option<&crate::findmax::Outcome>, slo_ms: f64) -> String {
+pub fn capacity_answer(
+    s: &Scenario,
+    best: Option<&crate::findmax::Outcome>,
+    slo_ms: f64,
+) -> String {
     let loss = s.find_max.max_loss * 100.0;
     let Some(b) = best else {
         return format!(
@@ -358,7 +370,10 @@ pub fn run(s: &Scenario, opts: &RunOptions) -> Result<Report, RunError> {
         Ok(n) => n,
         Err(e) => {
             notes.push(format!("could not raise the open-file limit: {e}"));
-            limits::nofile().unwrap_or(NoFile { soft: 1024, hard: 1024 })
+            limits::nofile().unwrap_or(NoFile {
+                soft: 1024,
+                hard: 1024,
+            })
         }
     };
     let asked = plan.count();
@@ -373,17 +388,27 @@ pub fn run(s: &Scenario, opts: &RunOptions) -> Result<Report, RunError> {
     let (lo, hi) = limits::port_range();
     let ports = (hi - lo) as u64 + 1;
     let (n_ctl, n_br) = plan.sides();
-    let per_destination = if ctl.addr() == br.addr() { n_ctl + n_br } else { n_ctl.max(n_br) };
+    let per_destination = if ctl.addr() == br.addr() {
+        n_ctl + n_br
+    } else {
+        n_ctl.max(n_br)
+    };
     let requested = s.source_addrs().map_err(RunError::Setup)?;
-    let (sources, src_notes) =
-        limits::plan_sources(&requested, per_destination, ports, is_loopback(&ctl) && is_loopback(&br));
+    let (sources, src_notes) = limits::plan_sources(
+        &requested,
+        per_destination,
+        ports,
+        is_loopback(&ctl) && is_loopback(&br),
+    );
     notes.extend(src_notes);
     for n in &notes {
         if n.starts_with("LIMIT:") {
             progress.println(n);
         }
     }
-    let cores = std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(1);
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get() as u32)
+        .unwrap_or(1);
     let threads = if s.run.threads > 0 {
         s.run.threads
     } else {
@@ -394,7 +419,10 @@ pub fn run(s: &Scenario, opts: &RunOptions) -> Result<Report, RunError> {
     let (pid, found_by) = find_server(&s, &ctl);
     let sampler = pid.and_then(|p| Sampler::start(p, s.run.sample_interval.0).ok());
     if pid.is_some() && sampler.is_none() {
-        notes.push(format!("cannot read /proc of server pid {}", pid.unwrap_or(0)));
+        notes.push(format!(
+            "cannot read /proc of server pid {}",
+            pid.unwrap_or(0)
+        ));
     }
     let rss_before = sampler.as_ref().and_then(|x| x.mark()).map(|x| x.rss_bytes);
 
@@ -433,9 +461,18 @@ pub fn run(s: &Scenario, opts: &RunOptions) -> Result<Report, RunError> {
         // Steps.
         let mut steps: Vec<StepReport> = Vec::new();
         let mut find_max = None;
-        let run_step = |fleet: &mut Fleet, progress: &mut Progress, id: u32, total: f64, duration_ns: u64| {
-            run_one_step(&s, fleet, progress, sampler.as_ref(), id, total, duration_ns)
-        };
+        let run_step =
+            |fleet: &mut Fleet, progress: &mut Progress, id: u32, total: f64, duration_ns: u64| {
+                run_one_step(
+                    &s,
+                    fleet,
+                    progress,
+                    sampler.as_ref(),
+                    id,
+                    total,
+                    duration_ns,
+                )
+            };
         if s.find_max.enabled {
             let f = &s.find_max;
             let start = f
@@ -454,7 +491,13 @@ pub fn run(s: &Scenario, opts: &RunOptions) -> Result<Report, RunError> {
             let mut rate = ramp.first();
             let mut id = 1;
             loop {
-                let (mut rep, _) = run_step(&mut fleet, &mut progress, id, rate, f.step_duration.as_nanos())?;
+                let (mut rep, _) = run_step(
+                    &mut fleet,
+                    &mut progress,
+                    id,
+                    rate,
+                    f.step_duration.as_nanos(),
+                )?;
                 let next = ramp.observe(rate, rep.latency.p99_us, rep.loss_ratio, rep.received);
                 rep.passed = ramp.history().last().map(|o| o.passed);
                 progress.println(&format!(
@@ -462,7 +505,11 @@ pub fn run(s: &Scenario, opts: &RunOptions) -> Result<Report, RunError> {
                     fmt_rate(rate),
                     fmt_us(rep.latency.p99_us),
                     rep.loss_ratio * 100.0,
-                    if rep.passed == Some(true) { "pass" } else { "fail" }
+                    if rep.passed == Some(true) {
+                        "pass"
+                    } else {
+                        "fail"
+                    }
                 ));
                 steps.push(rep);
                 match next {
@@ -486,7 +533,13 @@ pub fn run(s: &Scenario, opts: &RunOptions) -> Result<Report, RunError> {
             } else {
                 0.0
             };
-            let (rep, _) = run_step(&mut fleet, &mut progress, 1, total, s.load.duration.as_nanos())?;
+            let (rep, _) = run_step(
+                &mut fleet,
+                &mut progress,
+                1,
+                total,
+                s.load.duration.as_nanos(),
+            )?;
             steps.push(rep);
         }
         Ok::<_, RunError>((connect, rss_connected, steps, find_max))
@@ -538,8 +591,16 @@ pub fn run(s: &Scenario, opts: &RunOptions) -> Result<Report, RunError> {
             } else {
                 s.target.browsers.clone()
             },
-            controller_form: if ctl.is_mqtt() { "mqtt".into() } else { form_name(s.target.controller_form).into() },
-            browser_form: if ctl.is_mqtt() { "mqtt".into() } else { form_name(s.target.browser_form).into() },
+            controller_form: if ctl.is_mqtt() {
+                "mqtt".into()
+            } else {
+                form_name(s.target.controller_form).into()
+            },
+            browser_form: if ctl.is_mqtt() {
+                "mqtt".into()
+            } else {
+                form_name(s.target.browser_form).into()
+            },
             prefix: s.target.prefix.clone(),
         },
         fleet: FleetReport {
@@ -621,14 +682,24 @@ fn run_one_step(
     for p in &parts {
         merged.merge(p);
     }
-    let mut rep = StepReport::new(id, per_sender, total_rate, duration_ns as f64 / 1e9, &merged);
+    let mut rep = StepReport::new(
+        id,
+        per_sender,
+        total_rate,
+        duration_ns as f64 / 1e9,
+        &merged,
+    );
     if let (Some(a), Some(b)) = (cpu0, cpu1) {
         let cpu_us = b.cpu_us.saturating_sub(a.cpu_us) as f64;
         let wall_us = b.t_ns.saturating_sub(a.t_ns) as f64 / 1000.0;
         let delivered = (merged.received + merged.pongs).max(1) as f64;
         rep.server = Some(ServerStep {
             cpu_s: cpu_us / 1e6,
-            cpu_percent: if wall_us > 0.0 { 100.0 * cpu_us / wall_us } else { 0.0 },
+            cpu_percent: if wall_us > 0.0 {
+                100.0 * cpu_us / wall_us
+            } else {
+                0.0
+            },
             cpu_us_per_msg: cpu_us / delivered,
             rss_bytes: b.rss_bytes,
         });
@@ -637,6 +708,8 @@ fn run_one_step(
 }
 
 #[cfg(test)]
+// Tests build values field by field from the defaults, which reads clearer here.
+#[allow(clippy::field_reassign_with_default)]
 mod tests {
     use super::*;
     use crate::findmax::Outcome;
@@ -674,6 +747,9 @@ mod tests {
     fn an_invalid_scenario_is_refused_before_anything_starts() {
         let mut s = Scenario::default();
         s.load.payload_bytes = 1;
-        assert!(matches!(run(&s, &RunOptions::default()), Err(RunError::Scenario(_))));
+        assert!(matches!(
+            run(&s, &RunOptions::default()),
+            Err(RunError::Scenario(_))
+        ));
     }
 }

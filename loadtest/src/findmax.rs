@@ -70,7 +70,11 @@ impl Ramp {
     }
 
     fn cap(&self, r: f64) -> f64 {
-        if self.cfg.max_rate > 0.0 { r.min(self.cfg.max_rate) } else { r }
+        if self.cfg.max_rate > 0.0 {
+            r.min(self.cfg.max_rate)
+        } else {
+            r
+        }
     }
 
     /// The first rate to run.
@@ -182,7 +186,10 @@ mod tests {
         let r = search(cfg(), 5000.0);
         let rates: Vec<f64> = r.history().iter().map(|o| o.rate).collect();
         // 1000, 2000, 4000 pass; 8000 fails; then 6000 (fail), 5000 (pass), 5500 (fail).
-        assert_eq!(rates, vec![1000.0, 2000.0, 4000.0, 8000.0, 6000.0, 5000.0, 5500.0]);
+        assert_eq!(
+            rates,
+            vec![1000.0, 2000.0, 4000.0, 8000.0, 6000.0, 5000.0, 5500.0]
+        );
         assert_eq!(r.best().unwrap().rate, 5000.0);
         assert_eq!(r.first_failure(), Some(5500.0));
     }
@@ -194,7 +201,7 @@ mod tests {
         assert_eq!(r.history()[1].rate, 500.0);
         assert_eq!(r.history()[2].rate, 250.0);
         let best = r.best().unwrap().rate;
-        assert!(best >= 250.0 && best <= 300.0, "{best}");
+        assert!((250.0..=300.0).contains(&best), "{best}");
     }
 
     #[test]
@@ -203,7 +210,10 @@ mod tests {
         assert!(r.passes(9_999, 0.0009, 1));
         assert!(!r.passes(10_000, 0.0, 1), "the SLO is strict");
         assert!(!r.passes(1, 0.001, 1), "0.1% loss is not under 0.1%");
-        assert!(!r.passes(1, 0.0, 0), "a step that delivered nothing cannot pass");
+        assert!(
+            !r.passes(1, 0.0, 0),
+            "a step that delivered nothing cannot pass"
+        );
     }
 
     #[test]

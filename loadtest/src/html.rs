@@ -104,14 +104,22 @@ fn line_chart(
         for (i, s) in series.iter().enumerate() {
             let color = Palette99::pick(i).to_rgba();
             chart
-                .draw_series(LineSeries::new(s.points.iter().copied(), color.stroke_width(2)))
+                .draw_series(LineSeries::new(
+                    s.points.iter().copied(),
+                    color.stroke_width(2),
+                ))
                 .map_err(|e| err(e.to_string()))?
                 .label(s.name.clone())
-                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2)));
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2))
+                });
         }
         if let Some((y, name)) = hline {
             chart
-                .draw_series(LineSeries::new(vec![(0.0, y), (x_max, y)], RED.stroke_width(1)))
+                .draw_series(LineSeries::new(
+                    vec![(0.0, y), (x_max, y)],
+                    RED.stroke_width(1),
+                ))
                 .map_err(|e| err(e.to_string()))?
                 .label(name.to_string())
                 .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], RED.stroke_width(1)));
@@ -219,7 +227,9 @@ pub fn render(r: &Report) -> Result<String, PlotError> {
             fmt_us(s.latency.p99_us),
             fmt_us(s.latency.p999_us),
             fmt_us(s.latency.max_us),
-            s.server.map(|x| format!("{:.2}", x.cpu_us_per_msg)).unwrap_or_else(|| "-".into()),
+            s.server
+                .map(|x| format!("{:.2}", x.cpu_us_per_msg))
+                .unwrap_or_else(|| "-".into()),
             group(errors),
             match s.passed {
                 Some(true) => "pass",
@@ -263,7 +273,14 @@ pub fn render(r: &Report) -> Result<String, PlotError> {
         .collect();
     if !hb.is_empty() {
         h.push_str("<h2>Heartbeat round trip by percentile</h2>\n");
-        h.push_str(&line_chart("Heartbeat round trip", "percentile", "round trip (ms)", XAxis::Percentile, &hb, None)?);
+        h.push_str(&line_chart(
+            "Heartbeat round trip",
+            "percentile",
+            "round trip (ms)",
+            XAxis::Percentile,
+            &hb,
+            None,
+        )?);
     }
 
     // Throughput over time, the steps laid end to end.
@@ -285,8 +302,14 @@ pub fn render(r: &Report) -> Result<String, PlotError> {
             "msg/s",
             XAxis::Linear,
             &[
-                Series { name: "sent".into(), points: sent },
-                Series { name: "received".into(), points: received },
+                Series {
+                    name: "sent".into(),
+                    points: sent,
+                },
+                Series {
+                    name: "received".into(),
+                    points: received,
+                },
             ],
             None,
         )?);
@@ -309,7 +332,11 @@ pub fn render(r: &Report) -> Result<String, PlotError> {
 
     if let Some(fm) = &r.find_max {
         let mut pass = Vec::new();
-        let mut all: Vec<(f64, f64)> = fm.steps.iter().map(|o| (o.rate, o.p99_us as f64 / 1000.0)).collect();
+        let mut all: Vec<(f64, f64)> = fm
+            .steps
+            .iter()
+            .map(|o| (o.rate, o.p99_us as f64 / 1000.0))
+            .collect();
         all.sort_by(|a, b| a.0.total_cmp(&b.0));
         for o in &fm.steps {
             if o.passed {
@@ -324,8 +351,14 @@ pub fn render(r: &Report) -> Result<String, PlotError> {
             "p99 (ms)",
             XAxis::Linear,
             &[
-                Series { name: "all steps".into(), points: all },
-                Series { name: "passing steps".into(), points: pass },
+                Series {
+                    name: "all steps".into(),
+                    points: all,
+                },
+                Series {
+                    name: "passing steps".into(),
+                    points: pass,
+                },
             ],
             Some((fm.slo_p99_ms, "SLO p99")),
         )?);
@@ -336,7 +369,12 @@ pub fn render(r: &Report) -> Result<String, PlotError> {
         let rss: Vec<(f64, f64)> = sv
             .samples
             .iter()
-            .map(|s| ((s.t_ns - t0) as f64 / 1e9, s.rss_bytes as f64 / (1024.0 * 1024.0)))
+            .map(|s| {
+                (
+                    (s.t_ns - t0) as f64 / 1e9,
+                    s.rss_bytes as f64 / (1024.0 * 1024.0),
+                )
+            })
             .collect();
         let _ = writeln!(
             h,
@@ -347,7 +385,9 @@ pub fn render(r: &Report) -> Result<String, PlotError> {
             fmt_bytes(sv.rss_before_bytes as f64),
             fmt_bytes(sv.rss_connected_bytes as f64),
             fmt_bytes(sv.rss_peak_bytes as f64),
-            sv.bytes_per_connection.map(fmt_bytes).unwrap_or_else(|| "-".into()),
+            sv.bytes_per_connection
+                .map(fmt_bytes)
+                .unwrap_or_else(|| "-".into()),
             sv.cpu_total_s
         );
         if rss.len() > 1 {
@@ -356,7 +396,10 @@ pub fn render(r: &Report) -> Result<String, PlotError> {
                 "seconds",
                 "RSS (MiB)",
                 XAxis::Linear,
-                &[Series { name: "RSS".into(), points: rss }],
+                &[Series {
+                    name: "RSS".into(),
+                    points: rss,
+                }],
                 None,
             )?);
         }
@@ -380,7 +423,12 @@ pub fn render(r: &Report) -> Result<String, PlotError> {
     if let Some(s) = r.main_step() {
         let table = crate::report::percentile_table(&s.latency_hdr);
         if !table.is_empty() {
-            let _ = writeln!(h, "<h2>Percentiles (step {})</h2><pre>{}</pre>", s.index, esc(&table));
+            let _ = writeln!(
+                h,
+                "<h2>Percentiles (step {})</h2><pre>{}</pre>",
+                s.index,
+                esc(&table)
+            );
         }
     }
     h.push_str("</body></html>\n");
@@ -410,11 +458,17 @@ mod tests {
     fn the_page_has_its_plots_and_numbers() {
         let page = render(&sample_report()).unwrap();
         assert!(page.starts_with("<!doctype html>"));
-        assert!(page.matches("<svg").count() >= 3, "latency, throughput, connect plots");
+        assert!(
+            page.matches("<svg").count() >= 3,
+            "latency, throughput, connect plots"
+        );
         assert!(page.contains("Latency from intended send time"));
         assert!(page.contains("Messages per second"));
         assert!(page.contains("<td>998</td>"));
-        assert!(page.contains("polyline") || page.contains("<path"), "lines are drawn");
+        assert!(
+            page.contains("polyline") || page.contains("<path"),
+            "lines are drawn"
+        );
     }
 
     #[test]

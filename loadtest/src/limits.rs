@@ -174,7 +174,11 @@ mod tests {
     fn a_forced_worker_count_caps_the_run_and_says_so() {
         let p = plan_workers(50_000, 1, 20_000, 256);
         assert_eq!(p.connections, 19_744);
-        assert!(p.notes.iter().any(|n| n.starts_with("LIMIT:") && n.contains("--workers 3")));
+        assert!(
+            p.notes
+                .iter()
+                .any(|n| n.starts_with("LIMIT:") && n.contains("--workers 3"))
+        );
     }
 
     #[test]

@@ -83,7 +83,10 @@ mod tests {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let dst = listener.local_addr().unwrap();
         drop(listener);
-        assert_eq!(connect(None, dst).await.unwrap_err(), ErrorKind::ConnectRefused);
+        assert_eq!(
+            connect(None, dst).await.unwrap_err(),
+            ErrorKind::ConnectRefused
+        );
     }
 
     #[test]

@@ -122,7 +122,10 @@ mod tests {
 
     #[test]
     fn binary_stamp_round_trips_and_pads() {
-        let s = Stamp { intended_ns: 123_456_789_012, step: 7 };
+        let s = Stamp {
+            intended_ns: 123_456_789_012,
+            step: 7,
+        };
         let mut v = Vec::new();
         s.put_binary(&mut v, 64);
         assert_eq!(v.len(), 64);
@@ -133,7 +136,10 @@ mod tests {
 
     #[test]
     fn json_stamp_round_trips_and_pads() {
-        let s = Stamp { intended_ns: 9_000_000_000_000_000_000, step: 0 };
+        let s = Stamp {
+            intended_ns: 9_000_000_000_000_000_000,
+            step: 0,
+        };
         let mut v = Vec::new();
         s.put_json(&mut v, 64);
         assert_eq!(v.len(), 64);

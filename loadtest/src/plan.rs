@@ -235,6 +235,8 @@ impl Plan {
 }
 
 #[cfg(test)]
+// Tests build values field by field from the defaults, which reads clearer here.
+#[allow(clippy::field_reassign_with_default)]
 mod tests {
     use super::*;
     use std::collections::{HashMap, HashSet};
@@ -263,10 +265,17 @@ mod tests {
                 let plan = Plan::new(&s, "lt");
                 let clients = all(&plan);
                 let addrs: HashSet<&str> = clients.iter().map(|c| c.addr.as_str()).collect();
-                assert_eq!(addrs.len(), clients.len(), "{pattern}: addresses are unique");
+                assert_eq!(
+                    addrs.len(),
+                    clients.len(),
+                    "{pattern}: addresses are unique"
+                );
                 let (ctl, br) = plan.sides();
                 assert_eq!(ctl + br, plan.count());
-                assert_eq!(clients.iter().filter(|c| c.side == Side::Browser).count() as u64, br);
+                assert_eq!(
+                    clients.iter().filter(|c| c.side == Side::Browser).count() as u64,
+                    br
+                );
                 // Members per group, to check each publish's recipient count.
                 let mut members: HashMap<&str, u64> = HashMap::new();
                 for c in &clients {
@@ -277,7 +286,11 @@ mod tests {
                 for c in &clients {
                     if let Some(s) = &c.send {
                         if s.group {
-                            assert_eq!(members.get(s.to.as_str()), Some(&s.recipients), "{pattern}");
+                            assert_eq!(
+                                members.get(s.to.as_str()),
+                                Some(&s.recipients),
+                                "{pattern}"
+                            );
                         } else {
                             assert!(addrs.contains(s.to.as_str()), "{pattern}: {} unknown", s.to);
                             assert_eq!(s.recipients, 1);

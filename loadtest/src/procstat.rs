@@ -56,8 +56,14 @@ pub fn sample(pid: u32) -> Result<ProcSample, ProcError> {
     let rest = &stat[stat.rfind(')').ok_or_else(bad)? + 1..];
     let fields: Vec<&str> = rest.split_whitespace().collect();
     // rest[0] is field 3 (state); utime and stime are fields 14 and 15.
-    let utime: u64 = fields.get(11).and_then(|s| s.parse().ok()).ok_or_else(bad)?;
-    let stime: u64 = fields.get(12).and_then(|s| s.parse().ok()).ok_or_else(bad)?;
+    let utime: u64 = fields
+        .get(11)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(bad)?;
+    let stime: u64 = fields
+        .get(12)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(bad)?;
     let ticks = sysconf(libc::_SC_CLK_TCK, 100);
     let cpu_us = (utime + stime) * 1_000_000 / ticks;
     let statm_path = format!("/proc/{pid}/statm");
@@ -86,12 +92,11 @@ pub fn listening_inodes(table: &str, port: u16) -> Vec<u64> {
         let Some((_, p)) = f[1].rsplit_once(':') else {
             continue;
         };
-        if u16::from_str_radix(p, 16) == Ok(port) {
-            if let Ok(inode) = f[9].parse::<u64>() {
-                if inode != 0 {
-                    out.push(inode);
-                }
-            }
+        if u16::from_str_radix(p, 16) == Ok(port)
+            && let Ok(inode) = f[9].parse::<u64>()
+            && inode != 0
+        {
+            out.push(inode);
         }
     }
     out
@@ -114,7 +119,11 @@ pub fn pids_listening_on(port: u16) -> Vec<u32> {
         return pids;
     };
     for entry in procs.flatten() {
-        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
             continue;
         };
         let Ok(fds) = std::fs::read_dir(Path::new("/proc").join(pid.to_string()).join("fd")) else {
@@ -179,13 +188,20 @@ impl Sampler {
     /// Takes a reading now and keeps it with the others.
     pub fn mark(&self) -> Option<ProcSample> {
         let s = sample(self.pid).ok()?;
-        self.samples.lock().unwrap_or_else(|p| p.into_inner()).push(s);
+        self.samples
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(s);
         Some(s)
     }
 
     /// All readings so far, in time order.
     pub fn samples(&self) -> Vec<ProcSample> {
-        let mut v = self.samples.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let mut v = self
+            .samples
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
         v.sort_by_key(|s| s.t_ns);
         v
     }

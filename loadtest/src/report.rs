@@ -37,7 +37,12 @@ impl LatencySummary {
         }
         let curve = h
             .iter_quantiles(4)
-            .map(|v| (v.quantile_iterated_to() * 100.0, h.highest_equivalent(v.value_iterated_to())))
+            .map(|v| {
+                (
+                    v.quantile_iterated_to() * 100.0,
+                    h.highest_equivalent(v.value_iterated_to()),
+                )
+            })
             .collect();
         Self {
             count: h.len(),
@@ -118,7 +123,13 @@ pub struct StepReport {
 
 impl StepReport {
     /// Builds the report of one step from its merged stats.
-    pub fn new(index: u32, rate_per_sender: f64, total_rate: f64, duration_s: f64, s: &StepStats) -> Self {
+    pub fn new(
+        index: u32,
+        rate_per_sender: f64,
+        total_rate: f64,
+        duration_s: f64,
+        s: &StepStats,
+    ) -> Self {
         let n = s.sent_per_sec.len().max(s.recv_per_sec.len());
         let throughput = (0..n)
             .map(|i| Second {
@@ -322,7 +333,7 @@ pub fn group(n: u64) -> String {
     let s = n.to_string();
     let mut out = String::with_capacity(s.len() + s.len() / 3);
     for (i, c) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i) % 3 == 0 {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(c);
@@ -368,7 +379,13 @@ pub fn percentile_table(hdr_b64: &str) -> String {
     for q in [0.0, 0.5, 0.75, 0.9, 0.95, 0.99, 0.999, 0.9999, 0.99999, 1.0] {
         let v = h.value_at_quantile(q);
         let below = h.count_between(0, v);
-        let _ = writeln!(t, "  {:>12.5}%  {:>11}  {:>11}", q * 100.0, fmt_us(v), group(below));
+        let _ = writeln!(
+            t,
+            "  {:>12.5}%  {:>11}  {:>11}",
+            q * 100.0,
+            fmt_us(v),
+            group(below)
+        );
     }
     t
 }
@@ -376,12 +393,14 @@ pub fn percentile_table(hdr_b64: &str) -> String {
 impl Report {
     /// The step the summary leads with: the best passing step of a search, else the last.
     pub fn main_step(&self) -> Option<&StepReport> {
-        if let Some(fm) = &self.find_max {
-            if let Some(best) = &fm.best {
-                if let Some(s) = self.steps.iter().find(|s| s.passed == Some(true) && s.total_rate == best.rate) {
-                    return Some(s);
-                }
-            }
+        if let Some(fm) = &self.find_max
+            && let Some(best) = &fm.best
+            && let Some(s) = self
+                .steps
+                .iter()
+                .find(|s| s.passed == Some(true) && s.total_rate == best.rate)
+        {
+            return Some(s);
         }
         self.steps.last()
     }
@@ -398,9 +417,16 @@ impl Report {
         let ends = if t.kind == "mqtt" {
             t.controllers.clone()
         } else {
-            format!("{} ({}) + {} ({})", t.controllers, t.controller_form, t.browsers, t.browser_form)
+            format!(
+                "{} ({}) + {} ({})",
+                t.controllers, t.controller_form, t.browsers, t.browser_form
+            )
         };
-        let _ = writeln!(o, "relay-loadtest {}: {} \"{}\" against {}", self.version, self.pattern, self.name, ends);
+        let _ = writeln!(
+            o,
+            "relay-loadtest {}: {} \"{}\" against {}",
+            self.version, self.pattern, self.name, ends
+        );
         let f = &self.fleet;
         let _ = writeln!(
             o,
@@ -463,7 +489,11 @@ impl Report {
             } else {
                 "latency"
             };
-            let _ = writeln!(o, "  {what} from intended send: {}", latency_line(&s.latency));
+            let _ = writeln!(
+                o,
+                "  {what} from intended send: {}",
+                latency_line(&s.latency)
+            );
             let _ = writeln!(
                 o,
                 "  heartbeats: {} sent, {} answered; round trip {}",
@@ -529,6 +559,8 @@ impl Report {
 }
 
 #[cfg(test)]
+// Tests build values field by field from the defaults, which reads clearer here.
+#[allow(clippy::field_reassign_with_default)]
 pub(crate) mod tests {
     use super::*;
 
@@ -587,11 +619,27 @@ pub(crate) mod tests {
         assert!((s.loss_ratio - 0.002).abs() < 1e-12);
         assert_eq!(s.send_rate, 500.0);
         assert_eq!(s.throughput.len(), 2);
-        assert_eq!(s.throughput[1], Second { t: 1, sent: 500, received: 499 });
+        assert_eq!(
+            s.throughput[1],
+            Second {
+                t: 1,
+                sent: 500,
+                received: 499
+            }
+        );
         assert_eq!(s.latency.count, 998);
-        assert!(s.latency.p50_us >= 590 && s.latency.p50_us <= 610, "{}", s.latency.p50_us);
+        assert!(
+            s.latency.p50_us >= 590 && s.latency.p50_us <= 610,
+            "{}",
+            s.latency.p50_us
+        );
         assert!(s.latency.curve.len() > 5);
-        assert!(s.latency.curve.windows(2).all(|w| w[0].0 <= w[1].0 && w[0].1 <= w[1].1));
+        assert!(
+            s.latency
+                .curve
+                .windows(2)
+                .all(|w| w[0].0 <= w[1].0 && w[0].1 <= w[1].1)
+        );
     }
 
     #[test]
@@ -606,7 +654,14 @@ pub(crate) mod tests {
     #[test]
     fn human_summary_names_the_numbers() {
         let text = sample_report().human();
-        for needle in ["sent 1,000", "received 998", "lost 2 (0.2000%)", "server:no_route=2", "percentile", "p99"] {
+        for needle in [
+            "sent 1,000",
+            "received 998",
+            "lost 2 (0.2000%)",
+            "server:no_route=2",
+            "percentile",
+            "p99",
+        ] {
             assert!(text.contains(needle), "missing {needle:?} in\n{text}");
         }
     }

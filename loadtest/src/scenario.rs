@@ -79,7 +79,7 @@ impl FromStr for Dur {
             _ => return Err(bad()),
         };
         let secs = value * scale;
-        if !secs.is_finite() || secs < 0.0 || secs > 1e9 {
+        if !secs.is_finite() || !(0.0..=1e9).contains(&secs) {
             return Err(bad());
         }
         Ok(Dur(Duration::from_secs_f64(secs)))
@@ -91,11 +91,11 @@ impl fmt::Display for Dur {
         let ns = self.0.as_nanos();
         if ns == 0 {
             write!(f, "0s")
-        } else if ns % 1_000_000_000 == 0 {
+        } else if ns.is_multiple_of(1_000_000_000) {
             write!(f, "{}s", ns / 1_000_000_000)
-        } else if ns % 1_000_000 == 0 {
+        } else if ns.is_multiple_of(1_000_000) {
             write!(f, "{}ms", ns / 1_000_000)
-        } else if ns % 1_000 == 0 {
+        } else if ns.is_multiple_of(1_000) {
             write!(f, "{}us", ns / 1_000)
         } else {
             write!(f, "{ns}ns")
@@ -120,7 +120,7 @@ impl<'de> Deserialize<'de> for Dur {
         }
         match Raw::deserialize(d)? {
             Raw::Int(n) => Ok(Dur(Duration::from_secs(n))),
-            Raw::Float(x) if x.is_finite() && x >= 0.0 && x <= 1e9 => {
+            Raw::Float(x) if x.is_finite() && (0.0..=1e9).contains(&x) => {
                 Ok(Dur(Duration::from_secs_f64(x)))
             }
             Raw::Float(x) => Err(serde::de::Error::custom(BadDuration(x.to_string()))),
@@ -259,9 +259,16 @@ impl Endpoint {
             "ws" => 80,
             "mqtt" => 1883,
             "wss" | "mqtts" => return Err(format!("`{url}`: TLS targets are not supported")),
-            _ => return Err(format!("`{url}`: unknown scheme `{scheme}` (tcp, ws, mqtt)")),
+            _ => {
+                return Err(format!(
+                    "`{url}`: unknown scheme `{scheme}` (tcp, ws, mqtt)"
+                ));
+            }
         };
-        let with_port = if hostport.rsplit_once(':').is_some_and(|(_, p)| !p.contains(']')) {
+        let with_port = if hostport
+            .rsplit_once(':')
+            .is_some_and(|(_, p)| !p.contains(']'))
+        {
             hostport.to_string()
         } else {
             format!("{hostport}:{default_port}")
@@ -277,7 +284,11 @@ impl Endpoint {
             _ => Ok(Endpoint::RelayWs {
                 addr,
                 host: hostport.to_string(),
-                path: if path.is_empty() { "/ws".into() } else { path.into() },
+                path: if path.is_empty() {
+                    "/ws".into()
+                } else {
+                    path.into()
+                },
             }),
         }
     }
@@ -548,7 +559,10 @@ impl Scenario {
     /// browser URL is given).
     pub fn browser_endpoint(&self) -> Result<Endpoint, String> {
         let ctl = self.controller_endpoint()?;
-        if ctl.is_mqtt() && (self.target.browsers.is_empty() || self.target.browsers == TargetSpec::default().browsers) {
+        if ctl.is_mqtt()
+            && (self.target.browsers.is_empty()
+                || self.target.browsers == TargetSpec::default().browsers)
+        {
             return Ok(ctl);
         }
         Endpoint::parse(&self.target.browsers)
@@ -634,7 +648,10 @@ impl Scenario {
         }
         let nonzero = |p: &mut Vec<String>, key: &str, v: u32| {
             if v == 0 {
-                p.push(format!("load.{key}: must be at least 1 for pattern {}", self.pattern));
+                p.push(format!(
+                    "load.{key}: must be at least 1 for pattern {}",
+                    self.pattern
+                ));
             }
         };
         match self.pattern {
@@ -668,10 +685,10 @@ impl Scenario {
             p.push("load.rate / load.total_rate: give one of them, not both".into());
         }
         for (key, v) in [("rate", l.rate), ("total_rate", l.total_rate)] {
-            if let Some(v) = v {
-                if !(v > 0.0 && v.is_finite() && v <= 1e9) {
-                    p.push(format!("load.{key}: must be above 0 and at most 1e9"));
-                }
+            if let Some(v) = v
+                && !(v > 0.0 && v.is_finite() && v <= 1e9)
+            {
+                p.push(format!("load.{key}: must be above 0 and at most 1e9"));
             }
         }
         if self.pattern.sends_data() && !self.find_max.enabled && self.total_rate().is_none() {
@@ -681,7 +698,9 @@ impl Scenario {
             ));
         }
         if !(MIN_PAYLOAD..=MAX_PAYLOAD).contains(&l.payload_bytes) {
-            p.push(format!("load.payload_bytes: must be {MIN_PAYLOAD}..={MAX_PAYLOAD}"));
+            p.push(format!(
+                "load.payload_bytes: must be {MIN_PAYLOAD}..={MAX_PAYLOAD}"
+            ));
         }
         if l.heartbeat.0 < Duration::from_millis(10) || l.heartbeat.0 > Duration::from_secs(3600) {
             p.push("load.heartbeat: must be between 10ms and 1h".into());
@@ -746,10 +765,10 @@ impl Scenario {
             if f.refine_steps > 20 {
                 p.push("find_max.refine_steps: at most 20".into());
             }
-            if let Some(s) = f.start_rate {
-                if !(s > 0.0 && s.is_finite()) {
-                    p.push("find_max.start_rate: must be above 0".into());
-                }
+            if let Some(s) = f.start_rate
+                && !(s > 0.0 && s.is_finite())
+            {
+                p.push("find_max.start_rate: must be above 0".into());
             }
             if !(f.max_rate >= 0.0 && f.max_rate.is_finite()) {
                 p.push("find_max.max_rate: must be ≥ 0 (0 = no bound)".into());
@@ -797,6 +816,8 @@ pub fn parse_addr_range(item: &str) -> Result<Vec<Ipv4Addr>, String> {
 }
 
 #[cfg(test)]
+// Tests build values field by field from the defaults, which reads clearer here.
+#[allow(clippy::field_reassign_with_default)]
 mod tests {
     use super::*;
 
@@ -847,7 +868,12 @@ mod tests {
             panic!("{e}")
         };
         let all = problems.join("\n");
-        for key in ["load.controllers", "load.payload_bytes", "load.rate", "target.controllers"] {
+        for key in [
+            "load.controllers",
+            "load.payload_bytes",
+            "load.rate",
+            "target.controllers",
+        ] {
             assert!(all.contains(key), "missing {key} in {all}");
         }
     }
@@ -868,7 +894,9 @@ mod tests {
     fn endpoints_parse_and_default_ports() {
         assert_eq!(
             Endpoint::parse("tcp://127.0.0.1:7001").unwrap(),
-            Endpoint::RelayTcp { addr: "127.0.0.1:7001".parse().unwrap() }
+            Endpoint::RelayTcp {
+                addr: "127.0.0.1:7001".parse().unwrap()
+            }
         );
         assert_eq!(
             Endpoint::parse("mqtt://127.0.0.1").unwrap().addr(),

@@ -132,7 +132,10 @@ mod tests {
     fn intended_times_follow_the_rate() {
         let s = Schedule::new(10 * S, 11 * S, 4.0, 0, 1);
         let times: Vec<u64> = (0..5).filter_map(|k| s.intended(k)).collect();
-        assert_eq!(times, vec![10 * S, 10 * S + S / 4, 10 * S + S / 2, 10 * S + 3 * S / 4]);
+        assert_eq!(
+            times,
+            vec![10 * S, 10 * S + S / 4, 10 * S + S / 2, 10 * S + 3 * S / 4]
+        );
         assert_eq!(s.total(), 4);
     }
 

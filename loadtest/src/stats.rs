@@ -24,7 +24,8 @@ pub const NO_STEP: u32 = u32::MAX;
 
 /// A fresh microsecond histogram with the tool's bounds.
 pub fn new_hist() -> Histogram<u64> {
-    Histogram::new_with_bounds(1, HIST_MAX_US, HIST_SIGFIG).expect("static histogram bounds are valid")
+    Histogram::new_with_bounds(1, HIST_MAX_US, HIST_SIGFIG)
+        .expect("static histogram bounds are valid")
 }
 
 /// What went wrong, counted by kind in every report.
@@ -393,6 +394,9 @@ pub struct Recorder {
     step: AtomicU32,
     /// Start of the current step, ns of CLOCK_MONOTONIC (bucket 0 of per-second counts).
     step_start_ns: AtomicU64,
+    /// End of the current step's sending window: heartbeats intended in
+    /// [start, end) belong to the step, so each one's answer is counted with it.
+    step_end_ns: AtomicU64,
     /// Counters for the progress line.
     pub counters: Counters,
 }
@@ -400,11 +404,14 @@ pub struct Recorder {
 impl Recorder {
     /// A recorder with `shards` independent shards (at least one).
     pub fn new(shards: usize) -> Self {
-        let shards = (0..shards.max(1)).map(|_| Mutex::new(StepStats::default())).collect();
+        let shards = (0..shards.max(1))
+            .map(|_| Mutex::new(StepStats::default()))
+            .collect();
         Self {
             shards,
             step: AtomicU32::new(NO_STEP),
             step_start_ns: AtomicU64::new(0),
+            step_end_ns: AtomicU64::new(0),
             counters: Counters::default(),
         }
     }
@@ -424,12 +431,13 @@ impl Recorder {
         self.step.load(Ordering::Acquire)
     }
 
-    /// Starts step `id` at `start_ns` with empty stats.
-    pub fn begin_step(&self, id: u32, start_ns: u64) {
+    /// Starts step `id`, sending from `start_ns` until `end_ns`, with empty stats.
+    pub fn begin_step(&self, id: u32, start_ns: u64, end_ns: u64) {
         for s in self.shards.iter() {
             *s.lock().unwrap_or_else(|p| p.into_inner()) = StepStats::default();
         }
         self.step_start_ns.store(start_ns, Ordering::Relaxed);
+        self.step_end_ns.store(end_ns, Ordering::Relaxed);
         self.step.store(id, Ordering::Release);
     }
 
@@ -486,16 +494,29 @@ impl Recorder {
         self.counters.received.fetch_add(on_time, Ordering::Relaxed);
     }
 
-    /// Records heartbeats sent.
-    pub fn pings(&self, key: usize, n: u64) {
-        self.shard(key).pings += n;
+    fn in_window(&self, t_ns: u64) -> bool {
+        self.step() != NO_STEP
+            && t_ns >= self.step_start_ns.load(Ordering::Relaxed)
+            && t_ns < self.step_end_ns.load(Ordering::Relaxed)
     }
 
-    /// Records a heartbeat answer `rtt_ns` after the heartbeat's intended time.
-    pub fn pong(&self, key: usize, rtt_ns: u64) {
+    /// Records a heartbeat intended at `intended_ns` (counted when inside the step).
+    pub fn ping(&self, key: usize, intended_ns: u64) {
+        if self.in_window(intended_ns) {
+            self.shard(key).pings += 1;
+        }
+    }
+
+    /// Records the answer, at `now_ns`, to the heartbeat intended at `intended_ns`
+    /// (counted when that heartbeat was inside the step).
+    pub fn pong(&self, key: usize, intended_ns: u64, now_ns: u64) {
+        if !self.in_window(intended_ns) {
+            return;
+        }
         let mut s = self.shard(key);
         s.pongs += 1;
-        s.heartbeat.saturating_record((rtt_ns / 1000).max(1));
+        let rtt = now_ns.saturating_sub(intended_ns);
+        s.heartbeat.saturating_record((rtt / 1000).max(1));
     }
 
     /// Records an error.
@@ -506,20 +527,30 @@ impl Recorder {
 }
 
 #[cfg(test)]
+// Tests build values field by field from the defaults, which reads clearer here.
+#[allow(clippy::field_reassign_with_default)]
 mod tests {
     use super::*;
 
     fn stamp(t: u64, step: u32) -> Stamp {
-        Stamp { intended_ns: t, step }
+        Stamp {
+            intended_ns: t,
+            step,
+        }
     }
 
     #[test]
     fn latency_is_measured_from_the_intended_time() {
         let r = Recorder::new(2);
-        r.begin_step(1, 1_000_000_000);
+        r.begin_step(1, 1_000_000_000, u64::MAX);
         r.sent(0, 1_000_000_000, 2, 1);
         // Intended at 1.000 s and 1.001 s, received at 1.005 s.
-        r.received(1, &[stamp(1_000_000_000, 1), stamp(1_001_000_000, 1)], 1_005_000_000, Receipt::Measure);
+        r.received(
+            1,
+            &[stamp(1_000_000_000, 1), stamp(1_001_000_000, 1)],
+            1_005_000_000,
+            Receipt::Measure,
+        );
         let s = r.end_step();
         assert_eq!((s.sent, s.received, s.expected, s.lost()), (2, 2, 2, 0));
         assert_eq!(s.latency.len(), 2);
@@ -530,21 +561,24 @@ mod tests {
     #[test]
     fn other_steps_count_as_late_not_received() {
         let r = Recorder::new(1);
-        r.begin_step(2, 0);
+        r.begin_step(2, 0, u64::MAX);
         r.received(0, &[stamp(0, 1), stamp(0, 2)], 10, Receipt::Measure);
         let s = r.end_step();
         assert_eq!((s.received, s.late), (1, 1));
         // Between steps everything is late.
         r.received(0, &[stamp(0, 2)], 10, Receipt::Measure);
-        r.begin_step(3, 0);
+        r.begin_step(3, 0, u64::MAX);
         let s = r.end_step();
-        assert_eq!(s.received, 0, "the reset at begin_step discards between-step arrivals");
+        assert_eq!(
+            s.received, 0,
+            "the reset at begin_step discards between-step arrivals"
+        );
     }
 
     #[test]
     fn count_only_receipts_record_no_latency() {
         let r = Recorder::new(1);
-        r.begin_step(0, 0);
+        r.begin_step(0, 0, u64::MAX);
         r.received(0, &[stamp(0, 0)], 5_000, Receipt::CountOnly);
         let s = r.end_step();
         assert_eq!(s.received, 1);
@@ -554,10 +588,15 @@ mod tests {
     #[test]
     fn throughput_lands_in_per_second_buckets() {
         let r = Recorder::new(4);
-        r.begin_step(0, 10_000_000_000);
+        r.begin_step(0, 10_000_000_000, u64::MAX);
         r.sent(0, 10_100_000_000, 5, 3);
         r.sent(1, 12_500_000_000, 7, 3);
-        r.received(2, &[stamp(11_000_000_000, 0)], 11_900_000_000, Receipt::Measure);
+        r.received(
+            2,
+            &[stamp(11_000_000_000, 0)],
+            11_900_000_000,
+            Receipt::Measure,
+        );
         let s = r.end_step();
         assert_eq!(s.sent_per_sec, vec![5, 0, 7]);
         assert_eq!(s.recv_per_sec, vec![0, 1]);
@@ -566,9 +605,24 @@ mod tests {
     }
 
     #[test]
+    fn heartbeats_count_by_their_intended_time() {
+        let r = Recorder::new(1);
+        r.begin_step(1, 1_000, 2_000);
+        r.ping(0, 999); // before the step: not counted
+        r.ping(0, 1_500);
+        r.ping(0, 2_000); // at the end: belongs to no step
+        r.pong(0, 999, 1_600);
+        r.pong(0, 1_500, 1_700_000);
+        let s = r.end_step();
+        assert_eq!((s.pings, s.pongs), (1, 1));
+        assert_eq!(s.heartbeat.len(), 1);
+        assert_eq!(s.heartbeat.max(), s.heartbeat.highest_equivalent(1_698));
+    }
+
+    #[test]
     fn errors_are_counted_by_kind() {
         let r = Recorder::new(2);
-        r.begin_step(0, 0);
+        r.begin_step(0, 0, u64::MAX);
         r.error(0, &ErrorKind::Server("no_route".into()));
         r.error(1, &ErrorKind::Server("no_route".into()));
         r.error(1, &ErrorKind::Disconnected);

@@ -82,7 +82,9 @@ pub fn serve(cmds: mpsc::Receiver<Command>, out: impl Fn(Reply) + Send + Sync + 
     let setup = match cmds.recv() {
         Ok(Command::Connect(s)) => s,
         Ok(other) => {
-            out(Reply::Failed(format!("expected Connect first, got {other:?}")));
+            out(Reply::Failed(format!(
+                "expected Connect first, got {other:?}"
+            )));
             return;
         }
         Err(_) => return,
@@ -158,7 +160,7 @@ fn run(
     let result = loop {
         match cmds.recv() {
             Ok(Command::Step { plan, drain_ns }) => {
-                recorder.begin_step(plan.id, plan.start_ns);
+                recorder.begin_step(plan.id, plan.start_ns, plan.end_ns);
                 let _ = step_tx.send(StepCmd::Run(plan));
                 let until = env.anchor.instant_at(plan.end_ns.saturating_add(drain_ns));
                 let now = std::time::Instant::now();
@@ -199,7 +201,10 @@ async fn connect_phase(env: &Env, setup: &WorkerSetup) -> (ConnectStats, JoinSet
     let s = &setup.scenario;
     let plan = Plan::new(s, &setup.prefix);
     let full = plan.range(setup.worker, setup.workers);
-    let range = full.start..full.end.min(full.start.saturating_add(setup.max_connections));
+    let range = full.start
+        ..full
+            .end
+            .min(full.start.saturating_add(setup.max_connections));
     let mut stats = ConnectStats {
         planned: range.end - range.start,
         ..ConnectStats::default()
@@ -253,14 +258,14 @@ async fn connect_phase(env: &Env, setup: &WorkerSetup) -> (ConnectStats, JoinSet
 
     for (k, i) in range.clone().enumerate() {
         let mut start = mono_ns();
-        if let Some(p) = &pacing {
-            if let Some(t) = p.intended(k as u64) {
-                if t > start {
-                    tokio::time::sleep_until(env.anchor.instant_at(t).into()).await;
-                }
-                if storm {
-                    start = t;
-                }
+        if let Some(p) = &pacing
+            && let Some(t) = p.intended(k as u64)
+        {
+            if t > start {
+                tokio::time::sleep_until(env.anchor.instant_at(t).into()).await;
+            }
+            if storm {
+                start = t;
             }
         }
         let permit = match limit.clone().acquire_owned().await {
@@ -301,7 +306,10 @@ pub struct LocalWorker {
 }
 
 /// Starts a worker on a thread; its replies go to `out` tagged with `index`.
-pub fn spawn_local(index: usize, out: mpsc::Sender<(usize, Reply)>) -> std::io::Result<LocalWorker> {
+pub fn spawn_local(
+    index: usize,
+    out: mpsc::Sender<(usize, Reply)>,
+) -> std::io::Result<LocalWorker> {
     let (tx, rx) = mpsc::channel();
     let thread = std::thread::Builder::new()
         .name(format!("lt-worker-{index}"))
@@ -356,6 +364,8 @@ pub fn child_main() -> std::io::Result<()> {
 }
 
 #[cfg(test)]
+// Tests build values field by field from the defaults, which reads clearer here.
+#[allow(clippy::field_reassign_with_default)]
 mod tests {
     use super::*;
 

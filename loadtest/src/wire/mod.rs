@@ -73,7 +73,9 @@ impl WireKind {
     /// The encoder for this kind; `seed` varies WebSocket masks per connection.
     pub fn encoder(&self, seed: u64) -> Encoder {
         match self {
-            WireKind::Relay { form, ws } => Encoder::Relay(relay::RelayEncoder::new(*form, *ws, seed)),
+            WireKind::Relay { form, ws } => {
+                Encoder::Relay(relay::RelayEncoder::new(*form, *ws, seed))
+            }
             WireKind::Mqtt { prefix } => Encoder::Mqtt(mqtt::MqttEncoder::new(prefix)),
         }
     }
@@ -81,7 +83,9 @@ impl WireKind {
     /// The decoder for this kind, refusing messages over `max` bytes.
     pub fn decoder(&self, max: usize) -> Decoder {
         match self {
-            WireKind::Relay { form, ws } => Decoder::Relay(relay::RelayDecoder::new(*form, *ws, max)),
+            WireKind::Relay { form, ws } => {
+                Decoder::Relay(relay::RelayDecoder::new(*form, *ws, max))
+            }
             WireKind::Mqtt { .. } => Decoder::Mqtt(mqtt::MqttDecoder::new(max)),
         }
     }

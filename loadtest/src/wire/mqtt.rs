@@ -3,9 +3,11 @@
 //! `<prefix>/a/<address>` is a client's inbox, `<prefix>/g/<group>` a group.
 
 use bytes::BytesMut;
-use rumqttc::mqttbytes::v4::{ConnAck, Connect, Packet, Publish, SubAck, Subscribe, SubscribeReasonCode};
-use rumqttc::mqttbytes::{Error as MqttError, QoS};
 use rumqttc::ConnectReturnCode;
+use rumqttc::mqttbytes::v4::{
+    ConnAck, Connect, Packet, Publish, SubAck, Subscribe, SubscribeReasonCode,
+};
+use rumqttc::mqttbytes::{Error as MqttError, QoS};
 
 use super::{Dest, Inbound, WireError};
 use crate::payload::Stamp;
@@ -61,7 +63,11 @@ impl MqttEncoder {
     /// PUBLISH at QoS 0 carrying `stamp` in a binary payload.
     pub fn publish(&mut self, out: &mut BytesMut, dest: &Dest, stamp: Stamp, payload_len: usize) {
         stamp.put_binary(&mut self.payload, payload_len);
-        let p = Publish::from_bytes(dest.text.clone(), QoS::AtMostOnce, self.payload.split().freeze());
+        let p = Publish::from_bytes(
+            dest.text.clone(),
+            QoS::AtMostOnce,
+            self.payload.split().freeze(),
+        );
         Self::put(out, Packet::Publish(p));
     }
 
@@ -111,13 +117,19 @@ impl MqttDecoder {
 
 fn from_packet(p: Packet) -> Inbound {
     match p {
-        Packet::ConnAck(ConnAck { code: ConnectReturnCode::Success, .. }) => Inbound::Welcome,
+        Packet::ConnAck(ConnAck {
+            code: ConnectReturnCode::Success,
+            ..
+        }) => Inbound::Welcome,
         Packet::ConnAck(ConnAck { code, .. }) => Inbound::Error {
             code: format!("connack_{code:?}").to_lowercase(),
             seq: 0,
         },
         Packet::SubAck(SubAck { pkid, return_codes }) => {
-            if return_codes.iter().all(|c| matches!(c, SubscribeReasonCode::Success(_))) {
+            if return_codes
+                .iter()
+                .all(|c| matches!(c, SubscribeReasonCode::Success(_)))
+            {
                 Inbound::Ack { seq: pkid as u32 }
             } else {
                 Inbound::Error {
@@ -146,30 +158,67 @@ mod tests {
         let mut out = BytesMut::new();
         e.connect(&mut out, "ctl-1", 30);
         e.subscribe(&mut out, "lt/a/ctl-1", 0);
-        let dest = WireKind::Mqtt { prefix: "lt".into() }.dest("web-1", false);
+        let dest = WireKind::Mqtt {
+            prefix: "lt".into(),
+        }
+        .dest("web-1", false);
         assert_eq!(dest.text, "lt/a/web-1");
-        e.publish(&mut out, &dest, Stamp { intended_ns: 5, step: 2 }, 64);
+        e.publish(
+            &mut out,
+            &dest,
+            Stamp {
+                intended_ns: 5,
+                step: 2,
+            },
+            64,
+        );
         e.ping(&mut out);
-        let Packet::Connect(c) = Packet::read(&mut out, 1 << 20).unwrap() else { panic!() };
-        assert_eq!((c.client_id.as_str(), c.keep_alive, c.clean_session), ("ctl-1", 30, true));
-        let Packet::Subscribe(s) = Packet::read(&mut out, 1 << 20).unwrap() else { panic!() };
+        let Packet::Connect(c) = Packet::read(&mut out, 1 << 20).unwrap() else {
+            panic!()
+        };
+        assert_eq!(
+            (c.client_id.as_str(), c.keep_alive, c.clean_session),
+            ("ctl-1", 30, true)
+        );
+        let Packet::Subscribe(s) = Packet::read(&mut out, 1 << 20).unwrap() else {
+            panic!()
+        };
         assert_eq!(s.pkid, 1, "seq 0 is sent as packet id 1");
         assert_eq!(s.filters[0].path, "lt/a/ctl-1");
-        let Packet::Publish(p) = Packet::read(&mut out, 1 << 20).unwrap() else { panic!() };
+        let Packet::Publish(p) = Packet::read(&mut out, 1 << 20).unwrap() else {
+            panic!()
+        };
         assert_eq!(p.topic, "lt/a/web-1");
         assert_eq!(p.qos, QoS::AtMostOnce);
         assert_eq!(p.payload.len(), 64);
-        assert_eq!(Stamp::from_binary(&p.payload), Some(Stamp { intended_ns: 5, step: 2 }));
+        assert_eq!(
+            Stamp::from_binary(&p.payload),
+            Some(Stamp {
+                intended_ns: 5,
+                step: 2
+            })
+        );
         assert_eq!(Packet::read(&mut out, 1 << 20).unwrap(), Packet::PingReq);
     }
 
     #[test]
     fn broker_packets_decode_to_events() {
         let mut buf = BytesMut::new();
-        Packet::ConnAck(ConnAck::new(ConnectReturnCode::Success, false)).write(&mut buf, 1024).unwrap();
-        Packet::ConnAck(ConnAck::new(ConnectReturnCode::NotAuthorized, false)).write(&mut buf, 1024).unwrap();
-        Packet::SubAck(SubAck::new(4, vec![SubscribeReasonCode::Success(QoS::AtMostOnce)])).write(&mut buf, 1024).unwrap();
-        Packet::SubAck(SubAck::new(5, vec![SubscribeReasonCode::Failure])).write(&mut buf, 1024).unwrap();
+        Packet::ConnAck(ConnAck::new(ConnectReturnCode::Success, false))
+            .write(&mut buf, 1024)
+            .unwrap();
+        Packet::ConnAck(ConnAck::new(ConnectReturnCode::NotAuthorized, false))
+            .write(&mut buf, 1024)
+            .unwrap();
+        Packet::SubAck(SubAck::new(
+            4,
+            vec![SubscribeReasonCode::Success(QoS::AtMostOnce)],
+        ))
+        .write(&mut buf, 1024)
+        .unwrap();
+        Packet::SubAck(SubAck::new(5, vec![SubscribeReasonCode::Failure]))
+            .write(&mut buf, 1024)
+            .unwrap();
         Packet::PingResp.write(&mut buf, 1024).unwrap();
         let mut d = MqttDecoder::new(1 << 20);
         let mut got = Vec::new();
@@ -185,9 +234,15 @@ mod tests {
             got,
             vec![
                 Inbound::Welcome,
-                Inbound::Error { code: "connack_notauthorized".into(), seq: 0 },
+                Inbound::Error {
+                    code: "connack_notauthorized".into(),
+                    seq: 0
+                },
                 Inbound::Ack { seq: 4 },
-                Inbound::Error { code: "suback_failure".into(), seq: 5 },
+                Inbound::Error {
+                    code: "suback_failure".into(),
+                    seq: 5
+                },
                 Inbound::Pong,
             ]
         );

@@ -249,10 +249,16 @@ mod tests {
 
             e.join(&mut out, "room", 9);
             let join = server_reads(form, &mut out);
-            assert_eq!((join.kind, join.seq, join.flags.ack_req()), (FrameType::Join, 9, true));
+            assert_eq!(
+                (join.kind, join.seq, join.flags.ack_req()),
+                (FrameType::Join, 9, true)
+            );
             assert_eq!(&join.dst[..], b"room");
 
-            let st = Stamp { intended_ns: 42, step: 3 };
+            let st = Stamp {
+                intended_ns: 42,
+                step: 3,
+            };
             e.data(&mut out, &dest("web-1", false), st, 64);
             let d = server_reads(form, &mut out);
             assert_eq!(d.kind, FrameType::Data);
@@ -272,7 +278,11 @@ mod tests {
     fn server_frames_decode_to_events_in_both_forms() {
         let mut data = Frame::data(&b"ctl-1"[..], &b"web-1"[..], {
             let mut v = Vec::new();
-            Stamp { intended_ns: 7, step: 1 }.put_binary(&mut v, 32);
+            Stamp {
+                intended_ns: 7,
+                step: 1,
+            }
+            .put_binary(&mut v, 32);
             v
         });
         data.flags = Flags(0);
@@ -284,10 +294,18 @@ mod tests {
             Frame::new(FrameType::Bye),
         ];
         let expect = [
-            Inbound::Error { code: "no_route".into(), seq: 4 },
+            Inbound::Error {
+                code: "no_route".into(),
+                seq: 4,
+            },
             Inbound::Ack { seq: 3 },
             Inbound::Pong,
-            Inbound::Data { stamp: Some(Stamp { intended_ns: 7, step: 1 }) },
+            Inbound::Data {
+                stamp: Some(Stamp {
+                    intended_ns: 7,
+                    step: 1,
+                }),
+            },
             Inbound::Closed,
         ];
         for form in [Form::Binary, Form::Json] {

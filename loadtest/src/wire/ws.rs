@@ -225,7 +225,9 @@ impl Deframer {
                 }
                 OpCode::Data(kind @ (Data::Text | Data::Binary)) => {
                     if self.partial.is_some() {
-                        return Err(WsError::BadFrame("new message inside a fragmented one".into()));
+                        return Err(WsError::BadFrame(
+                            "new message inside a fragmented one".into(),
+                        ));
                     }
                     if header.is_final {
                         return Ok(Some(Self::message(kind, payload.freeze())));
@@ -273,7 +275,10 @@ mod tests {
         let wrong = b"HTTP/1.1 101 OK\r\nSec-WebSocket-Accept: nope\r\n\r\n";
         assert_eq!(parse_answer(wrong, key), Err(WsError::BadAccept));
         let refused = b"HTTP/1.1 404 Not Found\r\n\r\n";
-        assert!(matches!(parse_answer(refused, key), Err(WsError::Refused(_))));
+        assert!(matches!(
+            parse_answer(refused, key),
+            Err(WsError::Refused(_))
+        ));
     }
 
     #[test]
@@ -284,7 +289,10 @@ mod tests {
         assert_eq!(out[1], 0x80 | 5);
         assert_ne!(&out[6..], b"hello");
         let mut d = Deframer::new(1024);
-        assert_eq!(d.next(&mut out).unwrap(), Some(Message::Binary(Bytes::from_static(b"hello"))));
+        assert_eq!(
+            d.next(&mut out).unwrap(),
+            Some(Message::Binary(Bytes::from_static(b"hello")))
+        );
         assert!(out.is_empty());
     }
 
@@ -329,6 +337,12 @@ mod tests {
         let mut m = Masker::new(1);
         assert_ne!(m.mask(), m.mask());
         let k = new_key(&mut m);
-        assert_eq!(base64::engine::general_purpose::STANDARD.decode(&k).unwrap().len(), 16);
+        assert_eq!(
+            base64::engine::general_purpose::STANDARD
+                .decode(&k)
+                .unwrap()
+                .len(),
+            16
+        );
     }
 }
