@@ -337,8 +337,8 @@ impl Connection {
                 Wire::Binary => match codec::check(input, cfg.max_frame) {
                     Ok(Check::Incomplete { .. }) => return None,
                     Ok(Check::Complete { body_len }) => {
-                        input.advance(4);
-                        let body = input.split_to(body_len).freeze();
+                        let mut body = input.split_to(4 + body_len).freeze();
+                        body.advance(4);
                         let seq = body_seq(&body);
                         codec::parse_body(body).map_err(|e| (e, seq))
                     }

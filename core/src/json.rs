@@ -305,6 +305,24 @@ fn put_name(out: &mut BytesMut, key: &str, name: &[u8]) {
     }
 }
 
+/// Appends `,"key":value` without going through a formatter.
+fn put_uint(out: &mut BytesMut, key: &str, mut v: u64) {
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (v % 10) as u8;
+        v /= 10;
+        if v == 0 {
+            break;
+        }
+    }
+    out.put_slice(b",\"");
+    out.put_slice(key.as_bytes());
+    out.put_slice(b"\":");
+    out.put_slice(&digits[at..]);
+}
+
 fn put_payload(out: &mut BytesMut, frame: &Frame) {
     if frame.payload.is_empty() && !frame.flags.json() {
         return;
@@ -312,7 +330,15 @@ fn put_payload(out: &mut BytesMut, frame: &Frame) {
     if frame.flags.json() && is_json(&frame.payload) {
         out.put_slice(b",\"payload\":");
         // A binary sender's JSON may be pretty-printed: one line is required.
-        minify_runs(&frame.payload, |run| out.put_slice(run));
+        if frame
+            .payload
+            .iter()
+            .any(|&b| matches!(b, b' ' | b'\t' | b'\n' | b'\r'))
+        {
+            minify_runs(&frame.payload, |run| out.put_slice(run));
+        } else {
+            out.put_slice(&frame.payload);
+        }
     } else {
         out.put_slice(b",\"payload_b64\":\"");
         let start = out.len();
@@ -351,15 +377,15 @@ pub fn write_json(frame: &Frame, out: &mut BytesMut) {
         FrameType::Welcome => put_object_members(out, &frame.payload),
         FrameType::Pong => {
             if frame.seq != 0 {
-                out.put_slice(format!(",\"seq\":{}", frame.seq).as_bytes());
+                put_uint(out, "seq", frame.seq.into());
             }
             if let Some(t) = frame.pong_time() {
-                out.put_slice(format!(",\"server_time_ms\":{t}").as_bytes());
+                put_uint(out, "server_time_ms", t);
             }
         }
         FrameType::Error => {
             if frame.seq != 0 {
-                out.put_slice(format!(",\"seq\":{}", frame.seq).as_bytes());
+                put_uint(out, "seq", frame.seq.into());
             }
             let (code, msg) = match frame.payload.len() {
                 0 | 1 => (0u16, String::new()),
@@ -370,7 +396,7 @@ pub fn write_json(frame: &Frame, out: &mut BytesMut) {
             };
             match ErrorCode::from_u16(code) {
                 Some(c) => out.put_slice(format!(",\"code\":\"{}\"", c.name()).as_bytes()),
-                None => out.put_slice(format!(",\"code\":{code}").as_bytes()),
+                None => put_uint(out, "code", code.into()),
             }
             out.put_slice(b",\"message\":");
             out.put_slice(serde_json::to_string(&msg).unwrap_or_default().as_bytes());
@@ -389,7 +415,7 @@ pub fn write_json(frame: &Frame, out: &mut BytesMut) {
                 put_name(out, if group_key { "group" } else { "dst" }, &frame.dst);
             }
             if frame.seq != 0 {
-                out.put_slice(format!(",\"seq\":{}", frame.seq).as_bytes());
+                put_uint(out, "seq", frame.seq.into());
             }
             if frame.flags.ack_req() {
                 out.put_slice(b",\"ack\":true");
@@ -579,6 +605,15 @@ mod tests {
         assert_eq!(seq_of(br#"{"seq":3,"dst":7}"#), 3);
         assert_eq!(seq_of(b"{nope"), 0);
         assert_eq!(seq_of(br#"{"seq":"x"}"#), 0);
+    }
+
+    #[test]
+    fn numbers_are_written_in_decimal() {
+        for n in [0u64, 7, 10, 99, 4_294_967_295, u64::MAX] {
+            let mut b = BytesMut::new();
+            put_uint(&mut b, "k", n);
+            assert_eq!(std::str::from_utf8(&b).unwrap(), format!(",\"k\":{n}"));
+        }
     }
 
     #[test]

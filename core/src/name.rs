@@ -21,10 +21,25 @@ pub enum NameError {
     BadByte { at: usize, byte: u8 },
 }
 
+/// One entry per byte value: may it appear in a name? (A table lookup is a
+/// few instructions a byte; the chain of ranges was several times that, and
+/// every DATA frame's dst is checked.)
+const NAME_BYTES: [bool; 256] = {
+    let mut t = [false; 256];
+    let mut b = 0;
+    while b < 256 {
+        let c = b as u8;
+        t[b] =
+            matches!(c, b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'.' | b'_' | b':' | b'@' | b'-');
+        b += 1;
+    }
+    t
+};
+
 /// True for the bytes an address, group or uid may contain.
 #[inline]
 pub const fn is_name_byte(b: u8) -> bool {
-    matches!(b, b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'.' | b'_' | b':' | b'@' | b'-')
+    NAME_BYTES[b as usize]
 }
 
 /// Checks an address, group or uid: 1..=64 bytes of the shared alphabet.
@@ -35,10 +50,11 @@ pub fn validate_name(name: &[u8]) -> Result<(), NameError> {
     if name.len() > MAX_NAME_LEN {
         return Err(NameError::TooLong(name.len()));
     }
-    match name.iter().position(|&b| !is_name_byte(b)) {
-        Some(at) => Err(NameError::BadByte { at, byte: name[at] }),
-        None => Ok(()),
+    if name.iter().all(|&b| is_name_byte(b)) {
+        return Ok(());
     }
+    let at = name.iter().position(|&b| !is_name_byte(b)).unwrap_or(0);
+    Err(NameError::BadByte { at, byte: name[at] })
 }
 
 /// Views a validated name as text. Names are ASCII, so this cannot fail for
