@@ -35,18 +35,32 @@ pub const CONTROL_SLACK: usize = 16 * 1024;
 /// Limits and policy shared by every connection of a shard.
 #[derive(Debug, Clone)]
 pub struct ConnConfig {
+    /// Largest binary body accepted and sent (`limits.max_frame`); bounds
+    /// what one frame can make the relay buffer.
     pub max_frame: usize,
+    /// A connection without an accepted hello after this long is closed, so
+    /// idle sockets cannot hold descriptors.
     pub hello_timeout_ms: u64,
+    /// Heartbeat for clients that do not ask for one (`heartbeat.interval_s`).
     pub heartbeat_default_s: u32,
+    /// Smallest heartbeat a client may ask for: bounds the PING rate it may
+    /// claim to need.
     pub heartbeat_min_s: u32,
+    /// Largest heartbeat a client may ask for: bounds how long a dead link
+    /// keeps its address online.
     pub heartbeat_max_s: u32,
-    /// Idle timeout = idle_factor × the connection's heartbeat.
+    /// Idle timeout = idle_factor × the connection's heartbeat, so a few
+    /// lost PINGs do not disconnect.
     pub idle_factor: u32,
+    /// Bound on one connection's queued plus in-flight outbound bytes.
     pub queue_bytes: usize,
+    /// A queue that stays full this long closes the connection.
     pub slow_consumer_timeout_ms: u64,
-    /// Token bucket per connection; 0 disables the limit.
+    /// Token bucket refill rate per connection; 0 disables the limit.
     pub frames_per_sec: u32,
+    /// Token bucket size: frames a client may send at once above the rate.
     pub burst: u32,
+    /// Largest hello `meta` object kept with a session, as JSON text.
     pub max_meta_bytes: usize,
     /// Shared secret of `[auth] mode = "hmac"`; `None` is mode "none".
     pub auth_secret: Option<Vec<u8>>,
@@ -133,12 +147,15 @@ impl Role {
 pub struct Hello {
     /// Wanted address; empty asks the server to assign one.
     pub addr: Bytes,
+    /// Asked for in the hello, else the transport's default.
     pub role: Role,
     /// Heartbeat the client will keep, clamped to the configured bounds.
     pub heartbeat_s: u32,
     /// Compact JSON object kept with the session (`{}` when absent).
     pub meta: Bytes,
+    /// The hello's seq, for its ACK or ERROR.
     pub seq: u32,
+    /// The hello asked for an ACK: `accept` sends it after WELCOME.
     pub ack_req: bool,
 }
 
@@ -745,7 +762,9 @@ impl Connection {
     /// Refused with `Full` when queued plus in-flight bytes would pass
     /// `queue_bytes`; the first refusal starts the slow-consumer clock. A
     /// frame larger than the whole bound is still taken into an empty queue,
-    /// so one big frame never wedges a reader that keeps up.
+    /// so one big frame never wedges a reader that keeps up. `Closed` also
+    /// before the hello is accepted: nothing is delivered to an anonymous
+    /// connection.
     pub fn send(&mut self, cfg: &ConnConfig, now: Now, frame: &Frame) -> Result<(), SendError> {
         if self.state != State::Open {
             return Err(SendError::Closed);
