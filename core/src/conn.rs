@@ -89,7 +89,9 @@ impl ConnConfig {
     /// Longest JSON line accepted: room for a max_frame payload in base64
     /// plus the envelope.
     pub fn max_line(&self) -> usize {
-        self.max_frame + self.max_frame / 3 + 1024
+        self.max_frame
+            .saturating_add(self.max_frame / 3)
+            .saturating_add(1024)
     }
 }
 
@@ -280,7 +282,7 @@ impl Connection {
                 Transport::WebSocket => Role::Browser,
             },
             heartbeat_s: cfg.heartbeat_default_s,
-            hello_deadline: now.mono_ms + cfg.hello_timeout_ms,
+            hello_deadline: now.mono_ms.saturating_add(cfg.hello_timeout_ms),
             last_activity: now.mono_ms,
             full_since: None,
             out: BytesMut::new(),
@@ -535,7 +537,10 @@ impl Connection {
                         cfg,
                         &Frame::error(f.seq, ErrorCode::RateLimited, "frame rate limit exceeded"),
                     );
-                } else if self.limited_note_at.is_none_or(|t| now.mono_ms >= t + 1000) {
+                } else if self
+                    .limited_note_at
+                    .is_none_or(|t| now.mono_ms >= t.saturating_add(1000))
+                {
                     self.limited_note_at = Some(now.mono_ms);
                     self.control(
                         cfg,
@@ -889,9 +894,9 @@ impl Connection {
         match self.state {
             State::AwaitHello => Some(self.hello_deadline),
             State::Open => {
-                let idle = self.last_activity + self.idle_timeout_ms(cfg);
+                let idle = self.last_activity.saturating_add(self.idle_timeout_ms(cfg));
                 Some(match self.full_since {
-                    Some(t) => idle.min(t + cfg.slow_consumer_timeout_ms),
+                    Some(t) => idle.min(t.saturating_add(cfg.slow_consumer_timeout_ms)),
                     None => idle,
                 })
             }
@@ -901,7 +906,9 @@ impl Connection {
 
     /// Idle bound for this connection: idle_factor × its heartbeat.
     pub fn idle_timeout_ms(&self, cfg: &ConnConfig) -> u64 {
-        self.heartbeat_s as u64 * cfg.idle_factor.max(1) as u64 * 1000
+        (self.heartbeat_s as u64)
+            .saturating_mul(cfg.idle_factor.max(1) as u64)
+            .saturating_mul(1000)
     }
 
     /// Applies deadlines that have passed.
@@ -916,7 +923,7 @@ impl Connection {
             }
             State::Open => {
                 if let Some(t) = self.full_since
-                    && now.mono_ms >= t + cfg.slow_consumer_timeout_ms
+                    && now.mono_ms >= t.saturating_add(cfg.slow_consumer_timeout_ms)
                 {
                     self.control(
                         cfg,
@@ -924,7 +931,7 @@ impl Connection {
                     );
                     return Some(self.close(CloseReason::SlowConsumer));
                 }
-                if now.mono_ms >= self.last_activity + self.idle_timeout_ms(cfg) {
+                if now.mono_ms >= self.last_activity.saturating_add(self.idle_timeout_ms(cfg)) {
                     self.control(
                         cfg,
                         &Frame::error(0, ErrorCode::IdleTimeout, "no frame within idle_timeout"),
@@ -1094,7 +1101,7 @@ mod tests {
     fn t(ms: u64) -> Now {
         Now {
             mono_ms: ms,
-            wall_ms: WALL0 + ms,
+            wall_ms: WALL0.saturating_add(ms),
         }
     }
 
@@ -1296,6 +1303,40 @@ mod tests {
             events(&mut c, &cfg, t(2_200), &mut bin(&hello("a", ""))),
             vec![]
         );
+    }
+
+    #[test]
+    fn extreme_limits_do_not_overflow() {
+        let cfg = ConnConfig {
+            hello_timeout_ms: u64::MAX,
+            heartbeat_default_s: u32::MAX,
+            heartbeat_min_s: u32::MAX,
+            heartbeat_max_s: u32::MAX,
+            idle_factor: u32::MAX,
+            slow_consumer_timeout_ms: u64::MAX,
+            frames_per_sec: u32::MAX,
+            burst: u32::MAX,
+            queue_bytes: 1,
+            ..ConnConfig::default()
+        };
+        let mut c = Connection::new(&cfg, Transport::Tcp, t(5));
+        assert_eq!(c.poll_timeout(&cfg), Some(u64::MAX));
+        let h = expect_hello(events(&mut c, &cfg, t(5), &mut bin(&hello("a", ""))));
+        c.accept(&cfg, t(5), &h, h.addr.clone(), "n1");
+        drain(&mut c, &cfg, t(5));
+        assert_eq!(c.idle_timeout_ms(&cfg), u64::MAX);
+        c.send(&cfg, t(6), &Frame::data("b", "a", "x")).unwrap();
+        assert_eq!(
+            c.send(&cfg, t(6), &Frame::data("b", "a", "x")),
+            Err(SendError::Full)
+        );
+        assert_eq!(c.poll_timeout(&cfg), Some(u64::MAX));
+        assert_eq!(c.handle_timeout(&cfg, t(u64::MAX - 1)), None);
+        let mut input = BytesMut::new();
+        for _ in 0..10 {
+            input.extend(bin(&Frame::data("", "b", "x")));
+        }
+        assert_eq!(events(&mut c, &cfg, t(u64::MAX - 1), &mut input).len(), 10);
     }
 
     #[test]
