@@ -179,24 +179,26 @@ export function deviceView(root, ctx, addr) {
   }
   link.addEventListener("frame", onFrame);
 
-  function joinWatch() {
-    link.join(group).then(
-      () => {
-        if (alive) watchNote.textContent = `Watching every message ${addr} sends.`;
-      },
-      (e) => {
-        if (alive) {
-          watchNote.textContent = `Only replies to the console are shown: the relay refused to watch ${addr} (${e.code}: ${e.message}).`;
-        }
-      },
-    );
+  // The live link joins the watch group now and again after every reconnect.
+  function onJoined(ev) {
+    if (ev.detail.group === group) watchNote.textContent = `Watching every message ${addr} sends.`;
+  }
+  function onJoinFailed(ev) {
+    if (ev.detail.group !== group) return;
+    const e = ev.detail.error;
+    watchNote.textContent = `Only replies to the console are shown: the relay refused to watch ${addr} (${e.code}: ${e.message}).`;
   }
   function onStatus(ev) {
-    if (ev.detail.state === "open") joinWatch();
-    else if (alive) watchNote.textContent = "Live link down; reconnecting…";
+    const { state, message } = ev.detail;
+    if (state === "open") watchNote.textContent = "Joining the live stream…";
+    else if (state === "stopped") watchNote.textContent = `Live link refused${message ? `: ${message}` : ""}.`;
+    else watchNote.textContent = "Live link down; reconnecting…";
   }
+  link.addEventListener("joined", onJoined);
+  link.addEventListener("join-failed", onJoinFailed);
   link.addEventListener("status", onStatus);
-  if (link.state === "open") joinWatch();
+  if (link.state !== "open") onStatus({ detail: { state: link.state, message: link.message } });
+  link.join(group);
 
   // ---- commands
   async function submit(ev) {
@@ -343,6 +345,8 @@ export function deviceView(root, ctx, addr) {
     timers.forEach(clearInterval);
     link.removeEventListener("frame", onFrame);
     link.removeEventListener("status", onStatus);
+    link.removeEventListener("joined", onJoined);
+    link.removeEventListener("join-failed", onJoinFailed);
     link.leave(group).catch(() => {});
   };
 }

@@ -140,8 +140,9 @@ export function fleetView(root, ctx) {
     status.classList.remove("error");
     const what = memory.role ? `${memory.role}s` : "clients";
     const filter = memory.prefix ? ` whose address starts with “${memory.prefix}”` : "";
+    const one = items.length === 1 && !page.next;
     status.textContent = items.length
-      ? `${items.length}${page.next ? "+" : ""} online ${items.length === 1 && !page.next ? what.replace(/s$/, "") : what}${filter} on this page.`
+      ? `${items.length} online ${one ? what.replace(/s$/, "") : what}${filter}${page.next ? " on this page; more on the next" : ""}.`
       : memory.cursors.length > 1
         ? "No more clients."
         : `No online ${what}${filter}.`;

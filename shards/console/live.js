@@ -126,7 +126,7 @@ export class LiveLink extends EventTarget {
         this.backoffMs = 1000;
         this.setState("open", "");
         this.startPing(f.heartbeat_s);
-        for (const g of this.groups) this.raw({ type: "join", group: g });
+        for (const g of this.groups) this.joinNow(g);
         break;
       case "ack":
         this.settle(f.seq, null, f);
@@ -202,11 +202,21 @@ export class LiveLink extends EventTarget {
     return this.request({ type: "data", dst, payload });
   }
 
-  /** Joins `group` now and after every reconnect. */
+  /**
+   * Joins `group` now (when connected) and after every reconnect. Each join
+   * the relay answers is announced as a "joined" or "join-failed" event.
+   */
   join(group) {
     this.groups.add(group);
-    if (this.state === "open") return this.request({ type: "join", group }).done;
-    return Promise.resolve(null);
+    if (this.state === "open") this.joinNow(group);
+  }
+
+  joinNow(group) {
+    this.request({ type: "join", group }).done.then(
+      () => this.groups.has(group) && this.dispatchEvent(new CustomEvent("joined", { detail: { group } })),
+      (error) =>
+        this.groups.has(group) && this.dispatchEvent(new CustomEvent("join-failed", { detail: { group, error } })),
+    );
   }
 
   /** Leaves `group`. */

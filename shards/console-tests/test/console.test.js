@@ -202,6 +202,7 @@ describe("relay web console in Chromium", { timeout: 180000 }, () => {
 
   it("opens the device, streams its messages, sends a command and shows the reply and the ack", async () => {
     const { page } = desk;
+    await page.locator("#search").fill("ctl-sim");
     await page.locator(`#fleet-rows tr[data-addr="${CTL}"] a`).click();
     await until(
       page,
@@ -266,7 +267,7 @@ describe("relay web console in Chromium", { timeout: 180000 }, () => {
     await refused.waitFor({ timeout: UI_MS });
     assert.match(await refused.textContent(), /no_route/);
     await page.locator('a[data-nav="fleet"]').click();
-    await page.locator(`#fleet-rows tr[data-addr="${CTL}"]`).waitFor({ timeout: UI_MS });
+    await page.locator(`#fleet-rows tr`).first().waitFor({ timeout: UI_MS });
     await page.waitForTimeout(500); // a poll of the old view may still be answered
     desk.state.expected = () => false;
   });
@@ -314,14 +315,9 @@ describe("relay web console in Chromium", { timeout: 180000 }, () => {
       const { page } = phone;
       await page.goto(`http://${relay.http}/`);
       await signIn(page, relay.token);
-      await page.locator(`#fleet-rows tr[data-addr="${CTL}"]`).waitFor({ timeout: UI_MS });
-      await until(
-        page,
-        "the phone's fleet row shows temp=90",
-        (addr) =>
-          document.querySelector(`#fleet-rows tr[data-addr="${addr}"] td.state`)?.textContent.includes("temp=90"),
-        CTL,
-      );
+      await until(page, "the phone lists the first page", () => document.querySelectorAll("#fleet-rows tr").length === 100);
+      await until(page, "the phone's first rows show their state", () =>
+        [...document.querySelectorAll("#fleet-rows td.state")].slice(0, 4).every((td) => /temp=/.test(td.textContent)));
       await until(page, "the phone shows frames in / s", () =>
         /\d/.test(document.querySelector("#count-in .count-value")?.textContent ?? ""),
       );
@@ -329,6 +325,7 @@ describe("relay web console in Chromium", { timeout: 180000 }, () => {
       const header = await page.locator("#top").boundingBox();
       assert.ok(header.height < 80, `the header keeps to one line (${header.height} px high)`);
       await shot(page, "fleet-phone");
+      await page.locator("#search").fill("ctl-sim");
       await page.locator(`#fleet-rows tr[data-addr="${CTL}"] a`).tap();
       await page.locator("#stream li.tap").first().waitFor({ timeout: UI_MS });
       await assertNoSideScroll(page, "device");
