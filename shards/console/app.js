@@ -21,6 +21,7 @@ const top = document.getElementById("top");
 const linkEl = document.getElementById("link");
 const linkText = document.getElementById("link-text");
 const badge = document.getElementById("alarm-badge");
+const linkBanner = document.getElementById("link-banner");
 
 /** The signed-in session: null on the sign-in page. */
 let session = null;
@@ -73,6 +74,7 @@ function end(message = "") {
   session = null;
   clearInterval(badgeTimer);
   top.hidden = true;
+  linkBanner.hidden = true;
   mount((root) => signInView(root, { begin, message, name: stored(NAME_KEY) || "" }));
 }
 
@@ -81,6 +83,11 @@ function showLink(link) {
   const text = { open: "live", connecting: "connecting…", closed: "reconnecting…", stopped: "offline" }[link.state];
   linkText.textContent = text || link.state;
   linkEl.title = link.message ? `Live link: ${link.message}` : `Live link as ${link.addr}: ${text}`;
+  // The relay refused the page's own client: say so, since commands and live messages need it.
+  linkBanner.hidden = !(session && link.state === "stopped" && link.message);
+  linkBanner.textContent = linkBanner.hidden
+    ? ""
+    : `The relay refused the console's live link (${link.message}): live messages and commands are off.`;
 }
 
 async function refreshBadge() {

@@ -4,15 +4,23 @@
 // publishes telemetry, and pings on the heartbeat.
 
 import net from "node:net";
+import { createHmac } from "node:crypto";
+
+/** The HMAC token of `addr` under `secret` (hex of HMAC-SHA256), as the relay checks it. */
+export function tokenFor(secret, addr) {
+  return createHmac("sha256", secret).update(addr).digest("hex");
+}
 
 export class SimController {
   /**
    * @param {string} tcp relay's TCP address, host:port
    * @param {string} addr the controller's address
+   * @param {string} [token] hello token (needed when the relay runs HMAC auth)
    */
-  constructor(tcp, addr) {
+  constructor(tcp, addr, token = "") {
     this.tcp = tcp;
     this.addr = addr;
+    this.token = token;
     /** Every frame received, in order. */
     this.received = [];
     this.socket = null;
@@ -28,7 +36,9 @@ export class SimController {
     return new Promise((resolve, reject) => {
       const timer = setTimeout(() => reject(new Error(`${this.addr}: no WELCOME within ${timeoutMs} ms`)), timeoutMs);
       const socket = net.connect({ host, port }, () => {
-        this.write({ type: "hello", addr: this.addr, role: "controller", meta: { model: "sim", fw: "1.0.0" } });
+        const hello = { type: "hello", addr: this.addr, role: "controller", meta: { model: "sim", fw: "1.0.0" } };
+        if (this.token) hello.token = this.token;
+        this.write(hello);
       });
       this.socket = socket;
       socket.setNoDelay(true);
@@ -57,6 +67,9 @@ export class SimController {
             const beat = Math.max(1, Number(f.heartbeat_s) || 30) * 500;
             this.timers.push(setInterval(() => this.write({ type: "ping" }), beat));
             resolve(f);
+          } else if (f.type === "error" && !this.welcome) {
+            clearTimeout(timer);
+            reject(new Error(`${this.addr}: hello refused: ${f.code} ${f.message}`));
           } else if (f.type === "data" && f.src && f.src !== this.addr && !f.group) {
             this.write({ type: "data", dst: f.src, payload: { ok: true, echo: f.payload ?? null } });
           }

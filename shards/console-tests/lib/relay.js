@@ -57,10 +57,11 @@ const plain = (line) => line.replace(/\x1b\[[0-9;]*m/g, "");
  * Starts a relay.
  * @param {object} o
  * @param {boolean} [o.mysql] keep alarm history in MariaDB on 127.0.0.1:3306 (db `test`)
+ * @param {string} [o.hmacSecret] turn on HMAC auth with this secret (every hello needs a token)
  * @param {number} [o.startTimeoutMs] longest wait for the "relay listening" line
  * @returns {Promise<{http: string, tcp: string, token: string, dir: string, logs: string[], stop: () => Promise<void>}>}
  */
-export async function startRelay({ mysql = false, startTimeoutMs = 30000 } = {}) {
+export async function startRelay({ mysql = false, hmacSecret = "", startTimeoutMs = 30000 } = {}) {
   if (!existsSync(RELAY_BIN)) {
     throw new Error(
       `relay binary not found at ${RELAY_BIN}: run \`cargo build -p relay-shards --bin relay\` or set RELAY_BIN`,
@@ -84,6 +85,9 @@ export async function startRelay({ mysql = false, startTimeoutMs = 30000 } = {})
     "io_memory_kib = 256",
     "[limits]",
     "max_connections = 1000",
+    "[auth]",
+    `mode = ${toml(hmacSecret ? "hmac" : "none")}`,
+    `secret = ${toml(hmacSecret)}`,
     "[http]",
     `api_token = ${toml(token)}`,
     "console = true",
@@ -164,7 +168,7 @@ export async function startRelay({ mysql = false, startTimeoutMs = 30000 } = {})
     if (!process.env.KEEP_RELAY_DIR) rmSync(dir, { recursive: true, force: true });
   }
 
-  return { ...addrs, token, dir, logs, stop, child };
+  return { ...addrs, token, hmacSecret, dir, logs, stop, child };
 }
 
 /** An HTTP API call to the relay with its token; returns {status, body}. */

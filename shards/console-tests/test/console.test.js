@@ -15,7 +15,7 @@ import { fileURLToPath } from "node:url";
 import { chromium } from "playwright-core";
 
 import { startRelay, api } from "../lib/relay.js";
-import { SimController } from "../lib/controller.js";
+import { SimController, tokenFor } from "../lib/controller.js";
 
 const here = dirname(fileURLToPath(import.meta.url));
 const CHROMIUM = process.env.CHROMIUM_BIN || "/usr/bin/chromium";
@@ -79,7 +79,8 @@ async function until(page, what, fn, arg) {
   try {
     await page.waitForFunction(fn, arg, { timeout: UI_MS });
   } catch (e) {
-    throw new Error(`timed out after ${UI_MS} ms waiting until ${what}`, { cause: e });
+    const why = e.name === "TimeoutError" ? `timed out after ${UI_MS} ms` : String(e.message).split("\n")[0];
+    throw new Error(`waiting until ${what}: ${why}`, { cause: e });
   }
 }
 
@@ -373,6 +374,52 @@ describe("relay web console without MySQL", { timeout: 120000 }, () => {
       assert.match(await note.textContent(), /History needs MySQL/);
       assert.equal(await page.locator("#history-rows tr").count(), 0);
       assert.match(await page.locator("#alarm-summary").textContent(), /No active alarms/);
+      w.state.closing = true;
+      assert.deepEqual(w.problems, []);
+    } finally {
+      w.state.closing = true;
+      await w.context.close();
+    }
+  });
+});
+
+describe("relay web console with HMAC auth (the production setting)", { timeout: 120000 }, () => {
+  let relay;
+  let ctl;
+  let browser;
+  const addr = "ctl-sim-2";
+
+  before(async () => {
+    relay = await startRelay({ hmacSecret: "console-test-secret-0123456789abcdef" });
+    ctl = new SimController(relay.tcp, addr, tokenFor(relay.hmacSecret, addr));
+    await ctl.connect();
+    browser = await chromium.launch({ executablePath: CHROMIUM, headless: true, args: CHROMIUM_ARGS });
+  });
+
+  after(async () => {
+    await browser?.close().catch(() => {});
+    ctl?.close();
+    await relay?.stop();
+  });
+
+  it("opens the live link with the API token and commands a controller", async () => {
+    const w = await watchedPage(browser);
+    try {
+      const { page } = w;
+      await page.goto(`http://${relay.http}/#/device/${addr}`);
+      await signIn(page, relay.token);
+      await until(page, "the live link is open (the relay accepts the API token on /ws)", () => {
+        const banner = document.querySelector("#link-banner");
+        if (banner && !banner.hidden) throw new Error(banner.textContent);
+        return document.querySelector("#link")?.dataset.state === "open";
+      });
+      await until(page, "the page watches the device", () =>
+        /Watching/.test(document.querySelector("#watch-note")?.textContent ?? ""),
+      );
+      await page.locator("#command").fill('{"cmd": "status"}');
+      await page.locator("#send").click();
+      await page.locator("#results li .verdict.ok").first().waitFor({ timeout: UI_MS });
+      await page.locator("#stream li", { hasText: '"echo":{"cmd":"status"}' }).first().waitFor({ timeout: UI_MS });
       w.state.closing = true;
       assert.deepEqual(w.problems, []);
     } finally {
