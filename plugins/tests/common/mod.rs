@@ -322,6 +322,7 @@ pub struct Proxy {
     up: std::sync::Arc<std::sync::atomic::AtomicBool>,
     conns: std::sync::Arc<std::sync::Mutex<Vec<std::net::TcpStream>>>,
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    mute: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Proxy {
@@ -334,7 +335,8 @@ impl Proxy {
         let up = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let conns = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        let (up2, stop2, conns2) = (up.clone(), stop.clone(), conns.clone());
+        let mute = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (up2, stop2, conns2, mute2) = (up.clone(), stop.clone(), conns.clone(), mute.clone());
         std::thread::spawn(move || {
             let until = Instant::now() + Duration::from_secs(300);
             while !stop2.load(Ordering::Relaxed) && Instant::now() < until {
@@ -357,12 +359,30 @@ impl Proxy {
                     c.push(client.try_clone().unwrap());
                     c.push(server.try_clone().unwrap());
                 }
-                for (mut from, mut to) in [
-                    (client.try_clone().unwrap(), server.try_clone().unwrap()),
-                    (server, client),
+                for (mut from, mut to, replies) in [
+                    (
+                        client.try_clone().unwrap(),
+                        server.try_clone().unwrap(),
+                        false,
+                    ),
+                    (server, client, true),
                 ] {
+                    let mute = mute2.clone();
                     std::thread::spawn(move || {
-                        let _ = std::io::copy(&mut from, &mut to);
+                        use std::io::{Read, Write};
+                        let mut buf = [0u8; 16 * 1024];
+                        loop {
+                            let n = match from.read(&mut buf) {
+                                Ok(0) | Err(_) => break,
+                                Ok(n) => n,
+                            };
+                            if replies && mute.load(Ordering::Relaxed) {
+                                continue; // swallowed: the server did it, the client never hears
+                            }
+                            if to.write_all(&buf[..n]).is_err() {
+                                break;
+                            }
+                        }
                         let _ = to.shutdown(std::net::Shutdown::Both);
                         let _ = from.shutdown(std::net::Shutdown::Both);
                     });
@@ -374,7 +394,14 @@ impl Proxy {
             up,
             conns,
             stop,
+            mute,
         }
+    }
+
+    /// Keeps forwarding requests but swallows every reply: the server acts, the
+    /// client never learns it did.
+    pub fn mute_replies(&self, on: bool) {
+        self.mute.store(on, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Closes every connection through the proxy and refuses new ones.
