@@ -63,9 +63,9 @@ async function watchedPage(browser, options = {}) {
   return { context, page, problems, state };
 }
 
-async function shot(page, name) {
+async function shot(page, name, fullPage = false) {
   mkdirSync(SHOTS, { recursive: true });
-  await page.screenshot({ path: join(SHOTS, `${name}.png`), fullPage: false });
+  await page.screenshot({ path: join(SHOTS, `${name}.png`), fullPage });
 }
 
 async function signIn(page, token, name = OPERATOR) {
@@ -246,7 +246,7 @@ describe("relay web console in Chromium", { timeout: 180000 }, () => {
 
     // The device's alarm is listed in its view.
     await page.locator("#device-alarms li", { hasText: `${CTL}/overheat` }).waitFor({ timeout: UI_MS });
-    await shot(page, "device");
+    await shot(page, "device", true);
 
     // A command to an address nobody holds gets the relay's error, shown for its seq.
     // The view asks for that address's session, which the relay answers with 404,
