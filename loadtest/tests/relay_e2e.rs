@@ -1,0 +1,236 @@
+//! End-to-end runs of the tool against a real `relay` process started on port 0:
+//! short, small scenarios of each pattern and wire form, checking the report's counts
+//! (sent = received, zero loss, no errors) and that the relay process was found from
+//! its port and sampled.
+//!
+//! The relay binary comes from the relay-shards package: `RELAY_BIN` names it, or it
+//! is taken from this test's target directory, where `cargo test --workspace` builds
+//! it (run `cargo build -p relay-shards --bin relay` first when testing this package
+//! alone). Its ports are read from its `relay listening tcp_addr=… http_addr=…` line.
+
+// Scenarios are built field by field from the defaults, which reads clearer here.
+#![allow(clippy::field_reassign_with_default)]
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use relay_loadtest::coordinator::{RunOptions, run};
+use relay_loadtest::report::Report;
+use relay_loadtest::scenario::{Dur, Form, Pattern, Scenario};
+
+/// A relay child process, killed when dropped.
+struct Relay {
+    child: Child,
+    tcp: String,
+    http: String,
+    _dir: TempDir,
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+struct TempDir(PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn relay_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("RELAY_BIN") {
+        return PathBuf::from(p);
+    }
+    // target/<profile>/deps/relay_e2e-… → target/<profile>/relay
+    let exe = std::env::current_exe().expect("test executable path");
+    let bin = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .map(|dir| dir.join("relay"))
+        .expect("target directory");
+    assert!(
+        bin.exists(),
+        "no relay binary at {}: build it with `cargo build -p relay-shards --bin relay` or set RELAY_BIN",
+        bin.display()
+    );
+    bin
+}
+
+/// Value of `key=` in a log line (ANSI colour codes are skipped).
+fn field(line: &str, key: &str) -> Option<String> {
+    let at = line.find(key)? + key.len();
+    let v: String = line[at..]
+        .chars()
+        .take_while(|c| c.is_ascii_digit() || *c == '.' || *c == ':')
+        .collect();
+    (!v.is_empty()).then_some(v)
+}
+
+fn start_relay() -> Relay {
+    static N: AtomicU32 = AtomicU32::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "lt-relay-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = dir.join("relay.toml");
+    std::fs::write(
+        &cfg,
+        "[listeners]\ntcp = \"127.0.0.1:0\"\nhttp = \"127.0.0.1:0\"\n\
+         [shards]\ncount = 2\npin = false\nio_memory_kib = 256\n\
+         [plugins]\nenabled = false\n",
+    )
+    .unwrap();
+    let mut child = Command::new(relay_bin())
+        .arg("--config")
+        .arg(&cfg)
+        .env("RELAY_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start relay");
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            if line.contains("relay listening") {
+                let _ = tx.send((field(&line, "tcp_addr="), field(&line, "http_addr=")));
+            }
+        }
+    });
+    let mut relay = Relay {
+        child,
+        tcp: String::new(),
+        http: String::new(),
+        _dir: TempDir(dir),
+    };
+    let (tcp, http) = rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the relay reports its listening addresses within 30 s");
+    relay.tcp = tcp.expect("tcp_addr in the listening line");
+    relay.http = http.expect("http_addr in the listening line");
+    relay
+}
+
+fn scenario(relay: &Relay, pattern: Pattern) -> Scenario {
+    static N: AtomicU32 = AtomicU32::new(0);
+    let mut s = Scenario::default();
+    s.name = format!("relay-{pattern}");
+    s.pattern = pattern;
+    s.target.controllers = format!("tcp://{}", relay.tcp);
+    s.target.browsers = format!("ws://{}/ws", relay.http);
+    s.target.prefix = format!(
+        "lt{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    );
+    s.load.controllers = 10;
+    s.load.duration = Dur::secs(1);
+    s.load.drain = Dur::millis(800);
+    s.load.heartbeat = Dur::millis(250);
+    s.run.threads = 2;
+    s.run.connect_timeout = Dur::secs(5);
+    s
+}
+
+fn run_ok(s: &Scenario) -> Report {
+    run(s, &RunOptions::default()).unwrap_or_else(|e| panic!("{}: {e}", s.name))
+}
+
+fn assert_no_loss(r: &Report, recipients: u64) {
+    assert_eq!(r.connect.failed, 0, "{:?}", r.connect.errors);
+    assert_eq!(r.connect.established, r.fleet.connections);
+    let s = &r.steps[0];
+    assert!(s.sent > 0, "nothing was sent");
+    assert_eq!(s.expected, s.sent * recipients);
+    assert_eq!(s.received, s.sent * recipients, "errors {:?}", s.errors);
+    assert_eq!((s.lost, s.late), (0, 0));
+    assert!(s.errors.is_empty(), "{:?}", s.errors);
+    assert_eq!(s.pongs, s.pings, "every heartbeat answered");
+}
+
+#[test]
+fn every_pattern_and_form_against_a_relay_on_port_0() {
+    let relay = start_relay();
+
+    // Telemetry: binary controllers on TCP to JSON browsers on WebSocket.
+    let mut s = scenario(&relay, Pattern::Telemetry);
+    s.load.rate = Some(20.0);
+    let r = run_ok(&s);
+    assert_no_loss(&r, 1);
+    assert_eq!(r.steps[0].sent, 200);
+    assert_eq!(r.steps[0].latency.count, 200);
+    assert_eq!(r.target.kind, "relay");
+    // The relay was found from its port and sampled.
+    let server = r.server.as_ref().expect("server sampled");
+    assert_eq!(server.pid, relay.child.id());
+    assert!(server.rss_peak_bytes > 0);
+    assert!(r.steps[0].server.is_some());
+
+    // Telemetry the other way round: JSON lines on TCP, binary WebSocket messages.
+    let mut s = scenario(&relay, Pattern::Telemetry);
+    s.target.controller_form = Form::Json;
+    s.target.browser_form = Form::Binary;
+    s.load.rate = Some(20.0);
+    assert_no_loss(&run_ok(&s), 1);
+
+    // Several browsers per controller: a group per controller.
+    let mut s = scenario(&relay, Pattern::Telemetry);
+    s.load.controllers = 5;
+    s.load.browsers_per_controller = 3;
+    s.load.total_rate = Some(100.0);
+    assert_no_loss(&run_ok(&s), 3);
+
+    // Command round trip: browser → controller → reply.
+    let mut s = scenario(&relay, Pattern::Command);
+    s.load.rate = Some(10.0);
+    let r = run_ok(&s);
+    assert_no_loss(&r, 1);
+    assert_eq!(r.steps[0].latency.count, 100, "one round trip per command");
+
+    // Group fan-out.
+    let mut s = scenario(&relay, Pattern::Fanout);
+    s.load.groups = 2;
+    s.load.members = 20;
+    s.load.rate = Some(10.0);
+    let r = run_ok(&s);
+    assert_no_loss(&r, 20);
+    assert_eq!(r.steps[0].received, 400);
+
+    // Fan-in to dashboards.
+    let mut s = scenario(&relay, Pattern::Fanin);
+    s.load.controllers = 30;
+    s.load.dashboards = 2;
+    s.load.rate = Some(5.0);
+    assert_no_loss(&run_ok(&s), 1);
+
+    // Idle fleet: heartbeats only, each answered.
+    let mut s = scenario(&relay, Pattern::Idle);
+    s.load.controllers = 50;
+    let r = run_ok(&s);
+    assert_eq!(r.connect.established, 50);
+    let st = &r.steps[0];
+    assert!(st.pings >= 50 * 3, "{} pings", st.pings);
+    assert_eq!(st.pongs, st.pings);
+    assert!(st.errors.is_empty(), "{:?}", st.errors);
+    assert!(r.server.as_ref().unwrap().bytes_per_connection.is_some());
+
+    // Connection storm on schedule.
+    let mut s = scenario(&relay, Pattern::Storm);
+    s.load.controllers = 50;
+    s.load.connect_rate = 200.0;
+    let r = run_ok(&s);
+    assert_eq!(r.connect.established, 50);
+    assert!(r.connect.duration_s >= 0.2, "{}", r.connect.duration_s);
+}
