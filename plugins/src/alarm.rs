@@ -248,11 +248,14 @@ impl AlarmBook {
     }
 
     /// Restores alarms and timers saved by an earlier run (no effects are produced).
+    /// Keys already in the book are kept as they are: they are newer.
     pub fn restore(&mut self, alarms: Vec<Alarm>, watches: Vec<(String, Watch)>) {
         for a in alarms {
-            self.alarms.insert(a.key.clone(), a);
+            self.alarms.entry(a.key.clone()).or_insert(a);
         }
-        self.watches.extend(watches);
+        for (k, w) in watches {
+            self.watches.entry(k).or_insert(w);
+        }
     }
 
     /// Takes the effects produced since the last call, oldest first.

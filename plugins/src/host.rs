@@ -11,7 +11,7 @@ use crossbeam_channel::{Sender, TrySendError};
 use relay_config::plugins::{MysqlConfig, NotifyConfig, PluginsConfig, RedisConfig};
 use serde_json::{Map, Value};
 
-use crate::alarm::{AckError, Alarm, AlarmView, Watch};
+use crate::alarm::{AckError, AlarmView};
 use crate::event::{Action, Event};
 use crate::script;
 use crate::shared::{PluginStats, Shared};
@@ -179,7 +179,7 @@ impl PluginHost {
             return Ok((host, actions_rx));
         }
         let (sink, loaded) = sink::start(&cfg, shared.clone())?;
-        restore(&shared, loaded);
+        sink::restore(&shared, loaded.snapshot);
 
         let dir = PathBuf::from(&cfg.plugins.dir);
         let engine = script::sandbox(&cfg.plugins);
@@ -341,40 +341,5 @@ impl PluginHost {
 impl Drop for PluginHost {
     fn drop(&mut self) {
         self.stop_all();
-    }
-}
-
-/// Loads what an earlier run left in Redis into the alarm book and the state cache.
-fn restore(shared: &Shared, loaded: sink::Loaded) {
-    let snap = loaded.snapshot;
-    let mut alarms = Vec::new();
-    for (k, v) in snap.alarms {
-        match serde_json::from_str::<Alarm>(&v) {
-            Ok(a) => alarms.push(a),
-            Err(e) => tracing::warn!(key = %k, "stored alarm unreadable ({e}); skipped"),
-        }
-    }
-    let mut watches = Vec::new();
-    for (k, v) in snap.watches {
-        match serde_json::from_str::<Watch>(&v) {
-            Ok(w) => watches.push((k, w)),
-            Err(e) => tracing::warn!(key = %k, "stored alarm timer unreadable ({e}); skipped"),
-        }
-    }
-    if !alarms.is_empty() || !watches.is_empty() {
-        tracing::info!(
-            alarms = alarms.len(),
-            timers = watches.len(),
-            "alarms restored from redis"
-        );
-    }
-    shared.book().restore(alarms, watches);
-    let mut st = shared.state_write();
-    st.counters.extend(snap.counters);
-    for (addr, fields) in snap.shadows {
-        let m = st.shadows.entry(addr).or_default();
-        for (f, v) in fields {
-            m.insert(f, serde_json::from_str(&v).unwrap_or(Value::String(v)));
-        }
     }
 }

@@ -122,3 +122,48 @@ fn alarm_changes_while_redis_is_down_reach_the_next_run() {
     host.shutdown();
     cleanup(&id, &[]);
 }
+
+#[test]
+fn state_of_an_earlier_run_loads_once_redis_is_back() {
+    require_services();
+    init_log();
+    let proxy = Proxy::start("127.0.0.1:6379");
+    let (mut cfg, id) = config("late", &[("r.rhai", RULES)], vec![]);
+    cfg.redis.url = format!("redis://{}/", proxy.addr);
+    cfg.redis.op_timeout_ms = 500;
+    cfg.redis.connect_timeout_ms = 500;
+    let (host, _a) = PluginHost::start_with(cfg.clone()).unwrap();
+    host.events()
+        .try_send(msg("c9", json!({"kind": "raise", "key": "old/alarm"})));
+    host.events()
+        .try_send(msg("c9", json!({"kind": "state", "v": 1})));
+    wait_for(Duration::from_secs(5), "written", || {
+        (host.stats().sink_writes >= 3).then_some(())
+    });
+    host.shutdown();
+
+    // The next run starts while Redis is unreachable.
+    proxy.cut();
+    let (host, _a) = PluginHost::start_with(cfg).unwrap();
+    assert!(host.alarms().is_empty(), "nothing can be loaded yet");
+    host.events()
+        .try_send(msg("c8", json!({"kind": "raise", "key": "new/alarm"})));
+    host.events()
+        .try_send(msg("c9", json!({"kind": "state", "v": 2})));
+    wait_for(Duration::from_secs(5), "spooled", || {
+        (host.stats().sink_spooled >= 2).then_some(())
+    });
+    proxy.restore();
+    wait_for(Duration::from_secs(10), "old and new alarms", || {
+        let keys: Vec<String> = host.alarms().into_iter().map(|a| a.key).collect();
+        (keys == ["new/alarm", "old/alarm"]).then_some(())
+    });
+    assert_eq!(
+        host.state("c9").get("v"),
+        Some(&json!(2)),
+        "the newer value wins"
+    );
+    assert_eq!(host.counter("seen"), 2, "one count from each run");
+    host.shutdown();
+    cleanup(&id, &[]);
+}

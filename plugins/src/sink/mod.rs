@@ -13,8 +13,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use relay_config::plugins::MysqlConfig;
+use serde_json::Value;
 use tokio::sync::mpsc;
 
+use crate::alarm::{Alarm, Watch};
 use crate::effect::Effect;
 use crate::host::HostConfig;
 use crate::notify::{Attempt, Notifier, log_attempt};
@@ -48,6 +50,10 @@ pub trait Backend {
     fn applied_upto(&mut self) -> impl Future<Output = Result<Option<u64>, BackendError>>;
     /// Applies one serialized write.
     fn apply(&mut self, seq: u64, op: &[u8]) -> impl Future<Output = Result<(), BackendError>>;
+    /// Called whenever the sink is up with an empty spool (every write so far applied).
+    fn caught_up(&mut self) -> impl Future<Output = ()> {
+        async {}
+    }
 }
 
 /// Writes waiting for the sink thread (from workers, the clock and the host).
@@ -159,6 +165,9 @@ impl<B: Backend> Writer<B> {
     /// Applies writes until the channel closes.
     async fn run(mut self) {
         loop {
+            if self.backend.connected() && self.spool.is_empty() {
+                self.backend.caught_up().await;
+            }
             if !self.spool.is_empty() {
                 self.try_connect().await;
                 if self.backend.connected() && !self.closing.load(Ordering::Relaxed) {
@@ -557,8 +566,9 @@ async fn run(
                 tracing::warn!("clearing old presence: {e}");
             }
         } else {
-            tracing::error!(url = %cfg.redis.url, "redis unreachable at start: alarms, timers and state of an \
-                earlier run are not loaded; writes are spooled until it is back");
+            tracing::error!(url = %cfg.redis.url, "redis unreachable at start: writes are spooled, and the \
+                alarms, timers and state of an earlier run are loaded once it is back");
+            w.backend.late_load = Some((shared.clone(), cfg.plugins.max_state_addrs));
         }
         redis_tx = Some(tx);
         writers.spawn(w.run());
@@ -645,5 +655,40 @@ async fn tick_alarms(shared: &Shared, router: &mut Router) {
     };
     for e in fx {
         router.route(e).await;
+    }
+}
+
+/// Loads what Redis holds into the alarm book (alarms and timers not known in memory)
+/// and the state cache (Redis values win: every write of this run reached it first).
+pub fn restore(shared: &Shared, snap: Snapshot) {
+    let mut alarms = Vec::new();
+    for (k, v) in snap.alarms {
+        match serde_json::from_str::<Alarm>(&v) {
+            Ok(a) => alarms.push(a),
+            Err(e) => tracing::warn!(key = %k, "stored alarm unreadable ({e}); skipped"),
+        }
+    }
+    let mut watches = Vec::new();
+    for (k, v) in snap.watches {
+        match serde_json::from_str::<Watch>(&v) {
+            Ok(w) => watches.push((k, w)),
+            Err(e) => tracing::warn!(key = %k, "stored alarm timer unreadable ({e}); skipped"),
+        }
+    }
+    if !alarms.is_empty() || !watches.is_empty() {
+        tracing::info!(
+            alarms = alarms.len(),
+            timers = watches.len(),
+            "alarms restored from redis"
+        );
+    }
+    shared.book().restore(alarms, watches);
+    let mut st = shared.state_write();
+    st.counters.extend(snap.counters);
+    for (addr, fields) in snap.shadows {
+        let m = st.shadows.entry(addr).or_default();
+        for (f, v) in fields {
+            m.insert(f, serde_json::from_str(&v).unwrap_or(Value::String(v)));
+        }
     }
 }

@@ -4,6 +4,7 @@
 //! `counters` (hash key → integer), `presence` (hash addr → JSON), `alarms`
 //! (hash key → JSON record), `alarm_watch` (hash key → JSON timer), and
 //! `applied:<spool id>` (last write applied, so a replayed write is applied once).
+use std::sync::Arc;
 use std::time::Duration;
 
 use redis::aio::MultiplexedConnection;
@@ -11,6 +12,7 @@ use relay_config::plugins::RedisConfig;
 use serde::{Deserialize, Serialize};
 
 use super::{Backend, BackendError};
+use crate::shared::Shared;
 
 /// One Redis write, as queued and spooled (keys without the prefix).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -51,6 +53,9 @@ pub struct RedisBackend {
     spool_id: String,
     /// Live connection, if any.
     conn: Option<MultiplexedConnection>,
+    /// Set when the state of an earlier run could not be read at start: it is read
+    /// (and merged) once Redis is up and the spool replayed.
+    pub late_load: Option<(Arc<Shared>, usize)>,
 }
 
 impl std::fmt::Debug for RedisBackend {
@@ -82,6 +87,7 @@ impl RedisBackend {
             cfg: cfg.clone(),
             spool_id: spool_id.to_string(),
             conn: None,
+            late_load: None,
         }
     }
 
@@ -188,6 +194,22 @@ impl Backend for RedisBackend {
     async fn applied_upto(&mut self) -> Result<Option<u64>, BackendError> {
         let k = self.key(&format!("applied:{}", self.spool_id));
         self.run(redis::cmd("GET").arg(k).clone()).await
+    }
+
+    async fn caught_up(&mut self) {
+        let Some((shared, max_addrs)) = self.late_load.take() else {
+            return;
+        };
+        match self.load(max_addrs).await {
+            Ok(snap) => {
+                tracing::info!("redis is back: state of the earlier run loaded");
+                super::restore(&shared, snap);
+            }
+            Err(e) => {
+                tracing::warn!("reading state from redis: {e}; will try again");
+                self.late_load = Some((shared, max_addrs));
+            }
+        }
     }
 
     async fn apply(&mut self, seq: u64, op: &[u8]) -> Result<(), BackendError> {
