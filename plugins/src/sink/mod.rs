@@ -56,6 +56,10 @@ pub trait Backend {
     }
 }
 
+/// Most notifier requests in flight at once (each holds a blocking-pool thread while
+/// it waits for the provider); more wait their turn.
+pub const NOTIFY_IN_FLIGHT: usize = 16;
+
 /// Writes waiting for the sink thread (from workers, the clock and the host).
 pub type SinkSender = mpsc::Sender<Effect>;
 
@@ -332,7 +336,7 @@ pub fn start(
         .spawn(move || {
             let rt = match tokio::runtime::Builder::new_current_thread()
                 .enable_all()
-                .max_blocking_threads(16)
+                .max_blocking_threads(NOTIFY_IN_FLIGHT)
                 .build()
             {
                 Ok(rt) => rt,
