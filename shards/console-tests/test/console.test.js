@@ -50,7 +50,8 @@ async function watchedPage(browser, options = {}) {
   const context = await browser.newContext({ viewport: { width: 1280, height: 900 }, ...options });
   const page = await context.newPage();
   const problems = [];
-  const state = { expected: () => false, closing: false };
+  // `navigating`: a reload is under way, so requests it cuts off (ERR_ABORTED) are expected.
+  const state = { expected: () => false, closing: false, navigating: false };
   page.on("console", (msg) => {
     if (msg.type() !== "error") return;
     if (state.expected(msg)) return;
@@ -58,6 +59,7 @@ async function watchedPage(browser, options = {}) {
   });
   page.on("pageerror", (e) => problems.push(`uncaught: ${e.message}`));
   page.on("requestfailed", (r) => {
+    if (state.navigating && r.failure()?.errorText === "net::ERR_ABORTED") return;
     if (!state.closing) problems.push(`request failed: ${r.method()} ${r.url()}: ${r.failure()?.errorText}`);
   });
   return { context, page, problems, state };
@@ -339,6 +341,29 @@ describe("relay web console in Chromium", { timeout: 180000 }, () => {
       phone.state.closing = true;
       await phone.context.close();
     }
+  });
+
+  it("keeps the session over a reload and forgets the token on sign-out", async () => {
+    const { page } = desk;
+    desk.state.navigating = true;
+    await page.reload();
+    desk.state.navigating = false;
+    await page.locator('#link[data-state="open"]').waitFor({ timeout: UI_MS });
+    await page.locator(`#alarm-list li[data-key="${CTL}/overheat"]`).waitFor({ timeout: UI_MS });
+    await page.locator("#signout").click();
+    await page.locator("#token").waitFor({ timeout: UI_MS });
+    assert.equal(await page.evaluate(() => sessionStorage.getItem("relay.console.token")), null);
+    assert.equal(await page.locator("#top").isVisible(), false);
+    // The page's own client said BYE (the phone's page was closed before): no browser is online.
+    const deadline = Date.now() + UI_MS;
+    let browsers;
+    do {
+      const { body } = await api(relay, "GET", "/api/v1/clients?role=browser");
+      browsers = body.items.map((c) => c.addr);
+      if (!browsers.length) break;
+      await new Promise((r) => setTimeout(r, 200));
+    } while (Date.now() < deadline);
+    assert.deepEqual(browsers, [], "no console client stays online after sign-out");
   });
 
   it("had no console errors, uncaught exceptions or failed requests", () => {
