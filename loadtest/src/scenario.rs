@@ -130,7 +130,7 @@ impl<'de> Deserialize<'de> for Dur {
 }
 
 /// The traffic pattern a scenario drives.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 #[non_exhaustive]
 pub enum Pattern {
