@@ -26,9 +26,25 @@ pub fn verify_token(secret: &[u8], address: &[u8], token: &str) -> bool {
     mac.verify_slice(&raw).is_ok()
 }
 
+/// Compares two tokens in time independent of where they differ.
+pub fn same_token(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn same_token_compares_whole_tokens() {
+        assert!(same_token(b"abc", b"abc"));
+        assert!(!same_token(b"abc", b"abd"));
+        assert!(!same_token(b"abc", b"abcd"));
+        assert!(same_token(b"", b""));
+    }
 
     #[test]
     fn rfc4231_case_2_vector() {

@@ -64,6 +64,9 @@ pub struct ConnConfig {
     pub max_meta_bytes: usize,
     /// Shared secret of `[auth] mode = "hmac"`; `None` is mode "none".
     pub auth_secret: Option<Vec<u8>>,
+    /// In hmac mode, a token that admits any address (the HTTP API token):
+    /// the console and backend services hold it instead of per-device tokens.
+    pub service_token: Option<Vec<u8>>,
 }
 
 impl Default for ConnConfig {
@@ -81,6 +84,7 @@ impl Default for ConnConfig {
             burst: 4000,
             max_meta_bytes: 4096,
             auth_secret: None,
+            service_token: None,
         }
     }
 }
@@ -632,11 +636,10 @@ impl Connection {
             }
         };
         if let Some(secret) = &cfg.auth_secret {
-            let ok = !f.src.is_empty()
-                && fields
-                    .token
-                    .as_deref()
-                    .is_some_and(|t| auth::verify_token(secret, &f.src, t));
+            let token = fields.token.as_deref();
+            let service = matches!((token, &cfg.service_token), (Some(t), Some(s)) if auth::same_token(t.as_bytes(), s));
+            let ok = service
+                || (!f.src.is_empty() && token.is_some_and(|t| auth::verify_token(secret, &f.src, t)));
             if !ok {
                 self.control(
                     cfg,
