@@ -639,7 +639,8 @@ impl Connection {
             let token = fields.token.as_deref();
             let service = matches!((token, &cfg.service_token), (Some(t), Some(s)) if auth::same_token(t.as_bytes(), s));
             let ok = service
-                || (!f.src.is_empty() && token.is_some_and(|t| auth::verify_token(secret, &f.src, t)));
+                || (!f.src.is_empty()
+                    && token.is_some_and(|t| auth::verify_token(secret, &f.src, t)));
             if !ok {
                 self.control(
                     cfg,

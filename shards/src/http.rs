@@ -140,16 +140,31 @@ pub fn decode(s: &str) -> String {
 
 /// A complete response.
 pub fn response(status: u16, content_type: &str, body: &[u8], keep_alive: bool) -> Vec<u8> {
-    let mut out = Vec::with_capacity(128 + body.len());
+    response_with(status, content_type, body, keep_alive, &[])
+}
+
+/// A complete response with extra headers.
+pub fn response_with(
+    status: u16,
+    content_type: &str,
+    body: &[u8],
+    keep_alive: bool,
+    headers: &[(&str, &str)],
+) -> Vec<u8> {
+    let mut out = Vec::with_capacity(160 + body.len());
     out.extend_from_slice(
         format!(
-            "HTTP/1.1 {status} {}\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\ncache-control: no-store\r\n{}\r\n",
+            "HTTP/1.1 {status} {}\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\ncache-control: no-store\r\n{}",
             reason(status),
             body.len(),
             if keep_alive { "" } else { "connection: close\r\n" }
         )
         .as_bytes(),
     );
+    for (k, v) in headers {
+        out.extend_from_slice(format!("{k}: {v}\r\n").as_bytes());
+    }
+    out.extend_from_slice(b"\r\n");
     out.extend_from_slice(body);
     out
 }

@@ -584,3 +584,48 @@ fn watch_groups_tap_what_a_controller_sends() {
     assert_eq!(tapped["group"], format!("watch:{ctl_name}"));
     assert_eq!(tapped["payload"], json!({"temp":21}));
 }
+
+#[test]
+fn in_hmac_mode_the_api_token_admits_the_console_and_services() {
+    let relay = start(|c| {
+        c.auth.mode = relay_config::AuthMode::Hmac;
+        c.auth.secret = "fleet-secret-fleet-secret".into();
+        c.http.api_token = Some(TOKEN.into());
+    });
+    let mut console = Browser::connect(
+        &relay,
+        &format!("addr=console-1&role=browser&token={TOKEN}"),
+    );
+    assert_eq!(console.recv_json()["type"], "welcome");
+    let mut wrong = Browser::connect(&relay, "addr=console-2&role=browser&token=nope");
+    assert_eq!(wrong.recv_json()["code"], "unauthorized");
+    // Devices still need their own HMAC token.
+    let device_token = relay_core::auth::token_for(b"fleet-secret-fleet-secret", b"ctl-1");
+    let mut ctl = Client::hello_with(
+        relay.tcp_addr(),
+        Form::Binary,
+        "ctl-1",
+        json!({"token": device_token}),
+    );
+    console.send_text(json!({"type":"data","dst":"ctl-1","payload":{"cmd":"on"}}));
+    assert_eq!(&ctl.expect(FrameType::Data).payload[..], br#"{"cmd":"on"}"#);
+}
+
+#[test]
+fn the_console_is_served_with_a_content_security_policy() {
+    use std::io::{Read, Write};
+    let relay = start(|_| {});
+    let mut s = std::net::TcpStream::connect(relay.http_addr().unwrap()).unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: relay\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).unwrap();
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.1 200"));
+    assert!(head.contains("content-type: text/html"));
+    assert!(head.contains(&format!(
+        "content-security-policy: {}",
+        relay_shards::console::CSP
+    )));
+    assert!(body.contains("<html") || body.contains("<!doctype") || body.contains("<!DOCTYPE"));
+}

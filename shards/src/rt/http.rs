@@ -135,7 +135,16 @@ async fn respond(shard: &Rc<Shard>, req: &Request, keep_alive: bool) -> Vec<u8> 
             }
         }
         ("GET", p) if shared.console => match crate::console::asset(p) {
-            Some((ctype, body)) => http::response(200, ctype, body, keep_alive),
+            Some((ctype, body)) => http::response_with(
+                200,
+                ctype,
+                body,
+                keep_alive,
+                &[
+                    ("content-security-policy", crate::console::CSP),
+                    ("x-content-type-options", "nosniff"),
+                ],
+            ),
             None => http::json(
                 404,
                 &json!({"error": "not_found", "message": format!("no page {p}")}),

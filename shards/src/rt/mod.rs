@@ -337,6 +337,10 @@ pub fn router_config(cfg: &Config) -> RouterConfig {
                 AuthMode::Hmac => Some(cfg.auth.secret.as_bytes().to_vec()),
                 _ => None,
             },
+            service_token: match cfg.auth.mode {
+                AuthMode::Hmac => cfg.http.api_token.as_ref().map(|t| t.as_bytes().to_vec()),
+                _ => None,
+            },
         },
         node: cfg.node.name.clone(),
         allow_client_join: cfg.auth.allow_client_join,
