@@ -42,7 +42,7 @@ fn notify_cfg(port: u16, retries: u32, rate: u32) -> NotifyConfig {
         severities = ["critical"]
         chain = [
             {{ channel = "webhook", target = "ops room" }},
-            {{ channel = "sms", target = "+100", after_s = 0.6 }},
+            {{ channel = "sms", target = "+100", after_s = 1.5 }},
         ]
         "#
     ))
@@ -86,10 +86,10 @@ fn escalation_reaches_http_and_stops_on_ack() {
     let view = host.ack("c1/fire", "bob").unwrap();
     assert_eq!(view.acked_by.as_deref(), Some("bob"));
     assert!(
-        t0.elapsed() < Duration::from_millis(600),
+        t0.elapsed() < Duration::from_millis(1500),
         "ack must come before the SMS step"
     );
-    std::thread::sleep(Duration::from_millis(1000));
+    std::thread::sleep(Duration::from_millis(2000));
     assert!(
         !server.requests().iter().any(|r| r.path.starts_with("/sms")),
         "acknowledged: the SMS step must not fire"
@@ -107,7 +107,7 @@ fn escalation_reaches_http_and_stops_on_ack() {
             .into_iter()
             .find(|r| r.path.starts_with("/sms"))
     });
-    assert!(sms.at.duration_since(t1) >= Duration::from_millis(550));
+    assert!(sms.at.duration_since(t1) >= Duration::from_millis(1450));
     assert_eq!(sms.method, "GET");
     assert_eq!(sms.path, "/sms?to=%2B100&msg=c2%20is%20on%20fire");
 
