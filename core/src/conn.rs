@@ -1832,6 +1832,44 @@ mod tests {
     }
 
     #[test]
+    fn hmac_mode_admits_the_service_token_for_any_address() {
+        let cfg = ConnConfig {
+            auth_secret: Some(b"s3cret".to_vec()),
+            service_token: Some(b"api-tok-1".to_vec()),
+            ..ConnConfig::default()
+        };
+        for addr in ["svc-1", "ctl-8266-0042", ""] {
+            let mut c = Connection::new(&cfg, Transport::Tcp, t(0));
+            let h = expect_hello(events(
+                &mut c,
+                &cfg,
+                t(0),
+                &mut bin(&hello(addr, r#"{"token":"api-tok-1"}"#)),
+            ));
+            assert_eq!(&h.addr[..], addr.as_bytes());
+        }
+        // A near miss, or the service token where none is configured, is refused.
+        let no_service = ConnConfig {
+            service_token: None,
+            ..cfg.clone()
+        };
+        for (cfg, tok) in [
+            (&cfg, "api-tok-2"),
+            (&cfg, "api-tok-1 "),
+            (&no_service, "api-tok-1"),
+        ] {
+            let mut c = Connection::new(cfg, Transport::Tcp, t(0));
+            let payload = format!(r#"{{"token":"{tok}"}}"#);
+            let ev = events(&mut c, cfg, t(0), &mut bin(&hello("svc-1", &payload)));
+            assert_eq!(
+                ev,
+                vec![Event::Closed(CloseReason::Unauthorized)],
+                "{tok:?}"
+            );
+        }
+    }
+
+    #[test]
     fn bad_addresses_get_bad_address_and_the_connection_goes_on() {
         let cfg = ConnConfig::default();
         let mut c = Connection::new(&cfg, Transport::Tcp, t(0));
