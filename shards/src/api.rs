@@ -26,7 +26,9 @@ pub const MAX_LIMIT: usize = 1000;
 
 /// What the rules engine offers the API (alarms, device shadow).
 pub trait PluginApi {
-    fn alarms(&self) -> Value;
+    /// Active alarms after the cursor `after` (an alarm key), at most `limit`:
+    /// `{"items": [...], "next": <key or null>}`.
+    fn alarms(&self, after: Option<&str>, limit: usize) -> Value;
     /// `None` when no alarm has that key.
     fn ack(&self, key: &str, by: &str) -> Option<Value>;
     fn state(&self, addr: &str) -> Value;
@@ -283,7 +285,7 @@ pub async fn handle(
         ("GET", ["uids", uid]) => members(api, Index::Uid, uid, query).await,
         ("GET", ["groups", group]) => members(api, Index::Group, group, query).await,
         ("GET", ["stats"]) => Ok(stats(api)),
-        ("GET", ["alarms"]) => alarms(api),
+        ("GET", ["alarms"]) => alarms(api, query),
         ("GET", ["alarms", "history"]) => history(api, query).await,
         ("POST", ["alarms", key, "ack"]) => ack(api, key, body),
         (_, _) => Err(not_found(&format!("{method} {path}"))),
@@ -564,8 +566,13 @@ fn plugins<'a>(api: &Api<'a>) -> Result<&'a dyn PluginApi, Reply> {
     })
 }
 
-fn alarms(api: &Api<'_>) -> Result<Reply, Reply> {
-    Ok(ok(json!({"items": plugins(api)?.alarms(), "next": null})))
+fn alarms(api: &Api<'_>, query: &str) -> Result<Reply, Reply> {
+    let p = page(query)?;
+    let after = p
+        .after
+        .as_ref()
+        .map(|a| String::from_utf8_lossy(a).into_owned());
+    Ok(ok(plugins(api)?.alarms(after.as_deref(), p.limit)))
 }
 
 async fn history(api: &Api<'_>, query: &str) -> Result<Reply, Reply> {

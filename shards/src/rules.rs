@@ -92,8 +92,9 @@ pub struct RulesApi {
 const MAX_HISTORY_QUERIES: usize = 4;
 
 impl PluginApi for RulesApi {
-    fn alarms(&self) -> Value {
-        serde_json::to_value(self.host.alarms()).unwrap_or(json!([]))
+    fn alarms(&self, after: Option<&str>, limit: usize) -> Value {
+        serde_json::to_value(self.host.alarms_page(after, limit))
+            .unwrap_or(json!({"items": [], "next": null}))
     }
 
     fn ack(&self, key: &str, by: &str) -> Option<Value> {
@@ -210,6 +211,36 @@ pub fn attach(
                 "relay_notify_attempts_total".into(),
                 "Notifier attempts.".into(),
                 s.notify_attempts,
+            ),
+            (
+                "relay_notify_failures_total".into(),
+                "Notifier attempts that failed.".into(),
+                s.notify_failures,
+            ),
+            (
+                "relay_notify_rate_limited_total".into(),
+                "Notifications held back by a per-target rate limit.".into(),
+                s.notify_rate_limited,
+            ),
+            (
+                "relay_rules_actions_dropped_total".into(),
+                "Rule actions dropped: the action channel was full.".into(),
+                s.actions_dropped,
+            ),
+            (
+                "relay_spool_dropped_total".into(),
+                "Writes lost because the spool was full.".into(),
+                s.spool_dropped,
+            ),
+            (
+                "relay_sink_rejected_total".into(),
+                "Writes a sink refused for good (bad data).".into(),
+                s.sink_rejected,
+            ),
+            (
+                "relay_alarms_active".into(),
+                "Alarms raised and not cleared.".into(),
+                s.alarms_active,
             ),
         ]
     }));
