@@ -148,9 +148,14 @@ pub fn render(stats: &[Arc<ShardStats>], uptime_s: f64, extra: &[(&str, &str, u6
         "# HELP relay_uptime_seconds Time since the relay started.\n# TYPE relay_uptime_seconds gauge\nrelay_uptime_seconds {uptime_s}"
     );
     for (name, help, v) in extra {
+        let kind = if name.ends_with("_total") {
+            "counter"
+        } else {
+            "gauge"
+        };
         let _ = writeln!(
             out,
-            "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}"
+            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}"
         );
     }
     out
@@ -165,11 +170,13 @@ mod tests {
         let s = Arc::new(ShardStats::default());
         s.frames_in.store(7, Relaxed);
         s.dropped(DropReason::NoRoute);
-        let text = render(
-            &[s.clone(), Arc::new(ShardStats::default())],
-            1.5,
-            &[("relay_rules_errors_total", "Script errors.", 3)],
-        );
+        let extra = [
+            ("relay_rules_errors_total", "Script errors.", 3),
+            ("relay_alarms_active", "Alarms.", 2),
+        ];
+        let text = render(&[s.clone(), Arc::new(ShardStats::default())], 1.5, &extra);
+        assert!(text.contains("# TYPE relay_alarms_active gauge\n"));
+        assert!(text.contains("# TYPE relay_rules_errors_total counter\n"));
         assert!(text.contains("relay_frames_in_total{shard=\"0\"} 7\n"));
         assert!(text.contains("relay_frames_in_total{shard=\"1\"} 0\n"));
         assert!(text.contains("relay_dropped_frames_total{reason=\"no_route\"} 1\n"));

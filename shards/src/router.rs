@@ -442,6 +442,9 @@ impl Router {
     /// Makes `cell` the holder of `addr` on this (owner) shard, replacing a
     /// connection that held it, and sends WELCOME.
     pub fn accept_hello(&self, cell: &Rc<ConnCell>, hello: &Hello, addr: Bytes, now: Now) {
+        // Its own allocation: a slice of the read buffer would keep that
+        // whole chunk alive for as long as the client is online.
+        let addr = Bytes::copy_from_slice(&addr);
         let old = self.by_addr.borrow_mut().insert(addr.clone(), cell.clone());
         self.sorted.borrow_mut().insert(addr.clone());
         if let Some(old) = old

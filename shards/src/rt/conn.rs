@@ -45,7 +45,7 @@ pub(super) async fn drive(
     mut rbuf: BytesMut,
     mut writing: Option<Bytes>,
     mut ws: Option<WsDecoder>,
-    mut first: Option<Event>,
+    first: Option<Box<Event>>,
 ) {
     let router = &shard.router;
     let cfg = &router.cfg.conn;
@@ -54,6 +54,26 @@ pub(super) async fn drive(
     let mut fresh = !rbuf.is_empty();
     let mut close_sent = false;
 
+    // A hello from the URL is routed before anything is read.
+    if let Some(ev) = first
+        && let Outcome::Handover { owner, hello } = router.on_event(&cell, *ev, now())
+    {
+        let pending_out = writing.unwrap_or_default();
+        let moving = Moving {
+            hello,
+            rbuf,
+            pending_out,
+            ws,
+        };
+        return Box::pin(finish_handover(
+            shard,
+            cell,
+            stream,
+            owner,
+            Box::new(moving),
+        ))
+        .await;
+    }
     let end = poll_fn(|cx| {
         {
             let mut w = cell.waker.borrow_mut();
@@ -64,11 +84,6 @@ pub(super) async fn drive(
         let mut budget = READ_BUDGET;
         loop {
             let t = now();
-            if let Some(ev) = first.take()
-                && let Outcome::Handover { owner, hello } = router.on_event(&cell, ev, t)
-            {
-                return Poll::Ready(End::Handover { owner, hello });
-            }
             // Input already buffered (handed over, or left by the last read).
             if fresh {
                 fresh = false;
@@ -163,49 +178,96 @@ pub(super) async fn drive(
     .await;
 
     *cell.waker.borrow_mut() = None;
+    // The ends are boxed: they run once, and keeping their state (a whole
+    // hand-over) out of this future keeps every idle connection small.
     match end {
-        End::Closed => {
-            // Let the last bytes (an ERROR, a BYE) reach the peer before FIN.
-            discard_unread(&stream);
-            let _ = stream.shutdown(std::net::Shutdown::Write).await;
-            router.on_closed(&cell, now());
-            shard
-                .shared
-                .open
-                .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-            drop(stream);
-        }
+        End::Closed => Box::pin(finish_closed(shard, cell, stream)).await,
         End::Handover { owner, hello } => {
-            router.forget(&cell);
-            // SAFETY: dup of an fd we own; the duplicate travels to the owner
-            // shard, which takes ownership of it. The original closes with `stream`.
-            let fd = unsafe { libc::dup(stream.as_raw_fd()) };
-            drop(stream);
-            if fd < 0 {
-                tracing::warn!("hand-over failed: dup: {}", std::io::Error::last_os_error());
-                return;
-            }
             let pending_out = match writing {
                 Some(w) => w.slice(off..),
                 None => Bytes::new(),
             };
-            let transport = cell.conn.borrow().transport();
-            let fresh_conn = relay_core::Connection::new(cfg, transport, now());
-            let conn = std::mem::replace(&mut *cell.conn.borrow_mut(), fresh_conn);
-            let session = cell.session.borrow().clone();
-            let h = Handover {
-                fd,
-                conn,
+            let moving = Moving {
                 hello,
                 rbuf,
                 pending_out,
-                session,
                 ws,
             };
-            ShardStats::add(&router.stats.handovers, 1);
-            shard.send_handover(owner, h).await;
+            Box::pin(finish_handover(
+                shard,
+                cell,
+                stream,
+                owner,
+                Box::new(moving),
+            ))
+            .await
         }
     }
+}
+
+/// What travels with a connection besides its socket and state.
+struct Moving {
+    hello: Hello,
+    rbuf: BytesMut,
+    pending_out: Bytes,
+    ws: Option<WsDecoder>,
+}
+
+async fn finish_closed(shard: Rc<Shard>, cell: Rc<ConnCell>, stream: TcpStream) {
+    // Let the last bytes (an ERROR, a BYE) reach the peer before FIN.
+    discard_unread(&stream);
+    let _ = stream.shutdown(std::net::Shutdown::Write).await;
+    shard.router.on_closed(&cell, now());
+    shard
+        .shared
+        .open
+        .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    drop(stream);
+}
+
+async fn finish_handover(
+    shard: Rc<Shard>,
+    cell: Rc<ConnCell>,
+    stream: TcpStream,
+    owner: usize,
+    m: Box<Moving>,
+) {
+    let router = &shard.router;
+    router.forget(&cell);
+    // SAFETY: dup of an fd we own; the duplicate travels to the owner
+    // shard, which takes ownership of it. The original closes with `stream`.
+    let fd = unsafe { libc::dup(stream.as_raw_fd()) };
+    drop(stream);
+    if fd < 0 {
+        tracing::warn!("hand-over failed: dup: {}", std::io::Error::last_os_error());
+        shard
+            .shared
+            .open
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        return;
+    }
+    let cfg = &router.cfg.conn;
+    let transport = cell.conn.borrow().transport();
+    let fresh_conn = relay_core::Connection::new(cfg, transport, now());
+    let conn = std::mem::replace(&mut *cell.conn.borrow_mut(), fresh_conn);
+    let session = cell.session.borrow().clone();
+    let Moving {
+        hello,
+        rbuf,
+        pending_out,
+        ws,
+    } = *m;
+    let h = Handover {
+        fd,
+        conn,
+        hello,
+        rbuf,
+        pending_out,
+        session,
+        ws,
+    };
+    ShardStats::add(&router.stats.handovers, 1);
+    shard.send_handover(owner, h).await;
 }
 
 /// What one pass over the input produced.

@@ -218,7 +218,7 @@ async fn upgrade(shard: Rc<Shard>, mut stream: TcpStream, req: Request, leftover
         leftover,
         None,
         Some(WsDecoder::default()),
-        first,
+        first.map(Box::new),
     )
     .await;
 }
