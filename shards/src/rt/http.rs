@@ -24,7 +24,20 @@ const IDLE: Duration = Duration::from_secs(30);
 /// Bound on one API request's work (cross-shard calls included).
 const API_TIMEOUT: Duration = Duration::from_secs(10);
 
-pub(super) async fn serve(shard: Rc<Shard>, mut stream: TcpStream) {
+pub(super) async fn serve(shard: Rc<Shard>, stream: TcpStream) {
+    // Requests first; a WebSocket upgrade then runs as its own future, so the
+    // request buffers are gone before the browser's long life begins.
+    if let Some((stream, req, leftover)) = requests(&shard, stream).await {
+        upgrade(shard, stream, req, leftover).await;
+    }
+}
+
+/// Serves requests until the connection closes (`None`) or one asks for a
+/// WebSocket (the stream, that request and the bytes read after it).
+async fn requests(
+    shard: &Rc<Shard>,
+    mut stream: TcpStream,
+) -> Option<(TcpStream, Request, BytesMut)> {
     let _ = stream.set_read_timeout(Some(IDLE));
     let mut buf = BytesMut::new();
     let mut tmp = vec![0u8; 8192];
@@ -51,14 +64,14 @@ pub(super) async fn serve(shard: Rc<Shard>, mut stream: TcpStream) {
         };
         let Some(req) = req else { break None };
         if req.path == "/ws" {
-            if let Some(resp) = websocket(&shard, &mut stream, &req).await {
+            if let Some(resp) = websocket(shard, &mut stream, &req).await {
                 let _ = stream.write_all(&resp).await;
                 break None;
             }
             break Some(req);
         }
         let keep_alive = req.keep_alive && !shard.router.is_shutting_down();
-        let resp = respond(&shard, &req, keep_alive).await;
+        let resp = respond(shard, &req, keep_alive).await;
         ShardStats::add(&shard.router.stats.bytes_out, resp.len() as u64);
         if stream.write_all(&resp).await.is_err() || !keep_alive {
             break None;
@@ -67,11 +80,12 @@ pub(super) async fn serve(shard: Rc<Shard>, mut stream: TcpStream) {
     match upgrade_req {
         Some(req) => {
             let _ = stream.set_read_timeout(None);
-            upgrade(shard.clone(), stream, req, buf).await;
+            Some((stream, req, buf))
         }
         None => {
             let _ = stream.close().await;
             shard.shared.open.fetch_sub(1, Ordering::Relaxed);
+            None
         }
     }
 }
@@ -210,6 +224,9 @@ async fn upgrade(shard: Rc<Shard>, mut stream: TcpStream, req: Request, leftover
         } else {
             None
         };
+    // The request is not needed past this point; don't carry it for the
+    // life of the connection.
+    drop(req);
     let cell = shard.router.register(c, Router::session(remote));
     conn::drive(
         shard.clone(),

@@ -38,17 +38,22 @@ pub enum MeshMsg {
     Handover(Box<Handover>),
 }
 
-/// The clock every shard uses: monotonic ms since start, wall ms since epoch.
+/// The clock every shard uses: monotonic ms since start, and wall ms since
+/// the epoch derived from it (one clock read per call; the wall offset is
+/// taken once at start, so PONG times never jump backwards).
 pub fn now() -> Now {
-    static START: OnceLock<Instant> = OnceLock::new();
-    let start = *START.get_or_init(Instant::now);
-    let wall_ms = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0);
+    static START: OnceLock<(Instant, u64)> = OnceLock::new();
+    let (start, wall0) = *START.get_or_init(|| {
+        let wall = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        (Instant::now(), wall)
+    });
+    let mono = start.elapsed().as_millis() as u64;
     Now {
-        mono_ms: start.elapsed().as_millis() as u64 + 1,
-        wall_ms,
+        mono_ms: mono + 1,
+        wall_ms: wall0 + mono,
     }
 }
 
