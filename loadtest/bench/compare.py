@@ -1,0 +1,195 @@
+#!/usr/bin/env python3
+"""The benchmark matrix of BENCHMARKS.md: the relay (one shard pinned to one
+core, and two shards) and Mosquitto, the same relay-loadtest scenarios against
+each, started fresh on ephemeral loopback ports for every run; prints the
+medians of N runs as a Markdown table and keeps every JSON report.
+
+    cargo build --release -p relay-shards -p relay-loadtest
+    python3 loadtest/bench/compare.py --runs 3 --out bench-results
+
+Scenarios (config/loadtest/bench-*.toml):
+  a  p2p, 1,000 pairs, 64 B, highest rate with p99 < 10 ms and loss < 0.1% (find-max)
+  b  p2p, 1,000 pairs, fixed 20,000 msg/s: latency percentiles
+  c  fan-out, 1 publisher -> 1,000 members
+  d  fan-in, 1,000 controllers -> 1 dashboard
+  e  18,000 idle controllers, 30 s heartbeats: bytes per connection
+  f  p2p at a fixed 50,000 msg/s: server CPU-us per message
+"""
+
+import argparse
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+RELAY = ROOT / "target" / "release" / "relay"
+LOADTEST = ROOT / "target" / "release" / "relay-loadtest"
+
+SCENARIOS = {
+    "a": ("p2p 1,000 pairs, max rate (p99 < 10 ms)", "bench-p2p-1000-max.toml", ["--step-duration", "5s"]),
+    "b": ("p2p 1,000 pairs at 20,000 msg/s", "bench-p2p-20k.toml", ["--duration", "15s"]),
+    "c": ("fan-out 1 -> 1,000", "bench-fanout-1000.toml", ["--duration", "15s"]),
+    "d": ("fan-in 1,000 -> 1", "bench-fanin-1000.toml", ["--duration", "15s"]),
+    "e": ("18,000 idle controllers", "bench-idle-18000.toml", ["--duration", "20s"]),
+    "f": ("p2p at 50,000 msg/s", "bench-p2p-50k.toml", ["--duration", "15s"]),
+}
+
+TARGETS = ["relay-1", "relay-2", "mosquitto"]
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port, deadline_s=20):
+    until = time.time() + deadline_s
+    while time.time() < until:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on {port}")
+
+
+def start(target, tmp):
+    """Starts a fresh server; returns (process, tcp port, http port or None)."""
+    tcp = free_port()
+    if target.startswith("relay"):
+        http = free_port()
+        env = dict(os.environ)
+        env.update({
+            "RELAY__LISTENERS__TCP": f"127.0.0.1:{tcp}",
+            "RELAY__LISTENERS__HTTP": f"127.0.0.1:{http}",
+            "RELAY__SHARDS__COUNT": target.split("-")[1],
+            "RELAY__SHARDS__PIN": "true",
+            "RELAY__PLUGINS__ENABLED": "false",
+            "RELAY__LIMITS__MAX_CONNECTIONS": "19000",
+            "RELAY_LOG": "warn",
+        })
+        p = subprocess.Popen([str(RELAY)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_port(tcp)
+        return p, tcp, http
+    conf = Path(tmp) / f"mosquitto-{tcp}.conf"
+    conf.write_text(
+        f"listener {tcp} 127.0.0.1\nallow_anonymous true\nmax_connections -1\npersistence false\nlog_type none\n"
+    )
+    p = subprocess.Popen(["mosquitto", "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_port(tcp)
+    return p, tcp, None
+
+
+def stop(p):
+    p.send_signal(signal.SIGTERM)
+    try:
+        p.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        p.wait()
+
+
+def run_one(key, target, out_dir, run, tmp):
+    _, file, extra = SCENARIOS[key]
+    p, tcp, http = start(target, tmp)
+    report = out_dir / f"{key}-{target}-{run}.json"
+    cmd = [str(LOADTEST), "-s", str(ROOT / "config" / "loadtest" / file), "--no-progress",
+           "--json", str(report), "--html", str(report.with_suffix(".html")), "--server-pid", str(p.pid)] + extra
+    if http is None:
+        cmd += ["-t", f"mqtt://127.0.0.1:{tcp}"]
+    else:
+        cmd += ["-t", f"tcp://127.0.0.1:{tcp}"]
+        cmd += ["--browsers", f"ws://127.0.0.1:{http}/ws"]
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+        if r.returncode != 0:
+            sys.stderr.write(f"{key} {target} run {run} failed:\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}\n")
+            return None
+    finally:
+        stop(p)
+    return json.loads(report.read_text())
+
+
+def figures(key, rep):
+    """The figures of one report that the table shows."""
+    if rep is None:
+        return None
+    steps = rep.get("steps") or []
+    if key == "a":
+        fm = rep.get("find_max") or {}
+        best = fm.get("best") or {}
+        return {"rate": best.get("total_rate", 0.0)}
+    s = steps[-1]
+    lat = s.get("latency") or {}
+    server = s.get("server") or {}
+    out = {
+        "received/s": s.get("receive_rate", 0.0),
+        "loss": s.get("loss_ratio", 0.0),
+        "p50_ms": lat.get("p50_us", 0) / 1000,
+        "p99_ms": lat.get("p99_us", 0) / 1000,
+        "p99.9_ms": lat.get("p999_us", 0) / 1000,
+        "cpu_us_per_msg": server.get("cpu_us_per_msg", 0.0),
+    }
+    if key == "e":
+        out = {"bytes_per_conn": (rep.get("server") or {}).get("bytes_per_connection", 0.0),
+               "connections": (rep.get("connect") or {}).get("established", 0)}
+    return out
+
+
+def median_of(rows):
+    rows = [r for r in rows if r is not None]
+    if not rows:
+        return None
+    return {k: statistics.median(r[k] for r in rows) for k in rows[0]}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--only", default="abcdef", help="scenario letters, e.g. bf")
+    ap.add_argument("--targets", default=",".join(TARGETS))
+    ap.add_argument("--out", default="bench-results")
+    args = ap.parse_args()
+    for b in (RELAY, LOADTEST):
+        if not b.exists():
+            sys.exit(f"{b} is missing: cargo build --release -p relay-shards -p relay-loadtest")
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    targets = args.targets.split(",")
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for key in args.only:
+            for target in targets:
+                rows = []
+                for run in range(1, args.runs + 1):
+                    print(f"[{time.strftime('%H:%M:%S')}] {key} {SCENARIOS[key][0]} / {target} / run {run}", flush=True)
+                    rows.append(figures(key, run_one(key, target, out_dir, run, tmp)))
+                results[(key, target)] = median_of(rows)
+    (out_dir / "medians.json").write_text(json.dumps({f"{k}/{t}": v for (k, t), v in results.items()}, indent=1))
+    print()
+    print(f"Medians of {args.runs} runs; `python3 loadtest/bench/compare.py --runs {args.runs}`")
+    for key in args.only:
+        print(f"\n({key}) {SCENARIOS[key][0]}\n")
+        cols = None
+        for target in targets:
+            r = results.get((key, target))
+            if r is None:
+                print(f"| {target} | failed |")
+                continue
+            if cols is None:
+                cols = list(r)
+                print("| target | " + " | ".join(cols) + " |")
+                print("|---|" + "---|" * len(cols))
+            print(f"| {target} | " + " | ".join(f"{r[c]:,.3f}" if isinstance(r[c], float) else f"{r[c]:,}" for c in cols) + " |")
+
+
+if __name__ == "__main__":
+    main()
