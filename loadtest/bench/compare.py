@@ -126,7 +126,7 @@ def figures(key, rep):
     if key == "a":
         fm = rep.get("find_max") or {}
         best = fm.get("best") or {}
-        return {"rate": best.get("total_rate", 0.0)}
+        return {"max_rate": float(best.get("rate", 0.0)), "p99_ms_at_max": best.get("p99_us", 0) / 1000}
     s = steps[-1]
     lat = s.get("latency") or {}
     server = s.get("server") or {}
