@@ -151,13 +151,46 @@ def median_of(rows):
     return {k: statistics.median(r[k] for r in rows) for k in rows[0]}
 
 
+def summarize(folder, only, targets, runs):
+    results = {}
+    for key in only:
+        for target in targets:
+            rows = []
+            for run in range(1, runs + 1):
+                f = folder / f"{key}-{target}-{run}.json"
+                rows.append(figures(key, json.loads(f.read_text())) if f.exists() else None)
+            results[(key, target)] = median_of(rows)
+    print_tables(results, only, targets, runs)
+
+
+def print_tables(results, only, targets, runs):
+    print(f"Medians of {runs} runs; `python3 loadtest/bench/compare.py --runs {runs}`")
+    for key in only:
+        print(f"\n({key}) {SCENARIOS[key][0]}\n")
+        cols = None
+        for target in targets:
+            r = results.get((key, target))
+            if r is None:
+                print(f"| {target} | failed |")
+                continue
+            if cols is None:
+                cols = list(r)
+                print("| target | " + " | ".join(cols) + " |")
+                print("|---|" + "---|" * len(cols))
+            print(f"| {target} | " + " | ".join(f"{r[c]:,.3f}" if isinstance(r[c], float) else f"{r[c]:,}" for c in cols) + " |")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--only", default="abcdef", help="scenario letters, e.g. bf")
     ap.add_argument("--targets", default=",".join(TARGETS))
     ap.add_argument("--out", default="bench-results")
+    ap.add_argument("--from", dest="source", help="summarize the reports already in this folder instead of running")
     args = ap.parse_args()
+    if args.source:
+        summarize(Path(args.source), args.only, args.targets.split(","), args.runs)
+        return
     for b in (RELAY, LOADTEST):
         if not b.exists():
             sys.exit(f"{b} is missing: cargo build --release -p relay-shards -p relay-loadtest")
@@ -175,20 +208,7 @@ def main():
                 results[(key, target)] = median_of(rows)
     (out_dir / "medians.json").write_text(json.dumps({f"{k}/{t}": v for (k, t), v in results.items()}, indent=1))
     print()
-    print(f"Medians of {args.runs} runs; `python3 loadtest/bench/compare.py --runs {args.runs}`")
-    for key in args.only:
-        print(f"\n({key}) {SCENARIOS[key][0]}\n")
-        cols = None
-        for target in targets:
-            r = results.get((key, target))
-            if r is None:
-                print(f"| {target} | failed |")
-                continue
-            if cols is None:
-                cols = list(r)
-                print("| target | " + " | ".join(cols) + " |")
-                print("|---|" + "---|" * len(cols))
-            print(f"| {target} | " + " | ".join(f"{r[c]:,.3f}" if isinstance(r[c], float) else f"{r[c]:,}" for c in cols) + " |")
+    print_tables(results, args.only, targets, args.runs)
 
 
 if __name__ == "__main__":
