@@ -259,3 +259,73 @@ fn a_bad_scenario_file_is_a_clear_error_not_a_panic() {
     assert!(!err.contains("panicked"), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn the_open_file_limit_splits_the_fleet_and_the_report_says_so() {
+    // Keep all but 100 files free per process: 250 connections need 3 processes.
+    let hard = relay_loadtest::limits::nofile().unwrap().hard;
+    let dir = std::env::temp_dir().join(format!("lt-split-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let scenario = dir.join("split.toml");
+    let json = dir.join("split.json");
+    std::fs::write(
+        &scenario,
+        format!(
+            "name = \"split\"\npattern = \"fanin\"\n[target]\ncontrollers = \"{BROKER}\"\nprefix = \"lt-test-{}-fd\"\n\
+             [load]\ncontrollers = 249\ndashboards = 1\nrate = 2.0\nduration = \"1s\"\ndrain = \"800ms\"\n\
+             [run]\nfd_reserve = {}\nthreads = 1\nsource_addrs = [\"127.0.0.2..127.0.0.4\"]\n",
+            std::process::id(),
+            hard - 100
+        ),
+    )
+    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_relay-loadtest"))
+        .arg("--scenario")
+        .arg(&scenario)
+        .arg("--no-progress")
+        .arg("--json")
+        .arg(&json)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: Report = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(r.workers, 3);
+    assert_eq!(r.limits.per_process_connections, 100);
+    assert!(!r.limits.capped);
+    assert!(
+        r.limits
+            .notes
+            .iter()
+            .any(|n| n.contains("split over 3 worker processes")),
+        "{:?}",
+        r.limits.notes
+    );
+    assert_eq!(
+        r.limits.source_addrs,
+        vec!["127.0.0.2", "127.0.0.3", "127.0.0.4"]
+    );
+    assert_no_loss(&r, 1);
+    assert_eq!(r.steps[0].sent, 249 * 2);
+
+    // Forcing one worker caps the run at the per-process limit, and says so.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_relay-loadtest"))
+        .arg("--scenario")
+        .arg(&scenario)
+        .args(["--no-progress", "--workers", "1", "--json"])
+        .arg(&json)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("LIMIT: the open-file limit"), "{stdout}");
+    let r: Report = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert!(r.limits.capped);
+    assert_eq!(r.connect.planned, 100);
+    assert_eq!(r.connect.established, 100);
+    let _ = std::fs::remove_dir_all(&dir);
+}
