@@ -552,8 +552,8 @@ async fn write_loop(
             return;
         }
         buf.clear();
-        rec.sent(key, first_ns, n, recipients);
-        rec.sent(key, now, replies, 1);
+        rec.sent(key, first_ns, n, recipients, Some(mono_ns()));
+        rec.sent(key, now, replies, 1, None);
         if let Some(t) = pinged {
             rec.ping(key, t);
         }

@@ -211,13 +211,13 @@ pub fn render(r: &Report) -> Result<String, PlotError> {
     );
     h.push_str(
         "<h2>Steps</h2><table><tr><th>step</th><th>rate msg/s</th><th>sent</th><th>received</th>\
-         <th>loss</th><th>p50</th><th>p99</th><th>p99.9</th><th>max</th><th>server CPU-µs/msg</th><th>errors</th><th>SLO</th></tr>\n",
+         <th>loss</th><th>p50</th><th>p99</th><th>p99.9</th><th>max</th><th>tool send lag p99</th><th>server CPU-µs/msg</th><th>errors</th><th>SLO</th></tr>\n",
     );
     for s in &r.steps {
         let errors: u64 = s.errors.values().sum();
         let _ = writeln!(
             h,
-            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{:.4}%</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{:.4}%</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
             s.index,
             fmt_rate(s.total_rate),
             group(s.sent),
@@ -227,6 +227,7 @@ pub fn render(r: &Report) -> Result<String, PlotError> {
             fmt_us(s.latency.p99_us),
             fmt_us(s.latency.p999_us),
             fmt_us(s.latency.max_us),
+            fmt_us(s.send_lag.p99_us),
             s.server
                 .map(|x| format!("{:.2}", x.cpu_us_per_msg))
                 .unwrap_or_else(|| "-".into()),

@@ -107,6 +107,8 @@ pub struct StepReport {
     pub latency: LatencySummary,
     /// Heartbeat round trip from its intended time.
     pub heartbeat: LatencySummary,
+    /// The tool's own lag from intended send time to the write, per batch.
+    pub send_lag: LatencySummary,
     pub pings: u64,
     pub pongs: u64,
     /// Per-second throughput.
@@ -154,6 +156,7 @@ impl StepReport {
             receive_rate: s.received as f64 / d,
             latency: LatencySummary::from_hist(&s.latency),
             heartbeat: LatencySummary::from_hist(&s.heartbeat),
+            send_lag: LatencySummary::from_hist(&s.send_lag),
             pings: s.pings,
             pongs: s.pongs,
             throughput,
@@ -292,6 +295,10 @@ pub struct Report {
     pub limits: LimitsReport,
     pub find_max: Option<FindMaxReport>,
 }
+
+/// A step whose send lag p99 is above this (µs) is flagged: the tool, not only the
+/// server, shaped its latency.
+pub const GENERATOR_LAG_US: u64 = 5_000;
 
 /// `1234` µs as `1.23 ms`, and so on.
 pub fn fmt_us(us: u64) -> String {
@@ -494,6 +501,20 @@ impl Report {
                 "  {what} from intended send: {}",
                 latency_line(&s.latency)
             );
+            if s.send_lag.count > 0 {
+                let _ = writeln!(
+                    o,
+                    "  send lag (tool side, intended → written): {}",
+                    latency_line(&s.send_lag)
+                );
+                if s.send_lag.p99_us > GENERATOR_LAG_US {
+                    let _ = writeln!(
+                        o,
+                        "  WARNING: the generator fell behind its schedule (send lag p99 {}): part of the latency above is the tool's; give it more --threads or --workers, or another machine",
+                        fmt_us(s.send_lag.p99_us)
+                    );
+                }
+            }
             let _ = writeln!(
                 o,
                 "  heartbeats: {} sent, {} answered; round trip {}",
@@ -664,6 +685,21 @@ pub(crate) mod tests {
         ] {
             assert!(text.contains(needle), "missing {needle:?} in\n{text}");
         }
+    }
+
+    #[test]
+    fn a_lagging_generator_is_called_out() {
+        let mut r = sample_report();
+        assert!(!r.human().contains("WARNING"));
+        let mut st = StepStats::default();
+        st.sent = 1;
+        st.send_lag.saturating_record(20_000);
+        r.steps[0] = StepReport::new(1, 1.0, 1.0, 1.0, &st);
+        let text = r.human();
+        assert!(
+            text.contains("WARNING: the generator fell behind"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -162,6 +162,10 @@ pub struct StepStats {
     /// Heartbeat round trip (PING→PONG, PINGREQ→PINGRESP) from its intended time, µs.
     #[serde(with = "hist_b64")]
     pub heartbeat: Histogram<u64>,
+    /// The tool's own lag: when a batch was written minus the intended time of its
+    /// oldest message, µs. Large values mean the generator, not the server, was late.
+    #[serde(with = "hist_b64")]
+    pub send_lag: Histogram<u64>,
     /// Heartbeats sent.
     pub pings: u64,
     /// Heartbeat answers received.
@@ -183,6 +187,7 @@ impl Default for StepStats {
             late: 0,
             latency: new_hist(),
             heartbeat: new_hist(),
+            send_lag: new_hist(),
             pings: 0,
             pongs: 0,
             sent_per_sec: Vec::new(),
@@ -201,6 +206,7 @@ impl StepStats {
         self.late += o.late;
         add_hist(&mut self.latency, &o.latency);
         add_hist(&mut self.heartbeat, &o.heartbeat);
+        add_hist(&mut self.send_lag, &o.send_lag);
         self.pings += o.pings;
         self.pongs += o.pongs;
         add_vec(&mut self.sent_per_sec, &o.sent_per_sec);
@@ -453,14 +459,26 @@ impl Recorder {
         total
     }
 
-    /// Records `n` data messages written together, the first intended at `first_ns`,
-    /// each expected to reach `recipients` clients.
-    pub fn sent(&self, key: usize, first_ns: u64, n: u64, recipients: u64) {
+    /// Records `n` data messages written together at `written_ns`, the first intended
+    /// at `first_ns`, each expected to reach `recipients` clients. `written_ns` is
+    /// `None` for messages with no schedule (command replies): no send lag then.
+    pub fn sent(
+        &self,
+        key: usize,
+        first_ns: u64,
+        n: u64,
+        recipients: u64,
+        written_ns: Option<u64>,
+    ) {
         if n == 0 {
             return;
         }
         let sec = self.second(first_ns);
         let mut s = self.shard(key);
+        if let Some(w) = written_ns {
+            s.send_lag
+                .saturating_record((w.saturating_sub(first_ns) / 1000).max(1));
+        }
         s.sent += n;
         s.expected += n * recipients;
         StepStats::bump(&mut s.sent_per_sec, sec, n);
@@ -543,7 +561,7 @@ mod tests {
     fn latency_is_measured_from_the_intended_time() {
         let r = Recorder::new(2);
         r.begin_step(1, 1_000_000_000, u64::MAX);
-        r.sent(0, 1_000_000_000, 2, 1);
+        r.sent(0, 1_000_000_000, 2, 1, Some(1_000_300_000));
         // Intended at 1.000 s and 1.001 s, received at 1.005 s.
         r.received(
             1,
@@ -556,6 +574,9 @@ mod tests {
         assert_eq!(s.latency.len(), 2);
         assert_eq!(s.latency.max(), s.latency.highest_equivalent(5000));
         assert_eq!(s.latency.min(), s.latency.lowest_equivalent(4000));
+        // Written 300 µs after the first message's intended time.
+        assert_eq!(s.send_lag.len(), 1);
+        assert_eq!(s.send_lag.max(), s.send_lag.highest_equivalent(300));
     }
 
     #[test]
@@ -589,8 +610,8 @@ mod tests {
     fn throughput_lands_in_per_second_buckets() {
         let r = Recorder::new(4);
         r.begin_step(0, 10_000_000_000, u64::MAX);
-        r.sent(0, 10_100_000_000, 5, 3);
-        r.sent(1, 12_500_000_000, 7, 3);
+        r.sent(0, 10_100_000_000, 5, 3, None);
+        r.sent(1, 12_500_000_000, 7, 3, None);
         r.received(
             2,
             &[stamp(11_000_000_000, 0)],
@@ -601,6 +622,7 @@ mod tests {
         assert_eq!(s.sent_per_sec, vec![5, 0, 7]);
         assert_eq!(s.recv_per_sec, vec![0, 1]);
         assert_eq!(s.expected, 36);
+        assert_eq!(s.send_lag.len(), 0, "no lag without a write time");
         assert_eq!(s.lost(), 35);
     }
 
