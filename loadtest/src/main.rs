@@ -49,6 +49,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         worker_exe: std::env::current_exe().ok(),
     };
     let report = coordinator::run(&s, &opts)?;
+    for p in [&s.report.json, &s.report.html].into_iter().flatten() {
+        if let Some(dir) = p.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+    }
     print!("{}", report.human());
     if let Some(p) = &s.report.json {
         std::fs::write(p, report.to_json()).with_context(|| format!("writing {}", p.display()))?;

@@ -423,6 +423,8 @@ impl Report {
         let t = &self.target;
         let ends = if t.kind == "mqtt" {
             t.controllers.clone()
+        } else if self.fleet.browsers == 0 {
+            format!("{} ({})", t.controllers, t.controller_form)
         } else {
             format!(
                 "{} ({}) + {} ({})",
