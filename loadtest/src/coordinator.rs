@@ -19,8 +19,8 @@ use crate::plan::Plan;
 use crate::procstat::{self, ProcSample, Sampler};
 use crate::progress::Progress;
 use crate::report::{
-    ConnectReport, FindMaxReport, FleetReport, LimitsReport, Report, ServerReport, ServerStep,
-    StepReport, TargetReport, fmt_rate, fmt_us, group,
+    ConnectReport, FindMaxReport, FleetReport, GENERATOR_LAG_US, LimitsReport, Report,
+    ServerReport, ServerStep, StepReport, TargetReport, fmt_rate, fmt_us, group,
 };
 use crate::scenario::{Endpoint, Form, Pattern, Scenario, ScenarioError};
 use crate::stats::{ConnectStats, ProgressSnapshot, StepStats};
@@ -352,6 +352,15 @@ pub fn capacity_answer(
     )
 }
 
+/// Rates of the failing steps during which the generator lagged its own schedule.
+pub fn generator_limited(steps: &[StepReport]) -> Vec<f64> {
+    steps
+        .iter()
+        .filter(|x| x.passed == Some(false) && x.send_lag.p99_us > GENERATOR_LAG_US)
+        .map(|x| x.total_rate)
+        .collect()
+}
+
 /// Runs `s` and returns its report.
 pub fn run(s: &Scenario, opts: &RunOptions) -> Result<Report, RunError> {
     s.validate("scenario")?;
@@ -519,13 +528,23 @@ pub fn run(s: &Scenario, opts: &RunOptions) -> Result<Report, RunError> {
                 id += 1;
             }
             let slo_ms = f.slo_p99.as_secs_f64() * 1000.0;
+            let generator_limited = generator_limited(&steps);
+            let mut answer = capacity_answer(&s, ramp.best().as_ref(), slo_ms);
+            if let Some(r) = generator_limited.iter().copied().reduce(f64::min) {
+                answer.push_str(&format!(
+                    " — a lower bound: at {} msg/s the generator itself fell behind (send lag p99 over {}), so run it with more --workers/--threads or on another machine",
+                    fmt_rate(r),
+                    fmt_us(GENERATOR_LAG_US)
+                ));
+            }
             find_max = Some(FindMaxReport {
                 slo_p99_ms: slo_ms,
                 max_loss: f.max_loss,
                 steps: ramp.history().to_vec(),
                 best: ramp.best(),
                 first_failure: ramp.first_failure(),
-                answer: capacity_answer(&s, ramp.best().as_ref(), slo_ms),
+                generator_limited,
+                answer,
             });
         } else {
             let total = if s.pattern.sends_data() {
@@ -731,6 +750,23 @@ mod tests {
             "this server holds 1,000 controllers at 20.0 msg/s each to 1 browser(s) each (20,000 msg/s in all) with p99 4.20 ms < 10 ms and loss 0.000% < 0.1%"
         );
         assert!(capacity_answer(&s, None, 10.0).starts_with("no rate tried"));
+    }
+
+    #[test]
+    fn failing_steps_with_a_lagging_generator_are_flagged() {
+        let step = |rate: f64, lag_us: u64, passed: bool| {
+            let mut st = StepStats::default();
+            st.send_lag.saturating_record(lag_us);
+            let mut r = StepReport::new(1, rate, rate, 1.0, &st);
+            r.passed = Some(passed);
+            r
+        };
+        let steps = [
+            step(1000.0, 30_000, true),  // lagged but passed: not a limit
+            step(2000.0, 1_000, false),  // the server failed it
+            step(4000.0, 30_000, false), // the generator lagged
+        ];
+        assert_eq!(generator_limited(&steps), vec![4000.0]);
     }
 
     #[test]

@@ -249,6 +249,9 @@ pub struct FindMaxReport {
     pub steps: Vec<Outcome>,
     pub best: Option<Outcome>,
     pub first_failure: Option<f64>,
+    /// Rates of failing steps during which the generator itself lagged (send lag p99
+    /// over [`GENERATOR_LAG_US`]): there the answer is a lower bound.
+    pub generator_limited: Vec<f64>,
     /// The capacity answer in one sentence.
     pub answer: String,
 }
