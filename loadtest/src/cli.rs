@@ -76,7 +76,7 @@ pub struct Cli {
     /// Wait after sending for messages in flight.
     #[arg(long)]
     pub drain: Option<Dur>,
-    /// Write at most once per tick per connection.
+    /// Wake (and write) on a grid of this step per connection; 0 = at intended times.
     #[arg(long)]
     pub tick: Option<Dur>,
 

@@ -373,7 +373,9 @@ pub struct LoadSpec {
     pub duration: Dur,
     /// How long to wait after sending stops for messages still in flight.
     pub drain: Dur,
-    /// A connection writes at most once per tick, batching what is due.
+    /// A connection wakes on a grid of this step and writes everything due in one
+    /// batch; 0 wakes at the intended times themselves (the runtime's timer is 1 ms
+    /// coarse, so messages due within it still leave in one write).
     pub tick: Dur,
 }
 
@@ -393,7 +395,7 @@ impl Default for LoadSpec {
             heartbeat: Dur::secs(30),
             duration: Dur::secs(10),
             drain: Dur::secs(2),
-            tick: Dur::millis(1),
+            tick: Dur::millis(0),
         }
     }
 }
