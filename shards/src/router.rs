@@ -450,17 +450,15 @@ impl Router {
         if let Some(old) = old
             && old.id != cell.id
         {
-            let ev = old.conn.borrow_mut().close_with(
-                &self.cfg.conn,
+            let why = "address taken over by a new connection";
+            self.end(
+                &old,
                 ErrorCode::Replaced,
-                "address taken over by a new connection",
+                why,
                 CloseReason::Replaced,
+                now.mono_ms + self.cfg.close_grace_ms,
             );
-            if ev.is_some() {
-                old.closing(CloseReason::Replaced, now.mono_ms + self.cfg.close_grace_ms);
-            }
             self.drop_memberships(&old);
-            old.wake();
         }
         cell.conn
             .borrow_mut()
@@ -1007,16 +1005,15 @@ impl Router {
                     format!("{} is offline", name_str(&addr)),
                 )))),
                 Some(cell) => {
-                    let ev = cell.conn.borrow_mut().close_with(
-                        &self.cfg.conn,
+                    let why = "disconnected by the server";
+                    let deadline = now.mono_ms + self.cfg.close_grace_ms;
+                    self.end(
+                        &cell,
                         ErrorCode::Forbidden,
-                        "disconnected by the server",
+                        why,
                         CloseReason::Kicked,
+                        deadline,
                     );
-                    if ev.is_some() {
-                        cell.closing(CloseReason::Kicked, now.mono_ms + self.cfg.close_grace_ms);
-                    }
-                    cell.wake();
                     done(CallResult::Done(Ok(1)))
                 }
             },
@@ -1220,20 +1217,38 @@ impl Router {
         self.shutting_down.set(true);
         let cells: Vec<Rc<ConnCell>> = self.conns.borrow().values().cloned().collect();
         for cell in cells {
-            let _ = cell.conn.borrow_mut().close_with(
-                &self.cfg.conn,
+            let why = "relay is shutting down";
+            self.end(
+                &cell,
                 ErrorCode::ShuttingDown,
-                "relay is shutting down",
+                why,
                 CloseReason::Shutdown,
+                deadline_ms,
             );
-            cell.closing(CloseReason::Shutdown, deadline_ms);
-            cell.close_deadline.set(Some(
-                cell.close_deadline
-                    .get()
-                    .map_or(deadline_ms, |d| d.min(deadline_ms)),
-            ));
-            cell.wake();
         }
+    }
+
+    /// Ends a connection: ERROR `code` after what is queued, then close by
+    /// `deadline_ms` at the latest.
+    fn end(
+        &self,
+        cell: &ConnCell,
+        code: ErrorCode,
+        why: &str,
+        reason: CloseReason,
+        deadline_ms: u64,
+    ) {
+        let _ = cell
+            .conn
+            .borrow_mut()
+            .close_with(&self.cfg.conn, code, why, reason);
+        cell.closing(reason, deadline_ms);
+        cell.close_deadline.set(Some(
+            cell.close_deadline
+                .get()
+                .map_or(deadline_ms, |d| d.min(deadline_ms)),
+        ));
+        cell.wake();
     }
 
     pub fn is_shutting_down(&self) -> bool {

@@ -45,6 +45,14 @@ pub fn addrs_on(prefix: &str, shard_idx: usize, shards: usize, n: usize) -> Vec<
         .collect()
 }
 
+/// What one read gave.
+enum Got {
+    Some,
+    Nothing,
+    Closed,
+    Failed(std::io::Error),
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Form {
     Binary,
@@ -150,16 +158,12 @@ impl Client {
             if Instant::now() >= deadline {
                 return None;
             }
-            let mut tmp = [0u8; 65536];
-            match self.stream.read(&mut tmp) {
-                Ok(0) => panic!("{}: connection closed while waiting for a frame", self.addr),
-                Ok(n) => self.buf.extend_from_slice(&tmp[..n]),
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                    ) => {}
-                Err(e) => panic!("read: {e}"),
+            match self.fill() {
+                Got::Closed => {
+                    panic!("{}: connection closed while waiting for a frame", self.addr)
+                }
+                Got::Failed(e) => panic!("read: {e}"),
+                Got::Some | Got::Nothing => {}
             }
         }
     }
@@ -188,6 +192,27 @@ impl Client {
         f.seq
     }
 
+    /// Reads what is there (waiting at most the socket's read timeout).
+    fn fill(&mut self) -> Got {
+        let mut tmp = [0u8; 65536];
+        match self.stream.read(&mut tmp) {
+            Ok(0) => Got::Closed,
+            Ok(n) => {
+                self.buf.extend_from_slice(&tmp[..n]);
+                Got::Some
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                Got::Nothing
+            }
+            Err(e) => Got::Failed(e),
+        }
+    }
+
     /// Reads until EOF (or `timeout`), returning the frames seen; true if closed.
     pub fn drain_until_closed(&mut self, timeout: Duration) -> (Vec<Frame>, bool) {
         let deadline = Instant::now() + timeout;
@@ -199,21 +224,15 @@ impl Client {
             if Instant::now() >= deadline {
                 return (frames, false);
             }
-            let mut tmp = [0u8; 65536];
-            match self.stream.read(&mut tmp) {
-                Ok(0) => {
+            match self.fill() {
+                Got::Closed => {
                     while let Some(f) = self.try_decode() {
                         frames.push(f);
                     }
                     return (frames, true);
                 }
-                Ok(n) => self.buf.extend_from_slice(&tmp[..n]),
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                    ) => {}
-                Err(_) => return (frames, true),
+                Got::Failed(_) => return (frames, true),
+                Got::Some | Got::Nothing => {}
             }
         }
     }
