@@ -248,21 +248,25 @@ mod tests {
         assert!(e.message.contains("on_message"), "{e}");
     }
 
+    /// Calls `on_tick(1)` of a compiled script, which must fail.
+    fn on_tick_error(en: &rhai::Engine, ast: &rhai::AST) -> Box<rhai::EvalAltResult> {
+        let mut opts = rhai::CallFnOptions::new();
+        opts.eval_ast = false;
+        en.call_fn_with_options::<rhai::Dynamic>(
+            opts,
+            &mut rhai::Scope::new(),
+            ast,
+            "on_tick",
+            (1_i64,),
+        )
+        .unwrap_err()
+    }
+
     #[test]
     fn runtime_errors_point_inside_the_function() {
         let en = engine();
         let ast = compile(&en, "r.rhai", "fn on_tick(now) {\n\n  let x = 1 / 0;\n}").unwrap();
-        let mut opts = rhai::CallFnOptions::new();
-        opts.eval_ast = false;
-        let err = en
-            .call_fn_with_options::<rhai::Dynamic>(
-                opts,
-                &mut rhai::Scope::new(),
-                &ast,
-                "on_tick",
-                (1_i64,),
-            )
-            .unwrap_err();
+        let err = on_tick_error(&en, &ast);
         let se = ScriptError::from_eval("r.rhai", &err);
         assert_eq!(se.line, 3, "{se}");
         assert!(!se.limit);
@@ -272,17 +276,7 @@ mod tests {
     fn endless_loop_trips_the_operation_limit() {
         let en = engine();
         let ast = compile(&en, "l.rhai", "fn on_tick(now) {\n  loop { now += 1; }\n}").unwrap();
-        let mut opts = rhai::CallFnOptions::new();
-        opts.eval_ast = false;
-        let err = en
-            .call_fn_with_options::<rhai::Dynamic>(
-                opts,
-                &mut rhai::Scope::new(),
-                &ast,
-                "on_tick",
-                (1_i64,),
-            )
-            .unwrap_err();
+        let err = on_tick_error(&en, &ast);
         let se = ScriptError::from_eval("l.rhai", &err);
         assert!(se.limit, "{se}");
     }

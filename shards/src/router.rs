@@ -321,32 +321,8 @@ impl Router {
     pub fn on_event(&self, cell: &Rc<ConnCell>, ev: Event, now: Now) -> Outcome {
         match ev {
             Event::Hello(hello) => return self.on_hello(cell, hello, now),
-            Event::Data(frame) => {
-                ShardStats::add(&self.stats.frames_in, 1);
-                let ack = frame.flags.ack_req().then_some(frame.seq);
-                self.tap(&frame, now);
-                self.unicast(
-                    frame.clone(),
-                    ack.map(|seq| AckTarget::Conn { id: cell.id, seq }),
-                    now,
-                );
-                self.hook_message(&frame, false, now);
-            }
-            Event::Publish(frame) => {
-                ShardStats::add(&self.stats.frames_in, 1);
-                let ack = frame.flags.ack_req().then_some(frame.seq);
-                let group = frame.dst.clone();
-                self.tap(&frame, now);
-                self.fanout(
-                    Index::Group,
-                    &group,
-                    frame.clone(),
-                    Vec::new(),
-                    ack.map(|seq| AckTarget::Conn { id: cell.id, seq }),
-                    now,
-                );
-                self.hook_message(&frame, true, now);
-            }
+            Event::Data(frame) => self.route_client_frame(cell, frame, false, now),
+            Event::Publish(frame) => self.route_client_frame(cell, frame, true, now),
             Event::Join {
                 group,
                 seq,
@@ -383,6 +359,31 @@ impl Router {
             Event::Closed(reason) => cell.closing(reason, now.mono_ms + self.cfg.close_grace_ms),
         }
         Outcome::Continue
+    }
+
+    /// Routes a client's DATA (to `dst`) or PUBLISH (to group `dst`).
+    fn route_client_frame(&self, cell: &Rc<ConnCell>, mut frame: Frame, group: bool, now: Now) {
+        ShardStats::add(&self.stats.frames_in, 1);
+        // ACK_REQ comes off once, here: an ACK is the relay's answer to the
+        // sender and never forwarded, so no recipient copies the frame for it.
+        let target = frame.flags.ack_req().then_some(AckTarget::Conn {
+            id: cell.id,
+            seq: frame.seq,
+        });
+        frame.flags = frame.flags.with(Flags::ACK_REQ, false);
+        self.tap(&frame, now);
+        // The rules engine sees the frame as the client sent it; the copy
+        // (three reference counts) is made only when it listens.
+        let hooked = self.hooks.borrow().is_some().then(|| frame.clone());
+        if group {
+            let name = frame.dst.clone();
+            self.fanout(Index::Group, &name, frame, Vec::new(), target, now);
+        } else {
+            self.unicast(frame, target, now);
+        }
+        if let Some(f) = hooked {
+            self.hook_message(&f, group, now);
+        }
     }
 
     fn hook_message(&self, frame: &Frame, group: bool, now: Now) {
@@ -648,18 +649,19 @@ impl Router {
         exclude: &[Bytes],
         now: Now,
     ) -> (u32, Option<Failure>) {
-        let members: Vec<Rc<ConnCell>> = self.indexes[index as usize]
-            .borrow()
-            .get(name)
-            .map(|g| g.local.values().cloned().collect())
-            .unwrap_or_default();
+        // Delivering touches only the members' own cells, never the index,
+        // so the members are walked in place: no list per publish.
+        let idx = self.indexes[index as usize].borrow();
+        let Some(entry) = idx.get(name) else {
+            return (0, None);
+        };
         let mut n = 0;
         let mut err = None;
-        for m in members {
+        for m in entry.local.values() {
             if !exclude.is_empty() && exclude.iter().any(|x| x == m.conn.borrow().addr()) {
                 continue;
             }
-            match self.deliver_local(&m, frame, now) {
+            match self.deliver_local(m, frame, now) {
                 Ok(()) => n += 1,
                 Err(e) => err = err.or(Some(e)),
             }

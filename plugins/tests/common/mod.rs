@@ -142,7 +142,8 @@ pub fn client(addr: &str, role: &str) -> ClientInfo {
         addr: addr.into(),
         role: role.into(),
         meta: serde_json::json!({"fw": "1.2"}),
-        remote: "127.0.0.1:5555".into(),
+        // The remote address a shard reports for a client; nothing binds it.
+        remote: "127.0.0.1:0".into(),
         shard: 0,
         time_ms: now_ms(),
     }
