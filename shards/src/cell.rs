@@ -1,13 +1,15 @@
 //! The record of one connection on its shard, shared (`Rc`) between the
-//! connection's driver task and the shard's router. Single-threaded: interior
-//! mutability with `RefCell`/`Cell`, never a lock.
+//! shard's I/O loop and its router. Single-threaded: interior mutability with
+//! `RefCell`/`Cell`, never a lock.
 
 use std::cell::{Cell, RefCell};
 use std::net::SocketAddr;
-use std::task::Waker;
+use std::os::fd::OwnedFd;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use relay_core::{CloseReason, Connection};
+
+use crate::ws::WsDecoder;
 
 /// Identifies a connection for the life of the process: the shard in the low
 /// 8 bits, a per-shard counter above. Never reused, so a stale id (an ACK
@@ -31,13 +33,36 @@ pub struct Session {
     pub uids: Vec<Bytes>,
 }
 
+/// A connection's socket state. An idle connection holds no buffer: input
+/// is read into the shard's shared buffer and copied here only while a frame
+/// is incomplete; output is queued in the `Connection`.
+#[derive(Debug, Default)]
+pub struct Io {
+    /// The socket, once the I/O loop has it (closed when the record drops).
+    pub fd: Option<OwnedFd>,
+    /// Input not yet parsed (an incomplete frame).
+    pub rbuf: BytesMut,
+    /// A write the socket took only part of: the chunk and how far it went.
+    pub writing: Option<(Bytes, usize)>,
+    /// The WebSocket frame state of a browser (None on plain TCP).
+    pub ws: Option<Box<WsDecoder>>,
+    /// A WebSocket close frame has been queued.
+    pub close_sent: bool,
+    /// The socket is registered for writability (its send buffer was full).
+    pub want_out: bool,
+    /// The peer closed or reset the connection: close without flushing.
+    pub eof: bool,
+}
+
 #[derive(Debug)]
 pub struct ConnCell {
     pub id: ConnId,
     pub conn: RefCell<Connection>,
-    /// Waker of the driver task: routers push frames into `conn` and wake it,
-    /// so everything queued during one scheduler turn leaves in one write.
-    pub waker: RefCell<Option<Waker>>,
+    /// The socket and what is half-read or half-written on it.
+    pub io: RefCell<Io>,
+    /// Set while the connection waits in its shard's write list: everything
+    /// queued for it during one pass of the I/O loop leaves in one write.
+    pub dirty: Cell<bool>,
     pub session: RefCell<Session>,
     /// Set once the connection is closing: when the driver gives up flushing.
     pub close_deadline: Cell<Option<u64>>,
@@ -49,17 +74,11 @@ impl ConnCell {
         ConnCell {
             id,
             conn: RefCell::new(conn),
-            waker: RefCell::new(None),
+            io: RefCell::new(Io::default()),
+            dirty: Cell::new(false),
             session: RefCell::new(session),
             close_deadline: Cell::new(None),
             reason: Cell::new(None),
-        }
-    }
-
-    /// Wakes the driver so it writes what was queued or notices a close.
-    pub fn wake(&self) {
-        if let Some(w) = self.waker.borrow().as_ref() {
-            w.wake_by_ref();
         }
     }
 

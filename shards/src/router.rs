@@ -152,7 +152,7 @@ pub struct ClientView {
 /// read and queued so far. `fd` is a duplicate the receiver takes ownership of.
 #[derive(Debug)]
 pub struct Handover {
-    pub fd: i32,
+    pub fd: std::os::fd::OwnedFd,
     pub conn: Connection,
     pub hello: Hello,
     pub rbuf: BytesMut,
@@ -160,7 +160,7 @@ pub struct Handover {
     pub pending_out: Bytes,
     pub session: Session,
     /// WebSocket frame state, for browser connections.
-    pub ws: Option<WsDecoder>,
+    pub ws: Option<Box<WsDecoder>>,
 }
 
 /// What a connection's driver must do after an event.
@@ -241,6 +241,11 @@ pub struct Router {
     outbox: RefCell<Vec<Vec<Cross>>>,
     /// Woken when an outbox gets its first item.
     flush_waker: RefCell<Option<std::task::Waker>>,
+    /// Connections with output queued or a close to carry out, in the order
+    /// they became so; the I/O loop writes each once per pass.
+    dirty: RefCell<Vec<ConnId>>,
+    /// The I/O loop, woken when `dirty` gets its first entry.
+    io_waker: RefCell<Option<std::task::Waker>>,
     pending: RefCell<HashMap<u64, Pending>>,
     calls: RefCell<HashMap<u64, CallCallback>>,
     /// Results of calls from other shards, sent back after the current batch
@@ -286,6 +291,8 @@ impl Router {
             watched: RefCell::default(),
             outbox: RefCell::new((0..shards).map(|_| Vec::new()).collect()),
             flush_waker: RefCell::new(None),
+            dirty: RefCell::default(),
+            io_waker: RefCell::new(None),
             pending: RefCell::default(),
             calls: RefCell::default(),
             completed: Rc::default(),
@@ -535,7 +542,7 @@ impl Router {
         match r {
             Ok(()) => {
                 ShardStats::add(&self.stats.frames_out, 1);
-                cell.wake();
+                self.wake(cell);
                 Ok(())
             }
             Err(SendError::Full) => {
@@ -1117,7 +1124,7 @@ impl Router {
                     _ => Frame::ack(seq),
                 };
                 cell.conn.borrow_mut().control(&self.cfg.conn, &frame);
-                cell.wake();
+                self.wake(&cell);
             }
             AckTarget::Callback(f) => f(delivered, error.filter(|_| delivered == 0)),
         }
@@ -1130,7 +1137,7 @@ impl Router {
             Err((code, msg)) => Frame::error(seq, code, &msg),
         };
         cell.conn.borrow_mut().control(&self.cfg.conn, &frame);
-        cell.wake();
+        self.wake(cell);
     }
 
     fn push(&self, peer: usize, item: Cross) {
@@ -1173,6 +1180,50 @@ impl Router {
         }
     }
 
+    /// Puts `cell` on the write list (once) so the I/O loop flushes its
+    /// queue or carries out its close; wakes the loop on the first entry.
+    pub fn wake(&self, cell: &ConnCell) {
+        if cell.dirty.replace(true) {
+            return;
+        }
+        let mut d = self.dirty.borrow_mut();
+        d.push(cell.id);
+        if d.len() == 1 {
+            drop(d);
+            if let Some(w) = self.io_waker.borrow().as_ref() {
+                w.wake_by_ref();
+            }
+        }
+    }
+
+    /// Takes the write list; `waker` is woken when it gets a new entry.
+    pub fn take_dirty(&self, waker: &std::task::Waker, into: &mut Vec<ConnId>) {
+        {
+            let mut w = self.io_waker.borrow_mut();
+            if !w.as_ref().is_some_and(|w| w.will_wake(waker)) {
+                *w = Some(waker.clone());
+            }
+        }
+        std::mem::swap(&mut *self.dirty.borrow_mut(), into);
+    }
+
+    /// Wakes the I/O loop (to notice a shutdown).
+    pub fn wake_io(&self) {
+        if let Some(w) = self.io_waker.borrow().as_ref() {
+            w.wake_by_ref();
+        }
+    }
+
+    /// Whether any connection waits on the write list.
+    pub fn has_dirty(&self) -> bool {
+        !self.dirty.borrow().is_empty()
+    }
+
+    /// The connection with id `id`, if it is still on this shard.
+    pub fn cell(&self, id: ConnId) -> Option<Rc<ConnCell>> {
+        self.conns.borrow().get(&id).cloned()
+    }
+
     /// Takes the waiting items for every peer (index = shard).
     pub fn take_outbox(&self, waker: &std::task::Waker) -> Vec<(usize, Vec<Cross>)> {
         {
@@ -1205,9 +1256,9 @@ impl Router {
             };
             if let Some(Event::Closed(reason)) = ev {
                 cell.closing(reason, now.mono_ms + self.cfg.close_grace_ms);
-                cell.wake();
+                self.wake(&cell);
             } else if cell.close_deadline.get().is_some_and(|d| d <= now.mono_ms) {
-                cell.wake();
+                self.wake(&cell);
             }
         }
         self.stats.queue_bytes.store(queued, Relaxed);
@@ -1250,7 +1301,7 @@ impl Router {
                 .get()
                 .map_or(deadline_ms, |d| d.min(deadline_ms)),
         ));
-        cell.wake();
+        self.wake(cell);
     }
 
     pub fn is_shutting_down(&self) -> bool {

@@ -1,273 +1,557 @@
-//! The driver of one TCP connection: a single task that reads into the
-//! shard's shared read buffer, feeds the protocol state machine, and writes
-//! whatever the connection's queue holds in one write per wake-up.
+//! The shard's I/O loop: one task per shard drives every client socket it
+//! owns (controllers over TCP and browsers over WebSocket) through one epoll
+//! set, instead of one task and one io_uring poll per connection.
 //!
-//! Reads are readiness-based (glommio's non-buffered stream tries a
-//! non-blocking `recv` and otherwise waits for readability), so an idle
-//! connection holds no read buffer: bytes are copied out of the shared buffer
-//! only while a frame is incomplete.
+//! - Readiness is level-triggered on input. A readable socket is read into
+//!   the shard's shared read buffer, and bytes are copied into the
+//!   connection's own buffer only while a frame is incomplete, so an idle
+//!   connection holds no buffer at all.
+//! - Routing queues frames on the recipients' `Connection`s and puts them on
+//!   the router's write list; after each pass over the ready sockets the loop
+//!   writes every listed connection once, so all that was queued for a
+//!   connection during the pass leaves in one `send`.
+//! - The epoll set itself is awaited through glommio's ring, so timers, the
+//!   cross-shard mesh and the HTTP tasks share the thread fairly: after each
+//!   busy pass the loop yields its task queue and the executor polls its I/O.
 
-use std::cell::RefCell;
 use std::future::poll_fn;
-use std::os::fd::AsRawFd;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::pin::Pin;
 use std::rc::Rc;
+use std::sync::atomic::Ordering;
 use std::task::Poll;
 
-use bytes::{Bytes, BytesMut};
-use futures_lite::{AsyncRead, AsyncWrite};
+use bytes::BytesMut;
+use futures_lite::AsyncRead;
 use glommio::net::TcpStream;
-use relay_core::conn::{CloseReason, Event, Hello};
+use relay_core::conn::{CloseReason, Event, Hello, Transport};
 
 use super::{Shard, now};
-use crate::cell::ConnCell;
-use crate::router::{Handover, Outcome};
+use crate::cell::{ConnCell, ConnId, Io};
+use crate::router::{Handover, Outcome, Router};
 use crate::stats::ShardStats;
 use crate::ws::{self, WsDecoder, WsMsg};
 
 /// Largest single write; a fuller queue goes out in several.
 const MAX_WRITE: usize = 256 * 1024;
-/// Reads handled per wake-up before yielding to other connections.
-const READ_BUDGET: u32 = 16;
+/// Reads of one socket per pass before the others get their turn.
+const READ_BUDGET: u32 = 4;
+/// Connections accepted per pass.
+const ACCEPT_BUDGET: u32 = 64;
+/// Events taken from the epoll set per pass.
+const EVENTS: usize = 256;
+/// The listener's token in the epoll set (connection ids never reach it).
+const LISTENER: u64 = u64::MAX;
+const IN: u32 = (libc::EPOLLIN | libc::EPOLLRDHUP) as u32;
+const OUT: u32 = IN | libc::EPOLLOUT as u32;
 
-enum End {
-    Closed,
-    Handover { owner: usize, hello: Hello },
+/// The shard's epoll set.
+#[derive(Debug)]
+pub(super) struct Poller {
+    epfd: OwnedFd,
 }
 
-/// Runs a connection until it closes or moves to its owner shard. `ws` is
-/// the WebSocket frame state of a browser connection (None on plain TCP);
-/// `first` an event to route before anything is read (a hello in the URL).
-pub(super) async fn drive(
-    shard: Rc<Shard>,
-    cell: Rc<ConnCell>,
-    mut stream: TcpStream,
-    mut rbuf: BytesMut,
-    mut writing: Option<Bytes>,
-    mut ws: Option<WsDecoder>,
-    first: Option<Box<Event>>,
-) {
-    let router = &shard.router;
-    let cfg = &router.cfg.conn;
-    let rshared: &RefCell<Vec<u8>> = &shard.read_buf;
-    let mut off = 0usize;
-    let mut fresh = !rbuf.is_empty();
-    let mut close_sent = false;
-
-    // A hello from the URL is routed before anything is read.
-    if let Some(ev) = first
-        && let Outcome::Handover { owner, hello } = router.on_event(&cell, *ev, now())
-    {
-        let pending_out = writing.unwrap_or_default();
-        let moving = Moving {
-            hello,
-            rbuf,
-            pending_out,
-            ws,
-        };
-        return Box::pin(finish_handover(
-            shard,
-            cell,
-            stream,
-            owner,
-            Box::new(moving),
-        ))
-        .await;
-    }
-    let end = poll_fn(|cx| {
-        {
-            let mut w = cell.waker.borrow_mut();
-            if !w.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
-                *w = Some(cx.waker().clone());
-            }
+impl Poller {
+    pub(super) fn new() -> io::Result<Poller> {
+        // SAFETY: plain syscall; the returned fd is checked and then owned.
+        let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
         }
-        let mut budget = READ_BUDGET;
-        loop {
-            let t = now();
-            // Input already buffered (handed over, or left by the last read).
-            if fresh {
-                fresh = false;
+        // SAFETY: a fresh fd that nothing else owns.
+        Ok(Poller {
+            epfd: unsafe { OwnedFd::from_raw_fd(fd) },
+        })
+    }
+
+    fn ctl(&self, op: libc::c_int, fd: RawFd, events: u32, token: u64) -> io::Result<()> {
+        let mut ev = libc::epoll_event { events, u64: token };
+        // SAFETY: `ev` outlives the call; the kernel copies it.
+        let r = unsafe { libc::epoll_ctl(self.epfd.as_raw_fd(), op, fd, &mut ev) };
+        if r < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(())
+        }
+    }
+
+    pub(super) fn add(&self, fd: RawFd, token: u64) -> io::Result<()> {
+        self.ctl(libc::EPOLL_CTL_ADD, fd, IN, token)
+    }
+
+    fn remove(&self, fd: RawFd) {
+        let _ = self.ctl(libc::EPOLL_CTL_DEL, fd, 0, 0);
+    }
+
+    /// Takes what is ready without blocking.
+    fn ready(&self, events: &mut [libc::epoll_event]) -> usize {
+        // SAFETY: the kernel writes at most `events.len()` entries.
+        let n = unsafe {
+            libc::epoll_wait(
+                self.epfd.as_raw_fd(),
+                events.as_mut_ptr(),
+                events.len() as libc::c_int,
+                0,
+            )
+        };
+        n.max(0) as usize
+    }
+
+    /// A glommio stream over a duplicate of the epoll fd: glommio arms an
+    /// io_uring poll for readability when it is made, so polling it for a
+    /// read reports "ready" (as an error, since it is no socket) once the
+    /// set has events. Made afresh for each wait; dropping it closes only
+    /// the duplicate (the set lives on in `epfd`).
+    fn waiter(&self) -> io::Result<TcpStream> {
+        // SAFETY: plain syscall on an fd we own; the result is checked.
+        let fd = unsafe { libc::fcntl(self.epfd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 0) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: the duplicate is ours alone and closes with the stream.
+        Ok(unsafe { TcpStream::from_raw_fd(fd) })
+    }
+}
+
+/// Runs the shard's I/O loop: accepts controllers on `listener` and drives
+/// every client connection of the shard. Ends when the shard drops it.
+pub(super) async fn run(shard: Rc<Shard>, listener: socket2::Socket) {
+    let mut listener = Some(listener);
+    if let Some(l) = &listener {
+        shard.listen_fd.set(Some(l.as_raw_fd()));
+        if let Err(e) = shard.poller.add(l.as_raw_fd(), LISTENER) {
+            tracing::error!(
+                "shard {}: cannot watch the listener: {e}",
+                shard.router.shard
+            );
+        }
+    }
+    let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; EVENTS];
+    let mut dirty: Vec<ConnId> = Vec::new();
+    let mut waiter: Option<TcpStream> = None;
+    loop {
+        poll_fn(|cx| {
+            loop {
+                let router = &shard.router;
+                if listener.is_some()
+                    && (router.is_shutting_down() || shard.shared.stop.load(Ordering::Relaxed))
+                {
+                    // Shutting down: no more accepts.
+                    if let Some(l) = listener.take() {
+                        shard.poller.remove(l.as_raw_fd());
+                        shard.listen_fd.set(None);
+                    }
+                }
+                let n = shard.poller.ready(&mut events);
+                let t = now();
+                for ev in &events[..n] {
+                    let token = ev.u64;
+                    if token == LISTENER {
+                        if let Some(l) = &listener {
+                            accept_ready(&shard, l);
+                        }
+                        continue;
+                    }
+                    let Some(cell) = router.cell(token) else {
+                        continue;
+                    };
+                    let e = ev.events;
+                    if e & (IN | (libc::EPOLLHUP | libc::EPOLLERR) as u32) != 0 {
+                        on_readable(&shard, &cell, t);
+                    }
+                    if e & libc::EPOLLOUT as u32 != 0 {
+                        router.wake(&cell);
+                    }
+                }
+                // One write per listed connection; writes can list more
+                // (a close routes a last frame), so go until none is left.
                 loop {
-                    if cell.conn.borrow().is_closing() {
+                    router.take_dirty(cx.waker(), &mut dirty);
+                    if dirty.is_empty() {
                         break;
                     }
-                    let step = match ws.as_mut() {
-                        None => cell
-                            .conn
-                            .borrow_mut()
-                            .handle_input(cfg, t, &mut rbuf)
-                            .map_or(Step::Stop, Step::Route),
-                        Some(dec) => ws_step(&cell, dec, &mut rbuf, cfg, t, &mut close_sent),
-                    };
-                    let ev = match step {
-                        Step::Stop => break,
-                        Step::Again => continue,
-                        Step::Route(ev) => ev,
-                    };
-                    if let Outcome::Handover { owner, hello } = router.on_event(&cell, ev, t) {
-                        return Poll::Ready(End::Handover { owner, hello });
-                    }
-                }
-                if rbuf.is_empty() && rbuf.capacity() > 0 {
-                    rbuf = BytesMut::new();
-                }
-            }
-            if ws.is_some() && !close_sent && cell.reason.get().is_some() {
-                // A browser learns why in the close frame too.
-                let reason = cell.reason.get().unwrap_or(CloseReason::PeerClosed);
-                if reason != CloseReason::PeerClosed {
-                    cell.conn
-                        .borrow_mut()
-                        .send_raw(&ws::close_frame(ws::close_code(reason), reason.name()));
-                }
-                close_sent = true;
-            }
-            // Write everything queued.
-            loop {
-                if writing.is_none() {
-                    writing = cell.conn.borrow_mut().poll_transmit(MAX_WRITE);
-                    off = 0;
-                }
-                let Some(chunk) = &writing else { break };
-                match Pin::new(&mut stream).poll_write(cx, &chunk[off..]) {
-                    Poll::Ready(Ok(n)) if n > 0 => {
-                        off += n;
-                        ShardStats::add(&router.stats.bytes_out, n as u64);
-                        if off == chunk.len() {
-                            let len = chunk.len();
-                            writing = None;
-                            cell.conn.borrow_mut().on_transmitted(cfg, t, len);
+                    let t = now();
+                    for id in dirty.drain(..) {
+                        if let Some(cell) = router.cell(id) {
+                            cell.dirty.set(false);
+                            flush(&shard, &cell, t);
                         }
                     }
-                    Poll::Ready(_) => {
-                        cell.closing(CloseReason::PeerClosed, t.mono_ms);
-                        return Poll::Ready(End::Closed);
+                }
+                if n > 0 {
+                    // Busy: let the executor poll its ring before the next pass.
+                    return Poll::Ready(());
+                }
+                if waiter.is_none() {
+                    match shard.poller.waiter() {
+                        Ok(w) => waiter = Some(w),
+                        Err(e) => {
+                            tracing::error!("shard {}: cannot wait on epoll: {e}", router.shard);
+                            return Poll::Ready(());
+                        }
                     }
-                    Poll::Pending => break,
                 }
-            }
-            if cell.conn.borrow().is_closing() || cell.reason.get().is_some() {
-                let flushed = writing.is_none();
-                let late = cell.close_deadline.get().is_some_and(|d| d <= t.mono_ms);
-                return if flushed || late {
-                    Poll::Ready(End::Closed)
-                } else {
-                    Poll::Pending
+                let Some(w) = waiter.as_mut() else {
+                    return Poll::Ready(());
                 };
-            }
-            if budget == 0 {
-                cx.waker().wake_by_ref();
-                return Poll::Pending;
-            }
-            budget -= 1;
-            let mut buf = rshared.borrow_mut();
-            match Pin::new(&mut stream).poll_read(cx, &mut buf[..]) {
-                Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => {
-                    cell.closing(CloseReason::PeerClosed, t.mono_ms);
-                    return Poll::Ready(End::Closed);
+                match Pin::new(w).poll_read(cx, &mut []) {
+                    Poll::Pending => {
+                        if router.has_dirty() {
+                            continue;
+                        }
+                        return Poll::Pending;
+                    }
+                    // Readable (reported as an error: it is not a socket).
+                    Poll::Ready(_) => waiter = None,
                 }
-                Poll::Ready(Ok(n)) => {
-                    ShardStats::add(&router.stats.bytes_in, n as u64);
-                    rbuf.extend_from_slice(&buf[..n]);
-                    fresh = true;
-                }
-                Poll::Pending => return Poll::Pending,
             }
-        }
-    })
-    .await;
-
-    *cell.waker.borrow_mut() = None;
-    // The ends are boxed: they run once, and keeping their state (a whole
-    // hand-over) out of this future keeps every idle connection small.
-    match end {
-        End::Closed => Box::pin(finish_closed(shard, cell, stream)).await,
-        End::Handover { owner, hello } => {
-            let pending_out = match writing {
-                Some(w) => w.slice(off..),
-                None => Bytes::new(),
-            };
-            let moving = Moving {
-                hello,
-                rbuf,
-                pending_out,
-                ws,
-            };
-            Box::pin(finish_handover(
-                shard,
-                cell,
-                stream,
-                owner,
-                Box::new(moving),
-            ))
-            .await
-        }
+        })
+        .await;
+        glommio::executor().yield_task_queue_now().await;
     }
 }
 
-/// What travels with a connection besides its socket and state.
-struct Moving {
-    hello: Hello,
-    rbuf: BytesMut,
-    pending_out: Bytes,
-    ws: Option<WsDecoder>,
-}
-
-async fn finish_closed(shard: Rc<Shard>, cell: Rc<ConnCell>, stream: TcpStream) {
-    // Let the last bytes (an ERROR, a BYE) reach the peer before FIN.
-    discard_unread(&stream);
-    let _ = stream.shutdown(std::net::Shutdown::Write).await;
-    shard.router.on_closed(&cell, now());
-    shard
-        .shared
-        .open
-        .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-    drop(stream);
-}
-
-async fn finish_handover(
-    shard: Rc<Shard>,
+/// Gives a connection's socket to the shard's I/O loop: `rbuf` is input
+/// already read, `pending` output already taken off the queue, `first` an
+/// event to route before anything is read (a hello in the URL, or the hello
+/// of a connection handed over).
+pub(super) fn attach(
+    shard: &Rc<Shard>,
     cell: Rc<ConnCell>,
-    stream: TcpStream,
-    owner: usize,
-    m: Box<Moving>,
+    fd: OwnedFd,
+    rbuf: BytesMut,
+    pending: bytes::Bytes,
+    ws: Option<Box<WsDecoder>>,
+    first: Option<Event>,
 ) {
-    let router = &shard.router;
-    router.forget(&cell);
-    // SAFETY: dup of an fd we own; the duplicate travels to the owner
-    // shard, which takes ownership of it. The original closes with `stream`.
-    let fd = unsafe { libc::dup(stream.as_raw_fd()) };
-    drop(stream);
-    if fd < 0 {
-        tracing::warn!("hand-over failed: dup: {}", std::io::Error::last_os_error());
-        shard
-            .shared
-            .open
-            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    if let Err(e) = shard.poller.add(fd.as_raw_fd(), cell.id) {
+        tracing::warn!("cannot watch a connection: {e}");
+        drop(fd);
+        shard.router.on_closed(&cell, now());
+        shard.shared.open.fetch_sub(1, Ordering::Relaxed);
         return;
     }
+    {
+        let mut io = cell.io.borrow_mut();
+        io.fd = Some(fd);
+        io.rbuf = rbuf;
+        io.writing = (!pending.is_empty()).then_some((pending, 0));
+        io.ws = ws;
+    }
+    let t = now();
+    if let Some(ev) = first
+        && let Outcome::Handover { owner, hello } = shard.router.on_event(&cell, ev, t)
+    {
+        handover(shard, &cell, owner, hello);
+        return;
+    }
+    if !cell.io.borrow().rbuf.is_empty()
+        && let Some((owner, hello)) = process_input(&shard.router, &cell, t)
+    {
+        handover(shard, &cell, owner, hello);
+        return;
+    }
+    shard.router.wake(&cell);
+}
+
+/// Accepts what the listener holds, up to a budget per pass.
+fn accept_ready(shard: &Rc<Shard>, listener: &socket2::Socket) {
+    for _ in 0..ACCEPT_BUDGET {
+        let (sock, addr) = match listener.accept() {
+            Ok(a) => a,
+            Err(e) => match e.raw_os_error() {
+                Some(libc::EAGAIN) => return,
+                Some(libc::EINTR) | Some(libc::ECONNABORTED) => continue,
+                Some(libc::EMFILE) | Some(libc::ENFILE) | Some(libc::ENOBUFS)
+                | Some(libc::ENOMEM) => {
+                    // Out of descriptors: stop watching the listener until
+                    // the sweeper resumes it, instead of spinning on it.
+                    tracing::warn!("accept failed: {e}; pausing accepts");
+                    shard.poller.remove(listener.as_raw_fd());
+                    shard.accept_paused.set(true);
+                    return;
+                }
+                _ => {
+                    tracing::warn!("accept failed: {e}");
+                    return;
+                }
+            },
+        };
+        let shared = &shard.shared;
+        if shared.open.fetch_add(1, Ordering::Relaxed) >= shared.max_connections {
+            shared.open.fetch_sub(1, Ordering::Relaxed);
+            tracing::warn!(
+                "max_connections ({}) reached; connection refused",
+                shared.max_connections
+            );
+            continue;
+        }
+        let _ = sock.set_tcp_nodelay(true);
+        ShardStats::add(&shard.router.stats.accepted_total, 1);
+        let remote = addr
+            .as_socket()
+            .unwrap_or_else(|| std::net::SocketAddr::from(([0, 0, 0, 0], 0)));
+        let fd = OwnedFd::from(sock);
+        let conn = relay_core::Connection::new(&shard.router.cfg.conn, Transport::Tcp, now());
+        let cell = shard.router.register(conn, Router::session(remote));
+        attach(
+            shard,
+            cell,
+            fd,
+            BytesMut::new(),
+            bytes::Bytes::new(),
+            None,
+            None,
+        );
+    }
+}
+
+/// Reads what a readable socket holds and routes what it completes.
+fn on_readable(shard: &Rc<Shard>, cell: &Rc<ConnCell>, t: relay_core::Now) {
+    let router = &shard.router;
+    let Some(fd) = cell.io.borrow().fd.as_ref().map(|f| f.as_raw_fd()) else {
+        return;
+    };
+    let mut buf = shard.read_buf.borrow_mut();
+    for _ in 0..READ_BUDGET {
+        // SAFETY: non-blocking recv into the shared buffer of the given length.
+        let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
+        if n < 0 {
+            match io::Error::last_os_error().raw_os_error() {
+                Some(libc::EAGAIN) => break,
+                Some(libc::EINTR) => continue,
+                _ => {
+                    peer_gone(cell, t);
+                    break;
+                }
+            }
+        }
+        if n == 0 {
+            peer_gone(cell, t);
+            break;
+        }
+        let n = n as usize;
+        ShardStats::add(&router.stats.bytes_in, n as u64);
+        // A closing connection's input is read and dropped, so the socket
+        // stops being readable and the close does not turn into a reset.
+        let closing = cell.reason.get().is_some() || cell.conn.borrow().is_closing();
+        if !closing {
+            cell.io.borrow_mut().rbuf.extend_from_slice(&buf[..n]);
+            if let Some((owner, hello)) = process_input(router, cell, t) {
+                drop(buf);
+                handover(shard, cell, owner, hello);
+                return;
+            }
+        }
+        if n < buf.len() {
+            break;
+        }
+    }
+    // Replies (PONG, ACK, ERROR) and closes are carried out by the write pass.
+    router.wake(cell);
+}
+
+/// The peer closed or reset: close now, without waiting to flush.
+fn peer_gone(cell: &ConnCell, t: relay_core::Now) {
+    cell.closing(CloseReason::PeerClosed, t.mono_ms);
+    cell.io.borrow_mut().eof = true;
+}
+
+/// Feeds buffered input to the connection and routes each event. Returns
+/// the owner shard when the connection must move there.
+fn process_input(
+    router: &Router,
+    cell: &Rc<ConnCell>,
+    t: relay_core::Now,
+) -> Option<(usize, Hello)> {
+    let cfg = &router.cfg.conn;
+    // Taken out while routing: routing may reach this same connection.
+    let (mut rbuf, mut dec, mut close_sent) = {
+        let mut io = cell.io.borrow_mut();
+        (std::mem::take(&mut io.rbuf), io.ws.take(), io.close_sent)
+    };
+    let mut moving = None;
+    loop {
+        if cell.conn.borrow().is_closing() {
+            break;
+        }
+        let step = match dec.as_deref_mut() {
+            None => cell
+                .conn
+                .borrow_mut()
+                .handle_input(cfg, t, &mut rbuf)
+                .map_or(Step::Stop, Step::Route),
+            Some(d) => ws_step(cell, d, &mut rbuf, cfg, t, &mut close_sent),
+        };
+        let ev = match step {
+            Step::Stop => break,
+            Step::Again => continue,
+            Step::Route(ev) => ev,
+        };
+        if let Outcome::Handover { owner, hello } = router.on_event(cell, ev, t) {
+            moving = Some((owner, hello));
+            break;
+        }
+    }
+    if rbuf.is_empty() && rbuf.capacity() > 0 {
+        rbuf = BytesMut::new();
+    }
+    let mut io = cell.io.borrow_mut();
+    io.rbuf = rbuf;
+    io.ws = dec;
+    io.close_sent = close_sent;
+    moving
+}
+
+/// Writes what the connection has queued and carries out its close once
+/// everything is out (or its deadline passed).
+fn flush(shard: &Rc<Shard>, cell: &Rc<ConnCell>, t: relay_core::Now) {
+    let mut io = cell.io.borrow_mut();
+    let Some(fd) = io.fd.as_ref().map(|f| f.as_raw_fd()) else {
+        return;
+    };
+    let gone = io.eof;
+    if io.ws.is_some()
+        && !io.close_sent
+        && !gone
+        && let Some(reason) = cell.reason.get()
+    {
+        // A browser learns why in the close frame too.
+        if reason != CloseReason::PeerClosed {
+            cell.conn
+                .borrow_mut()
+                .send_raw(&ws::close_frame(ws::close_code(reason), reason.name()));
+        }
+        io.close_sent = true;
+    }
+    let failed = !gone && write_out(shard, cell, &mut io, fd, t);
+    if io.want_out
+        && io.writing.is_none()
+        && shard
+            .poller
+            .ctl(libc::EPOLL_CTL_MOD, fd, IN, cell.id)
+            .is_ok()
+    {
+        io.want_out = false;
+    }
+    if failed {
+        cell.closing(CloseReason::PeerClosed, t.mono_ms);
+    }
+    let closing = cell.conn.borrow().is_closing() || cell.reason.get().is_some();
+    if gone || failed || closing {
+        let flushed = io.writing.is_none();
+        let late = cell.close_deadline.get().is_some_and(|d| d <= t.mono_ms);
+        if gone || failed || flushed || late {
+            drop(io);
+            close(shard, cell);
+        }
+    }
+}
+
+/// Writes the connection's queue until it is empty or the socket is full.
+/// Returns whether the socket failed.
+fn write_out(shard: &Shard, cell: &ConnCell, io: &mut Io, fd: RawFd, t: relay_core::Now) -> bool {
+    let router = &shard.router;
+    let cfg = &router.cfg.conn;
+    loop {
+        if io.writing.is_none() {
+            io.writing = cell
+                .conn
+                .borrow_mut()
+                .poll_transmit(MAX_WRITE)
+                .map(|b| (b, 0));
+        }
+        let Some((chunk, off)) = io.writing.as_mut() else {
+            return false;
+        };
+        // SAFETY: non-blocking send of a live slice of the given length.
+        let n = unsafe {
+            libc::send(
+                fd,
+                chunk[*off..].as_ptr().cast(),
+                chunk.len() - *off,
+                libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+            )
+        };
+        if n > 0 {
+            *off += n as usize;
+            ShardStats::add(&router.stats.bytes_out, n as u64);
+            if *off == chunk.len() {
+                let len = chunk.len();
+                io.writing = None;
+                cell.conn.borrow_mut().on_transmitted(cfg, t, len);
+            }
+            continue;
+        }
+        match io::Error::last_os_error().raw_os_error() {
+            Some(libc::EAGAIN) => {
+                // The peer is not reading: wait for room.
+                if !io.want_out
+                    && shard
+                        .poller
+                        .ctl(libc::EPOLL_CTL_MOD, fd, OUT, cell.id)
+                        .is_ok()
+                {
+                    io.want_out = true;
+                }
+                return false;
+            }
+            Some(libc::EINTR) => continue,
+            _ => {
+                return true;
+            }
+        }
+    }
+}
+
+/// Closes the socket after letting the last bytes (an ERROR, a BYE) reach
+/// the peer, and tells the router the connection has gone.
+fn close(shard: &Rc<Shard>, cell: &Rc<ConnCell>) {
+    let io = std::mem::take(&mut *cell.io.borrow_mut());
+    if let Some(fd) = io.fd {
+        shard.poller.remove(fd.as_raw_fd());
+        discard_unread(fd.as_raw_fd());
+        // SAFETY: plain syscall on a socket we own.
+        unsafe { libc::shutdown(fd.as_raw_fd(), libc::SHUT_WR) };
+    }
+    shard.router.on_closed(cell, now());
+    shard.shared.open.fetch_sub(1, Ordering::Relaxed);
+}
+
+/// Moves the connection, with everything read or queued, to `owner`.
+fn handover(shard: &Rc<Shard>, cell: &Rc<ConnCell>, owner: usize, hello: Hello) {
+    let router = &shard.router;
+    router.forget(cell);
+    let Io {
+        fd,
+        rbuf,
+        writing,
+        ws,
+        ..
+    } = std::mem::take(&mut *cell.io.borrow_mut());
+    let Some(fd) = fd else {
+        shard.shared.open.fetch_sub(1, Ordering::Relaxed);
+        return;
+    };
+    shard.poller.remove(fd.as_raw_fd());
     let cfg = &router.cfg.conn;
     let transport = cell.conn.borrow().transport();
-    let fresh_conn = relay_core::Connection::new(cfg, transport, now());
-    let conn = std::mem::replace(&mut *cell.conn.borrow_mut(), fresh_conn);
+    let fresh = relay_core::Connection::new(cfg, transport, now());
+    let conn = std::mem::replace(&mut *cell.conn.borrow_mut(), fresh);
     let session = cell.session.borrow().clone();
-    let Moving {
-        hello,
-        rbuf,
-        pending_out,
-        ws,
-    } = *m;
     let h = Handover {
         fd,
         conn,
         hello,
         rbuf,
-        pending_out,
+        pending_out: writing.map(|(b, off)| b.slice(off..)).unwrap_or_default(),
         session,
         ws,
     };
     ShardStats::add(&router.stats.handovers, 1);
-    shard.send_handover(owner, h).await;
+    let shard = shard.clone();
+    glommio::spawn_local(async move { shard.send_handover(owner, h).await }).detach();
 }
 
 /// What one pass over the input produced.
@@ -314,13 +598,13 @@ fn ws_step(
 
 /// Reads and drops what the peer sent and we will never process, so closing
 /// does not turn into a reset that could discard our last frames.
-fn discard_unread(stream: &TcpStream) {
+fn discard_unread(fd: RawFd) {
     let mut scratch = [0u8; 4096];
     for _ in 0..16 {
         // SAFETY: non-blocking recv into a local buffer of the given length.
         let n = unsafe {
             libc::recv(
-                stream.as_raw_fd(),
+                fd,
                 scratch.as_mut_ptr().cast(),
                 scratch.len(),
                 libc::MSG_DONTWAIT,
@@ -330,4 +614,17 @@ fn discard_unread(stream: &TcpStream) {
             break;
         }
     }
+}
+
+/// Turns a socket the relay got from glommio (a WebSocket after its
+/// upgrade) into a plain fd for the I/O loop.
+pub(super) fn take_fd(stream: TcpStream) -> io::Result<OwnedFd> {
+    // SAFETY: dup of an fd we own; the original closes with `stream`.
+    let fd = unsafe { libc::fcntl(stream.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 0) };
+    drop(stream);
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a fresh duplicate, owned from here on.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }

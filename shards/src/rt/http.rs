@@ -1,6 +1,6 @@
 //! One HTTP connection on a shard: requests in a keep-alive loop, answered
 //! by the API, `/metrics`, `/healthz` or the console, until one asks for a
-//! WebSocket; then the same task becomes that browser's connection driver.
+//! WebSocket; then the socket goes to the shard's I/O loop as a browser.
 
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
@@ -17,7 +17,6 @@ use crate::api::{self, Api};
 use crate::http::{self, Request};
 use crate::router::Router;
 use crate::stats::ShardStats;
-use crate::ws::WsDecoder;
 
 /// An idle keep-alive connection is closed after this long.
 const IDLE: Duration = Duration::from_secs(30);
@@ -199,7 +198,7 @@ async fn websocket(shard: &Rc<Shard>, _stream: &mut TcpStream, req: &Request) ->
     None
 }
 
-/// Answers 101 and drives the connection as a browser client.
+/// Answers 101 and gives the connection to the I/O loop as a browser client.
 async fn upgrade(shard: Rc<Shard>, mut stream: TcpStream, req: Request, leftover: BytesMut) {
     let key = req.ws_key.as_deref().unwrap_or_default();
     if stream
@@ -227,15 +226,22 @@ async fn upgrade(shard: Rc<Shard>, mut stream: TcpStream, req: Request, leftover
     // The request is not needed past this point; don't carry it for the
     // life of the connection.
     drop(req);
+    let fd = match conn::take_fd(stream) {
+        Ok(fd) => fd,
+        Err(e) => {
+            tracing::warn!("WebSocket upgrade failed: {e}");
+            shard.shared.open.fetch_sub(1, Ordering::Relaxed);
+            return;
+        }
+    };
     let cell = shard.router.register(c, Router::session(remote));
-    conn::drive(
-        shard.clone(),
+    conn::attach(
+        &shard,
         cell,
-        stream,
+        fd,
         leftover,
-        None,
-        Some(WsDecoder::default()),
-        first.map(Box::new),
-    )
-    .await;
+        bytes::Bytes::new(),
+        Some(Box::default()),
+        first,
+    );
 }

@@ -6,10 +6,10 @@
 mod conn;
 mod http;
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::future::poll_fn;
 use std::net::SocketAddr;
-use std::os::fd::FromRawFd;
+use std::os::fd::RawFd;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -18,16 +18,18 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context as _, bail};
 use glommio::channels::channel_mesh::{MeshBuilder, Senders};
-use glommio::net::{TcpListener, TcpStream};
+use glommio::net::TcpListener;
 use glommio::{LocalExecutorPoolBuilder, PoolPlacement, PoolThreadHandles};
 use relay_config::{AuthMode, Config};
-use relay_core::conn::{ConnConfig, Connection, Event, Now, Transport};
+use relay_core::conn::{ConnConfig, Event, Now};
 
 use crate::router::{Cross, Handover, MAX_SHARDS, Router, RouterConfig};
 use crate::stats::ShardStats;
 
 /// Size of each shard's shared read buffer.
 const READ_BUF: usize = 64 * 1024;
+/// Pending connections the kernel holds per shard (capped by somaxconn).
+const LISTEN_BACKLOG: i32 = 4096;
 /// How often each shard applies deadlines.
 const SWEEP_MS: u64 = 100;
 
@@ -91,6 +93,12 @@ impl Shared {
 pub(crate) struct Shard {
     pub router: Router,
     pub read_buf: RefCell<Vec<u8>>,
+    /// The epoll set of every client socket on this shard.
+    poller: conn::Poller,
+    /// The controllers' listener, while it accepts.
+    listen_fd: Cell<Option<RawFd>>,
+    /// Accepts paused after running out of descriptors; the sweeper resumes.
+    accept_paused: Cell<bool>,
     senders: Senders<MeshMsg>,
     shared: Arc<Shared>,
     max_batch: usize,
@@ -108,8 +116,7 @@ impl Shard {
             .await
         {
             // The owner is gone (shutdown): close the connection here.
-            // SAFETY: the fd was duplicated for this hand-over and is ours.
-            drop(unsafe { std::net::TcpStream::from_raw_fd(h.fd) });
+            drop(h);
             self.shared.open.fetch_sub(1, Ordering::Relaxed);
         }
     }
@@ -322,6 +329,17 @@ fn reserve_port(addr: SocketAddr) -> std::io::Result<socket2::Socket> {
     Ok(s)
 }
 
+/// The controllers' listener of one shard: SO_REUSEPORT on the shared
+/// address (the kernel spreads connections over the shards), non-blocking
+/// for the I/O loop.
+fn bind_listener(addr: SocketAddr) -> std::io::Result<socket2::Socket> {
+    let s = reserve_port(addr)?;
+    s.set_nonblocking(true)?;
+    s.set_cloexec(true)?;
+    s.listen(LISTEN_BACKLOG)?;
+    Ok(s)
+}
+
 /// Resolves the router's settings from the config.
 pub fn router_config(cfg: &Config) -> RouterConfig {
     let l = &cfg.limits;
@@ -404,7 +422,7 @@ async fn shard_main(
     if let Some(make) = &hooks {
         *router.hooks.borrow_mut() = Some(make(id, shared.stats[id].clone()));
     }
-    let listener = TcpListener::bind(tcp_addr)
+    let listener = bind_listener(tcp_addr)
         .map_err(|e| anyhow::anyhow!("shard {id}: binding {tcp_addr}: {e}"))?;
     let http_listener = match http_addr {
         Some(a) => Some(
@@ -412,9 +430,13 @@ async fn shard_main(
         ),
         None => None,
     };
+    let poller = conn::Poller::new().map_err(|e| anyhow::anyhow!("shard {id}: epoll: {e}"))?;
     let shard = Rc::new(Shard {
         router,
         read_buf: RefCell::new(vec![0; READ_BUF]),
+        poller,
+        listen_fd: Cell::new(None),
+        accept_paused: Cell::new(false),
         senders,
         shared: shared.clone(),
         max_batch,
@@ -439,17 +461,9 @@ async fn shard_main(
     if let Some(rx) = actions {
         tasks.push(glommio::spawn_local(rule_actions(shard.clone(), rx)));
     }
-    tasks.push(glommio::spawn_local(accept_loop(
-        shard.clone(),
-        listener,
-        Kind::Tcp,
-    )));
+    tasks.push(glommio::spawn_local(conn::run(shard.clone(), listener)));
     if let Some(l) = http_listener {
-        tasks.push(glommio::spawn_local(accept_loop(
-            shard.clone(),
-            l,
-            Kind::Http,
-        )));
+        tasks.push(glommio::spawn_local(accept_http(shard.clone(), l)));
     }
     shared.ready.fetch_add(1, Ordering::SeqCst);
 
@@ -459,10 +473,18 @@ async fn shard_main(
         glommio::timer::sleep(Duration::from_millis(SWEEP_MS)).await;
         let t = now();
         shard.router.sweep(t);
+        if shard.accept_paused.replace(false)
+            && let Some(fd) = shard.listen_fd.get()
+            && let Err(e) = shard.poller.add(fd, u64::MAX)
+        {
+            tracing::warn!("cannot resume accepts: {e}");
+            shard.accept_paused.set(true);
+        }
         if shared.stop.load(Ordering::Relaxed) && shutdown_deadline.is_none() {
             let deadline = t.mono_ms + grace_ms;
             shutdown_deadline = Some(deadline);
             shard.router.shutdown(deadline);
+            shard.router.wake_io();
             for w in shard.stop_wakers.borrow_mut().drain(..) {
                 w.wake();
             }
@@ -478,13 +500,8 @@ async fn shard_main(
     Ok(())
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Kind {
-    Tcp,
-    Http,
-}
-
-async fn accept_loop(shard: Rc<Shard>, listener: TcpListener, kind: Kind) {
+/// Accepts HTTP connections (API requests, WebSocket upgrades, the console).
+async fn accept_http(shard: Rc<Shard>, listener: TcpListener) {
     loop {
         let stopped = poll_fn(|cx| {
             if shard.router.is_shutting_down() || shard.shared.stop.load(Ordering::Relaxed) {
@@ -519,39 +536,22 @@ async fn accept_loop(shard: Rc<Shard>, listener: TcpListener, kind: Kind) {
         }
         let _ = stream.set_nodelay(true);
         ShardStats::add(&shard.router.stats.accepted_total, 1);
-        if kind == Kind::Http {
-            glommio::spawn_local(http::serve(shard.clone(), stream)).detach();
-            continue;
-        }
-        let remote = stream
-            .peer_addr()
-            .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
-        let conn = Connection::new(&shard.router.cfg.conn, Transport::Tcp, now());
-        let cell = shard.router.register(conn, Router::session(remote));
-        let rbuf = bytes::BytesMut::new();
-        let task = conn::drive(shard.clone(), cell, stream, rbuf, None, None, None);
-        glommio::spawn_local(task).detach();
+        glommio::spawn_local(http::serve(shard.clone(), stream)).detach();
     }
 }
 
 /// Takes a connection handed over by another shard.
 fn adopt(shard: &Rc<Shard>, h: Handover) {
-    // SAFETY: the fd was duplicated for this hand-over; we are its only owner.
-    let stream = unsafe { TcpStream::from_raw_fd(h.fd) };
     let cell = shard.router.register(h.conn, h.session);
-    let t = now();
-    let _ = shard.router.on_event(&cell, Event::Hello(h.hello), t);
-    let writing = (!h.pending_out.is_empty()).then_some(h.pending_out);
-    glommio::spawn_local(conn::drive(
-        shard.clone(),
+    conn::attach(
+        shard,
         cell,
-        stream,
+        h.fd,
         h.rbuf,
-        writing,
+        h.pending_out,
         h.ws,
-        None,
-    ))
-    .detach();
+        Some(Event::Hello(h.hello)),
+    );
 }
 
 /// Routes what rules send (src `$rules`). Every shard pulls from the same
