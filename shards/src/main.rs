@@ -165,6 +165,7 @@ fn run(path: Option<PathBuf>) -> ExitCode {
         }
     };
     init_logging(&cfg);
+    raise_file_limit(cfg.limits.max_connections as u64);
     let (ext, host) = if cfg.plugins.enabled {
         match relay_shards::rules::attach(&cfg) {
             Ok((ext, host)) => (ext, Some(host)),
@@ -207,6 +208,38 @@ fn run(path: Option<PathBuf>) -> ExitCode {
             tracing::error!("{e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Raises the soft open-file limit to the hard one (each client is a
+/// descriptor), and says when even that is below `max_connections`.
+fn raise_file_limit(max_connections: u64) {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain syscalls on a local struct.
+    let got = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0;
+    if !got {
+        return;
+    }
+    if lim.rlim_cur < lim.rlim_max {
+        let want = libc::rlimit {
+            rlim_cur: lim.rlim_max,
+            rlim_max: lim.rlim_max,
+        };
+        // SAFETY: as above.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &want) } == 0 {
+            lim.rlim_cur = lim.rlim_max;
+        }
+    }
+    // A few dozen descriptors go to rings, listeners and files.
+    if lim.rlim_cur.saturating_sub(64) < max_connections {
+        tracing::warn!(
+            "the open-file limit ({}) caps connections below limits.max_connections ({max_connections}); \
+             accepts pause while no descriptor is free",
+            lim.rlim_cur
+        );
     }
 }
 

@@ -55,9 +55,11 @@ fn check_config_reports_every_problem_with_file_and_key() {
     );
 }
 
-#[test]
-fn runs_on_a_config_file_and_stops_on_sigterm() {
-    let dir = std::env::temp_dir().join(format!("relay-cli-run-{}", std::process::id()));
+/// Starts the relay binary on a config of two shards on port 0; `files`
+/// caps its open-file limit (soft and hard). Returns the child and the
+/// address it logged for controllers.
+fn spawn_relay(name: &str, files: Option<u64>) -> (Proc, String) {
+    let dir = std::env::temp_dir().join(format!("relay-cli-{name}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let cfg = dir.join("relay.toml");
     std::fs::write(
@@ -65,13 +67,28 @@ fn runs_on_a_config_file_and_stops_on_sigterm() {
         "[listeners]\ntcp = \"127.0.0.1:0\"\nhttp = \"127.0.0.1:0\"\n[shards]\ncount = 2\npin = false\nio_memory_kib = 256\n[plugins]\nenabled = false\n",
     )
     .unwrap();
-    let mut child = relay()
-        .arg("--config")
+    let mut cmd = relay();
+    cmd.arg("--config")
         .arg(&cfg)
         .env("RELAY_LOG", "info")
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+        .stderr(Stdio::piped());
+    if let Some(n) = files {
+        use std::os::unix::process::CommandExt;
+        // SAFETY: only async-signal-safe setrlimit runs between fork and exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                let lim = libc::rlimit {
+                    rlim_cur: n,
+                    rlim_max: n,
+                };
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    }
+    let mut child = cmd.spawn().unwrap();
     let stderr = child.stderr.take().unwrap();
     let mut lines = BufReader::new(stderr).lines();
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -83,19 +100,54 @@ fn runs_on_a_config_file_and_stops_on_sigterm() {
             break;
         }
     }
-    let tcp = tcp.expect("the relay logs where it listens");
-    let mut s = std::net::TcpStream::connect(&tcp).unwrap();
-    std::io::Write::write_all(&mut s, b"{\"type\":\"hello\",\"addr\":\"cli-1\"}\n").unwrap();
+    // Keep draining the log so the relay never blocks on a full pipe.
+    std::thread::spawn(move || for _ in lines {});
+    (Proc(child), tcp.expect("the relay logs where it listens"))
+}
+
+/// The relay process, killed if a test fails before stopping it.
+struct Proc(std::process::Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+/// Says hello as `addr` and returns the first line the relay answers.
+fn hello(tcp: &str, addr: &str) -> std::io::Result<(std::net::TcpStream, String)> {
+    let mut s = std::net::TcpStream::connect(tcp)?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let hello = format!("{{\"type\":\"hello\",\"addr\":\"{addr}\"}}\n");
+    std::io::Write::write_all(&mut s, hello.as_bytes())?;
     let mut line = String::new();
-    BufReader::new(&s).read_line(&mut line).unwrap();
-    assert!(line.contains("\"welcome\""), "{line}");
+    BufReader::new(&s).read_line(&mut line)?;
+    Ok((s, line))
+}
+
+/// CPU seconds (user + system) the process has used so far.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let after = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = after.split_whitespace().collect();
+    // Fields 14 and 15 (utime, stime) are the 12th and 13th after the name.
+    let ticks: f64 = f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap();
+    // SAFETY: sysconf has no preconditions.
+    ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
+}
+
+fn stop(mut proc: Proc) {
+    let child = &mut proc.0;
     // SAFETY: signalling the child we spawned.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     let start = Instant::now();
     loop {
         if let Some(status) = child.try_wait().unwrap() {
             assert!(status.success());
-            break;
+            return;
         }
         assert!(
             start.elapsed() < Duration::from_secs(15),
@@ -103,4 +155,39 @@ fn runs_on_a_config_file_and_stops_on_sigterm() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+#[test]
+fn out_of_descriptors_accepts_pause_without_spinning_and_resume() {
+    let (child, tcp) = spawn_relay("nofile", Some(96));
+    // Far more clients than descriptors: the first get in, the rest wait in
+    // the kernel's accept queue.
+    let mut held = Vec::new();
+    for _ in 0..150 {
+        held.push(std::net::TcpStream::connect(&tcp).unwrap());
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    // Out of descriptors, the relay must not spin on its listener.
+    let before = cpu_seconds(child.0.id());
+    std::thread::sleep(Duration::from_secs(2));
+    let used = cpu_seconds(child.0.id()) - before;
+    assert!(
+        used < 0.5,
+        "relay used {used:.2} s of CPU in 2 s while out of descriptors"
+    );
+    // Freeing descriptors lets accepts resume: every waiting client, and a
+    // new one, gets served.
+    held.truncate(20);
+    let (_s, line) = hello(&tcp, "cli-after").unwrap();
+    assert!(line.contains("\"welcome\""), "{line}");
+    drop(held);
+    stop(child);
+}
+
+#[test]
+fn runs_on_a_config_file_and_stops_on_sigterm() {
+    let (child, tcp) = spawn_relay("run", None);
+    let (_s, line) = hello(&tcp, "cli-1").unwrap();
+    assert!(line.contains("\"welcome\""), "{line}");
+    stop(child);
 }
