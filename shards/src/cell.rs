@@ -33,25 +33,60 @@ pub struct Session {
     pub uids: Vec<Bytes>,
 }
 
-/// A connection's socket state. An idle connection holds no buffer: input
-/// is read into the shard's shared buffer and copied here only while a frame
-/// is incomplete; output is queued in the `Connection`.
+/// A connection's socket state: a descriptor and three flags while nothing
+/// is pending. Input is read into the shard's shared buffer; what must
+/// outlive a pass (an incomplete frame, a write the socket took only part
+/// of, a browser's frame state) lives in `part`, allocated only then.
 #[derive(Debug, Default)]
 pub struct Io {
     /// The socket, once the I/O loop has it (closed when the record drops).
     pub fd: Option<OwnedFd>,
-    /// Input not yet parsed (an incomplete frame).
-    pub rbuf: BytesMut,
-    /// A write the socket took only part of: the chunk and how far it went.
-    pub writing: Option<(Bytes, usize)>,
-    /// The WebSocket frame state of a browser (None on plain TCP).
-    pub ws: Option<Box<WsDecoder>>,
     /// A WebSocket close frame has been queued.
     pub close_sent: bool,
     /// The socket is registered for writability (its send buffer was full).
     pub want_out: bool,
     /// The peer closed or reset the connection: close without flushing.
     pub eof: bool,
+    pub part: Option<Box<Partial>>,
+}
+
+/// What a connection holds between passes of the I/O loop, when anything.
+#[derive(Debug, Default)]
+pub struct Partial {
+    /// Input not yet parsed (an incomplete frame).
+    pub rbuf: BytesMut,
+    /// A write the socket took only part of: the chunk and how far it went.
+    pub writing: Option<(Bytes, usize)>,
+    /// The WebSocket frame state of a browser (None on plain TCP).
+    pub ws: Option<WsDecoder>,
+}
+
+impl Io {
+    /// The partial state, allocated on first use.
+    pub fn part(&mut self) -> &mut Partial {
+        self.part.get_or_insert_with(Box::default)
+    }
+
+    /// A write is half done.
+    pub fn writing(&self) -> bool {
+        self.part.as_ref().is_some_and(|p| p.writing.is_some())
+    }
+
+    /// The connection is a browser's.
+    pub fn is_ws(&self) -> bool {
+        self.part.as_ref().is_some_and(|p| p.ws.is_some())
+    }
+
+    /// Frees the partial state once nothing is left in it.
+    pub fn tidy(&mut self) {
+        if self
+            .part
+            .as_ref()
+            .is_some_and(|p| p.rbuf.is_empty() && p.writing.is_none() && p.ws.is_none())
+        {
+            self.part = None;
+        }
+    }
 }
 
 #[derive(Debug)]

@@ -160,7 +160,7 @@ pub struct Handover {
     pub pending_out: Bytes,
     pub session: Session,
     /// WebSocket frame state, for browser connections.
-    pub ws: Option<Box<WsDecoder>>,
+    pub ws: Option<WsDecoder>,
 }
 
 /// What a connection's driver must do after an event.

@@ -683,3 +683,48 @@ fn reserved_flag_bits_are_ignored_and_never_sent() {
     assert!(!d.flags.group(), "clients cannot forge GROUP");
     assert_eq!(c.expect(FrameType::Ack).seq, 3);
 }
+
+#[test]
+fn a_reader_that_falls_behind_gets_every_frame_in_order_once_it_reads() {
+    // The relay's writes to this reader stop on a full socket and must resume
+    // when it drains, with nothing else waking the connection.
+    let relay = start(|c| {
+        c.limits.queue_bytes = 16 * 1024 * 1024;
+        c.limits.frames_per_sec = 0;
+    });
+    let name = addrs_on("lagging-", 0, 2, 1).remove(0);
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    sock.connect(&relay.tcp_addr().into()).unwrap();
+    let mut reader = Client::from_stream(sock.into(), Form::Binary);
+    let mut h = Frame::new(FrameType::Hello);
+    h.src = Bytes::from(name.clone());
+    reader.send(&h);
+    reader.expect(FrameType::Welcome);
+
+    let sender_name = addrs_on("burst-", 1, 2, 1).remove(0);
+    let mut sender = Client::hello(relay.tcp_addr(), Form::Binary, &sender_name);
+    let payload = vec![3u8; 1000];
+    // ~8 MB: more than the relay's socket send buffer can take (4 MB at most
+    // by default), so the relay's writes stop on a full socket.
+    let frames = 8000u32;
+    for seq in 1..=frames {
+        let mut p = payload.clone();
+        p[..4].copy_from_slice(&seq.to_be_bytes());
+        sender.data(&name, seq, false, &p);
+    }
+    // Let the relay fill the reader's socket and stall on it.
+    std::thread::sleep(Duration::from_millis(300));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut next = 1u32;
+    while next <= frames && Instant::now() < deadline {
+        let Some(f) = reader.recv_timeout(Duration::from_millis(200)) else {
+            continue;
+        };
+        assert_eq!(f.kind, FrameType::Data);
+        let seq = u32::from_be_bytes(f.payload[..4].try_into().unwrap());
+        assert_eq!(seq, next, "frames arrive in order, none lost");
+        next += 1;
+    }
+    assert_eq!(next, frames + 1, "every frame arrived");
+}

@@ -28,7 +28,7 @@ use glommio::net::TcpStream;
 use relay_core::conn::{CloseReason, Event, Hello, Transport};
 
 use super::{Shard, now};
-use crate::cell::{ConnCell, ConnId, Io};
+use crate::cell::{ConnCell, ConnId, Io, Partial};
 use crate::router::{Handover, Outcome, Router};
 use crate::stats::ShardStats;
 use crate::ws::{self, WsDecoder, WsMsg};
@@ -222,7 +222,7 @@ pub(super) fn attach(
     fd: OwnedFd,
     rbuf: BytesMut,
     pending: bytes::Bytes,
-    ws: Option<Box<WsDecoder>>,
+    ws: Option<WsDecoder>,
     first: Option<Event>,
 ) {
     if let Err(e) = shard.poller.add(fd.as_raw_fd(), cell.id) {
@@ -235,9 +235,12 @@ pub(super) fn attach(
     {
         let mut io = cell.io.borrow_mut();
         io.fd = Some(fd);
-        io.rbuf = rbuf;
-        io.writing = (!pending.is_empty()).then_some((pending, 0));
-        io.ws = ws;
+        if !rbuf.is_empty() || !pending.is_empty() || ws.is_some() {
+            let p = io.part();
+            p.rbuf = rbuf;
+            p.writing = (!pending.is_empty()).then_some((pending, 0));
+            p.ws = ws;
+        }
     }
     let t = now();
     if let Some(ev) = first
@@ -246,8 +249,9 @@ pub(super) fn attach(
         handover(shard, &cell, owner, hello);
         return;
     }
-    if !cell.io.borrow().rbuf.is_empty()
-        && let Some((owner, hello)) = process_input(&shard.router, &cell, t)
+    let rbuf = take_rbuf(&cell);
+    if !rbuf.is_empty()
+        && let Some((owner, hello)) = process_input(&shard.router, &cell, t, rbuf)
     {
         handover(shard, &cell, owner, hello);
         return;
@@ -337,8 +341,9 @@ fn on_readable(shard: &Rc<Shard>, cell: &Rc<ConnCell>, t: relay_core::Now) {
         // stops being readable and the close does not turn into a reset.
         let closing = cell.reason.get().is_some() || cell.conn.borrow().is_closing();
         if !closing {
-            cell.io.borrow_mut().rbuf.extend_from_slice(&buf[..n]);
-            if let Some((owner, hello)) = process_input(router, cell, t) {
+            let mut rbuf = take_rbuf(cell);
+            rbuf.extend_from_slice(&buf[..n]);
+            if let Some((owner, hello)) = process_input(router, cell, t, rbuf) {
                 drop(buf);
                 handover(shard, cell, owner, hello);
                 return;
@@ -358,25 +363,37 @@ fn peer_gone(cell: &ConnCell, t: relay_core::Now) {
     cell.io.borrow_mut().eof = true;
 }
 
-/// Feeds buffered input to the connection and routes each event. Returns
-/// the owner shard when the connection must move there.
+/// Takes the connection's unparsed input (to add a read to it).
+fn take_rbuf(cell: &ConnCell) -> BytesMut {
+    cell.io
+        .borrow_mut()
+        .part
+        .as_mut()
+        .map(|p| std::mem::take(&mut p.rbuf))
+        .unwrap_or_default()
+}
+
+/// Feeds `rbuf` to the connection and routes each event; keeps what is left
+/// of it. Returns the owner shard when the connection must move there.
 fn process_input(
     router: &Router,
     cell: &Rc<ConnCell>,
     t: relay_core::Now,
+    mut rbuf: BytesMut,
 ) -> Option<(usize, Hello)> {
     let cfg = &router.cfg.conn;
     // Taken out while routing: routing may reach this same connection.
-    let (mut rbuf, mut dec, mut close_sent) = {
+    let (mut dec, mut close_sent) = {
         let mut io = cell.io.borrow_mut();
-        (std::mem::take(&mut io.rbuf), io.ws.take(), io.close_sent)
+        let dec = io.part.as_mut().and_then(|p| p.ws.take());
+        (dec, io.close_sent)
     };
     let mut moving = None;
     loop {
         if cell.conn.borrow().is_closing() {
             break;
         }
-        let step = match dec.as_deref_mut() {
+        let step = match dec.as_mut() {
             None => cell
                 .conn
                 .borrow_mut()
@@ -394,13 +411,19 @@ fn process_input(
             break;
         }
     }
-    if rbuf.is_empty() && rbuf.capacity() > 0 {
-        rbuf = BytesMut::new();
-    }
     let mut io = cell.io.borrow_mut();
-    io.rbuf = rbuf;
-    io.ws = dec;
     io.close_sent = close_sent;
+    if !rbuf.is_empty() || dec.is_some() {
+        let p = io.part();
+        // An empty buffer gives its allocation back: idle connections hold none.
+        p.rbuf = if rbuf.is_empty() {
+            BytesMut::new()
+        } else {
+            rbuf
+        };
+        p.ws = dec;
+    }
+    io.tidy();
     moving
 }
 
@@ -412,7 +435,7 @@ fn flush(shard: &Rc<Shard>, cell: &Rc<ConnCell>, t: relay_core::Now) {
         return;
     };
     let gone = io.eof;
-    if io.ws.is_some()
+    if io.is_ws()
         && !io.close_sent
         && !gone
         && let Some(reason) = cell.reason.get()
@@ -427,7 +450,7 @@ fn flush(shard: &Rc<Shard>, cell: &Rc<ConnCell>, t: relay_core::Now) {
     }
     let failed = !gone && write_out(shard, cell, &mut io, fd, t);
     if io.want_out
-        && io.writing.is_none()
+        && !io.writing()
         && shard
             .poller
             .ctl(libc::EPOLL_CTL_MOD, fd, IN, cell.id)
@@ -440,7 +463,7 @@ fn flush(shard: &Rc<Shard>, cell: &Rc<ConnCell>, t: relay_core::Now) {
     }
     let closing = cell.conn.borrow().is_closing() || cell.reason.get().is_some();
     if gone || failed || closing {
-        let flushed = io.writing.is_none();
+        let flushed = !io.writing();
         let late = cell.close_deadline.get().is_some_and(|d| d <= t.mono_ms);
         if gone || failed || flushed || late {
             drop(io);
@@ -454,16 +477,17 @@ fn flush(shard: &Rc<Shard>, cell: &Rc<ConnCell>, t: relay_core::Now) {
 fn write_out(shard: &Shard, cell: &ConnCell, io: &mut Io, fd: RawFd, t: relay_core::Now) -> bool {
     let router = &shard.router;
     let cfg = &router.cfg.conn;
-    loop {
-        if io.writing.is_none() {
-            io.writing = cell
+    let mut cur = io.part.as_mut().and_then(|p| p.writing.take());
+    let failed = loop {
+        if cur.is_none() {
+            cur = cell
                 .conn
                 .borrow_mut()
                 .poll_transmit(MAX_WRITE)
                 .map(|b| (b, 0));
         }
-        let Some((chunk, off)) = io.writing.as_mut() else {
-            return false;
+        let Some((chunk, off)) = cur.as_mut() else {
+            break false;
         };
         // SAFETY: non-blocking send of a live slice of the given length.
         let n = unsafe {
@@ -479,7 +503,7 @@ fn write_out(shard: &Shard, cell: &ConnCell, io: &mut Io, fd: RawFd, t: relay_co
             ShardStats::add(&router.stats.bytes_out, n as u64);
             if *off == chunk.len() {
                 let len = chunk.len();
-                io.writing = None;
+                cur = None;
                 cell.conn.borrow_mut().on_transmitted(cfg, t, len);
             }
             continue;
@@ -495,14 +519,17 @@ fn write_out(shard: &Shard, cell: &ConnCell, io: &mut Io, fd: RawFd, t: relay_co
                 {
                     io.want_out = true;
                 }
-                return false;
+                break false;
             }
             Some(libc::EINTR) => continue,
-            _ => {
-                return true;
-            }
+            _ => break true,
         }
+    };
+    if cur.is_some() {
+        io.part().writing = cur;
     }
+    io.tidy();
+    failed
 }
 
 /// Closes the socket after letting the last bytes (an ERROR, a BYE) reach
@@ -523,13 +550,8 @@ fn close(shard: &Rc<Shard>, cell: &Rc<ConnCell>) {
 fn handover(shard: &Rc<Shard>, cell: &Rc<ConnCell>, owner: usize, hello: Hello) {
     let router = &shard.router;
     router.forget(cell);
-    let Io {
-        fd,
-        rbuf,
-        writing,
-        ws,
-        ..
-    } = std::mem::take(&mut *cell.io.borrow_mut());
+    let Io { fd, part, .. } = std::mem::take(&mut *cell.io.borrow_mut());
+    let Partial { rbuf, writing, ws } = part.map(|p| *p).unwrap_or_default();
     let Some(fd) = fd else {
         shard.shared.open.fetch_sub(1, Ordering::Relaxed);
         return;

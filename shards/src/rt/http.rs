@@ -241,7 +241,7 @@ async fn upgrade(shard: Rc<Shard>, mut stream: TcpStream, req: Request, leftover
         fd,
         leftover,
         bytes::Bytes::new(),
-        Some(Box::default()),
+        Some(crate::ws::WsDecoder::default()),
         first,
     );
 }

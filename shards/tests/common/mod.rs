@@ -69,7 +69,11 @@ pub struct Client {
 
 impl Client {
     pub fn connect(relay: SocketAddr, form: Form) -> Client {
-        let stream = TcpStream::connect(relay).expect("connect");
+        Client::from_stream(TcpStream::connect(relay).expect("connect"), form)
+    }
+
+    /// A client over a socket connected elsewhere (with its own options).
+    pub fn from_stream(stream: TcpStream, form: Form) -> Client {
         stream.set_nodelay(true).unwrap();
         stream
             .set_read_timeout(Some(Duration::from_millis(100)))
