@@ -158,8 +158,13 @@ fn stop(mut proc: Proc) {
 }
 
 #[test]
-fn out_of_descriptors_accepts_pause_without_spinning_and_resume() {
+fn out_of_descriptors_connected_clients_go_on_and_accepts_resume_without_spinning() {
     let (child, tcp) = spawn_relay("nofile", Some(96));
+    // A pair connected before the descriptors run out keeps talking.
+    let (mut a, line) = hello(&tcp, "cli-a").unwrap();
+    assert!(line.contains("\"welcome\""), "{line}");
+    let (b, line) = hello(&tcp, "cli-b").unwrap();
+    assert!(line.contains("\"welcome\""), "{line}");
     // Far more clients than descriptors: the first get in, the rest wait in
     // the kernel's accept queue.
     let mut held = Vec::new();
@@ -175,6 +180,14 @@ fn out_of_descriptors_accepts_pause_without_spinning_and_resume() {
         used < 0.5,
         "relay used {used:.2} s of CPU in 2 s while out of descriptors"
     );
+    std::io::Write::write_all(
+        &mut a,
+        b"{\"type\":\"data\",\"dst\":\"cli-b\",\"payload\":{\"t\":1}}\n",
+    )
+    .unwrap();
+    let mut got = String::new();
+    BufReader::new(&b).read_line(&mut got).unwrap();
+    assert!(got.contains("\"src\":\"cli-a\""), "{got}");
     // Freeing descriptors lets accepts resume: every waiting client, and a
     // new one, gets served.
     held.truncate(20);

@@ -41,6 +41,8 @@ const READ_BUDGET: u32 = 4;
 const ACCEPT_BUDGET: u32 = 64;
 /// Events taken from the epoll set per pass.
 const EVENTS: usize = 256;
+/// How often the loop polls when it cannot arm its wait (no descriptor free).
+const FALLBACK_POLL: std::time::Duration = std::time::Duration::from_millis(2);
 /// The listener's token in the epoll set (connection ids never reach it).
 const LISTENER: u64 = u64::MAX;
 const IN: u32 = (libc::EPOLLIN | libc::EPOLLRDHUP) as u32;
@@ -130,8 +132,9 @@ pub(super) async fn run(shard: Rc<Shard>, listener: socket2::Socket) {
     let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; EVENTS];
     let mut dirty: Vec<ConnId> = Vec::new();
     let mut waiter: Option<TcpStream> = None;
+    let mut degraded = false;
     loop {
-        poll_fn(|cx| {
+        let busy = poll_fn(|cx| {
             loop {
                 let router = &shard.router;
                 if listener.is_some()
@@ -181,19 +184,29 @@ pub(super) async fn run(shard: Rc<Shard>, listener: socket2::Socket) {
                 }
                 if n > 0 {
                     // Busy: let the executor poll its ring before the next pass.
-                    return Poll::Ready(());
+                    return Poll::Ready(true);
                 }
                 if waiter.is_none() {
                     match shard.poller.waiter() {
                         Ok(w) => waiter = Some(w),
                         Err(e) => {
-                            tracing::error!("shard {}: cannot wait on epoll: {e}", router.shard);
-                            return Poll::Ready(());
+                            // Out of descriptors: poll on a short timer until
+                            // one is free, rather than spin.
+                            if !degraded {
+                                tracing::warn!(
+                                    "shard {}: cannot wait on epoll ({e}); polling every {} ms",
+                                    router.shard,
+                                    FALLBACK_POLL.as_millis()
+                                );
+                                degraded = true;
+                            }
+                            return Poll::Ready(false);
                         }
                     }
                 }
+                degraded = false;
                 let Some(w) = waiter.as_mut() else {
-                    return Poll::Ready(());
+                    return Poll::Ready(false);
                 };
                 match Pin::new(w).poll_read(cx, &mut []) {
                     Poll::Pending => {
@@ -208,7 +221,11 @@ pub(super) async fn run(shard: Rc<Shard>, listener: socket2::Socket) {
             }
         })
         .await;
-        glommio::executor().yield_task_queue_now().await;
+        if busy {
+            glommio::executor().yield_task_queue_now().await;
+        } else {
+            glommio::timer::sleep(FALLBACK_POLL).await;
+        }
     }
 }
 
