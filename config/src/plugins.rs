@@ -2,7 +2,7 @@
 //! the notifiers: the `[plugins]`, `[redis]`, `[mysql]` and `[notify]` sections.
 //!
 //! Every key has a safe default, unknown keys are refused, and each section has a
-//! `validate` that appends every problem it finds (with its key and the reason)
+//! `check` that returns every problem it finds (with its key and the reason)
 //! instead of stopping at the first one.
 use std::collections::BTreeMap;
 use std::fmt;
@@ -422,22 +422,7 @@ pub fn is_identifier(s: &str) -> bool {
 }
 
 /// Appends one problem; the only place that builds `crate::Problem`.
-fn push(problems: &mut Vec<crate::Problem>, file: &str, key: String, reason: String) {
-    problems.push(crate::Problem {
-        file: file.to_string(),
-        key,
-        reason,
-    });
-}
-
 impl PluginsConfig {
-    /// Appends every problem of `[plugins]` to `problems`.
-    pub fn validate(&self, file: &str, problems: &mut Vec<crate::Problem>) {
-        for (key, reason) in self.check() {
-            push(problems, file, key, reason);
-        }
-    }
-
     /// The problems as `(key, reason)` pairs.
     pub fn check(&self) -> Vec<(String, String)> {
         let mut out = Vec::new();
@@ -514,13 +499,6 @@ fn check_url(out: &mut Vec<(String, String)>, key: String, url: &str, schemes: &
 }
 
 impl RedisConfig {
-    /// Appends every problem of `[redis]` to `problems`.
-    pub fn validate(&self, file: &str, problems: &mut Vec<crate::Problem>) {
-        for (key, reason) in self.check() {
-            push(problems, file, key, reason);
-        }
-    }
-
     /// The problems as `(key, reason)` pairs.
     pub fn check(&self) -> Vec<(String, String)> {
         let mut out = Vec::new();
@@ -555,13 +533,6 @@ impl RedisConfig {
 }
 
 impl MysqlConfig {
-    /// Appends every problem of `[mysql]` to `problems`.
-    pub fn validate(&self, file: &str, problems: &mut Vec<crate::Problem>) {
-        for (key, reason) in self.check() {
-            push(problems, file, key, reason);
-        }
-    }
-
     /// The problems as `(key, reason)` pairs.
     pub fn check(&self) -> Vec<(String, String)> {
         let mut out = Vec::new();
@@ -645,13 +616,6 @@ impl MysqlConfig {
 }
 
 impl NotifyConfig {
-    /// Appends every problem of `[notify]` to `problems`.
-    pub fn validate(&self, file: &str, problems: &mut Vec<crate::Problem>) {
-        for (key, reason) in self.check() {
-            push(problems, file, key, reason);
-        }
-    }
-
     /// The problems as `(key, reason)` pairs.
     pub fn check(&self) -> Vec<(String, String)> {
         let mut out = Vec::new();
