@@ -20,17 +20,85 @@ pub fn conn_id(shard: usize, counter: u64) -> ConnId {
     (counter << 8) | (shard as u64 & 0xff)
 }
 
-/// What the API and rules know about a session.
+/// What the API and rules know about a session. The parts most idle
+/// controllers never have (hello meta, groups, uids) live out of line, so
+/// the record of an idle connection stays small.
 #[derive(Debug, Clone)]
 pub struct Session {
     pub remote: SocketAddr,
     pub connected_at_ms: u64,
-    /// Compact JSON object from the hello.
-    pub meta: Bytes,
+    more: Option<Box<SessionMore>>,
+}
+
+#[derive(Debug, Clone, Default)]
+struct SessionMore {
+    /// Compact JSON object from the hello (empty: `{}`).
+    meta: Bytes,
     /// Groups this connection is a member of.
-    pub groups: Vec<Bytes>,
+    groups: Vec<Bytes>,
     /// Uids bound to this connection's address (through the API).
-    pub uids: Vec<Bytes>,
+    uids: Vec<Bytes>,
+}
+
+/// The two lists a connection can be a member of.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Membership {
+    Group,
+    Uid,
+}
+
+impl Session {
+    pub fn new(remote: SocketAddr) -> Session {
+        Session {
+            remote,
+            connected_at_ms: 0,
+            more: None,
+        }
+    }
+
+    /// The hello's meta as a compact JSON object (`{}` when it had none).
+    pub fn meta(&self) -> Bytes {
+        match &self.more {
+            Some(m) if !m.meta.is_empty() => m.meta.clone(),
+            _ => Bytes::from_static(b"{}"),
+        }
+    }
+
+    pub fn set_meta(&mut self, meta: Bytes) {
+        if meta.is_empty() || meta.as_ref() == b"{}" {
+            if let Some(m) = self.more.as_mut() {
+                m.meta = Bytes::new();
+            }
+        } else {
+            self.more.get_or_insert_with(Box::default).meta = meta;
+        }
+    }
+
+    /// The groups or uids of this connection.
+    pub fn list(&self, which: Membership) -> &[Bytes] {
+        match (&self.more, which) {
+            (Some(m), Membership::Group) => &m.groups,
+            (Some(m), Membership::Uid) => &m.uids,
+            (None, _) => &[],
+        }
+    }
+
+    /// The groups or uids of this connection, to change.
+    pub fn list_mut(&mut self, which: Membership) -> &mut Vec<Bytes> {
+        let m = self.more.get_or_insert_with(Box::default);
+        match which {
+            Membership::Group => &mut m.groups,
+            Membership::Uid => &mut m.uids,
+        }
+    }
+
+    /// Takes every membership (the connection is going).
+    pub fn take_lists(&mut self) -> (Vec<Bytes>, Vec<Bytes>) {
+        match self.more.as_mut() {
+            Some(m) => (std::mem::take(&mut m.groups), std::mem::take(&mut m.uids)),
+            None => (Vec::new(), Vec::new()),
+        }
+    }
 }
 
 /// A connection's socket state: a descriptor and three flags while nothing

@@ -26,7 +26,7 @@ use relay_core::frame::{ErrorCode, Flags, Frame, FrameType};
 use relay_core::name::name_str;
 use relay_core::route::{assign_address, shard_of};
 
-use crate::cell::{ConnCell, ConnId, Session, conn_id};
+use crate::cell::{ConnCell, ConnId, Membership, Session, conn_id};
 use crate::stats::{DropReason, ShardStats};
 use crate::ws::WsDecoder;
 
@@ -42,6 +42,16 @@ pub const WATCH_PREFIX: &[u8] = b"watch:";
 pub enum Index {
     Group = 0,
     Uid = 1,
+}
+
+impl Index {
+    /// The session list this index mirrors.
+    pub fn membership(self) -> Membership {
+        match self {
+            Index::Group => Membership::Group,
+            Index::Uid => Membership::Uid,
+        }
+    }
 }
 
 /// A failure reported to whoever asked (ERROR frame or HTTP status).
@@ -473,7 +483,7 @@ impl Router {
             .accept(&self.cfg.conn, now, hello, addr, &self.cfg.node);
         {
             let mut s = cell.session.borrow_mut();
-            s.meta = hello.meta.clone();
+            s.set_meta(hello.meta.clone());
             s.connected_at_ms = now.wall_ms;
         }
         self.stats.conns_pending.fetch_sub(1, Relaxed);
@@ -524,10 +534,7 @@ impl Router {
     }
 
     fn drop_memberships(&self, cell: &Rc<ConnCell>) {
-        let (groups, uids) = {
-            let mut s = cell.session.borrow_mut();
-            (std::mem::take(&mut s.groups), std::mem::take(&mut s.uids))
-        };
+        let (groups, uids) = { cell.session.borrow_mut().take_lists() };
         for g in groups {
             self.leave_index(Index::Group, cell, &g);
         }
@@ -688,11 +695,7 @@ impl Router {
     ) -> Result<(), Failure> {
         {
             let mut s = cell.session.borrow_mut();
-            let list = if index == Index::Group {
-                &mut s.groups
-            } else {
-                &mut s.uids
-            };
+            let list = s.list_mut(index.membership());
             if !list.contains(&name) {
                 if index == Index::Group && list.len() >= self.cfg.max_groups_per_conn {
                     let e = (
@@ -746,11 +749,7 @@ impl Router {
     pub fn remove_member(&self, index: Index, cell: &Rc<ConnCell>, name: &Bytes) {
         {
             let mut s = cell.session.borrow_mut();
-            let list = if index == Index::Group {
-                &mut s.groups
-            } else {
-                &mut s.uids
-            };
+            let list = s.list_mut(index.membership());
             list.retain(|g| g != name);
         }
         self.leave_index(index, cell, name);
@@ -978,12 +977,7 @@ impl Router {
                 Some(cell) => {
                     let member = {
                         let s = cell.session.borrow();
-                        let list = if index == Index::Group {
-                            &s.groups
-                        } else {
-                            &s.uids
-                        };
-                        list.contains(&name)
+                        s.list(index.membership()).contains(&name)
                     };
                     self.remove_member(index, &cell, &name);
                     done(CallResult::Done(if member {
@@ -1077,9 +1071,9 @@ impl Router {
             shard: self.shard,
             connected_at_ms: s.connected_at_ms,
             remote: s.remote,
-            uids: s.uids.clone(),
-            groups: s.groups.clone(),
-            meta: s.meta.clone(),
+            uids: s.list(Membership::Uid).to_vec(),
+            groups: s.list(Membership::Group).to_vec(),
+            meta: s.meta(),
         }
     }
 
@@ -1310,12 +1304,6 @@ impl Router {
 
     /// A fresh session for a connection from `remote`.
     pub fn session(remote: SocketAddr) -> Session {
-        Session {
-            remote,
-            connected_at_ms: 0,
-            meta: Bytes::from_static(b"{}"),
-            groups: Vec::new(),
-            uids: Vec::new(),
-        }
+        Session::new(remote)
     }
 }

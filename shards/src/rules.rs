@@ -37,7 +37,7 @@ fn client_info(cell: &ConnCell, shard: usize, now: Now) -> ClientInfo {
     ClientInfo {
         addr: name_str(conn.addr()).into_owned(),
         role: conn.role().name().to_owned(),
-        meta: serde_json::from_slice(&s.meta).unwrap_or(json!({})),
+        meta: serde_json::from_slice(&s.meta()).unwrap_or(json!({})),
         remote: s.remote.to_string(),
         shard,
         time_ms: now.wall_ms,
