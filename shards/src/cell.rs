@@ -167,8 +167,9 @@ pub struct ConnCell {
     /// queued for it during one pass of the I/O loop leaves in one write.
     pub dirty: Cell<bool>,
     pub session: RefCell<Session>,
-    /// Set once the connection is closing: when the driver gives up flushing.
-    pub close_deadline: Cell<Option<u64>>,
+    /// Once the connection is closing: when the I/O loop gives up flushing
+    /// (monotonic ms; `u64::MAX` while it is not closing).
+    pub close_deadline: Cell<u64>,
     pub reason: Cell<Option<CloseReason>>,
 }
 
@@ -180,7 +181,7 @@ impl ConnCell {
             io: RefCell::new(Io::default()),
             dirty: Cell::new(false),
             session: RefCell::new(session),
-            close_deadline: Cell::new(None),
+            close_deadline: Cell::new(u64::MAX),
             reason: Cell::new(None),
         }
     }
@@ -189,7 +190,7 @@ impl ConnCell {
     pub fn closing(&self, reason: CloseReason, deadline_ms: u64) {
         if self.reason.get().is_none() {
             self.reason.set(Some(reason));
-            self.close_deadline.set(Some(deadline_ms));
+            self.close_deadline.set(deadline_ms);
         }
     }
 }

@@ -1251,7 +1251,7 @@ impl Router {
             if let Some(Event::Closed(reason)) = ev {
                 cell.closing(reason, now.mono_ms + self.cfg.close_grace_ms);
                 self.wake(&cell);
-            } else if cell.close_deadline.get().is_some_and(|d| d <= now.mono_ms) {
+            } else if cell.close_deadline.get() <= now.mono_ms {
                 self.wake(&cell);
             }
         }
@@ -1290,11 +1290,8 @@ impl Router {
             .borrow_mut()
             .close_with(&self.cfg.conn, code, why, reason);
         cell.closing(reason, deadline_ms);
-        cell.close_deadline.set(Some(
-            cell.close_deadline
-                .get()
-                .map_or(deadline_ms, |d| d.min(deadline_ms)),
-        ));
+        cell.close_deadline
+            .set(cell.close_deadline.get().min(deadline_ms));
         self.wake(cell);
     }
 

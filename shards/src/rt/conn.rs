@@ -481,7 +481,7 @@ fn flush(shard: &Rc<Shard>, cell: &Rc<ConnCell>, t: relay_core::Now) {
     let closing = cell.conn.borrow().is_closing() || cell.reason.get().is_some();
     if gone || failed || closing {
         let flushed = !io.writing();
-        let late = cell.close_deadline.get().is_some_and(|d| d <= t.mono_ms);
+        let late = cell.close_deadline.get() <= t.mono_ms;
         if gone || failed || flushed || late {
             drop(io);
             close(shard, cell);
