@@ -3,12 +3,12 @@
 //! # Layout
 //! - [`router`]: one shard's routing state (owned addresses, groups, pending
 //!   acknowledgements) and every routing decision; no IO, no executor.
-//! - [`cell`]: the per-connection record shared by a driver and its router.
+//! - [`cell`]: the per-connection record shared by the I/O loop and the router.
 //! - [`stats`]: lock-free per-shard counters; [`metrics`] renders them.
 //! - [`http`]: HTTP/1.1 request parsing and responses (httparse).
 //! - [`ws`]: the WebSocket frame layer (tungstenite headers).
 //! - [`api`]: the HTTP API routes over the router.
-//! - `rt`: the glommio runtime (executors, listeners, connection drivers,
+//! - `rt`: the glommio runtime (executors, listeners, the per-shard I/O loop,
 //!   the cross-shard mesh, deadlines, shutdown). All glommio code is there.
 
 pub mod api;

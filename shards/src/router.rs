@@ -159,7 +159,7 @@ pub struct ClientView {
 }
 
 /// A connection moving to the shard that owns its address, with everything
-/// read and queued so far. `fd` is a duplicate the receiver takes ownership of.
+/// read and queued so far; the receiving shard takes over the socket `fd`.
 #[derive(Debug)]
 pub struct Handover {
     pub fd: std::os::fd::OwnedFd,
@@ -173,7 +173,7 @@ pub struct Handover {
     pub ws: Option<WsDecoder>,
 }
 
-/// What a connection's driver must do after an event.
+/// What the I/O loop must do with a connection after an event.
 #[derive(Debug)]
 pub enum Outcome {
     Continue,
@@ -502,7 +502,7 @@ impl Router {
         self.stats.conns_pending.fetch_sub(1, Relaxed);
     }
 
-    /// Cleans up after a connection's driver ended.
+    /// Cleans up after a connection's socket closed.
     pub fn on_closed(&self, cell: &Rc<ConnCell>, now: Now) {
         if self.conns.borrow_mut().remove(&cell.id).is_none() {
             return;

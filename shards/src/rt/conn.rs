@@ -78,8 +78,13 @@ impl Poller {
         }
     }
 
-    pub(super) fn add(&self, fd: RawFd, token: u64) -> io::Result<()> {
+    fn add(&self, fd: RawFd, token: u64) -> io::Result<()> {
         self.ctl(libc::EPOLL_CTL_ADD, fd, IN, token)
+    }
+
+    /// Watches the controllers' listener (again, after a pause).
+    pub(super) fn watch_listener(&self, fd: RawFd) -> io::Result<()> {
+        self.add(fd, LISTENER)
     }
 
     fn remove(&self, fd: RawFd) {
@@ -116,19 +121,11 @@ impl Poller {
     }
 }
 
-/// Runs the shard's I/O loop: accepts controllers on `listener` and drives
-/// every client connection of the shard. Ends when the shard drops it.
+/// Runs the shard's I/O loop: accepts controllers on `listener` (already
+/// watched, see `Poller::watch_listener`) and drives every client connection
+/// of the shard. Ends when the shard drops it.
 pub(super) async fn run(shard: Rc<Shard>, listener: socket2::Socket) {
     let mut listener = Some(listener);
-    if let Some(l) = &listener {
-        shard.listen_fd.set(Some(l.as_raw_fd()));
-        if let Err(e) = shard.poller.add(l.as_raw_fd(), LISTENER) {
-            tracing::error!(
-                "shard {}: cannot watch the listener: {e}",
-                shard.router.shard
-            );
-        }
-    }
     let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; EVENTS];
     let mut dirty: Vec<ConnId> = Vec::new();
     let mut waiter: Option<TcpStream> = None;
@@ -246,7 +243,7 @@ pub(super) fn attach(
         tracing::warn!("cannot watch a connection: {e}");
         drop(fd);
         shard.router.on_closed(&cell, now());
-        shard.shared.open.fetch_sub(1, Ordering::Relaxed);
+        shard.shared.release();
         return;
     }
     {
@@ -299,13 +296,7 @@ fn accept_ready(shard: &Rc<Shard>, listener: &socket2::Socket) {
                 }
             },
         };
-        let shared = &shard.shared;
-        if shared.open.fetch_add(1, Ordering::Relaxed) >= shared.max_connections {
-            shared.open.fetch_sub(1, Ordering::Relaxed);
-            tracing::warn!(
-                "max_connections ({}) reached; connection refused",
-                shared.max_connections
-            );
+        if !shard.shared.admit() {
             continue;
         }
         let _ = sock.set_tcp_nodelay(true);
@@ -560,7 +551,7 @@ fn close(shard: &Rc<Shard>, cell: &Rc<ConnCell>) {
         unsafe { libc::shutdown(fd.as_raw_fd(), libc::SHUT_WR) };
     }
     shard.router.on_closed(cell, now());
-    shard.shared.open.fetch_sub(1, Ordering::Relaxed);
+    shard.shared.release();
 }
 
 /// Moves the connection, with everything read or queued, to `owner`.
@@ -570,7 +561,7 @@ fn handover(shard: &Rc<Shard>, cell: &Rc<ConnCell>, owner: usize, hello: Hello) 
     let Io { fd, part, .. } = std::mem::take(&mut *cell.io.borrow_mut());
     let Partial { rbuf, writing, ws } = part.map(|p| *p).unwrap_or_default();
     let Some(fd) = fd else {
-        shard.shared.open.fetch_sub(1, Ordering::Relaxed);
+        shard.shared.release();
         return;
     };
     shard.poller.remove(fd.as_raw_fd());

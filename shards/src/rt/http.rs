@@ -3,7 +3,6 @@
 //! WebSocket; then the socket goes to the shard's I/O loop as a browser.
 
 use std::rc::Rc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -83,7 +82,7 @@ async fn requests(
         }
         None => {
             let _ = stream.close().await;
-            shard.shared.open.fetch_sub(1, Ordering::Relaxed);
+            shard.shared.release();
             None
         }
     }
@@ -206,7 +205,7 @@ async fn upgrade(shard: Rc<Shard>, mut stream: TcpStream, req: Request, leftover
         .await
         .is_err()
     {
-        shard.shared.open.fetch_sub(1, Ordering::Relaxed);
+        shard.shared.release();
         return;
     }
     let remote = stream
@@ -230,7 +229,7 @@ async fn upgrade(shard: Rc<Shard>, mut stream: TcpStream, req: Request, leftover
         Ok(fd) => fd,
         Err(e) => {
             tracing::warn!("WebSocket upgrade failed: {e}");
-            shard.shared.open.fetch_sub(1, Ordering::Relaxed);
+            shard.shared.release();
             return;
         }
     };

@@ -9,7 +9,7 @@ mod http;
 use std::cell::{Cell, RefCell};
 use std::future::poll_fn;
 use std::net::SocketAddr;
-use std::os::fd::RawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -81,6 +81,25 @@ pub struct Shared {
 }
 
 impl Shared {
+    /// Counts a new connection against `max_connections`; false (and a
+    /// warning) when the relay is full and the connection must be refused.
+    fn admit(&self) -> bool {
+        if self.open.fetch_add(1, Ordering::Relaxed) >= self.max_connections {
+            self.open.fetch_sub(1, Ordering::Relaxed);
+            tracing::warn!(
+                "max_connections ({}) reached; connection refused",
+                self.max_connections
+            );
+            return false;
+        }
+        true
+    }
+
+    /// A connection counted by `admit` has gone.
+    fn release(&self) {
+        self.open.fetch_sub(1, Ordering::Relaxed);
+    }
+
     fn plugin_metrics(&self) -> Vec<(String, String, u64)> {
         self.plugin_metrics
             .as_ref()
@@ -117,7 +136,7 @@ impl Shard {
         {
             // The owner is gone (shutdown): close the connection here.
             drop(h);
-            self.shared.open.fetch_sub(1, Ordering::Relaxed);
+            self.shared.release();
         }
     }
 }
@@ -461,6 +480,11 @@ async fn shard_main(
     if let Some(rx) = actions {
         tasks.push(glommio::spawn_local(rule_actions(shard.clone(), rx)));
     }
+    shard
+        .poller
+        .watch_listener(listener.as_raw_fd())
+        .map_err(|e| anyhow::anyhow!("shard {id}: watching the listener: {e}"))?;
+    shard.listen_fd.set(Some(listener.as_raw_fd()));
     tasks.push(glommio::spawn_local(conn::run(shard.clone(), listener)));
     if let Some(l) = http_listener {
         tasks.push(glommio::spawn_local(accept_http(shard.clone(), l)));
@@ -475,7 +499,7 @@ async fn shard_main(
         shard.router.sweep(t);
         if shard.accept_paused.replace(false)
             && let Some(fd) = shard.listen_fd.get()
-            && let Err(e) = shard.poller.add(fd, u64::MAX)
+            && let Err(e) = shard.poller.watch_listener(fd)
         {
             tracing::warn!("cannot resume accepts: {e}");
             shard.accept_paused.set(true);
@@ -525,13 +549,7 @@ async fn accept_http(shard: Rc<Shard>, listener: TcpListener) {
                 continue;
             }
         };
-        let shared = &shard.shared;
-        if shared.open.fetch_add(1, Ordering::Relaxed) >= shared.max_connections {
-            shared.open.fetch_sub(1, Ordering::Relaxed);
-            tracing::warn!(
-                "max_connections ({}) reached; connection refused",
-                shared.max_connections
-            );
+        if !shard.shared.admit() {
             continue;
         }
         let _ = stream.set_nodelay(true);
