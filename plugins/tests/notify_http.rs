@@ -175,12 +175,26 @@ fn retries_back_off_and_rate_limit_holds() {
     wait_for(Duration::from_secs(5), "rate limited", || {
         (host.stats().notify_rate_limited == 1).then_some(())
     });
-    let sms: Vec<_> = server
+    // The two sends admitted before the refusal may still be on their way.
+    let sms = wait_for(Duration::from_secs(5), "two sms requests", || {
+        let n = server
+            .requests()
+            .into_iter()
+            .filter(|r| r.path.starts_with("/sms"))
+            .count();
+        (n >= 2).then_some(n)
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    let late = server
         .requests()
         .into_iter()
         .filter(|r| r.path.starts_with("/sms"))
-        .collect();
-    assert_eq!(sms.len(), 2);
+        .count();
+    assert_eq!(
+        (sms, late),
+        (2, 2),
+        "two sends, and the refused one never sent"
+    );
     // The refusal is recorded at once, the sends when their requests finish.
     let rows = wait_for(Duration::from_secs(5), "rate-limited row", || {
         mysql_rows_opt(&format!(
