@@ -6,55 +6,16 @@
 // Scenarios are built field by field from the defaults, which reads clearer here.
 #![allow(clippy::field_reassign_with_default)]
 
-use std::sync::atomic::{AtomicU32, Ordering};
+mod common;
 
-use relay_loadtest::coordinator::{RunOptions, run};
+use common::{assert_no_loss, run_ok};
 use relay_loadtest::report::Report;
 use relay_loadtest::scenario::{Dur, Pattern, Scenario};
 
 const BROKER: &str = "mqtt://127.0.0.1:1883";
 
 fn scenario(pattern: Pattern) -> Scenario {
-    static N: AtomicU32 = AtomicU32::new(0);
-    let mut s = Scenario::default();
-    s.name = format!("test-{pattern}");
-    s.pattern = pattern;
-    s.target.controllers = BROKER.into();
-    s.target.browsers = String::new();
-    s.target.prefix = format!(
-        "lt-test-{}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    );
-    s.load.controllers = 10;
-    s.load.duration = Dur::secs(1);
-    s.load.drain = Dur::millis(800);
-    s.load.heartbeat = Dur::millis(250);
-    s.run.threads = 2;
-    s.run.connect_timeout = Dur::secs(5);
-    s
-}
-
-fn run_ok(s: &Scenario) -> Report {
-    run(s, &RunOptions::default()).unwrap_or_else(|e| panic!("{}: {e}", s.name))
-}
-
-/// The counts every data pattern must show on an unloaded broker.
-fn assert_no_loss(r: &Report, recipients: u64) {
-    assert_eq!(r.connect.failed, 0, "{:?}", r.connect.errors);
-    assert_eq!(r.connect.established, r.fleet.connections);
-    let s = &r.steps[0];
-    assert!(s.sent > 0, "nothing was sent");
-    assert_eq!(s.expected, s.sent * recipients);
-    assert_eq!(
-        s.received, s.expected,
-        "received = expected, errors {:?}",
-        s.errors
-    );
-    assert_eq!(s.lost, 0);
-    assert_eq!(s.loss_ratio, 0.0);
-    assert_eq!(s.late, 0);
-    assert!(s.errors.is_empty(), "{:?}", s.errors);
+    common::small_scenario("test", pattern, BROKER.into(), String::new())
 }
 
 #[test]

@@ -18,9 +18,11 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use relay_loadtest::coordinator::{RunOptions, run};
+mod common;
+
+use common::run_ok;
 use relay_loadtest::report::Report;
-use relay_loadtest::scenario::{Dur, Form, Pattern, Scenario};
+use relay_loadtest::scenario::{Form, Pattern, Scenario};
 
 /// A relay child process, killed when dropped.
 struct Relay {
@@ -124,39 +126,18 @@ fn start_relay() -> Relay {
 }
 
 fn scenario(relay: &Relay, pattern: Pattern) -> Scenario {
-    static N: AtomicU32 = AtomicU32::new(0);
-    let mut s = Scenario::default();
-    s.name = format!("relay-{pattern}");
-    s.pattern = pattern;
-    s.target.controllers = format!("tcp://{}", relay.tcp);
-    s.target.browsers = format!("ws://{}/ws", relay.http);
-    s.target.prefix = format!(
-        "lt{}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    );
-    s.load.controllers = 10;
-    s.load.duration = Dur::secs(1);
-    s.load.drain = Dur::millis(800);
-    s.load.heartbeat = Dur::millis(250);
-    s.run.threads = 2;
-    s.run.connect_timeout = Dur::secs(5);
-    s
+    common::small_scenario(
+        "relay",
+        pattern,
+        format!("tcp://{}", relay.tcp),
+        format!("ws://{}/ws", relay.http),
+    )
 }
 
-fn run_ok(s: &Scenario) -> Report {
-    run(s, &RunOptions::default()).unwrap_or_else(|e| panic!("{}: {e}", s.name))
-}
-
+/// No loss, and every heartbeat answered.
 fn assert_no_loss(r: &Report, recipients: u64) {
-    assert_eq!(r.connect.failed, 0, "{:?}", r.connect.errors);
-    assert_eq!(r.connect.established, r.fleet.connections);
+    common::assert_no_loss(r, recipients);
     let s = &r.steps[0];
-    assert!(s.sent > 0, "nothing was sent");
-    assert_eq!(s.expected, s.sent * recipients);
-    assert_eq!(s.received, s.sent * recipients, "errors {:?}", s.errors);
-    assert_eq!((s.lost, s.late), (0, 0));
-    assert!(s.errors.is_empty(), "{:?}", s.errors);
     assert_eq!(s.pongs, s.pings, "every heartbeat answered");
 }
 

@@ -1,0 +1,59 @@
+//! What the end-to-end suites share: a small, short scenario of one pattern,
+//! a run that must succeed, and the counts every data pattern must show.
+#![allow(dead_code)]
+
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use relay_loadtest::coordinator::{RunOptions, run};
+use relay_loadtest::report::Report;
+use relay_loadtest::scenario::{Dur, Pattern, Scenario};
+
+/// Ten controllers for a second against `controllers` (and `browsers`, when
+/// not empty), under a prefix of their own so runs never see each other.
+pub fn small_scenario(
+    name: &str,
+    pattern: Pattern,
+    controllers: String,
+    browsers: String,
+) -> Scenario {
+    static N: AtomicU32 = AtomicU32::new(0);
+    let mut s = Scenario::default();
+    s.name = format!("{name}-{pattern}");
+    s.pattern = pattern;
+    s.target.controllers = controllers;
+    s.target.browsers = browsers;
+    s.target.prefix = format!(
+        "lt{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    );
+    s.load.controllers = 10;
+    s.load.duration = Dur::secs(1);
+    s.load.drain = Dur::millis(800);
+    s.load.heartbeat = Dur::millis(250);
+    s.run.threads = 2;
+    s.run.connect_timeout = Dur::secs(5);
+    s
+}
+
+pub fn run_ok(s: &Scenario) -> Report {
+    run(s, &RunOptions::default()).unwrap_or_else(|e| panic!("{}: {e}", s.name))
+}
+
+/// Every connection up, every message sent reached each of its `recipients`,
+/// nothing lost or late, no errors.
+pub fn assert_no_loss(r: &Report, recipients: u64) {
+    assert_eq!(r.connect.failed, 0, "{:?}", r.connect.errors);
+    assert_eq!(r.connect.established, r.fleet.connections);
+    let s = &r.steps[0];
+    assert!(s.sent > 0, "nothing was sent");
+    assert_eq!(s.expected, s.sent * recipients);
+    assert_eq!(
+        s.received, s.expected,
+        "received = expected, errors {:?}",
+        s.errors
+    );
+    assert_eq!((s.lost, s.late), (0, 0));
+    assert_eq!(s.loss_ratio, 0.0);
+    assert!(s.errors.is_empty(), "{:?}", s.errors);
+}
