@@ -629,3 +629,45 @@ fn the_console_is_served_with_a_content_security_policy() {
     )));
     assert!(body.contains("<html") || body.contains("<!doctype") || body.contains("<!DOCTYPE"));
 }
+
+#[test]
+fn the_client_view_reports_meta_and_groups_and_empty_defaults() {
+    let relay = start(with_token);
+    let t = Some(TOKEN);
+    let plain = addrs_on("plain-", 0, 2, 1).remove(0);
+    let rich = addrs_on("rich-", 1, 2, 1).remove(0);
+    let _p = Client::hello(relay.tcp_addr(), Form::Binary, &plain);
+    let mut r = Client::hello_with(
+        relay.tcp_addr(),
+        Form::Json,
+        &rich,
+        json!({"meta": {"fw": "1.2.0", "site": "north"}}),
+    );
+    let mut j = Frame::new(FrameType::Join);
+    j.dst = Bytes::from_static(b"boilers");
+    j.seq = 7;
+    j.flags = Flags(Flags::ACK_REQ);
+    r.send(&j);
+    assert_eq!(r.expect(FrameType::Ack).seq, 7);
+
+    let (s, b) = http(&relay, "GET", &format!("/api/v1/clients/{plain}"), t, None);
+    assert_eq!(s, 200, "{b}");
+    assert_eq!(b["meta"], json!({}));
+    assert_eq!(b["groups"], json!([]));
+    assert_eq!(b["uids"], json!([]));
+
+    let (s, b) = http(&relay, "GET", &format!("/api/v1/clients/{rich}"), t, None);
+    assert_eq!(s, 200, "{b}");
+    assert_eq!(b["meta"], json!({"fw": "1.2.0", "site": "north"}));
+    assert_eq!(b["groups"], json!(["boilers"]));
+
+    // Leaving empties the list again.
+    let mut l = Frame::new(FrameType::Leave);
+    l.dst = Bytes::from_static(b"boilers");
+    l.seq = 8;
+    l.flags = Flags(Flags::ACK_REQ);
+    r.send(&l);
+    assert_eq!(r.expect(FrameType::Ack).seq, 8);
+    let (_, b) = http(&relay, "GET", &format!("/api/v1/clients/{rich}"), t, None);
+    assert_eq!(b["groups"], json!([]));
+}
