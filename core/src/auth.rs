@@ -26,6 +26,17 @@ pub fn verify_token(secret: &[u8], address: &[u8], token: &str) -> bool {
     mac.verify_slice(&raw).is_ok()
 }
 
+/// Compares a secret the client gave with the configured one in time that
+/// depends on neither where they differ nor their lengths: both are hashed
+/// (SHA-256) and the digests compared in constant time. For the HTTP API's
+/// bearer token and the service token of a hello.
+pub fn same_secret(given: &[u8], expected: &[u8]) -> bool {
+    use sha2::Digest;
+    let a = Sha256::digest(given);
+    let b = Sha256::digest(expected);
+    same_token(&a, &b)
+}
+
 /// Compares two tokens in time independent of where they differ.
 pub fn same_token(a: &[u8], b: &[u8]) -> bool {
     if a.len() != b.len() {
@@ -44,6 +55,15 @@ mod tests {
         assert!(!same_token(b"abc", b"abd"));
         assert!(!same_token(b"abc", b"abcd"));
         assert!(same_token(b"", b""));
+    }
+
+    #[test]
+    fn same_secret_needs_the_whole_secret() {
+        assert!(same_secret(b"api-token-1", b"api-token-1"));
+        assert!(!same_secret(b"api-token-2", b"api-token-1"));
+        assert!(!same_secret(b"api-token", b"api-token-1"));
+        assert!(!same_secret(b"api-token-12", b"api-token-1"));
+        assert!(!same_secret(b"", b"api-token-1"));
     }
 
     #[test]

@@ -28,8 +28,10 @@ use crate::frame::{ErrorCode, Flags, Frame, FrameType};
 use crate::json;
 use crate::name::validate_name;
 
-/// Extra room in the queue for replies the relay owes the client itself
-/// (WELCOME, ACK, ERROR, PONG), so a full queue of DATA does not swallow them.
+/// How far past `queue_bytes` the replies one input frame owes can take a
+/// queue (WELCOME, ACK, ERROR, PONG). Replies are never dropped: the runtime
+/// stops reading a client whose queue is at the bound ([`Connection::should_pause`]),
+/// so what a client can make the relay queue for it stays bounded.
 pub const CONTROL_SLACK: usize = 16 * 1024;
 
 /// Limits and policy shared by every connection of a shard.
@@ -163,6 +165,55 @@ pub struct Hello {
     pub seq: u32,
     /// The hello asked for an ACK: `accept` sends it after WELCOME.
     pub ack_req: bool,
+    /// The hello carried the service (HTTP API) token, or the relay has no
+    /// authentication at all: the connection may watch any address and take
+    /// the `service` role.
+    pub privileged: bool,
+}
+
+/// Why the connection itself dropped a client's frame (counted by the
+/// runtime through [`Connection::take_drops`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InputDrop {
+    /// Broken layout, bad JSON, a malformed hello payload.
+    BadFrame = 0,
+    /// Over `max_frame`, or a JSON line over the line limit.
+    TooLarge = 1,
+    /// Over the connection's frame rate.
+    RateLimited = 2,
+    /// A frame other than HELLO, PING or BYE before hello.
+    HelloRequired = 3,
+    /// A dst or group that is not a valid name.
+    BadAddress = 4,
+    /// An unknown type or a frame only the relay sends.
+    Unsupported = 5,
+    /// Refused by an access rule (a hello asking for a role its token does not grant).
+    Forbidden = 6,
+}
+
+impl InputDrop {
+    pub const ALL: [InputDrop; 7] = [
+        InputDrop::BadFrame,
+        InputDrop::TooLarge,
+        InputDrop::RateLimited,
+        InputDrop::HelloRequired,
+        InputDrop::BadAddress,
+        InputDrop::Unsupported,
+        InputDrop::Forbidden,
+    ];
+
+    fn of(code: ErrorCode) -> Option<InputDrop> {
+        Some(match code {
+            ErrorCode::BadFrame => InputDrop::BadFrame,
+            ErrorCode::TooLarge => InputDrop::TooLarge,
+            ErrorCode::RateLimited => InputDrop::RateLimited,
+            ErrorCode::HelloRequired => InputDrop::HelloRequired,
+            ErrorCode::BadAddress => InputDrop::BadAddress,
+            ErrorCode::Unsupported => InputDrop::Unsupported,
+            ErrorCode::Forbidden => InputDrop::Forbidden,
+            _ => return None,
+        })
+    }
 }
 
 /// Why a connection ends.
@@ -271,6 +322,10 @@ pub struct Connection {
     line_scanned: usize,
     /// A HELLO went out as an event and the router has not answered it yet.
     hello_pending: bool,
+    /// Admitted with the service token (see [`Hello::privileged`]).
+    privileged: bool,
+    /// Frames dropped since the runtime last took the counts, by `InputDrop`.
+    drops: [u16; 7],
 }
 
 impl Connection {
@@ -297,6 +352,8 @@ impl Connection {
             skipping_line: false,
             line_scanned: 0,
             hello_pending: false,
+            privileged: false,
+            drops: [0; 7],
         }
     }
 
@@ -320,6 +377,42 @@ impl Connection {
     }
     pub fn is_closing(&self) -> bool {
         self.state == State::Closing
+    }
+    /// The hello carried the service token (or the relay has no auth).
+    pub fn is_privileged(&self) -> bool {
+        self.privileged
+    }
+
+    /// Frames this connection dropped since the last call, by
+    /// [`InputDrop`] (index = `InputDrop as usize`); the counts restart at 0.
+    pub fn take_drops(&mut self) -> Option<[u16; 7]> {
+        if self.drops.iter().all(|&n| n == 0) {
+            return None;
+        }
+        Some(std::mem::take(&mut self.drops))
+    }
+
+    fn count_drop(&mut self, why: InputDrop) {
+        let n = &mut self.drops[why as usize];
+        *n = n.saturating_add(1);
+    }
+
+    /// Whether the runtime must stop reading this client before its next
+    /// frame: its queue, plus `owed` bytes of answers still to come from
+    /// elsewhere, is at `queue_bytes`. Every reply a frame causes is queued
+    /// (never dropped), so this is what bounds them: a client that sends and
+    /// never reads stops being read. A queue at the bound also starts the
+    /// slow-consumer clock, so such a client is closed after
+    /// `slow_consumer_timeout_ms`.
+    pub fn should_pause(&mut self, cfg: &ConnConfig, now: Now, owed: usize) -> bool {
+        let q = self.queued_bytes();
+        if q >= cfg.queue_bytes {
+            if self.state == State::Open {
+                self.full_since.get_or_insert(now.mono_ms);
+            }
+            return true;
+        }
+        q.saturating_add(owed) >= cfg.queue_bytes
     }
     /// Bytes queued and in flight.
     pub fn queued_bytes(&self) -> usize {
@@ -413,7 +506,7 @@ impl Connection {
                     msg.len(),
                     cfg.max_line()
                 );
-                self.control(cfg, &Frame::error(0, ErrorCode::TooLarge, &e));
+                self.reject(cfg, 0, ErrorCode::TooLarge, &e);
                 return None;
             }
             let f = self.parse_json_frame(cfg, msg.trim_ascii())?;
@@ -436,6 +529,13 @@ impl Connection {
     /// Parses one JSON line or text message; a bad one gets its ERROR here
     /// (carrying its seq when that much could be read) and yields `None`.
     fn parse_json_frame(&mut self, cfg: &ConnConfig, text: &[u8]) -> Option<Frame> {
+        if let Err(e) = std::str::from_utf8(text) {
+            // JSON is UTF-8 text (RFC 8259), in every field, read or not.
+            let seq = json::seq_of(text);
+            let msg = format!("the line is not UTF-8 (byte {})", e.valid_up_to());
+            self.reject(cfg, seq, ErrorCode::BadFrame, &msg);
+            return None;
+        }
         match json::parse_json(text) {
             Ok(f) if f.body_len() > cfg.max_frame => {
                 let e = format!(
@@ -443,20 +543,20 @@ impl Connection {
                     f.body_len(),
                     cfg.max_frame
                 );
-                self.control(cfg, &Frame::error(f.seq, ErrorCode::TooLarge, &e));
+                self.reject(cfg, f.seq, ErrorCode::TooLarge, &e);
                 None
             }
             Ok(f) => Some(f),
             Err(e) => {
                 let seq = json::seq_of(text);
-                self.control(cfg, &Frame::error(seq, e.code(), &e.to_string()));
+                self.reject(cfg, seq, e.code(), &e.to_string());
                 None
             }
         }
     }
 
     fn decode_failed(&mut self, cfg: &ConnConfig, seq: u32, e: DecodeError) -> Option<Event> {
-        self.control(cfg, &Frame::error(seq, e.code(), &e.to_string()));
+        self.reject(cfg, seq, e.code(), &e.to_string());
         if e.recoverable() {
             None
         } else {
@@ -479,7 +579,7 @@ impl Connection {
                         continue;
                     }
                     if line.len() > max {
-                        self.control(cfg, &Frame::error(0, ErrorCode::TooLarge, LINE_TOO_LONG));
+                        self.reject(cfg, 0, ErrorCode::TooLarge, LINE_TOO_LONG);
                         continue;
                     }
                     return Some(line);
@@ -487,7 +587,7 @@ impl Connection {
                 None => {
                     if input.len() > max {
                         if !self.skipping_line {
-                            self.control(cfg, &Frame::error(0, ErrorCode::TooLarge, LINE_TOO_LONG));
+                            self.reject(cfg, 0, ErrorCode::TooLarge, LINE_TOO_LONG);
                             self.skipping_line = true;
                         }
                         input.clear();
@@ -521,21 +621,21 @@ impl Connection {
                 Some(self.close(CloseReason::Bye))
             }
             (State::AwaitHello, FrameType::Hello) if self.hello_pending => {
-                self.control(
+                self.reject(
                     cfg,
-                    &Frame::error(f.seq, ErrorCode::Unsupported, "a hello is already pending"),
+                    f.seq,
+                    ErrorCode::Unsupported,
+                    "a hello is already pending",
                 );
                 None
             }
             (State::AwaitHello, FrameType::Hello) => self.hello(cfg, f),
             (State::AwaitHello, _) => {
-                self.control(
-                    cfg,
-                    &Frame::error(f.seq, ErrorCode::HelloRequired, "say hello first"),
-                );
+                self.reject(cfg, f.seq, ErrorCode::HelloRequired, "say hello first");
                 None
             }
             (State::Open, _) if !self.take_token(cfg, now) => {
+                self.count_drop(InputDrop::RateLimited);
                 if ack_req {
                     self.control(
                         cfg,
@@ -558,9 +658,11 @@ impl Connection {
                 None
             }
             (State::Open, FrameType::Hello) => {
-                self.control(
+                self.reject(
                     cfg,
-                    &Frame::error(f.seq, ErrorCode::Unsupported, "hello was already accepted"),
+                    f.seq,
+                    ErrorCode::Unsupported,
+                    "hello was already accepted",
                 );
                 None
             }
@@ -574,10 +676,7 @@ impl Connection {
                     } else {
                         "group"
                     };
-                    self.control(
-                        cfg,
-                        &Frame::error(f.seq, ErrorCode::BadAddress, &format!("{what}: {e}")),
-                    );
+                    self.reject(cfg, f.seq, ErrorCode::BadAddress, &format!("{what}: {e}"));
                     return None;
                 }
                 match f.kind {
@@ -604,14 +703,8 @@ impl Connection {
                 }
             }
             (State::Open, kind) => {
-                self.control(
-                    cfg,
-                    &Frame::error(
-                        f.seq,
-                        ErrorCode::Unsupported,
-                        &format!("{} is sent by the server", kind.name()),
-                    ),
-                );
+                let msg = format!("{} is sent by the server", kind.name());
+                self.reject(cfg, f.seq, ErrorCode::Unsupported, &msg);
                 None
             }
         }
@@ -622,23 +715,26 @@ impl Connection {
         if !f.src.is_empty()
             && let Err(e) = validate_name(&f.src)
         {
-            self.control(
-                cfg,
-                &Frame::error(seq, ErrorCode::BadAddress, &format!("addr: {e}")),
-            );
+            self.reject(cfg, seq, ErrorCode::BadAddress, &format!("addr: {e}"));
             return None;
         }
         let fields = match parse_hello_payload(&f.payload, cfg) {
             Ok(h) => h,
             Err(msg) => {
-                self.control(cfg, &Frame::error(seq, ErrorCode::BadFrame, &msg));
+                self.reject(cfg, seq, ErrorCode::BadFrame, &msg);
                 return None;
             }
         };
+        let token = fields.token.as_deref();
+        // The service token (the HTTP API's) is what grants more than a
+        // device has; a relay without any authentication trusts everyone.
+        let privileged = match (&cfg.service_token, &cfg.auth_secret) {
+            (Some(s), _) => token.is_some_and(|t| auth::same_secret(t.as_bytes(), s)),
+            (None, None) => true,
+            (None, Some(_)) => false,
+        };
         if let Some(secret) = &cfg.auth_secret {
-            let token = fields.token.as_deref();
-            let service = matches!((token, &cfg.service_token), (Some(t), Some(s)) if auth::same_token(t.as_bytes(), s));
-            let ok = service
+            let ok = privileged
                 || (!f.src.is_empty()
                     && token.is_some_and(|t| auth::verify_token(secret, &f.src, t)));
             if !ok {
@@ -648,6 +744,16 @@ impl Connection {
                 );
                 return Some(self.close(CloseReason::Unauthorized));
             }
+        }
+        if fields.role == Some(Role::Service) && !privileged {
+            // A role that grants more comes from the token, never the hello.
+            self.reject(
+                cfg,
+                seq,
+                ErrorCode::Forbidden,
+                "role service needs the service token",
+            );
+            return None;
         }
         self.hello_pending = true;
         Some(Event::Hello(Hello {
@@ -660,6 +766,7 @@ impl Connection {
             meta: fields.meta,
             seq,
             ack_req: f.flags.ack_req(),
+            privileged,
         }))
     }
 
@@ -716,6 +823,7 @@ impl Connection {
         self.state = State::Open;
         self.addr = addr;
         self.role = hello.role;
+        self.privileged = hello.privileged;
         self.heartbeat_s = hello.heartbeat_s;
         self.last_activity = now.mono_ms;
         let addr_text = String::from_utf8_lossy(&self.addr);
@@ -800,14 +908,19 @@ impl Connection {
         Ok(())
     }
 
-    /// Queues a reply the relay owes this client (ACK, ERROR, PONG...). Uses
-    /// the control slack; dropped only if even that is exhausted.
-    pub fn control(&mut self, cfg: &ConnConfig, frame: &Frame) -> bool {
-        if self.queued_bytes() > cfg.queue_bytes + CONTROL_SLACK {
-            return false;
-        }
+    /// Queues a reply the relay owes this client (ACK, ERROR, PONG...). A
+    /// reply is never dropped, whatever the queue holds: the runtime bounds
+    /// them by not reading a client whose queue is full (`should_pause`).
+    pub fn control(&mut self, _cfg: &ConnConfig, frame: &Frame) {
         self.encode(frame);
-        true
+    }
+
+    /// Drops a client frame: counts it by `code` and answers ERROR.
+    fn reject(&mut self, cfg: &ConnConfig, seq: u32, code: ErrorCode, message: &str) {
+        if let Some(why) = InputDrop::of(code) {
+            self.count_drop(why);
+        }
+        self.control(cfg, &Frame::error(seq, code, message));
     }
 
     fn encode(&mut self, frame: &Frame) {
@@ -2223,6 +2336,7 @@ mod tests {
             meta: Bytes::from_static(b"{}"),
             seq: 0,
             ack_req: false,
+            privileged: false,
         };
         w.accept(&cfg, t(0), &h, h.addr.clone(), "n1");
         drain(&mut w, &cfg, t(0));
@@ -2382,7 +2496,7 @@ mod tests {
     }
 
     #[test]
-    fn the_queue_is_bounded_and_control_replies_get_slack() {
+    fn the_queue_is_bounded_replies_are_never_dropped_and_a_full_queue_pauses_input() {
         let cfg = ConnConfig {
             queue_bytes: 1000,
             ..ConnConfig::default()
@@ -2398,15 +2512,121 @@ mod tests {
         assert_eq!(sent, 1000 / per);
         assert!(c.queued_bytes() <= 1000);
         assert_eq!(c.send(&cfg, t(2), &f), Err(SendError::Full));
-        // Replies the relay owes still fit, up to the slack.
-        assert!(c.control(&cfg, &Frame::ack(1)));
-        let mut n = 0;
-        while c.control(&cfg, &Frame::error(2, ErrorCode::NoRoute, "x")) {
-            n += 1;
-            assert!(n < 10_000);
+        // Not full yet: input goes on, unless answers still owed fill it.
+        assert!(!c.should_pause(&cfg, t(2), 0));
+        assert!(c.should_pause(&cfg, t(2), 1000 - c.queued_bytes()));
+        // Replies the relay owes are queued whatever the queue holds...
+        let before = c.queued_bytes();
+        for i in 0..100 {
+            c.control(&cfg, &Frame::error(i, ErrorCode::NoRoute, "x"));
         }
-        assert!(c.queued_bytes() <= 1000 + CONTROL_SLACK + 64);
-        assert!(c.queued_bytes() > 1000 + CONTROL_SLACK - 64);
+        let out = bin_frames(drain(&mut c, &cfg, t(3)));
+        assert_eq!(out.len(), sent + 100, "every reply is there");
+        assert!(before < 1000);
+        // ...and a queue at the bound tells the runtime to stop reading,
+        // which starts the slow-consumer clock.
+        for i in 0..100 {
+            c.control(&cfg, &Frame::ack(i));
+        }
+        assert!(c.should_pause(&cfg, t(10), 0));
+        assert_eq!(
+            c.poll_timeout(&cfg),
+            Some(10 + cfg.slow_consumer_timeout_ms)
+        );
+    }
+
+    #[test]
+    fn every_dropped_input_frame_is_counted_by_reason() {
+        let cfg = ConnConfig {
+            frames_per_sec: 1,
+            burst: 1,
+            max_frame: 64,
+            ..ConnConfig::default()
+        };
+        let mut c = Connection::new(&cfg, Transport::Tcp, t(0));
+        let mut input = BytesMut::new();
+        // hello_required, then a hello with a malformed payload (bad_frame)
+        // and one with a bad address.
+        input.extend(bin(&Frame::data("", "x", "a")));
+        input.extend(bin(&hello("web-1", "[1]")));
+        input.extend(bin(&hello("bad addr", "")));
+        let got = events(&mut c, &cfg, t(0), &mut input);
+        assert!(got.is_empty());
+        let d = c.take_drops().unwrap();
+        assert_eq!(d[InputDrop::HelloRequired as usize], 1);
+        assert_eq!(d[InputDrop::BadFrame as usize], 1);
+        assert_eq!(d[InputDrop::BadAddress as usize], 1);
+        assert_eq!(c.take_drops(), None, "the counts restart");
+        let mut c = open_bin(&cfg, "web-1");
+        let mut input = BytesMut::new();
+        input.extend(bin(&Frame::data("", "ctl-1", "a"))); // the one token
+        input.extend(bin(&Frame::data("", "ctl-1", "b"))); // rate_limited
+        input.extend(bin(&Frame::data("", "ctl-1", "c"))); // rate_limited
+        events(&mut c, &cfg, t(0), &mut input);
+        let d = c.take_drops().unwrap();
+        assert_eq!(d[InputDrop::RateLimited as usize], 2);
+        // A frame over max_frame closes the stream: too_large.
+        let mut input = BytesMut::from(&[0u8, 0, 1, 0][..]);
+        events(&mut c, &cfg, t(5000), &mut input);
+        assert_eq!(c.take_drops().unwrap()[InputDrop::TooLarge as usize], 1);
+    }
+
+    #[test]
+    fn json_that_is_not_utf8_is_bad_frame_even_in_an_ignored_field() {
+        let cfg = ConnConfig::default();
+        let mut c = open_json(&cfg);
+        let mut input = BytesMut::from(&b"{\"type\":\"ping\",\"seq\":7,\"x\":\"\xff\xfe\"}\n"[..]);
+        assert!(events(&mut c, &cfg, t(1), &mut input).is_empty());
+        let out = json_lines(&drain(&mut c, &cfg, t(1)));
+        assert_eq!(out.len(), 1, "{out:?}");
+        assert_eq!(out[0]["type"], "error");
+        assert_eq!(out[0]["code"], "bad_frame");
+        assert_eq!(out[0]["seq"], 7);
+        assert_eq!(c.take_drops().unwrap()[InputDrop::BadFrame as usize], 1);
+    }
+
+    #[test]
+    fn the_service_role_comes_from_the_token_not_the_hello() {
+        let cfg = ConnConfig {
+            auth_secret: Some(b"s3cret".to_vec()),
+            service_token: Some(b"api-token".to_vec()),
+            ..ConnConfig::default()
+        };
+        let device = crate::auth::token_for(b"s3cret", b"dev-4");
+        // A device token with role service: forbidden, the hello may be retried.
+        let mut c = Connection::new(&cfg, Transport::Tcp, t(0));
+        let p = json!({"token": device, "role": "service"}).to_string();
+        let mut input = bin(&with(hello("dev-4", &p), 3, 0));
+        assert!(events(&mut c, &cfg, t(0), &mut input).is_empty());
+        let out = bin_frames(drain(&mut c, &cfg, t(0)));
+        assert_eq!(err_of(&out[0]), (3, ErrorCode::Forbidden));
+        assert!(!c.is_closing());
+        // The same device without the role: admitted, not privileged.
+        let p = json!({"token": device}).to_string();
+        let mut input = bin(&hello("dev-4", &p));
+        let h = expect_hello(events(&mut c, &cfg, t(0), &mut input));
+        assert!(!h.privileged);
+        assert_eq!(h.role, Role::Controller);
+        // The service token grants the role and the privilege.
+        let mut c = Connection::new(&cfg, Transport::Tcp, t(0));
+        let p = json!({"token": "api-token", "role": "service"}).to_string();
+        let mut input = bin(&hello("svc-1", &p));
+        let h = expect_hello(events(&mut c, &cfg, t(0), &mut input));
+        assert!(h.privileged);
+        assert_eq!(h.role, Role::Service);
+        // Without any auth every hello is trusted; with only an API token
+        // set, the role still needs that token.
+        let open = ConnConfig::default();
+        let mut c = Connection::new(&open, Transport::Tcp, t(0));
+        let mut input = bin(&hello("svc-2", r#"{"role":"service"}"#));
+        assert!(expect_hello(events(&mut c, &open, t(0), &mut input)).privileged);
+        let api_only = ConnConfig {
+            service_token: Some(b"api-token".to_vec()),
+            ..ConnConfig::default()
+        };
+        let mut c = Connection::new(&api_only, Transport::Tcp, t(0));
+        let mut input = bin(&hello("svc-3", r#"{"role":"service"}"#));
+        assert!(events(&mut c, &api_only, t(0), &mut input).is_empty());
     }
 
     #[test]

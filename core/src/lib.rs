@@ -23,7 +23,8 @@ pub mod route;
 
 pub use codec::{DecodeError, Decoder};
 pub use conn::{
-    CloseReason, ConnConfig, Connection, Event, Hello, Now, Role, SendError, Transport, Wire,
+    CloseReason, ConnConfig, Connection, Event, Hello, InputDrop, Now, Role, SendError, Transport,
+    Wire,
 };
 pub use frame::{ErrorCode, Flags, Frame, FrameType};
 pub use json::JsonError;

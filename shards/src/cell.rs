@@ -115,6 +115,9 @@ pub struct Io {
     pub want_out: bool,
     /// The peer closed or reset the connection: close without flushing.
     pub eof: bool,
+    /// Input is not read: the connection's queue (with the answers it is
+    /// still owed) is at `queue_bytes`; reading resumes once it drains.
+    pub paused: bool,
     pub part: Option<Box<Partial>>,
 }
 
@@ -171,6 +174,9 @@ pub struct ConnCell {
     /// (monotonic ms; `u64::MAX` while it is not closing).
     pub close_deadline: Cell<u64>,
     pub reason: Cell<Option<CloseReason>>,
+    /// Answers (ACK or ERROR) this connection is owed by other shards: room
+    /// for them counts against its queue before more of its input is read.
+    pub owed: Cell<u32>,
 }
 
 impl ConnCell {
@@ -183,6 +189,7 @@ impl ConnCell {
             session: RefCell::new(session),
             close_deadline: Cell::new(u64::MAX),
             reason: Cell::new(None),
+            owed: Cell::new(0),
         }
     }
 

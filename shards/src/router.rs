@@ -888,6 +888,7 @@ impl Router {
                         }
                     };
                     if let Some(p) = done {
+                        self.settle(&p.target);
                         self.finish(p.target, p.delivered, p.error);
                     }
                 }
@@ -1084,6 +1085,12 @@ impl Router {
     }
 
     fn pending_for(&self, target: AckTarget, remaining: usize) -> u64 {
+        if let AckTarget::Conn { id, .. } = &target
+            && let Some(c) = self.conns.borrow().get(id)
+        {
+            // Room for the answer counts against the sender's queue.
+            c.owed.set(c.owed.get().saturating_add(1));
+        }
         let token = self.token();
         self.pending.borrow_mut().insert(
             token,
@@ -1095,6 +1102,15 @@ impl Router {
             },
         );
         token
+    }
+
+    /// A pending answer is about to be queued: it is owed no more.
+    fn settle(&self, target: &AckTarget) {
+        if let AckTarget::Conn { id, .. } = target
+            && let Some(c) = self.conns.borrow().get(id)
+        {
+            c.owed.set(c.owed.get().saturating_sub(1));
+        }
     }
 
     fn resolve(&self, target: AckTarget, result: Result<u32, Failure>) {

@@ -43,10 +43,13 @@ const ACCEPT_BUDGET: u32 = 64;
 const EVENTS: usize = 256;
 /// How often the loop polls when it cannot arm its wait (no descriptor free).
 const FALLBACK_POLL: std::time::Duration = std::time::Duration::from_millis(2);
+/// Room counted against a sender's queue for each answer other shards still
+/// owe it (an ERROR with a 64-byte address in the JSON form over WebSocket
+/// stays under this).
+const ANSWER_RESERVE: usize = 256;
 /// The listener's token in the epoll set (connection ids never reach it).
 const LISTENER: u64 = u64::MAX;
 const IN: u32 = (libc::EPOLLIN | libc::EPOLLRDHUP) as u32;
-const OUT: u32 = IN | libc::EPOLLOUT as u32;
 
 /// The shard's epoll set.
 #[derive(Debug)]
@@ -85,6 +88,16 @@ impl Poller {
     /// Watches the controllers' listener (again, after a pause).
     pub(super) fn watch_listener(&self, fd: RawFd) -> io::Result<()> {
         self.add(fd, LISTENER)
+    }
+
+    /// Watches `fd` for what `io` needs: input unless it is paused, output
+    /// while a write waits for room.
+    fn rearm(&self, fd: RawFd, id: ConnId, io: &Io) -> io::Result<()> {
+        let mut events = if io.paused { 0 } else { IN };
+        if io.want_out {
+            events |= libc::EPOLLOUT as u32;
+        }
+        self.ctl(libc::EPOLL_CTL_MOD, fd, events, id)
     }
 
     fn remove(&self, fd: RawFd) {
@@ -265,7 +278,7 @@ pub(super) fn attach(
     }
     let rbuf = take_rbuf(&cell);
     if !rbuf.is_empty()
-        && let Some((owner, hello)) = process_input(&shard.router, &cell, t, rbuf)
+        && let Some((owner, hello)) = process_input(shard, &cell, t, rbuf)
     {
         handover(shard, &cell, owner, hello);
         return;
@@ -325,6 +338,12 @@ fn on_readable(shard: &Rc<Shard>, cell: &Rc<ConnCell>, t: relay_core::Now) {
     let Some(fd) = cell.io.borrow().fd.as_ref().map(|f| f.as_raw_fd()) else {
         return;
     };
+    if cell.io.borrow().paused {
+        // Only a hang-up or an error reaches a paused connection: let the
+        // write pass find out.
+        router.wake(cell);
+        return;
+    }
     let mut buf = shard.read_buf.borrow_mut();
     for _ in 0..READ_BUDGET {
         // SAFETY: non-blocking recv into the shared buffer of the given length.
@@ -351,13 +370,13 @@ fn on_readable(shard: &Rc<Shard>, cell: &Rc<ConnCell>, t: relay_core::Now) {
         if !closing {
             let mut rbuf = take_rbuf(cell);
             rbuf.extend_from_slice(&buf[..n]);
-            if let Some((owner, hello)) = process_input(router, cell, t, rbuf) {
+            if let Some((owner, hello)) = process_input(shard, cell, t, rbuf) {
                 drop(buf);
                 handover(shard, cell, owner, hello);
                 return;
             }
         }
-        if n < buf.len() {
+        if n < buf.len() || cell.io.borrow().paused {
             break;
         }
     }
@@ -384,11 +403,12 @@ fn take_rbuf(cell: &ConnCell) -> BytesMut {
 /// Feeds `rbuf` to the connection and routes each event; keeps what is left
 /// of it. Returns the owner shard when the connection must move there.
 fn process_input(
-    router: &Router,
+    shard: &Shard,
     cell: &Rc<ConnCell>,
     t: relay_core::Now,
     mut rbuf: BytesMut,
 ) -> Option<(usize, Hello)> {
+    let router = &shard.router;
     let cfg = &router.cfg.conn;
     // Taken out while routing: routing may reach this same connection.
     let (mut dec, mut close_sent) = {
@@ -397,8 +417,16 @@ fn process_input(
         (dec, io.close_sent)
     };
     let mut moving = None;
+    let mut pause = false;
     loop {
         if cell.conn.borrow().is_closing() {
+            break;
+        }
+        // Every reply is queued, never dropped: a client whose queue is at
+        // the bound is not read until the queue drains.
+        let owed = cell.owed.get() as usize * ANSWER_RESERVE;
+        if cell.conn.borrow_mut().should_pause(cfg, t, owed) {
+            pause = true;
             break;
         }
         let step = match dec.as_mut() {
@@ -419,8 +447,17 @@ fn process_input(
             break;
         }
     }
+    if let Some(d) = cell.conn.borrow_mut().take_drops() {
+        router.stats.input_drops(d);
+    }
     let mut io = cell.io.borrow_mut();
     io.close_sent = close_sent;
+    if pause && !io.paused {
+        io.paused = true;
+        if let Some(fd) = io.fd.as_ref().map(|f| f.as_raw_fd()) {
+            let _ = shard.poller.rearm(fd, cell.id, &io);
+        }
+    }
     if !rbuf.is_empty() || dec.is_some() {
         let p = io.part();
         // An empty buffer gives its allocation back: idle connections hold none.
@@ -457,14 +494,11 @@ fn flush(shard: &Rc<Shard>, cell: &Rc<ConnCell>, t: relay_core::Now) {
         io.close_sent = true;
     }
     let failed = !gone && write_out(shard, cell, &mut io, fd, t);
-    if io.want_out
-        && !io.writing()
-        && shard
-            .poller
-            .ctl(libc::EPOLL_CTL_MOD, fd, IN, cell.id)
-            .is_ok()
-    {
+    if io.want_out && !io.writing() {
         io.want_out = false;
+        if shard.poller.rearm(fd, cell.id, &io).is_err() {
+            io.want_out = true;
+        }
     }
     if failed {
         cell.closing(CloseReason::PeerClosed, t.mono_ms);
@@ -476,6 +510,25 @@ fn flush(shard: &Rc<Shard>, cell: &Rc<ConnCell>, t: relay_core::Now) {
         if gone || failed || flushed || late {
             drop(io);
             close(shard, cell);
+        }
+        return;
+    }
+    if io.paused {
+        let cfg = &shard.router.cfg.conn;
+        let owed = cell.owed.get() as usize * ANSWER_RESERVE;
+        if !cell.conn.borrow_mut().should_pause(cfg, t, owed) {
+            // Drained: read again, starting with what is already buffered.
+            io.paused = false;
+            let _ = shard.poller.rearm(fd, cell.id, &io);
+            drop(io);
+            let rbuf = take_rbuf(cell);
+            if !rbuf.is_empty()
+                && let Some((owner, hello)) = process_input(shard, cell, t, rbuf)
+            {
+                handover(shard, cell, owner, hello);
+                return;
+            }
+            shard.router.wake(cell);
         }
     }
 }
@@ -519,13 +572,11 @@ fn write_out(shard: &Shard, cell: &ConnCell, io: &mut Io, fd: RawFd, t: relay_co
         match io::Error::last_os_error().raw_os_error() {
             Some(libc::EAGAIN) => {
                 // The peer is not reading: wait for room.
-                if !io.want_out
-                    && shard
-                        .poller
-                        .ctl(libc::EPOLL_CTL_MOD, fd, OUT, cell.id)
-                        .is_ok()
-                {
+                if !io.want_out {
                     io.want_out = true;
+                    if shard.poller.rearm(fd, cell.id, io).is_err() {
+                        io.want_out = false;
+                    }
                 }
                 break false;
             }
