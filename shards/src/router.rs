@@ -346,14 +346,9 @@ impl Router {
                 ack_req,
             } => {
                 ShardStats::add(&self.stats.frames_in, 1);
-                let watch = group.starts_with(WATCH_PREFIX);
-                if !self.cfg.allow_client_join && !watch {
-                    self.reply_conn(
-                        cell,
-                        seq,
-                        ack_req,
-                        Err((ErrorCode::Forbidden, "clients may not join groups".into())),
-                    );
+                if let Err(why) = self.may_join(cell, &group) {
+                    self.stats.dropped(DropReason::Forbidden);
+                    self.reply_conn(cell, seq, ack_req, Err((ErrorCode::Forbidden, why)));
                 } else {
                     let target = ack_req.then_some(AckTarget::Conn { id: cell.id, seq });
                     // With ACK_REQ the error is answered through the target.
@@ -378,9 +373,44 @@ impl Router {
         Outcome::Continue
     }
 
+    /// Whether a client may JOIN `group` itself. A `watch:<addr>` group
+    /// copies what `<addr>` sends, so only the device itself and privileged
+    /// connections (the service token, see `Hello::privileged`) may join
+    /// it, whatever `allow_client_join` says; the backend lets a browser
+    /// watch by binding it through the API.
+    fn may_join(&self, cell: &ConnCell, group: &[u8]) -> Result<(), String> {
+        if let Some(target) = group.strip_prefix(WATCH_PREFIX) {
+            let conn = cell.conn.borrow();
+            if conn.is_privileged() || conn.addr().as_ref() == target {
+                return Ok(());
+            }
+            return Err(format!(
+                "watching {} needs the service token",
+                name_str(target)
+            ));
+        }
+        if self.cfg.allow_client_join {
+            Ok(())
+        } else {
+            Err("clients may not join groups".into())
+        }
+    }
+
     /// Routes a client's DATA (to `dst`) or PUBLISH (to group `dst`).
     fn route_client_frame(&self, cell: &Rc<ConnCell>, mut frame: Frame, group: bool, now: Now) {
         ShardStats::add(&self.stats.frames_in, 1);
+        if group && frame.dst.starts_with(WATCH_PREFIX) {
+            // Only the relay writes to a watch group (its tap).
+            self.stats.dropped(DropReason::Forbidden);
+            let why = "watch groups carry what the relay taps; clients may not publish to them";
+            self.reply_conn(
+                cell,
+                frame.seq,
+                frame.flags.ack_req(),
+                Err((ErrorCode::Forbidden, why.into())),
+            );
+            return;
+        }
         // ACK_REQ comes off once, here: an ACK is the relay's answer to the
         // sender and never forwarded, so no recipient copies the frame for it.
         let target = frame.flags.ack_req().then_some(AckTarget::Conn {

@@ -10,8 +10,11 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use common::{Client, Form, addrs_on, start};
-use relay_core::frame::{Flags, Frame, FrameType};
+use common::{Client, Form, addrs_on, http, start};
+use relay_core::frame::{ErrorCode, Flags, Frame, FrameType};
+use serde_json::json;
+
+const TOKEN: &str = "test-token";
 
 /// Bytes queued for clients, summed over the shards (the sweeper samples it
 /// every 100 ms).
@@ -167,4 +170,223 @@ fn every_ack_req_gets_exactly_one_answer_even_from_one_large_write() {
     );
     sender.expect_silence(Duration::from_millis(300));
     assert!(reader.join().unwrap() > 0);
+}
+
+/// `relay_dropped_frames_total{reason=...}` of `/metrics`, and the same
+/// count in `/api/v1/stats`; both must agree.
+fn drops(relay: &relay_shards::Relay, reason: &str) -> u64 {
+    let (status, text) = http(relay, "GET", "/metrics", None, None);
+    assert_eq!(status, 200);
+    let line = format!("relay_dropped_frames_total{{reason=\"{reason}\"}} ");
+    let metric: u64 = text
+        .as_str()
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix(&line))
+        .unwrap_or_else(|| panic!("no {line} in /metrics"))
+        .parse()
+        .unwrap();
+    let (status, stats) = http(relay, "GET", "/api/v1/stats", Some(TOKEN), None);
+    assert_eq!(status, 200);
+    assert_eq!(
+        stats["drops"][reason],
+        json!(metric),
+        "{reason}: /metrics and /api/v1/stats differ"
+    );
+    metric
+}
+
+/// Waits until the drop counter of `reason` reaches `at_least`.
+fn wait_drops(relay: &relay_shards::Relay, reason: &str, at_least: u64) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let n = drops(relay, reason);
+        if n >= at_least || Instant::now() > deadline {
+            return n;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn every_dropped_frame_is_counted_by_its_reason() {
+    let relay = start(|c| {
+        c.limits.frames_per_sec = 50;
+        c.limits.burst = 10;
+        c.limits.max_frame = 1024;
+        c.auth.allow_client_join = false;
+    });
+    let tcp = relay.tcp_addr();
+    // hello_required: DATA before hello.
+    let mut early = Client::connect(tcp, Form::Binary);
+    early.data("ctl-1", 1, true, b"x");
+    early.expect_error(ErrorCode::HelloRequired);
+    // too_large: a length over max_frame (the stream closes).
+    let mut big = Client::connect(tcp, Form::Binary);
+    big.send_raw(&[0, 0, 0x10, 0]).unwrap();
+    big.expect_error(ErrorCode::TooLarge);
+    // bad_frame: a JSON line that is no frame, and one that is not UTF-8.
+    let mut j = Client::hello(tcp, Form::Json, "drops-json");
+    j.send_raw(b"{\"type\":\"data\",\"dst\":\n").unwrap();
+    j.expect_error(ErrorCode::BadFrame);
+    j.send_raw(b"{\"type\":\"ping\",\"note\":\"\xc3\x28\"}\n")
+        .unwrap();
+    j.expect_error(ErrorCode::BadFrame);
+    let mut c = Client::hello(tcp, Form::Binary, "drops-bin");
+    // bad_address, unsupported, forbidden, no_route: one each.
+    c.data("bad addr", 2, true, b"x");
+    c.expect_error(ErrorCode::BadAddress);
+    let mut w = Frame::new(FrameType::Welcome);
+    w.seq = 3;
+    c.send(&w);
+    c.expect_error(ErrorCode::Unsupported);
+    let mut join = Frame::new(FrameType::Join);
+    join.dst = Bytes::from_static(b"room-1");
+    join.seq = 4;
+    c.send(&join);
+    c.expect_error(ErrorCode::Forbidden);
+    c.data("gone-1", 5, true, b"x");
+    c.expect_error(ErrorCode::NoRoute);
+    // rate_limited: 60 frames at once against a burst of 10.
+    for seq in 100..160 {
+        c.data("gone-1", seq, false, b"x");
+    }
+    c.expect_error(ErrorCode::RateLimited);
+    assert!(wait_drops(&relay, "hello_required", 1) >= 1);
+    assert!(wait_drops(&relay, "too_large", 1) >= 1);
+    assert!(wait_drops(&relay, "bad_frame", 2) >= 2);
+    assert!(wait_drops(&relay, "bad_address", 1) >= 1);
+    assert!(wait_drops(&relay, "unsupported", 1) >= 1);
+    assert!(wait_drops(&relay, "forbidden", 1) >= 1);
+    assert!(wait_drops(&relay, "no_route", 2) >= 2);
+    assert!(wait_drops(&relay, "rate_limited", 30) >= 30);
+    drop(relay);
+
+    // slow_consumer and mesh_full need a full queue and a full mesh.
+    let relay = start(|c| {
+        c.limits.max_frame = 1024;
+        c.limits.queue_bytes = 4096;
+        c.limits.frames_per_sec = 0;
+        c.shards.mesh_capacity = 1;
+        c.shards.max_batch = 1;
+    });
+    let tcp = relay.tcp_addr();
+    let stuck_name = addrs_on("stuck-", 0, 2, 1).remove(0);
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    sock.connect(&tcp.into()).unwrap();
+    let mut stuck = Client::from_stream(sock.into(), Form::Binary);
+    let mut h = Frame::new(FrameType::Hello);
+    h.src = Bytes::from(stuck_name.clone());
+    stuck.send(&h);
+    let sender_name = addrs_on("flood-", 0, 2, 1).remove(0);
+    let mut sender = Client::hello(tcp, Form::Binary, &sender_name);
+    let start = Instant::now();
+    let mut slow = false;
+    let mut seq = 0;
+    while !slow && start.elapsed() < Duration::from_secs(10) {
+        for _ in 0..32 {
+            seq += 1;
+            sender.data(&stuck_name, seq, true, &[1u8; 900]);
+        }
+        while let Some(f) = sender.recv_timeout(Duration::from_millis(5)) {
+            slow |= f
+                .error_parts()
+                .is_some_and(|(c, _)| c == ErrorCode::SlowConsumer as u16);
+        }
+    }
+    assert!(slow, "the stuck receiver's queue never filled");
+    assert!(wait_drops(&relay, "slow_consumer", 1) >= 1);
+    let peer_name = addrs_on("peer-", 1, 2, 1).remove(0);
+    let mut peer = Client::hello(tcp, Form::Binary, &peer_name);
+    let mut burst = BytesMut::new();
+    for seq in 1..=2000 {
+        let mut f = Frame::data(Bytes::new(), Bytes::from(peer_name.clone()), "m");
+        f.seq = seq;
+        relay_core::codec::encode(&f, &mut burst);
+    }
+    sender.send_raw(&burst).unwrap();
+    assert!(wait_drops(&relay, "mesh_full", 1) >= 1);
+    assert!(peer.recv_timeout(Duration::from_secs(2)).is_some());
+}
+
+fn device_hello(tcp: std::net::SocketAddr, addr: &str) -> Client {
+    let token = relay_core::auth::token_for(SECRET.as_bytes(), addr.as_bytes());
+    Client::hello_with(tcp, Form::Binary, addr, json!({ "token": token }))
+}
+
+const SECRET: &str = "fleet-secret-fleet-secret";
+
+fn frame_to(kind: FrameType, dst: &str, seq: u32) -> Frame {
+    let mut f = Frame::new(kind);
+    f.dst = Bytes::from(dst.to_owned());
+    f.seq = seq;
+    f.flags = Flags(Flags::ACK_REQ);
+    f
+}
+
+#[test]
+fn only_the_device_and_the_service_token_may_watch_and_no_client_publishes_to_a_watch_group() {
+    let relay = start(|c| {
+        c.auth.mode = relay_config::AuthMode::Hmac;
+        c.auth.secret = SECRET.into();
+        c.auth.allow_client_join = false;
+        c.http.api_token = Some(TOKEN.into());
+    });
+    let tcp = relay.tcp_addr();
+    let mut dev5 = device_hello(tcp, "dev-5");
+    let mut dev4 = device_hello(tcp, "dev-4");
+    // Another device may not watch dev-5, nor take the service role with
+    // its own token.
+    dev4.send(&frame_to(FrameType::Join, "watch:dev-5", 1));
+    assert_eq!(dev4.expect_error(ErrorCode::Forbidden), 1);
+    let mut climber = Client::connect(tcp, Form::Binary);
+    let mut h = Frame::new(FrameType::Hello);
+    h.src = Bytes::from_static(b"dev-6");
+    h.seq = 2;
+    let token = relay_core::auth::token_for(SECRET.as_bytes(), b"dev-6");
+    h.payload = json!({"token": token, "role": "service"})
+        .to_string()
+        .into();
+    climber.send(&h);
+    assert_eq!(climber.expect_error(ErrorCode::Forbidden), 2);
+    // The service token may watch, and so may the device itself.
+    let mut svc = Client::hello_with(
+        tcp,
+        Form::Binary,
+        "svc-1",
+        json!({"token": TOKEN, "role": "service"}),
+    );
+    svc.send(&frame_to(FrameType::Join, "watch:dev-5", 3));
+    assert_eq!(svc.expect(FrameType::Ack).seq, 3);
+    dev5.send(&frame_to(FrameType::Join, "watch:dev-5", 4));
+    assert_eq!(dev5.expect(FrameType::Ack).seq, 4);
+    // No client publishes to a watch group, whatever its token.
+    dev4.send(&frame_to(FrameType::Publish, "watch:dev-5", 5));
+    assert_eq!(dev4.expect_error(ErrorCode::Forbidden), 5);
+    svc.send(&frame_to(FrameType::Publish, "watch:dev-5", 6));
+    assert_eq!(svc.expect_error(ErrorCode::Forbidden), 6);
+    // The backend lets a browser watch by binding it through the API.
+    let mut web = device_hello(tcp, "web-9");
+    let (status, body) = http(
+        &relay,
+        "POST",
+        "/api/v1/groups/watch:dev-5/members",
+        Some(TOKEN),
+        Some(&json!({"addr": "web-9"})),
+    );
+    assert_eq!(status, 200, "{body}");
+    dev5.data("dev-4", 9, false, b"private");
+    let direct = dev4.expect(FrameType::Data);
+    assert_eq!(direct.dst.as_ref(), b"dev-4");
+    dev4.expect_silence(Duration::from_millis(300));
+    for watcher in [&mut svc, &mut dev5, &mut web] {
+        let f = watcher.expect(FrameType::Data);
+        assert_eq!(
+            (f.src.as_ref(), f.dst.as_ref()),
+            (&b"dev-5"[..], &b"watch:dev-5"[..])
+        );
+        assert_eq!(&f.payload[..], b"private");
+    }
+    assert!(drops(&relay, "forbidden") >= 4);
 }
