@@ -220,6 +220,34 @@ pub(crate) fn check(config: &Config) -> Vec<Problem> {
         _ => {}
     }
     r.range("http.max_body", c.http.max_body as u64, 1, 64 * MIB, "");
+    r.range(
+        "http.max_bodies_bytes",
+        c.http.max_bodies_bytes as u64,
+        (c.http.max_body as u64).max(1),
+        16 * 1024 * MIB,
+        " (at least http.max_body, so one largest body fits)",
+    );
+    r.range(
+        "http.max_connections",
+        u64::from(c.http.max_connections),
+        1,
+        u64::from(MAX_CONNECTIONS_CEILING),
+        "",
+    );
+    r.range(
+        "http.health_slots",
+        u64::from(c.http.health_slots),
+        0,
+        1024,
+        "",
+    );
+    for (key, v) in [
+        ("http.head_timeout_ms", c.http.head_timeout_ms),
+        ("http.body_timeout_ms", c.http.body_timeout_ms),
+        ("http.idle_timeout_ms", c.http.idle_timeout_ms),
+    ] {
+        r.range(key, v, 100, 3_600_000, "");
+    }
 
     if let Err(reason) = check_log_filter(&c.log.level) {
         r.fail("log.level", reason);

@@ -190,6 +190,25 @@ pub struct HttpConfig {
     pub api_token: Option<String>,
     /// Largest request body the API reads, in bytes.
     pub max_body: usize,
+    /// Bytes of request bodies one shard holds at once, over all its HTTP
+    /// connections; a request whose body would pass it gets 503 before the
+    /// body is read. At least `max_body`.
+    pub max_bodies_bytes: usize,
+    /// Most HTTP connections (API calls, console, WebSocket handshakes) the
+    /// whole process holds at once. Its own pool: HTTP never takes the
+    /// controllers' `limits.max_connections` slots. A WebSocket moves to
+    /// the clients' pool once upgraded.
+    pub max_connections: u32,
+    /// Connections kept beyond `max_connections` for `/healthz` and
+    /// `/metrics` only, so health checks get through a full relay.
+    pub health_slots: u32,
+    /// A request head must arrive whole within this time of its first byte
+    /// (a client dribbling bytes cannot extend it).
+    pub head_timeout_ms: u64,
+    /// A request body must arrive whole within this time of its head.
+    pub body_timeout_ms: u64,
+    /// A keep-alive connection with no request for this long is closed.
+    pub idle_timeout_ms: u64,
     /// Serve the console page at `/`.
     pub console: bool,
 }
@@ -200,6 +219,12 @@ impl Default for HttpConfig {
             enabled: true,
             api_token: None,
             max_body: 1_048_576,
+            max_bodies_bytes: 16 * 1_048_576,
+            max_connections: 1024,
+            health_slots: 4,
+            head_timeout_ms: 10_000,
+            body_timeout_ms: 30_000,
+            idle_timeout_ms: 30_000,
             console: true,
         }
     }

@@ -258,7 +258,7 @@ pub async fn handle(
         let given = authorization
             .and_then(|a| a.strip_prefix("Bearer "))
             .map(str::trim);
-        if given != Some(token) {
+        if !given.is_some_and(|g| relay_core::auth::same_secret(g.as_bytes(), token.as_bytes())) {
             return err(ErrorCode::Unauthorized, "missing or wrong API token");
         }
     }

@@ -49,9 +49,21 @@ impl HttpError {
     }
 }
 
-/// Takes one whole request (head and body) off `buf`, or `Ok(None)` when
-/// more bytes are needed.
-pub fn parse_request(buf: &mut BytesMut, max_body: usize) -> Result<Option<Request>, HttpError> {
+/// A request head that arrived whole; its body follows in the buffer.
+#[derive(Debug, Clone)]
+pub struct Head {
+    /// The request, its body still empty.
+    pub req: Request,
+    /// Bytes of the head at the front of the buffer.
+    pub len: usize,
+    /// Bytes of body that follow.
+    pub content_length: usize,
+}
+
+/// Parses the request head at the front of `buf` without taking it, or
+/// `Ok(None)` when more bytes are needed. The body is not looked at, so
+/// the caller can refuse the request (401, 503) before reading it.
+pub fn parse_head(buf: &[u8], max_body: usize) -> Result<Option<Head>, HttpError> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut headers);
     let head_len = match req.parse(buf) {
@@ -77,17 +89,27 @@ pub fn parse_request(buf: &mut BytesMut, max_body: usize) -> Result<Option<Reque
         keep_alive: req.version == Some(1),
         ..Request::default()
     };
-    let mut content_length = 0usize;
+    let mut content_length: Option<usize> = None;
     let mut connection_upgrade = false;
     for h in req.headers.iter() {
         let value = std::str::from_utf8(h.value)
             .map_err(|_| HttpError::Malformed("header is not UTF-8".into()))?;
         match h.name.to_ascii_lowercase().as_str() {
             "content-length" => {
-                content_length = value
-                    .trim()
-                    .parse()
-                    .map_err(|_| HttpError::Malformed("bad Content-Length".into()))?
+                // One length of plain digits: a second header, a sign or a
+                // list is how a request is smuggled past a proxy that reads
+                // it differently (RFC 9112 6.3).
+                if content_length.is_some() {
+                    return Err(HttpError::Malformed("more than one Content-Length".into()));
+                }
+                let v = value.trim();
+                if v.is_empty() || !v.bytes().all(|b| b.is_ascii_digit()) {
+                    return Err(HttpError::Malformed("bad Content-Length".into()));
+                }
+                content_length = Some(
+                    v.parse()
+                        .map_err(|_| HttpError::Malformed("bad Content-Length".into()))?,
+                );
             }
             "transfer-encoding" if !value.eq_ignore_ascii_case("identity") => {
                 return Err(HttpError::LengthRequired);
@@ -110,16 +132,49 @@ pub fn parse_request(buf: &mut BytesMut, max_body: usize) -> Result<Option<Reque
         }
     }
     r.upgrade_websocket &= connection_upgrade;
+    let content_length = content_length.unwrap_or(0);
     if content_length > max_body {
         return Err(HttpError::BodyTooLarge(content_length));
     }
-    if buf.len() < head_len + content_length {
-        buf.reserve(head_len + content_length - buf.len());
+    Ok(Some(Head {
+        req: r,
+        len: head_len,
+        content_length,
+    }))
+}
+
+/// Takes one whole request (head and body) off `buf`, or `Ok(None)` when
+/// more bytes are needed.
+pub fn parse_request(buf: &mut BytesMut, max_body: usize) -> Result<Option<Request>, HttpError> {
+    let Some(head) = parse_head(buf, max_body)? else {
+        return Ok(None);
+    };
+    let whole = head.len + head.content_length;
+    if buf.len() < whole {
         return Ok(None);
     }
-    buf.advance(head_len);
-    r.body = buf.split_to(content_length).freeze();
+    buf.advance(head.len);
+    let mut r = head.req;
+    r.body = buf.split_to(head.content_length).freeze();
     Ok(Some(r))
+}
+
+/// Whether `key` is a valid `Sec-WebSocket-Key`: base64 of 16 bytes
+/// (RFC 6455 4.1).
+pub fn valid_ws_key(key: &str) -> bool {
+    use base64::Engine as _;
+    key.len() == 24
+        && base64::engine::general_purpose::STANDARD
+            .decode(key)
+            .is_ok_and(|k| k.len() == 16)
+}
+
+/// The answer to HEAD: the GET response's head without its body.
+pub fn head_only(mut response: Vec<u8>) -> Vec<u8> {
+    if let Some(i) = response.windows(4).position(|w| w == b"\r\n\r\n") {
+        response.truncate(i + 4);
+    }
+    response
 }
 
 /// The value of `key` in a query string, percent-decoded.
@@ -196,6 +251,7 @@ fn reason(status: u16) -> &'static str {
         400 => "Bad Request",
         401 => "Unauthorized",
         404 => "Not Found",
+        408 => "Request Timeout",
         405 => "Method Not Allowed",
         411 => "Length Required",
         413 => "Payload Too Large",
@@ -245,6 +301,48 @@ mod tests {
         assert_eq!(parse_request(&mut b, 10).unwrap_err().status(), 400);
         let mut b = BytesMut::from(&vec![b'a'; MAX_HEAD + 1][..]);
         assert!(parse_request(&mut b, 10).is_err());
+    }
+
+    #[test]
+    fn a_second_or_signed_content_length_is_refused() {
+        for raw in [
+            &b"POST / HTTP/1.1\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\nab"[..],
+            &b"POST / HTTP/1.1\r\nContent-Length: 2\r\nContent-Length: 5\r\n\r\nab"[..],
+            &b"POST / HTTP/1.1\r\nContent-Length: +2\r\n\r\nab"[..],
+            &b"POST / HTTP/1.1\r\nContent-Length: 2, 2\r\n\r\nab"[..],
+            &b"POST / HTTP/1.1\r\nContent-Length: \r\n\r\nab"[..],
+        ] {
+            let mut b = BytesMut::from(raw);
+            assert_eq!(
+                parse_request(&mut b, 100).unwrap_err().status(),
+                400,
+                "{raw:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_head_is_parsed_before_any_body_arrives() {
+        let raw = b"POST /api/v1/send HTTP/1.1\r\nContent-Length: 1000\r\n\r\n";
+        let h = parse_head(raw, 1000).unwrap().unwrap();
+        assert_eq!((h.len, h.content_length), (raw.len(), 1000));
+        assert_eq!(h.req.path, "/api/v1/send");
+    }
+
+    #[test]
+    fn websocket_keys_must_be_16_bytes_of_base64() {
+        assert!(valid_ws_key("dGhlIHNhbXBsZSBub25jZQ=="));
+        assert!(!valid_ws_key(""));
+        assert!(!valid_ws_key("not base64 at all!!!!!!!"));
+        assert!(!valid_ws_key("dGhlIHNhbXBsZQ=="));
+    }
+
+    #[test]
+    fn head_only_keeps_the_length_and_drops_the_body() {
+        let r = head_only(json(200, &serde_json::json!({"ok": true}), true));
+        let text = String::from_utf8(r).unwrap();
+        assert!(text.contains("content-length: 11\r\n"));
+        assert!(text.ends_with("\r\n\r\n"));
     }
 
     #[test]

@@ -8,6 +8,7 @@
 //! - [`http`]: HTTP/1.1 request parsing and responses (httparse).
 //! - [`ws`]: the WebSocket frame layer (tungstenite headers).
 //! - [`api`]: the HTTP API routes over the router.
+//! - [`lograte`]: log lines an outsider can cause, at most one a second.
 //! - `rt`: the glommio runtime (executors, listeners, the per-shard I/O loop,
 //!   the cross-shard mesh, deadlines, shutdown). All glommio code is there.
 
@@ -15,6 +16,7 @@ pub mod api;
 pub mod cell;
 pub mod console;
 pub mod http;
+pub mod lograte;
 pub mod metrics;
 pub mod router;
 mod rt;

@@ -3,9 +3,9 @@
 //! WebSocket; then the socket goes to the shard's I/O loop as a browser.
 
 use std::rc::Rc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use bytes::BytesMut;
+use bytes::{Buf, BytesMut};
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::TcpStream;
 use relay_core::conn::{Connection, Transport};
@@ -17,17 +17,139 @@ use crate::http::{self, Request};
 use crate::router::Router;
 use crate::stats::ShardStats;
 
-/// An idle keep-alive connection is closed after this long.
-const IDLE: Duration = Duration::from_secs(30);
 /// Bound on one API request's work (cross-shard calls included).
 const API_TIMEOUT: Duration = Duration::from_secs(10);
 
-pub(super) async fn serve(shard: Rc<Shard>, stream: TcpStream) {
+pub(super) async fn serve(shard: Rc<Shard>, stream: TcpStream, health_only: bool) {
     // Requests first; a WebSocket upgrade then runs as its own future, so the
     // request buffers are gone before the browser's long life begins.
-    if let Some((stream, req, leftover)) = requests(&shard, stream).await {
+    if let Some((stream, req, leftover)) = requests(&shard, stream, health_only).await {
         upgrade(shard, stream, req, leftover).await;
     }
+}
+
+/// What a read with a deadline gave.
+enum Got {
+    Data,
+    Closed,
+    TimedOut,
+}
+
+/// Reads what the peer sent into `buf`, waiting at most until `deadline`.
+async fn read_more(
+    shard: &Shard,
+    stream: &mut TcpStream,
+    buf: &mut BytesMut,
+    tmp: &mut [u8],
+    deadline: Instant,
+) -> Got {
+    let left = deadline.saturating_duration_since(Instant::now());
+    if left.is_zero() || stream.set_read_timeout(Some(left)).is_err() {
+        return Got::TimedOut;
+    }
+    match stream.read(tmp).await {
+        Ok(0) => Got::Closed,
+        Ok(n) => {
+            ShardStats::add(&shard.router.stats.bytes_in, n as u64);
+            buf.extend_from_slice(&tmp[..n]);
+            Got::Data
+        }
+        Err(_) if Instant::now() >= deadline => Got::TimedOut,
+        Err(_) => Got::Closed,
+    }
+}
+
+/// Request body bytes held by one request, given back to the shard's
+/// budget when the request is done.
+struct BodyBudget<'a> {
+    shard: &'a Shard,
+    n: usize,
+}
+
+impl<'a> BodyBudget<'a> {
+    fn take(shard: &'a Shard, n: usize) -> Option<BodyBudget<'a>> {
+        let held = shard.body_bytes.get();
+        if held.saturating_add(n) > shard.shared.max_bodies {
+            return None;
+        }
+        shard.body_bytes.set(held + n);
+        Some(BodyBudget { shard, n })
+    }
+}
+
+impl Drop for BodyBudget<'_> {
+    fn drop(&mut self) {
+        let b = &self.shard.body_bytes;
+        b.set(b.get().saturating_sub(self.n));
+    }
+}
+
+fn error_json(status: u16, code: &str, message: &str) -> Vec<u8> {
+    http::json(status, &json!({"error": code, "message": message}), false)
+}
+
+/// Whether a request is a health check (what the health slots serve).
+fn is_health(req: &Request) -> bool {
+    matches!(req.method.as_str(), "GET" | "HEAD")
+        && matches!(req.path.as_str(), "/healthz" | "/metrics")
+}
+
+/// Reads one request head: waits up to the idle timeout for its first
+/// byte, then up to `head_timeout` for the whole head (a client sending a
+/// byte at a time cannot extend it). `None` when the connection is to end;
+/// an error has then been answered.
+async fn read_head(
+    shard: &Shard,
+    stream: &mut TcpStream,
+    buf: &mut BytesMut,
+    tmp: &mut [u8],
+) -> Option<http::Head> {
+    let shared = &shard.shared;
+    let mut head_deadline = (!buf.is_empty()).then(|| Instant::now() + shared.head_timeout);
+    loop {
+        match http::parse_head(buf, shared.max_body) {
+            Ok(Some(h)) => return Some(h),
+            Ok(None) => {}
+            Err(e) => {
+                let _ = stream
+                    .write_all(&error_json(e.status(), "bad_frame", &e.to_string()))
+                    .await;
+                return None;
+            }
+        }
+        let deadline = head_deadline.unwrap_or_else(|| Instant::now() + shared.http_idle);
+        match read_more(shard, stream, buf, tmp, deadline).await {
+            Got::Data => {
+                head_deadline.get_or_insert_with(|| Instant::now() + shared.head_timeout);
+            }
+            Got::Closed => return None,
+            Got::TimedOut => {
+                if head_deadline.is_some() {
+                    let msg = "the request head did not arrive within http.head_timeout_ms";
+                    let _ = stream.write_all(&error_json(408, "timeout", msg)).await;
+                }
+                return None;
+            }
+        }
+    }
+}
+
+/// Whether the request names the API token when the API needs one,
+/// compared in constant time. Checked on the head, before any body is read.
+fn authorized(shard: &Shard, req: &Request) -> bool {
+    let Some(token) = shard.shared.api_token.as_deref() else {
+        return true;
+    };
+    if !req.path.starts_with("/api/") {
+        return true;
+    }
+    let given = req
+        .authorization
+        .as_deref()
+        .and_then(|a| a.strip_prefix("Bearer "))
+        .map(str::trim)
+        .unwrap_or("");
+    relay_core::auth::same_secret(given.as_bytes(), token.as_bytes())
 }
 
 /// Serves requests until the connection closes (`None`) or one asks for a
@@ -35,46 +157,93 @@ pub(super) async fn serve(shard: Rc<Shard>, stream: TcpStream) {
 async fn requests(
     shard: &Rc<Shard>,
     mut stream: TcpStream,
+    health_only: bool,
 ) -> Option<(TcpStream, Request, BytesMut)> {
-    let _ = stream.set_read_timeout(Some(IDLE));
+    let shared = &shard.shared;
     let mut buf = BytesMut::new();
     let mut tmp = vec![0u8; 8192];
     let upgrade_req = loop {
-        let req = loop {
-            match http::parse_request(&mut buf, shard.shared.max_body) {
-                Ok(Some(r)) => break Some(r),
-                Ok(None) => {}
-                Err(e) => {
-                    let body = json!({"error": "bad_frame", "message": e.to_string()});
-                    let _ = stream
-                        .write_all(&http::json(e.status(), &body, false))
-                        .await;
+        let Some(head) = read_head(shard, &mut stream, &mut buf, &mut tmp).await else {
+            break None;
+        };
+        let mut req = head.req;
+        if health_only && !is_health(&req) {
+            let msg = "the relay is at http.max_connections; only /healthz and /metrics are served";
+            let _ = stream.write_all(&error_json(503, "busy", msg)).await;
+            break None;
+        }
+        if !authorized(shard, &req) {
+            // Refused on the head: the body is never read.
+            let msg = "missing or wrong API token";
+            let _ = stream
+                .write_all(&error_json(401, "unauthorized", msg))
+                .await;
+            break None;
+        }
+        let len = head.content_length;
+        let budget = if len > 0 {
+            match BodyBudget::take(shard, len) {
+                Some(b) => Some(b),
+                None => {
+                    let msg = "too many request bodies in flight; retry later";
+                    let _ = stream.write_all(&error_json(503, "busy", msg)).await;
                     break None;
                 }
             }
-            match stream.read(&mut tmp).await {
-                Ok(0) | Err(_) => break None,
-                Ok(n) => {
-                    ShardStats::add(&shard.router.stats.bytes_in, n as u64);
-                    buf.extend_from_slice(&tmp[..n]);
+        } else {
+            None
+        };
+        buf.advance(head.len);
+        let body_deadline = Instant::now() + shared.body_timeout;
+        let mut complete = true;
+        while buf.len() < len {
+            match read_more(shard, &mut stream, &mut buf, &mut tmp, body_deadline).await {
+                Got::Data => {}
+                Got::Closed => {
+                    complete = false;
+                    break;
+                }
+                Got::TimedOut => {
+                    let msg = "the request body did not arrive within http.body_timeout_ms";
+                    let _ = stream.write_all(&error_json(408, "timeout", msg)).await;
+                    complete = false;
+                    break;
                 }
             }
-        };
-        let Some(req) = req else { break None };
+        }
+        if !complete {
+            break None;
+        }
+        req.body = buf.split_to(len).freeze();
         if req.path == "/ws" {
-            if let Some(resp) = websocket(shard, &mut stream, &req).await {
+            if let Some(resp) = websocket(shard, &req) {
                 let _ = stream.write_all(&resp).await;
+                break None;
+            }
+            // Upgraded, the browser is a client: it takes a client slot.
+            if !shared.admit() {
+                let msg = "the relay is at limits.max_connections";
+                let _ = stream.write_all(&error_json(503, "busy", msg)).await;
                 break None;
             }
             break Some(req);
         }
-        let keep_alive = req.keep_alive && !shard.router.is_shutting_down();
-        let resp = respond(shard, &req, keep_alive).await;
+        let keep_alive = req.keep_alive && !health_only && !shard.router.is_shutting_down();
+        let resp = if req.method == "HEAD" {
+            let mut get = req.clone();
+            get.method = "GET".into();
+            http::head_only(respond(shard, &get, keep_alive).await)
+        } else {
+            respond(shard, &req, keep_alive).await
+        };
+        drop(req);
+        drop(budget);
         ShardStats::add(&shard.router.stats.bytes_out, resp.len() as u64);
         if stream.write_all(&resp).await.is_err() || !keep_alive {
             break None;
         }
     };
+    shared.release_http();
     match upgrade_req {
         Some(req) => {
             let _ = stream.set_read_timeout(None);
@@ -82,7 +251,7 @@ async fn requests(
         }
         None => {
             let _ = stream.close().await;
-            shard.shared.release();
+            ShardStats::add(&shard.router.stats.closed_total, 1);
             None
         }
     }
@@ -172,26 +341,29 @@ async fn respond(shard: &Rc<Shard>, req: &Request, keep_alive: bool) -> Vec<u8> 
 }
 
 /// Checks an upgrade request; `Some(response)` refuses it.
-async fn websocket(shard: &Rc<Shard>, _stream: &mut TcpStream, req: &Request) -> Option<Vec<u8>> {
+fn websocket(shard: &Shard, req: &Request) -> Option<Vec<u8>> {
     if shard.router.is_shutting_down() {
-        return Some(http::json(
-            503,
-            &json!({"error": "shutting_down", "message": "relay is shutting down"}),
-            false,
+        return Some(error_json(503, "shutting_down", "relay is shutting down"));
+    }
+    if req.method != "GET" || !req.upgrade_websocket {
+        return Some(error_json(
+            426,
+            "bad_frame",
+            "a WebSocket upgrade is required",
         ));
     }
-    if req.method != "GET" || !req.upgrade_websocket || req.ws_key.is_none() {
-        return Some(http::json(
-            426,
-            &json!({"error": "bad_frame", "message": "a WebSocket upgrade is required"}),
-            false,
+    if !req.ws_key.as_deref().is_some_and(http::valid_ws_key) {
+        return Some(error_json(
+            400,
+            "bad_frame",
+            "Sec-WebSocket-Key must be 16 bytes in base64",
         ));
     }
     if req.ws_version.as_deref() != Some("13") {
-        return Some(http::json(
+        return Some(error_json(
             400,
-            &json!({"error": "unsupported", "message": "Sec-WebSocket-Version must be 13"}),
-            false,
+            "unsupported",
+            "Sec-WebSocket-Version must be 13",
         ));
     }
     None
@@ -228,7 +400,7 @@ async fn upgrade(shard: Rc<Shard>, mut stream: TcpStream, req: Request, leftover
     let fd = match conn::take_fd(stream) {
         Ok(fd) => fd,
         Err(e) => {
-            tracing::warn!("WebSocket upgrade failed: {e}");
+            crate::warn_every!("WebSocket upgrade failed: {e}");
             shard.shared.release();
             return;
         }

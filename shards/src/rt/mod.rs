@@ -70,6 +70,16 @@ pub struct Shared {
     /// `[http] api_token`: required as a bearer token on `/api/*` when set.
     pub api_token: Option<String>,
     pub max_body: usize,
+    /// `[http] max_bodies_bytes`: request body bytes one shard holds at once.
+    pub max_bodies: usize,
+    /// Open HTTP connections (not yet upgraded), against `http_max`.
+    pub http_open: AtomicUsize,
+    pub http_max: usize,
+    /// HTTP connections beyond `http_max` kept for `/healthz` and `/metrics`.
+    pub health_slots: usize,
+    pub head_timeout: Duration,
+    pub body_timeout: Duration,
+    pub http_idle: Duration,
     /// Serve the console page at `/`.
     pub console: bool,
     /// The rules engine, when enabled.
@@ -86,13 +96,38 @@ impl Shared {
     fn admit(&self) -> bool {
         if self.open.fetch_add(1, Ordering::Relaxed) >= self.max_connections {
             self.open.fetch_sub(1, Ordering::Relaxed);
-            tracing::warn!(
-                "max_connections ({}) reached; connection refused",
+            crate::warn_every!(
+                "limits.max_connections ({}) reached; connection refused",
                 self.max_connections
             );
             return false;
         }
         true
+    }
+
+    /// Counts a new HTTP connection against `[http] max_connections`:
+    /// `Some(false)` admitted, `Some(true)` admitted to a health slot
+    /// (`/healthz` and `/metrics` only), `None` refused.
+    fn admit_http(&self) -> Option<bool> {
+        let n = self.http_open.fetch_add(1, Ordering::Relaxed);
+        if n < self.http_max {
+            return Some(false);
+        }
+        if n < self.http_max + self.health_slots {
+            return Some(true);
+        }
+        self.http_open.fetch_sub(1, Ordering::Relaxed);
+        crate::warn_every!(
+            "http.max_connections ({}) and its {} health slots reached; connection refused",
+            self.http_max,
+            self.health_slots
+        );
+        None
+    }
+
+    /// An HTTP connection counted by `admit_http` has gone (or was upgraded).
+    fn release_http(&self) {
+        self.http_open.fetch_sub(1, Ordering::Relaxed);
     }
 
     /// A connection counted by `admit` has gone.
@@ -123,6 +158,9 @@ pub(crate) struct Shard {
     max_batch: usize,
     /// Woken when the shard starts shutting down (stops the accept loops).
     stop_wakers: RefCell<Vec<std::task::Waker>>,
+    /// Request body bytes this shard's HTTP connections hold or wait for,
+    /// against `Shared::max_bodies`.
+    body_bytes: Cell<usize>,
 }
 
 impl Shard {
@@ -206,6 +244,13 @@ impl Relay {
             started: Instant::now(),
             api_token: cfg.http.api_token.clone(),
             max_body: cfg.http.max_body,
+            max_bodies: cfg.http.max_bodies_bytes,
+            http_open: AtomicUsize::new(0),
+            http_max: cfg.http.max_connections as usize,
+            health_slots: cfg.http.health_slots as usize,
+            head_timeout: Duration::from_millis(cfg.http.head_timeout_ms),
+            body_timeout: Duration::from_millis(cfg.http.body_timeout_ms),
+            http_idle: Duration::from_millis(cfg.http.idle_timeout_ms),
             console: cfg.http.console,
             plugins: ext.plugins,
             plugin_metrics: ext.plugin_metrics,
@@ -460,6 +505,7 @@ async fn shard_main(
         shared: shared.clone(),
         max_batch,
         stop_wakers: RefCell::new(Vec::new()),
+        body_bytes: Cell::new(0),
     });
 
     // Long-lived tasks; dropping their handles when the shard ends cancels
@@ -501,7 +547,7 @@ async fn shard_main(
             && let Some(fd) = shard.listen_fd.get()
             && let Err(e) = shard.poller.watch_listener(fd)
         {
-            tracing::warn!("cannot resume accepts: {e}");
+            crate::warn_every!("cannot resume accepts: {e}");
             shard.accept_paused.set(true);
         }
         if shared.stop.load(Ordering::Relaxed) && shutdown_deadline.is_none() {
@@ -544,17 +590,18 @@ async fn accept_http(shard: Rc<Shard>, listener: TcpListener) {
             None => break,
             Some(Ok(s)) => s,
             Some(Err(e)) => {
-                tracing::warn!("accept failed: {e}");
+                crate::warn_every!("HTTP accept failed: {e}");
                 glommio::timer::sleep(Duration::from_millis(10)).await;
                 continue;
             }
         };
-        if !shard.shared.admit() {
+        // HTTP has its own pool: it never takes the controllers' slots.
+        let Some(health_only) = shard.shared.admit_http() else {
             continue;
-        }
+        };
         let _ = stream.set_nodelay(true);
         ShardStats::add(&shard.router.stats.accepted_total, 1);
-        glommio::spawn_local(http::serve(shard.clone(), stream)).detach();
+        glommio::spawn_local(http::serve(shard.clone(), stream, health_only)).detach();
     }
 }
 
@@ -590,7 +637,7 @@ async fn rule_actions(shard: Rc<Shard>, rx: relay_plugins::ActionReceiver) {
             }
         };
         if let Err(e) = relay_core::validate_name(target.as_bytes()) {
-            tracing::warn!("a rule sent to {target:?}: {e}; dropped");
+            crate::warn_every!("a rule sent to {target:?}: {e}; dropped");
             continue;
         }
         let mut f = Frame::data(
