@@ -40,6 +40,10 @@ pub enum WsError {
     NotUtf8,
     #[error("malformed frame header")]
     Header,
+    #[error("close frame with a 1-byte payload or a code RFC 6455 forbids")]
+    BadClose,
+    #[error("close reason is not UTF-8")]
+    CloseNotUtf8,
 }
 
 impl WsError {
@@ -47,7 +51,7 @@ impl WsError {
     pub fn close_code(&self) -> u16 {
         match self {
             WsError::TooBig(_) => 1009,
-            WsError::NotUtf8 => 1007,
+            WsError::NotUtf8 | WsError::CloseNotUtf8 => 1007,
             _ => 1002,
         }
     }
@@ -105,8 +109,17 @@ impl WsDecoder {
                 OpCode::Control(Control::Ping) => return Ok(Some(WsMsg::Ping(payload.freeze()))),
                 OpCode::Control(Control::Pong) => return Ok(Some(WsMsg::Pong)),
                 OpCode::Control(Control::Close) => {
+                    if payload.len() == 1 {
+                        return Err(WsError::BadClose);
+                    }
                     let code =
                         (payload.len() >= 2).then(|| u16::from_be_bytes([payload[0], payload[1]]));
+                    if code.is_some_and(|c| !valid_close_code(c)) {
+                        return Err(WsError::BadClose);
+                    }
+                    if payload.len() > 2 && std::str::from_utf8(&payload[2..]).is_err() {
+                        return Err(WsError::CloseNotUtf8);
+                    }
                     return Ok(Some(WsMsg::Close(code)));
                 }
                 OpCode::Control(Control::Reserved(_)) | OpCode::Data(Data::Reserved(_)) => {
@@ -135,6 +148,13 @@ impl WsDecoder {
             }
         }
     }
+}
+
+/// Whether a peer may send close code `code` (RFC 6455 7.4): the defined
+/// codes other than those never sent on the wire (1004, 1005, 1006, 1015),
+/// and the registered and private ranges 3000..=4999.
+pub fn valid_close_code(code: u16) -> bool {
+    matches!(code, 1000..=1003 | 1007..=1014 | 3000..=4999)
 }
 
 fn finish(text: bool, payload: Bytes) -> Result<WsMsg, WsError> {
@@ -267,6 +287,34 @@ mod tests {
             WsDecoder::default().decode(&mut long_ping, 1000),
             Err(WsError::BadControl)
         );
+    }
+
+    #[test]
+    fn close_frames_with_forbidden_codes_or_one_byte_are_protocol_errors() {
+        for payload in [&[0x00u8, 0x05][..], &[0x03], &[0x03, 0xed], &[0x13, 0x88]] {
+            let mut b = BytesMut::from(&client_frame(true, 0x8, payload)[..]);
+            let e = WsDecoder::default().decode(&mut b, 100).unwrap_err();
+            assert_eq!(
+                (e.clone(), e.close_code()),
+                (WsError::BadClose, 1002),
+                "{payload:?}"
+            );
+        }
+        let mut b = BytesMut::from(&client_frame(true, 0x8, &[0x03, 0xe8, 0xff])[..]);
+        assert_eq!(
+            WsDecoder::default()
+                .decode(&mut b, 100)
+                .unwrap_err()
+                .close_code(),
+            1007
+        );
+        for ok in [1000u16, 1001, 1011, 3000, 4999] {
+            let mut b = BytesMut::from(&client_frame(true, 0x8, &ok.to_be_bytes())[..]);
+            assert_eq!(
+                WsDecoder::default().decode(&mut b, 100).unwrap(),
+                Some(WsMsg::Close(Some(ok)))
+            );
+        }
     }
 
     #[test]

@@ -528,3 +528,130 @@ fn http_connections_cannot_take_controllers_slots_nor_dribble_past_their_deadlin
     assert!(start.elapsed() < Duration::from_secs(3));
     drop(ctls);
 }
+
+#[test]
+fn smuggling_heads_are_refused_and_head_answers_like_get_without_a_body() {
+    let relay = start(|_| {});
+    for cl in [
+        "Content-Length: 2\r\nContent-Length: 2",
+        "Content-Length: 2\r\nContent-Length: 7",
+        "Content-Length: +2",
+    ] {
+        let raw = format!("GET /healthz HTTP/1.1\r\nHost: relay\r\n{cl}\r\n\r\n{{}}");
+        let got = raw_http(&relay, raw.as_bytes());
+        assert!(got.starts_with("HTTP/1.1 400 "), "{cl:?}: {got}");
+    }
+    let get = raw_http(
+        &relay,
+        b"GET /healthz HTTP/1.1\r\nConnection: close\r\n\r\n",
+    );
+    let head = raw_http(
+        &relay,
+        b"HEAD /healthz HTTP/1.1\r\nConnection: close\r\n\r\n",
+    );
+    let (get_head, get_body) = get.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.1 200 "), "{head}");
+    assert_eq!(
+        head,
+        format!("{get_head}\r\n\r\n"),
+        "HEAD is GET's head, no body"
+    );
+    assert!(!get_body.is_empty());
+}
+
+#[test]
+fn relay_closed_total_counts_http_connections() {
+    let relay = start(|_| {});
+    let closed = |relay: &relay_shards::Relay| -> u64 {
+        let (_, text) = http(relay, "GET", "/metrics", None, None);
+        // Summed over the shards.
+        text.as_str()
+            .unwrap()
+            .lines()
+            .filter(|l| l.starts_with("relay_closed_total{"))
+            .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
+            .sum()
+    };
+    let before = closed(&relay);
+    for _ in 0..3 {
+        assert_eq!(http(&relay, "GET", "/healthz", None, None).0, 200);
+    }
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while closed(&relay) < before + 4 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The three health checks and the first /metrics request.
+    assert!(closed(&relay) >= before + 4);
+}
+
+/// Reads one server WebSocket frame: (opcode, payload).
+fn read_ws_frame(s: &mut TcpStream) -> (u8, Vec<u8>) {
+    let mut h = [0u8; 2];
+    s.read_exact(&mut h).unwrap();
+    let len = match h[1] & 0x7f {
+        126 => {
+            let mut l = [0u8; 2];
+            s.read_exact(&mut l).unwrap();
+            u16::from_be_bytes(l) as usize
+        }
+        127 => {
+            let mut l = [0u8; 8];
+            s.read_exact(&mut l).unwrap();
+            u64::from_be_bytes(l) as usize
+        }
+        n => n as usize,
+    };
+    let mut p = vec![0u8; len];
+    s.read_exact(&mut p).unwrap();
+    (h[0] & 0x0f, p)
+}
+
+/// The close code the relay answers after `frame`, skipping other frames.
+fn close_code_after(relay: &relay_shards::Relay, frame: &[u8]) -> u16 {
+    let mut s = TcpStream::connect(relay.http_addr().unwrap()).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    ws_handshake(&mut s, "addr=web-closer");
+    s.write_all(frame).unwrap();
+    loop {
+        let (op, p) = read_ws_frame(&mut s);
+        if op == 0x8 {
+            return u16::from_be_bytes([p[0], p[1]]);
+        }
+    }
+}
+
+#[test]
+fn websocket_handshakes_and_close_frames_are_checked() {
+    let relay = start(|c| c.limits.max_frame = 1024);
+    for key in ["", "c2hvcnQ=", "not-base64-not-base64-!!"] {
+        let raw = format!(
+            "GET /ws HTTP/1.1\r\nHost: relay\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        );
+        let got = raw_http(&relay, raw.as_bytes());
+        assert!(got.starts_with("HTTP/1.1 400 "), "key {key:?}: {got}");
+    }
+    // Close codes RFC 6455 forbids, and a 1-byte close payload: 1002.
+    assert_eq!(
+        close_code_after(&relay, &ws_frame(0x8, &5u16.to_be_bytes())),
+        1002
+    );
+    assert_eq!(
+        close_code_after(&relay, &ws_frame(0x8, &1005u16.to_be_bytes())),
+        1002
+    );
+    assert_eq!(close_code_after(&relay, &ws_frame(0x8, &[3])), 1002);
+    assert_eq!(
+        close_code_after(&relay, &ws_frame(0x8, &1000u16.to_be_bytes())),
+        1000
+    );
+    // A broken relay frame in a binary message: 4000 + bad_frame, and over
+    // max_frame (but within the message bound): 4000 + too_large.
+    assert_eq!(
+        close_code_after(&relay, &ws_frame(0x2, &[1, 2, 3])),
+        4000 + ErrorCode::BadFrame as u16
+    );
+    assert_eq!(
+        close_code_after(&relay, &ws_frame(0x2, &[0u8; 1500])),
+        4000 + ErrorCode::TooLarge as u16
+    );
+}

@@ -26,6 +26,7 @@ use bytes::BytesMut;
 use futures_lite::AsyncRead;
 use glommio::net::TcpStream;
 use relay_core::conn::{CloseReason, Event, Hello, Transport};
+use relay_core::frame::ErrorCode;
 
 use super::{Shard, now};
 use crate::cell::{ConnCell, ConnId, Io, Partial};
@@ -253,7 +254,7 @@ pub(super) fn attach(
     first: Option<Event>,
 ) {
     if let Err(e) = shard.poller.add(fd.as_raw_fd(), cell.id) {
-        tracing::warn!("cannot watch a connection: {e}");
+        crate::warn_every!("cannot watch a connection: {e}");
         drop(fd);
         shard.router.on_closed(&cell, now());
         shard.shared.release();
@@ -298,13 +299,13 @@ fn accept_ready(shard: &Rc<Shard>, listener: &socket2::Socket) {
                 | Some(libc::ENOMEM) => {
                     // Out of descriptors: stop watching the listener until
                     // the sweeper resumes it, instead of spinning on it.
-                    tracing::warn!("accept failed: {e}; pausing accepts");
+                    crate::warn_every!("accept failed: {e}; pausing accepts");
                     shard.poller.remove(listener.as_raw_fd());
                     shard.accept_paused.set(true);
                     return;
                 }
                 _ => {
-                    tracing::warn!("accept failed: {e}");
+                    crate::warn_every!("accept failed: {e}");
                     return;
                 }
             },
@@ -658,7 +659,22 @@ fn ws_step(
     match dec.decode(rbuf, cfg.max_line()) {
         Ok(None) => Step::Stop,
         Ok(Some(WsMsg::Text(m))) => event(c.handle_message(cfg, t, true, m)),
-        Ok(Some(WsMsg::Binary(m))) => event(c.handle_message(cfg, t, false, m)),
+        Ok(Some(WsMsg::Binary(m))) => {
+            let too_large = m.len() > cfg.max_frame;
+            let ev = c.handle_message(cfg, t, false, m);
+            if let Some(Event::Closed(CloseReason::ProtocolError)) = ev {
+                // A broken relay frame: the browser learns which, as
+                // 4000 + the protocol's error code (docs/protocol.md).
+                let code = if too_large {
+                    ErrorCode::TooLarge
+                } else {
+                    ErrorCode::BadFrame
+                };
+                c.send_raw(&ws::close_frame(4000 + code as u16, code.name()));
+                *close_sent = true;
+            }
+            event(ev)
+        }
         Ok(Some(WsMsg::Ping(p))) => {
             c.send_raw(&ws::pong_frame(&p));
             c.touch(t);
