@@ -655,3 +655,30 @@ fn websocket_handshakes_and_close_frames_are_checked() {
         4000 + ErrorCode::TooLarge as u16
     );
 }
+
+#[test]
+fn a_second_relay_with_the_same_listeners_refuses_to_start_and_names_the_holder() {
+    let first = start(|_| {});
+    let mut cfg = common::test_config();
+    cfg.listeners.tcp = first.tcp_addr();
+    cfg.listeners.http = "127.0.0.1:0".parse().unwrap();
+    let err = relay_shards::Relay::start(&cfg)
+        .expect_err("the TCP port is taken")
+        .to_string();
+    let pid = format!("process {}", std::process::id());
+    assert!(
+        err.contains(&first.tcp_addr().to_string()) && err.contains(&pid),
+        "{err}"
+    );
+    let mut cfg = common::test_config();
+    cfg.listeners.http = first.http_addr().unwrap();
+    let err = relay_shards::Relay::start(&cfg)
+        .expect_err("the HTTP port is taken")
+        .to_string();
+    assert!(err.contains(&pid), "{err}");
+    // The first relay is unharmed.
+    let mut c = Client::hello(first.tcp_addr(), Form::Binary, "ctl-still");
+    c.data("ctl-still", 1, true, b"me");
+    c.expect(FrameType::Data);
+    c.expect(FrameType::Ack);
+}

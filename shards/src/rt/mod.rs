@@ -212,6 +212,13 @@ impl Relay {
     /// Starts with the rules engine (or other extensions) attached.
     pub fn start_with(cfg: &Config, ext: Extensions) -> anyhow::Result<Relay> {
         let shards = cfg.shard_count().clamp(1, MAX_SHARDS);
+        // Every shard binds with SO_REUSEPORT, which would let a second relay
+        // started with the same config share the ports and split the
+        // address space: make sure nobody listens there first.
+        ensure_free(cfg.listeners.tcp)?;
+        if cfg.http.enabled {
+            ensure_free(cfg.listeners.http)?;
+        }
         let reserve = reserve_port(cfg.listeners.tcp)
             .with_context(|| format!("binding {}", cfg.listeners.tcp))?;
         let tcp_addr = reserve
@@ -376,6 +383,88 @@ impl Drop for Relay {
             let _ = h.join_all();
         }
     }
+}
+
+/// Fails when another socket listens on `addr` (port 0 is always free):
+/// a bind without SO_REUSEPORT is refused then, whoever holds it. The
+/// error names the process that listens there when it can be found.
+fn ensure_free(addr: SocketAddr) -> anyhow::Result<()> {
+    if addr.port() == 0 {
+        return Ok(());
+    }
+    let domain = if addr.is_ipv6() {
+        socket2::Domain::IPV6
+    } else {
+        socket2::Domain::IPV4
+    };
+    let probe = socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP))
+        .with_context(|| format!("checking {addr}"))?;
+    // SO_REUSEADDR only: connections in TIME_WAIT from a previous run do
+    // not count, a listener does.
+    probe.set_reuse_address(true)?;
+    match probe.bind(&addr.into()) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+            let who = listener_pid(addr.port())
+                .map(|pid| format!("process {pid}"))
+                .unwrap_or_else(|| "another process".into());
+            bail!(
+                "{addr} is in use by {who}; is another relay running with this configuration? \
+                 Stop it or change [listeners]"
+            )
+        }
+        Err(e) => Err(e).with_context(|| format!("binding {addr}")),
+    }
+}
+
+/// The pid of a process with a TCP socket listening on `port`, from
+/// /proc (Linux; only processes this user may inspect).
+fn listener_pid(port: u16) -> Option<u32> {
+    let mut inodes = Vec::new();
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let Ok(text) = std::fs::read_to_string(table) else {
+            continue;
+        };
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            // sl local rem st tx:rx tr:when retrnsmt uid timeout inode
+            let (Some(local), Some(state), Some(inode)) = (f.get(1), f.get(3), f.get(9)) else {
+                continue;
+            };
+            let listening = *state == "0A";
+            let same_port = local
+                .rsplit(':')
+                .next()
+                .and_then(|p| u16::from_str_radix(p, 16).ok())
+                == Some(port);
+            if listening && same_port {
+                inodes.push(format!("socket:[{inode}]"));
+            }
+        }
+    }
+    if inodes.is_empty() {
+        return None;
+    }
+    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(fds) = std::fs::read_dir(entry.path().join("fd")) else {
+            continue;
+        };
+        for fd in fds.flatten() {
+            if let Ok(target) = std::fs::read_link(fd.path())
+                && inodes.iter().any(|i| target.as_os_str() == i.as_str())
+            {
+                return Some(pid);
+            }
+        }
+    }
+    None
 }
 
 /// Binds (without listening) to learn the port when 0 is asked, and to hold
