@@ -25,6 +25,9 @@ pub struct PluginsConfig {
     pub tick_s: f64,
     /// Most Rhai operations one hook call may run before it is stopped.
     pub max_operations: u64,
+    /// Longest wall-clock time (ms) one hook call may run before it is
+    /// stopped, whatever it counts as operations.
+    pub max_hook_ms: u64,
     /// Deepest function call nesting a script may reach.
     pub max_call_levels: usize,
     /// Deepest expression nesting accepted when a script is compiled.
@@ -66,6 +69,7 @@ impl Default for PluginsConfig {
             queue: 10_000,
             tick_s: 1.0,
             max_operations: 100_000,
+            max_hook_ms: 100,
             max_call_levels: 32,
             max_expr_depth: 64,
             max_string_size: 65_536,
@@ -444,6 +448,12 @@ impl PluginsConfig {
         }
         if self.max_operations == 0 {
             bad("max_operations", "must be above 0 (a limit is required)");
+        }
+        if self.max_hook_ms == 0 || self.max_hook_ms > 60_000 {
+            bad(
+                "max_hook_ms",
+                "must be between 1 and 60000 (a limit is required)",
+            );
         }
         if self.max_call_levels == 0 || self.max_call_levels > 1_000 {
             bad("max_call_levels", "must be between 1 and 1000");

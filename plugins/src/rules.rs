@@ -44,6 +44,31 @@ pub struct Rules {
     scripts: Vec<Compiled>,
     /// The call context the functions write into.
     ctx: Ctx,
+    /// Bounds each hook call's wall-clock time.
+    timer: script::HookTimer,
+    /// At most one WARN line of script errors a second per worker.
+    warn_gate: WarnGate,
+    started: std::time::Instant,
+}
+
+/// Lets one log line through per second, counting those left out.
+#[derive(Debug, Default)]
+struct WarnGate {
+    /// When the last line went out (ms on the caller's clock).
+    at: Option<u64>,
+    left_out: u64,
+}
+
+impl WarnGate {
+    /// `Some(n)`: write the line, `n` were left out since the last one.
+    fn pass(&mut self, now_ms: u64) -> Option<u64> {
+        if self.at.is_some_and(|a| now_ms < a.saturating_add(1000)) {
+            self.left_out += 1;
+            return None;
+        }
+        self.at = Some(now_ms);
+        Some(std::mem::take(&mut self.left_out))
+    }
 }
 
 impl std::fmt::Debug for Rules {
@@ -114,7 +139,7 @@ fn hook_line(text: &str, name: &str) -> usize {
 impl Rules {
     /// An engine with the limits of `cfg` and no scripts yet.
     pub fn new(cfg: &PluginsConfig, shared: Arc<Shared>) -> Rules {
-        let mut engine = script::sandbox(cfg);
+        let (mut engine, timer) = script::sandbox_timed(cfg);
         let ctx: Ctx = Rc::new(RefCell::new(CallCtx {
             now_ms: 0,
             file: String::new(),
@@ -127,6 +152,9 @@ impl Rules {
             engine,
             scripts: Vec::new(),
             ctx,
+            timer,
+            warn_gate: WarnGate::default(),
+            started: std::time::Instant::now(),
         }
     }
 
@@ -216,6 +244,7 @@ impl Rules {
             let mut opts = CallFnOptions::new();
             opts.eval_ast = false;
             let mut scope = Scope::new();
+            self.timer.arm();
             let result = self.engine.call_fn_with_options::<Dynamic>(
                 opts,
                 &mut scope,
@@ -223,6 +252,7 @@ impl Rules {
                 name,
                 args.clone(),
             );
+            self.timer.disarm();
             let mut cx = self.ctx.borrow_mut();
             let effects = std::mem::take(&mut cx.effects);
             out.effects.extend(effects);
@@ -238,7 +268,15 @@ impl Rules {
                 if se.limit {
                     shared.count(&shared.stats.limit_trips);
                 }
-                tracing::warn!(target: "relay::rules", "{se}");
+                // A script failing on every event must not flood the log.
+                let at = self.started.elapsed().as_millis() as u64;
+                match self.warn_gate.pass(at) {
+                    Some(0) => tracing::warn!(target: "relay::rules", "{se}"),
+                    Some(n) => {
+                        tracing::warn!(target: "relay::rules", "{se} ({n} more script errors left out)")
+                    }
+                    None => {}
+                }
                 out.errors.push(se);
             }
         }
@@ -253,6 +291,17 @@ mod tests {
     use super::*;
     use bytes::Bytes;
     use relay_config::plugins::{MysqlConfig, NotifyConfig};
+
+    #[test]
+    fn script_error_lines_are_one_a_second_with_the_count_left_out() {
+        let mut g = WarnGate::default();
+        assert_eq!(g.pass(0), Some(0));
+        for t in 1..1000 {
+            assert_eq!(g.pass(t), None);
+        }
+        assert_eq!(g.pass(1000), Some(999));
+        assert_eq!(g.pass(2500), Some(0));
+    }
 
     fn rules(text: &str) -> Rules {
         let cfg = PluginsConfig::default();

@@ -6,7 +6,8 @@
 //! of strings, arrays and maps, so a script can neither stall nor exhaust the relay.
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::time::SystemTime;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
 
 use relay_config::plugins::PluginsConfig;
 use rhai::{Engine, EvalAltResult, ParseError, Position};
@@ -86,7 +87,8 @@ impl ScriptError {
         }
         let limit = matches!(
             inner,
-            EvalAltResult::ErrorTooManyOperations(_)
+            EvalAltResult::ErrorTerminated(..)
+                | EvalAltResult::ErrorTooManyOperations(_)
                 | EvalAltResult::ErrorStackOverflow(_)
                 | EvalAltResult::ErrorDataTooLarge(..)
                 | EvalAltResult::ErrorTooManyVariables(_)
@@ -97,7 +99,11 @@ impl ScriptError {
             p = e.position();
         }
         let (line, column) = pos(p);
-        let mut message = inner.to_string();
+        let mut message = match inner {
+            // The token is the reason the wall-clock bound gave.
+            EvalAltResult::ErrorTerminated(why, _) => why.to_string(),
+            _ => inner.to_string(),
+        };
         if !inner.position().is_none()
             && let Some(cut) = message.rfind(&format!(" ({})", inner.position()))
         {
@@ -116,9 +122,61 @@ impl ScriptError {
     }
 }
 
+/// The wall-clock bound on hook calls of one engine: armed before a call,
+/// checked every few hundred operations, so a call that runs past
+/// `max_hook_ms` is stopped (as a limit trip) however cheap its operations.
+#[derive(Debug, Clone)]
+pub struct HookTimer {
+    deadline: Arc<Mutex<Option<Instant>>>,
+    max: Duration,
+}
+
+impl HookTimer {
+    /// Starts the clock of one call.
+    pub fn arm(&self) {
+        if let Ok(mut d) = self.deadline.lock() {
+            *d = Some(Instant::now() + self.max);
+        }
+    }
+
+    /// The call is over.
+    pub fn disarm(&self) {
+        if let Ok(mut d) = self.deadline.lock() {
+            *d = None;
+        }
+    }
+
+    fn passed(&self) -> bool {
+        self.deadline
+            .lock()
+            .ok()
+            .and_then(|d| *d)
+            .is_some_and(|d| Instant::now() >= d)
+    }
+}
+
+/// Operations between two looks at the clock.
+const CLOCK_EVERY: u64 = 256;
+
 /// A sandboxed engine with the limits of `cfg` and no script functions registered yet.
 pub fn sandbox(cfg: &PluginsConfig) -> Engine {
+    sandbox_timed(cfg).0
+}
+
+/// [`sandbox`], with the timer that bounds each hook call to
+/// `max_hook_ms` of wall-clock time once armed.
+pub fn sandbox_timed(cfg: &PluginsConfig) -> (Engine, HookTimer) {
+    let timer = HookTimer {
+        deadline: Arc::new(Mutex::new(None)),
+        max: Duration::from_millis(cfg.max_hook_ms.max(1)),
+    };
     let mut e = Engine::new();
+    let t = timer.clone();
+    let max_ms = cfg.max_hook_ms;
+    e.on_progress(move |ops| {
+        (ops % CLOCK_EVERY == 0 && t.passed())
+            .then(|| format!("ran longer than max_hook_ms ({max_ms} ms)").into())
+    });
     e.set_module_resolver(rhai::module_resolvers::DummyModuleResolver::new());
     e.disable_symbol("eval");
     e.set_max_operations(cfg.max_operations);
@@ -132,7 +190,7 @@ pub fn sandbox(cfg: &PluginsConfig) -> Engine {
     e.set_max_modules(0);
     e.on_print(|s| tracing::info!(target: "relay::rules", "{s}"));
     e.on_debug(|s, src, p| tracing::debug!(target: "relay::rules", "{}:{}: {s}", src.unwrap_or("?"), p.line().unwrap_or(0)));
-    e
+    (e, timer)
 }
 
 /// Compiles `text` as file `name`, with the source set so runtime errors name the file.
@@ -279,6 +337,29 @@ mod tests {
         let err = on_tick_error(&en, &ast);
         let se = ScriptError::from_eval("l.rhai", &err);
         assert!(se.limit, "{se}");
+    }
+
+    #[test]
+    fn a_call_past_max_hook_ms_is_stopped_as_a_limit_trip() {
+        let (en, timer) = sandbox_timed(&PluginsConfig {
+            max_operations: u64::MAX,
+            max_hook_ms: 50,
+            ..Default::default()
+        });
+        let ast = compile(
+            &en,
+            "slow.rhai",
+            "fn on_tick(now) {\n  loop { now += 1; }\n}",
+        )
+        .unwrap();
+        timer.arm();
+        let started = Instant::now();
+        let err = on_tick_error(&en, &ast);
+        timer.disarm();
+        assert!(started.elapsed() < Duration::from_secs(5));
+        let se = ScriptError::from_eval("slow.rhai", &err);
+        assert!(se.limit, "{se}");
+        assert!(se.message.contains("max_hook_ms (50 ms)"), "{se}");
     }
 
     #[test]
