@@ -64,6 +64,10 @@ fn drive_tcp(cfg: &ConnConfig, data: &[u8]) {
     for (i, part) in [a, b].into_iter().enumerate() {
         input.extend_from_slice(part);
         for _ in 0..=data.len() {
+            // As the relay does: a client whose queue is full is not read.
+            if c.should_pause(cfg, now(i as u64), 0) {
+                break;
+            }
             match c.handle_input(cfg, now(i as u64), &mut input) {
                 Some(Event::Hello(h)) => c.accept(cfg, now(i as u64), &h, h.addr.clone(), "n1"),
                 Some(Event::Data(f)) | Some(Event::Publish(f)) => {
