@@ -30,6 +30,14 @@ impl Drop for RulesRelay {
 }
 
 fn start_with_rules(name: &str, scripts: &[(&str, &str)]) -> RulesRelay {
+    start_with_rules_and(name, scripts, |_| {})
+}
+
+fn start_with_rules_and(
+    name: &str,
+    scripts: &[(&str, &str)],
+    tweak: impl FnOnce(&mut relay_config::Config),
+) -> RulesRelay {
     let dir = std::env::temp_dir().join(format!("relay-rules-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(dir.join("rules")).unwrap();
@@ -42,6 +50,7 @@ fn start_with_rules(name: &str, scripts: &[(&str, &str)]) -> RulesRelay {
     cfg.plugins.spool_dir = dir.join("spool").display().to_string();
     cfg.plugins.max_operations = 100_000;
     cfg.plugins.workers = 2;
+    tweak(&mut cfg);
     let (ext, host) = relay_shards::rules::attach(&cfg).expect("rules engine starts");
     let relay = Relay::start_with(&cfg, ext).expect("relay starts");
     RulesRelay {
@@ -208,4 +217,42 @@ fn a_runaway_script_is_stopped_while_the_relay_keeps_forwarding() {
         std::thread::sleep(Duration::from_millis(100));
     }
     assert!(metric(relay, "relay_rules_errors_total") >= 3);
+}
+
+#[test]
+fn a_full_rules_queue_drops_and_counts_and_a_slow_hook_is_stopped_by_the_clock() {
+    // Cheap operations, slow overall: only the wall-clock bound stops it.
+    let r = start_with_rules_and(
+        "slowq",
+        &[("slow.rhai", "fn on_message(msg) { loop { } }")],
+        |c| {
+            c.plugins.workers = 1;
+            c.plugins.queue = 4;
+            c.plugins.max_hook_ms = 50;
+            c.plugins.max_operations = 1_000_000_000_000;
+        },
+    );
+    let relay = r.relay.as_ref().unwrap();
+    let mut c = Client::hello(relay.tcp_addr(), Form::Binary, "ctl-slowq");
+    for seq in 1..=100 {
+        c.data("ctl-slowq", seq, false, b"x");
+    }
+    for _ in 0..100 {
+        c.expect(FrameType::Data);
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while metric(relay, "relay_rules_limit_trips_total") < 2 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(metric(relay, "relay_rules_limit_trips_total") >= 2);
+    let dropped = metric(
+        relay,
+        "relay_dropped_frames_total{reason=\"plugin_queue_full\"}",
+    );
+    assert!(
+        dropped >= 50,
+        "{dropped} events dropped of 100 for a queue of 4"
+    );
+    let (_, stats) = http(relay, "GET", "/api/v1/stats", None, None);
+    assert!(stats["drops"]["plugin_queue_full"].as_u64().unwrap() >= dropped);
 }
