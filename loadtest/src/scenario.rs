@@ -645,7 +645,7 @@ impl Scenario {
         if prefix.len() > MAX_PREFIX {
             p.push(format!("target.prefix: at most {MAX_PREFIX} bytes"));
         }
-        if !prefix.bytes().all(is_addr_byte) {
+        if !prefix.bytes().all(relay_core::name::is_name_byte) {
             p.push("target.prefix: only A-Z a-z 0-9 . _ : @ - are allowed".into());
         }
         let nonzero = |p: &mut Vec<String>, key: &str, v: u32| {
@@ -788,11 +788,6 @@ impl Scenario {
             })
         }
     }
-}
-
-/// True for bytes allowed in relay addresses and group names.
-pub fn is_addr_byte(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'@' | b'-')
 }
 
 /// Parses `a.b.c.d` or `a.b.c.d..a.b.c.e` (inclusive, at most 65536 addresses).
