@@ -448,6 +448,7 @@ pub fn run(s: &Scenario, opts: &RunOptions) -> Result<Report, RunError> {
         sources: sources.clone(),
         connect_start_ns,
         max_connections: wplan.per_process,
+        units: None,
     };
     let result = (|| {
         fleet.broadcast(|i| Command::Connect(Box::new(setup(i))))?;

@@ -1,13 +1,14 @@
 //! The stamp every load-test message carries: its intended send time (CLOCK_MONOTONIC
-//! ns, shared by all processes on the host) and the step it belongs to. Binary form:
-//! the payload's first 12 bytes (u64 BE time, u32 BE step), padded to the payload size.
-//! JSON form: `{"t":<ns>,"s":<step>,"p":"xxxx"}` padded the same way.
+//! ns, shared by all processes on the host), the step it belongs to, and how late the
+//! generator actually wrote it (ns after the intended time). Binary form: the payload's
+//! first 16 bytes (u64 BE time, u32 BE step, u32 BE lag), padded to the payload size.
+//! JSON form: `{"t":<ns>,"s":<step>,"l":<lag>,"p":"xxxx"}` padded the same way.
 
 use bytes::BufMut;
 use serde::Deserialize;
 
 /// Bytes the binary stamp takes at the start of a payload.
-pub const STAMP_LEN: usize = 12;
+pub const STAMP_LEN: usize = 16;
 
 /// What a message carries to measure it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -16,12 +17,17 @@ pub struct Stamp {
     pub intended_ns: u64,
     /// Step the message belongs to; a message arriving during another step is late.
     pub step: u32,
+    /// How long after `intended_ns` the generator wrote it, ns (saturating at ~4.3 s),
+    /// so the receiver also knows the actual send time.
+    pub lag_ns: u32,
 }
 
 #[derive(Deserialize)]
 struct JsonStamp {
     t: u64,
     s: u32,
+    #[serde(default)]
+    l: u32,
 }
 
 impl Stamp {
@@ -29,13 +35,14 @@ impl Stamp {
     pub fn put_binary(&self, out: &mut impl BufMut, payload_len: usize) {
         out.put_u64(self.intended_ns);
         out.put_u32(self.step);
+        out.put_u32(self.lag_ns);
         out.put_bytes(b'x', payload_len.saturating_sub(STAMP_LEN));
     }
 
     /// Length of the JSON payload for these numbers without padding.
     fn json_base_len(&self) -> usize {
-        // {"t":N,"s":N,"p":""}
-        18 + digits(self.intended_ns) + digits(self.step as u64)
+        // {"t":N,"s":N,"l":N,"p":""}
+        23 + digits(self.intended_ns) + digits(self.step as u64) + digits(self.lag_ns as u64)
     }
 
     /// Writes the JSON payload object, padded towards `payload_len` bytes.
@@ -44,6 +51,8 @@ impl Stamp {
         put_decimal(out, self.intended_ns);
         out.put_slice(b",\"s\":");
         put_decimal(out, self.step as u64);
+        out.put_slice(b",\"l\":");
+        put_decimal(out, self.lag_ns as u64);
         out.put_slice(b",\"p\":\"");
         out.put_bytes(b'x', payload_len.saturating_sub(self.json_base_len()));
         out.put_slice(b"\"}");
@@ -62,6 +71,7 @@ impl Stamp {
         Some(Stamp {
             intended_ns: u64::from_be_bytes(b[0..8].try_into().ok()?),
             step: u32::from_be_bytes(b[8..12].try_into().ok()?),
+            lag_ns: u32::from_be_bytes(b[12..16].try_into().ok()?),
         })
     }
 
@@ -71,6 +81,7 @@ impl Stamp {
         Some(Stamp {
             intended_ns: j.t,
             step: j.s,
+            lag_ns: j.l,
         })
     }
 
@@ -79,7 +90,16 @@ impl Stamp {
         Some(Stamp {
             intended_ns: v.get("t")?.as_u64()?,
             step: u32::try_from(v.get("s")?.as_u64()?).ok()?,
+            lag_ns: v
+                .get("l")
+                .and_then(|l| l.as_u64())
+                .map_or(0, |l| u32::try_from(l).unwrap_or(u32::MAX)),
         })
+    }
+
+    /// The actual send time: the intended time plus the lag.
+    pub fn sent_ns(&self) -> u64 {
+        self.intended_ns.saturating_add(self.lag_ns as u64)
     }
 
     /// Reads either form: JSON when flagged as JSON or when it starts with `{`.
@@ -125,13 +145,14 @@ mod tests {
         let s = Stamp {
             intended_ns: 123_456_789_012,
             step: 7,
+            lag_ns: 41_000,
         };
         let mut v = Vec::new();
         s.put_binary(&mut v, 64);
         assert_eq!(v.len(), 64);
         assert_eq!(Stamp::from_binary(&v), Some(s));
         assert_eq!(Stamp::from_payload(&v, false), Some(s));
-        assert_eq!(Stamp::from_binary(&v[..11]), None);
+        assert_eq!(Stamp::from_binary(&v[..15]), None);
     }
 
     #[test]
@@ -139,6 +160,7 @@ mod tests {
         let s = Stamp {
             intended_ns: 9_000_000_000_000_000_000,
             step: 0,
+            lag_ns: u32::MAX,
         };
         let mut v = Vec::new();
         s.put_json(&mut v, 64);

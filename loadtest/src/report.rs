@@ -68,6 +68,18 @@ pub struct Second {
     pub received: u64,
 }
 
+/// Latency in one time bucket of a step (by arrival time).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct TimePoint {
+    /// Start of the bucket, seconds since the step start.
+    pub t_s: f64,
+    /// Receipts in the bucket.
+    pub count: u64,
+    pub p50_us: u64,
+    pub p99_us: u64,
+    pub max_us: u64,
+}
+
 /// The server's cost during one step.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct ServerStep {
@@ -105,6 +117,12 @@ pub struct StepReport {
     pub receive_rate: f64,
     /// Latency from intended send time (round trip for the command pattern).
     pub latency: LatencySummary,
+    /// Latency from the actual send time (the generator's lag taken off).
+    #[serde(default)]
+    pub latency_from_sent: LatencySummary,
+    /// Latency from intended send time over the step, by arrival time.
+    #[serde(default)]
+    pub latency_over_time: Vec<TimePoint>,
     /// Heartbeat round trip from its intended time.
     pub heartbeat: LatencySummary,
     /// The tool's own lag from intended send time to the write, per batch.
@@ -155,6 +173,20 @@ impl StepReport {
             send_rate: s.sent as f64 / d,
             receive_rate: s.received as f64 / d,
             latency: LatencySummary::from_hist(&s.latency),
+            latency_from_sent: LatencySummary::from_hist(&s.latency_sent),
+            latency_over_time: s
+                .latency_by_time
+                .iter()
+                .enumerate()
+                .filter(|(_, h)| !h.is_empty())
+                .map(|(i, h)| TimePoint {
+                    t_s: (i as u64 * s.time_bucket_s.max(1) as u64) as f64,
+                    count: h.len(),
+                    p50_us: h.value_at_quantile(0.5),
+                    p99_us: h.value_at_quantile(0.99),
+                    max_us: h.max(),
+                })
+                .collect(),
             heartbeat: LatencySummary::from_hist(&s.heartbeat),
             send_lag: LatencySummary::from_hist(&s.send_lag),
             pings: s.pings,
@@ -506,10 +538,17 @@ impl Report {
                 "  {what} from intended send: {}",
                 latency_line(&s.latency)
             );
+            if s.latency_from_sent.count > 0 {
+                let _ = writeln!(
+                    o,
+                    "  {what} from actual send:   {}",
+                    latency_line(&s.latency_from_sent)
+                );
+            }
             if s.send_lag.count > 0 {
                 let _ = writeln!(
                     o,
-                    "  send lag (tool side, intended → written): {}",
+                    "  send lag (tool side, intended → written, per message): {}",
                     latency_line(&s.send_lag)
                 );
                 if s.send_lag.p99_us > GENERATOR_LAG_US {

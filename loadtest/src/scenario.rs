@@ -242,6 +242,9 @@ pub enum Endpoint {
     },
     /// `mqtt://host:port`: an MQTT 3.1.1 broker.
     Mqtt { addr: SocketAddr },
+    /// `echo://host:port`: a server that sends every byte back (calibration): no
+    /// handshake, each controller receives its own binary DATA frames.
+    Echo { addr: SocketAddr },
 }
 
 impl Endpoint {
@@ -258,10 +261,11 @@ impl Endpoint {
             "tcp" => 7000,
             "ws" => 80,
             "mqtt" => 1883,
+            "echo" => 7,
             "wss" | "mqtts" => return Err(format!("`{url}`: TLS targets are not supported")),
             _ => {
                 return Err(format!(
-                    "`{url}`: unknown scheme `{scheme}` (tcp, ws, mqtt)"
+                    "`{url}`: unknown scheme `{scheme}` (tcp, ws, mqtt, echo)"
                 ));
             }
         };
@@ -281,6 +285,7 @@ impl Endpoint {
         match scheme {
             "tcp" => Ok(Endpoint::RelayTcp { addr }),
             "mqtt" => Ok(Endpoint::Mqtt { addr }),
+            "echo" => Ok(Endpoint::Echo { addr }),
             _ => Ok(Endpoint::RelayWs {
                 addr,
                 host: hostport.to_string(),
@@ -296,7 +301,9 @@ impl Endpoint {
     /// The socket address to connect to.
     pub fn addr(&self) -> SocketAddr {
         match self {
-            Endpoint::RelayTcp { addr } | Endpoint::Mqtt { addr } => *addr,
+            Endpoint::RelayTcp { addr } | Endpoint::Mqtt { addr } | Endpoint::Echo { addr } => {
+                *addr
+            }
             Endpoint::RelayWs { addr, .. } => *addr,
         }
     }
@@ -305,13 +312,19 @@ impl Endpoint {
     pub fn is_mqtt(&self) -> bool {
         matches!(self, Endpoint::Mqtt { .. })
     }
+
+    /// True for an echo server (calibration of the generator itself).
+    pub fn is_echo(&self) -> bool {
+        matches!(self, Endpoint::Echo { .. })
+    }
 }
 
 /// `[target]`: where the clients connect and in which form they speak.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TargetSpec {
-    /// URL controllers connect to: `tcp://host:port` (relay) or `mqtt://host:port`.
+    /// URL controllers connect to: `tcp://host:port` (relay), `mqtt://host:port`, or
+    /// `echo://host:port` (a byte echo server: calibrates the generator itself).
     pub controllers: String,
     /// URL browsers connect to: `ws://host:port/ws` (relay); empty means the same
     /// broker as `controllers` when that is MQTT.
@@ -373,9 +386,8 @@ pub struct LoadSpec {
     pub duration: Dur,
     /// How long to wait after sending stops for messages still in flight.
     pub drain: Dur,
-    /// A connection wakes on a grid of this step and writes everything due in one
-    /// batch; 0 wakes at the intended times themselves (the runtime's timer is 1 ms
-    /// coarse, so messages due within it still leave in one write).
+    /// Sends are rounded up to a grid of this step (everything due leaves in one
+    /// batch per tick); 0 sends at the intended times themselves.
     pub tick: Dur,
 }
 
@@ -423,8 +435,13 @@ pub struct RunSpec {
     pub start_lead: Dur,
     /// Interval of /proc samples of the server.
     pub sample_interval: Dur,
-    /// Most replies one command controller keeps queued before dropping (counted).
-    pub reply_queue: u32,
+    /// Bytes one connection keeps queued while its socket is full; past this, command
+    /// replies are dropped (counted as `reply_dropped`) and scheduled messages are
+    /// counted as `write_blocked`.
+    pub max_pending: u32,
+    /// The sender thread sleeps until this long before a message is due, then spins
+    /// on the clock for the rest (0 = sleep all the way: cheaper, less precise).
+    pub spin: Dur,
 }
 
 impl Default for RunSpec {
@@ -439,7 +456,8 @@ impl Default for RunSpec {
             fd_reserve: 256,
             start_lead: Dur::millis(200),
             sample_interval: Dur::millis(500),
-            reply_queue: 4096,
+            max_pending: 4 << 20,
+            spin: Dur(Duration::from_micros(50)),
         }
     }
 }
@@ -561,6 +579,9 @@ impl Scenario {
     /// browser URL is given).
     pub fn browser_endpoint(&self) -> Result<Endpoint, String> {
         let ctl = self.controller_endpoint()?;
+        if ctl.is_echo() {
+            return Ok(ctl);
+        }
         if ctl.is_mqtt()
             && (self.target.browsers.is_empty()
                 || self.target.browsers == TargetSpec::default().browsers)
@@ -570,9 +591,17 @@ impl Scenario {
         Endpoint::parse(&self.target.browsers)
     }
 
+    /// True when the controllers' target is an echo server.
+    pub fn is_echo(&self) -> bool {
+        self.controller_endpoint().is_ok_and(|e| e.is_echo())
+    }
+
     /// Number of clients that send data at the pattern's rate.
     pub fn senders(&self) -> u64 {
         let l = &self.load;
+        if self.is_echo() {
+            return l.controllers as u64;
+        }
         match self.pattern {
             Pattern::Telemetry | Pattern::Fanin => l.controllers as u64,
             Pattern::Command => l.controllers as u64,
@@ -584,6 +613,9 @@ impl Scenario {
     /// Total number of connections the scenario opens.
     pub fn connections(&self) -> u64 {
         let l = &self.load;
+        if self.is_echo() {
+            return l.controllers as u64;
+        }
         match self.pattern {
             Pattern::Telemetry => l.controllers as u64 * (1 + l.browsers_per_controller as u64),
             Pattern::Command => l.controllers as u64 * 2,
@@ -629,7 +661,15 @@ impl Scenario {
             ),
             Ok(_) => {}
         }
-        if let Ok(c) = &ctl {
+        if let Ok(c) = &ctl
+            && c.is_echo()
+            && self.pattern != Pattern::Telemetry
+        {
+            p.push("target.controllers: an echo:// target runs the telemetry pattern only (each controller receives its own messages)".into());
+        }
+        if let Ok(c) = &ctl
+            && !c.is_echo()
+        {
             match self.browser_endpoint() {
                 Err(e) => p.push(format!("target.browsers: {e}")),
                 Ok(b) => {
@@ -738,8 +778,11 @@ impl Scenario {
         if r.sample_interval.0 < Duration::from_millis(10) {
             p.push("run.sample_interval: at least 10ms".into());
         }
-        if r.reply_queue == 0 {
-            p.push("run.reply_queue: must be at least 1".into());
+        if r.max_pending < 65_536 {
+            p.push("run.max_pending: at least 65536 bytes".into());
+        }
+        if r.spin.0 > Duration::from_millis(1) {
+            p.push("run.spin: at most 1ms".into());
         }
         if let Err(e) = self.source_addrs() {
             p.push(format!("run.source_addrs: {e}"));

@@ -169,6 +169,7 @@ mod tests {
             Stamp {
                 intended_ns: 5,
                 step: 2,
+                lag_ns: 9,
             },
             64,
         );
@@ -195,7 +196,8 @@ mod tests {
             Stamp::from_binary(&p.payload),
             Some(Stamp {
                 intended_ns: 5,
-                step: 2
+                step: 2,
+                lag_ns: 9,
             })
         );
         assert_eq!(Packet::read(&mut out, 1 << 20).unwrap(), Packet::PingReq);

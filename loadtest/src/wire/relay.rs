@@ -258,6 +258,7 @@ mod tests {
             let st = Stamp {
                 intended_ns: 42,
                 step: 3,
+                lag_ns: 9,
             };
             e.data(&mut out, &dest("web-1", false), st, 64);
             let d = server_reads(form, &mut out);
@@ -281,6 +282,7 @@ mod tests {
             Stamp {
                 intended_ns: 7,
                 step: 1,
+                lag_ns: 9,
             }
             .put_binary(&mut v, 32);
             v
@@ -304,6 +306,7 @@ mod tests {
                 stamp: Some(Stamp {
                     intended_ns: 7,
                     step: 1,
+                    lag_ns: 9,
                 }),
             },
             Inbound::Closed,
