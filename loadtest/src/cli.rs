@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use clap::Parser;
 
-use crate::scenario::{Dur, Form, Pattern, Scenario};
+use crate::scenario::{Dur, Form, Pattern, RampBy, Scenario};
 
 /// Open-loop load generator for the relay (and any MQTT 3.1.1 broker).
 #[derive(Debug, Parser)]
@@ -36,6 +36,10 @@ pub struct Cli {
     /// Pid of the server to sample (default: found from the controllers' port).
     #[arg(long)]
     pub server_pid: Option<u32>,
+    /// Also report the CPU of this process: name=pid or name=:port (repeatable),
+    /// e.g. --watch redis=:6379 --watch mysql=:3306.
+    #[arg(long, value_name = "NAME=PID|:PORT")]
+    pub watch: Vec<String>,
 
     /// Controllers.
     #[arg(short = 'n', long)]
@@ -96,9 +100,13 @@ pub struct Cli {
     #[arg(long)]
     pub connect_timeout: Option<Dur>,
 
-    /// Ramp the rate and report the highest that meets the SLO.
+    /// Ramp and report the most that meets the SLO: `rate` (the default: total
+    /// msg/s over the fleet) or `fleet` (connected controllers at --rate each).
+    #[arg(long, value_name = "WHAT", num_args = 0..=1, default_missing_value = "rate")]
+    pub find_max: Option<RampBy>,
+    /// Fleet ramp: first fleet size.
     #[arg(long)]
-    pub find_max: bool,
+    pub start_fleet: Option<u32>,
     /// p99 bound of the SLO (e.g. 10ms).
     #[arg(long)]
     pub slo_p99: Option<Dur>,
@@ -162,6 +170,9 @@ impl Cli {
         set(&mut s.target.browser_form, &self.browser_form);
         set(&mut s.target.prefix, &self.prefix);
         set(&mut s.target.server_pid, &self.server_pid);
+        if !self.watch.is_empty() {
+            s.target.watch = self.watch.clone();
+        }
         let l = &mut s.load;
         set(&mut l.controllers, &self.controllers);
         set(
@@ -193,7 +204,13 @@ impl Cli {
         set(&mut r.connect_concurrency, &self.connect_concurrency);
         set(&mut r.connect_timeout, &self.connect_timeout);
         let f = &mut s.find_max;
-        f.enabled |= self.find_max;
+        if let Some(by) = self.find_max {
+            f.enabled = true;
+            f.by = by;
+        }
+        if self.start_fleet.is_some() {
+            f.start_fleet = self.start_fleet;
+        }
         set(&mut f.slo_p99, &self.slo_p99);
         set(&mut f.max_loss, &self.max_loss);
         if self.start_rate.is_some() {

@@ -172,9 +172,19 @@ pub fn render(r: &Report) -> Result<String, PlotError> {
          body{{font-family:sans-serif;margin:24px;color:#222}} table{{border-collapse:collapse;margin:8px 0 18px}}\
          td,th{{border:1px solid #ccc;padding:4px 10px;text-align:right}} th{{background:#f3f3f3}}\
          td:first-child,th:first-child{{text-align:left}} .note{{color:#a40}} pre{{background:#f7f7f7;padding:8px}}\
+         .pass{{background:#e6f4e6;border:1px solid #6a6;padding:8px}} .fail{{background:#fbe9e9;border:1px solid #c66;padding:8px}}\
          </style></head><body>\n<h1>{t}</h1>\n",
         t = esc(&title)
     );
+    let _ = writeln!(
+        h,
+        "<p class=\"{}\"><b>RESULT: {}</b></p>",
+        if r.verdict.passed { "pass" } else { "fail" },
+        esc(&r.verdict.headline())
+    );
+    if let Some(l) = &r.verdict.limited_by {
+        let _ = writeln!(h, "<p class=\"fail\"><b>LIMIT:</b> {}</p>", esc(l));
+    }
     if !r.description.is_empty() {
         let _ = writeln!(h, "<p>{}</p>", esc(&r.description));
     }
@@ -232,10 +242,10 @@ pub fn render(r: &Report) -> Result<String, PlotError> {
                 .map(|x| format!("{:.2}", x.cpu_us_per_msg))
                 .unwrap_or_else(|| "-".into()),
             group(errors),
-            match s.passed {
-                Some(true) => "pass",
-                Some(false) => "fail",
-                None => "-",
+            if s.passed {
+                "pass".to_string()
+            } else {
+                format!("<b>fail</b>: {}", esc(&s.failures.join("; ")))
             }
         );
     }
@@ -419,7 +429,7 @@ pub fn render(r: &Report) -> Result<String, PlotError> {
         esc(&l.source_addrs.join(", "))
     );
     for n in &l.notes {
-        let _ = writeln!(h, "<p class=\"note\">{}</p>", esc(n));
+        let _ = writeln!(h, "<p class=\"note\">{}</p>", esc(&n.text));
     }
     if let Some(s) = r.main_step() {
         let table = crate::report::percentile_table(&s.latency_hdr);

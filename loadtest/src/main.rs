@@ -25,7 +25,8 @@ fn main() -> ExitCode {
         };
     }
     match run(cli) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(0) => ExitCode::SUCCESS,
+        Ok(code) => ExitCode::from(code),
         Err(e) => {
             eprintln!("relay-loadtest: {e:#}");
             ExitCode::FAILURE
@@ -33,7 +34,8 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(cli: Cli) -> anyhow::Result<()> {
+/// Runs the scenario; returns the exit status its verdict asks for.
+fn run(cli: Cli) -> anyhow::Result<u8> {
     let (mut s, origin) = match &cli.scenario {
         Some(p) => (Scenario::load(p)?, p.display().to_string()),
         None => (Scenario::default(), "flags".to_string()),
@@ -42,7 +44,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     s.validate(&origin)?;
     if cli.print_scenario {
         print!("{}", toml::to_string(&s).context("printing the scenario")?);
-        return Ok(());
+        return Ok(0);
     }
     let opts = RunOptions {
         progress: !cli.no_progress && std::io::stderr().is_terminal(),
@@ -64,5 +66,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         std::fs::write(p, page).with_context(|| format!("writing {}", p.display()))?;
         println!("HTML report: {}", p.display());
     }
-    Ok(())
+    if !report.verdict.passed {
+        eprintln!("relay-loadtest: {}", report.verdict.headline());
+    }
+    Ok(report.verdict.exit_code.clamp(0, 255) as u8)
 }

@@ -160,6 +160,21 @@ impl Plan {
         }
     }
 
+    /// Clients of a fleet of the first `units` units.
+    pub fn clients_in(&self, units: u64) -> u64 {
+        let u = units.min(self.units());
+        if self.echo {
+            return u;
+        }
+        match self.pattern {
+            Pattern::Telemetry => u * (1 + self.browsers_per),
+            Pattern::Command => u * 2,
+            Pattern::Fanout => u * (1 + self.members),
+            Pattern::Fanin => self.dashboards + u,
+            Pattern::Idle | Pattern::Storm => u,
+        }
+    }
+
     /// Client `i` (`i < count()`).
     pub fn client(&self, i: u64) -> ClientSpec {
         if self.echo {

@@ -339,6 +339,55 @@ pub struct TargetSpec {
     /// Pid of the server to sample from /proc (0: find the process listening on the
     /// controllers' port).
     pub server_pid: u32,
+    /// Other processes whose CPU every report gives, such as the relay's Redis and
+    /// MySQL: `name=pid` or `name=:port` (the process listening on that port).
+    pub watch: Vec<String>,
+}
+
+/// A process to watch: its name and how to find it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WatchSpec {
+    /// A given pid.
+    Pid(String, u32),
+    /// The process listening on this TCP port.
+    Port(String, u16),
+}
+
+impl WatchSpec {
+    /// Parses `name=pid` or `name=:port`.
+    pub fn parse(item: &str) -> Result<Self, String> {
+        let (name, what) = item
+            .split_once('=')
+            .ok_or_else(|| format!("`{item}`: write name=pid or name=:port"))?;
+        let name = name.trim();
+        if name.is_empty()
+            || !name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        {
+            return Err(format!(
+                "`{item}`: the name must be letters, digits, - or _"
+            ));
+        }
+        let what = what.trim();
+        if let Some(port) = what.strip_prefix(':') {
+            let port: u16 = port
+                .parse()
+                .map_err(|_| format!("`{item}`: `{port}` is not a port"))?;
+            return Ok(WatchSpec::Port(name.to_string(), port));
+        }
+        let pid: u32 = what
+            .parse()
+            .map_err(|_| format!("`{item}`: `{what}` is neither a pid nor :port"))?;
+        Ok(WatchSpec::Pid(name.to_string(), pid))
+    }
+
+    /// The name it is reported under.
+    pub fn name(&self) -> &str {
+        match self {
+            WatchSpec::Pid(n, _) | WatchSpec::Port(n, _) => n,
+        }
+    }
 }
 
 impl Default for TargetSpec {
@@ -350,6 +399,7 @@ impl Default for TargetSpec {
             browser_form: Form::Json,
             prefix: String::new(),
             server_pid: 0,
+            watch: Vec::new(),
         }
     }
 }
@@ -462,16 +512,54 @@ impl Default for RunSpec {
     }
 }
 
-/// `[find_max]`: ramp the rate and report the highest that meets the SLO.
+/// What `--find-max` ramps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum RampBy {
+    /// The total message rate over a fixed fleet.
+    #[default]
+    Rate,
+    /// The number of connected controllers (groups for fanout), each at `load.rate`.
+    Fleet,
+}
+
+impl FromStr for RampBy {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "rate" => Ok(RampBy::Rate),
+            "fleet" => Ok(RampBy::Fleet),
+            _ => Err(format!("unknown ramp `{s}` (rate, fleet)")),
+        }
+    }
+}
+
+impl fmt::Display for RampBy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            RampBy::Rate => "rate",
+            RampBy::Fleet => "fleet",
+        })
+    }
+}
+
+/// `[find_max]`: the SLO every step is judged by, and the ramp that reports the
+/// highest rate (or largest fleet) that meets it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct FindMaxSpec {
     /// Run the ramp instead of one fixed-rate step.
     pub enabled: bool,
-    /// The p99 latency a passing step must stay under.
+    /// What the ramp grows: `rate` (total msg/s) or `fleet` (connected controllers).
+    pub by: RampBy,
+    /// The p99 latency a passing step must stay under (fixed runs are judged by it
+    /// too).
     pub slo_p99: Dur,
     /// The loss ratio a passing step must stay under (0.001 = 0.1%).
     pub max_loss: f64,
+    /// Fleet ramp: the first fleet size (controllers, or groups for fanout); default
+    /// a tenth of `load.controllers` (`load.groups`), which is the ramp's ceiling.
+    pub start_fleet: Option<u32>,
     /// First total rate (msg/s for the fleet); default: `total_rate`, or `rate` × senders,
     /// or 1 msg/s per sender.
     pub start_rate: Option<f64>,
@@ -491,8 +579,10 @@ impl Default for FindMaxSpec {
     fn default() -> Self {
         Self {
             enabled: false,
+            by: RampBy::Rate,
             slo_p99: Dur::millis(10),
             max_loss: 0.001,
+            start_fleet: None,
             start_rate: None,
             factor: 1.5,
             max_steps: 20,
@@ -733,6 +823,13 @@ impl Scenario {
                 p.push(format!("load.{key}: must be above 0 and at most 1e9"));
             }
         }
+        let fleet_ramp = self.find_max.enabled && self.find_max.by == RampBy::Fleet;
+        if fleet_ramp && self.pattern.sends_data() && l.rate.is_none() {
+            p.push(format!(
+                "load.rate: a fleet ramp keeps each {}'s rate fixed; give load.rate (per sender), not load.total_rate",
+                if self.pattern == Pattern::Fanout { "publisher" } else { "controller" }
+            ));
+        }
         if self.pattern.sends_data() && !self.find_max.enabled && self.total_rate().is_none() {
             p.push(format!(
                 "load.rate: pattern {} sends data; give load.rate (per sender) or load.total_rate",
@@ -787,13 +884,26 @@ impl Scenario {
         if let Err(e) = self.source_addrs() {
             p.push(format!("run.source_addrs: {e}"));
         }
+        for w in &self.target.watch {
+            if let Err(e) = WatchSpec::parse(w) {
+                p.push(format!("target.watch: {e}"));
+            }
+        }
         let f = &self.find_max;
         if f.enabled {
-            if !self.pattern.sends_data() {
+            if f.by == RampBy::Rate && !self.pattern.sends_data() {
                 p.push(format!(
-                    "find_max.enabled: pattern {} sends no data; the ramp needs telemetry, command, fanout or fanin",
+                    "find_max.enabled: pattern {} sends no data; the rate ramp needs telemetry, command, fanout or fanin (a fleet ramp takes idle too)",
                     self.pattern
                 ));
+            }
+            if f.by == RampBy::Fleet && self.pattern == Pattern::Storm {
+                p.push("find_max.by: a storm has no steady fleet to ramp".into());
+            }
+            if let Some(n) = f.start_fleet
+                && n == 0
+            {
+                p.push("find_max.start_fleet: must be at least 1".into());
             }
             if f.slo_p99.0.is_zero() {
                 p.push("find_max.slo_p99: must be above 0".into());

@@ -65,13 +65,22 @@ pub fn spawn(
 }
 
 /// Asks the kernel to wake this thread's timed sleeps on time (the default slack of
-/// 50 µs would add up to that much to every wake).
+/// 50 µs would add up to that much to every wake), and, where allowed, to run it
+/// ahead of ordinary threads (nice −10) so that a busy machine delays the sends less.
+/// The thread sleeps most of the time, so this costs the server little.
 fn tight_timer_slack() {
-    // SAFETY: PR_SET_TIMERSLACK takes a plain integer and affects only this thread.
+    // SAFETY: PR_SET_TIMERSLACK takes a plain integer and affects only this thread;
+    // gettid has no arguments; setpriority on our own thread id changes only its nice
+    // value and fails harmlessly without the privilege.
     unsafe {
         libc::prctl(libc::PR_SET_TIMERSLACK, 1 as libc::c_ulong, 0, 0, 0);
+        let tid = libc::gettid();
+        libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, SENDER_NICE);
     }
 }
+
+/// Nice value the sender thread asks for.
+const SENDER_NICE: libc::c_int = -10;
 
 struct Sender {
     worker: u32,

@@ -324,6 +324,9 @@ pub struct ConnectStats {
     pub last_ns: u64,
     /// Limit notes from the worker (for instance the open-file cap it hit).
     pub notes: Vec<String>,
+    /// Connections the worker holds once the phase is over.
+    #[serde(default)]
+    pub holding: u64,
 }
 
 impl Default for ConnectStats {
@@ -337,6 +340,7 @@ impl Default for ConnectStats {
             first_ns: 0,
             last_ns: 0,
             notes: Vec::new(),
+            holding: 0,
         }
     }
 }
@@ -353,6 +357,7 @@ impl ConnectStats {
             self.first_ns = o.first_ns;
         }
         self.last_ns = self.last_ns.max(o.last_ns);
+        self.holding += o.holding;
         for n in &o.notes {
             if !self.notes.contains(n) {
                 self.notes.push(n.clone());

@@ -362,6 +362,7 @@ impl Fleet {
                 finish(r, &mut stats, self);
             }
         }
+        stats.holding = self.links.values().filter(|l| l.alive()).count() as u64;
         stats
     }
 }
