@@ -148,6 +148,24 @@ pub struct Cli {
     /// Internal: run as a worker process (commands on stdin, replies on stdout).
     #[arg(long, hide = true)]
     pub worker: bool,
+
+    #[command(subcommand)]
+    pub command: Option<Sub>,
+}
+
+/// Subcommands.
+#[derive(Debug, clap::Subcommand)]
+pub enum Sub {
+    /// Compare two JSON reports: a table on stdout, and overlaid plots with --html.
+    Compare {
+        /// The first report (A).
+        a: PathBuf,
+        /// The second report (B); the table's last column is B / A.
+        b: PathBuf,
+        /// Also write the comparison as an HTML page here.
+        #[arg(long, value_name = "FILE")]
+        html: Option<PathBuf>,
+    },
 }
 
 impl Cli {

@@ -27,12 +27,14 @@
 //! - [`procstat`]: CPU time and RSS of the server process read from /proc.
 //! - [`report`]: the report structure, the human summary and the JSON form.
 //! - [`html`]: the HTML report with SVG plots.
+//! - [`compare`]: two JSON reports side by side (`relay-loadtest compare`).
 //! - [`progress`]: the live progress line.
 //! - [`cli`]: the command-line flags.
 
 pub mod cli;
 pub mod client;
 pub mod clock;
+pub mod compare;
 pub mod coordinator;
 pub mod findmax;
 pub mod html;

@@ -847,8 +847,10 @@ pub(crate) mod tests {
         st.received = 998;
         st.sent_per_sec = vec![500, 500];
         st.recv_per_sec = vec![499, 499];
+        st.latency_by_time = vec![crate::stats::new_time_hist(), crate::stats::new_time_hist()];
         for v in 1..=998u64 {
             st.latency.saturating_record(100 + v);
+            st.latency_by_time[(v % 2) as usize].saturating_record(100 + v);
         }
         st.errors.insert("server:no_route".into(), 2);
         let mut c = ConnectStats::default();

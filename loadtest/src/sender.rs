@@ -97,7 +97,17 @@ struct Sender {
     step: u32,
     /// Reused: intended times of the messages of one write.
     intended: Vec<u64>,
+    /// Spin budget: nanoseconds spun since `window_start`.
+    spun_ns: u64,
+    window_start: u64,
 }
+
+/// Most of its wall time the sender may spend spinning; past it, it only sleeps
+/// until the next window (at high rates it wakes often anyway, and spinning would
+/// take a core from the reader threads and the server).
+const SPIN_SHARE: u64 = 10;
+/// Length of one spin-budget window, ns.
+const SPIN_WINDOW_NS: u64 = 100_000_000;
 
 impl Sender {
     fn new(worker: u32, workers: u32, cfg: SenderConfig, rec: Arc<Recorder>) -> Self {
@@ -112,6 +122,8 @@ impl Sender {
             beats: BinaryHeap::new(),
             step: NO_STEP,
             intended: Vec::with_capacity(64),
+            spun_ns: 0,
+            window_start: mono_ns(),
         }
     }
 
@@ -150,9 +162,20 @@ impl Sender {
                 },
                 Some(t) if t > now => {
                     let left = t - now;
-                    if left > self.cfg.spin_ns {
+                    if now - self.window_start > SPIN_WINDOW_NS {
+                        self.window_start = now;
+                        self.spun_ns = 0;
+                    }
+                    let spin = if self.spun_ns * SPIN_SHARE
+                        > now - self.window_start + SPIN_WINDOW_NS / SPIN_SHARE
+                    {
+                        0
+                    } else {
+                        self.cfg.spin_ns
+                    };
+                    if left > spin {
                         // Sleep (but wake for a command) until `spin` before it is due.
-                        match rx.recv_timeout(Duration::from_nanos(left - self.cfg.spin_ns)) {
+                        match rx.recv_timeout(Duration::from_nanos(left - spin)) {
                             Ok(c) => {
                                 if !self.command(c) {
                                     return;
@@ -163,9 +186,13 @@ impl Sender {
                             Err(RecvTimeoutError::Disconnected) => return,
                         }
                     }
-                    while mono_ns() < t {
+                    let from = mono_ns();
+                    let mut at = from;
+                    while at < t {
                         std::hint::spin_loop();
+                        at = mono_ns();
                     }
+                    self.spun_ns += at - from;
                 }
                 Some(_) => {}
             }
