@@ -202,9 +202,9 @@ pub fn render_compare(a: &Report, b: &Report, la: &str, lb: &str) -> Result<Stri
         esc(lb)
     );
     h.push_str("<table><tr><th>figure</th>");
-    let _ = write!(
+    let _ = writeln!(
         h,
-        "<th>A: {}</th><th>B: {}</th><th>B / A</th></tr>\n",
+        "<th>A: {}</th><th>B: {}</th><th>B / A</th></tr>",
         esc(la),
         esc(lb)
     );
