@@ -71,6 +71,9 @@ pub struct Cli {
     /// Payload bytes per message (≥ 16).
     #[arg(long)]
     pub payload: Option<u32>,
+    /// JSON payload template, e.g. '{"temp": {{rand 20..90}}}'.
+    #[arg(long, value_name = "JSON")]
+    pub payload_template: Option<String>,
     /// Heartbeat interval (e.g. 30s).
     #[arg(long)]
     pub heartbeat: Option<Dur>,
@@ -211,6 +214,9 @@ impl Cli {
         set(&mut l.connect_rate, &self.connect_rate);
         l.storm_close |= self.storm_close;
         set(&mut l.payload_bytes, &self.payload);
+        if self.payload_template.is_some() {
+            l.payload_template = self.payload_template.clone();
+        }
         set(&mut l.heartbeat, &self.heartbeat);
         set(&mut l.duration, &self.duration);
         set(&mut l.drain, &self.drain);

@@ -73,6 +73,8 @@ pub struct Env {
     pub max_pending: usize,
     /// Largest inbound frame accepted.
     pub max_in: usize,
+    /// JSON payload template of data messages, if any.
+    pub template: Option<Arc<crate::payload::Template>>,
 }
 
 impl Env {
@@ -156,6 +158,9 @@ async fn open_inner(env: &Env, spec: ClientSpec) -> Result<Session, ErrorKind> {
     let wire = wire.clone();
     let mut stream = net::connect(env.source(spec.index), endpoint.addr()).await?;
     let mut enc = wire.encoder(spec.index ^ mono_ns());
+    if let Some(t) = &env.template {
+        enc.set_template(t.clone());
+    }
     let mut dec = wire.decoder(env.max_in);
     let mut rbuf = BytesMut::with_capacity(1024);
     let mut out = BytesMut::with_capacity(256);

@@ -430,6 +430,11 @@ pub struct LoadSpec {
     pub storm_close: bool,
     /// Payload size in bytes (≥ 16: the timestamp stamp).
     pub payload_bytes: u32,
+    /// A JSON payload template instead of padding, e.g.
+    /// `{"temp": {{rand 20..90}}}`, so that rules see real values: every message is
+    /// the object with the stamp's fields first; `{{rand A..B}}` and `{{seq}}` are
+    /// filled in per message. Sent with the JSON flag in every form, not padded.
+    pub payload_template: Option<String>,
     /// Heartbeat interval of every client.
     pub heartbeat: Dur,
     /// How long each step sends.
@@ -454,6 +459,7 @@ impl Default for LoadSpec {
             connect_rate: 0.0,
             storm_close: false,
             payload_bytes: 64,
+            payload_template: None,
             heartbeat: Dur::secs(30),
             duration: Dur::secs(10),
             drain: Dur::secs(2),
@@ -840,6 +846,14 @@ impl Scenario {
             p.push(format!(
                 "load.payload_bytes: must be {MIN_PAYLOAD}..={MAX_PAYLOAD}"
             ));
+        }
+        if let Some(t) = &l.payload_template {
+            if let Err(e) = crate::payload::Template::parse(t) {
+                p.push(format!("load.payload_template: {e}"));
+            }
+            if self.is_echo() {
+                p.push("load.payload_template: an echo target measures the generator with plain stamps".into());
+            }
         }
         if l.heartbeat.0 < Duration::from_millis(10) || l.heartbeat.0 > Duration::from_secs(3600) {
             p.push("load.heartbeat: must be between 10ms and 1h".into());

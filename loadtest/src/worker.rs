@@ -143,6 +143,12 @@ fn run(
         connect_timeout: s.run.connect_timeout.0,
         max_pending: s.run.max_pending as usize,
         max_in: 1 << 20,
+        template: match &s.load.payload_template {
+            Some(t) => Some(Arc::new(
+                crate::payload::Template::parse(t).map_err(|e| format!("payload_template: {e}"))?,
+            )),
+            None => None,
+        },
     };
     let (sched, sender) = sender::spawn(
         setup.worker,
