@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use clap::Parser;
 
-use crate::scenario::{Dur, Form, Pattern, Scenario};
+use crate::scenario::{Dur, Form, Pattern, RampBy, Scenario};
 
 /// Open-loop load generator for the relay (and any MQTT 3.1.1 broker).
 #[derive(Debug, Parser)]
@@ -36,6 +36,10 @@ pub struct Cli {
     /// Pid of the server to sample (default: found from the controllers' port).
     #[arg(long)]
     pub server_pid: Option<u32>,
+    /// Also report the CPU of this process: name=pid or name=:port (repeatable),
+    /// e.g. --watch redis=:6379 --watch mysql=:3306.
+    #[arg(long, value_name = "NAME=PID|:PORT")]
+    pub watch: Vec<String>,
 
     /// Controllers.
     #[arg(short = 'n', long)]
@@ -67,6 +71,9 @@ pub struct Cli {
     /// Payload bytes per message (≥ 16).
     #[arg(long)]
     pub payload: Option<u32>,
+    /// JSON payload template, e.g. '{"temp": {{rand 20..90}}}'.
+    #[arg(long, value_name = "JSON")]
+    pub payload_template: Option<String>,
     /// Heartbeat interval (e.g. 30s).
     #[arg(long)]
     pub heartbeat: Option<Dur>,
@@ -96,9 +103,13 @@ pub struct Cli {
     #[arg(long)]
     pub connect_timeout: Option<Dur>,
 
-    /// Ramp the rate and report the highest that meets the SLO.
+    /// Ramp and report the most that meets the SLO: `rate` (the default: total
+    /// msg/s over the fleet) or `fleet` (connected controllers at --rate each).
+    #[arg(long, value_name = "WHAT", num_args = 0..=1, default_missing_value = "rate")]
+    pub find_max: Option<RampBy>,
+    /// Fleet ramp: first fleet size.
     #[arg(long)]
-    pub find_max: bool,
+    pub start_fleet: Option<u32>,
     /// p99 bound of the SLO (e.g. 10ms).
     #[arg(long)]
     pub slo_p99: Option<Dur>,
@@ -140,6 +151,24 @@ pub struct Cli {
     /// Internal: run as a worker process (commands on stdin, replies on stdout).
     #[arg(long, hide = true)]
     pub worker: bool,
+
+    #[command(subcommand)]
+    pub command: Option<Sub>,
+}
+
+/// Subcommands.
+#[derive(Debug, clap::Subcommand)]
+pub enum Sub {
+    /// Compare two JSON reports: a table on stdout, and overlaid plots with --html.
+    Compare {
+        /// The first report (A).
+        a: PathBuf,
+        /// The second report (B); the table's last column is B / A.
+        b: PathBuf,
+        /// Also write the comparison as an HTML page here.
+        #[arg(long, value_name = "FILE")]
+        html: Option<PathBuf>,
+    },
 }
 
 impl Cli {
@@ -162,6 +191,9 @@ impl Cli {
         set(&mut s.target.browser_form, &self.browser_form);
         set(&mut s.target.prefix, &self.prefix);
         set(&mut s.target.server_pid, &self.server_pid);
+        if !self.watch.is_empty() {
+            s.target.watch = self.watch.clone();
+        }
         let l = &mut s.load;
         set(&mut l.controllers, &self.controllers);
         set(
@@ -182,6 +214,9 @@ impl Cli {
         set(&mut l.connect_rate, &self.connect_rate);
         l.storm_close |= self.storm_close;
         set(&mut l.payload_bytes, &self.payload);
+        if self.payload_template.is_some() {
+            l.payload_template = self.payload_template.clone();
+        }
         set(&mut l.heartbeat, &self.heartbeat);
         set(&mut l.duration, &self.duration);
         set(&mut l.drain, &self.drain);
@@ -193,7 +228,13 @@ impl Cli {
         set(&mut r.connect_concurrency, &self.connect_concurrency);
         set(&mut r.connect_timeout, &self.connect_timeout);
         let f = &mut s.find_max;
-        f.enabled |= self.find_max;
+        if let Some(by) = self.find_max {
+            f.enabled = true;
+            f.by = by;
+        }
+        if self.start_fleet.is_some() {
+            f.start_fleet = self.start_fleet;
+        }
         set(&mut f.slo_p99, &self.slo_p99);
         set(&mut f.max_loss, &self.max_loss);
         if self.start_rate.is_some() {

@@ -2,34 +2,37 @@
 //!
 //! [`open`] connects (from the planned source address), upgrades to WebSocket for
 //! browsers, says hello, waits for the welcome, and joins its groups (MQTT: subscribes
-//! to its inbox and groups), all within the connect timeout. [`Session::spawn`] then
-//! runs two tasks:
-//! - the writer sleeps until the next tick with something due, then encodes every due
-//!   message of the open-loop schedule, the heartbeat if due, and any command replies
-//!   into one buffer and writes it with one call;
-//! - the reader decodes what arrives, records latency from each message's stamped
-//!   intended time, answers heartbeats' round trips, and hands command replies and
-//!   WebSocket pongs to the writer.
+//! to its inbox and groups), all within the connect timeout; an echo target needs no
+//! handshake. [`Session::spawn`] then makes the connection a [`Link`]:
+//! - scheduled writes (data on the open-loop schedule, heartbeats) come from the
+//!   worker's sender thread ([`crate::sender`]), which writes straight to the socket
+//!   at the intended time;
+//! - the reader task decodes what arrives, records latency from each message's stamp,
+//!   matches heartbeat answers, and writes command replies and WebSocket pongs itself;
+//! - a small flusher task sleeps until a write found the socket full, then sends the
+//!   rest as the socket drains, and says goodbye when the link is closed.
+//!
+//! Every write goes through the link's [`Outbox`] lock, so bytes from the sender
+//! thread and from the reader never interleave inside a message.
 
 use std::collections::VecDeque;
 use std::net::Ipv4Addr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Buf, BytesMut};
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::Notify;
 
-use crate::clock::{Anchor, mono_ns};
+use crate::clock::mono_ns;
 use crate::net;
 use crate::payload::Stamp;
 use crate::plan::{ClientSpec, Side};
 use crate::scenario::{Endpoint, Form};
-use crate::schedule::Schedule;
-use crate::stats::{ErrorKind, Receipt, Recorder};
+use crate::stats::{ErrorKind, Recorder};
 use crate::wire::{Decoder, Dest, Encoder, Inbound, WireKind, ws};
 
 /// One step as every connection sees it.
@@ -43,17 +46,6 @@ pub struct StepPlan {
     pub start_ns: u64,
     /// No message is intended at or after this time.
     pub end_ns: u64,
-}
-
-/// What the worker tells its connections.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum StepCmd {
-    /// Connected, heartbeating, no step running.
-    Wait,
-    /// Send on this step's schedule.
-    Run(StepPlan),
-    /// Say goodbye and close.
-    Finish,
 }
 
 /// Everything a worker's connections share.
@@ -71,24 +63,18 @@ pub struct Env {
     pub sources: Arc<Vec<Ipv4Addr>>,
     /// Where measurements go.
     pub recorder: Arc<Recorder>,
-    /// Step commands.
-    pub steps: watch::Receiver<StepCmd>,
-    /// Maps monotonic ns onto timer instants.
-    pub anchor: Anchor,
     /// Payload size of data messages.
     pub payload_len: usize,
     /// Heartbeat interval, ns.
     pub heartbeat_ns: u64,
-    /// Writes are rounded up to this many ns.
-    pub tick_ns: u64,
-    /// Most messages in one write.
-    pub max_batch: u64,
     /// Deadline for connect + handshake + joins.
     pub connect_timeout: Duration,
-    /// Queue of replies a command controller keeps.
-    pub reply_queue: usize,
+    /// Bytes a connection keeps queued while its socket is full.
+    pub max_pending: usize,
     /// Largest inbound frame accepted.
     pub max_in: usize,
+    /// JSON payload template of data messages, if any.
+    pub template: Option<Arc<crate::payload::Template>>,
 }
 
 impl Env {
@@ -172,11 +158,25 @@ async fn open_inner(env: &Env, spec: ClientSpec) -> Result<Session, ErrorKind> {
     let wire = wire.clone();
     let mut stream = net::connect(env.source(spec.index), endpoint.addr()).await?;
     let mut enc = wire.encoder(spec.index ^ mono_ns());
+    if let Some(t) = &env.template {
+        enc.set_template(t.clone());
+    }
     let mut dec = wire.decoder(env.max_in);
     let mut rbuf = BytesMut::with_capacity(1024);
     let mut out = BytesMut::with_capacity(256);
     let heartbeat_s = env.heartbeat_ns.div_ceil(1_000_000_000).max(1) as u32;
 
+    if endpoint.is_echo() {
+        // An echo server has no handshake: the connection is ready once connected.
+        return Ok(Session {
+            spec,
+            stream,
+            enc,
+            dec,
+            rbuf,
+            wire,
+        });
+    }
     let mut hello_in_url = false;
     if let Endpoint::RelayWs { host, path, .. } = endpoint {
         // JSON browsers say hello in the URL (the server then speaks JSON text);
@@ -265,26 +265,155 @@ async fn open_inner(env: &Env, spec: ClientSpec) -> Result<Session, ErrorKind> {
     })
 }
 
-/// What the reader hands to the writer.
+/// What a link's writers share: the encoder and the bytes the socket has not taken.
 #[derive(Debug)]
-enum Out {
-    /// A command to answer: send its stamp back to the browser.
-    Echo(Stamp),
-    /// A WebSocket ping to answer.
-    WsPong(Bytes),
+pub struct Outbox {
+    /// The connection's encoder (WebSocket masks and MQTT state live in it).
+    pub enc: Encoder,
+    /// Scratch buffer one write is encoded into.
+    buf: BytesMut,
+    /// Bytes waiting for the socket to drain (empty almost always).
+    pending: BytesMut,
 }
 
-/// State both tasks of a connection see.
-#[derive(Debug, Default)]
-struct Shared {
+/// How a write went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wrote {
+    /// Sent, or queued behind bytes the socket has not taken yet.
+    Ok,
+    /// Not written: the queue of a full socket is at its bound.
+    Full,
+    /// The connection is closed or broken.
+    Closed,
+}
+
+/// One established connection, shared by the sender thread, its reader and its
+/// flusher.
+#[derive(Debug)]
+pub struct Link {
+    /// The client it plays.
+    pub spec: ClientSpec,
+    /// Recorder shard key.
+    pub key: usize,
+    stream: TcpStream,
+    out: Mutex<Outbox>,
+    /// Wakes the flusher: bytes are pending, or the link is closing.
+    flush: Notify,
     /// Set once the tool itself closes the connection, so EOF is not an error.
     closing: AtomicBool,
+    /// Cleared when the connection is gone.
+    alive: AtomicBool,
     /// Intended times of heartbeats awaiting their answer, oldest first.
     pings: Mutex<VecDeque<u64>>,
+    /// Where this client's data messages go.
+    pub dest: Option<Dest>,
+    /// Where a command controller's replies go.
+    echo: Option<Dest>,
+    /// Payload size of data messages.
+    pub payload_len: usize,
+    /// Bound of `pending`.
+    max_pending: usize,
+    /// Where this link's errors are counted.
+    rec: Arc<Recorder>,
 }
 
 /// Heartbeats awaiting an answer beyond this are forgotten (the oldest first).
 const MAX_PINGS_IN_FLIGHT: usize = 64;
+
+/// Sends as much of `data` as the socket takes now, without blocking (the sender
+/// thread writes from outside the runtime, so it calls the socket directly).
+fn send_now(sock: &TcpStream, data: &[u8]) -> std::io::Result<usize> {
+    let sock = socket2::SockRef::from(sock);
+    let mut done = 0;
+    while done < data.len() {
+        match sock.send_with_flags(&data[done..], libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) {
+            Ok(n) => done += n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(done),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(done)
+}
+
+impl Link {
+    fn lock(&self) -> MutexGuard<'_, Outbox> {
+        self.out.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// True while the connection is up.
+    pub fn alive(&self) -> bool {
+        self.alive.load(Ordering::Acquire)
+    }
+
+    /// Encodes with `f` and writes the result at once (behind any pending bytes).
+    /// `f` is not called when the pending queue is already at its bound.
+    pub fn write(&self, f: impl FnOnce(&mut Encoder, &mut BytesMut)) -> Wrote {
+        if !self.alive() {
+            return Wrote::Closed;
+        }
+        let mut g = self.lock();
+        let o = &mut *g;
+        if o.pending.len() >= self.max_pending {
+            return Wrote::Full;
+        }
+        o.buf.clear();
+        f(&mut o.enc, &mut o.buf);
+        if o.buf.is_empty() {
+            return Wrote::Ok;
+        }
+        if !o.pending.is_empty() {
+            o.pending.extend_from_slice(&o.buf);
+            return Wrote::Ok;
+        }
+        match send_now(&self.stream, &o.buf) {
+            Ok(n) if n == o.buf.len() => Wrote::Ok,
+            Ok(n) => {
+                o.pending.extend_from_slice(&o.buf[n..]);
+                drop(g);
+                self.flush.notify_one();
+                Wrote::Ok
+            }
+            Err(_) => {
+                drop(g);
+                self.fail(&ErrorKind::WriteFailed);
+                Wrote::Closed
+            }
+        }
+    }
+
+    /// Records that a heartbeat intended at `t` is being sent.
+    pub fn ping_sent(&self, t: u64) {
+        let mut q = self.pings.lock().unwrap_or_else(|p| p.into_inner());
+        if q.len() >= MAX_PINGS_IN_FLIGHT {
+            q.pop_front();
+        }
+        q.push_back(t);
+    }
+
+    /// Takes back the heartbeat just queued by [`Link::ping_sent`] (it was not written).
+    pub fn ping_unsent(&self) {
+        self.pings
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .pop_back();
+    }
+
+    /// Says goodbye and closes (the flusher does it, after what is pending).
+    pub fn close(&self) {
+        self.closing.store(true, Ordering::Release);
+        self.flush.notify_one();
+    }
+
+    /// Marks the link broken; only its first failure counts, and none once the tool
+    /// itself is closing it.
+    fn fail(&self, kind: &ErrorKind) {
+        if self.alive.swap(false, Ordering::AcqRel) && !self.closing.load(Ordering::Acquire) {
+            self.rec.error(self.key, kind);
+        }
+        self.flush.notify_one();
+    }
+}
 
 impl Session {
     /// The client this session plays.
@@ -300,8 +429,9 @@ impl Session {
         let _ = self.stream.shutdown().await;
     }
 
-    /// Starts the reader and writer; the returned task ends when both have.
-    pub fn spawn(self, env: &Env) -> tokio::task::JoinHandle<()> {
+    /// Starts the reader and the flusher; returns the link and a task that ends when
+    /// both have.
+    pub fn spawn(self, env: &Env) -> (Arc<Link>, tokio::task::JoinHandle<()>) {
         let Session {
             spec,
             stream,
@@ -310,69 +440,63 @@ impl Session {
             rbuf,
             wire,
         } = self;
-        let spec = Arc::new(spec);
-        let shared = Arc::new(Shared::default());
-        let (rd, wr) = stream.into_split();
-        let (tx, rx) = mpsc::channel::<Out>(env.reply_queue.max(1));
         let dest = spec.send.as_ref().map(|s| wire.dest(&s.to, s.group));
         let echo = spec.echo_to.as_ref().map(|a| wire.dest(a, false));
-        let reader = tokio::spawn(read_loop(
-            env.clone(),
-            spec.clone(),
-            shared.clone(),
-            rd,
-            dec,
-            rbuf,
-            tx,
-        ));
-        let writer = tokio::spawn(write_loop(
-            env.clone(),
+        let link = Arc::new(Link {
+            key: spec.index as usize,
             spec,
-            shared,
-            wr,
-            enc,
-            rx,
+            stream,
+            out: Mutex::new(Outbox {
+                enc,
+                buf: BytesMut::with_capacity(4096),
+                pending: BytesMut::new(),
+            }),
+            flush: Notify::new(),
+            closing: AtomicBool::new(false),
+            alive: AtomicBool::new(true),
+            pings: Mutex::new(VecDeque::new()),
             dest,
             echo,
-        ));
-        tokio::spawn(async move {
-            let _ = writer.await;
+            payload_len: env.payload_len,
+            max_pending: env.max_pending.max(1),
+            rec: env.recorder.clone(),
+        });
+        let reader = tokio::spawn(read_loop(env.clone(), link.clone(), dec, rbuf));
+        let flusher = tokio::spawn(flush_loop(link.clone()));
+        let task = tokio::spawn(async move {
             let _ = reader.await;
-        })
+            let _ = flusher.await;
+        });
+        (link, task)
     }
 }
 
-async fn read_loop(
-    env: Env,
-    spec: Arc<ClientSpec>,
-    shared: Arc<Shared>,
-    mut rd: tokio::net::tcp::OwnedReadHalf,
-    mut dec: Decoder,
-    mut rbuf: BytesMut,
-    tx: mpsc::Sender<Out>,
-) {
-    let key = spec.index as usize;
+async fn read_loop(env: Env, link: Arc<Link>, mut dec: Decoder, mut rbuf: BytesMut) {
+    let key = link.key;
     let rec = &env.recorder;
-    let echo = spec.echo_to.is_some();
+    let how = link.spec.receipt;
     let mut stamps: Vec<Stamp> = Vec::with_capacity(64);
     loop {
         let now = mono_ns();
         let mut stop = false;
+        let mut replies = 0u64;
         loop {
             match dec.decode(&mut rbuf) {
                 Ok(Some(ev)) => match ev {
                     Inbound::Data { stamp: Some(st) } => {
                         stamps.push(st);
-                        if echo
-                            && let Err(mpsc::error::TrySendError::Full(_)) =
-                                tx.try_send(Out::Echo(st))
-                        {
-                            rec.error(key, &ErrorKind::ReplyDropped);
+                        if let Some(d) = link.echo.as_ref() {
+                            let len = link.payload_len;
+                            match link.write(|enc, buf| enc.data(buf, d, st, len)) {
+                                Wrote::Ok => replies += 1,
+                                Wrote::Full => rec.error(key, &ErrorKind::ReplyDropped),
+                                Wrote::Closed => {}
+                            }
                         }
                     }
                     Inbound::Data { stamp: None } => rec.error(key, &ErrorKind::Unstamped),
                     Inbound::Pong => {
-                        let sent = shared
+                        let sent = link
                             .pings
                             .lock()
                             .unwrap_or_else(|p| p.into_inner())
@@ -383,10 +507,10 @@ async fn read_loop(
                     }
                     Inbound::Error { code, .. } => rec.error(key, &ErrorKind::Server(code)),
                     Inbound::WsPing(p) => {
-                        let _ = tx.try_send(Out::WsPong(p));
+                        let _ = link.write(|enc, buf| enc.ws_pong(buf, &p));
                     }
                     Inbound::Closed => {
-                        if !shared.closing.load(Ordering::Acquire) {
+                        if !link.closing.load(Ordering::Acquire) {
                             rec.error(key, &ErrorKind::Disconnected);
                         }
                         stop = true;
@@ -402,182 +526,87 @@ async fn read_loop(
                 }
             }
         }
-        let how = if spec.receipt == Receipt::CountOnly {
-            Receipt::CountOnly
-        } else {
-            Receipt::Measure
-        };
         rec.received(key, &stamps, now, how);
         stamps.clear();
+        rec.sent(key, now, replies, 1);
         if stop {
             break;
         }
-        rbuf.reserve(8192);
-        match rd.read_buf(&mut rbuf).await {
+        if rbuf.capacity() - rbuf.len() < 4096 {
+            rbuf.reserve(16 * 1024);
+        }
+        let r = match link.stream.readable().await {
+            Ok(()) => match link.stream.try_read_buf(&mut rbuf) {
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                r => r,
+            },
+            Err(e) => Err(e),
+        };
+        match r {
             Ok(0) => {
-                if !shared.closing.load(Ordering::Acquire) {
+                if !link.closing.load(Ordering::Acquire) {
                     rec.error(key, &ErrorKind::Disconnected);
                 }
                 break;
             }
             Ok(_) => {}
             Err(_) => {
-                if !shared.closing.load(Ordering::Acquire) {
+                if !link.closing.load(Ordering::Acquire) {
                     rec.error(key, &ErrorKind::ReadFailed);
                 }
                 break;
             }
         }
     }
+    link.alive.store(false, Ordering::Release);
+    link.flush.notify_one();
     rec.counters.connected.fetch_sub(1, Ordering::Relaxed);
-    // Dropping `tx` tells the writer the connection is gone.
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn write_loop(
-    env: Env,
-    spec: Arc<ClientSpec>,
-    shared: Arc<Shared>,
-    mut wr: tokio::net::tcp::OwnedWriteHalf,
-    mut enc: Encoder,
-    mut rx: mpsc::Receiver<Out>,
-    dest: Option<Dest>,
-    echo: Option<Dest>,
-) {
-    let key = spec.index as usize;
-    let rec = env.recorder.clone();
-    let mut steps = env.steps.clone();
-    let hb = env.heartbeat_ns.max(1);
-    // Spread first heartbeats over one interval so the fleet does not ping in bursts.
-    let phase = (spec.index.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 11) % hb;
-    let mut next_hb = mono_ns() + phase;
-    let mut sched = Schedule::idle();
-    let mut step_id = crate::stats::NO_STEP;
-    let mut buf = BytesMut::with_capacity(4096);
-    let (recipients, slot, slots) = spec
-        .send
-        .as_ref()
-        .map(|s| (s.recipients, s.slot, s.slots))
-        .unwrap_or((0, 0, 1));
-    // A step may already be running when this connection comes up.
-    let mut pending_cmd = Some(*steps.borrow_and_update());
+/// How long a closing link waits for its pending bytes and goodbye to leave.
+const CLOSE_GRACE: Duration = Duration::from_secs(2);
+
+async fn flush_loop(link: Arc<Link>) {
     loop {
-        if let Some(cmd) = pending_cmd.take() {
-            match cmd {
-                StepCmd::Wait => sched = Schedule::idle(),
-                StepCmd::Run(p) => {
-                    if p.id != step_id {
-                        step_id = p.id;
-                        sched = if dest.is_some() {
-                            Schedule::new(p.start_ns, p.end_ns, p.rate, slot, slots)
-                        } else {
-                            Schedule::idle()
-                        };
-                    }
-                }
-                StepCmd::Finish => {
-                    shared.closing.store(true, Ordering::Release);
-                    buf.clear();
-                    enc.bye(&mut buf);
-                    let _ = wr.write_all(&buf).await;
-                    let _ = wr.shutdown().await;
-                    return;
-                }
-            }
-        }
-        let wake_ns = match sched.next_wake(env.tick_ns) {
-            Some(t) => t.min(next_hb),
-            None => next_hb,
-        };
-        let mut replies = 0u64;
-        tokio::select! {
-            biased;
-            changed = steps.changed() => {
-                pending_cmd = Some(if changed.is_err() { StepCmd::Finish } else { *steps.borrow_and_update() });
-                continue;
-            }
-            m = rx.recv() => match m {
-                Some(m) => {
-                    replies += encode_out(&mut enc, &mut buf, m, echo.as_ref(), env.payload_len);
-                    while let Ok(m) = rx.try_recv() {
-                        replies += encode_out(&mut enc, &mut buf, m, echo.as_ref(), env.payload_len);
-                    }
-                }
-                None => return, // the reader ended: the connection is gone
-            },
-            _ = tokio::time::sleep_until(env.anchor.instant_at(wake_ns).into()) => {}
-        }
-        let now = mono_ns();
-        let mut first_ns = 0;
-        let mut n = 0u64;
-        if let Some(d) = dest.as_ref() {
-            let due = sched.take_due(now, env.max_batch);
-            for k in due {
-                let Some(t) = sched.intended(k) else { break };
-                if n == 0 {
-                    first_ns = t;
-                }
-                enc.data(
-                    &mut buf,
-                    d,
-                    Stamp {
-                        intended_ns: t,
-                        step: step_id,
-                    },
-                    env.payload_len,
-                );
-                n += 1;
-            }
-        }
-        let mut pinged = None;
-        if now >= next_hb {
-            enc.ping(&mut buf);
-            let mut q = shared.pings.lock().unwrap_or_else(|p| p.into_inner());
-            if q.len() >= MAX_PINGS_IN_FLIGHT {
-                q.pop_front();
-            }
-            q.push_back(next_hb);
-            drop(q);
-            pinged = Some(next_hb);
-            // Next beat on the grid; skip beats missed while blocked.
-            next_hb += hb * ((now - next_hb) / hb + 1);
-        }
-        if buf.is_empty() {
-            continue;
-        }
-        if wr.write_all(&buf).await.is_err() {
-            if !shared.closing.load(Ordering::Acquire) {
-                rec.error(key, &ErrorKind::WriteFailed);
-            }
+        link.flush.notified().await;
+        if link.closing.load(Ordering::Acquire) {
+            let _ = link.write(|enc, buf| enc.bye(buf));
+            let _ = tokio::time::timeout(CLOSE_GRACE, drain(&link)).await;
+            link.alive.store(false, Ordering::Release);
+            let _ = socket2::SockRef::from(&link.stream).shutdown(std::net::Shutdown::Write);
             return;
         }
-        buf.clear();
-        rec.sent(key, first_ns, n, recipients, Some(mono_ns()));
-        rec.sent(key, now, replies, 1, None);
-        if let Some(t) = pinged {
-            rec.ping(key, t);
+        if !link.alive() {
+            return;
+        }
+        if drain(&link).await.is_err() {
+            link.fail(&ErrorKind::WriteFailed);
+            return;
         }
     }
 }
 
-fn encode_out(
-    enc: &mut Encoder,
-    buf: &mut BytesMut,
-    m: Out,
-    echo: Option<&Dest>,
-    len: usize,
-) -> u64 {
-    match m {
-        Out::Echo(stamp) => match echo {
-            Some(d) => {
-                enc.data(buf, d, stamp, len);
-                1
+/// Sends the pending bytes as the socket drains.
+async fn drain(link: &Link) -> std::io::Result<()> {
+    loop {
+        if link.lock().pending.is_empty() {
+            return Ok(());
+        }
+        link.stream.writable().await?;
+        let r = link.stream.try_io(Interest::WRITABLE, || {
+            let mut g = link.lock();
+            let n = send_now(&link.stream, &g.pending)?;
+            g.pending.advance(n);
+            if g.pending.is_empty() {
+                Ok(())
+            } else {
+                Err(std::io::ErrorKind::WouldBlock.into())
             }
-            None => 0,
-        },
-        Out::WsPong(p) => {
-            enc.ws_pong(buf, &p);
-            0
+        });
+        match r {
+            Ok(()) => return Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
         }
     }
 }

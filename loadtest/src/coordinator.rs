@@ -5,7 +5,7 @@
 //! from /proc, and assembles the [`Report`].
 
 use std::io::{BufRead, BufReader, Write};
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr};
 use std::path::PathBuf;
 use std::process::{Child, ChildStdin, Command as Process, Stdio};
 use std::sync::mpsc;
@@ -19,10 +19,11 @@ use crate::plan::Plan;
 use crate::procstat::{self, ProcSample, Sampler};
 use crate::progress::Progress;
 use crate::report::{
-    ConnectReport, FindMaxReport, FleetReport, GENERATOR_LAG_US, LimitsReport, Report,
-    ServerReport, ServerStep, StepReport, TargetReport, fmt_rate, fmt_us, group,
+    ConnectReport, CpuStep, FindMaxReport, FleetReport, GENERATOR_LAG_US, LimitKind, LimitsReport,
+    Note, ProcReport, Report, ServerReport, ServerStep, Slo, StepReport, TargetReport, Verdict,
+    fmt_rate, fmt_us, group,
 };
-use crate::scenario::{Endpoint, Form, Pattern, Scenario, ScenarioError};
+use crate::scenario::{Endpoint, Form, Pattern, RampBy, Scenario, ScenarioError, WatchSpec};
 use crate::stats::{ConnectStats, ProgressSnapshot, StepStats};
 use crate::worker::{self, Command, Reply, WorkerSetup};
 
@@ -186,6 +187,17 @@ impl Fleet {
         })
     }
 
+    /// Pids of the worker processes (none when the worker runs in this process).
+    fn child_pids(&self) -> Vec<u32> {
+        self.links
+            .iter()
+            .filter_map(|l| match l {
+                Link::Child { child, .. } => Some(child.id()),
+                Link::Local(_) => None,
+            })
+            .collect()
+    }
+
     fn broadcast(&mut self, make: impl Fn(usize) -> Command) -> Result<(), RunError> {
         for (i, l) in self.links.iter_mut().enumerate() {
             l.send(&make(i))
@@ -209,7 +221,7 @@ impl Fleet {
         progress: &mut Progress,
         phase: &dyn Fn() -> String,
         mut take: impl FnMut(usize, Reply) -> Option<T>,
-        mut on_tick: impl FnMut(),
+        on_tick: &mut dyn FnMut(),
     ) -> Result<Vec<T>, RunError> {
         let n = self.links.len();
         let mut got: Vec<Option<T>> = (0..n).map(|_| None).collect();
@@ -256,7 +268,7 @@ impl Fleet {
             progress,
             &|| "closing".to_string(),
             |_, r| matches!(r, Reply::Finished).then_some(()),
-            || {},
+            &mut || {},
         );
         for l in self.links {
             l.close(Duration::from_secs(5));
@@ -291,6 +303,9 @@ fn find_server(s: &Scenario, ctl: &Endpoint) -> (Option<u32>, String) {
     if !is_loopback(ctl) {
         return (None, "server is not on this machine".into());
     }
+    if ctl.is_echo() {
+        return (None, "an echo target is not sampled".into());
+    }
     let me = std::process::id();
     let port = ctl.addr().port();
     let pids: Vec<u32> = procstat::pids_listening_on(port)
@@ -303,7 +318,47 @@ fn find_server(s: &Scenario, ctl: &Endpoint) -> (Option<u32>, String) {
     }
 }
 
-/// The sentence answering "how much does this server hold".
+/// Who the fleet is, in words, for capacity answers.
+fn fleet_words(s: &Scenario, units: u64, per: f64) -> String {
+    let l = &s.load;
+    if s.is_echo() {
+        return format!(
+            "{} echo connections at {} msg/s each",
+            group(units),
+            fmt_rate(per)
+        );
+    }
+    match s.pattern {
+        Pattern::Telemetry => format!(
+            "{} controllers at {} msg/s each to {} browser(s) each",
+            group(units),
+            fmt_rate(per),
+            l.browsers_per_controller
+        ),
+        Pattern::Command => format!(
+            "{} browser→controller pairs at {} commands/s each",
+            group(units),
+            fmt_rate(per)
+        ),
+        Pattern::Fanout => format!(
+            "{} publisher(s) at {} msg/s each to groups of {} members ({} deliveries/s)",
+            group(units),
+            fmt_rate(per),
+            group(l.members as u64),
+            fmt_rate(per * units as f64 * l.members as f64)
+        ),
+        Pattern::Fanin => format!(
+            "{} controllers at {} msg/s each into {} dashboard(s)",
+            group(units),
+            fmt_rate(per),
+            l.dashboards
+        ),
+        Pattern::Idle => format!("{} idle controllers", group(units)),
+        Pattern::Storm => "the fleet".to_string(),
+    }
+}
+
+/// The sentence answering "how much does this server hold" for a rate ramp.
 pub fn capacity_answer(
     s: &Scenario,
     best: Option<&crate::findmax::Outcome>,
@@ -315,34 +370,11 @@ pub fn capacity_answer(
             "no rate tried met p99 < {slo_ms} ms with loss < {loss}%: lower find_max.start_rate or relax the SLO"
         );
     };
-    let per = s.per_sender_rate(b.rate);
-    let l = &s.load;
-    let who = match s.pattern {
-        Pattern::Telemetry => format!(
-            "{} controllers at {} msg/s each to {} browser(s) each",
-            group(l.controllers as u64),
-            fmt_rate(per),
-            l.browsers_per_controller
-        ),
-        Pattern::Command => format!(
-            "{} browser→controller pairs at {} commands/s each",
-            group(l.controllers as u64),
-            fmt_rate(per)
-        ),
-        Pattern::Fanout => format!(
-            "{} publisher(s) at {} msg/s each to groups of {} members ({} deliveries/s)",
-            group(l.groups as u64),
-            fmt_rate(per),
-            group(l.members as u64),
-            fmt_rate(b.rate * l.members as f64)
-        ),
-        Pattern::Fanin => format!(
-            "{} controllers at {} msg/s each into {} dashboard(s)",
-            group(l.controllers as u64),
-            fmt_rate(per),
-            l.dashboards
-        ),
-        Pattern::Idle | Pattern::Storm => "the fleet".to_string(),
+    let who = fleet_words(s, s.load.controllers as u64, s.per_sender_rate(b.rate));
+    let who = if s.pattern == Pattern::Fanout {
+        fleet_words(s, s.load.groups as u64, s.per_sender_rate(b.rate))
+    } else {
+        who
     };
     format!(
         "this server holds {who} ({} msg/s in all) with p99 {} < {slo_ms} ms and loss {:.3}% < {loss}%",
@@ -352,17 +384,172 @@ pub fn capacity_answer(
     )
 }
 
+/// The sentence answering "how many controllers does this server hold" for a fleet
+/// ramp (`Outcome::rate` is the fleet size there).
+pub fn fleet_answer(s: &Scenario, best: Option<&crate::findmax::Outcome>, slo_ms: f64) -> String {
+    let loss = s.find_max.max_loss * 100.0;
+    let per = s.load.rate.unwrap_or(0.0);
+    let hb = s.load.heartbeat;
+    let Some(b) = best else {
+        return format!(
+            "no fleet size tried met p99 < {slo_ms} ms with loss < {loss}%: lower find_max.start_fleet or relax the SLO"
+        );
+    };
+    let units = b.rate.round() as u64;
+    format!(
+        "this server holds {} (heartbeat every {hb}) with p99 {} < {slo_ms} ms and loss {:.3}% < {loss}%",
+        fleet_words(s, units, per),
+        fmt_us(b.p99_us),
+        b.loss * 100.0
+    )
+}
+
 /// Rates of the failing steps during which the generator lagged its own schedule.
 pub fn generator_limited(steps: &[StepReport]) -> Vec<f64> {
     steps
         .iter()
-        .filter(|x| x.passed == Some(false) && x.send_lag.p99_us > GENERATOR_LAG_US)
+        .filter(|x| !x.passed && generator_lagged(x))
         .map(|x| x.total_rate)
         .collect()
 }
 
-/// Runs `s` and returns its report.
-pub fn run(s: &Scenario, opts: &RunOptions) -> Result<Report, RunError> {
+/// Whether the generator, not only the server, shaped a step: its send lag p99 passed
+/// [`GENERATOR_LAG_US`], or it used nearly all of the machine.
+fn generator_lagged(x: &StepReport) -> bool {
+    x.send_lag.p99_us > GENERATOR_LAG_US
+        || x.generator
+            .is_some_and(|g| g.machine_percent > GENERATOR_MACHINE_PERCENT)
+}
+
+/// Above this share of the machine the generator is taken to have run out of CPU.
+pub const GENERATOR_MACHINE_PERCENT: f64 = 90.0;
+
+/// Why a step failed: what broke (connections, nothing sent, losses, errors) and what
+/// missed the SLO.
+#[derive(Debug, Default, PartialEq)]
+pub struct Judgement {
+    pub broken: Vec<String>,
+    pub slo: Vec<String>,
+}
+
+/// Judges one step against the SLO. `fixed`: a fixed run, where any lost message
+/// breaks the run (a ramp step only has to stay under `max_loss`).
+pub fn judge(s: &Scenario, x: &StepReport, fixed: bool) -> Judgement {
+    let mut j = Judgement::default();
+    let slo_us = (s.find_max.slo_p99.as_nanos() / 1000).max(1);
+    let slo = fmt_us(slo_us);
+    if x.connected < x.connections_needed {
+        j.broken.push(format!(
+            "{} of {} connections were not up",
+            group(x.connections_needed - x.connected),
+            group(x.connections_needed)
+        ));
+    }
+    if s.pattern.sends_data() && x.rate_per_sender > 0.0 {
+        if x.sent == 0 {
+            j.broken.push("nothing was sent".into());
+        } else if x.received == 0 {
+            j.broken.push("nothing was received".into());
+        }
+        if fixed && x.lost > 0 {
+            j.broken.push(format!(
+                "{} messages lost ({:.4}%)",
+                group(x.lost),
+                x.loss_ratio * 100.0
+            ));
+        }
+        if x.loss_ratio >= s.find_max.max_loss && x.lost > 0 {
+            j.slo.push(format!(
+                "loss {:.4}% ≥ {}%",
+                x.loss_ratio * 100.0,
+                s.find_max.max_loss * 100.0
+            ));
+        }
+        if x.latency.count > 0 && x.latency.p99_us >= slo_us {
+            j.slo
+                .push(format!("p99 {} ≥ {slo}", fmt_us(x.latency.p99_us)));
+        }
+    } else if s.pattern != Pattern::Storm {
+        if x.pings == 0 {
+            j.broken.push("no heartbeats were sent".into());
+        } else if x.pongs < x.pings {
+            j.broken.push(format!(
+                "{} of {} heartbeats unanswered",
+                group(x.pings - x.pongs),
+                group(x.pings)
+            ));
+        }
+        if x.heartbeat.count > 0 && x.heartbeat.p99_us >= slo_us {
+            j.slo.push(format!(
+                "heartbeat p99 {} ≥ {slo}",
+                fmt_us(x.heartbeat.p99_us)
+            ));
+        }
+    }
+    let errors: u64 = x.errors.values().sum();
+    if errors > 0 {
+        j.broken.push(format!(
+            "{} errors ({})",
+            group(errors),
+            x.errors
+                .iter()
+                .map(|(k, v)| format!("{k}={}", group(*v)))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+    }
+    j
+}
+
+/// What capped the connect phase, if anything: the tool's open files or ports, or the
+/// server not taking every connection.
+fn connect_limit(c: &ConnectStats) -> Option<Note> {
+    if c.failed == 0 {
+        return None;
+    }
+    let count = |k: &str| c.errors.get(k).copied().unwrap_or(0);
+    let errs = c
+        .errors
+        .iter()
+        .map(|(k, v)| format!("{k}={}", group(*v)))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let (kind, who) = if count("fd_limit") > 0 {
+        (LimitKind::OpenFiles, "the tool ran out of open files")
+    } else if count("source_ports_exhausted") > 0 {
+        (
+            LimitKind::Ports,
+            "the tool ran out of ephemeral ports (add --source-addrs)",
+        )
+    } else {
+        (LimitKind::Connections, "the server did not take them")
+    };
+    Some(Note::limit(
+        kind,
+        format!(
+            "{} of {} connections failed: {who} ({errs})",
+            group(c.failed),
+            group(c.planned)
+        ),
+    ))
+}
+
+/// The run as planned before anything connects: endpoints, fleet, workers, source
+/// addresses and the limits that shaped them.
+struct Prepared {
+    s: Scenario,
+    ctl: Endpoint,
+    plan: Plan,
+    nofile: NoFile,
+    wplan: limits::WorkerPlan,
+    sources: Vec<Ipv4Addr>,
+    ports: u64,
+    threads: u32,
+    cores: u32,
+    notes: Vec<Note>,
+}
+
+fn prepare(s: &Scenario, opts: &RunOptions) -> Result<Prepared, RunError> {
     s.validate("scenario")?;
     let mut s = s.clone();
     if s.target.prefix.is_empty() {
@@ -371,14 +558,13 @@ pub fn run(s: &Scenario, opts: &RunOptions) -> Result<Report, RunError> {
     let ctl = s.controller_endpoint().map_err(RunError::Setup)?;
     let br = s.browser_endpoint().map_err(RunError::Setup)?;
     let plan = Plan::new(&s, &s.target.prefix);
-    let mut progress = Progress::new(opts.progress);
-
-    // Limits: open files and ephemeral ports.
     let mut notes = Vec::new();
     let nofile = match limits::raise_nofile() {
         Ok(n) => n,
         Err(e) => {
-            notes.push(format!("could not raise the open-file limit: {e}"));
+            notes.push(Note::info(format!(
+                "could not raise the open-file limit: {e}"
+            )));
             limits::nofile().unwrap_or(NoFile {
                 soft: 1024,
                 hard: 1024,
@@ -410,11 +596,6 @@ pub fn run(s: &Scenario, opts: &RunOptions) -> Result<Report, RunError> {
         is_loopback(&ctl) && is_loopback(&br),
     );
     notes.extend(src_notes);
-    for n in &notes {
-        if n.starts_with("LIMIT:") {
-            progress.println(n);
-        }
-    }
     let cores = std::thread::available_parallelism()
         .map(|n| n.get() as u32)
         .unwrap_or(1);
@@ -423,150 +604,709 @@ pub fn run(s: &Scenario, opts: &RunOptions) -> Result<Report, RunError> {
     } else {
         (cores / wplan.workers).max(1)
     };
-
-    // The server.
-    let (pid, found_by) = find_server(&s, &ctl);
-    let sampler = pid.and_then(|p| Sampler::start(p, s.run.sample_interval.0).ok());
-    if pid.is_some() && sampler.is_none() {
-        notes.push(format!(
-            "cannot read /proc of server pid {}",
-            pid.unwrap_or(0)
-        ));
-    }
-    let rss_before = sampler.as_ref().and_then(|x| x.mark()).map(|x| x.rss_bytes);
-
-    // Workers and the connect phase.
-    let started_unix_ms = unix_ms();
-    let mut fleet = Fleet::start(wplan.workers as usize, opts.worker_exe.as_ref())?;
-    let connect_start_ns = mono_ns() + s.run.start_lead.as_nanos();
-    let setup = |i: usize| WorkerSetup {
-        scenario: s.clone(),
-        prefix: s.target.prefix.clone(),
-        worker: i as u32,
-        workers: wplan.workers,
+    Ok(Prepared {
+        s,
+        ctl,
+        plan,
+        nofile,
+        wplan,
+        sources,
+        ports,
         threads,
-        sources: sources.clone(),
-        connect_start_ns,
-        max_connections: wplan.per_process,
+        cores,
+        notes,
+    })
+}
+
+/// A group of processes whose CPU time the run follows.
+struct Watched {
+    name: String,
+    pids: Vec<u32>,
+    found_by: String,
+    /// (t_ns, summed CPU µs) readings.
+    samples: Vec<(u64, u64)>,
+}
+
+impl Watched {
+    /// Reads the summed CPU time now and keeps the reading.
+    fn mark(&mut self) -> Option<(u64, u64)> {
+        let mut cpu = 0;
+        let mut t = 0;
+        for &pid in &self.pids {
+            let x = procstat::sample(pid).ok()?;
+            cpu += x.cpu_us;
+            t = x.t_ns;
+        }
+        if self.pids.is_empty() {
+            return None;
+        }
+        self.samples.push((t, cpu));
+        Some((t, cpu))
+    }
+
+    fn report(&self, cores: u32) -> ProcReport {
+        let (cpu_s, machine_percent) = match (self.samples.first(), self.samples.last()) {
+            (Some(a), Some(b)) if b.0 > a.0 => {
+                let cpu = b.1.saturating_sub(a.1) as f64;
+                let wall = (b.0 - a.0) as f64 / 1000.0;
+                (cpu / 1e6, 100.0 * cpu / (wall * cores.max(1) as f64))
+            }
+            _ => (0.0, 0.0),
+        };
+        ProcReport {
+            name: self.name.clone(),
+            pids: self.pids.clone(),
+            found_by: self.found_by.clone(),
+            cpu_s,
+            machine_percent,
+            cpu_over_time: cpu_series(&self.samples),
+        }
+    }
+}
+
+/// (seconds since the first reading, percent of one core) between readings.
+pub fn cpu_series(samples: &[(u64, u64)]) -> Vec<(f64, f64)> {
+    let Some(first) = samples.first() else {
+        return Vec::new();
     };
-    let result = (|| {
-        fleet.broadcast(|i| Command::Connect(Box::new(setup(i))))?;
-        let planned = wplan.connections;
-        let connects = fleet.gather(
-            &mut progress,
+    samples
+        .windows(2)
+        .filter(|w| w[1].0 > w[0].0)
+        .map(|w| {
+            let wall = (w[1].0 - w[0].0) as f64;
+            let cpu = w[1].1.saturating_sub(w[0].1) as f64 * 1000.0;
+            ((w[1].0 - first.0) as f64 / 1e9, 100.0 * cpu / wall)
+        })
+        .collect()
+}
+
+/// CPU of one watched group over a step.
+fn cpu_step(a: (u64, u64), b: (u64, u64), cores: u32, msgs: u64) -> CpuStep {
+    let cpu_us = b.1.saturating_sub(a.1) as f64;
+    let wall_us = b.0.saturating_sub(a.0) as f64 / 1000.0;
+    let pct = if wall_us > 0.0 {
+        100.0 * cpu_us / wall_us
+    } else {
+        0.0
+    };
+    CpuStep {
+        cpu_s: cpu_us / 1e6,
+        cpu_percent: pct,
+        machine_percent: pct / cores.max(1) as f64,
+        cpu_us_per_msg: if msgs > 0 { cpu_us / msgs as f64 } else { 0.0 },
+    }
+}
+
+/// Readings at a step's start: the server, the generator, each watched process.
+type StepMarks = (
+    Option<ProcSample>,
+    Option<(u64, u64)>,
+    Vec<Option<(u64, u64)>>,
+);
+
+/// Everything a running scenario holds between its phases.
+struct Runner<'a> {
+    p: &'a Prepared,
+    fleet: Fleet,
+    progress: Progress,
+    sampler: Option<&'a Sampler>,
+    /// The generator: this process and its worker processes.
+    generator: Watched,
+    /// `target.watch` processes.
+    watched: Vec<Watched>,
+    /// When the watched processes were last read (they are read every sample interval).
+    last_watch: Instant,
+    /// Every connect phase and resize, merged.
+    connect: ConnectStats,
+    /// Connections held now.
+    holding: u64,
+    /// Fleet units connected now.
+    units: u64,
+}
+
+impl Runner<'_> {
+    fn tick_watch(&mut self) {
+        if self.last_watch.elapsed() >= self.p.s.run.sample_interval.0 {
+            self.last_watch = Instant::now();
+            self.generator.mark();
+            for w in &mut self.watched {
+                w.mark();
+            }
+        }
+    }
+
+    /// Connects (or resizes to) the clients of the first `units` fleet units.
+    fn connect(&mut self, units: u64, first: bool) -> Result<ConnectStats, RunError> {
+        if !first {
+            self.fleet.broadcast(|_| Command::Resize { units })?;
+        }
+        let planned = self.p.plan.clients_in(units);
+        let mut gen_mark = || {};
+        let parts = self.fleet.gather(
+            &mut self.progress,
             &|| format!("connecting {} planned", group(planned)),
             |_, r| match r {
                 Reply::Connected(c) => Some(*c),
                 _ => None,
             },
-            || {},
+            &mut gen_mark,
         )?;
-        let mut connect = ConnectStats::default();
-        for c in &connects {
-            connect.merge(c);
+        let mut c = ConnectStats::default();
+        for x in &parts {
+            c.merge(x);
         }
-        let rss_connected = sampler.as_ref().and_then(|x| x.mark()).map(|x| x.rss_bytes);
+        self.holding = c.holding;
+        self.units = units;
+        self.connect.merge(&c);
+        self.connect.holding = c.holding;
+        Ok(c)
+    }
 
-        // Steps.
-        let mut steps: Vec<StepReport> = Vec::new();
-        let mut find_max = None;
-        let run_step =
-            |fleet: &mut Fleet, progress: &mut Progress, id: u32, total: f64, duration_ns: u64| {
-                run_one_step(
-                    &s,
-                    fleet,
-                    progress,
-                    sampler.as_ref(),
-                    id,
-                    total,
-                    duration_ns,
-                )
-            };
-        if s.find_max.enabled {
-            let f = &s.find_max;
-            let start = f
-                .start_rate
-                .or(s.total_rate())
-                .unwrap_or(s.senders() as f64);
-            let mut ramp = Ramp::new(RampConfig {
-                start,
-                factor: f.factor,
-                max_steps: f.max_steps,
-                refine_steps: f.refine_steps,
-                max_rate: f.max_rate,
-                slo_p99_us: (f.slo_p99.as_nanos() / 1000).max(1),
-                max_loss: f.max_loss,
-            });
-            let mut rate = ramp.first();
-            let mut id = 1;
-            loop {
-                let (mut rep, _) = run_step(
-                    &mut fleet,
-                    &mut progress,
-                    id,
-                    rate,
-                    f.step_duration.as_nanos(),
-                )?;
-                let next = ramp.observe(rate, rep.latency.p99_us, rep.loss_ratio, rep.received);
-                rep.passed = ramp.history().last().map(|o| o.passed);
-                progress.println(&format!(
-                    "step {id}: {} msg/s  p99 {}  loss {:.4}%  {}",
-                    fmt_rate(rate),
-                    fmt_us(rep.latency.p99_us),
-                    rep.loss_ratio * 100.0,
-                    if rep.passed == Some(true) {
-                        "pass"
-                    } else {
-                        "fail"
+    /// Runs one step on every worker and merges the results.
+    fn step(&mut self, id: u32, total_rate: f64, duration_ns: u64) -> Result<StepReport, RunError> {
+        let s = &self.p.s;
+        let per_sender = if s.find_max.enabled && s.find_max.by == RampBy::Fleet {
+            s.load.rate.unwrap_or(0.0)
+        } else {
+            s.per_sender_rate(total_rate)
+        };
+        let start_ns = mono_ns() + s.run.start_lead.as_nanos();
+        let plan = StepPlan {
+            id,
+            rate: per_sender,
+            start_ns,
+            end_ns: start_ns + duration_ns,
+        };
+        let drain_ns = s.load.drain.as_nanos();
+        self.fleet.broadcast(|_| Command::Step { plan, drain_ns })?;
+        let mut marks: Option<StepMarks> = None;
+        let phase = move || {
+            let now = mono_ns();
+            let t = now.saturating_sub(start_ns) as f64 / 1e9;
+            let d = duration_ns as f64 / 1e9;
+            if now < start_ns {
+                format!("step {id} @ {} msg/s starting", fmt_rate(total_rate))
+            } else if now < start_ns + duration_ns {
+                format!("step {id} @ {} msg/s {t:.0}/{d:.0}s", fmt_rate(total_rate))
+            } else {
+                format!("step {id} @ {} msg/s draining", fmt_rate(total_rate))
+            }
+        };
+        let sampler = self.sampler;
+        let generator = &mut self.generator;
+        let watched = &mut self.watched;
+        let last_watch = &mut self.last_watch;
+        let interval = s.run.sample_interval.0;
+        let parts = self.fleet.gather(
+            &mut self.progress,
+            &phase,
+            |_, r| match r {
+                Reply::StepDone { id: got, stats } if got == id => Some(*stats),
+                _ => None,
+            },
+            &mut || {
+                if marks.is_none() && mono_ns() >= start_ns {
+                    marks = Some((
+                        sampler.and_then(|x| x.mark()),
+                        generator.mark(),
+                        watched.iter_mut().map(|w| w.mark()).collect(),
+                    ));
+                    *last_watch = Instant::now();
+                } else if last_watch.elapsed() >= interval {
+                    *last_watch = Instant::now();
+                    generator.mark();
+                    for w in watched.iter_mut() {
+                        w.mark();
                     }
-                ));
-                steps.push(rep);
-                match next {
-                    Some(r) => rate = r,
-                    None => break,
                 }
-                id += 1;
+            },
+        )?;
+        let cpu1 = self.sampler.and_then(|x| x.mark());
+        let gen1 = self.generator.mark();
+        let watched1: Vec<Option<(u64, u64)>> = self.watched.iter_mut().map(|w| w.mark()).collect();
+        let mut merged = StepStats::default();
+        for p in &parts {
+            merged.merge(p);
+        }
+        let mut rep = StepReport::new(
+            id,
+            per_sender,
+            total_rate,
+            duration_ns as f64 / 1e9,
+            &merged,
+        );
+        rep.fleet = self.units;
+        rep.connected = self.holding;
+        rep.connections_needed = self
+            .p
+            .plan
+            .clients_in(self.units)
+            .min(self.p.wplan.connections);
+        let (cpu0, gen0, watched0) = marks.unwrap_or((None, None, Vec::new()));
+        if let (Some(a), Some(b)) = (cpu0, cpu1) {
+            let cpu_us = b.cpu_us.saturating_sub(a.cpu_us) as f64;
+            let wall_us = b.t_ns.saturating_sub(a.t_ns) as f64 / 1000.0;
+            let delivered = (merged.received + merged.pongs).max(1) as f64;
+            rep.server = Some(ServerStep {
+                cpu_s: cpu_us / 1e6,
+                cpu_percent: if wall_us > 0.0 {
+                    100.0 * cpu_us / wall_us
+                } else {
+                    0.0
+                },
+                cpu_us_per_msg: cpu_us / delivered,
+                rss_bytes: b.rss_bytes,
+            });
+        }
+        let cores = self.p.cores;
+        if let (Some(a), Some(b)) = (gen0, gen1) {
+            let msgs = merged.sent + merged.received + merged.pings + merged.pongs;
+            rep.generator = Some(cpu_step(a, b, cores, msgs));
+        }
+        for (i, w) in self.watched.iter().enumerate() {
+            if let (Some(Some(a)), Some(Some(b))) = (watched0.get(i), watched1.get(i)) {
+                rep.watched
+                    .insert(w.name.clone(), cpu_step(*a, *b, cores, 0));
             }
-            let slo_ms = f.slo_p99.as_secs_f64() * 1000.0;
-            let generator_limited = generator_limited(&steps);
-            let mut answer = capacity_answer(&s, ramp.best().as_ref(), slo_ms);
-            if let Some(r) = generator_limited.iter().copied().reduce(f64::min) {
-                answer.push_str(&format!(
-                    " — a lower bound: at {} msg/s the generator itself fell behind (send lag p99 over {}), so run it with more --workers/--threads or on another machine",
-                    fmt_rate(r),
-                    fmt_us(GENERATOR_LAG_US)
-                ));
+        }
+        Ok(rep)
+    }
+
+    /// One step at the scenario's rate for its duration.
+    fn fixed(&mut self) -> Result<Vec<StepReport>, RunError> {
+        let s = &self.p.s;
+        let total = if s.pattern.sends_data() {
+            s.total_rate().unwrap_or(0.0)
+        } else {
+            0.0
+        };
+        let mut rep = self.step(1, total, s.load.duration.as_nanos())?;
+        let j = judge(s, &rep, true);
+        rep.passed = j.broken.is_empty() && j.slo.is_empty();
+        rep.failures = j.broken.into_iter().chain(j.slo).collect();
+        Ok(vec![rep])
+    }
+
+    fn log_step(&mut self, rep: &StepReport, what: &str) {
+        let verdict = if rep.passed {
+            "pass".to_string()
+        } else {
+            format!("fail: {}", rep.failures.join("; "))
+        };
+        self.progress.println(&format!(
+            "step {}: {what}  p99 {}  loss {:.4}%  {verdict}",
+            rep.index,
+            fmt_us(rep.latency.p99_us.max(rep.heartbeat.p99_us)),
+            rep.loss_ratio * 100.0,
+        ));
+    }
+
+    fn ramp_config(&self, start: f64, max: f64) -> RampConfig {
+        let f = &self.p.s.find_max;
+        RampConfig {
+            start,
+            factor: f.factor,
+            max_steps: f.max_steps,
+            refine_steps: f.refine_steps,
+            max_rate: max,
+            slo_p99_us: (f.slo_p99.as_nanos() / 1000).max(1),
+            max_loss: f.max_loss,
+        }
+    }
+
+    /// The rate ramp over the connected fleet.
+    fn ramp_rate(&mut self) -> Result<(Vec<StepReport>, FindMaxReport), RunError> {
+        let s = &self.p.s;
+        let f = &s.find_max;
+        let start = f
+            .start_rate
+            .or(s.total_rate())
+            .unwrap_or(s.senders() as f64);
+        let mut ramp = Ramp::new(self.ramp_config(start, f.max_rate));
+        let mut rate = ramp.first();
+        let mut steps = Vec::new();
+        for id in 1.. {
+            let mut rep = self.step(id, rate, f.step_duration.as_nanos())?;
+            let j = judge(s, &rep, false);
+            rep.passed = j.broken.is_empty() && j.slo.is_empty();
+            rep.failures = j.broken.into_iter().chain(j.slo).collect();
+            let next = ramp.observe_judged(
+                rate,
+                rep.latency.p99_us,
+                rep.loss_ratio,
+                rep.received,
+                rep.passed,
+            );
+            self.log_step(&rep, &format!("{} msg/s", fmt_rate(rate)));
+            steps.push(rep);
+            match next {
+                Some(r) => rate = r,
+                None => break,
             }
-            find_max = Some(FindMaxReport {
+        }
+        let slo_ms = f.slo_p99.as_secs_f64() * 1000.0;
+        let limited = generator_limited(&steps);
+        let mut answer = capacity_answer(s, ramp.best().as_ref(), slo_ms);
+        if let Some(r) = limited.iter().copied().reduce(f64::min) {
+            answer.push_str(&format!(
+                " — a lower bound: at {} msg/s the generator itself fell behind (send lag p99 over {} or over {GENERATOR_MACHINE_PERCENT}% of the machine), so run it with more --workers/--threads or on another machine",
+                fmt_rate(r),
+                fmt_us(GENERATOR_LAG_US)
+            ));
+        }
+        let stopped_by = stopped_by(&steps, ramp.first_failure(), "rate");
+        Ok((
+            steps,
+            FindMaxReport {
+                by: RampBy::Rate,
                 slo_p99_ms: slo_ms,
                 max_loss: f.max_loss,
                 steps: ramp.history().to_vec(),
                 best: ramp.best(),
                 first_failure: ramp.first_failure(),
-                generator_limited,
+                generator_limited: limited,
                 answer,
-            });
+                stopped_by,
+            },
+        ))
+    }
+
+    /// The fleet ramp: grow (or shrink) the connected fleet, each unit at the
+    /// scenario's per-sender rate, and find the largest that meets the SLO.
+    fn ramp_fleet(&mut self) -> Result<(Vec<StepReport>, FindMaxReport), RunError> {
+        let s = &self.p.s;
+        let f = &s.find_max;
+        let max = self.p.plan.units();
+        let per = if s.pattern.sends_data() {
+            s.load.rate.unwrap_or(0.0)
         } else {
-            let total = if s.pattern.sends_data() {
-                s.total_rate().unwrap_or(0.0)
+            0.0
+        };
+        let mut ramp = Ramp::new(self.ramp_config(self.units as f64, max as f64));
+        let mut units = self.units;
+        let mut tried = std::collections::BTreeSet::new();
+        let mut steps = Vec::new();
+        for id in 1.. {
+            if id > 1 {
+                self.connect(units, false)?;
+            }
+            tried.insert(units);
+            let senders = if s.pattern.sends_data() { units } else { 0 };
+            let mut rep = self.step(id, per * senders as f64, f.step_duration.as_nanos())?;
+            let j = judge(s, &rep, false);
+            rep.passed = j.broken.is_empty() && j.slo.is_empty();
+            rep.failures = j.broken.into_iter().chain(j.slo).collect();
+            let p99 = if s.pattern.sends_data() {
+                rep.latency.p99_us
             } else {
-                0.0
+                rep.heartbeat.p99_us
             };
-            let (rep, _) = run_step(
-                &mut fleet,
-                &mut progress,
-                1,
-                total,
-                s.load.duration.as_nanos(),
-            )?;
+            let received = rep.received + rep.pongs;
+            let next = ramp.observe_judged(units as f64, p99, rep.loss_ratio, received, rep.passed);
+            self.log_step(&rep, &format!("fleet {}", group(units)));
             steps.push(rep);
+            let Some(n) = next.map(|x| (x.round() as u64).clamp(1, max)) else {
+                break;
+            };
+            if tried.contains(&n) {
+                break;
+            }
+            units = n;
         }
-        Ok::<_, RunError>((connect, rss_connected, steps, find_max))
+        let slo_ms = f.slo_p99.as_secs_f64() * 1000.0;
+        let limited: Vec<f64> = steps
+            .iter()
+            .filter(|x| !x.passed && generator_lagged(x))
+            .map(|x| x.fleet as f64)
+            .collect();
+        let mut answer = fleet_answer(s, ramp.best().as_ref(), slo_ms);
+        if let Some(n) = limited.iter().copied().reduce(f64::min) {
+            answer.push_str(&format!(
+                " — a lower bound: at a fleet of {} the generator itself fell behind, so run it with more --workers/--threads or on another machine",
+                group(n as u64)
+            ));
+        }
+        let mut stopped = stopped_by(&steps, ramp.first_failure(), "fleet");
+        if ramp.first_failure().is_none() && ramp.best().is_some_and(|b| b.rate >= max as f64) {
+            stopped = format!(
+                "nothing: the ramp reached its ceiling of {} (load.{}); raise it to search further",
+                group(max),
+                if s.pattern == Pattern::Fanout {
+                    "groups"
+                } else {
+                    "controllers"
+                }
+            );
+        }
+        Ok((
+            steps,
+            FindMaxReport {
+                by: RampBy::Fleet,
+                slo_p99_ms: slo_ms,
+                max_loss: f.max_loss,
+                steps: ramp.history().to_vec(),
+                best: ramp.best(),
+                first_failure: ramp.first_failure(),
+                generator_limited: limited,
+                answer,
+                stopped_by: stopped,
+            },
+        ))
+    }
+}
+
+/// What stopped a ramp: the reasons of the step at its first failing value.
+fn stopped_by(steps: &[StepReport], first_failure: Option<f64>, by: &str) -> String {
+    let Some(v) = first_failure else {
+        return "no step failed (the ramp ran out of steps or reached its bound)".into();
+    };
+    let step = steps.iter().find(|x| {
+        !x.passed
+            && if by == "fleet" {
+                x.fleet as f64 == v.round()
+            } else {
+                x.total_rate == v
+            }
+    });
+    match step {
+        Some(x) => {
+            let at = if by == "fleet" {
+                format!("a fleet of {}", group(x.fleet))
+            } else {
+                format!("{} msg/s", fmt_rate(x.total_rate))
+            };
+            let mut why = format!("at {at}: {}", x.failures.join("; "));
+            if generator_lagged(x) {
+                why.push_str(" (the generator itself fell behind there)");
+            }
+            why
+        }
+        None => String::new(),
+    }
+}
+
+/// The run's verdict from its steps, connect phase and notes.
+fn verdict(
+    p: &Prepared,
+    connect: &ConnectStats,
+    steps: &[StepReport],
+    find_max: Option<&FindMaxReport>,
+    notes: &[Note],
+) -> Verdict {
+    let mut broken = Vec::new();
+    let mut slo = Vec::new();
+    let asked = p.plan.count();
+    let fleet_ramp = find_max.is_some_and(|f| f.by == RampBy::Fleet);
+    if p.wplan.connections < asked {
+        broken.push(format!(
+            "capped at {} of {} connections",
+            group(p.wplan.connections),
+            group(asked)
+        ));
+    }
+    if !fleet_ramp && connect.established < connect.planned {
+        broken.push(format!(
+            "{} of {} connections failed",
+            group(connect.planned - connect.established),
+            group(connect.planned)
+        ));
+    }
+    match find_max {
+        None => {
+            for x in steps {
+                let j = judge(&p.s, x, true);
+                broken.extend(
+                    j.broken
+                        .into_iter()
+                        .map(|f| format!("step {}: {f}", x.index)),
+                );
+                slo.extend(j.slo.into_iter().map(|f| format!("step {}: {f}", x.index)));
+            }
+        }
+        Some(f) => {
+            if f.best.is_none() {
+                slo.push(format!(
+                    "no {} met the SLO",
+                    if fleet_ramp { "fleet size" } else { "rate" }
+                ));
+            }
+        }
+    }
+    // One limit, in one sentence: the planned caps first, then what the run hit.
+    let mut limited_by = notes
+        .iter()
+        .find(|n| n.limit.is_some())
+        .map(|n| n.text.clone());
+    if limited_by.is_none() {
+        let lagged = match find_max {
+            None => steps.iter().find(|x| generator_lagged(x)),
+            Some(f) => steps.iter().find(|x| {
+                !x.passed
+                    && generator_lagged(x)
+                    && f.first_failure.is_some_and(|v| {
+                        v == x.total_rate || (fleet_ramp && v.round() == x.fleet as f64)
+                    })
+            }),
+        };
+        if let Some(x) = lagged {
+            limited_by = Some(format!(
+                "the generator itself: at step {} its send lag p99 was {} and it used {:.0}% of the machine, so latency there is partly the tool's (give it more --workers/--threads or another machine)",
+                x.index,
+                fmt_us(x.send_lag.p99_us),
+                x.generator.map_or(0.0, |g| g.machine_percent)
+            ));
+        }
+    }
+    let exit_code = if !broken.is_empty() {
+        2
+    } else if !slo.is_empty() {
+        3
+    } else {
+        0
+    };
+    Verdict {
+        passed: exit_code == 0,
+        exit_code,
+        failures: broken.into_iter().chain(slo).collect(),
+        limited_by,
+    }
+}
+
+/// Runs `s` and returns its report.
+pub fn run(s: &Scenario, opts: &RunOptions) -> Result<Report, RunError> {
+    let p = prepare(s, opts)?;
+    let s = &p.s;
+    let progress = Progress::new(opts.progress);
+    for n in p.notes.iter().filter(|n| n.limit.is_some()) {
+        progress.println(&format!("LIMIT: {}", n.text));
+    }
+
+    // The server, and the other processes to watch.
+    let mut notes = p.notes.clone();
+    let (pid, found_by) = find_server(s, &p.ctl);
+    let sampler = pid.and_then(|x| Sampler::start(x, s.run.sample_interval.0).ok());
+    if pid.is_some() && sampler.is_none() {
+        notes.push(Note::info(format!(
+            "cannot read /proc of server pid {}",
+            pid.unwrap_or(0)
+        )));
+    }
+    let mut watched = Vec::new();
+    for w in &s.target.watch {
+        let Ok(spec) = WatchSpec::parse(w) else {
+            continue;
+        };
+        let (pids, how) = match &spec {
+            WatchSpec::Pid(_, pid) => (vec![*pid], "given".to_string()),
+            WatchSpec::Port(_, port) => (
+                procstat::pids_listening_on(*port)
+                    .into_iter()
+                    .filter(|x| *x != std::process::id())
+                    .take(1)
+                    .collect(),
+                format!("listening on port {port}"),
+            ),
+        };
+        if pids.iter().any(|x| procstat::sample(*x).is_err()) || pids.is_empty() {
+            notes.push(Note::info(format!(
+                "{}: not watched ({how}: no readable process)",
+                spec.name()
+            )));
+            continue;
+        }
+        watched.push(Watched {
+            name: spec.name().to_string(),
+            pids,
+            found_by: how,
+            samples: Vec::new(),
+        });
+    }
+    let rss_before = sampler.as_ref().and_then(|x| x.mark()).map(|x| x.rss_bytes);
+
+    // Workers, connections, steps.
+    let started_unix_ms = unix_ms();
+    let fleet = Fleet::start(p.wplan.workers as usize, opts.worker_exe.as_ref())?;
+    let mut generator = Watched {
+        name: "generator".into(),
+        pids: std::iter::once(std::process::id())
+            .chain(fleet.child_pids())
+            .collect(),
+        found_by: "this process and its workers".into(),
+        samples: Vec::new(),
+    };
+    generator.mark();
+    for w in &mut watched {
+        w.mark();
+    }
+    let connect_start_ns = mono_ns() + s.run.start_lead.as_nanos();
+    let fleet_ramp = s.find_max.enabled && s.find_max.by == RampBy::Fleet;
+    let first_units = if fleet_ramp {
+        let max = p.plan.units();
+        s.find_max
+            .start_fleet
+            .map(|n| n as u64)
+            .unwrap_or((max / 10).max(1))
+            .min(max)
+    } else {
+        p.plan.units()
+    };
+    let mut r = Runner {
+        p: &p,
+        fleet,
+        progress,
+        sampler: sampler.as_ref(),
+        generator,
+        watched,
+        last_watch: Instant::now(),
+        connect: ConnectStats::default(),
+        holding: 0,
+        units: first_units,
+    };
+    let result = (|| {
+        let setup = |i: usize| WorkerSetup {
+            scenario: s.clone(),
+            prefix: s.target.prefix.clone(),
+            worker: i as u32,
+            workers: p.wplan.workers,
+            threads: p.threads,
+            sources: p.sources.clone(),
+            connect_start_ns,
+            max_connections: p.wplan.per_process,
+            units: fleet_ramp.then_some(first_units),
+        };
+        r.fleet
+            .broadcast(|i| Command::Connect(Box::new(setup(i))))?;
+        let first = r.connect(first_units, true)?;
+        r.tick_watch();
+        let rss_connected = r.sampler.and_then(|x| x.mark()).map(|x| x.rss_bytes);
+        let (steps, find_max) = if !s.find_max.enabled {
+            (r.fixed()?, None)
+        } else if fleet_ramp {
+            let (a, b) = r.ramp_fleet()?;
+            (a, Some(b))
+        } else {
+            let (a, b) = r.ramp_rate()?;
+            (a, Some(b))
+        };
+        Ok::<_, RunError>((first, rss_connected, steps, find_max))
     })();
+    r.generator.mark();
+    for w in &mut r.watched {
+        w.mark();
+    }
+    let Runner {
+        fleet,
+        mut progress,
+        generator,
+        watched,
+        connect: all_connects,
+        ..
+    } = r;
     fleet.finish(&mut progress);
     progress.finish();
     let (connect, rss_connected, steps, find_max) = result?;
 
+    // The report.
     let server = sampler.map(|smp| {
         let samples: Vec<ProcSample> = smp.stop();
         let peak = samples.iter().map(|x| x.rss_bytes).max().unwrap_or(0);
@@ -589,12 +1329,29 @@ pub fn run(s: &Scenario, opts: &RunOptions) -> Result<Report, RunError> {
         }
     });
     if server.is_none() {
-        notes.push(format!("server not sampled: {found_by}"));
+        notes.push(Note::info(format!("server not sampled: {found_by}")));
     }
-    notes.extend(connect.notes.iter().cloned());
-    let capped = wplan.connections < asked || notes.iter().any(|n| n.starts_with("LIMIT:"));
+    for n in &all_connects.notes {
+        notes.push(Note::limit(LimitKind::OpenFiles, n.clone()));
+    }
+    // A fleet ramp that stops at refused connections found the server's limit; that is
+    // its answer, not a cap of the run.
+    if !fleet_ramp && let Some(n) = connect_limit(&connect) {
+        notes.push(n);
+    }
+    let asked = p.plan.count();
+    let capped = p.wplan.connections < asked || notes.iter().any(|n| n.limit.is_some());
+    let verdict = verdict(&p, &connect, &steps, find_max.as_ref(), &notes);
 
-    let kind = if ctl.is_mqtt() { "mqtt" } else { "relay" };
+    let (n_ctl, n_br) = p.plan.sides();
+    let mqtt = p.ctl.is_mqtt();
+    let kind = if mqtt {
+        "mqtt"
+    } else if p.ctl.is_echo() {
+        "echo"
+    } else {
+        "relay"
+    };
     Ok(Report {
         tool: "relay-loadtest".into(),
         version: env!("CARGO_PKG_VERSION").into(),
@@ -602,20 +1359,26 @@ pub fn run(s: &Scenario, opts: &RunOptions) -> Result<Report, RunError> {
         description: s.description.clone(),
         pattern: s.pattern,
         started_unix_ms,
+        verdict,
+        slo: Slo {
+            p99_ms: s.find_max.slo_p99.as_secs_f64() * 1000.0,
+            max_loss: s.find_max.max_loss,
+        },
+        cores: p.cores,
         target: TargetReport {
             kind: kind.into(),
             controllers: s.target.controllers.clone(),
-            browsers: if ctl.is_mqtt() {
+            browsers: if mqtt || p.ctl.is_echo() {
                 s.target.controllers.clone()
             } else {
                 s.target.browsers.clone()
             },
-            controller_form: if ctl.is_mqtt() {
+            controller_form: if mqtt {
                 "mqtt".into()
             } else {
                 form_name(s.target.controller_form).into()
             },
-            browser_form: if ctl.is_mqtt() {
+            browser_form: if mqtt {
                 "mqtt".into()
             } else {
                 form_name(s.target.browser_form).into()
@@ -630,100 +1393,26 @@ pub fn run(s: &Scenario, opts: &RunOptions) -> Result<Report, RunError> {
             payload_bytes: s.load.payload_bytes,
             heartbeat_s: s.load.heartbeat.as_secs_f64(),
         },
-        workers: wplan.workers,
-        threads_per_worker: threads,
+        workers: p.wplan.workers,
+        threads_per_worker: p.threads,
         connect: ConnectReport::new(&connect),
         steps,
         server,
+        generator: Some(generator.report(p.cores)),
+        watched: watched.iter().map(|w| w.report(p.cores)).collect(),
         limits: LimitsReport {
-            nofile_soft: nofile.soft,
-            nofile_hard: nofile.hard,
-            per_process_connections: wplan.per_process,
-            ephemeral_ports: ports,
-            source_addrs: sources.iter().map(|a| a.to_string()).collect(),
+            nofile_soft: p.nofile.soft,
+            nofile_hard: p.nofile.hard,
+            per_process_connections: p.wplan.per_process,
+            ephemeral_ports: p.ports,
+            source_addrs: p.sources.iter().map(|a| a.to_string()).collect(),
             connections_asked: asked,
-            connections_planned: wplan.connections,
+            connections_planned: p.wplan.connections,
             capped,
             notes,
         },
         find_max,
     })
-}
-
-/// Runs one step on every worker and merges the results.
-fn run_one_step(
-    s: &Scenario,
-    fleet: &mut Fleet,
-    progress: &mut Progress,
-    sampler: Option<&Sampler>,
-    id: u32,
-    total_rate: f64,
-    duration_ns: u64,
-) -> Result<(StepReport, StepStats), RunError> {
-    let per_sender = s.per_sender_rate(total_rate);
-    let start_ns = mono_ns() + s.run.start_lead.as_nanos();
-    let plan = StepPlan {
-        id,
-        rate: per_sender,
-        start_ns,
-        end_ns: start_ns + duration_ns,
-    };
-    let drain_ns = s.load.drain.as_nanos();
-    fleet.broadcast(|_| Command::Step { plan, drain_ns })?;
-    let mut cpu0: Option<ProcSample> = None;
-    let phase = move || {
-        let now = mono_ns();
-        let t = now.saturating_sub(start_ns) as f64 / 1e9;
-        let d = duration_ns as f64 / 1e9;
-        if now < start_ns {
-            format!("step {id} @ {} msg/s starting", fmt_rate(total_rate))
-        } else if now < start_ns + duration_ns {
-            format!("step {id} @ {} msg/s {t:.0}/{d:.0}s", fmt_rate(total_rate))
-        } else {
-            format!("step {id} @ {} msg/s draining", fmt_rate(total_rate))
-        }
-    };
-    let parts = fleet.gather(
-        progress,
-        &phase,
-        |_, r| match r {
-            Reply::StepDone { id: got, stats } if got == id => Some(*stats),
-            _ => None,
-        },
-        || {
-            if cpu0.is_none() && mono_ns() >= start_ns {
-                cpu0 = sampler.and_then(|x| x.mark());
-            }
-        },
-    )?;
-    let cpu1 = sampler.and_then(|x| x.mark());
-    let mut merged = StepStats::default();
-    for p in &parts {
-        merged.merge(p);
-    }
-    let mut rep = StepReport::new(
-        id,
-        per_sender,
-        total_rate,
-        duration_ns as f64 / 1e9,
-        &merged,
-    );
-    if let (Some(a), Some(b)) = (cpu0, cpu1) {
-        let cpu_us = b.cpu_us.saturating_sub(a.cpu_us) as f64;
-        let wall_us = b.t_ns.saturating_sub(a.t_ns) as f64 / 1000.0;
-        let delivered = (merged.received + merged.pongs).max(1) as f64;
-        rep.server = Some(ServerStep {
-            cpu_s: cpu_us / 1e6,
-            cpu_percent: if wall_us > 0.0 {
-                100.0 * cpu_us / wall_us
-            } else {
-                0.0
-            },
-            cpu_us_per_msg: cpu_us / delivered,
-            rss_bytes: b.rss_bytes,
-        });
-    }
-    Ok((rep, merged))
 }
 
 #[cfg(test)]
@@ -758,7 +1447,7 @@ mod tests {
             let mut st = StepStats::default();
             st.send_lag.saturating_record(lag_us);
             let mut r = StepReport::new(1, rate, rate, 1.0, &st);
-            r.passed = Some(passed);
+            r.passed = passed;
             r
         };
         let steps = [

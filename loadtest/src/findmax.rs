@@ -90,6 +90,19 @@ impl Ramp {
     /// Records the step just run at `rate`; returns the next rate, or `None` when done.
     pub fn observe(&mut self, rate: f64, p99_us: u64, loss: f64, received: u64) -> Option<f64> {
         let passed = self.passes(p99_us, loss, received);
+        self.observe_judged(rate, p99_us, loss, received, passed)
+    }
+
+    /// Like [`Ramp::observe`], for a step the caller judged itself (connections that
+    /// did not come up or errors can fail a step whose latency and loss are fine).
+    pub fn observe_judged(
+        &mut self,
+        rate: f64,
+        p99_us: u64,
+        loss: f64,
+        received: u64,
+        passed: bool,
+    ) -> Option<f64> {
         let o = Outcome {
             rate,
             p99_us,

@@ -162,6 +162,131 @@ fn curve_ms(curve: &[(f64, u64)]) -> Vec<(f64, f64)> {
         .collect()
 }
 
+/// p50 and p99 of every step's latency-over-time buckets, steps laid end to end.
+fn latency_over_time(r: &Report) -> Vec<Series> {
+    let mut p50 = Vec::new();
+    let mut p99 = Vec::new();
+    let mut offset = 0.0;
+    for s in &r.steps {
+        for x in &s.latency_over_time {
+            p50.push((offset + x.t_s, x.p50_us as f64 / 1000.0));
+            p99.push((offset + x.t_s, x.p99_us as f64 / 1000.0));
+        }
+        offset += s.throughput.len().max(1) as f64;
+    }
+    if p50.is_empty() {
+        return Vec::new();
+    }
+    vec![
+        Series {
+            name: "p50".into(),
+            points: p50,
+        },
+        Series {
+            name: "p99".into(),
+            points: p99,
+        },
+    ]
+}
+
+/// Two reports side by side: a table of their main figures and overlaid plots.
+pub fn render_compare(a: &Report, b: &Report, la: &str, lb: &str) -> Result<String, PlotError> {
+    let mut h = String::new();
+    let _ = write!(
+        h,
+        "<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>relay-loadtest compare</title>\n<style>\
+         body{{font-family:sans-serif;margin:24px;color:#222}} table{{border-collapse:collapse;margin:8px 0 18px}}\
+         td,th{{border:1px solid #ccc;padding:4px 10px;text-align:right}} th{{background:#f3f3f3}}\
+         td:first-child,th:first-child{{text-align:left}}</style></head><body>\n<h1>relay-loadtest: {} vs {}</h1>\n",
+        esc(la),
+        esc(lb)
+    );
+    h.push_str("<table><tr><th>figure</th>");
+    let _ = writeln!(
+        h,
+        "<th>A: {}</th><th>B: {}</th><th>B / A</th></tr>",
+        esc(la),
+        esc(lb)
+    );
+    for row in crate::compare::rows(a, b) {
+        let _ = writeln!(
+            h,
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            esc(&row.name),
+            esc(&row.a),
+            esc(&row.b),
+            esc(&row.ratio)
+        );
+    }
+    h.push_str("</table>\n");
+    let curve = |r: &Report, label: &str| {
+        r.main_step()
+            .filter(|s| s.latency.count > 0)
+            .map(|s| Series {
+                name: format!("{label}: step {}", s.index),
+                points: curve_ms(&s.latency.curve),
+            })
+    };
+    let series: Vec<Series> = [curve(a, "A"), curve(b, "B")]
+        .into_iter()
+        .flatten()
+        .collect();
+    if !series.is_empty() {
+        h.push_str(&line_chart(
+            "Latency from intended send time",
+            "percentile",
+            "latency (ms)",
+            XAxis::Percentile,
+            &series,
+            None,
+        )?);
+    }
+    let mut over = Vec::new();
+    for (r, l) in [(a, "A"), (b, "B")] {
+        for mut x in latency_over_time(r) {
+            x.name = format!("{l} {}", x.name);
+            over.push(x);
+        }
+    }
+    if !over.is_empty() {
+        h.push_str(&line_chart(
+            "Latency over time",
+            "seconds",
+            "latency (ms)",
+            XAxis::Linear,
+            &over,
+            None,
+        )?);
+    }
+    let mut tput = Vec::new();
+    for (r, l) in [(a, "A"), (b, "B")] {
+        let mut pts = Vec::new();
+        let mut offset = 0.0;
+        for s in &r.steps {
+            for sec in &s.throughput {
+                pts.push((offset + sec.t as f64, sec.received as f64));
+            }
+            offset += s.throughput.len().max(1) as f64;
+        }
+        tput.push(Series {
+            name: format!("{l} received"),
+            points: pts,
+        });
+    }
+    if tput.iter().any(|s| !s.points.is_empty()) {
+        h.push_str(&line_chart(
+            "Messages received per second",
+            "seconds",
+            "msg/s",
+            XAxis::Linear,
+            &tput,
+            None,
+        )?);
+    }
+    h.push_str("</body></html>\n");
+    Ok(h)
+}
+
 /// Renders the whole report as one self-contained HTML page.
 pub fn render(r: &Report) -> Result<String, PlotError> {
     let mut h = String::new();
@@ -172,9 +297,19 @@ pub fn render(r: &Report) -> Result<String, PlotError> {
          body{{font-family:sans-serif;margin:24px;color:#222}} table{{border-collapse:collapse;margin:8px 0 18px}}\
          td,th{{border:1px solid #ccc;padding:4px 10px;text-align:right}} th{{background:#f3f3f3}}\
          td:first-child,th:first-child{{text-align:left}} .note{{color:#a40}} pre{{background:#f7f7f7;padding:8px}}\
+         .pass{{background:#e6f4e6;border:1px solid #6a6;padding:8px}} .fail{{background:#fbe9e9;border:1px solid #c66;padding:8px}}\
          </style></head><body>\n<h1>{t}</h1>\n",
         t = esc(&title)
     );
+    let _ = writeln!(
+        h,
+        "<p class=\"{}\"><b>RESULT: {}</b></p>",
+        if r.verdict.passed { "pass" } else { "fail" },
+        esc(&r.verdict.headline())
+    );
+    if let Some(l) = &r.verdict.limited_by {
+        let _ = writeln!(h, "<p class=\"fail\"><b>LIMIT:</b> {}</p>", esc(l));
+    }
     if !r.description.is_empty() {
         let _ = writeln!(h, "<p>{}</p>", esc(&r.description));
     }
@@ -232,10 +367,10 @@ pub fn render(r: &Report) -> Result<String, PlotError> {
                 .map(|x| format!("{:.2}", x.cpu_us_per_msg))
                 .unwrap_or_else(|| "-".into()),
             group(errors),
-            match s.passed {
-                Some(true) => "pass",
-                Some(false) => "fail",
-                None => "-",
+            if s.passed {
+                "pass".to_string()
+            } else {
+                format!("<b>fail</b>: {}", esc(&s.failures.join("; ")))
             }
         );
     }
@@ -252,7 +387,7 @@ pub fn render(r: &Report) -> Result<String, PlotError> {
         })
         .collect();
     if !series.is_empty() {
-        let slo = r.find_max.as_ref().map(|f| (f.slo_p99_ms, "SLO p99"));
+        let slo = (r.slo.p99_ms > 0.0).then_some((r.slo.p99_ms, "SLO p99"));
         h.push_str("<h2>Latency by percentile</h2>\n");
         h.push_str(&line_chart(
             "Latency from intended send time",
@@ -313,6 +448,19 @@ pub fn render(r: &Report) -> Result<String, PlotError> {
                 },
             ],
             None,
+        )?);
+    }
+
+    let over_time = latency_over_time(r);
+    if !over_time.is_empty() {
+        h.push_str("<h2>Latency over time</h2>\n");
+        h.push_str(&line_chart(
+            "Latency from intended send time, by arrival",
+            "seconds (steps end to end)",
+            "latency (ms)",
+            XAxis::Linear,
+            &over_time,
+            (r.slo.p99_ms > 0.0).then_some((r.slo.p99_ms, "SLO p99")),
         )?);
     }
 
@@ -404,6 +552,28 @@ pub fn render(r: &Report) -> Result<String, PlotError> {
                 None,
             )?);
         }
+        let pairs: Vec<(u64, u64)> = sv.samples.iter().map(|s| (s.t_ns, s.cpu_us)).collect();
+        let mut cpu = vec![Series {
+            name: "server".into(),
+            points: crate::coordinator::cpu_series(&pairs),
+        }];
+        for w in r.generator.iter().chain(r.watched.iter()) {
+            // Their readings start when the workers do, a moment after the server's.
+            cpu.push(Series {
+                name: w.name.clone(),
+                points: w.cpu_over_time.clone(),
+            });
+        }
+        if cpu[0].points.len() > 1 {
+            h.push_str(&line_chart(
+                "CPU over time",
+                "seconds",
+                "% of one core",
+                XAxis::Linear,
+                &cpu,
+                None,
+            )?);
+        }
     }
 
     let l = &r.limits;
@@ -419,7 +589,7 @@ pub fn render(r: &Report) -> Result<String, PlotError> {
         esc(&l.source_addrs.join(", "))
     );
     for n in &l.notes {
-        let _ = writeln!(h, "<p class=\"note\">{}</p>", esc(n));
+        let _ = writeln!(h, "<p class=\"note\">{}</p>", esc(&n.text));
     }
     if let Some(s) = r.main_step() {
         let table = crate::report::percentile_table(&s.latency_hdr);
@@ -467,9 +637,29 @@ mod tests {
         assert!(page.contains("Messages per second"));
         assert!(page.contains("<td>998</td>"));
         assert!(
+            page.contains("Latency over time"),
+            "latency over time is plotted"
+        );
+        assert!(page.contains("RESULT: PASS"));
+        assert!(
             page.contains("polyline") || page.contains("<path"),
             "lines are drawn"
         );
+    }
+
+    #[test]
+    fn two_reports_compare_in_one_page() {
+        let a = sample_report();
+        let mut b = sample_report();
+        b.steps[0].latency.p99_us *= 2;
+        let page = render_compare(&a, &b, "relay", "mosquitto").unwrap();
+        assert!(page.contains("relay vs mosquitto"));
+        assert!(
+            page.contains("A: step 1") && page.contains("B: step 1"),
+            "overlaid curves"
+        );
+        assert!(page.contains("<td>p99</td>"));
+        assert!(page.contains("2.00×"), "{page}");
     }
 
     #[test]

@@ -14,8 +14,10 @@
 //! - [`stats`]: HdrHistogram recording, per-second throughput, errors by kind, merging.
 //! - [`wire`]: client-side codecs: relay binary/JSON over TCP, WebSocket framing, MQTT.
 //! - [`net`]: TCP connects from chosen 127.0.0.x source addresses, error classification.
-//! - [`client`]: one simulated connection: handshake, writer (schedule + heartbeats)
-//!   and reader (latency recording, command echo).
+//! - [`client`]: one simulated connection: handshake, then a link the sender thread
+//!   writes to, a reader (latency recording, command echo) and a flusher.
+//! - [`sender`]: the sender thread of a worker: every timer of its connections, each
+//!   message written at its intended time (sleep, then spin on the clock).
 //! - [`worker`]: the engine that runs one share of the fleet, in process or as a child
 //!   process talking JSON lines over pipes.
 //! - [`coordinator`]: runs a whole scenario over its workers: connect, steps, find-max,
@@ -25,12 +27,14 @@
 //! - [`procstat`]: CPU time and RSS of the server process read from /proc.
 //! - [`report`]: the report structure, the human summary and the JSON form.
 //! - [`html`]: the HTML report with SVG plots.
+//! - [`compare`]: two JSON reports side by side (`relay-loadtest compare`).
 //! - [`progress`]: the live progress line.
 //! - [`cli`]: the command-line flags.
 
 pub mod cli;
 pub mod client;
 pub mod clock;
+pub mod compare;
 pub mod coordinator;
 pub mod findmax;
 pub mod html;
@@ -43,6 +47,7 @@ pub mod progress;
 pub mod report;
 pub mod scenario;
 pub mod schedule;
+pub mod sender;
 pub mod stats;
 pub mod wire;
 pub mod worker;

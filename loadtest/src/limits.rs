@@ -7,6 +7,8 @@
 use std::io;
 use std::net::Ipv4Addr;
 
+use crate::report::{LimitKind, Note};
+
 /// The open-file limit of this process.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct NoFile {
@@ -70,7 +72,7 @@ pub struct WorkerPlan {
     /// Connections the run will open (less than asked when a limit caps it).
     pub connections: u64,
     /// What limited the plan, in words for the report.
-    pub notes: Vec<String>,
+    pub notes: Vec<Note>,
 }
 
 /// Plans workers for `connections` under an open-file hard limit of `hard`, keeping
@@ -81,9 +83,9 @@ pub fn plan_workers(connections: u64, requested: u32, hard: u64, reserve: u64) -
     let mut notes = Vec::new();
     let workers = if requested == 0 {
         if needed > 1 {
-            notes.push(format!(
+            notes.push(Note::info(format!(
                 "the open-file limit ({hard} per process, {reserve} kept free) holds {per_process} connections per process: the fleet of {connections} is split over {needed} worker processes"
-            ));
+            )));
         }
         needed.min(u32::MAX as u64) as u32
     } else {
@@ -92,8 +94,11 @@ pub fn plan_workers(connections: u64, requested: u32, hard: u64, reserve: u64) -
     let capacity = per_process.saturating_mul(workers as u64);
     let opened = connections.min(capacity);
     if opened < connections {
-        notes.push(format!(
-            "LIMIT: the open-file limit ({hard} per process) caps this run at {opened} of {connections} connections with {workers} worker(s); use --workers {needed} or more"
+        notes.push(Note::limit(
+            LimitKind::OpenFiles,
+            format!(
+                "the open-file limit ({hard} per process) caps this run at {opened} of {connections} connections with {workers} worker(s); use --workers {needed} or more"
+            ),
         ));
     }
     WorkerPlan {
@@ -112,7 +117,7 @@ pub fn plan_sources(
     per_destination: u64,
     ports: u64,
     server_on_loopback: bool,
-) -> (Vec<Ipv4Addr>, Vec<String>) {
+) -> (Vec<Ipv4Addr>, Vec<Note>) {
     let ports = ports.max(1);
     let needed = per_destination.div_ceil(ports).max(1);
     let mut notes = Vec::new();
@@ -120,18 +125,21 @@ pub fn plan_sources(
         requested.to_vec()
     } else if needed > 1 && server_on_loopback {
         let n = needed.min(250) as u8;
-        notes.push(format!(
+        notes.push(Note::info(format!(
             "{per_destination} connections to one server port need {needed} source addresses ({ports} ephemeral ports each): connecting from 127.0.0.1..127.0.0.{n}"
-        ));
+        )));
         (1..=n).map(|i| Ipv4Addr::new(127, 0, 0, i)).collect()
     } else {
         vec![Ipv4Addr::LOCALHOST]
     };
     let capacity = sources.len() as u64 * ports;
     if capacity < per_destination {
-        notes.push(format!(
-            "LIMIT: {} source address(es) × {ports} ephemeral ports hold {capacity} connections to one server port, fewer than the {per_destination} planned; connects beyond that fail as source_ports_exhausted (give more with --source-addrs)",
-            sources.len()
+        notes.push(Note::limit(
+            LimitKind::Ports,
+            format!(
+                "{} source address(es) × {ports} ephemeral ports hold {capacity} connections to one server port, fewer than the {per_destination} planned; connects beyond that fail as source_ports_exhausted (give more with --source-addrs)",
+                sources.len()
+            ),
         ));
     }
     (sources, notes)
@@ -167,7 +175,12 @@ mod tests {
         assert_eq!(p.per_process, 19_744);
         assert_eq!(p.workers, 3);
         assert_eq!(p.connections, 50_000);
-        assert!(p.notes[0].contains("3 worker processes"), "{:?}", p.notes);
+        assert!(
+            p.notes[0].text.contains("3 worker processes"),
+            "{:?}",
+            p.notes
+        );
+        assert_eq!(p.notes[0].limit, None);
     }
 
     #[test]
@@ -177,7 +190,7 @@ mod tests {
         assert!(
             p.notes
                 .iter()
-                .any(|n| n.starts_with("LIMIT:") && n.contains("--workers 3"))
+                .any(|n| n.limit == Some(LimitKind::OpenFiles) && n.text.contains("--workers 3"))
         );
     }
 
@@ -192,7 +205,7 @@ mod tests {
         assert_eq!(notes.len(), 1);
         let (s, notes) = plan_sources(&[], 60_000, 28_232, false);
         assert_eq!(s.len(), 1);
-        assert!(notes[0].starts_with("LIMIT:"));
+        assert_eq!(notes[0].limit, Some(LimitKind::Ports));
         let given = [Ipv4Addr::new(127, 0, 0, 9)];
         let (s, _) = plan_sources(&given, 10, 28_232, true);
         assert_eq!(s, given.to_vec());

@@ -7,10 +7,10 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Parser;
-use relay_loadtest::cli::Cli;
+use relay_loadtest::cli::{Cli, Sub};
 use relay_loadtest::coordinator::{self, RunOptions};
 use relay_loadtest::scenario::Scenario;
-use relay_loadtest::{html, limits, worker};
+use relay_loadtest::{compare, html, limits, worker};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -25,7 +25,8 @@ fn main() -> ExitCode {
         };
     }
     match run(cli) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(0) => ExitCode::SUCCESS,
+        Ok(code) => ExitCode::from(code),
         Err(e) => {
             eprintln!("relay-loadtest: {e:#}");
             ExitCode::FAILURE
@@ -33,7 +34,25 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(cli: Cli) -> anyhow::Result<()> {
+/// Runs the scenario; returns the exit status its verdict asks for.
+fn run(cli: Cli) -> anyhow::Result<u8> {
+    if let Some(Sub::Compare { a, b, html }) = &cli.command {
+        let load = |p: &std::path::Path| -> anyhow::Result<relay_loadtest::report::Report> {
+            let text =
+                std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+            serde_json::from_str(&text)
+                .with_context(|| format!("{} is not a relay-loadtest JSON report", p.display()))
+        };
+        let (ra, rb) = (load(a)?, load(b)?);
+        let (la, lb) = (a.display().to_string(), b.display().to_string());
+        print!("{}", compare::text(&ra, &rb, &la, &lb));
+        if let Some(p) = html {
+            let page = html::render_compare(&ra, &rb, &la, &lb)?;
+            std::fs::write(p, page).with_context(|| format!("writing {}", p.display()))?;
+            println!("HTML comparison: {}", p.display());
+        }
+        return Ok(0);
+    }
     let (mut s, origin) = match &cli.scenario {
         Some(p) => (Scenario::load(p)?, p.display().to_string()),
         None => (Scenario::default(), "flags".to_string()),
@@ -42,7 +61,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     s.validate(&origin)?;
     if cli.print_scenario {
         print!("{}", toml::to_string(&s).context("printing the scenario")?);
-        return Ok(());
+        return Ok(0);
     }
     let opts = RunOptions {
         progress: !cli.no_progress && std::io::stderr().is_terminal(),
@@ -64,5 +83,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         std::fs::write(p, page).with_context(|| format!("writing {}", p.display()))?;
         println!("HTML report: {}", p.display());
     }
-    Ok(())
+    if !report.verdict.passed {
+        eprintln!("relay-loadtest: {}", report.verdict.headline());
+    }
+    Ok(report.verdict.exit_code.clamp(0, 255) as u8)
 }

@@ -75,6 +75,8 @@ pub struct Plan {
     groups: u64,
     members: u64,
     dashboards: u64,
+    /// The target echoes bytes back: every controller sends to itself.
+    echo: bool,
 }
 
 impl Plan {
@@ -88,11 +90,15 @@ impl Plan {
             groups: s.load.groups.max(1) as u64,
             members: s.load.members as u64,
             dashboards: s.load.dashboards.max(1) as u64,
+            echo: s.is_echo(),
         }
     }
 
     /// Number of clients.
     pub fn count(&self) -> u64 {
+        if self.echo {
+            return self.controllers;
+        }
         match self.pattern {
             Pattern::Telemetry => self.controllers * (1 + self.browsers_per),
             Pattern::Command => self.controllers * 2,
@@ -131,8 +137,57 @@ impl Plan {
         }
     }
 
+    /// Fleet units (what `--find-max fleet` counts): controllers, or groups for fanout.
+    pub fn units(&self) -> u64 {
+        match self.pattern {
+            Pattern::Fanout => self.groups,
+            _ => self.controllers,
+        }
+    }
+
+    /// The unit client `i` belongs to: a fleet of `n` units is the clients whose unit
+    /// is below `n` (a controller with its browsers; fan-in dashboards are unit 0).
+    pub fn unit_of(&self, i: u64) -> u64 {
+        if self.echo {
+            return i;
+        }
+        match self.pattern {
+            Pattern::Telemetry => i / (1 + self.browsers_per),
+            Pattern::Command => i / 2,
+            Pattern::Fanout => i / (1 + self.members),
+            Pattern::Fanin => i.saturating_sub(self.dashboards),
+            Pattern::Idle | Pattern::Storm => i,
+        }
+    }
+
+    /// Clients of a fleet of the first `units` units.
+    pub fn clients_in(&self, units: u64) -> u64 {
+        let u = units.min(self.units());
+        if self.echo {
+            return u;
+        }
+        match self.pattern {
+            Pattern::Telemetry => u * (1 + self.browsers_per),
+            Pattern::Command => u * 2,
+            Pattern::Fanout => u * (1 + self.members),
+            Pattern::Fanin => self.dashboards + u,
+            Pattern::Idle | Pattern::Storm => u,
+        }
+    }
+
     /// Client `i` (`i < count()`).
     pub fn client(&self, i: u64) -> ClientSpec {
+        if self.echo {
+            let mut c = self.base(i, Side::Controller, self.ctl(i));
+            c.send = Some(SendSpec {
+                to: self.ctl(i),
+                group: false,
+                recipients: 1,
+                slot: i,
+                slots: self.controllers,
+            });
+            return c;
+        }
         match self.pattern {
             Pattern::Telemetry => {
                 let unit = 1 + self.browsers_per;
@@ -224,6 +279,9 @@ impl Plan {
 
     /// Connections per side: (controllers, browsers).
     pub fn sides(&self) -> (u64, u64) {
+        if self.echo {
+            return (self.controllers, 0);
+        }
         match self.pattern {
             Pattern::Telemetry => (self.controllers, self.controllers * self.browsers_per),
             Pattern::Command => (self.controllers, self.controllers),

@@ -68,6 +68,32 @@ pub struct Second {
     pub received: u64,
 }
 
+/// Latency in one time bucket of a step (by arrival time).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct TimePoint {
+    /// Start of the bucket, seconds since the step start.
+    pub t_s: f64,
+    /// Receipts in the bucket.
+    pub count: u64,
+    pub p50_us: u64,
+    pub p99_us: u64,
+    pub max_us: u64,
+}
+
+/// CPU a process (or a group of processes) used during one step.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct CpuStep {
+    /// CPU seconds (user + system) from step start to the end of its drain.
+    pub cpu_s: f64,
+    /// CPU time over wall time, in percent of one core.
+    pub cpu_percent: f64,
+    /// CPU time over wall time × cores, in percent of the whole machine.
+    pub machine_percent: f64,
+    /// CPU µs per message sent or received by the generator in the step (generator
+    /// only; 0 for other processes).
+    pub cpu_us_per_msg: f64,
+}
+
 /// The server's cost during one step.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct ServerStep {
@@ -105,6 +131,12 @@ pub struct StepReport {
     pub receive_rate: f64,
     /// Latency from intended send time (round trip for the command pattern).
     pub latency: LatencySummary,
+    /// Latency from the actual send time (the generator's lag taken off).
+    #[serde(default)]
+    pub latency_from_sent: LatencySummary,
+    /// Latency from intended send time over the step, by arrival time.
+    #[serde(default)]
+    pub latency_over_time: Vec<TimePoint>,
     /// Heartbeat round trip from its intended time.
     pub heartbeat: LatencySummary,
     /// The tool's own lag from intended send time to the write, per batch.
@@ -117,8 +149,25 @@ pub struct StepReport {
     pub errors: BTreeMap<String, u64>,
     /// Server cost, when a server process was sampled.
     pub server: Option<ServerStep>,
-    /// find-max only: whether the step met the SLO.
-    pub passed: Option<bool>,
+    /// What the generator itself (this process and its worker processes) used.
+    #[serde(default)]
+    pub generator: Option<CpuStep>,
+    /// Other watched processes (`target.watch`: Redis, MySQL, …) by name.
+    #[serde(default)]
+    pub watched: BTreeMap<String, CpuStep>,
+    /// Fleet units (controllers, or groups for fanout) connected during the step.
+    #[serde(default)]
+    pub fleet: u64,
+    /// Connections up during the step, and how many the step needed.
+    #[serde(default)]
+    pub connected: u64,
+    #[serde(default)]
+    pub connections_needed: u64,
+    /// Whether the step met the SLO and ran cleanly.
+    pub passed: bool,
+    /// Why it did not, one phrase each.
+    #[serde(default)]
+    pub failures: Vec<String>,
     /// The latency histogram, HdrHistogram V2 serialization, base64.
     pub latency_hdr: String,
 }
@@ -155,6 +204,20 @@ impl StepReport {
             send_rate: s.sent as f64 / d,
             receive_rate: s.received as f64 / d,
             latency: LatencySummary::from_hist(&s.latency),
+            latency_from_sent: LatencySummary::from_hist(&s.latency_sent),
+            latency_over_time: s
+                .latency_by_time
+                .iter()
+                .enumerate()
+                .filter(|(_, h)| !h.is_empty())
+                .map(|(i, h)| TimePoint {
+                    t_s: (i as u64 * s.time_bucket_s.max(1) as u64) as f64,
+                    count: h.len(),
+                    p50_us: h.value_at_quantile(0.5),
+                    p99_us: h.value_at_quantile(0.99),
+                    max_us: h.max(),
+                })
+                .collect(),
             heartbeat: LatencySummary::from_hist(&s.heartbeat),
             send_lag: LatencySummary::from_hist(&s.send_lag),
             pings: s.pings,
@@ -162,7 +225,13 @@ impl StepReport {
             throughput,
             errors: s.errors.clone(),
             server: None,
-            passed: None,
+            generator: None,
+            watched: BTreeMap::new(),
+            fleet: 0,
+            connected: 0,
+            connections_needed: 0,
+            passed: false,
+            failures: Vec::new(),
             latency_hdr: hist_b64::encode(&s.latency),
         }
     }
@@ -221,6 +290,101 @@ pub struct ServerReport {
     pub samples: Vec<ProcSample>,
 }
 
+/// A limit of the machine, the server or the tool itself that capped a run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum LimitKind {
+    /// The open-file limit of the tool's processes.
+    OpenFiles,
+    /// Ephemeral ports per source address.
+    Ports,
+    /// The server (or the network) did not take every connection.
+    Connections,
+    /// The generator could not keep its own schedule or ran out of CPU.
+    Generator,
+}
+
+/// A sentence about the run's limits; `limit` is set when it capped the run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Note {
+    pub limit: Option<LimitKind>,
+    pub text: String,
+}
+
+impl Note {
+    /// A note that a limit capped the run.
+    pub fn limit(kind: LimitKind, text: impl Into<String>) -> Self {
+        Self {
+            limit: Some(kind),
+            text: text.into(),
+        }
+    }
+
+    /// A plain note.
+    pub fn info(text: impl Into<String>) -> Self {
+        Self {
+            limit: None,
+            text: text.into(),
+        }
+    }
+}
+
+/// The run's outcome, said first in every report.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Verdict {
+    /// True when every step passed and the run did what it was asked.
+    pub passed: bool,
+    /// The process exit status: 0 passed, 2 the run failed (connections, nothing
+    /// sent, messages lost, errors, capped), 3 it ran cleanly but missed the SLO.
+    pub exit_code: i32,
+    /// Why it failed, one phrase each.
+    pub failures: Vec<String>,
+    /// The limit that capped the run, in one sentence.
+    pub limited_by: Option<String>,
+}
+
+impl Verdict {
+    /// `PASS` or `FAIL (…)` with the reasons: the first line of every report.
+    pub fn headline(&self) -> String {
+        if self.passed {
+            "PASS".into()
+        } else {
+            format!(
+                "FAIL (exit {}): {}",
+                self.exit_code,
+                self.failures.join("; ")
+            )
+        }
+    }
+}
+
+/// The SLO every step was judged by.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct Slo {
+    /// p99 latency must stay under this, ms.
+    pub p99_ms: f64,
+    /// Loss ratio must stay under this.
+    pub max_loss: f64,
+}
+
+/// CPU over the whole run of the generator or another watched process.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ProcReport {
+    /// What it is (`generator`, `redis`, …).
+    pub name: String,
+    /// Its pids.
+    pub pids: Vec<u32>,
+    /// How they were found.
+    pub found_by: String,
+    /// CPU seconds over the run.
+    pub cpu_s: f64,
+    /// Percent of the whole machine over the run.
+    pub machine_percent: f64,
+    /// (seconds since the first sample, percent of one core) over the run.
+    pub cpu_over_time: Vec<(f64, f64)>,
+}
+
 /// The limits in force and what they did to the run.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct LimitsReport {
@@ -238,12 +402,15 @@ pub struct LimitsReport {
     /// True when a limit made the run smaller than asked.
     pub capped: bool,
     /// What the limits did, in words.
-    pub notes: Vec<String>,
+    pub notes: Vec<Note>,
 }
 
 /// The capacity search.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct FindMaxReport {
+    /// What was ramped: `rate` or `fleet` (then `Outcome::rate` is the fleet size).
+    #[serde(default)]
+    pub by: crate::scenario::RampBy,
     pub slo_p99_ms: f64,
     pub max_loss: f64,
     pub steps: Vec<Outcome>,
@@ -254,6 +421,9 @@ pub struct FindMaxReport {
     pub generator_limited: Vec<f64>,
     /// The capacity answer in one sentence.
     pub answer: String,
+    /// What stopped the ramp: the first failing step's reasons.
+    #[serde(default)]
+    pub stopped_by: String,
 }
 
 /// Fleet shape.
@@ -288,6 +458,15 @@ pub struct Report {
     pub description: String,
     pub pattern: Pattern,
     pub started_unix_ms: u64,
+    /// The outcome; the first thing every form of the report says.
+    #[serde(default)]
+    pub verdict: Verdict,
+    /// The SLO steps were judged by.
+    #[serde(default)]
+    pub slo: Slo,
+    /// Cores of the machine (what "% of the machine" divides by).
+    #[serde(default)]
+    pub cores: u32,
     pub target: TargetReport,
     pub fleet: FleetReport,
     pub workers: u32,
@@ -295,6 +474,12 @@ pub struct Report {
     pub connect: ConnectReport,
     pub steps: Vec<StepReport>,
     pub server: Option<ServerReport>,
+    /// The generator's own CPU over the run.
+    #[serde(default)]
+    pub generator: Option<ProcReport>,
+    /// Other watched processes (Redis, MySQL, …).
+    #[serde(default)]
+    pub watched: Vec<ProcReport>,
     pub limits: LimitsReport,
     pub find_max: Option<FindMaxReport>,
 }
@@ -408,7 +593,7 @@ impl Report {
             && let Some(s) = self
                 .steps
                 .iter()
-                .find(|s| s.passed == Some(true) && s.total_rate == best.rate)
+                .find(|s| s.passed && s.total_rate == best.rate)
         {
             return Some(s);
         }
@@ -423,6 +608,10 @@ impl Report {
     /// The human summary.
     pub fn human(&self) -> String {
         let mut o = String::new();
+        let _ = writeln!(o, "RESULT: {}", self.verdict.headline());
+        if let Some(l) = &self.verdict.limited_by {
+            let _ = writeln!(o, "LIMIT: {l}");
+        }
         let t = &self.target;
         let ends = if t.kind == "mqtt" {
             t.controllers.clone()
@@ -467,14 +656,23 @@ impl Report {
             let _ = writeln!(o, "  connect errors: {}", fmt_errors(&c.errors));
         }
         for s in &self.steps {
-            let verdict = match s.passed {
-                Some(true) => "  [pass]",
-                Some(false) => "  [fail]",
-                None => "",
+            let verdict = if s.passed {
+                "[pass]".to_string()
+            } else {
+                format!("[fail: {}]", s.failures.join("; "))
+            };
+            let fleet = if self
+                .find_max
+                .as_ref()
+                .is_some_and(|f| f.by == crate::scenario::RampBy::Fleet)
+            {
+                format!(", fleet {}", group(s.fleet))
+            } else {
+                String::new()
             };
             let _ = writeln!(
                 o,
-                "step {}: {} msg/s for {:.1} s ({} msg/s per sender){verdict}",
+                "step {}: {} msg/s for {:.1} s ({} msg/s per sender{fleet})  {verdict}",
                 s.index,
                 fmt_rate(s.total_rate),
                 s.duration_s,
@@ -506,10 +704,17 @@ impl Report {
                 "  {what} from intended send: {}",
                 latency_line(&s.latency)
             );
+            if s.latency_from_sent.count > 0 {
+                let _ = writeln!(
+                    o,
+                    "  {what} from actual send:   {}",
+                    latency_line(&s.latency_from_sent)
+                );
+            }
             if s.send_lag.count > 0 {
                 let _ = writeln!(
                     o,
-                    "  send lag (tool side, intended → written): {}",
+                    "  send lag (tool side, intended → written, per message): {}",
                     latency_line(&s.send_lag)
                 );
                 if s.send_lag.p99_us > GENERATOR_LAG_US {
@@ -536,6 +741,20 @@ impl Report {
                     sv.cpu_percent,
                     sv.cpu_us_per_msg,
                     fmt_bytes(sv.rss_bytes as f64)
+                );
+            }
+            for (name, w) in &s.watched {
+                let _ = writeln!(
+                    o,
+                    "  {name}: {:.2} CPU-s ({:.0}% of a core)",
+                    w.cpu_s, w.cpu_percent
+                );
+            }
+            if let Some(g) = &s.generator {
+                let _ = writeln!(
+                    o,
+                    "  generator: {:.2} CPU-s, {:.0}% of the machine ({} cores), {:.2} CPU-µs per message sent or received",
+                    g.cpu_s, g.machine_percent, self.cores, g.cpu_us_per_msg
                 );
             }
         }
@@ -575,10 +794,41 @@ impl Report {
             l.source_addrs.join(",")
         );
         for n in &l.notes {
-            let _ = writeln!(o, "  {n}");
+            let _ = writeln!(o, "  {}", n.text);
+        }
+        if let Some(g) = &self.generator {
+            let _ = writeln!(
+                o,
+                "generator (pids {}): {:.2} CPU-s, {:.0}% of the machine over the run",
+                g.pids
+                    .iter()
+                    .map(|p| p.to_string())
+                    .collect::<Vec<_>>()
+                    .join(","),
+                g.cpu_s,
+                g.machine_percent
+            );
+        }
+        for w in &self.watched {
+            let _ = writeln!(
+                o,
+                "{} (pid {}, {}): {:.2} CPU-s, {:.0}% of the machine over the run",
+                w.name,
+                w.pids
+                    .iter()
+                    .map(|p| p.to_string())
+                    .collect::<Vec<_>>()
+                    .join(","),
+                w.found_by,
+                w.cpu_s,
+                w.machine_percent
+            );
         }
         if let Some(fm) = &self.find_max {
             let _ = writeln!(o, "find-max: {}", fm.answer);
+            if !fm.stopped_by.is_empty() {
+                let _ = writeln!(o, "  stopped by: {}", fm.stopped_by);
+            }
         }
         o
     }
@@ -597,8 +847,10 @@ pub(crate) mod tests {
         st.received = 998;
         st.sent_per_sec = vec![500, 500];
         st.recv_per_sec = vec![499, 499];
+        st.latency_by_time = vec![crate::stats::new_time_hist(), crate::stats::new_time_hist()];
         for v in 1..=998u64 {
             st.latency.saturating_record(100 + v);
+            st.latency_by_time[(v % 2) as usize].saturating_record(100 + v);
         }
         st.errors.insert("server:no_route".into(), 2);
         let mut c = ConnectStats::default();
@@ -611,6 +863,17 @@ pub(crate) mod tests {
             description: String::new(),
             pattern: Pattern::Telemetry,
             started_unix_ms: 0,
+            verdict: Verdict {
+                passed: true,
+                exit_code: 0,
+                failures: Vec::new(),
+                limited_by: None,
+            },
+            slo: Slo {
+                p99_ms: 10.0,
+                max_loss: 0.001,
+            },
+            cores: 2,
             target: TargetReport {
                 kind: "relay".into(),
                 controllers: "tcp://127.0.0.1:7000".into(),
@@ -632,6 +895,8 @@ pub(crate) mod tests {
             connect: ConnectReport::new(&c),
             steps: vec![StepReport::new(1, 50.0, 500.0, 2.0, &st)],
             server: None,
+            generator: None,
+            watched: Vec::new(),
             limits: LimitsReport::default(),
             find_max: None,
         }

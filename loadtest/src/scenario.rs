@@ -242,6 +242,9 @@ pub enum Endpoint {
     },
     /// `mqtt://host:port`: an MQTT 3.1.1 broker.
     Mqtt { addr: SocketAddr },
+    /// `echo://host:port`: a server that sends every byte back (calibration): no
+    /// handshake, each controller receives its own binary DATA frames.
+    Echo { addr: SocketAddr },
 }
 
 impl Endpoint {
@@ -258,10 +261,11 @@ impl Endpoint {
             "tcp" => 7000,
             "ws" => 80,
             "mqtt" => 1883,
+            "echo" => 7,
             "wss" | "mqtts" => return Err(format!("`{url}`: TLS targets are not supported")),
             _ => {
                 return Err(format!(
-                    "`{url}`: unknown scheme `{scheme}` (tcp, ws, mqtt)"
+                    "`{url}`: unknown scheme `{scheme}` (tcp, ws, mqtt, echo)"
                 ));
             }
         };
@@ -281,6 +285,7 @@ impl Endpoint {
         match scheme {
             "tcp" => Ok(Endpoint::RelayTcp { addr }),
             "mqtt" => Ok(Endpoint::Mqtt { addr }),
+            "echo" => Ok(Endpoint::Echo { addr }),
             _ => Ok(Endpoint::RelayWs {
                 addr,
                 host: hostport.to_string(),
@@ -296,7 +301,9 @@ impl Endpoint {
     /// The socket address to connect to.
     pub fn addr(&self) -> SocketAddr {
         match self {
-            Endpoint::RelayTcp { addr } | Endpoint::Mqtt { addr } => *addr,
+            Endpoint::RelayTcp { addr } | Endpoint::Mqtt { addr } | Endpoint::Echo { addr } => {
+                *addr
+            }
             Endpoint::RelayWs { addr, .. } => *addr,
         }
     }
@@ -305,13 +312,19 @@ impl Endpoint {
     pub fn is_mqtt(&self) -> bool {
         matches!(self, Endpoint::Mqtt { .. })
     }
+
+    /// True for an echo server (calibration of the generator itself).
+    pub fn is_echo(&self) -> bool {
+        matches!(self, Endpoint::Echo { .. })
+    }
 }
 
 /// `[target]`: where the clients connect and in which form they speak.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TargetSpec {
-    /// URL controllers connect to: `tcp://host:port` (relay) or `mqtt://host:port`.
+    /// URL controllers connect to: `tcp://host:port` (relay), `mqtt://host:port`, or
+    /// `echo://host:port` (a byte echo server: calibrates the generator itself).
     pub controllers: String,
     /// URL browsers connect to: `ws://host:port/ws` (relay); empty means the same
     /// broker as `controllers` when that is MQTT.
@@ -326,6 +339,55 @@ pub struct TargetSpec {
     /// Pid of the server to sample from /proc (0: find the process listening on the
     /// controllers' port).
     pub server_pid: u32,
+    /// Other processes whose CPU every report gives, such as the relay's Redis and
+    /// MySQL: `name=pid` or `name=:port` (the process listening on that port).
+    pub watch: Vec<String>,
+}
+
+/// A process to watch: its name and how to find it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WatchSpec {
+    /// A given pid.
+    Pid(String, u32),
+    /// The process listening on this TCP port.
+    Port(String, u16),
+}
+
+impl WatchSpec {
+    /// Parses `name=pid` or `name=:port`.
+    pub fn parse(item: &str) -> Result<Self, String> {
+        let (name, what) = item
+            .split_once('=')
+            .ok_or_else(|| format!("`{item}`: write name=pid or name=:port"))?;
+        let name = name.trim();
+        if name.is_empty()
+            || !name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        {
+            return Err(format!(
+                "`{item}`: the name must be letters, digits, - or _"
+            ));
+        }
+        let what = what.trim();
+        if let Some(port) = what.strip_prefix(':') {
+            let port: u16 = port
+                .parse()
+                .map_err(|_| format!("`{item}`: `{port}` is not a port"))?;
+            return Ok(WatchSpec::Port(name.to_string(), port));
+        }
+        let pid: u32 = what
+            .parse()
+            .map_err(|_| format!("`{item}`: `{what}` is neither a pid nor :port"))?;
+        Ok(WatchSpec::Pid(name.to_string(), pid))
+    }
+
+    /// The name it is reported under.
+    pub fn name(&self) -> &str {
+        match self {
+            WatchSpec::Pid(n, _) | WatchSpec::Port(n, _) => n,
+        }
+    }
 }
 
 impl Default for TargetSpec {
@@ -337,6 +399,7 @@ impl Default for TargetSpec {
             browser_form: Form::Json,
             prefix: String::new(),
             server_pid: 0,
+            watch: Vec::new(),
         }
     }
 }
@@ -367,15 +430,19 @@ pub struct LoadSpec {
     pub storm_close: bool,
     /// Payload size in bytes (≥ 16: the timestamp stamp).
     pub payload_bytes: u32,
+    /// A JSON payload template instead of padding, e.g.
+    /// `{"temp": {{rand 20..90}}}`, so that rules see real values: every message is
+    /// the object with the stamp's fields first; `{{rand A..B}}` and `{{seq}}` are
+    /// filled in per message. Sent with the JSON flag in every form, not padded.
+    pub payload_template: Option<String>,
     /// Heartbeat interval of every client.
     pub heartbeat: Dur,
     /// How long each step sends.
     pub duration: Dur,
     /// How long to wait after sending stops for messages still in flight.
     pub drain: Dur,
-    /// A connection wakes on a grid of this step and writes everything due in one
-    /// batch; 0 wakes at the intended times themselves (the runtime's timer is 1 ms
-    /// coarse, so messages due within it still leave in one write).
+    /// Sends are rounded up to a grid of this step (everything due leaves in one
+    /// batch per tick); 0 sends at the intended times themselves.
     pub tick: Dur,
 }
 
@@ -392,6 +459,7 @@ impl Default for LoadSpec {
             connect_rate: 0.0,
             storm_close: false,
             payload_bytes: 64,
+            payload_template: None,
             heartbeat: Dur::secs(30),
             duration: Dur::secs(10),
             drain: Dur::secs(2),
@@ -423,8 +491,13 @@ pub struct RunSpec {
     pub start_lead: Dur,
     /// Interval of /proc samples of the server.
     pub sample_interval: Dur,
-    /// Most replies one command controller keeps queued before dropping (counted).
-    pub reply_queue: u32,
+    /// Bytes one connection keeps queued while its socket is full; past this, command
+    /// replies are dropped (counted as `reply_dropped`) and scheduled messages are
+    /// counted as `write_blocked`.
+    pub max_pending: u32,
+    /// The sender thread sleeps until this long before a message is due, then spins
+    /// on the clock for the rest (0 = sleep all the way: cheaper, less precise).
+    pub spin: Dur,
 }
 
 impl Default for RunSpec {
@@ -439,21 +512,60 @@ impl Default for RunSpec {
             fd_reserve: 256,
             start_lead: Dur::millis(200),
             sample_interval: Dur::millis(500),
-            reply_queue: 4096,
+            max_pending: 4 << 20,
+            spin: Dur(Duration::from_micros(50)),
         }
     }
 }
 
-/// `[find_max]`: ramp the rate and report the highest that meets the SLO.
+/// What `--find-max` ramps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum RampBy {
+    /// The total message rate over a fixed fleet.
+    #[default]
+    Rate,
+    /// The number of connected controllers (groups for fanout), each at `load.rate`.
+    Fleet,
+}
+
+impl FromStr for RampBy {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "rate" => Ok(RampBy::Rate),
+            "fleet" => Ok(RampBy::Fleet),
+            _ => Err(format!("unknown ramp `{s}` (rate, fleet)")),
+        }
+    }
+}
+
+impl fmt::Display for RampBy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            RampBy::Rate => "rate",
+            RampBy::Fleet => "fleet",
+        })
+    }
+}
+
+/// `[find_max]`: the SLO every step is judged by, and the ramp that reports the
+/// highest rate (or largest fleet) that meets it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct FindMaxSpec {
     /// Run the ramp instead of one fixed-rate step.
     pub enabled: bool,
-    /// The p99 latency a passing step must stay under.
+    /// What the ramp grows: `rate` (total msg/s) or `fleet` (connected controllers).
+    pub by: RampBy,
+    /// The p99 latency a passing step must stay under (fixed runs are judged by it
+    /// too).
     pub slo_p99: Dur,
     /// The loss ratio a passing step must stay under (0.001 = 0.1%).
     pub max_loss: f64,
+    /// Fleet ramp: the first fleet size (controllers, or groups for fanout); default
+    /// a tenth of `load.controllers` (`load.groups`), which is the ramp's ceiling.
+    pub start_fleet: Option<u32>,
     /// First total rate (msg/s for the fleet); default: `total_rate`, or `rate` × senders,
     /// or 1 msg/s per sender.
     pub start_rate: Option<f64>,
@@ -473,8 +585,10 @@ impl Default for FindMaxSpec {
     fn default() -> Self {
         Self {
             enabled: false,
+            by: RampBy::Rate,
             slo_p99: Dur::millis(10),
             max_loss: 0.001,
+            start_fleet: None,
             start_rate: None,
             factor: 1.5,
             max_steps: 20,
@@ -561,6 +675,9 @@ impl Scenario {
     /// browser URL is given).
     pub fn browser_endpoint(&self) -> Result<Endpoint, String> {
         let ctl = self.controller_endpoint()?;
+        if ctl.is_echo() {
+            return Ok(ctl);
+        }
         if ctl.is_mqtt()
             && (self.target.browsers.is_empty()
                 || self.target.browsers == TargetSpec::default().browsers)
@@ -570,9 +687,17 @@ impl Scenario {
         Endpoint::parse(&self.target.browsers)
     }
 
+    /// True when the controllers' target is an echo server.
+    pub fn is_echo(&self) -> bool {
+        self.controller_endpoint().is_ok_and(|e| e.is_echo())
+    }
+
     /// Number of clients that send data at the pattern's rate.
     pub fn senders(&self) -> u64 {
         let l = &self.load;
+        if self.is_echo() {
+            return l.controllers as u64;
+        }
         match self.pattern {
             Pattern::Telemetry | Pattern::Fanin => l.controllers as u64,
             Pattern::Command => l.controllers as u64,
@@ -584,6 +709,9 @@ impl Scenario {
     /// Total number of connections the scenario opens.
     pub fn connections(&self) -> u64 {
         let l = &self.load;
+        if self.is_echo() {
+            return l.controllers as u64;
+        }
         match self.pattern {
             Pattern::Telemetry => l.controllers as u64 * (1 + l.browsers_per_controller as u64),
             Pattern::Command => l.controllers as u64 * 2,
@@ -629,7 +757,15 @@ impl Scenario {
             ),
             Ok(_) => {}
         }
-        if let Ok(c) = &ctl {
+        if let Ok(c) = &ctl
+            && c.is_echo()
+            && self.pattern != Pattern::Telemetry
+        {
+            p.push("target.controllers: an echo:// target runs the telemetry pattern only (each controller receives its own messages)".into());
+        }
+        if let Ok(c) = &ctl
+            && !c.is_echo()
+        {
             match self.browser_endpoint() {
                 Err(e) => p.push(format!("target.browsers: {e}")),
                 Ok(b) => {
@@ -645,7 +781,7 @@ impl Scenario {
         if prefix.len() > MAX_PREFIX {
             p.push(format!("target.prefix: at most {MAX_PREFIX} bytes"));
         }
-        if !prefix.bytes().all(is_addr_byte) {
+        if !prefix.bytes().all(relay_core::name::is_name_byte) {
             p.push("target.prefix: only A-Z a-z 0-9 . _ : @ - are allowed".into());
         }
         let nonzero = |p: &mut Vec<String>, key: &str, v: u32| {
@@ -693,6 +829,13 @@ impl Scenario {
                 p.push(format!("load.{key}: must be above 0 and at most 1e9"));
             }
         }
+        let fleet_ramp = self.find_max.enabled && self.find_max.by == RampBy::Fleet;
+        if fleet_ramp && self.pattern.sends_data() && l.rate.is_none() {
+            p.push(format!(
+                "load.rate: a fleet ramp keeps each {}'s rate fixed; give load.rate (per sender), not load.total_rate",
+                if self.pattern == Pattern::Fanout { "publisher" } else { "controller" }
+            ));
+        }
         if self.pattern.sends_data() && !self.find_max.enabled && self.total_rate().is_none() {
             p.push(format!(
                 "load.rate: pattern {} sends data; give load.rate (per sender) or load.total_rate",
@@ -703,6 +846,14 @@ impl Scenario {
             p.push(format!(
                 "load.payload_bytes: must be {MIN_PAYLOAD}..={MAX_PAYLOAD}"
             ));
+        }
+        if let Some(t) = &l.payload_template {
+            if let Err(e) = crate::payload::Template::parse(t) {
+                p.push(format!("load.payload_template: {e}"));
+            }
+            if self.is_echo() {
+                p.push("load.payload_template: an echo target measures the generator with plain stamps".into());
+            }
         }
         if l.heartbeat.0 < Duration::from_millis(10) || l.heartbeat.0 > Duration::from_secs(3600) {
             p.push("load.heartbeat: must be between 10ms and 1h".into());
@@ -738,19 +889,35 @@ impl Scenario {
         if r.sample_interval.0 < Duration::from_millis(10) {
             p.push("run.sample_interval: at least 10ms".into());
         }
-        if r.reply_queue == 0 {
-            p.push("run.reply_queue: must be at least 1".into());
+        if r.max_pending < 65_536 {
+            p.push("run.max_pending: at least 65536 bytes".into());
+        }
+        if r.spin.0 > Duration::from_millis(1) {
+            p.push("run.spin: at most 1ms".into());
         }
         if let Err(e) = self.source_addrs() {
             p.push(format!("run.source_addrs: {e}"));
         }
+        for w in &self.target.watch {
+            if let Err(e) = WatchSpec::parse(w) {
+                p.push(format!("target.watch: {e}"));
+            }
+        }
         let f = &self.find_max;
         if f.enabled {
-            if !self.pattern.sends_data() {
+            if f.by == RampBy::Rate && !self.pattern.sends_data() {
                 p.push(format!(
-                    "find_max.enabled: pattern {} sends no data; the ramp needs telemetry, command, fanout or fanin",
+                    "find_max.enabled: pattern {} sends no data; the rate ramp needs telemetry, command, fanout or fanin (a fleet ramp takes idle too)",
                     self.pattern
                 ));
+            }
+            if f.by == RampBy::Fleet && self.pattern == Pattern::Storm {
+                p.push("find_max.by: a storm has no steady fleet to ramp".into());
+            }
+            if let Some(n) = f.start_fleet
+                && n == 0
+            {
+                p.push("find_max.start_fleet: must be at least 1".into());
             }
             if f.slo_p99.0.is_zero() {
                 p.push("find_max.slo_p99: must be above 0".into());
@@ -788,11 +955,6 @@ impl Scenario {
             })
         }
     }
-}
-
-/// True for bytes allowed in relay addresses and group names.
-pub fn is_addr_byte(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'@' | b'-')
 }
 
 /// Parses `a.b.c.d` or `a.b.c.d..a.b.c.e` (inclusive, at most 65536 addresses).

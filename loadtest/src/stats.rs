@@ -28,6 +28,17 @@ pub fn new_hist() -> Histogram<u64> {
         .expect("static histogram bounds are valid")
 }
 
+/// Largest value a latency-over-time histogram tracks: one minute, µs.
+pub const TIME_HIST_MAX_US: u64 = 60_000_000;
+/// Most latency-over-time buckets a step keeps (their width grows with the step).
+pub const MAX_TIME_BUCKETS: u64 = 60;
+
+/// A small histogram (2 significant digits, up to a minute) for one time bucket of the
+/// latency-over-time plot.
+pub fn new_time_hist() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, TIME_HIST_MAX_US, 2).expect("static histogram bounds are valid")
+}
+
 /// What went wrong, counted by kind in every report.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 #[non_exhaustive]
@@ -50,6 +61,9 @@ pub enum ErrorKind {
     ReadFailed,
     /// A write to the socket failed.
     WriteFailed,
+    /// A scheduled message was not written: the connection's socket was full and its
+    /// queue at `run.max_pending` (the server is not reading).
+    WriteBlocked,
     /// The server sent bytes that do not decode.
     BadInput,
     /// A command controller's reply queue was full; the reply was not sent.
@@ -75,6 +89,7 @@ impl ErrorKind {
             ErrorKind::Disconnected => "disconnected".into(),
             ErrorKind::ReadFailed => "read_failed".into(),
             ErrorKind::WriteFailed => "write_failed".into(),
+            ErrorKind::WriteBlocked => "write_blocked".into(),
             ErrorKind::BadInput => "bad_input".into(),
             ErrorKind::ReplyDropped => "reply_dropped".into(),
             ErrorKind::Unstamped => "unstamped".into(),
@@ -120,6 +135,27 @@ pub mod hist_b64 {
     }
 }
 
+/// Serde for a list of histograms: base64 of each one's V2 serialization.
+pub mod hist_vec_b64 {
+    use hdrhistogram::Histogram;
+    use serde::{Deserialize, Deserializer, Serializer, ser::SerializeSeq};
+
+    pub fn serialize<S: Serializer>(v: &[Histogram<u64>], s: S) -> Result<S::Ok, S::Error> {
+        let mut seq = s.serialize_seq(Some(v.len()))?;
+        for h in v {
+            seq.serialize_element(&super::hist_b64::encode(h))?;
+        }
+        seq.end()
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Histogram<u64>>, D::Error> {
+        Vec::<String>::deserialize(d)?
+            .iter()
+            .map(|t| super::hist_b64::decode(t).map_err(serde::de::Error::custom))
+            .collect()
+    }
+}
+
 fn add_hist(into: &mut Histogram<u64>, from: &Histogram<u64>) {
     // Both have the same bounds, so adding cannot go out of range; fall back to
     // re-recording value by value if it ever does.
@@ -159,11 +195,21 @@ pub struct StepStats {
     /// One-way (or round-trip, for commands) latency from the intended send time, µs.
     #[serde(with = "hist_b64")]
     pub latency: Histogram<u64>,
+    /// The same from the actual send time (the stamp's lag taken off): the server's
+    /// share without the generator's scheduling error, µs.
+    #[serde(with = "hist_b64")]
+    pub latency_sent: Histogram<u64>,
+    /// Latency from the intended send time by arrival time: bucket `i` covers seconds
+    /// `[i × bucket_s, (i + 1) × bucket_s)` of the step, µs.
+    #[serde(with = "hist_vec_b64")]
+    pub latency_by_time: Vec<Histogram<u64>>,
+    /// Width of one `latency_by_time` bucket, seconds.
+    pub time_bucket_s: u32,
     /// Heartbeat round trip (PING→PONG, PINGREQ→PINGRESP) from its intended time, µs.
     #[serde(with = "hist_b64")]
     pub heartbeat: Histogram<u64>,
-    /// The tool's own lag: when a batch was written minus the intended time of its
-    /// oldest message, µs. Large values mean the generator, not the server, was late.
+    /// The tool's own lag: when each message was written minus its intended time, µs.
+    /// Large values mean the generator, not the server, was late.
     #[serde(with = "hist_b64")]
     pub send_lag: Histogram<u64>,
     /// Heartbeats sent.
@@ -186,6 +232,9 @@ impl Default for StepStats {
             expected: 0,
             late: 0,
             latency: new_hist(),
+            latency_sent: new_hist(),
+            latency_by_time: Vec::new(),
+            time_bucket_s: 1,
             heartbeat: new_hist(),
             send_lag: new_hist(),
             pings: 0,
@@ -205,6 +254,14 @@ impl StepStats {
         self.expected += o.expected;
         self.late += o.late;
         add_hist(&mut self.latency, &o.latency);
+        add_hist(&mut self.latency_sent, &o.latency_sent);
+        self.time_bucket_s = self.time_bucket_s.max(o.time_bucket_s);
+        for (i, h) in o.latency_by_time.iter().enumerate() {
+            if self.latency_by_time.len() <= i {
+                self.latency_by_time.push(new_time_hist());
+            }
+            add_hist(&mut self.latency_by_time[i], h);
+        }
         add_hist(&mut self.heartbeat, &o.heartbeat);
         add_hist(&mut self.send_lag, &o.send_lag);
         self.pings += o.pings;
@@ -267,6 +324,9 @@ pub struct ConnectStats {
     pub last_ns: u64,
     /// Limit notes from the worker (for instance the open-file cap it hit).
     pub notes: Vec<String>,
+    /// Connections the worker holds once the phase is over.
+    #[serde(default)]
+    pub holding: u64,
 }
 
 impl Default for ConnectStats {
@@ -280,6 +340,7 @@ impl Default for ConnectStats {
             first_ns: 0,
             last_ns: 0,
             notes: Vec::new(),
+            holding: 0,
         }
     }
 }
@@ -296,6 +357,7 @@ impl ConnectStats {
             self.first_ns = o.first_ns;
         }
         self.last_ns = self.last_ns.max(o.last_ns);
+        self.holding += o.holding;
         for n in &o.notes {
             if !self.notes.contains(n) {
                 self.notes.push(n.clone());
@@ -439,8 +501,12 @@ impl Recorder {
 
     /// Starts step `id`, sending from `start_ns` until `end_ns`, with empty stats.
     pub fn begin_step(&self, id: u32, start_ns: u64, end_ns: u64) {
+        let secs = end_ns.saturating_sub(start_ns).div_ceil(1_000_000_000);
+        let width = secs.div_ceil(MAX_TIME_BUCKETS).clamp(1, u32::MAX as u64) as u32;
         for s in self.shards.iter() {
-            *s.lock().unwrap_or_else(|p| p.into_inner()) = StepStats::default();
+            let mut g = s.lock().unwrap_or_else(|p| p.into_inner());
+            *g = StepStats::default();
+            g.time_bucket_s = width;
         }
         self.step_start_ns.store(start_ns, Ordering::Relaxed);
         self.step_end_ns.store(end_ns, Ordering::Relaxed);
@@ -459,26 +525,35 @@ impl Recorder {
         total
     }
 
-    /// Records `n` data messages written together at `written_ns`, the first intended
-    /// at `first_ns`, each expected to reach `recipients` clients. `written_ns` is
-    /// `None` for messages with no schedule (command replies): no send lag then.
-    pub fn sent(
-        &self,
-        key: usize,
-        first_ns: u64,
-        n: u64,
-        recipients: u64,
-        written_ns: Option<u64>,
-    ) {
+    /// Records data messages intended at `intended` (ascending) and written together
+    /// at `written_ns`, each expected to reach `recipients` clients; each one's send
+    /// lag (written − intended) goes into the send-lag histogram.
+    pub fn sent_scheduled(&self, key: usize, intended: &[u64], written_ns: u64, recipients: u64) {
+        let Some(&first) = intended.first() else {
+            return;
+        };
+        let n = intended.len() as u64;
+        let sec = self.second(first);
+        let mut s = self.shard(key);
+        for &t in intended {
+            s.send_lag
+                .saturating_record((written_ns.saturating_sub(t) / 1000).max(1));
+        }
+        s.sent += n;
+        s.expected += n * recipients;
+        StepStats::bump(&mut s.sent_per_sec, sec, n);
+        drop(s);
+        self.counters.sent.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Records `n` unscheduled data messages (command replies) written at `now_ns`,
+    /// each expected to reach `recipients` clients: no send lag for them.
+    pub fn sent(&self, key: usize, now_ns: u64, n: u64, recipients: u64) {
         if n == 0 {
             return;
         }
-        let sec = self.second(first_ns);
+        let sec = self.second(now_ns);
         let mut s = self.shard(key);
-        if let Some(w) = written_ns {
-            s.send_lag
-                .saturating_record((w.saturating_sub(first_ns) / 1000).max(1));
-        }
         s.sent += n;
         s.expected += n * recipients;
         StepStats::bump(&mut s.sent_per_sec, sec, n);
@@ -502,8 +577,16 @@ impl Recorder {
             }
             on_time += 1;
             if how == Receipt::Measure {
-                let us = now_ns.saturating_sub(st.intended_ns) / 1000;
-                s.latency.saturating_record(us.max(1));
+                let us = (now_ns.saturating_sub(st.intended_ns) / 1000).max(1);
+                s.latency.saturating_record(us);
+                let from_sent = now_ns.saturating_sub(st.sent_ns()) / 1000;
+                s.latency_sent.saturating_record(from_sent.max(1));
+                let bucket =
+                    (sec / s.time_bucket_s.max(1) as usize).min(MAX_TIME_BUCKETS as usize * 2);
+                while s.latency_by_time.len() <= bucket {
+                    s.latency_by_time.push(new_time_hist());
+                }
+                s.latency_by_time[bucket].saturating_record(us);
             }
         }
         s.received += on_time;
@@ -554,6 +637,7 @@ mod tests {
         Stamp {
             intended_ns: t,
             step,
+            lag_ns: 0,
         }
     }
 
@@ -561,11 +645,14 @@ mod tests {
     fn latency_is_measured_from_the_intended_time() {
         let r = Recorder::new(2);
         r.begin_step(1, 1_000_000_000, u64::MAX);
-        r.sent(0, 1_000_000_000, 2, 1, Some(1_000_300_000));
-        // Intended at 1.000 s and 1.001 s, received at 1.005 s.
+        r.sent_scheduled(0, &[1_000_000_000, 1_000_200_000], 1_000_300_000, 1);
+        // Intended at 1.000 s and 1.001 s, received at 1.005 s; the first was written
+        // 300 µs late.
+        let mut late = stamp(1_000_000_000, 1);
+        late.lag_ns = 300_000;
         r.received(
             1,
-            &[stamp(1_000_000_000, 1), stamp(1_001_000_000, 1)],
+            &[late, stamp(1_001_000_000, 1)],
             1_005_000_000,
             Receipt::Measure,
         );
@@ -574,9 +661,19 @@ mod tests {
         assert_eq!(s.latency.len(), 2);
         assert_eq!(s.latency.max(), s.latency.highest_equivalent(5000));
         assert_eq!(s.latency.min(), s.latency.lowest_equivalent(4000));
-        // Written 300 µs after the first message's intended time.
-        assert_eq!(s.send_lag.len(), 1);
+        // From the actual send: 4.7 ms and 4 ms.
+        assert_eq!(
+            s.latency_sent.max(),
+            s.latency_sent.highest_equivalent(4700)
+        );
+        assert_eq!(s.latency_sent.min(), s.latency_sent.lowest_equivalent(4000));
+        // One lag per message: 300 µs and 100 µs.
+        assert_eq!(s.send_lag.len(), 2);
         assert_eq!(s.send_lag.max(), s.send_lag.highest_equivalent(300));
+        assert_eq!(s.send_lag.min(), s.send_lag.lowest_equivalent(100));
+        // Both arrived in the first second: one latency-over-time bucket.
+        assert_eq!(s.latency_by_time.len(), 1);
+        assert_eq!(s.latency_by_time[0].len(), 2);
     }
 
     #[test]
@@ -610,8 +707,8 @@ mod tests {
     fn throughput_lands_in_per_second_buckets() {
         let r = Recorder::new(4);
         r.begin_step(0, 10_000_000_000, u64::MAX);
-        r.sent(0, 10_100_000_000, 5, 3, None);
-        r.sent(1, 12_500_000_000, 7, 3, None);
+        r.sent(0, 10_100_000_000, 5, 3);
+        r.sent(1, 12_500_000_000, 7, 3);
         r.received(
             2,
             &[stamp(11_000_000_000, 0)],

@@ -5,6 +5,7 @@
 //! [`Reply`]s as JSON lines on stdout; that is how a fleet larger than one process's
 //! open-file limit is split.
 
+use std::collections::BTreeMap;
 use std::io::{BufRead, Write};
 use std::net::Ipv4Addr;
 use std::sync::Arc;
@@ -13,15 +14,16 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
-use crate::client::{self, Env, StepCmd, StepPlan};
+use crate::client::{self, Env, Link, StepPlan};
 use crate::clock::{Anchor, mono_ns};
 use crate::plan::Plan;
 use crate::scenario::{Endpoint, Pattern, Scenario};
 use crate::schedule::Schedule;
-use crate::stats::{ConnectStats, ProgressSnapshot, Recorder, StepStats};
+use crate::sender::{self, SchedCmd, SenderConfig};
+use crate::stats::{ConnectStats, ErrorKind, ProgressSnapshot, Recorder, StepStats};
 use crate::wire::WireKind;
 
 /// What a worker is asked to run.
@@ -43,6 +45,8 @@ pub struct WorkerSetup {
     pub connect_start_ns: u64,
     /// Most connections this worker may open (the open-file cap).
     pub max_connections: u64,
+    /// Connect only the clients of the first this many fleet units (`None`: all).
+    pub units: Option<u64>,
 }
 
 /// Coordinator → worker.
@@ -52,6 +56,9 @@ pub enum Command {
     Connect(Box<WorkerSetup>),
     /// Run one step, then wait `drain_ns` past its end before reporting.
     Step { plan: StepPlan, drain_ns: u64 },
+    /// Hold the clients of the first `units` fleet units: close the rest, connect
+    /// what is missing (answered with `Connected`).
+    Resize { units: u64 },
     /// Close every connection and exit.
     Finish,
 }
@@ -61,7 +68,7 @@ pub enum Command {
 pub enum Reply {
     /// Live counters (sent every progress interval).
     Progress(ProgressSnapshot),
-    /// The connect phase is over.
+    /// The connect phase (or a resize) is over.
     Connected(Box<ConnectStats>),
     /// A step is over.
     StepDone { id: u32, stats: Box<StepStats> },
@@ -101,6 +108,10 @@ fn wire_for(endpoint: &Endpoint, form: crate::scenario::Form, prefix: &str) -> W
         },
         Endpoint::RelayWs { .. } => WireKind::Relay { form, ws: true },
         Endpoint::RelayTcp { .. } => WireKind::Relay { form, ws: false },
+        Endpoint::Echo { .. } => WireKind::Relay {
+            form: crate::scenario::Form::Binary,
+            ws: false,
+        },
     }
 }
 
@@ -120,7 +131,6 @@ fn run(
     let controllers = s.controller_endpoint()?;
     let browsers = s.browser_endpoint()?;
     let recorder = Arc::new(Recorder::new(threads * 8));
-    let (step_tx, step_rx) = watch::channel(StepCmd::Wait);
     let env = Env {
         controller_wire: wire_for(&controllers, s.target.controller_form, &setup.prefix),
         browser_wire: wire_for(&browsers, s.target.browser_form, &setup.prefix),
@@ -128,16 +138,30 @@ fn run(
         browsers,
         sources: Arc::new(setup.sources.clone()),
         recorder: recorder.clone(),
-        steps: step_rx,
-        anchor: Anchor::now(),
         payload_len: s.load.payload_bytes as usize,
         heartbeat_ns: s.load.heartbeat.as_nanos().max(1),
-        tick_ns: s.load.tick.as_nanos(),
-        max_batch: s.run.max_batch.max(1) as u64,
         connect_timeout: s.run.connect_timeout.0,
-        reply_queue: s.run.reply_queue as usize,
+        max_pending: s.run.max_pending as usize,
         max_in: 1 << 20,
+        template: match &s.load.payload_template {
+            Some(t) => Some(Arc::new(
+                crate::payload::Template::parse(t).map_err(|e| format!("payload_template: {e}"))?,
+            )),
+            None => None,
+        },
     };
+    let (sched, sender) = sender::spawn(
+        setup.worker,
+        setup.workers,
+        SenderConfig {
+            tick_ns: s.load.tick.as_nanos(),
+            spin_ns: s.run.spin.as_nanos(),
+            max_batch: s.run.max_batch.max(1) as u64,
+            heartbeat_ns: env.heartbeat_ns,
+        },
+        recorder.clone(),
+    )
+    .map_err(|e| format!("cannot start the sender thread: {e}"))?;
 
     // Progress ticker.
     let stop = Arc::new(AtomicBool::new(false));
@@ -154,31 +178,40 @@ fn run(
             .map_err(|e| format!("cannot start the progress thread: {e}"))?
     };
 
-    let (stats, mut tasks) = rt.block_on(connect_phase(&env, &setup));
+    let mut fleet = Fleet {
+        plan: Plan::new(s, &setup.prefix),
+        links: BTreeMap::new(),
+        tasks: JoinSet::new(),
+        sched: sched.clone(),
+    };
+    let stats = rt.block_on(fleet.resize(&env, &setup, setup.units));
     out(Reply::Connected(Box::new(stats)));
 
     let result = loop {
         match cmds.recv() {
             Ok(Command::Step { plan, drain_ns }) => {
                 recorder.begin_step(plan.id, plan.start_ns, plan.end_ns);
-                let _ = step_tx.send(StepCmd::Run(plan));
-                let until = env.anchor.instant_at(plan.end_ns.saturating_add(drain_ns));
-                let now = std::time::Instant::now();
-                if until > now {
-                    std::thread::sleep(until - now);
-                }
-                let _ = step_tx.send(StepCmd::Wait);
+                let _ = sched.send(SchedCmd::Run(plan));
+                sleep_until_ns(plan.end_ns.saturating_add(drain_ns));
+                let _ = sched.send(SchedCmd::Halt);
                 let stats = recorder.end_step();
                 out(Reply::StepDone {
                     id: plan.id,
                     stats: Box::new(stats),
                 });
             }
+            Ok(Command::Resize { units }) => {
+                let stats = rt.block_on(fleet.resize(&env, &setup, Some(units)));
+                out(Reply::Connected(Box::new(stats)));
+            }
             Ok(Command::Connect(_)) => break Err("Connect sent twice".to_string()),
             Ok(Command::Finish) | Err(_) => break Ok(()),
         }
     };
-    let _ = step_tx.send(StepCmd::Finish);
+    for l in fleet.links.values() {
+        l.close();
+    }
+    let mut tasks = std::mem::take(&mut fleet.tasks);
     rt.block_on(async {
         let _ = tokio::time::timeout(FINISH_GRACE, async {
             while tasks.join_next().await.is_some() {}
@@ -186,6 +219,9 @@ fn run(
         .await;
     });
     tasks.abort_all();
+    let _ = sched.send(SchedCmd::Stop);
+    let _ = sender.join();
+    drop(fleet);
     out(Reply::Progress(recorder.counters.snapshot()));
     stop.store(true, Ordering::Relaxed);
     let _ = ticker.join();
@@ -196,104 +232,145 @@ fn run(
     result
 }
 
-/// Connects this worker's clients; returns the phase's stats and the running sessions.
-async fn connect_phase(env: &Env, setup: &WorkerSetup) -> (ConnectStats, JoinSet<()>) {
-    let s = &setup.scenario;
-    let plan = Plan::new(s, &setup.prefix);
-    let full = plan.range(setup.worker, setup.workers);
-    let range = full.start
-        ..full
-            .end
-            .min(full.start.saturating_add(setup.max_connections));
-    let mut stats = ConnectStats {
-        planned: range.end - range.start,
-        ..ConnectStats::default()
-    };
-    if range.end < full.end {
-        stats.notes.push(format!(
-            "worker {} opened {} of its {} connections (open-file cap)",
-            setup.worker,
-            range.end - range.start,
-            full.end - full.start
-        ));
+/// Sleeps this (non-runtime) thread until monotonic time `ns`.
+fn sleep_until_ns(ns: u64) {
+    let now = mono_ns();
+    if ns > now {
+        std::thread::sleep(Duration::from_nanos(ns - now));
     }
-    let storm = s.pattern == Pattern::Storm;
-    let total = plan.count().max(1);
-    let share = (range.end - range.start) as f64 / total as f64;
-    let rate = s.load.connect_rate * share;
-    let pacing = (rate > 0.0).then(|| Schedule::new(setup.connect_start_ns, u64::MAX, rate, 0, 1));
-    // A storm is open loop: connects start on schedule whatever is in flight.
-    let limit = Arc::new(Semaphore::new(if storm {
-        Semaphore::MAX_PERMITS
-    } else {
-        s.run.connect_concurrency.max(1) as usize
-    }));
-    let mut attempts: JoinSet<(u64, u64, Result<client::Session, crate::stats::ErrorKind>)> =
-        JoinSet::new();
-    let mut sessions = JoinSet::new();
-    let hold = !(storm && s.load.storm_close);
-    let rec = env.recorder.clone();
+}
 
-    let finish = |r: (u64, u64, Result<client::Session, crate::stats::ErrorKind>),
-                  stats: &mut ConnectStats,
-                  sessions: &mut JoinSet<()>| {
-        let (start, end, res) = r;
-        rec.counters.connects_done.fetch_add(1, Ordering::Relaxed);
-        match res {
-            Ok(session) => {
-                stats.record(start, end, Ok(()));
-                if hold {
-                    rec.counters.connected.fetch_add(1, Ordering::Relaxed);
-                    let h = session.spawn(env);
-                    sessions.spawn(async move {
-                        let _ = h.await;
-                    });
-                } else {
-                    sessions.spawn(session.close());
+/// The connections a worker holds.
+struct Fleet {
+    plan: Plan,
+    /// Established links by client index.
+    links: BTreeMap<u64, Arc<Link>>,
+    /// Each link's tasks.
+    tasks: JoinSet<()>,
+    /// The sender thread.
+    sched: mpsc::Sender<SchedCmd>,
+}
+
+/// One finished connect attempt: start, end, outcome.
+type Attempt = (u64, u64, Result<client::Session, ErrorKind>);
+
+impl Fleet {
+    /// Brings this worker's share to the clients of the first `units` fleet units
+    /// (`None`: all): closes the links past it and connects the missing ones.
+    async fn resize(&mut self, env: &Env, setup: &WorkerSetup, units: Option<u64>) -> ConnectStats {
+        let s = &setup.scenario;
+        let full = self.plan.range(setup.worker, setup.workers);
+        let range = full.start
+            ..full
+                .end
+                .min(full.start.saturating_add(setup.max_connections));
+        let plan = self.plan.clone();
+        let wanted = |i: u64| units.is_none_or(|u| plan.unit_of(i) < u);
+        let gone: Vec<u64> = self
+            .links
+            .iter()
+            .filter(|(i, l)| !wanted(**i) || !l.alive())
+            .map(|(i, _)| *i)
+            .collect();
+        for i in gone {
+            if let Some(l) = self.links.remove(&i) {
+                l.close();
+            }
+        }
+        let todo: Vec<u64> = range
+            .clone()
+            .filter(|&i| wanted(i) && !self.links.contains_key(&i))
+            .collect();
+        let mut stats = ConnectStats {
+            planned: todo.len() as u64,
+            ..ConnectStats::default()
+        };
+        let capped = (range.end..full.end).filter(|&i| wanted(i)).count() as u64;
+        if capped > 0 {
+            stats.notes.push(format!(
+                "worker {} could not open {capped} of its connections (open-file cap)",
+                setup.worker
+            ));
+        }
+        let storm = s.pattern == Pattern::Storm;
+        let total = self.plan.count().max(1);
+        let share = todo.len() as f64 / total as f64;
+        let rate = s.load.connect_rate * share;
+        let start_ns = setup.connect_start_ns.max(mono_ns());
+        let pacing = (rate > 0.0).then(|| Schedule::new(start_ns, u64::MAX, rate, 0, 1));
+        // A storm is open loop: connects start on schedule whatever is in flight.
+        let limit = Arc::new(Semaphore::new(if storm {
+            Semaphore::MAX_PERMITS
+        } else {
+            s.run.connect_concurrency.max(1) as usize
+        }));
+        let mut attempts: JoinSet<Attempt> = JoinSet::new();
+        let hold = !(storm && s.load.storm_close);
+        let rec = env.recorder.clone();
+        let finish = |r: Attempt, stats: &mut ConnectStats, fleet: &mut Fleet| {
+            let (start, end, res) = r;
+            rec.counters.connects_done.fetch_add(1, Ordering::Relaxed);
+            match res {
+                Ok(session) => {
+                    stats.record(start, end, Ok(()));
+                    if hold {
+                        rec.counters.connected.fetch_add(1, Ordering::Relaxed);
+                        let index = session.spec().index;
+                        let (link, h) = session.spawn(env);
+                        let _ = fleet.sched.send(SchedCmd::Add(link.clone()));
+                        fleet.links.insert(index, link);
+                        fleet.tasks.spawn(async move {
+                            let _ = h.await;
+                        });
+                    } else {
+                        fleet.tasks.spawn(session.close());
+                    }
+                }
+                Err(kind) => stats.record(start, end, Err(kind)),
+            }
+        };
+
+        for (k, &i) in todo.iter().enumerate() {
+            let mut start = mono_ns();
+            if let Some(p) = &pacing
+                && let Some(t) = p.intended(k as u64)
+            {
+                if t > start {
+                    let at = Anchor::now().instant_at(t);
+                    tokio::time::sleep_until(at.into()).await;
+                }
+                if storm {
+                    start = t;
                 }
             }
-            Err(kind) => stats.record(start, end, Err(kind)),
-        }
-    };
-
-    for (k, i) in range.clone().enumerate() {
-        let mut start = mono_ns();
-        if let Some(p) = &pacing
-            && let Some(t) = p.intended(k as u64)
-        {
-            if t > start {
-                tokio::time::sleep_until(env.anchor.instant_at(t).into()).await;
+            let permit = match limit.clone().acquire_owned().await {
+                Ok(p) => p,
+                Err(_) => break,
+            };
+            if !storm {
+                start = mono_ns();
             }
-            if storm {
-                start = t;
+            let env2 = env.clone();
+            let spec = self.plan.client(i);
+            attempts.spawn(async move {
+                let r = client::open(&env2, spec).await;
+                drop(permit);
+                (start, mono_ns(), r)
+            });
+            while let Some(r) = attempts.try_join_next() {
+                if let Ok(r) = r {
+                    finish(r, &mut stats, self);
+                }
             }
         }
-        let permit = match limit.clone().acquire_owned().await {
-            Ok(p) => p,
-            Err(_) => break,
-        };
-        if !storm {
-            start = mono_ns();
-        }
-        let env2 = env.clone();
-        let spec = plan.client(i);
-        attempts.spawn(async move {
-            let r = client::open(&env2, spec).await;
-            drop(permit);
-            (start, mono_ns(), r)
-        });
-        while let Some(r) = attempts.try_join_next() {
+        while let Some(r) = attempts.join_next().await {
             if let Ok(r) = r {
-                finish(r, &mut stats, &mut sessions);
+                finish(r, &mut stats, self);
             }
         }
+        stats.holding = self.links.values().filter(|l| l.alive()).count() as u64;
+        stats
     }
-    while let Some(r) = attempts.join_next().await {
-        if let Ok(r) = r {
-            finish(r, &mut stats, &mut sessions);
-        }
-    }
-    (stats, sessions)
 }
 
 /// A worker running on a thread of this process.

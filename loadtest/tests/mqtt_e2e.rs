@@ -136,7 +136,7 @@ fn find_max_ramps_and_answers() {
     assert_eq!(r.steps.len(), 2);
     assert_eq!(r.steps[0].total_rate, 50.0);
     assert_eq!(r.steps[1].total_rate, 100.0);
-    assert!(r.steps.iter().all(|x| x.passed == Some(true)));
+    assert!(r.steps.iter().all(|x| x.passed));
     assert_eq!(fm.best.unwrap().rate, 100.0);
     assert!(
         fm.answer.starts_with("this server holds 10 controllers"),
@@ -262,7 +262,7 @@ fn the_open_file_limit_splits_the_fleet_and_the_report_says_so() {
         r.limits
             .notes
             .iter()
-            .any(|n| n.contains("split over 3 worker processes")),
+            .any(|n| n.text.contains("split over 3 worker processes")),
         "{:?}",
         r.limits.notes
     );
@@ -273,7 +273,8 @@ fn the_open_file_limit_splits_the_fleet_and_the_report_says_so() {
     assert_no_loss(&r, 1);
     assert_eq!(r.steps[0].sent, 249 * 2);
 
-    // Forcing one worker caps the run at the per-process limit, and says so.
+    // Forcing one worker caps the run at the per-process limit: the run fails (exit
+    // 2) and says why at the top of every report.
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_relay-loadtest"))
         .arg("--scenario")
         .arg(&scenario)
@@ -281,11 +282,35 @@ fn the_open_file_limit_splits_the_fleet_and_the_report_says_so() {
         .arg(&json)
         .output()
         .unwrap();
-    assert!(out.status.success());
+    assert_eq!(out.status.code(), Some(2));
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(stdout.contains("LIMIT: the open-file limit"), "{stdout}");
+    let mut lines = stdout.lines();
+    assert!(
+        lines
+            .next()
+            .unwrap()
+            .starts_with("RESULT: FAIL (exit 2): capped at 100 of 250 connections"),
+        "{stdout}"
+    );
+    assert!(
+        lines
+            .next()
+            .unwrap()
+            .starts_with("LIMIT: the open-file limit"),
+        "{stdout}"
+    );
     let r: Report = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     assert!(r.limits.capped);
+    assert!(!r.verdict.passed);
+    assert_eq!(r.verdict.exit_code, 2);
+    assert!(
+        r.verdict
+            .limited_by
+            .as_deref()
+            .is_some_and(|l| l.starts_with("the open-file limit")),
+        "{:?}",
+        r.verdict
+    );
     assert_eq!(r.connect.planned, 100);
     assert_eq!(r.connect.established, 100);
     let _ = std::fs::remove_dir_all(&dir);

@@ -215,3 +215,30 @@ fn every_pattern_and_form_against_a_relay_on_port_0() {
     assert_eq!(r.connect.established, 50);
     assert!(r.connect.duration_s >= 0.2, "{}", r.connect.duration_s);
 }
+
+#[test]
+fn templated_payloads_cross_the_relay_and_watched_processes_are_reported() {
+    let relay = start_relay();
+    for (ctl, br) in [(Form::Binary, Form::Json), (Form::Json, Form::Binary)] {
+        let mut s = scenario(&relay, Pattern::Telemetry);
+        s.target.controller_form = ctl;
+        s.target.browser_form = br;
+        s.load.rate = Some(20.0);
+        s.load.payload_template = Some(r#"{"temp": {{rand 20..90}}, "n": {{seq}}}"#.into());
+        // The Redis the relay's rules use runs on this machine.
+        s.target.watch = vec!["redis=:6379".into()];
+        let r = run_ok(&s);
+        assert_no_loss(&r, 1);
+        assert_eq!(
+            r.steps[0].latency.count, 200,
+            "every stamp read back from JSON"
+        );
+        let redis = r
+            .watched
+            .iter()
+            .find(|w| w.name == "redis")
+            .expect("redis watched");
+        assert_eq!(redis.pids.len(), 1);
+        assert!(r.steps[0].watched.contains_key("redis"));
+    }
+}

@@ -149,6 +149,14 @@ impl Encoder {
         }
     }
 
+    /// Sends data as this JSON template (see [`crate::payload::Template`]).
+    pub fn set_template(&mut self, t: std::sync::Arc<crate::payload::Template>) {
+        match self {
+            Encoder::Relay(e) => e.set_template(t),
+            Encoder::Mqtt(e) => e.set_template(t),
+        }
+    }
+
     /// A heartbeat.
     pub fn ping(&mut self, out: &mut BytesMut) {
         match self {

@@ -27,6 +27,11 @@ pub struct MqttEncoder {
     pub prefix: String,
     /// Reused buffer payloads are built in.
     payload: BytesMut,
+    /// The JSON payload template, if the run has one.
+    template: Option<std::sync::Arc<crate::payload::Template>>,
+    /// Random state and message count for the template.
+    rng: u64,
+    seq: u64,
 }
 
 impl MqttEncoder {
@@ -35,6 +40,9 @@ impl MqttEncoder {
         Self {
             prefix: prefix.to_string(),
             payload: BytesMut::new(),
+            template: None,
+            rng: 0x9E37_79B9_7F4A_7C15 ^ prefix.len() as u64,
+            seq: 0,
         }
     }
 
@@ -60,9 +68,21 @@ impl MqttEncoder {
         Self::put(out, Packet::Subscribe(s));
     }
 
-    /// PUBLISH at QoS 0 carrying `stamp` in a binary payload.
+    /// Publishes data messages as this JSON template instead of padded stamps.
+    pub fn set_template(&mut self, t: std::sync::Arc<crate::payload::Template>) {
+        self.rng ^= (std::sync::Arc::as_ptr(&t) as u64).rotate_left(17);
+        self.template = Some(t);
+    }
+
+    /// PUBLISH at QoS 0 carrying `stamp` (binary payload, or the template's JSON).
     pub fn publish(&mut self, out: &mut BytesMut, dest: &Dest, stamp: Stamp, payload_len: usize) {
-        stamp.put_binary(&mut self.payload, payload_len);
+        match &self.template {
+            Some(t) => {
+                t.render(&mut self.payload, stamp, &mut self.rng, self.seq);
+                self.seq += 1;
+            }
+            None => stamp.put_binary(&mut self.payload, payload_len),
+        }
         let p = Publish::from_bytes(
             dest.text.clone(),
             QoS::AtMostOnce,
@@ -139,7 +159,7 @@ fn from_packet(p: Packet) -> Inbound {
             }
         }
         Packet::Publish(p) => Inbound::Data {
-            stamp: Stamp::from_binary(&p.payload),
+            stamp: Stamp::from_payload(&p.payload, false),
         },
         Packet::PingResp => Inbound::Pong,
         Packet::Disconnect => Inbound::Closed,
@@ -169,6 +189,7 @@ mod tests {
             Stamp {
                 intended_ns: 5,
                 step: 2,
+                lag_ns: 9,
             },
             64,
         );
@@ -195,7 +216,8 @@ mod tests {
             Stamp::from_binary(&p.payload),
             Some(Stamp {
                 intended_ns: 5,
-                step: 2
+                step: 2,
+                lag_ns: 9,
             })
         );
         assert_eq!(Packet::read(&mut out, 1 << 20).unwrap(), Packet::PingReq);

@@ -22,6 +22,11 @@ pub struct RelayEncoder {
     scratch: BytesMut,
     /// Reused buffer payloads are built in (split off as `Bytes` per frame).
     payload: BytesMut,
+    /// The JSON payload template, if the run has one.
+    template: Option<std::sync::Arc<crate::payload::Template>>,
+    /// Random state and message count for the template.
+    rng: u64,
+    seq: u64,
 }
 
 impl RelayEncoder {
@@ -32,7 +37,15 @@ impl RelayEncoder {
             ws: ws.then(|| Masker::new(seed)),
             scratch: BytesMut::new(),
             payload: BytesMut::new(),
+            template: None,
+            rng: seed | 1,
+            seq: 0,
         }
+    }
+
+    /// Sends data messages as this JSON template instead of padded stamps.
+    pub fn set_template(&mut self, t: std::sync::Arc<crate::payload::Template>) {
+        self.template = Some(t);
     }
 
     fn frame(&mut self, out: &mut BytesMut, f: &Frame) {
@@ -82,11 +95,17 @@ impl RelayEncoder {
         };
         let mut f = Frame::new(kind);
         f.dst = dest.name.clone();
-        match self.form {
-            Form::Binary => stamp.put_binary(&mut self.payload, payload_len),
-            Form::Json => {
-                stamp.put_json(&mut self.payload, payload_len);
-                f.flags = Flags(Flags::JSON);
+        if let Some(t) = &self.template {
+            t.render(&mut self.payload, stamp, &mut self.rng, self.seq);
+            self.seq += 1;
+            f.flags = Flags(Flags::JSON);
+        } else {
+            match self.form {
+                Form::Binary => stamp.put_binary(&mut self.payload, payload_len),
+                Form::Json => {
+                    stamp.put_json(&mut self.payload, payload_len);
+                    f.flags = Flags(Flags::JSON);
+                }
             }
         }
         f.payload = self.payload.split().freeze();
@@ -258,6 +277,7 @@ mod tests {
             let st = Stamp {
                 intended_ns: 42,
                 step: 3,
+                lag_ns: 9,
             };
             e.data(&mut out, &dest("web-1", false), st, 64);
             let d = server_reads(form, &mut out);
@@ -281,6 +301,7 @@ mod tests {
             Stamp {
                 intended_ns: 7,
                 step: 1,
+                lag_ns: 9,
             }
             .put_binary(&mut v, 32);
             v
@@ -304,6 +325,7 @@ mod tests {
                 stamp: Some(Stamp {
                     intended_ns: 7,
                     step: 1,
+                    lag_ns: 9,
                 }),
             },
             Inbound::Closed,

@@ -2,7 +2,10 @@
 //! a run that must succeed, and the counts every data pattern must show.
 #![allow(dead_code)]
 
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 
 use relay_loadtest::coordinator::{RunOptions, run};
 use relay_loadtest::report::Report;
@@ -56,4 +59,65 @@ pub fn assert_no_loss(r: &Report, recipients: u64) {
     assert_eq!((s.lost, s.late), (0, 0));
     assert_eq!(s.loss_ratio, 0.0);
     assert!(s.errors.is_empty(), "{:?}", s.errors);
+}
+
+/// A plain blocking-socket server on 127.0.0.1:0, a thread per connection: it echoes
+/// every byte (or, with `echo` false, reads and discards them), and closes every
+/// connection past the first `max`.
+pub struct EchoServer {
+    pub port: u16,
+    stop: Arc<AtomicBool>,
+}
+
+impl EchoServer {
+    pub fn start(max: usize, echo: bool) -> Self {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let stop = Arc::new(AtomicBool::new(false));
+        let stop2 = stop.clone();
+        let taken = Arc::new(AtomicUsize::new(0));
+        std::thread::spawn(move || {
+            for c in l.incoming() {
+                if stop2.load(Ordering::Relaxed) {
+                    break;
+                }
+                let Ok(mut c) = c else { continue };
+                if taken.fetch_add(1, Ordering::Relaxed) >= max {
+                    drop(c);
+                    continue;
+                }
+                let _ = std::thread::Builder::new()
+                    .stack_size(64 * 1024)
+                    .spawn(move || serve(&mut c, echo));
+            }
+        });
+        Self { port, stop }
+    }
+
+    pub fn url(&self) -> String {
+        format!("echo://127.0.0.1:{}", self.port)
+    }
+}
+
+fn serve(c: &mut TcpStream, echo: bool) {
+    let _ = c.set_nodelay(true);
+    let mut buf = [0u8; 16 * 1024];
+    loop {
+        match c.read(&mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => {
+                if echo && c.write_all(&buf[..n]).is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+impl Drop for EchoServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        // Wake the accept loop so it sees the flag.
+        let _ = TcpStream::connect(("127.0.0.1", self.port));
+    }
 }
