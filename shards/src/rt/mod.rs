@@ -87,6 +87,9 @@ pub struct Shared {
     /// Extra counters for `/metrics` (the rules engine's).
     pub plugin_metrics: MetricsSource,
     ready: AtomicUsize,
+    /// Shards that have cut every tie to their peers (see `quiesce`).
+    quiet: AtomicUsize,
+    shards: usize,
     errors: Mutex<Vec<String>>,
 }
 
@@ -262,10 +265,25 @@ impl Relay {
             plugins: ext.plugins,
             plugin_metrics: ext.plugin_metrics,
             ready: AtomicUsize::new(0),
+            quiet: AtomicUsize::new(0),
+            shards,
             errors: Mutex::new(Vec::new()),
         });
         let rcfg = router_config(cfg);
-        let mesh = MeshBuilder::<MeshMsg, _>::full(shards, cfg.shards.mesh_capacity.max(1));
+        // glommio's MeshBuilder holds an `Rc` yet is `Send`: cloning or
+        // dropping it on several threads at once races on a non-atomic
+        // count, and a lost increment frees the peer list while shards still
+        // use it (heap corruption seen as a broken allocation much later).
+        // So every clone is made here, on one thread, before any shard runs,
+        // and each shard takes its own out of a mutex. The only count changes
+        // left on shard threads are the drops at the end of `join`, and a lost
+        // decrement can only keep the list alive, never free it early.
+        let mesh = {
+            let one = MeshBuilder::<MeshMsg, _>::full(shards, cfg.shards.mesh_capacity.max(1));
+            let all: Vec<_> = (0..shards).map(|_| one.clone()).collect();
+            drop(one);
+            Arc::new(Mutex::new(all))
+        };
         let placement = if cfg.shards.pin {
             PoolPlacement::MaxSpread(shards, None)
         } else {
@@ -281,10 +299,19 @@ impl Relay {
             .io_memory(cfg.shards.io_memory_kib.max(64) * 1024)
             .ring_depth(cfg.shards.ring_depth.max(8) as usize)
             .on_all_shards(move || {
-                let (mesh, rcfg, sh) = (mesh.clone(), rcfg.clone(), sh.clone());
+                let mesh = mesh.lock().ok().and_then(|mut v| v.pop());
+                let (rcfg, sh) = (rcfg.clone(), sh.clone());
                 let hooks = hooks.clone();
                 let actions = actions.clone();
                 async move {
+                    let Some(mesh) = mesh else {
+                        sh.errors
+                            .lock()
+                            .map(|mut v| v.push("no mesh left for a shard".into()))
+                            .ok();
+                        sh.stop.store(true, Ordering::SeqCst);
+                        return;
+                    };
                     let addrs = (tcp_addr, http_addr);
                     let r = shard_main(
                         mesh,
@@ -654,9 +681,36 @@ async fn shard_main(
             break;
         }
     }
-    drop(tasks);
+    quiesce(&shard, tasks).await;
     tracing::debug!(shard = id, "shard stopped");
     Ok(())
+}
+
+/// How long a stopping shard waits for its peers to cut their ties too.
+const QUIESCE_WAIT: Duration = Duration::from_secs(2);
+
+/// Cuts every tie that lets another thread wake this shard, and waits until
+/// every peer has done the same, before the shard's executor is dropped.
+///
+/// glommio keeps an io_uring read armed on each executor's eventfd, with its
+/// 8-byte target inside the reactor. A peer that notifies that eventfd
+/// (closing a mesh channel does) after the executor has freed its reactor,
+/// but before the kernel has cancelled the read, would have the kernel write
+/// into freed memory. So: close our mesh senders while the peers still run,
+/// cancel the shard's tasks and wait for their futures to be dropped (the
+/// mesh receivers, the rules' channel listener), then meet the other shards.
+/// Past that point nothing notifies any shard, and each executor can go.
+async fn quiesce(shard: &Rc<Shard>, tasks: Vec<glommio::Task<()>>) {
+    shard.senders.close();
+    for t in tasks {
+        t.cancel().await;
+    }
+    let shared = &shard.shared;
+    shared.quiet.fetch_add(1, Ordering::SeqCst);
+    let deadline = Instant::now() + QUIESCE_WAIT;
+    while shared.quiet.load(Ordering::SeqCst) < shared.shards && Instant::now() < deadline {
+        glommio::timer::sleep(Duration::from_millis(1)).await;
+    }
 }
 
 /// Accepts HTTP connections (API requests, WebSocket upgrades, the console).
