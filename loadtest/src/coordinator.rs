@@ -836,7 +836,9 @@ impl Runner<'_> {
             &merged,
         );
         rep.fleet = self.units;
-        rep.connected = self.holding;
+        // Held at connect time and still open at the step's end: a connection the
+        // server accepted and then closed does not count as up.
+        rep.connected = self.holding.min(merged.held);
         rep.connections_needed = self
             .p
             .plan

@@ -222,6 +222,10 @@ pub struct StepStats {
     pub recv_per_sec: Vec<u64>,
     /// Errors by kind.
     pub errors: BTreeMap<String, u64>,
+    /// Connections still open when the step (and its drain) ended. A server that
+    /// takes a connection and closes it at once is found here, not at connect time.
+    #[serde(default)]
+    pub held: u64,
 }
 
 impl Default for StepStats {
@@ -242,6 +246,7 @@ impl Default for StepStats {
             sent_per_sec: Vec::new(),
             recv_per_sec: Vec::new(),
             errors: BTreeMap::new(),
+            held: 0,
         }
     }
 }
@@ -269,6 +274,7 @@ impl StepStats {
         add_vec(&mut self.sent_per_sec, &o.sent_per_sec);
         add_vec(&mut self.recv_per_sec, &o.recv_per_sec);
         add_errors(&mut self.errors, &o.errors);
+        self.held += o.held;
     }
 
     /// Receipts that never came: expected − received (never negative).
@@ -522,6 +528,7 @@ impl Recorder {
             total.merge(&g);
             *g = StepStats::default();
         }
+        total.held = self.counters.connected.load(Ordering::Relaxed);
         total
     }
 

@@ -11,7 +11,7 @@ use std::net::Ipv4Addr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::Semaphore;
@@ -82,6 +82,8 @@ pub enum Reply {
 pub const PROGRESS_EVERY: Duration = Duration::from_millis(250);
 /// How long closing waits for connections to say goodbye.
 const FINISH_GRACE: Duration = Duration::from_secs(5);
+/// How long a shrinking fleet waits for its closed connections to end.
+const SETTLE_MAX: Duration = Duration::from_secs(3);
 
 /// Runs a worker until `Finish` or until `cmds` closes, sending replies to `out`.
 pub fn serve(cmds: mpsc::Receiver<Command>, out: impl Fn(Reply) + Send + Sync + 'static) {
@@ -272,10 +274,19 @@ impl Fleet {
             .filter(|(i, l)| !wanted(**i) || !l.alive())
             .map(|(i, _)| *i)
             .collect();
+        let mut closing = Vec::new();
         for i in gone {
             if let Some(l) = self.links.remove(&i) {
                 l.close();
+                closing.push(l);
             }
+        }
+        // A shrinking fleet settles before it grows again: the server has seen
+        // these connections go (their reader ended on its close) before any new
+        // one is opened, as a fleet whose devices leave and others join later.
+        let settle = Instant::now() + SETTLE_MAX;
+        while closing.iter().any(|l| l.alive()) && Instant::now() < settle {
+            tokio::time::sleep(Duration::from_millis(5)).await;
         }
         let todo: Vec<u64> = range
             .clone()

@@ -131,7 +131,6 @@ fn a_missed_slo_exits_3() {
 }
 
 #[test]
-#[ignore = "known failure: the 12-connection echo server does not refuse the 13th, so every fleet step passes; to be fixed"]
 fn the_fleet_ramp_finds_how_many_connections_the_server_takes() {
     // The server takes 12 connections; the ramp grows the fleet from 4 (×2) up to a
     // ceiling of 20 controllers at 10 msg/s each, then bisects.

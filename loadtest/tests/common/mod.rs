@@ -63,7 +63,7 @@ pub fn assert_no_loss(r: &Report, recipients: u64) {
 
 /// A plain blocking-socket server on 127.0.0.1:0, a thread per connection: it echoes
 /// every byte (or, with `echo` false, reads and discards them), and closes every
-/// connection past the first `max`.
+/// connection over `max` open at once.
 pub struct EchoServer {
     pub port: u16,
     stop: Arc<AtomicBool>,
@@ -82,13 +82,22 @@ impl EchoServer {
                     break;
                 }
                 let Ok(mut c) = c else { continue };
-                if taken.fetch_add(1, Ordering::Relaxed) >= max {
+                // At most `max` connections at once: one over it is accepted and
+                // closed at once, as a server out of slots does.
+                if taken.fetch_add(1, Ordering::SeqCst) >= max {
+                    taken.fetch_sub(1, Ordering::SeqCst);
                     drop(c);
                     continue;
                 }
+                let taken = taken.clone();
                 let _ = std::thread::Builder::new()
                     .stack_size(64 * 1024)
-                    .spawn(move || serve(&mut c, echo));
+                    .spawn(move || {
+                        serve(&mut c, echo);
+                        // The slot is free before the peer can see the close.
+                        taken.fetch_sub(1, Ordering::SeqCst);
+                        drop(c);
+                    });
             }
         });
         Self { port, stop }
