@@ -394,10 +394,7 @@ async fn client(api: &Api<'_>, raw: &str) -> Result<Reply, Reply> {
     let owner = shard_of(&addr, api.router.shards);
     match call(api.router, owner, Call::Client(addr.clone())).await {
         Some(CallResult::Client(Some(v))) => Ok(ok(view_json(&v))),
-        _ => Err(err(
-            ErrorCode::NoRoute,
-            format!("{} is offline", name_str(&addr)),
-        )),
+        _ => Err(failure(crate::router::failure::offline(&addr))),
     }
 }
 

@@ -28,9 +28,10 @@ use glommio::net::TcpStream;
 use relay_core::conn::{CloseReason, Event, Hello, Transport};
 use relay_core::frame::ErrorCode;
 
+use super::Handover;
 use super::{Shard, now};
 use crate::cell::{ConnCell, ConnId, Io, Partial};
-use crate::router::{Handover, Outcome, Router};
+use crate::router::{Outcome, Router};
 use crate::stats::ShardStats;
 use crate::ws::{self, WsDecoder, WsMsg};
 
@@ -181,7 +182,8 @@ pub(super) async fn run(shard: Rc<Shard>, listener: socket2::Socket) {
                 // One write per listed connection; writes can list more
                 // (a close routes a last frame), so go until none is left.
                 loop {
-                    router.take_dirty(cx.waker(), &mut dirty);
+                    shard.wakers.io(cx.waker());
+                    router.take_dirty(&mut dirty);
                     if dirty.is_empty() {
                         break;
                     }

@@ -23,7 +23,7 @@ use glommio::{LocalExecutorPoolBuilder, PoolPlacement, PoolThreadHandles};
 use relay_config::{AuthMode, Config};
 use relay_core::conn::{ConnConfig, Event, Now};
 
-use crate::router::{Cross, Handover, MAX_SHARDS, Router, RouterConfig};
+use crate::router::{Cross, MAX_SHARDS, Router, RouterConfig, Signals};
 use crate::stats::ShardStats;
 
 /// Size of each shard's shared read buffer.
@@ -38,6 +38,63 @@ const SWEEP_MS: u64 = 100;
 pub enum MeshMsg {
     Batch(Vec<Cross>),
     Handover(Box<Handover>),
+}
+
+/// A connection moving to the shard that owns its address, with everything
+/// read and queued so far; the receiving shard takes over the socket `fd`.
+#[derive(Debug)]
+pub struct Handover {
+    pub fd: std::os::fd::OwnedFd,
+    pub conn: relay_core::Connection,
+    pub hello: relay_core::conn::Hello,
+    pub rbuf: bytes::BytesMut,
+    /// Bytes already taken for writing but not yet written.
+    pub pending_out: bytes::Bytes,
+    pub session: crate::cell::Session,
+    /// WebSocket frame state, for browser connections.
+    pub ws: Option<crate::ws::WsDecoder>,
+}
+
+/// The wakers behind the router's [`Signals`]: the I/O loop's (write list)
+/// and the flusher's (outboxes). Each task registers itself before it takes
+/// its list, so a signal after the take wakes it.
+#[derive(Default)]
+pub(crate) struct Wakers {
+    io: RefCell<Option<std::task::Waker>>,
+    flush: RefCell<Option<std::task::Waker>>,
+}
+
+impl Wakers {
+    fn register(slot: &RefCell<Option<std::task::Waker>>, waker: &std::task::Waker) {
+        let mut w = slot.borrow_mut();
+        if !w.as_ref().is_some_and(|w| w.will_wake(waker)) {
+            *w = Some(waker.clone());
+        }
+    }
+
+    /// The I/O loop waits for the write list.
+    pub(crate) fn io(&self, waker: &std::task::Waker) {
+        Self::register(&self.io, waker);
+    }
+
+    /// The flusher waits for the outboxes.
+    pub(crate) fn flush(&self, waker: &std::task::Waker) {
+        Self::register(&self.flush, waker);
+    }
+}
+
+impl Signals for Wakers {
+    fn writes_ready(&self) {
+        if let Some(w) = self.io.borrow().as_ref() {
+            w.wake_by_ref();
+        }
+    }
+
+    fn outbox_ready(&self) {
+        if let Some(w) = self.flush.borrow().as_ref() {
+            w.wake_by_ref();
+        }
+    }
 }
 
 /// The clock every shard uses: monotonic ms since start, and wall ms since
@@ -149,6 +206,8 @@ impl Shared {
 /// One shard's runtime state.
 pub(crate) struct Shard {
     pub router: Router,
+    /// Wakes the I/O loop and the flusher when the router has work for them.
+    pub wakers: Rc<Wakers>,
     pub read_buf: RefCell<Vec<u8>>,
     /// The epoll set of every client socket on this shard.
     poller: conn::Poller,
@@ -598,7 +657,8 @@ async fn shard_main(
         .await
         .map_err(|_| anyhow::anyhow!("mesh join failed"))?;
     let id = senders.peer_id();
-    let router = Router::new(id, shards, rcfg, shared.stats[id].clone());
+    let wakers = Rc::new(Wakers::default());
+    let router = Router::new(id, shards, rcfg, shared.stats[id].clone(), wakers.clone());
     if let Some(make) = &hooks {
         *router.hooks.borrow_mut() = Some(make(id, shared.stats[id].clone()));
     }
@@ -613,6 +673,7 @@ async fn shard_main(
     let poller = conn::Poller::new().map_err(|e| anyhow::anyhow!("shard {id}: epoll: {e}"))?;
     let shard = Rc::new(Shard {
         router,
+        wakers,
         read_buf: RefCell::new(vec![0; READ_BUF]),
         poller,
         listen_fd: Cell::new(None),
@@ -805,7 +866,8 @@ async fn rule_actions(shard: Rc<Shard>, rx: relay_plugins::ActionReceiver) {
 async fn flusher(shard: Rc<Shard>) {
     loop {
         let batches = poll_fn(|cx| {
-            let b = shard.router.take_outbox(cx.waker());
+            shard.wakers.flush(cx.waker());
+            let b = shard.router.take_outbox();
             if b.is_empty() {
                 Poll::Pending
             } else {

@@ -1,0 +1,228 @@
+//! Address ownership: the connections this shard holds, hellos, take-over,
+//! closes, deadlines and shutdown.
+
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::atomic::Ordering::Relaxed;
+
+use bytes::Bytes;
+use relay_core::conn::{CloseReason, Connection, Event, Hello, Now};
+use relay_core::frame::ErrorCode;
+use relay_core::route::{assign_address, shard_of};
+
+use super::*;
+use crate::cell::{ConnCell, ConnId, Session, conn_id};
+use crate::stats::ShardStats;
+
+impl Router {
+    /// Registers a freshly accepted (or handed-over) connection.
+    pub fn register(&self, conn: Connection, session: Session) -> Rc<ConnCell> {
+        let n = self.next_conn.get();
+        self.next_conn.set(n + 1);
+        let cell = Rc::new(ConnCell::new(conn_id(self.shard, n), conn, session));
+        self.conns.borrow_mut().insert(cell.id, cell.clone());
+        ShardStats::add(&self.stats.conns_pending, 1);
+        cell
+    }
+
+    /// Number of connections on this shard, any state.
+    pub fn conn_count(&self) -> usize {
+        self.conns.borrow().len()
+    }
+
+    /// The connection holding `addr`, if this shard owns it and it is open.
+    pub fn lookup(&self, addr: &[u8]) -> Option<Rc<ConnCell>> {
+        self.by_addr.borrow().get(addr).cloned()
+    }
+
+    /// The connection with id `id`, if it is still on this shard.
+    pub fn cell(&self, id: ConnId) -> Option<Rc<ConnCell>> {
+        self.conns.borrow().get(&id).cloned()
+    }
+
+    pub(super) fn on_hello(&self, cell: &Rc<ConnCell>, hello: Hello, now: Now) -> Outcome {
+        if self.shutting_down.get() {
+            let ev = cell.conn.borrow_mut().refuse(
+                &self.cfg.conn,
+                hello.seq,
+                ErrorCode::ShuttingDown,
+                "relay is shutting down",
+                true,
+            );
+            if let Some(Event::Closed(r)) = ev {
+                cell.closing(r, now.mono_ms + self.cfg.close_grace_ms);
+            }
+            return Outcome::Continue;
+        }
+        if hello.addr.is_empty() {
+            let mut counter = self.assign_counter.get();
+            let prefix = format!("{}-", self.cfg.node);
+            let addr = assign_address(&prefix, self.shard, self.shards, &mut counter);
+            self.assign_counter.set(counter);
+            self.accept_hello(cell, &hello, Bytes::from(addr), now);
+            return Outcome::Continue;
+        }
+        let owner = shard_of(&hello.addr, self.shards);
+        if owner != self.shard {
+            return Outcome::Handover { owner, hello };
+        }
+        let addr = hello.addr.clone();
+        self.accept_hello(cell, &hello, addr, now);
+        Outcome::Continue
+    }
+
+    /// Makes `cell` the holder of `addr` on this (owner) shard, replacing a
+    /// connection that held it, and sends WELCOME.
+    pub fn accept_hello(&self, cell: &Rc<ConnCell>, hello: &Hello, addr: Bytes, now: Now) {
+        // Its own allocation: a slice of the read buffer would keep that
+        // whole chunk alive for as long as the client is online.
+        let addr = Bytes::copy_from_slice(&addr);
+        let old = self.by_addr.borrow_mut().insert(addr.clone(), cell.clone());
+        self.sorted.borrow_mut().insert(addr.clone());
+        if let Some(old) = old
+            && old.id != cell.id
+        {
+            let why = "address taken over by a new connection";
+            self.end(
+                &old,
+                ErrorCode::Replaced,
+                why,
+                CloseReason::Replaced,
+                now.mono_ms + self.cfg.close_grace_ms,
+            );
+            self.drop_memberships(&old);
+        }
+        cell.conn
+            .borrow_mut()
+            .accept(&self.cfg.conn, now, hello, addr, &self.cfg.node);
+        {
+            let mut s = cell.session.borrow_mut();
+            s.set_meta(hello.meta.clone());
+            s.connected_at_ms = now.wall_ms;
+        }
+        self.stats.conns_pending.fetch_sub(1, Relaxed);
+        ShardStats::add(
+            &self.stats.conns_by_role[ShardStats::role_index(hello.role)],
+            1,
+        );
+        if let Some(h) = self.hooks.borrow().as_ref() {
+            h.connected(cell, self.shard, now);
+        }
+    }
+
+    /// Removes a connection that is handed to another shard.
+    pub fn forget(&self, cell: &Rc<ConnCell>) {
+        self.conns.borrow_mut().remove(&cell.id);
+        self.stats.conns_pending.fetch_sub(1, Relaxed);
+    }
+
+    /// Cleans up after a connection's socket closed.
+    pub fn on_closed(&self, cell: &Rc<ConnCell>, now: Now) {
+        if self.conns.borrow_mut().remove(&cell.id).is_none() {
+            return;
+        }
+        ShardStats::add(&self.stats.closed_total, 1);
+        let conn = cell.conn.borrow();
+        if conn.addr().is_empty() {
+            self.stats.conns_pending.fetch_sub(1, Relaxed);
+            return;
+        }
+        self.stats.conns_by_role[ShardStats::role_index(conn.role())].fetch_sub(1, Relaxed);
+        let addr = conn.addr().clone();
+        drop(conn);
+        let mut by_addr = self.by_addr.borrow_mut();
+        if by_addr.get(&addr).is_some_and(|c| c.id == cell.id) {
+            by_addr.remove(&addr);
+            self.sorted.borrow_mut().remove(&addr);
+        }
+        drop(by_addr);
+        self.drop_memberships(cell);
+        if let Some(h) = self.hooks.borrow().as_ref() {
+            h.disconnected(
+                cell,
+                self.shard,
+                cell.reason.get().unwrap_or(CloseReason::PeerClosed),
+                now,
+            );
+        }
+    }
+
+    pub(super) fn drop_memberships(&self, cell: &Rc<ConnCell>) {
+        let (groups, uids) = { cell.session.borrow_mut().take_lists() };
+        for g in groups {
+            self.leave_index(Index::Group, cell, &g);
+        }
+        for u in uids {
+            self.leave_index(Index::Uid, cell, &u);
+        }
+    }
+
+    /// Applies deadlines that have passed and samples the queued bytes.
+    pub fn sweep(&self, now: Now) {
+        let cells: Vec<Rc<ConnCell>> = self.conns.borrow().values().cloned().collect();
+        let mut queued = 0u64;
+        for cell in cells {
+            let ev = {
+                let mut c = cell.conn.borrow_mut();
+                queued += c.queued_bytes() as u64;
+                match c.poll_timeout(&self.cfg.conn) {
+                    Some(t) if t <= now.mono_ms => c.handle_timeout(&self.cfg.conn, now),
+                    _ => None,
+                }
+            };
+            if let Some(Event::Closed(reason)) = ev {
+                cell.closing(reason, now.mono_ms + self.cfg.close_grace_ms);
+                self.wake(&cell);
+            } else if cell.close_deadline.get() <= now.mono_ms {
+                self.wake(&cell);
+            }
+        }
+        self.stats.queue_bytes.store(queued, Relaxed);
+    }
+
+    /// Begins a graceful shutdown: every client gets ERROR `shutting_down`
+    /// after what is already queued, and is closed once flushed or at `deadline_ms`.
+    pub fn shutdown(&self, deadline_ms: u64) {
+        self.shutting_down.set(true);
+        let cells: Vec<Rc<ConnCell>> = self.conns.borrow().values().cloned().collect();
+        for cell in cells {
+            let why = "relay is shutting down";
+            self.end(
+                &cell,
+                ErrorCode::ShuttingDown,
+                why,
+                CloseReason::Shutdown,
+                deadline_ms,
+            );
+        }
+    }
+
+    /// Ends a connection: ERROR `code` after what is queued, then close by
+    /// `deadline_ms` at the latest.
+    pub(super) fn end(
+        &self,
+        cell: &ConnCell,
+        code: ErrorCode,
+        why: &str,
+        reason: CloseReason,
+        deadline_ms: u64,
+    ) {
+        let _ = cell
+            .conn
+            .borrow_mut()
+            .close_with(&self.cfg.conn, code, why, reason);
+        cell.closing(reason, deadline_ms);
+        cell.close_deadline
+            .set(cell.close_deadline.get().min(deadline_ms));
+        self.wake(cell);
+    }
+
+    pub fn is_shutting_down(&self) -> bool {
+        self.shutting_down.get()
+    }
+
+    /// A fresh session for a connection from `remote`.
+    pub fn session(remote: SocketAddr) -> Session {
+        Session::new(remote)
+    }
+}
