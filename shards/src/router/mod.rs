@@ -27,7 +27,11 @@ pub mod failure;
 mod index;
 mod pending;
 mod route;
+#[cfg(test)]
+mod sim;
 mod table;
+#[cfg(test)]
+mod tests;
 mod writes;
 
 pub use calls::{Call, CallCallback, CallResult, ClientView};

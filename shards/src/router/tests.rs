@@ -1,0 +1,297 @@
+//! The router on its own, through the simulation in `sim`: cross-shard
+//! behaviour with the mesh's timing chosen by the test, and property tests
+//! over random sequences of joins, leaves, publishes and reconnects.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use proptest::prelude::*;
+use relay_core::frame::{ErrorCode, FrameType};
+use relay_core::route::shard_of;
+
+use super::sim::Sim;
+
+const SHARDS: usize = 4;
+
+/// `n` names with `prefix` whose owner is `shard`.
+fn on_shard(prefix: &str, shard: usize, n: usize) -> Vec<String> {
+    (0..)
+        .map(|i| format!("{prefix}{i}"))
+        .filter(|a| shard_of(a.as_bytes(), SHARDS) == shard)
+        .take(n)
+        .collect()
+}
+
+fn data_payloads(frames: &[relay_core::Frame]) -> Vec<Vec<u8>> {
+    frames
+        .iter()
+        .filter(|f| f.kind == FrameType::Data)
+        .map(|f| f.payload.to_vec())
+        .collect()
+}
+
+#[test]
+fn a_join_is_acked_only_once_every_shard_knows_the_member() {
+    let mut sim = Sim::new(SHARDS);
+    let member = on_shard("m", 0, 1).remove(0);
+    let publisher = on_shard("p", 3, 1).remove(0);
+    sim.connect(&member);
+    sim.connect(&publisher);
+    let seq = sim.join(&member, "site-1", true);
+    // Nothing has crossed yet: no ACK, and the publisher's shard does not
+    // know the group has a member.
+    assert!(sim.take(&member).is_empty(), "no ACK before the mesh ran");
+    sim.ship();
+    assert!(sim.take(&member).is_empty());
+    // Every peer learns the mask, then answers; the ACK comes last.
+    sim.settle();
+    let ack = sim.expect(&member, FrameType::Ack);
+    assert_eq!(ack.seq, seq);
+    sim.publish(&publisher, "site-1", b"hi", false);
+    sim.settle();
+    assert_eq!(data_payloads(&sim.take(&member)), vec![b"hi".to_vec()]);
+}
+
+#[test]
+fn a_publish_before_the_mask_arrives_misses_the_new_member_and_says_so() {
+    let mut sim = Sim::new(SHARDS);
+    let member = on_shard("m", 1, 1).remove(0);
+    let publisher = on_shard("p", 2, 1).remove(0);
+    sim.connect(&member);
+    sim.connect(&publisher);
+    sim.join(&member, "g", false);
+    // The publisher's shard has not heard of the member: the publish is
+    // accepted and reaches nobody, which the ACK says (0 reached is an ACK).
+    let seq = sim.publish(&publisher, "g", b"early", true);
+    let ack = sim.expect(&publisher, FrameType::Ack);
+    assert_eq!(ack.seq, seq);
+    sim.settle();
+    assert!(data_payloads(&sim.take(&member)).is_empty());
+    sim.publish(&publisher, "g", b"late", false);
+    sim.settle();
+    assert_eq!(data_payloads(&sim.take(&member)), vec![b"late".to_vec()]);
+}
+
+#[test]
+fn a_group_spread_over_every_shard_gets_each_publish_once_and_one_ack() {
+    let mut sim = Sim::new(SHARDS);
+    let mut members = Vec::new();
+    for s in 0..SHARDS {
+        members.extend(on_shard(&format!("m{s}-"), s, 3));
+    }
+    for m in &members {
+        sim.connect(m);
+        sim.join(m, "all", false);
+    }
+    sim.settle();
+    let sender = members[0].clone();
+    let seq = sim.publish(&sender, "all", b"x", true);
+    sim.settle();
+    for m in &members {
+        let got = sim.take(m);
+        assert_eq!(data_payloads(&got), vec![b"x".to_vec()], "{m}");
+        let acks: Vec<_> = got.iter().filter(|f| f.kind == FrameType::Ack).collect();
+        if *m == sender {
+            assert_eq!(acks.len(), 1, "one answer for one ACK_REQ");
+            assert_eq!(acks[0].seq, seq);
+        } else {
+            assert!(acks.is_empty());
+        }
+    }
+}
+
+#[test]
+fn data_to_an_address_on_another_shard_is_delivered_and_acked_from_there() {
+    let mut sim = Sim::new(SHARDS);
+    let a = on_shard("a", 0, 1).remove(0);
+    let b = on_shard("b", 3, 1).remove(0);
+    sim.connect(&a);
+    sim.connect(&b);
+    let seq = sim.data(&a, &b, b"ping", true);
+    assert!(
+        sim.take(&a).is_empty(),
+        "the owner shard answers, after the mesh"
+    );
+    sim.settle();
+    assert_eq!(data_payloads(&sim.take(&b)), vec![b"ping".to_vec()]);
+    assert_eq!(sim.expect(&a, FrameType::Ack).seq, seq);
+    sim.disconnect(&b);
+    let seq = sim.data(&a, &b, b"again", true);
+    sim.settle();
+    let err = sim.expect(&a, FrameType::Error);
+    assert_eq!(err.seq, seq);
+    assert_eq!(
+        err.error_parts().map(|e| e.0),
+        Some(ErrorCode::NoRoute as u16)
+    );
+}
+
+#[test]
+fn the_last_member_leaving_a_shard_clears_its_bit_everywhere() {
+    let mut sim = Sim::new(SHARDS);
+    let m = on_shard("m", 2, 1).remove(0);
+    let p = on_shard("p", 0, 1).remove(0);
+    sim.connect(&m);
+    sim.connect(&p);
+    sim.join(&m, "g", false);
+    sim.settle();
+    sim.leave(&m, "g");
+    sim.settle();
+    for r in &sim.routers {
+        assert!(
+            r.indexes[0].borrow().get(b"g".as_slice()).is_none(),
+            "shard {} still lists the group",
+            r.shard
+        );
+    }
+    sim.publish(&p, "g", b"x", false);
+    sim.settle();
+    assert!(data_payloads(&sim.take(&m)).is_empty());
+}
+
+#[test]
+fn a_silent_client_is_closed_at_its_deadline_and_leaves_its_groups_everywhere() {
+    let mut sim = Sim::new(SHARDS);
+    let quiet = on_shard("q", 1, 1).remove(0);
+    let talker = on_shard("t", 2, 1).remove(0);
+    sim.connect(&quiet);
+    sim.connect(&talker);
+    sim.join(&quiet, "g", false);
+    sim.settle();
+    let idle_ms = {
+        let c = &sim.routers[0].cfg.conn;
+        u64::from(c.heartbeat_default_s) * u64::from(c.idle_factor) * 1000
+    };
+    sim.tick(idle_ms / 2);
+    sim.sweep();
+    assert!(sim.online(&quiet), "still inside its deadline");
+    // The talker keeps itself alive; the quiet one passes its deadline.
+    sim.send(&talker, relay_core::Frame::new(FrameType::Ping));
+    sim.expect(&talker, FrameType::Pong);
+    sim.tick(idle_ms / 2 + 1_000);
+    sim.sweep();
+    assert!(!sim.online(&quiet), "closed at its deadline");
+    assert!(sim.online(&talker));
+    for r in &sim.routers {
+        assert!(r.indexes[0].borrow().get(b"g".as_slice()).is_none());
+    }
+}
+
+/// One step of a random history.
+#[derive(Debug, Clone)]
+enum Op {
+    Join(usize, usize),
+    Leave(usize, usize),
+    Publish(usize, usize),
+    Disconnect(usize),
+    Connect(usize),
+}
+
+fn op(clients: usize, groups: usize) -> impl Strategy<Value = Op> {
+    prop_oneof![
+        3 => (0..clients, 0..groups).prop_map(|(c, g)| Op::Join(c, g)),
+        1 => (0..clients, 0..groups).prop_map(|(c, g)| Op::Leave(c, g)),
+        3 => (0..clients, 0..groups).prop_map(|(c, g)| Op::Publish(c, g)),
+        1 => (0..clients).prop_map(Op::Disconnect),
+        1 => (0..clients).prop_map(Op::Connect),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+    /// Every publish reaches exactly the group's members at that moment
+    /// (its sender included when a member), once each, whichever shards
+    /// they live on; leaving or disconnecting takes a client out.
+    #[test]
+    fn every_publish_reaches_exactly_the_members_of_that_moment(
+        ops in proptest::collection::vec(op(8, 3), 1..60)
+    ) {
+        let clients: Vec<String> = (0..8).map(|i| format!("c{i}")).collect();
+        let groups = ["g0", "g1", "g2"];
+        let mut sim = Sim::new(SHARDS);
+        for c in &clients {
+            sim.connect(c);
+        }
+        let mut members: BTreeMap<usize, BTreeSet<usize>> = BTreeMap::new();
+        let mut payload = 0u32;
+        for op in ops {
+            match op {
+                Op::Join(c, g) if sim.online(&clients[c]) => {
+                    sim.join(&clients[c], groups[g], false);
+                    members.entry(g).or_default().insert(c);
+                }
+                Op::Leave(c, g) if sim.online(&clients[c]) => {
+                    sim.leave(&clients[c], groups[g]);
+                    members.entry(g).or_default().remove(&c);
+                }
+                Op::Publish(c, g) if sim.online(&clients[c]) => {
+                    payload += 1;
+                    let body = payload.to_be_bytes();
+                    sim.publish(&clients[c], groups[g], &body, false);
+                    sim.settle();
+                    let expected = members.get(&g).cloned().unwrap_or_default();
+                    for (i, name) in clients.iter().enumerate() {
+                        if !sim.online(name) {
+                            continue;
+                        }
+                        let got = data_payloads(&sim.take(name));
+                        let want = if expected.contains(&i) { vec![body.to_vec()] } else { vec![] };
+                        prop_assert_eq!(got, want, "{} after a publish to {}", name, groups[g]);
+                    }
+                }
+                Op::Disconnect(c) if sim.online(&clients[c]) => {
+                    sim.disconnect(&clients[c]);
+                    for m in members.values_mut() {
+                        m.remove(&c);
+                    }
+                }
+                Op::Connect(c) if !sim.online(&clients[c]) => sim.connect(&clients[c]),
+                _ => {}
+            }
+            sim.settle();
+            // Anything else a client got (ACKs, errors) would be a surprise.
+            for name in &clients {
+                let extra = sim.take(name);
+                prop_assert!(extra.is_empty(), "{} got {:?}", name, extra);
+            }
+        }
+    }
+
+    /// Whatever the order in which the mesh delivers, each ACK_REQ gets
+    /// exactly one answer and every member gets the publish once.
+    #[test]
+    fn acks_are_answered_once_whatever_the_mesh_order(
+        per_shard in 1usize..4,
+        delays in proptest::collection::vec(0u8..3, 0..40)
+    ) {
+        let mut sim = Sim::new(SHARDS);
+        let mut names = Vec::new();
+        for s in 0..SHARDS {
+            names.extend(on_shard(&format!("n{s}-"), s, per_shard));
+        }
+        for n in &names {
+            sim.connect(n);
+            sim.join(n, "g", true);
+        }
+        // Deliver in bursts of the chosen sizes, shipping in between.
+        for d in delays {
+            sim.ship();
+            for _ in 0..d {
+                sim.deliver_one();
+            }
+        }
+        sim.settle();
+        for n in &names {
+            let got = sim.take(n);
+            prop_assert_eq!(got.iter().filter(|f| f.kind == FrameType::Ack).count(), 1);
+        }
+        let seq = sim.publish(&names[0], "g", b"all", true);
+        sim.settle();
+        for n in &names {
+            let got = sim.take(n);
+            prop_assert_eq!(data_payloads(&got), vec![b"all".to_vec()]);
+            let acks = got.iter().filter(|f| f.kind == FrameType::Ack && f.seq == seq).count();
+            prop_assert_eq!(acks, usize::from(*n == names[0]));
+        }
+    }
+}
