@@ -1075,6 +1075,9 @@ impl Connection {
                 self.tokens_at = now.mono_ms;
             }
         }
+        // A bucket never holds more than the current burst (it may have
+        // been lowered by a configuration reload).
+        self.tokens = self.tokens.min(cfg.burst.max(1));
         if self.tokens == 0 {
             return false;
         }

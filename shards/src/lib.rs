@@ -24,4 +24,6 @@ pub mod rules;
 pub mod stats;
 pub mod ws;
 
-pub use rt::{Extensions, HooksFactory, MeshMsg, MetricsSource, Relay, now, router_config};
+pub use rt::{
+    Extensions, HooksFactory, MeshMsg, MetricsSource, Relay, ReloadReport, now, router_config,
+};

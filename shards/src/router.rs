@@ -239,7 +239,10 @@ pub struct RouterConfig {
 pub struct Router {
     pub shard: usize,
     pub shards: usize,
-    pub cfg: RouterConfig,
+    /// The settings; `set_cfg` swaps them on a configuration reload.
+    cfg: RefCell<Rc<RouterConfig>>,
+    /// The reload generation `cfg` comes from (0: the one at start).
+    cfg_generation: Cell<u64>,
     pub stats: Arc<ShardStats>,
     conns: RefCell<HashMap<ConnId, Rc<ConnCell>>>,
     by_addr: RefCell<HashMap<Bytes, Rc<ConnCell>>>,
@@ -292,7 +295,8 @@ impl Router {
         Router {
             shard,
             shards,
-            cfg,
+            cfg: RefCell::new(Rc::new(cfg)),
+            cfg_generation: Cell::new(0),
             stats,
             conns: RefCell::default(),
             by_addr: RefCell::default(),
@@ -312,6 +316,24 @@ impl Router {
             shutting_down: Cell::new(false),
             hooks: RefCell::new(None),
         }
+    }
+
+    /// The current settings (a cheap handle; a reload swaps them between
+    /// two calls, never during one).
+    pub fn cfg(&self) -> Rc<RouterConfig> {
+        self.cfg.borrow().clone()
+    }
+
+    /// The reload generation the settings come from.
+    pub fn cfg_generation(&self) -> u64 {
+        self.cfg_generation.get()
+    }
+
+    /// Takes the settings of reload `generation`. Connections read them on
+    /// their next frame, timer or hello.
+    pub fn set_cfg(&self, generation: u64, cfg: RouterConfig) {
+        *self.cfg.borrow_mut() = Rc::new(cfg);
+        self.cfg_generation.set(generation);
     }
 
     /// Registers a freshly accepted (or handed-over) connection.
@@ -368,7 +390,7 @@ impl Router {
                 self.remove_member(Index::Group, cell, &group);
                 self.reply_conn(cell, seq, ack_req, Ok(1));
             }
-            Event::Closed(reason) => cell.closing(reason, now.mono_ms + self.cfg.close_grace_ms),
+            Event::Closed(reason) => cell.closing(reason, now.mono_ms + self.cfg().close_grace_ms),
         }
         Outcome::Continue
     }
@@ -389,7 +411,7 @@ impl Router {
                 name_str(target)
             ));
         }
-        if self.cfg.allow_client_join {
+        if self.cfg().allow_client_join {
             Ok(())
         } else {
             Err("clients may not join groups".into())
@@ -459,20 +481,20 @@ impl Router {
     fn on_hello(&self, cell: &Rc<ConnCell>, hello: Hello, now: Now) -> Outcome {
         if self.shutting_down.get() {
             let ev = cell.conn.borrow_mut().refuse(
-                &self.cfg.conn,
+                &self.cfg().conn,
                 hello.seq,
                 ErrorCode::ShuttingDown,
                 "relay is shutting down",
                 true,
             );
             if let Some(Event::Closed(r)) = ev {
-                cell.closing(r, now.mono_ms + self.cfg.close_grace_ms);
+                cell.closing(r, now.mono_ms + self.cfg().close_grace_ms);
             }
             return Outcome::Continue;
         }
         if hello.addr.is_empty() {
             let mut counter = self.assign_counter.get();
-            let prefix = format!("{}-", self.cfg.node);
+            let prefix = format!("{}-", self.cfg().node);
             let addr = assign_address(&prefix, self.shard, self.shards, &mut counter);
             self.assign_counter.set(counter);
             self.accept_hello(cell, &hello, Bytes::from(addr), now);
@@ -504,13 +526,13 @@ impl Router {
                 ErrorCode::Replaced,
                 why,
                 CloseReason::Replaced,
-                now.mono_ms + self.cfg.close_grace_ms,
+                now.mono_ms + self.cfg().close_grace_ms,
             );
             self.drop_memberships(&old);
         }
         cell.conn
             .borrow_mut()
-            .accept(&self.cfg.conn, now, hello, addr, &self.cfg.node);
+            .accept(&self.cfg().conn, now, hello, addr, &self.cfg().node);
         {
             let mut s = cell.session.borrow_mut();
             s.set_meta(hello.meta.clone());
@@ -575,7 +597,7 @@ impl Router {
 
     /// Queues `frame` for one recipient on this shard.
     fn deliver_local(&self, cell: &ConnCell, frame: &Frame, now: Now) -> Result<(), Failure> {
-        let r = cell.conn.borrow_mut().send(&self.cfg.conn, now, frame);
+        let r = cell.conn.borrow_mut().send(&self.cfg().conn, now, frame);
         match r {
             Ok(()) => {
                 ShardStats::add(&self.stats.frames_out, 1);
@@ -727,12 +749,12 @@ impl Router {
             let mut s = cell.session.borrow_mut();
             let list = s.list_mut(index.membership());
             if !list.contains(&name) {
-                if index == Index::Group && list.len() >= self.cfg.max_groups_per_conn {
+                if index == Index::Group && list.len() >= self.cfg().max_groups_per_conn {
                     let e = (
                         ErrorCode::Forbidden,
                         format!(
                             "at most {} groups per connection",
-                            self.cfg.max_groups_per_conn
+                            self.cfg().max_groups_per_conn
                         ),
                     );
                     drop(s);
@@ -1040,7 +1062,7 @@ impl Router {
                 )))),
                 Some(cell) => {
                     let why = "disconnected by the server";
-                    let deadline = now.mono_ms + self.cfg.close_grace_ms;
+                    let deadline = now.mono_ms + self.cfg().close_grace_ms;
                     self.end(
                         &cell,
                         ErrorCode::Forbidden,
@@ -1163,7 +1185,7 @@ impl Router {
                     Some((code, msg)) if delivered == 0 => Frame::error(seq, code, &msg),
                     _ => Frame::ack(seq),
                 };
-                cell.conn.borrow_mut().control(&self.cfg.conn, &frame);
+                cell.conn.borrow_mut().control(&self.cfg().conn, &frame);
                 self.wake(&cell);
             }
             AckTarget::Callback(f) => f(delivered, error.filter(|_| delivered == 0)),
@@ -1176,7 +1198,7 @@ impl Router {
             Ok(_) => return,
             Err((code, msg)) => Frame::error(seq, code, &msg),
         };
-        cell.conn.borrow_mut().control(&self.cfg.conn, &frame);
+        cell.conn.borrow_mut().control(&self.cfg().conn, &frame);
         self.wake(cell);
     }
 
@@ -1184,7 +1206,7 @@ impl Router {
         let mut outbox = self.outbox.borrow_mut();
         let q = &mut outbox[peer];
         let droppable = matches!(item, Cross::Deliver { .. } | Cross::Fanout { .. });
-        if droppable && q.len() >= self.cfg.outbox_limit {
+        if droppable && q.len() >= self.cfg().outbox_limit {
             // The peer shard is not keeping up: refuse rather than grow.
             // Control items (masks, replies, calls) are never dropped; they
             // are bounded by the data items that cause them.
@@ -1289,13 +1311,13 @@ impl Router {
             let ev = {
                 let mut c = cell.conn.borrow_mut();
                 queued += c.queued_bytes() as u64;
-                match c.poll_timeout(&self.cfg.conn) {
-                    Some(t) if t <= now.mono_ms => c.handle_timeout(&self.cfg.conn, now),
+                match c.poll_timeout(&self.cfg().conn) {
+                    Some(t) if t <= now.mono_ms => c.handle_timeout(&self.cfg().conn, now),
                     _ => None,
                 }
             };
             if let Some(Event::Closed(reason)) = ev {
-                cell.closing(reason, now.mono_ms + self.cfg.close_grace_ms);
+                cell.closing(reason, now.mono_ms + self.cfg().close_grace_ms);
                 self.wake(&cell);
             } else if cell.close_deadline.get() <= now.mono_ms {
                 self.wake(&cell);
@@ -1334,7 +1356,7 @@ impl Router {
         let _ = cell
             .conn
             .borrow_mut()
-            .close_with(&self.cfg.conn, code, why, reason);
+            .close_with(&self.cfg().conn, code, why, reason);
         cell.closing(reason, deadline_ms);
         cell.close_deadline
             .set(cell.close_deadline.get().min(deadline_ms));
