@@ -12,6 +12,7 @@
 //! - `rt`: the glommio runtime (executors, listeners, the per-shard I/O loop,
 //!   the cross-shard mesh, deadlines, shutdown). All glommio code is there.
 
+pub mod admission;
 pub mod api;
 pub mod cell;
 pub mod console;

@@ -233,6 +233,8 @@ pub struct RouterConfig {
     pub outbox_limit: usize,
     /// How long a closing connection may take to flush.
     pub close_grace_ms: u64,
+    /// `[admission]`: hellos per second per shard and per source address.
+    pub admission: relay_config::AdmissionConfig,
 }
 
 /// One shard's routing state.
@@ -243,6 +245,8 @@ pub struct Router {
     cfg: RefCell<Rc<RouterConfig>>,
     /// The reload generation `cfg` comes from (0: the one at start).
     cfg_generation: Cell<u64>,
+    /// Hellos admitted per second (`cfg.admission`).
+    admission: RefCell<crate::admission::Gate>,
     pub stats: Arc<ShardStats>,
     conns: RefCell<HashMap<ConnId, Rc<ConnCell>>>,
     by_addr: RefCell<HashMap<Bytes, Rc<ConnCell>>>,
@@ -297,6 +301,9 @@ impl Router {
             shards,
             cfg: RefCell::new(Rc::new(cfg)),
             cfg_generation: Cell::new(0),
+            admission: RefCell::new(crate::admission::Gate::new(
+                0x9e37_79b9_7f4a_7c15 ^ shard as u64 ^ u64::from(std::process::id()),
+            )),
             stats,
             conns: RefCell::default(),
             by_addr: RefCell::default(),
@@ -487,6 +494,38 @@ impl Router {
                 "relay is shutting down",
                 true,
             );
+            if let Some(Event::Closed(r)) = ev {
+                cell.closing(r, now.mono_ms + self.cfg().close_grace_ms);
+            }
+            return Outcome::Continue;
+        }
+        let ip = cell.session.borrow().remote.ip();
+        let verdict = self
+            .admission
+            .borrow_mut()
+            .check(&self.cfg().admission, ip, now.mono_ms);
+        if let crate::admission::Verdict::Busy {
+            retry_after_ms,
+            limit,
+        } = verdict
+        {
+            ShardStats::add(&self.stats.hellos_deferred, 1);
+            let why = match limit {
+                crate::admission::Limit::Shard => "too many hellos; try again later",
+                crate::admission::Limit::SourceAddress => {
+                    "too many hellos from this address; try again later"
+                }
+            };
+            crate::warn_every!("[admission] limit reached; hellos are told to retry later");
+            let mut conn = cell.conn.borrow_mut();
+            let ev = conn.refuse_retry(
+                &self.cfg().conn,
+                hello.seq,
+                ErrorCode::Busy,
+                retry_after_ms,
+                why,
+            );
+            drop(conn);
             if let Some(Event::Closed(r)) = ev {
                 cell.closing(r, now.mono_ms + self.cfg().close_grace_ms);
             }

@@ -523,6 +523,7 @@ pub fn router_config(cfg: &Config) -> RouterConfig {
         max_groups_per_conn: l.max_groups_per_conn,
         outbox_limit: cfg.shards.mesh_capacity.max(1) * cfg.shards.max_batch.max(1),
         close_grace_ms: 2000,
+        admission: cfg.admission.clone(),
     }
 }
 

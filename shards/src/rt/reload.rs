@@ -28,6 +28,7 @@ const LIVE: &[&str] = &[
     "limits.max_groups_per_conn",
     "limits.max_meta_bytes",
     "heartbeat.",
+    "admission.",
 ];
 
 /// What a reload did.
@@ -125,6 +126,7 @@ impl Relay {
         next.limits.max_groups_per_conn = new.limits.max_groups_per_conn;
         next.limits.max_meta_bytes = new.limits.max_meta_bytes;
         next.heartbeat = new.heartbeat.clone();
+        next.admission = new.admission.clone();
         if !report.applied.is_empty() {
             live.max_connections
                 .store(next.limits.max_connections as usize, Ordering::Relaxed);
