@@ -37,7 +37,7 @@
 //!   problem whose file is `env RELAY__…`.
 //!
 //! # Layout
-//! - `sections`: the relay's own sections (`[node]` … `[shutdown]`) and their defaults.
+//! - `sections`: the relay's own sections (`[node]` … `[admission]`) and their defaults.
 //! - `plugins`: the sections of the script workers, sinks and notifiers.
 //! - `problem`: [`Problem`] and [`ConfigError`].
 //! - `env`: applying `RELAY__…` overrides to the document.
@@ -65,8 +65,8 @@ pub use rules::{
     MIN_SECRET_BYTES, OPEN_FILES_LIMIT, RESERVED_FILES,
 };
 pub use sections::{
-    AuthConfig, AuthMode, HeartbeatConfig, HttpConfig, LimitsConfig, ListenersConfig, LogConfig,
-    LogFormat, NodeConfig, ShardsConfig, ShutdownConfig,
+    AdmissionConfig, AuthConfig, AuthMode, HeartbeatConfig, HttpConfig, LimitsConfig,
+    ListenersConfig, LogConfig, LogFormat, NodeConfig, ShardsConfig, ShutdownConfig,
 };
 
 /// The embedded defaults: every key, commented, with its default value.
@@ -98,6 +98,8 @@ pub struct Config {
     pub log: LogConfig,
     /// How the relay stops.
     pub shutdown: ShutdownConfig,
+    /// How fast new clients are let in.
+    pub admission: AdmissionConfig,
     /// Rhai script workers.
     pub plugins: plugins::PluginsConfig,
     /// Redis sink (device state, counters).

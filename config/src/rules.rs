@@ -261,6 +261,57 @@ pub(crate) fn check(config: &Config) -> Vec<Problem> {
         " (ten minutes)",
     );
 
+    let a = &c.admission;
+    r.range(
+        "admission.hellos_per_sec",
+        u64::from(a.hellos_per_sec),
+        0,
+        10_000_000,
+        " (0 turns the limit off)",
+    );
+    r.range(
+        "admission.burst",
+        u64::from(a.burst),
+        1,
+        100_000_000,
+        " (the token bucket's size)",
+    );
+    r.range(
+        "admission.per_ip_per_sec",
+        u64::from(a.per_ip_per_sec),
+        0,
+        10_000_000,
+        " (0 turns the limit off)",
+    );
+    r.range(
+        "admission.per_ip_burst",
+        u64::from(a.per_ip_burst),
+        1,
+        100_000_000,
+        " (the token bucket's size)",
+    );
+    r.range(
+        "admission.max_tracked_ips",
+        a.max_tracked_ips as u64,
+        1,
+        10_000_000,
+        " (memory: about 64 bytes each per shard)",
+    );
+    r.range(
+        "admission.retry_min_ms",
+        a.retry_min_ms,
+        0,
+        3_600_000,
+        " (an hour)",
+    );
+    r.range(
+        "admission.retry_window_ms",
+        a.retry_window_ms,
+        0,
+        3_600_000,
+        " (an hour)",
+    );
+
     let sections = [
         c.plugins.check(),
         c.redis.check(),

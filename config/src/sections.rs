@@ -261,6 +261,48 @@ impl Default for LogConfig {
     }
 }
 
+/// `[admission]`: how fast new clients are let in, so a whole fleet
+/// reconnecting at once (after a network blip or a restart) is spread out
+/// instead of taking the relay down. A hello over a limit gets ERROR `busy`
+/// with a `retry_after_ms` hint and the connection is closed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdmissionConfig {
+    /// Hellos each shard accepts per second, from all sources; 0 turns the
+    /// limit off.
+    pub hellos_per_sec: u32,
+    /// Hellos each shard accepts at once above `hellos_per_sec` (bucket size).
+    pub burst: u32,
+    /// Hellos each shard accepts per second from one source IP address; 0
+    /// (the default) turns the limit off: fleets on cellular or behind a
+    /// site's NAT share few public addresses.
+    pub per_ip_per_sec: u32,
+    /// Hellos from one source address accepted at once above `per_ip_per_sec`.
+    pub per_ip_burst: u32,
+    /// Source addresses each shard tracks for `per_ip_per_sec`; when all are
+    /// in use, addresses not yet tracked are held to the shard limit only.
+    pub max_tracked_ips: usize,
+    /// Smallest `retry_after_ms` given with `busy`.
+    pub retry_min_ms: u64,
+    /// `retry_after_ms` is drawn uniformly from `retry_min_ms` to
+    /// `retry_min_ms + retry_window_ms`, so refused clients come back spread out.
+    pub retry_window_ms: u64,
+}
+
+impl Default for AdmissionConfig {
+    fn default() -> Self {
+        Self {
+            hellos_per_sec: 1000,
+            burst: 2000,
+            per_ip_per_sec: 0,
+            per_ip_burst: 50,
+            max_tracked_ips: 65_536,
+            retry_min_ms: 1000,
+            retry_window_ms: 10_000,
+        }
+    }
+}
+
 /// `[shutdown]`: how the relay stops.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]

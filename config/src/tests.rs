@@ -135,6 +135,25 @@ fn shipped_relay_toml_loads_validates_and_has_the_production_shape() {
 }
 
 #[test]
+fn packaged_relay_toml_loads_with_the_service_paths() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/relay.toml");
+    let text = std::fs::read_to_string(path).unwrap();
+    let c = Config::from_toml(&text, "packaging/relay.toml", NO_ENV)
+        .expect("packaging/relay.toml is valid");
+    assert_eq!(c.validate("packaging/relay.toml"), Ok(()));
+    // The paths the unit provides: config and rules in /etc/relay, the spool
+    // in the StateDirectory.
+    assert_eq!(c.plugins.dir, "/etc/relay/rules");
+    assert!(c.plugins.spool_dir.starts_with("/var/lib/relay/"));
+    assert!(c.listeners.tcp.ip().is_unspecified());
+    // Fits the unit's LimitNOFILE=20000.
+    assert!(c.limits.max_connections <= crate::MAX_CONNECTIONS_CEILING);
+    assert_eq!(c.log.format, LogFormat::Json);
+    let warned = keys(&c.warnings("packaging/relay.toml"));
+    assert!(warned.contains("auth.secret"), "{warned:?}");
+}
+
+#[test]
 fn load_reads_a_file_and_names_it_in_problems() {
     let c = Config::load(Some(&relay_toml_path())).expect("relay.toml loads");
     assert_eq!(c.auth.mode, AuthMode::Hmac);

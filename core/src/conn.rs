@@ -229,6 +229,8 @@ pub enum CloseReason {
     Kicked,
     Shutdown,
     Unauthorized,
+    /// Refused with `busy`: too many hellos; the client retries later.
+    Busy,
     /// The peer closed or the socket failed.
     PeerClosed,
 }
@@ -246,6 +248,7 @@ impl CloseReason {
             CloseReason::Kicked => "kicked",
             CloseReason::Shutdown => "shutdown",
             CloseReason::Unauthorized => "unauthorized",
+            CloseReason::Busy => "busy",
             CloseReason::PeerClosed => "closed",
         }
     }
@@ -862,15 +865,33 @@ impl Connection {
         }
         self.control(cfg, &Frame::error(seq, code, message));
         if close {
-            let reason = if code == ErrorCode::Unauthorized {
-                CloseReason::Unauthorized
-            } else {
-                CloseReason::ProtocolError
+            let reason = match code {
+                ErrorCode::Unauthorized => CloseReason::Unauthorized,
+                ErrorCode::Busy => CloseReason::Busy,
+                _ => CloseReason::ProtocolError,
             };
             Some(self.close(reason))
         } else {
             None
         }
+    }
+
+    /// Refuses a hello with an ERROR carrying `retry_after_ms` (`busy`) and
+    /// closes the connection.
+    pub fn refuse_retry(
+        &mut self,
+        cfg: &ConnConfig,
+        seq: u32,
+        code: ErrorCode,
+        retry_after_ms: u64,
+        message: &str,
+    ) -> Option<Event> {
+        self.hello_pending = false;
+        if self.state == State::Closing {
+            return None;
+        }
+        self.control(cfg, &Frame::error_retry(seq, code, retry_after_ms, message));
+        Some(self.close(CloseReason::Busy))
     }
 
     /// Queues a frame for this client (DATA from another client, or a reply).
@@ -1075,6 +1096,9 @@ impl Connection {
                 self.tokens_at = now.mono_ms;
             }
         }
+        // A bucket never holds more than the current burst (it may have
+        // been lowered by a configuration reload).
+        self.tokens = self.tokens.min(cfg.burst.max(1));
         if self.tokens == 0 {
             return false;
         }

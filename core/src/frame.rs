@@ -111,6 +111,9 @@ impl Flags {
     }
 }
 
+/// How an ERROR message that carries a retry hint begins (`busy`).
+pub const RETRY_AFTER_PREFIX: &str = "retry_after_ms=";
+
 /// Error codes carried by ERROR frames.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[repr(u16)]
@@ -130,10 +133,13 @@ pub enum ErrorCode {
     Internal = 12,
     IdleTimeout = 13,
     Unsupported = 14,
+    /// The relay takes no more hellos right now; the message starts with
+    /// `retry_after_ms=<n>` and the connection is closed.
+    Busy = 15,
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 14] = [
+    pub const ALL: [ErrorCode; 15] = [
         ErrorCode::BadFrame,
         ErrorCode::TooLarge,
         ErrorCode::Unauthorized,
@@ -148,6 +154,7 @@ impl ErrorCode {
         ErrorCode::Internal,
         ErrorCode::IdleTimeout,
         ErrorCode::Unsupported,
+        ErrorCode::Busy,
     ];
 
     pub fn from_u16(v: u16) -> Option<Self> {
@@ -171,6 +178,7 @@ impl ErrorCode {
             ErrorCode::Internal => "internal",
             ErrorCode::IdleTimeout => "idle_timeout",
             ErrorCode::Unsupported => "unsupported",
+            ErrorCode::Busy => "busy",
         }
     }
 
@@ -237,6 +245,24 @@ impl Frame {
         }
     }
 
+    /// An ERROR telling the client to come back after `retry_after_ms`: the
+    /// message is `retry_after_ms=<n>` followed by a space and `message`.
+    pub fn error_retry(seq: u32, code: ErrorCode, retry_after_ms: u64, message: &str) -> Frame {
+        Frame::error(
+            seq,
+            code,
+            &format!("{RETRY_AFTER_PREFIX}{retry_after_ms} {message}"),
+        )
+    }
+
+    /// The `retry_after_ms` an ERROR carries at the start of its message.
+    pub fn retry_after_ms(&self) -> Option<u64> {
+        let (_, msg) = self.error_parts()?;
+        let rest = msg.strip_prefix(RETRY_AFTER_PREFIX)?;
+        let digits = rest.split(|c: char| !c.is_ascii_digit()).next()?;
+        digits.parse().ok()
+    }
+
     /// PONG carrying the server's wall-clock time.
     pub fn pong(server_time_ms: u64) -> Frame {
         Frame {
@@ -300,6 +326,7 @@ mod tests {
             (12, "internal"),
             (13, "idle_timeout"),
             (14, "unsupported"),
+            (15, "busy"),
         ];
         for (n, name) in expected {
             let c = ErrorCode::from_u16(n).unwrap();
@@ -308,7 +335,25 @@ mod tests {
             assert_eq!(ErrorCode::from_name(name), Some(c));
         }
         assert_eq!(ErrorCode::from_u16(0), None);
-        assert_eq!(ErrorCode::from_u16(15), None);
+        assert_eq!(ErrorCode::from_u16(16), None);
+    }
+
+    #[test]
+    fn retry_hint_rides_in_the_error_message() {
+        let f = Frame::error_retry(3, ErrorCode::Busy, 4217, "too many hellos");
+        assert_eq!(
+            f.error_parts(),
+            Some((15, "retry_after_ms=4217 too many hellos"))
+        );
+        assert_eq!(f.retry_after_ms(), Some(4217));
+        assert_eq!(
+            Frame::error(1, ErrorCode::NoRoute, "x is offline").retry_after_ms(),
+            None
+        );
+        assert_eq!(
+            Frame::error(1, ErrorCode::Busy, "retry_after_ms=").retry_after_ms(),
+            None
+        );
     }
 
     #[test]

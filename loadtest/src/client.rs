@@ -69,6 +69,8 @@ pub struct Env {
     pub heartbeat_ns: u64,
     /// Deadline for connect + handshake + joins.
     pub connect_timeout: Duration,
+    /// Retries of a connect answered `busy` with a `retry_after_ms`.
+    pub busy_retries: u32,
     /// Bytes a connection keeps queued while its socket is full.
     pub max_pending: usize,
     /// Largest inbound frame accepted.
@@ -142,8 +144,31 @@ pub async fn open(env: &Env, spec: ClientSpec) -> Result<Session, ErrorKind> {
     }
 }
 
+/// Like [`open`], but a connect the server answers `busy` with a
+/// `retry_after_ms` is tried again after that long, up to `busy_retries`
+/// times. Returns the result and the number of retries.
+pub async fn open_retrying(env: &Env, spec: ClientSpec) -> (Result<Session, ErrorKind>, u32) {
+    let mut retries = 0;
+    loop {
+        match open(env, spec.clone()).await {
+            Err(ErrorKind::RetryLater { retry_after_ms, .. }) if retries < env.busy_retries => {
+                retries += 1;
+                tokio::time::sleep(Duration::from_millis(retry_after_ms)).await;
+            }
+            r => return (r, retries),
+        }
+    }
+}
+
 fn failure(ev: &Inbound) -> Option<ErrorKind> {
     match ev {
+        Inbound::RetryLater {
+            code,
+            retry_after_ms,
+        } => Some(ErrorKind::RetryLater {
+            code: code.clone(),
+            retry_after_ms: *retry_after_ms,
+        }),
         Inbound::Error { code, .. } if code.starts_with("connack_") || code == "suback_failure" => {
             Some(ErrorKind::Refused(code.clone()))
         }
@@ -505,7 +530,9 @@ async fn read_loop(env: Env, link: Arc<Link>, mut dec: Decoder, mut rbuf: BytesM
                             rec.pong(key, t, now);
                         }
                     }
-                    Inbound::Error { code, .. } => rec.error(key, &ErrorKind::Server(code)),
+                    Inbound::Error { code, .. } | Inbound::RetryLater { code, .. } => {
+                        rec.error(key, &ErrorKind::Server(code))
+                    }
                     Inbound::WsPing(p) => {
                         let _ = link.write(|enc, buf| enc.ws_pong(buf, &p));
                     }

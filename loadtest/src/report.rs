@@ -250,6 +250,9 @@ pub struct ConnectReport {
     /// Connect + handshake time (from the intended start in a storm).
     pub time: LatencySummary,
     pub errors: BTreeMap<String, u64>,
+    /// Connects answered `busy` and retried after the server's `retry_after_ms`.
+    #[serde(default)]
+    pub retried: u64,
     /// The connect-time histogram, V2 + base64.
     pub time_hdr: String,
 }
@@ -265,6 +268,7 @@ impl ConnectReport {
             rate: c.rate(),
             time: LatencySummary::from_hist(&c.time),
             errors: c.errors.clone(),
+            retried: c.retried,
             time_hdr: hist_b64::encode(&c.time),
         }
     }
@@ -654,6 +658,13 @@ impl Report {
         );
         if !c.errors.is_empty() {
             let _ = writeln!(o, "  connect errors: {}", fmt_errors(&c.errors));
+        }
+        if c.retried > 0 {
+            let _ = writeln!(
+                o,
+                "  retried: {} connects answered busy, retried after the relay's retry_after_ms",
+                group(c.retried)
+            );
         }
         for s in &self.steps {
             let verdict = if s.passed {

@@ -483,6 +483,9 @@ pub struct RunSpec {
     pub connect_concurrency: u32,
     /// Give up on one connection's TCP connect + handshake after this long.
     pub connect_timeout: Dur,
+    /// Times one connection is retried after the server answered `busy` with a
+    /// `retry_after_ms` (waiting that long first, as a device does); 0 = never.
+    pub busy_retries: u32,
     /// Most messages one connection writes in one batch.
     pub max_batch: u32,
     /// Open files kept free in each process for everything but connections.
@@ -508,6 +511,7 @@ impl Default for RunSpec {
             source_addrs: Vec::new(),
             connect_concurrency: 256,
             connect_timeout: Dur::secs(10),
+            busy_retries: 10,
             max_batch: 1024,
             fd_reserve: 256,
             start_lead: Dur::millis(200),

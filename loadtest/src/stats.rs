@@ -74,6 +74,9 @@ pub enum ErrorKind {
     Server(String),
     /// The MQTT broker refused CONNECT or SUBSCRIBE with this reason.
     Refused(String),
+    /// The server refused for now (`busy`) and said when to come back; the
+    /// connect is retried then, up to `run.busy_retries` times.
+    RetryLater { code: String, retry_after_ms: u64 },
 }
 
 impl ErrorKind {
@@ -93,7 +96,9 @@ impl ErrorKind {
             ErrorKind::BadInput => "bad_input".into(),
             ErrorKind::ReplyDropped => "reply_dropped".into(),
             ErrorKind::Unstamped => "unstamped".into(),
-            ErrorKind::Server(code) => format!("server:{code}"),
+            ErrorKind::Server(code) | ErrorKind::RetryLater { code, .. } => {
+                format!("server:{code}")
+            }
             ErrorKind::Refused(why) => format!("refused:{why}"),
         }
     }
@@ -333,6 +338,9 @@ pub struct ConnectStats {
     /// Connections the worker holds once the phase is over.
     #[serde(default)]
     pub holding: u64,
+    /// Connects the server answered `busy` with a retry hint, retried after it.
+    #[serde(default)]
+    pub retried: u64,
 }
 
 impl Default for ConnectStats {
@@ -347,6 +355,7 @@ impl Default for ConnectStats {
             last_ns: 0,
             notes: Vec::new(),
             holding: 0,
+            retried: 0,
         }
     }
 }
@@ -364,6 +373,7 @@ impl ConnectStats {
         }
         self.last_ns = self.last_ns.max(o.last_ns);
         self.holding += o.holding;
+        self.retried += o.retried;
         for n in &o.notes {
             if !self.notes.contains(n) {
                 self.notes.push(n.clone());

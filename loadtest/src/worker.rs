@@ -143,6 +143,7 @@ fn run(
         payload_len: s.load.payload_bytes as usize,
         heartbeat_ns: s.load.heartbeat.as_nanos().max(1),
         connect_timeout: s.run.connect_timeout.0,
+        busy_retries: s.run.busy_retries,
         max_pending: s.run.max_pending as usize,
         max_in: 1 << 20,
         template: match &s.load.payload_template {
@@ -254,7 +255,7 @@ struct Fleet {
 }
 
 /// One finished connect attempt: start, end, outcome.
-type Attempt = (u64, u64, Result<client::Session, ErrorKind>);
+type Attempt = (u64, u64, Result<client::Session, ErrorKind>, u32);
 
 impl Fleet {
     /// Brings this worker's share to the clients of the first `units` fleet units
@@ -319,7 +320,8 @@ impl Fleet {
         let hold = !(storm && s.load.storm_close);
         let rec = env.recorder.clone();
         let finish = |r: Attempt, stats: &mut ConnectStats, fleet: &mut Fleet| {
-            let (start, end, res) = r;
+            let (start, end, res, retries) = r;
+            stats.retried += u64::from(retries);
             rec.counters.connects_done.fetch_add(1, Ordering::Relaxed);
             match res {
                 Ok(session) => {
@@ -364,9 +366,9 @@ impl Fleet {
             let env2 = env.clone();
             let spec = self.plan.client(i);
             attempts.spawn(async move {
-                let r = client::open(&env2, spec).await;
+                let (r, retries) = client::open_retrying(&env2, spec).await;
                 drop(permit);
-                (start, mono_ns(), r)
+                (start, mono_ns(), r, retries)
             });
             while let Some(r) = attempts.try_join_next() {
                 if let Ok(r) = r {

@@ -77,6 +77,11 @@ fn field(line: &str, key: &str) -> Option<String> {
 }
 
 fn start_relay() -> Relay {
+    start_relay_with("")
+}
+
+/// A relay whose config gets `extra` (TOML sections) appended.
+fn start_relay_with(extra: &str) -> Relay {
     static N: AtomicU32 = AtomicU32::new(0);
     let dir = std::env::temp_dir().join(format!(
         "lt-relay-{}-{}",
@@ -87,9 +92,11 @@ fn start_relay() -> Relay {
     let cfg = dir.join("relay.toml");
     std::fs::write(
         &cfg,
-        "[listeners]\ntcp = \"127.0.0.1:0\"\nhttp = \"127.0.0.1:0\"\n\
-         [shards]\ncount = 2\npin = false\nio_memory_kib = 256\n\
-         [plugins]\nenabled = false\n",
+        format!(
+            "[listeners]\ntcp = \"127.0.0.1:0\"\nhttp = \"127.0.0.1:0\"\n\
+             [shards]\ncount = 2\npin = false\nio_memory_kib = 256\n\
+             [plugins]\nenabled = false\n{extra}"
+        ),
     )
     .unwrap();
     let mut child = Command::new(relay_bin())
@@ -241,4 +248,52 @@ fn templated_payloads_cross_the_relay_and_watched_processes_are_reported() {
         assert_eq!(redis.pids.len(), 1);
         assert!(r.steps[0].watched.contains_key("redis"));
     }
+}
+
+/// A storm against a relay that admits 50 hellos a second per shard: the
+/// relay answers the rest `busy` with a `retry_after_ms`, the tool waits that
+/// long and retries, and every connection ends up established, spread out
+/// instead of refused.
+#[test]
+fn storm_against_admission_limits_retries_after_the_hint_and_connects_all() {
+    let relay = start_relay_with(
+        "[admission]\nhellos_per_sec = 50\nburst = 10\nretry_min_ms = 100\nretry_window_ms = 900\n",
+    );
+    let mut s = scenario(&relay, Pattern::Storm);
+    s.load.controllers = 200;
+    s.load.connect_rate = 1000.0;
+    s.run.busy_retries = 20;
+    let r = run_ok(&s);
+    assert_eq!(r.connect.established, 200, "{:?}", r.connect.errors);
+    assert_eq!(r.connect.failed, 0, "{:?}", r.connect.errors);
+    assert!(r.connect.retried > 0, "no connect was told to retry");
+    // 2 shards × (10 at once + 50/s): 200 hellos need well over a second.
+    assert!(r.connect.duration_s >= 1.0, "{}", r.connect.duration_s);
+    let (_, body) = http_get(&relay.http, "/metrics");
+    let deferred: u64 = body
+        .lines()
+        .filter(|l| l.starts_with("relay_admission_deferred_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum();
+    assert_eq!(deferred, r.connect.retried);
+}
+
+fn http_get(addr: &str, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: relay\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).unwrap();
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    (status, body.to_owned())
 }

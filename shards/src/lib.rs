@@ -12,6 +12,7 @@
 //! - `rt`: the glommio runtime (executors, listeners, the per-shard I/O loop,
 //!   the cross-shard mesh, deadlines, shutdown). All glommio code is there.
 
+pub mod admission;
 pub mod api;
 pub mod cell;
 pub mod console;
@@ -24,4 +25,6 @@ pub mod rules;
 pub mod stats;
 pub mod ws;
 
-pub use rt::{Extensions, HooksFactory, MeshMsg, MetricsSource, Relay, now, router_config};
+pub use rt::{
+    Extensions, HooksFactory, MeshMsg, MetricsSource, Relay, ReloadReport, now, router_config,
+};

@@ -1,7 +1,10 @@
 //! `relay`: runs the relay, or checks and prints its configuration.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use relay_config::{Config, DEFAULTS_TOML, LogFormat};
@@ -191,6 +194,19 @@ fn run(path: Option<PathBuf>) -> ExitCode {
             return ExitCode::FAILURE;
         }
     }
+    // SIGHUP (`systemctl reload relay`): re-read the file and apply what can
+    // change live. The rules engine recompiles its folder on the same signal.
+    let hup = Arc::new(AtomicBool::new(false));
+    if let Err(e) = signal_hook::flag::register(signal_hook::consts::SIGHUP, hup.clone()) {
+        tracing::error!("cannot handle SIGHUP: {e}");
+        return ExitCode::FAILURE;
+    }
+    while !stop.load(Ordering::SeqCst) {
+        std::thread::sleep(Duration::from_millis(50));
+        if hup.swap(false, Ordering::SeqCst) {
+            reload(&relay, path.as_deref());
+        }
+    }
     let joined = relay.join();
     if let Some(host) = host {
         // Every other handle went with the relay: flush sinks and stop.
@@ -207,6 +223,27 @@ fn run(path: Option<PathBuf>) -> ExitCode {
         Err(e) => {
             tracing::error!("{e:#}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+/// Loads the configuration again and hands it to the relay; a file with
+/// problems is refused whole and the running configuration kept.
+fn reload(relay: &Relay, path: Option<&Path>) {
+    let origin = path.map_or_else(|| "defaults".to_owned(), |p| p.display().to_string());
+    tracing::info!("SIGHUP: reloading {origin}");
+    match Config::load(path) {
+        Ok(cfg) => {
+            for w in cfg.warnings(&origin) {
+                tracing::warn!("{w}");
+            }
+            relay.reload(&cfg);
+        }
+        Err(e) => {
+            relay.reload_failed();
+            for p in &e.problems {
+                tracing::error!("reload refused, running configuration kept: {p}");
+            }
         }
     }
 }

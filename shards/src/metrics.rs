@@ -64,7 +64,7 @@ pub fn render(stats: &[Arc<ShardStats>], uptime_s: f64, extra: &[(&str, &str, u6
     }
     out.push_str(&lines);
     type Counter = (&'static str, &'static str, fn(&ShardStats) -> u64);
-    let counters: [Counter; 8] = [
+    let counters: [Counter; 9] = [
         (
             "relay_frames_in_total",
             "Frames received from clients.",
@@ -96,6 +96,11 @@ pub fn render(stats: &[Arc<ShardStats>], uptime_s: f64, extra: &[(&str, &str, u6
         ("relay_accepted_total", "Connections accepted.", |s| {
             s.accepted_total.load(Relaxed)
         }),
+        (
+            "relay_admission_deferred_total",
+            "Hellos refused with busy and a retry_after_ms by [admission].",
+            |s| s.hellos_deferred.load(Relaxed),
+        ),
         ("relay_closed_total", "Connections closed.", |s| {
             s.closed_total.load(Relaxed)
         }),

@@ -87,6 +87,8 @@ pub struct ShardStats {
     pub queue_bytes: AtomicU64,
     pub accepted_total: AtomicU64,
     pub closed_total: AtomicU64,
+    /// Hellos refused with `busy` by `[admission]`.
+    pub hellos_deferred: AtomicU64,
 }
 
 impl ShardStats {

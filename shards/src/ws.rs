@@ -201,6 +201,8 @@ pub fn close_code(reason: relay_core::CloseReason) -> u16 {
         R::Replaced => 4000 + E::Replaced as u16,
         R::Kicked => 4000 + E::Forbidden as u16,
         R::Unauthorized => 4000 + E::Unauthorized as u16,
+        // "Try Again Later" (RFC 6455 registry).
+        R::Busy => 1013,
     }
 }
 

@@ -25,6 +25,8 @@ pub enum Inbound {
     Ack { seq: u32 },
     /// Request `seq` failed, or the server reports a problem: protocol error name.
     Error { code: String, seq: u32 },
+    /// The server refused for now (relay `busy`) and said when to come back.
+    RetryLater { code: String, retry_after_ms: u64 },
     /// A WebSocket ping the client must answer.
     WsPing(Bytes),
     /// The server is closing (relay BYE, WebSocket close, MQTT DISCONNECT).

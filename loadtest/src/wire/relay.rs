@@ -222,7 +222,13 @@ fn from_frame(f: &Frame) -> Inbound {
                 },
                 None => "unknown".to_string(),
             };
-            Inbound::Error { code, seq: f.seq }
+            match f.retry_after_ms() {
+                Some(retry_after_ms) => Inbound::RetryLater {
+                    code,
+                    retry_after_ms,
+                },
+                None => Inbound::Error { code, seq: f.seq },
+            }
         }
         FrameType::Bye => Inbound::Closed,
         _ => Inbound::Other,

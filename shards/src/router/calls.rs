@@ -162,7 +162,7 @@ impl Router {
                 None => done(CallResult::Done(Err(failure::offline(&addr)))),
                 Some(cell) => {
                     let why = "disconnected by the server";
-                    let deadline = now.mono_ms + self.cfg.close_grace_ms;
+                    let deadline = now.mono_ms + self.cfg().close_grace_ms;
                     self.end(
                         &cell,
                         ErrorCode::Forbidden,

@@ -149,7 +149,7 @@ impl Router {
         let mut outbox = self.outbox.borrow_mut();
         let q = &mut outbox[peer];
         let droppable = matches!(item, Cross::Deliver { .. } | Cross::Fanout { .. });
-        if droppable && q.len() >= self.cfg.outbox_limit {
+        if droppable && q.len() >= self.cfg().outbox_limit {
             // The peer shard is not keeping up: refuse rather than grow.
             // Control items (masks, replies, calls) are never dropped; they
             // are bounded by the data items that cause them.

@@ -32,8 +32,8 @@ impl Router {
             let mut s = cell.session.borrow_mut();
             let list = s.list_mut(index.membership());
             if !list.contains(&name) {
-                if index == Index::Group && list.len() >= self.cfg.max_groups_per_conn {
-                    let e = failure::too_many_groups(self.cfg.max_groups_per_conn);
+                if index == Index::Group && list.len() >= self.cfg().max_groups_per_conn {
+                    let e = failure::too_many_groups(self.cfg().max_groups_per_conn);
                     drop(s);
                     if let Some(t) = ack {
                         self.finish(t, 0, Some(e.clone()));

@@ -100,13 +100,20 @@ pub struct RouterConfig {
     pub outbox_limit: usize,
     /// How long a closing connection may take to flush.
     pub close_grace_ms: u64,
+    /// `[admission]`: hellos per second per shard and per source address.
+    pub admission: relay_config::AdmissionConfig,
 }
 
 /// One shard's routing state.
 pub struct Router {
     pub shard: usize,
     pub shards: usize,
-    pub cfg: RouterConfig,
+    /// The settings; `set_cfg` swaps them on a configuration reload.
+    cfg: RefCell<Rc<RouterConfig>>,
+    /// The reload generation `cfg` comes from (0: the one at start).
+    cfg_generation: Cell<u64>,
+    /// Hellos admitted per second (`cfg.admission`).
+    admission: RefCell<crate::admission::Gate>,
     pub stats: Arc<ShardStats>,
     conns: RefCell<HashMap<ConnId, Rc<ConnCell>>>,
     by_addr: RefCell<HashMap<Bytes, Rc<ConnCell>>>,
@@ -174,7 +181,11 @@ impl Router {
         Router {
             shard,
             shards,
-            cfg,
+            cfg: RefCell::new(Rc::new(cfg)),
+            cfg_generation: Cell::new(0),
+            admission: RefCell::new(crate::admission::Gate::new(
+                0x9e37_79b9_7f4a_7c15 ^ shard as u64 ^ u64::from(std::process::id()),
+            )),
             stats,
             conns: RefCell::default(),
             by_addr: RefCell::default(),
@@ -193,6 +204,24 @@ impl Router {
             shutting_down: Cell::new(false),
             hooks: RefCell::new(None),
         }
+    }
+
+    /// The current settings (a cheap handle; a reload swaps them between
+    /// two calls, never during one).
+    pub fn cfg(&self) -> Rc<RouterConfig> {
+        self.cfg.borrow().clone()
+    }
+
+    /// The reload generation the settings come from.
+    pub fn cfg_generation(&self) -> u64 {
+        self.cfg_generation.get()
+    }
+
+    /// Takes the settings of reload `generation`. Connections read them on
+    /// their next frame, timer or hello.
+    pub fn set_cfg(&self, generation: u64, cfg: RouterConfig) {
+        *self.cfg.borrow_mut() = Rc::new(cfg);
+        self.cfg_generation.set(generation);
     }
 
     /// Routes one event of `cell`.
@@ -229,7 +258,7 @@ impl Router {
                 self.remove_member(Index::Group, cell, &group);
                 self.reply_conn(cell, seq, ack_req, Ok(1));
             }
-            Event::Closed(reason) => cell.closing(reason, now.mono_ms + self.cfg.close_grace_ms),
+            Event::Closed(reason) => cell.closing(reason, now.mono_ms + self.cfg().close_grace_ms),
         }
         Outcome::Continue
     }
@@ -247,7 +276,7 @@ impl Router {
             }
             return Err(failure::watch_needs_token(target));
         }
-        if self.cfg.allow_client_join {
+        if self.cfg().allow_client_join {
             Ok(())
         } else {
             Err(failure::join_not_allowed())

@@ -115,7 +115,7 @@ impl Router {
                     Some((code, msg)) if delivered == 0 => Frame::error(seq, code, &msg),
                     _ => Frame::ack(seq),
                 };
-                cell.conn.borrow_mut().control(&self.cfg.conn, &frame);
+                cell.conn.borrow_mut().control(&self.cfg().conn, &frame);
                 self.wake(&cell);
             }
             AckTarget::Callback(f) => f(delivered, error.filter(|_| delivered == 0)),
@@ -134,7 +134,7 @@ impl Router {
             Ok(_) => return,
             Err((code, msg)) => Frame::error(seq, code, &msg),
         };
-        cell.conn.borrow_mut().control(&self.cfg.conn, &frame);
+        cell.conn.borrow_mut().control(&self.cfg().conn, &frame);
         self.wake(cell);
     }
 }

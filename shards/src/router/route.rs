@@ -85,7 +85,7 @@ impl Router {
         frame: &Frame,
         now: Now,
     ) -> Result<(), Failure> {
-        let r = cell.conn.borrow_mut().send(&self.cfg.conn, now, frame);
+        let r = cell.conn.borrow_mut().send(&self.cfg().conn, now, frame);
         match r {
             Ok(()) => {
                 ShardStats::add(&self.stats.frames_out, 1);

@@ -43,20 +43,52 @@ impl Router {
     pub(super) fn on_hello(&self, cell: &Rc<ConnCell>, hello: Hello, now: Now) -> Outcome {
         if self.shutting_down.get() {
             let ev = cell.conn.borrow_mut().refuse(
-                &self.cfg.conn,
+                &self.cfg().conn,
                 hello.seq,
                 ErrorCode::ShuttingDown,
                 "relay is shutting down",
                 true,
             );
             if let Some(Event::Closed(r)) = ev {
-                cell.closing(r, now.mono_ms + self.cfg.close_grace_ms);
+                cell.closing(r, now.mono_ms + self.cfg().close_grace_ms);
+            }
+            return Outcome::Continue;
+        }
+        let ip = cell.session.borrow().remote.ip();
+        let verdict = self
+            .admission
+            .borrow_mut()
+            .check(&self.cfg().admission, ip, now.mono_ms);
+        if let crate::admission::Verdict::Busy {
+            retry_after_ms,
+            limit,
+        } = verdict
+        {
+            ShardStats::add(&self.stats.hellos_deferred, 1);
+            let why = match limit {
+                crate::admission::Limit::Shard => "too many hellos; try again later",
+                crate::admission::Limit::SourceAddress => {
+                    "too many hellos from this address; try again later"
+                }
+            };
+            crate::warn_every!("[admission] limit reached; hellos are told to retry later");
+            let mut conn = cell.conn.borrow_mut();
+            let ev = conn.refuse_retry(
+                &self.cfg().conn,
+                hello.seq,
+                ErrorCode::Busy,
+                retry_after_ms,
+                why,
+            );
+            drop(conn);
+            if let Some(Event::Closed(r)) = ev {
+                cell.closing(r, now.mono_ms + self.cfg().close_grace_ms);
             }
             return Outcome::Continue;
         }
         if hello.addr.is_empty() {
             let mut counter = self.assign_counter.get();
-            let prefix = format!("{}-", self.cfg.node);
+            let prefix = format!("{}-", self.cfg().node);
             let addr = assign_address(&prefix, self.shard, self.shards, &mut counter);
             self.assign_counter.set(counter);
             self.accept_hello(cell, &hello, Bytes::from(addr), now);
@@ -88,13 +120,13 @@ impl Router {
                 ErrorCode::Replaced,
                 why,
                 CloseReason::Replaced,
-                now.mono_ms + self.cfg.close_grace_ms,
+                now.mono_ms + self.cfg().close_grace_ms,
             );
             self.drop_memberships(&old);
         }
         cell.conn
             .borrow_mut()
-            .accept(&self.cfg.conn, now, hello, addr, &self.cfg.node);
+            .accept(&self.cfg().conn, now, hello, addr, &self.cfg().node);
         {
             let mut s = cell.session.borrow_mut();
             s.set_meta(hello.meta.clone());
@@ -165,13 +197,13 @@ impl Router {
             let ev = {
                 let mut c = cell.conn.borrow_mut();
                 queued += c.queued_bytes() as u64;
-                match c.poll_timeout(&self.cfg.conn) {
-                    Some(t) if t <= now.mono_ms => c.handle_timeout(&self.cfg.conn, now),
+                match c.poll_timeout(&self.cfg().conn) {
+                    Some(t) if t <= now.mono_ms => c.handle_timeout(&self.cfg().conn, now),
                     _ => None,
                 }
             };
             if let Some(Event::Closed(reason)) = ev {
-                cell.closing(reason, now.mono_ms + self.cfg.close_grace_ms);
+                cell.closing(reason, now.mono_ms + self.cfg().close_grace_ms);
                 self.wake(&cell);
             } else if cell.close_deadline.get() <= now.mono_ms {
                 self.wake(&cell);
@@ -210,7 +242,7 @@ impl Router {
         let _ = cell
             .conn
             .borrow_mut()
-            .close_with(&self.cfg.conn, code, why, reason);
+            .close_with(&self.cfg().conn, code, why, reason);
         cell.closing(reason, deadline_ms);
         cell.close_deadline
             .set(cell.close_deadline.get().min(deadline_ms));

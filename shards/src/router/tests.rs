@@ -158,7 +158,7 @@ fn a_silent_client_is_closed_at_its_deadline_and_leaves_its_groups_everywhere() 
     sim.join(&quiet, "g", false);
     sim.settle();
     let idle_ms = {
-        let c = &sim.routers[0].cfg.conn;
+        let c = &sim.routers[0].cfg().conn;
         u64::from(c.heartbeat_default_s) * u64::from(c.idle_factor) * 1000
     };
     sim.tick(idle_ms / 2);

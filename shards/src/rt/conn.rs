@@ -321,7 +321,7 @@ fn accept_ready(shard: &Rc<Shard>, listener: &socket2::Socket) {
             .as_socket()
             .unwrap_or_else(|| std::net::SocketAddr::from(([0, 0, 0, 0], 0)));
         let fd = OwnedFd::from(sock);
-        let conn = relay_core::Connection::new(&shard.router.cfg.conn, Transport::Tcp, now());
+        let conn = relay_core::Connection::new(&shard.router.cfg().conn, Transport::Tcp, now());
         let cell = shard.router.register(conn, Router::session(remote));
         attach(
             shard,
@@ -412,7 +412,8 @@ fn process_input(
     mut rbuf: BytesMut,
 ) -> Option<(usize, Hello)> {
     let router = &shard.router;
-    let cfg = &router.cfg.conn;
+    let cfg = router.cfg();
+    let cfg = &cfg.conn;
     // Taken out while routing: routing may reach this same connection.
     let (mut dec, mut close_sent) = {
         let mut io = cell.io.borrow_mut();
@@ -517,7 +518,8 @@ fn flush(shard: &Rc<Shard>, cell: &Rc<ConnCell>, t: relay_core::Now) {
         return;
     }
     if io.paused {
-        let cfg = &shard.router.cfg.conn;
+        let cfg = shard.router.cfg();
+        let cfg = &cfg.conn;
         let owed = cell.owed.get() as usize * ANSWER_RESERVE;
         if !cell.conn.borrow_mut().should_pause(cfg, t, owed) {
             // Drained: read again, starting with what is already buffered.
@@ -540,7 +542,8 @@ fn flush(shard: &Rc<Shard>, cell: &Rc<ConnCell>, t: relay_core::Now) {
 /// Returns whether the socket failed.
 fn write_out(shard: &Shard, cell: &ConnCell, io: &mut Io, fd: RawFd, t: relay_core::Now) -> bool {
     let router = &shard.router;
-    let cfg = &router.cfg.conn;
+    let cfg = router.cfg();
+    let cfg = &cfg.conn;
     let mut cur = io.part.as_mut().and_then(|p| p.writing.take());
     let failed = loop {
         if cur.is_none() {
@@ -619,7 +622,8 @@ fn handover(shard: &Rc<Shard>, cell: &Rc<ConnCell>, owner: usize, hello: Hello) 
         return;
     };
     shard.poller.remove(fd.as_raw_fd());
-    let cfg = &router.cfg.conn;
+    let cfg = router.cfg();
+    let cfg = &cfg.conn;
     let transport = cell.conn.borrow().transport();
     let fresh = relay_core::Connection::new(cfg, transport, now());
     let conn = std::mem::replace(&mut *cell.conn.borrow_mut(), fresh);

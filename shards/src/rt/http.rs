@@ -272,7 +272,8 @@ async fn respond(shard: &Rc<Shard>, req: &Request, keep_alive: bool) -> Vec<u8> 
             }
         }
         ("GET", "/metrics") => {
-            let extra = shared.plugin_metrics();
+            let mut extra = shared.plugin_metrics();
+            extra.extend(shared.live.metrics());
             let extra: Vec<(&str, &str, u64)> = extra
                 .iter()
                 .map(|(a, b, c)| (a.as_str(), b.as_str(), *c))
@@ -295,7 +296,7 @@ async fn respond(shard: &Rc<Shard>, req: &Request, keep_alive: bool) -> Vec<u8> 
                 stats: &shared.stats,
                 token: shared.api_token.as_deref(),
                 uptime_s: shared.started.elapsed().as_secs_f64(),
-                max_frame: shard.router.cfg.conn.max_frame,
+                max_frame: shard.router.cfg().conn.max_frame,
                 plugins: shared.plugins.as_deref().map(|p| p as &dyn api::PluginApi),
             };
             let work = api::handle(
@@ -383,7 +384,8 @@ async fn upgrade(shard: Rc<Shard>, mut stream: TcpStream, req: Request, leftover
     let remote = stream
         .peer_addr()
         .unwrap_or_else(|_| std::net::SocketAddr::from(([0, 0, 0, 0], 0)));
-    let cfg = &shard.router.cfg.conn;
+    let cfg = shard.router.cfg();
+    let cfg = &cfg.conn;
     let t = now();
     let mut c = Connection::new(cfg, Transport::WebSocket, t);
     let first =

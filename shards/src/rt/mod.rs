@@ -5,6 +5,9 @@
 
 mod conn;
 mod http;
+mod reload;
+
+pub use reload::ReloadReport;
 
 use std::cell::{Cell, RefCell};
 use std::future::poll_fn;
@@ -119,9 +122,10 @@ pub fn now() -> Now {
 /// State shared by all shards of one relay (thread-safe, off the data path).
 pub struct Shared {
     pub stop: Arc<AtomicBool>,
-    /// Open TCP connections across shards, against `max_connections`.
+    /// Open TCP connections across shards, against `live.max_connections`.
     pub open: AtomicUsize,
-    pub max_connections: usize,
+    /// What a configuration reload may change.
+    pub(crate) live: reload::Live,
     pub stats: Vec<Arc<ShardStats>>,
     pub started: Instant,
     /// `[http] api_token`: required as a bearer token on `/api/*` when set.
@@ -154,12 +158,10 @@ impl Shared {
     /// Counts a new connection against `max_connections`; false (and a
     /// warning) when the relay is full and the connection must be refused.
     fn admit(&self) -> bool {
-        if self.open.fetch_add(1, Ordering::Relaxed) >= self.max_connections {
+        let max = self.live.max_connections.load(Ordering::Relaxed);
+        if self.open.fetch_add(1, Ordering::Relaxed) >= max {
             self.open.fetch_sub(1, Ordering::Relaxed);
-            crate::warn_every!(
-                "limits.max_connections ({}) reached; connection refused",
-                self.max_connections
-            );
+            crate::warn_every!("limits.max_connections ({max}) reached; connection refused");
             return false;
         }
         true
@@ -243,9 +245,7 @@ impl Shard {
 
 impl std::fmt::Debug for Shared {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Shared")
-            .field("max_connections", &self.max_connections)
-            .finish()
+        f.debug_struct("Shared").field("open", &self.open).finish()
     }
 }
 
@@ -306,7 +306,7 @@ impl Relay {
         let shared = Arc::new(Shared {
             stop: Arc::new(AtomicBool::new(false)),
             open: AtomicUsize::new(0),
-            max_connections: cfg.limits.max_connections as usize,
+            live: reload::Live::new(cfg),
             stats: (0..shards)
                 .map(|_| Arc::new(ShardStats::default()))
                 .collect(),
@@ -609,6 +609,7 @@ pub fn router_config(cfg: &Config) -> RouterConfig {
         max_groups_per_conn: l.max_groups_per_conn,
         outbox_limit: cfg.shards.mesh_capacity.max(1) * cfg.shards.max_batch.max(1),
         close_grace_ms: 2000,
+        admission: cfg.admission.clone(),
     }
 }
 
@@ -720,6 +721,7 @@ async fn shard_main(
         glommio::timer::sleep(Duration::from_millis(SWEEP_MS)).await;
         let t = now();
         shard.router.sweep(t);
+        reload::apply(&shard);
         if shard.accept_paused.replace(false)
             && let Some(fd) = shard.listen_fd.get()
             && let Err(e) = shard.poller.watch_listener(fd)

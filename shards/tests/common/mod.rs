@@ -368,3 +368,131 @@ pub enum WsIn {
     Frame(Frame),
     Close(Option<u16>),
 }
+
+/// A `relay` process started from the built binary, its log (stderr) read
+/// line by line into a channel; killed if a test ends before stopping it.
+pub struct RelayProc {
+    pub child: std::process::Child,
+    pub log: std::sync::mpsc::Receiver<String>,
+    pub tcp: SocketAddr,
+    pub http: SocketAddr,
+}
+
+impl RelayProc {
+    /// Runs `relay --config cfg` (with `env` added) and waits until it logs
+    /// where it listens.
+    pub fn spawn(cfg: &std::path::Path, env: &[(&str, &str)]) -> RelayProc {
+        use std::io::BufRead;
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_relay"));
+        cmd.arg("--config")
+            .arg(cfg)
+            .env("RELAY_LOG", "info")
+            .stderr(std::process::Stdio::piped());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("spawn relay");
+        let stderr = child.stderr.take().unwrap();
+        let (tx, log) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                // Once nobody listens, keep draining so the relay never blocks.
+                let _ = tx.send(line);
+            }
+        });
+        let mut p = RelayProc {
+            child,
+            log,
+            tcp: "0.0.0.0:0".parse().unwrap(),
+            http: "0.0.0.0:0".parse().unwrap(),
+        };
+        let line = p.wait_log("relay listening", Duration::from_secs(20));
+        let field = |key: &str| -> SocketAddr {
+            line.split(key)
+                .nth(1)
+                .and_then(|r| {
+                    r.chars()
+                        .take_while(|c| !c.is_whitespace() && *c != '"')
+                        .collect::<String>()
+                        .parse()
+                        .ok()
+                })
+                .unwrap_or_else(|| panic!("no {key} in {line}"))
+        };
+        p.tcp = field("tcp_addr=");
+        p.http = field("http_addr=");
+        p
+    }
+
+    /// The next log line containing `needle` (earlier lines are consumed);
+    /// panics after `timeout`.
+    pub fn wait_log(&self, needle: &str, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.log.recv_timeout(left) {
+                Ok(line) if line.contains(needle) => return line,
+                Ok(_) => {}
+                Err(_) => panic!("the relay did not log {needle:?} within {timeout:?}"),
+            }
+        }
+    }
+
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) on our own child.
+        let r = unsafe { libc::kill(self.child.id() as i32, sig) };
+        assert_eq!(r, 0, "kill {sig}");
+    }
+
+    /// SIGTERM, then waits (at most `timeout`) for the exit status.
+    pub fn stop(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        self.signal(libc::SIGTERM);
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return s;
+            }
+            assert!(Instant::now() < deadline, "the relay did not stop");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// GET `path` on the HTTP port: (status, body).
+    pub fn get(&self, path: &str) -> (u16, String) {
+        let mut s = TcpStream::connect(self.http).expect("connect http");
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: relay\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut raw = Vec::new();
+        s.read_to_end(&mut raw).unwrap();
+        let text = String::from_utf8_lossy(&raw).into_owned();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+        let status = head
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        (status, body.to_owned())
+    }
+
+    /// The value of an unlabelled series in `/metrics`.
+    pub fn metric(&self, name: &str) -> Option<f64> {
+        let (_, body) = self.get("/metrics");
+        body.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .and_then(|v| v.trim().parse().ok())
+    }
+}
+
+impl Drop for RelayProc {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
