@@ -130,6 +130,8 @@ pub struct PluginHost {
     watcher: Option<JoinHandle<()>>,
     /// Sink thread.
     sink: Option<SinkThread>,
+    /// Writes the device registry to Redis.
+    registry: Option<crate::registry::Flusher>,
     /// Stops workers and watcher.
     stop: Arc<AtomicBool>,
     /// SIGHUP registration, removed at shutdown.
@@ -173,6 +175,7 @@ impl PluginHost {
                 workers: Vec::new(),
                 watcher: None,
                 sink: None,
+                registry: None,
                 stop,
                 sighup: None,
             };
@@ -180,6 +183,9 @@ impl PluginHost {
         }
         let (sink, loaded) = sink::start(&cfg, shared.clone())?;
         sink::restore(&shared, loaded.snapshot);
+        let flusher =
+            crate::registry::Flusher::start(shared.registry.clone(), &cfg.plugins, &cfg.redis)
+                .map_err(|e| PluginError::Thread("device registry", e.to_string()))?;
 
         let dir = PathBuf::from(&cfg.plugins.dir);
         let engine = script::sandbox(&cfg.plugins);
@@ -250,6 +256,7 @@ impl PluginHost {
             workers,
             watcher,
             sink: Some(sink),
+            registry: Some(flusher),
             stop,
             sighup,
         };
@@ -309,6 +316,21 @@ impl PluginHost {
             .unwrap_or(0)
     }
 
+    /// One page of the device registry (newest last seen first) with its totals.
+    pub fn devices(&self, q: &crate::registry::DeviceQuery) -> crate::registry::DevicePage {
+        self.shared.registry.page(q)
+    }
+
+    /// One device of the registry.
+    pub fn device(&self, addr: &str) -> Option<crate::registry::Device> {
+        self.shared.registry.get(addr)
+    }
+
+    /// The registry's counts (devices, online, offline).
+    pub fn device_totals(&self) -> crate::registry::Totals {
+        self.shared.registry.totals()
+    }
+
     /// The plugin counters.
     pub fn stats(&self) -> PluginStats {
         self.shared.snapshot()
@@ -330,6 +352,9 @@ impl PluginHost {
         }
         if let Some(id) = self.sighup.take() {
             signal_hook::low_level::unregister(id);
+        }
+        if let Some(mut f) = self.registry.take() {
+            f.stop();
         }
         if let Some(s) = self.sink.take() {
             s.stop.notify_one();

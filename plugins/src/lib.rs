@@ -19,6 +19,7 @@
 //! - `spool`: the on-disk spool behind each sink.
 //! - `notify`: HTTP notifiers: templates, retries, rate limits, attempt records.
 //! - `history`: the alarm history read back from MySQL, in pages.
+//! - `registry`: every device ever seen, kept in Redis, for the fleet view.
 //! - `cli`: `relay rules check` and `relay rules test`.
 pub mod alarm;
 pub mod api;
@@ -28,6 +29,7 @@ pub mod event;
 pub mod history;
 pub mod host;
 pub mod notify;
+pub mod registry;
 pub mod rules;
 pub mod script;
 pub mod shared;

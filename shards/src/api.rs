@@ -32,6 +32,11 @@ pub trait PluginApi {
     /// `None` when no alarm has that key.
     fn ack(&self, key: &str, by: &str) -> Option<Value>;
     fn state(&self, addr: &str) -> Value;
+    /// One page of the device registry matching `q`, newest last seen first, with
+    /// `total` (matching devices) and `totals` (the whole registry).
+    fn devices(&self, q: &relay_plugins::registry::DeviceQuery) -> Value;
+    /// One device of the registry, `None` when never seen.
+    fn device(&self, addr: &str) -> Option<Value>;
     /// Alarm history, newest first, answered on the returned channel by the
     /// rules engine's own thread (a shard never waits on MySQL); `Err` when
     /// MySQL is not configured.
@@ -285,6 +290,8 @@ pub async fn handle(
         ("GET", ["uids", uid]) => members(api, Index::Uid, uid, query).await,
         ("GET", ["groups", group]) => members(api, Index::Group, group, query).await,
         ("GET", ["stats"]) => Ok(stats(api)),
+        ("GET", ["devices"]) => devices(api, query),
+        ("GET", ["devices", addr]) => device(api, addr).await,
         ("GET", ["alarms"]) => alarms(api, query),
         ("GET", ["alarms", "history"]) => history(api, query).await,
         ("POST", ["alarms", key, "ack"]) => ack(api, key, body),
@@ -602,4 +609,60 @@ fn ack(api: &Api<'_>, raw_key: &str, body: &[u8]) -> Result<Reply, Reply> {
             body: json!({"error": "not_found", "message": format!("no active alarm {key:?}")}),
         }),
     }
+}
+
+fn devices(api: &Api<'_>, query: &str) -> Result<Reply, Reply> {
+    let p = plugins(api)?;
+    let param = |k: &str| crate::http::query_param(query, k).filter(|v| !v.is_empty());
+    let online = match param("status").as_deref() {
+        None | Some("all") => None,
+        Some("online") => Some(true),
+        Some("offline") => Some(false),
+        Some(other) => {
+            return Err(err(
+                ErrorCode::BadFrame,
+                format!("status must be online, offline or all, not {other:?}"),
+            ));
+        }
+    };
+    let limit = page(query)?.limit;
+    let offset = match param("offset") {
+        None => 0,
+        Some(o) => o
+            .parse::<usize>()
+            .map_err(|_| err(ErrorCode::BadFrame, "offset must be a number"))?,
+    };
+    let q = relay_plugins::registry::DeviceQuery {
+        online,
+        prefix: param("prefix").unwrap_or_default(),
+        group: param("group"),
+        offset,
+        limit,
+    };
+    Ok(ok(p.devices(&q)))
+}
+
+async fn device(api: &Api<'_>, raw: &str) -> Result<Reply, Reply> {
+    let p = plugins(api)?;
+    let addr = name(raw, "addr")?;
+    let text = name_str(&addr).into_owned();
+    let Some(mut d) = p.device(&text) else {
+        return Err(Reply {
+            status: 404,
+            body: json!({"error": "not_found", "message": format!("no device {text:?} was ever seen")}),
+        });
+    };
+    // An online device: its connection as the owner shard sees it now.
+    if d["online"] == json!(true) {
+        let owner = shard_of(&addr, api.router.shards);
+        if let Some(CallResult::Client(Some(v))) = call(api.router, owner, Call::Client(addr)).await
+        {
+            let live = view_json(&v);
+            d["groups"] = live["groups"].clone();
+            d["uids"] = live["uids"].clone();
+            d["shard"] = live["shard"].clone();
+        }
+    }
+    d["state"] = p.state(&text);
+    Ok(ok(d))
 }

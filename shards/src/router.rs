@@ -552,7 +552,7 @@ impl Router {
             self.sorted.borrow_mut().remove(&addr);
         }
         drop(by_addr);
-        self.drop_memberships(cell);
+        // The hook sees the groups the connection was in, before it leaves them.
         if let Some(h) = self.hooks.borrow().as_ref() {
             h.disconnected(
                 cell,
@@ -561,6 +561,7 @@ impl Router {
                 now,
             );
         }
+        self.drop_memberships(cell);
     }
 
     fn drop_memberships(&self, cell: &Rc<ConnCell>) {

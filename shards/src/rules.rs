@@ -41,6 +41,12 @@ fn client_info(cell: &ConnCell, shard: usize, now: Now) -> ClientInfo {
         remote: s.remote.to_string(),
         shard,
         time_ms: now.wall_ms,
+        groups: s
+            .list(crate::cell::Membership::Group)
+            .iter()
+            .filter(|g| !g.starts_with(crate::router::WATCH_PREFIX))
+            .map(|g| name_str(g).into_owned())
+            .collect(),
     }
 }
 
@@ -106,6 +112,16 @@ impl PluginApi for RulesApi {
 
     fn state(&self, addr: &str) -> Value {
         Value::Object(self.host.state(addr))
+    }
+
+    fn devices(&self, q: &relay_plugins::registry::DeviceQuery) -> Value {
+        serde_json::to_value(self.host.devices(q)).unwrap_or(json!({"items": []}))
+    }
+
+    fn device(&self, addr: &str) -> Option<Value> {
+        self.host
+            .device(addr)
+            .and_then(|d| serde_json::to_value(d).ok())
     }
 
     fn history(
@@ -236,6 +252,16 @@ pub fn attach(
                 "relay_sink_rejected_total".into(),
                 "Writes a sink refused for good (bad data).".into(),
                 s.sink_rejected,
+            ),
+            (
+                "relay_registry_devices".into(),
+                "Devices in the registry (every address seen, within its bounds).".into(),
+                metrics_host.device_totals().devices as u64,
+            ),
+            (
+                "relay_registry_online".into(),
+                "Registry devices online now.".into(),
+                metrics_host.device_totals().online as u64,
             ),
             (
                 "relay_alarms_active".into(),
