@@ -78,6 +78,8 @@ pub struct DeviceQuery {
     pub prefix: String,
     /// Members of this group (as last recorded).
     pub group: Option<String>,
+    /// Of this role (as given in the last HELLO).
+    pub role: Option<String>,
     /// Devices skipped (page start).
     pub offset: usize,
     /// Most devices returned.
@@ -108,7 +110,8 @@ pub struct DevicePage {
     pub limit: usize,
     /// Offset of the next page, none on the last page.
     pub next: Option<usize>,
-    /// Counts over the whole registry.
+    /// Counts over the whole registry (over the devices of `role` when the query
+    /// names one), whatever the status, prefix, group and page.
     pub totals: Totals,
 }
 
@@ -378,20 +381,30 @@ impl Registry {
         let g = self.lock();
         let mut items = Vec::with_capacity(limit.min(g.devices.len()));
         let mut total = 0usize;
-        let filtered = !q.prefix.is_empty() || q.group.is_some();
+        let filtered = !q.prefix.is_empty() || q.group.is_some() || q.role.is_some();
         let fast_total = match q.online {
             _ if filtered => None,
             None => Some(g.devices.len()),
             Some(true) => Some(g.online),
             Some(false) => Some(g.devices.len() - g.online),
         };
+        let mut role_totals = Totals::default();
         for (_, addr) in &g.by_seen {
             let Some(d) = g.devices.get(addr) else {
                 continue;
             };
+            if q.role.as_ref().is_some_and(|r| *r == d.role) {
+                role_totals.devices += 1;
+                if d.online {
+                    role_totals.online += 1;
+                } else {
+                    role_totals.offline += 1;
+                }
+            }
             if q.online.is_some_and(|o| o != d.online)
                 || !d.addr.starts_with(&q.prefix)
                 || q.group.as_ref().is_some_and(|gr| !d.groups.contains(gr))
+                || q.role.as_ref().is_some_and(|r| *r != d.role)
             {
                 continue;
             }
@@ -411,7 +424,11 @@ impl Registry {
             total,
             offset: q.offset,
             limit,
-            totals: g.totals(),
+            totals: if q.role.is_some() {
+                role_totals
+            } else {
+                g.totals()
+            },
         }
     }
 
@@ -841,6 +858,30 @@ mod tests {
             ..q(None)
         });
         assert_eq!(pre.total, 1);
+        let role = r.page(&DeviceQuery {
+            role: Some("browser".into()),
+            ..q(None)
+        });
+        assert_eq!(role.total, 0);
+        assert_eq!(
+            role.totals,
+            Totals::default(),
+            "totals of the role asked for"
+        );
+        let ctl = r.page(&DeviceQuery {
+            role: Some("controller".into()),
+            online: Some(false),
+            ..q(None)
+        });
+        assert_eq!(ctl.total, 5);
+        assert_eq!(
+            ctl.totals,
+            Totals {
+                devices: 11,
+                online: 6,
+                offline: 5
+            }
+        );
     }
 
     #[test]

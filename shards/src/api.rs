@@ -851,6 +851,7 @@ fn devices(api: &Api<'_>, query: &str) -> Result<Reply, Reply> {
         online,
         prefix: param("prefix").unwrap_or_default(),
         group: param("group"),
+        role: param("role"),
         offset,
         limit,
     };
