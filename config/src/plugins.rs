@@ -58,6 +58,14 @@ pub struct PluginsConfig {
     pub spool_fsync: SpoolFsync,
     /// Most bytes one sink's spool may hold; writes past it are dropped and counted.
     pub spool_max_bytes: u64,
+    /// Most devices the registry keeps (every address ever seen); past it the
+    /// offline device seen longest ago is forgotten.
+    pub registry_max_devices: usize,
+    /// Days an offline device stays in the registry after it was last seen (0: no limit
+    /// but `registry_max_devices`).
+    pub registry_retention_days: u64,
+    /// How often (ms) registry changes are written to Redis, in one batch.
+    pub registry_flush_ms: u64,
 }
 
 impl Default for PluginsConfig {
@@ -85,6 +93,9 @@ impl Default for PluginsConfig {
             spool_dir: "var/spool".into(),
             spool_fsync: SpoolFsync::Batch,
             spool_max_bytes: 1 << 30,
+            registry_max_devices: 100_000,
+            registry_retention_days: 90,
+            registry_flush_ms: 1_000,
         }
     }
 }
@@ -493,6 +504,18 @@ impl PluginsConfig {
         }
         if self.spool_max_bytes < 4096 {
             bad("spool_max_bytes", "must be at least 4096");
+        }
+        if !(1..=10_000_000).contains(&self.registry_max_devices) {
+            bad("registry_max_devices", "must be between 1 and 10000000");
+        }
+        if self.registry_retention_days > 36_500 {
+            bad(
+                "registry_retention_days",
+                "must be between 0 (no limit) and 36500 days",
+            );
+        }
+        if !(10..=600_000).contains(&self.registry_flush_ms) {
+            bad("registry_flush_ms", "must be between 10 and 600000 ms");
         }
         out
     }

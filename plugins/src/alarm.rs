@@ -80,6 +80,12 @@ pub struct Alarm {
     /// Its severity was raised while active (steps then say `escalated`).
     #[serde(default)]
     pub escalated: bool,
+    /// Shelved (silenced) until then: no escalation step is sent before it.
+    #[serde(default)]
+    pub shelved_until_ms: Option<u64>,
+    /// Who shelved it.
+    #[serde(default)]
+    pub shelved_by: Option<String>,
 }
 
 /// An active alarm as shown by the HTTP API.
@@ -95,6 +101,10 @@ pub struct AlarmView {
     pub acked_at_ms: Option<u64>,
     /// When the next escalation step is due (none once acknowledged).
     pub next_step_ms: Option<u64>,
+    /// Shelved (silenced) until then.
+    pub shelved_until_ms: Option<u64>,
+    /// Who shelved it.
+    pub shelved_by: Option<String>,
 }
 
 impl Alarm {
@@ -118,7 +128,14 @@ impl Alarm {
             acked_by: self.acked_by.clone(),
             acked_at_ms: self.acked_at_ms,
             next_step_ms,
+            shelved_until_ms: self.shelved_until_ms,
+            shelved_by: self.shelved_by.clone(),
         }
+    }
+
+    /// Shelved at `now`.
+    pub fn shelved(&self, now: u64) -> bool {
+        self.shelved_until_ms.is_some_and(|t| t > now)
     }
 }
 
@@ -412,6 +429,8 @@ impl AlarmBook {
             acked_at_ms: None,
             steps: self.steps_for(key, severity, now),
             escalated: false,
+            shelved_until_ms: None,
+            shelved_by: None,
         };
         self.event(now, &a, Transition::Raised, None);
         self.alarms.insert(key.to_string(), a);
@@ -422,6 +441,11 @@ impl AlarmBook {
 
     /// `alarm_clear`: ends `key` if active. Also forgets its condition timer.
     pub fn clear(&mut self, now: u64, key: &str) -> bool {
+        self.clear_as(now, key, None)
+    }
+
+    /// Ends `key` if active, on behalf of `by` (an operator; `None` for a rule).
+    pub fn clear_as(&mut self, now: u64, key: &str, by: Option<&str>) -> bool {
         if self.watches.remove(key).is_some() {
             self.store_watch(key);
         }
@@ -429,7 +453,7 @@ impl AlarmBook {
             return false;
         };
         a.updated_at_ms = now;
-        self.event(now, &a, Transition::Cleared, None);
+        self.event(now, &a, Transition::Cleared, by.map(str::to_string));
         let mut told = Vec::new();
         for s in a.steps.iter().filter(|s| s.done && s.notify_clear) {
             if told.contains(&(s.channel.clone(), s.target.clone())) {
@@ -467,6 +491,34 @@ impl AlarmBook {
         a.updated_at_ms = now;
         let a = a.clone();
         self.event(now, &a, Transition::Acknowledged, Some(by.to_string()));
+        self.store_alarm(key);
+        Ok(a.view())
+    }
+
+    /// Shelves `key` for `for_ms` on behalf of `by`: no escalation step is sent until
+    /// then (steps due meanwhile go out when the shelf ends, unless acknowledged or
+    /// cleared). Shelving again replaces the end time; `for_ms` 0 unshelves.
+    pub fn shelve(
+        &mut self,
+        now: u64,
+        key: &str,
+        by: &str,
+        for_ms: u64,
+    ) -> Result<AlarmView, AckError> {
+        let a = self
+            .alarms
+            .get_mut(key)
+            .ok_or_else(|| AckError::NotFound(key.to_string()))?;
+        let (until, transition) = if for_ms == 0 {
+            (None, Transition::Unshelved)
+        } else {
+            (Some(now.saturating_add(for_ms)), Transition::Shelved)
+        };
+        a.shelved_until_ms = until;
+        a.shelved_by = until.map(|_| by.to_string());
+        a.updated_at_ms = now;
+        let a = a.clone();
+        self.event(now, &a, transition, Some(by.to_string()));
         self.store_alarm(key);
         Ok(a.view())
     }
@@ -666,7 +718,7 @@ impl AlarmBook {
         let Some(a) = self.alarms.get_mut(key) else {
             return;
         };
-        if a.acked_by.is_some() {
+        if a.acked_by.is_some() || a.shelved(now) {
             return;
         }
         let mut jobs = Vec::new();
@@ -705,7 +757,11 @@ impl AlarmBook {
         let keys: Vec<String> = self
             .alarms
             .values()
-            .filter(|a| a.acked_by.is_none() && a.steps.iter().any(|s| !s.done && s.due_ms <= now))
+            .filter(|a| {
+                a.acked_by.is_none()
+                    && !a.shelved(now)
+                    && a.steps.iter().any(|s| !s.done && s.due_ms <= now)
+            })
             .map(|a| a.key.clone())
             .collect();
         for k in keys {
@@ -742,6 +798,12 @@ impl AlarmBook {
             }
         }
         for a in self.alarms.values().filter(|a| a.acked_by.is_none()) {
+            if let Some(until) = a.shelved_until_ms.filter(|_| a.shelved(now))
+                && a.steps.iter().any(|s| !s.done)
+            {
+                consider(until);
+                continue;
+            }
             for s in a.steps.iter().filter(|s| !s.done) {
                 let due = s.due_ms.max(now);
                 match s
@@ -761,7 +823,10 @@ impl AlarmBook {
     pub fn still_wanted(&self, job: &NotifyJob) -> bool {
         match (&job.key, job.event.as_str()) {
             (Some(k), "raised" | "escalated") => {
-                self.alarms.get(k).is_some_and(|a| a.acked_by.is_none())
+                let now = crate::host::now_ms();
+                self.alarms
+                    .get(k)
+                    .is_some_and(|a| a.acked_by.is_none() && !a.shelved(now))
             }
             _ => true,
         }

@@ -326,6 +326,7 @@ fn client(c: ClientLine, at: u64) -> (ClientInfo, String) {
         remote: c.remote.unwrap_or_else(|| "127.0.0.1:0".into()),
         shard: c.shard,
         time_ms: at,
+        groups: Vec::new(),
     };
     (info, c.reason.unwrap_or_else(|| "bye".into()))
 }

@@ -54,8 +54,12 @@ pub enum Transition {
     Escalated,
     /// Someone took it; escalation stops.
     Acknowledged,
-    /// Condition gone; the alarm is over.
+    /// Condition gone (or cleared by an operator); the alarm is over.
     Cleared,
+    /// An operator silenced it for a while.
+    Shelved,
+    /// An operator ended the silence early.
+    Unshelved,
 }
 
 impl Transition {
@@ -66,6 +70,8 @@ impl Transition {
             Transition::Escalated => "escalated",
             Transition::Acknowledged => "acknowledged",
             Transition::Cleared => "cleared",
+            Transition::Shelved => "shelved",
+            Transition::Unshelved => "unshelved",
         }
     }
 }

@@ -17,6 +17,9 @@ pub struct ClientInfo {
     pub shard: usize,
     /// When the event happened, ms since the Unix epoch.
     pub time_ms: u64,
+    /// Groups the connection was a member of (at a disconnect: just before it
+    /// left them; at a connect: none yet).
+    pub groups: Vec<String>,
 }
 
 /// A DATA or PUBLISH frame, after it was forwarded.

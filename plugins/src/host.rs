@@ -74,13 +74,66 @@ pub enum PluginError {
     Signal(String),
 }
 
-/// A page of active alarms: `{"items": [...], "next": <key or null>}`.
+/// A page of active alarms: `{"items": [...], "next": <key or null>, "total": N,
+/// "totals": {...}}`.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct AlarmPage {
     /// Alarms in key order.
     pub items: Vec<AlarmView>,
     /// Cursor for the next page (`after=`), none on the last page.
     pub next: Option<String>,
+    /// Alarms matching the filter, all pages.
+    pub total: usize,
+    /// Counts over every active alarm, whatever the filter and the page.
+    pub totals: AlarmTotals,
+}
+
+/// Counts over every active alarm.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct AlarmTotals {
+    /// Active alarms.
+    pub active: usize,
+    /// Not acknowledged.
+    pub unacked: usize,
+    /// Shelved now.
+    pub shelved: usize,
+    /// Not acknowledged and not shelved: the ones still paging someone.
+    pub open: usize,
+    /// Active alarms by severity.
+    pub critical: usize,
+    pub major: usize,
+    pub minor: usize,
+    pub info: usize,
+}
+
+/// Which active alarms a page or a bulk acknowledge covers.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AlarmFilter {
+    /// Only this severity (`critical`, `major`, `minor`, `info`).
+    pub severity: Option<relay_config::plugins::Severity>,
+    /// Keys starting with this.
+    pub prefix: String,
+    /// `Some(false)`: not acknowledged only; `Some(true)`: acknowledged only.
+    pub acked: Option<bool>,
+}
+
+impl AlarmFilter {
+    fn matches(&self, a: &AlarmView) -> bool {
+        self.severity.is_none_or(|s| a.severity == s)
+            && a.key.starts_with(&self.prefix)
+            && self.acked.is_none_or(|k| a.acked_by.is_some() == k)
+    }
+}
+
+/// What a bulk acknowledge did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct BulkAck {
+    /// Alarms acknowledged now.
+    pub acked: usize,
+    /// Asked for but already acknowledged.
+    pub already: usize,
+    /// Keys asked for that are not active.
+    pub not_found: Vec<String>,
 }
 
 /// Actions from scripts for the shards (any shard may pull; executor-agnostic).
@@ -130,6 +183,8 @@ pub struct PluginHost {
     watcher: Option<JoinHandle<()>>,
     /// Sink thread.
     sink: Option<SinkThread>,
+    /// Writes the device registry to Redis.
+    registry: Option<crate::registry::Flusher>,
     /// Stops workers and watcher.
     stop: Arc<AtomicBool>,
     /// SIGHUP registration, removed at shutdown.
@@ -173,6 +228,7 @@ impl PluginHost {
                 workers: Vec::new(),
                 watcher: None,
                 sink: None,
+                registry: None,
                 stop,
                 sighup: None,
             };
@@ -180,6 +236,9 @@ impl PluginHost {
         }
         let (sink, loaded) = sink::start(&cfg, shared.clone())?;
         sink::restore(&shared, loaded.snapshot);
+        let flusher =
+            crate::registry::Flusher::start(shared.registry.clone(), &cfg.plugins, &cfg.redis)
+                .map_err(|e| PluginError::Thread("device registry", e.to_string()))?;
 
         let dir = PathBuf::from(&cfg.plugins.dir);
         let engine = script::sandbox(&cfg.plugins);
@@ -250,6 +309,7 @@ impl PluginHost {
             workers,
             watcher,
             sink: Some(sink),
+            registry: Some(flusher),
             stop,
             sighup,
         };
@@ -270,16 +330,100 @@ impl PluginHost {
     /// earlier page's `next`), at most `limit` (1 to 1000), as `GET /api/v1/alarms`
     /// returns them.
     pub fn alarms_page(&self, after: Option<&str>, limit: usize) -> AlarmPage {
+        self.alarms_filtered(&AlarmFilter::default(), after, limit)
+    }
+
+    /// One page of the active alarms matching `f`, in key order, with the number
+    /// matching (`total`) and the counts over every active alarm (`totals`).
+    pub fn alarms_filtered(&self, f: &AlarmFilter, after: Option<&str>, limit: usize) -> AlarmPage {
+        use relay_config::plugins::Severity;
         let limit = limit.clamp(1, 1000);
+        let now = now_ms();
         let book = self.shared.book();
-        let mut items: Vec<AlarmView> = book.views_after(after).take(limit + 1).collect();
-        let next = if items.len() > limit {
-            items.truncate(limit);
+        let mut totals = AlarmTotals::default();
+        let mut total = 0;
+        let mut items = Vec::with_capacity(limit);
+        let mut more = false;
+        for a in book.views_after(None) {
+            totals.active += 1;
+            let shelved = a.shelved_until_ms.is_some_and(|t| t > now);
+            totals.unacked += usize::from(a.acked_by.is_none());
+            totals.shelved += usize::from(shelved);
+            totals.open += usize::from(a.acked_by.is_none() && !shelved);
+            match a.severity {
+                Severity::Critical => totals.critical += 1,
+                Severity::Major => totals.major += 1,
+                Severity::Minor => totals.minor += 1,
+                _ => totals.info += 1,
+            }
+            if !f.matches(&a) {
+                continue;
+            }
+            total += 1;
+            if after.is_some_and(|k| a.key.as_str() <= k) {
+                continue;
+            }
+            if items.len() < limit {
+                items.push(a);
+            } else {
+                more = true;
+            }
+        }
+        let next = if more {
             items.last().map(|a| a.key.clone())
         } else {
             None
         };
-        AlarmPage { items, next }
+        AlarmPage {
+            items,
+            next,
+            total,
+            totals,
+        }
+    }
+
+    /// Ends alarm `key` on behalf of `by` (the history records who); `false` when it
+    /// was not active. A rule whose condition still holds may raise it again.
+    pub fn clear(&self, key: &str, by: &str) -> bool {
+        let done = self.shared.book().clear_as(now_ms(), key, Some(by));
+        self.shared.clock_kick.notify_one();
+        done
+    }
+
+    /// Shelves alarm `key` for `for_ms` (0 unshelves) on behalf of `by`: no
+    /// escalation step is sent until then.
+    pub fn shelve(&self, key: &str, by: &str, for_ms: u64) -> Result<AlarmView, AckError> {
+        let v = self.shared.book().shelve(now_ms(), key, by, for_ms)?;
+        self.shared.clock_kick.notify_one();
+        Ok(v)
+    }
+
+    /// Acknowledges, on behalf of `by`, the alarms named by `keys`, or (when `keys`
+    /// is `None`) every unacknowledged alarm matching `f`.
+    pub fn ack_many(&self, keys: Option<&[String]>, f: &AlarmFilter, by: &str) -> BulkAck {
+        let now = now_ms();
+        let mut out = BulkAck::default();
+        {
+            let mut book = self.shared.book();
+            let keys: Vec<String> = match keys {
+                Some(k) => k.to_vec(),
+                None => book
+                    .views_after(None)
+                    .filter(|a| a.acked_by.is_none() && f.matches(a))
+                    .map(|a| a.key)
+                    .collect(),
+            };
+            for k in keys {
+                let before = book.get(&k).map(|a| a.acked_by.is_some());
+                match (before, book.ack(now, &k, by)) {
+                    (Some(true), Ok(_)) => out.already += 1,
+                    (_, Ok(_)) => out.acked += 1,
+                    (_, Err(_)) => out.not_found.push(k),
+                }
+            }
+        }
+        self.shared.clock_kick.notify_one();
+        out
     }
 
     /// Acknowledges alarm `key` on behalf of `by`; its escalation chain stops.
@@ -309,6 +453,21 @@ impl PluginHost {
             .unwrap_or(0)
     }
 
+    /// One page of the device registry (newest last seen first) with its totals.
+    pub fn devices(&self, q: &crate::registry::DeviceQuery) -> crate::registry::DevicePage {
+        self.shared.registry.page(q)
+    }
+
+    /// One device of the registry.
+    pub fn device(&self, addr: &str) -> Option<crate::registry::Device> {
+        self.shared.registry.get(addr)
+    }
+
+    /// The registry's counts (devices, online, offline).
+    pub fn device_totals(&self) -> crate::registry::Totals {
+        self.shared.registry.totals()
+    }
+
     /// The plugin counters.
     pub fn stats(&self) -> PluginStats {
         self.shared.snapshot()
@@ -330,6 +489,9 @@ impl PluginHost {
         }
         if let Some(id) = self.sighup.take() {
             signal_hook::low_level::unregister(id);
+        }
+        if let Some(mut f) = self.registry.take() {
+            f.stop();
         }
         if let Some(s) = self.sink.take() {
             s.stop.notify_one();

@@ -19,6 +19,8 @@
 //! - `spool`: the on-disk spool behind each sink.
 //! - `notify`: HTTP notifiers: templates, retries, rate limits, attempt records.
 //! - `history`: the alarm history read back from MySQL, in pages.
+//! - `records`: the notification log and devices' telemetry read back from MySQL.
+//! - `registry`: every device ever seen, kept in Redis, for the fleet view.
 //! - `cli`: `relay rules check` and `relay rules test`.
 pub mod alarm;
 pub mod api;
@@ -28,6 +30,8 @@ pub mod event;
 pub mod history;
 pub mod host;
 pub mod notify;
+pub mod records;
+pub mod registry;
 pub mod rules;
 pub mod script;
 pub mod shared;
@@ -38,7 +42,10 @@ pub mod worker;
 pub use alarm::{AckError, AlarmView};
 pub use effect::{AlarmEvent, Effect, NotifyJob, Transition};
 pub use event::{Action, ClientInfo, Event, MessageEvent, RULES_SRC};
-pub use host::{ActionReceiver, AlarmPage, EventSender, HostConfig, PluginError, PluginHost};
+pub use host::{
+    ActionReceiver, AlarmFilter, AlarmPage, AlarmTotals, BulkAck, EventSender, HostConfig,
+    PluginError, PluginHost,
+};
 pub use shared::PluginStats;
 
 #[cfg(test)]

@@ -47,6 +47,8 @@ pub struct Attempt {
     pub http_status: Option<u16>,
     pub error: Option<String>,
     pub at_ms: u64,
+    /// The start of the provider's answer (body), when it gave one.
+    pub response: Option<String>,
 }
 
 impl Attempt {
@@ -63,6 +65,7 @@ impl Attempt {
             "status": self.status.as_str(),
             "http_status": self.http_status,
             "error": self.error,
+            "response": self.response,
         });
         match v {
             serde_json::Value::Object(m) => m,
@@ -192,6 +195,7 @@ impl Notifier {
             http_status,
             error,
             at_ms: now_ms(),
+            response: None,
         };
         if job.channel == "log" {
             self.shared.count(&stats.notify_attempts);
@@ -254,18 +258,22 @@ impl Notifier {
             .await
             .unwrap_or_else(|e| Err(format!("request task failed: {e}")));
             match result {
-                Ok(status) if (200..300).contains(&status) => {
-                    record(attempt_of(n, AttemptStatus::Sent, Some(status), None));
+                Ok((status, answer)) if (200..300).contains(&status) => {
+                    let mut a = attempt_of(n, AttemptStatus::Sent, Some(status), None);
+                    a.response = answer;
+                    record(a);
                     return;
                 }
-                Ok(status) => {
+                Ok((status, answer)) => {
                     self.shared.count(&stats.notify_failures);
-                    record(attempt_of(
+                    let mut a = attempt_of(
                         n,
                         AttemptStatus::Failed,
                         Some(status),
                         Some(format!("HTTP {status}")),
-                    ));
+                    );
+                    a.response = answer;
+                    record(a);
                 }
                 Err(e) => {
                     self.shared.count(&stats.notify_failures);
@@ -280,14 +288,18 @@ impl Notifier {
     }
 }
 
-/// One blocking HTTP request; the status code or a transport error.
+/// Most characters of a provider's answer kept in the attempt record.
+const ANSWER_CHARS: usize = 500;
+
+/// One blocking HTTP request; the status code and the start of the answer's body
+/// (none when empty), or a transport error.
 fn http_call(
     agent: &ureq::Agent,
     method: &str,
     url: &str,
     headers: &[(String, String)],
     body: String,
-) -> Result<u16, String> {
+) -> Result<(u16, Option<String>), String> {
     let resp = if method == "GET" {
         let mut req = agent.get(url);
         for (k, v) in headers {
@@ -309,8 +321,16 @@ fn http_call(
         Ok(mut r) => {
             let status = r.status().as_u16();
             // Read (a bounded part of) the answer so the connection can be reused.
-            let _ = r.body_mut().with_config().limit(64 * 1024).read_to_vec();
-            Ok(status)
+            let body = r
+                .body_mut()
+                .with_config()
+                .limit(64 * 1024)
+                .read_to_vec()
+                .unwrap_or_default();
+            let text = String::from_utf8_lossy(&body);
+            let text = text.trim();
+            let answer = (!text.is_empty()).then(|| text.chars().take(ANSWER_CHARS).collect());
+            Ok((status, answer))
         }
         Err(e) => Err(e.to_string()),
     }

@@ -104,6 +104,8 @@ pub struct Shared {
     pub max_state_addrs: usize,
     /// Wakes the alarm clock after a script touched alarms.
     pub clock_kick: tokio::sync::Notify,
+    /// Every device seen (the workers keep it up to date).
+    pub registry: Arc<crate::registry::Registry>,
 }
 
 impl Shared {
@@ -132,6 +134,7 @@ impl Shared {
             channels,
             max_state_addrs: plugins.max_state_addrs,
             clock_kick: tokio::sync::Notify::new(),
+            registry: Arc::new(crate::registry::Registry::new(plugins)),
         })
     }
 

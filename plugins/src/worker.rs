@@ -192,19 +192,21 @@ impl Worker {
         let now = now_ms();
         match &ev {
             Event::Connect(c) => {
+                self.shared.registry.connected(c);
                 let info = json!({"role": c.role, "remote": c.remote, "shard": c.shard, "since_ms": c.time_ms});
                 let _ = self.sink.blocking_send(Effect::Presence {
                     addr: c.addr.clone(),
                     info: Some(info),
                 });
             }
-            Event::Disconnect(c, _) => {
+            Event::Disconnect(c, reason) => {
+                self.shared.registry.disconnected(c, reason);
                 let _ = self.sink.blocking_send(Effect::Presence {
                     addr: c.addr.clone(),
                     info: None,
                 });
             }
-            Event::Message(_) => {}
+            Event::Message(m) => self.shared.registry.seen(&m.src, m.time_ms),
         }
         let out = guarded(&self.shared, || rules.handle(now, &ev));
         dispatch(&self.shared, &self.sink, &self.actions, out);

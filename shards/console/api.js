@@ -115,9 +115,69 @@ export class Api {
     return body || {};
   }
 
-  /** Active alarms. */
-  async alarms() {
-    return list(await this.get("/api/v1/alarms")).items;
+  /** Active alarms of the first page (at most `limit`, filtered like `alarmsPage`). */
+  async alarms(filter = {}) {
+    return (await this.alarmsPage({ limit: 1000, ...filter })).items;
+  }
+
+  /**
+   * One page of active alarms, in key order: `{items, next, total, totals}`;
+   * `total` counts the matching alarms of every page, `totals` all active ones.
+   */
+  async alarmsPage({ severity, prefix, acked, limit = 100, after } = {}) {
+    const body = await this.get(`/api/v1/alarms${query({ severity, prefix, acked, limit, after })}`);
+    const page = list(body);
+    return { ...page, total: body?.total ?? page.items.length, totals: body?.totals ?? null };
+  }
+
+  /** Acknowledges the alarms `keys`, or (keys null) every unacknowledged one matching `filter`. */
+  ackMany(keys, by, filter = {}) {
+    return this.request("POST", "/api/v1/alarms/ack", keys ? { keys, by } : { all: true, by, ...filter });
+  }
+
+  /** Ends an active alarm now. */
+  clearAlarm(key, by) {
+    return this.request("POST", `/api/v1/alarms/${seg(key)}/clear`, { by });
+  }
+
+  /** Silences an alarm's escalation for `forS` seconds. */
+  shelve(key, by, forS) {
+    return this.request("POST", `/api/v1/alarms/${seg(key)}/shelve`, { by, for_s: forS });
+  }
+
+  /** Ends a shelf early. */
+  unshelve(key, by) {
+    return this.request("POST", `/api/v1/alarms/${seg(key)}/unshelve`, { by });
+  }
+
+  /** One page of the notification log (needs MySQL): `{items, next}`, newest first. */
+  async notifications({ key, channel, status, limit = 50, after } = {}) {
+    return list(await this.get(`/api/v1/notifications${query({ key, channel, status, limit, after })}`));
+  }
+
+  /**
+   * One page of the device registry, newest last seen first:
+   * `{items, total, offset, next, totals: {devices, online, offline}}`.
+   */
+  async devices({ status, prefix, role, group, limit = 100, offset = 0 } = {}) {
+    const body = await this.get(`/api/v1/devices${query({ status, prefix, role, group, limit, offset })}`);
+    return {
+      items: Array.isArray(body?.items) ? body.items : [],
+      total: body?.total ?? 0,
+      offset: body?.offset ?? offset,
+      next: body?.next ?? null,
+      totals: body?.totals ?? { devices: 0, online: 0, offline: 0 },
+    };
+  }
+
+  /** One device of the registry (first and last seen, online, last disconnect reason...). */
+  device(addr) {
+    return this.get(`/api/v1/devices/${seg(addr)}`);
+  }
+
+  /** A device's telemetry over time: `{fields, items: [{at_ms, <field>: n}]}`, oldest first. */
+  deviceHistory(addr, { table, field, sinceMs, limit = 500 } = {}) {
+    return this.get(`/api/v1/devices/${seg(addr)}/history${query({ table, field, since_ms: sinceMs, limit })}`);
   }
 
   /** Acknowledges alarm `key` in the name of `by`. */

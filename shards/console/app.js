@@ -10,6 +10,7 @@ import { signInView } from "./signin.js";
 import { fleetView } from "./fleet.js";
 import { deviceView } from "./device.js";
 import { alarmsView } from "./alarms.js";
+import { notificationsView } from "./notifications.js";
 
 const TOKEN_KEY = "relay.console.token";
 const NAME_KEY = "relay.console.name";
@@ -93,10 +94,14 @@ function showLink(link) {
 async function refreshBadge() {
   if (!session || document.hidden) return;
   try {
-    const alarms = await session.api.alarms();
-    const open = alarms.filter((a) => !a.acked_by).length;
+    // The relay counts every active alarm; one page of them would undercount.
+    const { totals } = await session.api.alarmsPage({ limit: 1 });
+    const open = totals ? totals.unacked : 0;
     badge.hidden = open === 0;
-    badge.textContent = String(open);
+    badge.textContent = open.toLocaleString("en-US");
+    badge.title = totals
+      ? `${open} not acknowledged of ${totals.active} active${totals.shelved ? `, ${totals.shelved} shelved` : ""}`
+      : "";
   } catch (e) {
     // Rules off: there are no alarms to count until the relay's configuration changes.
     if (e.code === "unsupported") clearInterval(badgeTimer);
@@ -115,7 +120,7 @@ function mount(fn) {
   window.scrollTo(0, 0);
 }
 
-/** Shows the view named by the hash: #/fleet, #/device/<addr>, #/alarms. */
+/** Shows the view named by the hash: #/fleet, #/device/<addr>, #/alarms, #/notifications. */
 function route() {
   if (!session) return;
   const hash = location.hash.replace(/^#\/?/, "");
@@ -138,6 +143,9 @@ function route() {
     }
     document.title = `${addr} · Relay console`;
     mount((root) => deviceView(root, ctx, addr));
+  } else if (name === "notifications") {
+    document.title = "Notifications · Relay console";
+    mount((root) => notificationsView(root, ctx));
   } else if (name === "alarms") {
     document.title = "Alarms · Relay console";
     mount((root) => alarmsView(root, ctx));

@@ -2,14 +2,21 @@
 // relay copies every DATA/PUBLISH the device sends to that group) and shows
 // them live with the device's replies to the console; a command box sends JSON
 // DATA with an ACK request and shows the ACK or the ERROR; the device shadow,
-// the session and the device's alarms are polled from the HTTP API.
+// the session and the device's alarms are polled from the HTTP API; the registry
+// tells whether it is online, when it was first and last seen and why it last
+// went offline; its telemetry over time (from MySQL) is drawn as one chart per
+// field.
 
-import { h, replace, ago, clock, brief } from "./dom.js";
+import { h, replace, ago, clock, brief, num } from "./dom.js";
 import { severityRank, alarmCard, alarmsFor, alarmsError } from "./alarms.js";
+import { lineChart } from "./chart.js";
 
 const STREAM_MAX = 200;
 const COMMANDS_MAX = 50;
 const POLL_MS = 2000;
+/** Telemetry is read again this often; at most this many readings are drawn. */
+const TELEMETRY_MS = 10000;
+const TELEMETRY_POINTS = 500;
 /** A frame seen both directly and through the watch group within this window is shown once. */
 const DEDUPE_MS = 3000;
 
@@ -30,6 +37,12 @@ export function deviceView(root, ctx, addr) {
   const shadow = h("div", { id: "shadow" }, h("p", { class: "muted", text: "Loading…" }));
   const shadowAt = h("span", { class: "muted small" });
   const alarmsBox = h("div", { id: "device-alarms" }, h("p", { class: "muted", text: "Loading…" }));
+  const telemetry = h("div", { id: "telemetry" }, h("p", { class: "muted", text: "Loading…" }));
+  const telemetryAt = h("span", { class: "muted small" });
+  /** The relay keeps no telemetry history (no MySQL or no telemetry table): stop asking. */
+  let telemetryOff = false;
+  /** The relay keeps no registry (rules off): read the live session instead. */
+  let noRegistry = false;
   const watchNote = h("p", { class: "muted small", id: "watch-note", text: "Joining the live stream…" });
   const stream = h("ol", { class: "stream", id: "stream", "aria-live": "polite" });
   const streamCounter = h("span", { class: "muted small", text: "0 messages" });
@@ -125,6 +138,12 @@ export function deviceView(root, ctx, addr) {
         { class: "card", "aria-labelledby": "h-alarms" },
         h("h2", { id: "h-alarms", text: "Alarms" }),
         alarmsBox,
+      ),
+      h(
+        "section",
+        { class: "card span2", "aria-labelledby": "h-telemetry" },
+        h("div", { class: "card-head" }, h("h2", { id: "h-telemetry", text: "Telemetry" }), telemetryAt),
+        telemetry,
       ),
     ),
   );
@@ -236,7 +255,62 @@ export function deviceView(root, ctx, addr) {
   }
 
   // ---- session, shadow, alarms
+  const stamp = (ms) =>
+    typeof ms === "number"
+      ? h("span", { title: new Date(ms).toLocaleString() }, clock(ms), " (", h("span", { class: "ago", dataset: { ts: ms }, text: ago(ms) }), ")")
+      : null;
+
   async function refreshSession() {
+    if (noRegistry) return refreshLive();
+    try {
+      const d = await api.device(addr);
+      if (!alive) return;
+      const online = d.online === true;
+      badge.textContent = online ? "online" : "offline";
+      badge.className = `pill ${online ? "ok" : "bad"}`;
+      const rows = [
+        ["Status", online ? "online" : "offline"],
+        ["Last seen", stamp(d.last_seen_ms)],
+        ["First seen", stamp(d.first_seen_ms)],
+        ["Connected", online ? stamp(d.last_connect_ms) : null],
+        [
+          "Last disconnect",
+          d.last_disconnect_reason
+            ? h("span", { class: "reason" }, d.last_disconnect_reason.replace(/_/g, " "), " ", stamp(d.last_disconnect_ms) ?? "")
+            : null,
+        ],
+        ["Connects", typeof d.connects === "number" ? num(d.connects) : null],
+        ["Role", d.role],
+        ["Shard", d.shard],
+        ["Remote", d.remote],
+        ["Groups", Array.isArray(d.groups) && d.groups.length ? d.groups.join(", ") : null],
+        ["Uids", Array.isArray(d.uids) && d.uids.length ? d.uids.join(", ") : null],
+        ["Meta", d.meta && Object.keys(d.meta).length ? brief(d.meta, 400) : null],
+      ];
+      replace(
+        info,
+        rows
+          .filter(([, v]) => v !== null && v !== undefined && v !== "")
+          .map(([k, v]) => [h("dt", { text: k }), h("dd", {}, v)]),
+      );
+    } catch (e) {
+      if (!alive || e.status === 401) return;
+      if (e.code === "unsupported") {
+        noRegistry = true;
+        return refreshLive();
+      }
+      if (e.status === 404) {
+        badge.textContent = "never seen";
+        badge.className = "pill bad";
+        replace(info, h("p", { class: "muted", text: `The relay has never seen ${addr}.` }));
+      } else {
+        replace(info, h("p", { class: "error", text: `Session unavailable: ${e.message}` }));
+      }
+    }
+  }
+
+  /** The live session from /api/v1/clients (when the relay keeps no registry). */
+  async function refreshLive() {
     try {
       const c = await api.client(addr);
       if (!alive) return;
@@ -308,7 +382,7 @@ export function deviceView(root, ctx, addr) {
 
   async function refreshAlarms() {
     try {
-      const mine = alarmsFor(await api.alarms(), addr).sort(
+      const mine = alarmsFor(await api.alarms({ prefix: `${addr}/` }), addr).sort(
         (a, b) => severityRank(b.severity) - severityRank(a.severity) || (a.raised_at_ms ?? 0) - (b.raised_at_ms ?? 0),
       );
       if (!alive) return;
@@ -329,6 +403,44 @@ export function deviceView(root, ctx, addr) {
     }
   }
 
+  async function refreshTelemetry() {
+    if (document.hidden || telemetryOff || rulesOff) return;
+    try {
+      const s = await api.deviceHistory(addr, { limit: TELEMETRY_POINTS });
+      if (!alive) return;
+      const items = Array.isArray(s.items) ? s.items : [];
+      const fields = Array.isArray(s.fields) ? s.fields : [];
+      telemetryAt.textContent = items.length ? `${num(items.length)} readings from ${s.table}, read ${clock(Date.now())}` : "";
+      if (!items.length) {
+        replace(telemetry, h("p", { class: "muted", text: `No readings of ${addr} in ${s.table} yet.` }));
+        return;
+      }
+      replace(
+        telemetry,
+        fields.map((f) => {
+          const pts = items.map((r) => ({ t: Number(r.at_ms), v: typeof r[f] === "number" ? r[f] : NaN }));
+          const last = [...pts].reverse().find((p) => Number.isFinite(p.v));
+          return h(
+            "figure",
+            { class: "series", dataset: { field: f } },
+            h("figcaption", {}, h("strong", { text: f }), last ? ` latest ${last.v} at ${clock(last.t)}` : ""),
+            lineChart(f, pts),
+          );
+        }),
+      );
+    } catch (e) {
+      if (!alive || e.status === 401) return;
+      telemetryOff = e.status === 503 || e.status === 400 || e.code === "unsupported";
+      const text =
+        e.status === 503 || e.code === "unsupported"
+          ? "Telemetry over time needs MySQL: set [mysql] enabled = true and persist() readings to a table with addr and at_ms columns."
+          : e.status === 400
+            ? e.message
+            : `Telemetry unavailable: ${e.message}`;
+      replace(telemetry, h("p", { class: telemetryOff ? "notice" : "error", text }));
+    }
+  }
+
   function poll() {
     if (document.hidden) return;
     refreshSession();
@@ -338,7 +450,8 @@ export function deviceView(root, ctx, addr) {
     }
   }
   poll();
-  timers.push(setInterval(poll, POLL_MS));
+  refreshTelemetry();
+  timers.push(setInterval(poll, POLL_MS), setInterval(refreshTelemetry, TELEMETRY_MS));
 
   return () => {
     alive = false;

@@ -1,7 +1,11 @@
-// fleet.js: the fleet view. Live counts from /api/v1/stats every 2 s; one page
-// (100 rows) of online clients from /api/v1/clients with an `after` cursor,
-// filtered by address prefix and role; the device shadow fetched for the rows
-// on screen only, so the page stays fast with 100,000 clients online.
+// fleet.js: the fleet view. Every device the relay has seen, online and offline,
+// from the device registry (/api/v1/devices), newest last seen first, one page
+// of 100 at a time, filtered by status, role and address prefix. Every count on
+// the page comes from the totals the relay sends (devices known, online,
+// offline, devices matching the filter), never from the length of one page. Live
+// traffic counts come from /api/v1/stats every 2 s; the device shadow is fetched
+// for the rows on screen only, so the page stays fast with 100,000 devices.
+// Without rules (no registry) the view lists online clients from /api/v1/clients.
 
 import { h, replace, num, duration, fields, debounce, pool, ago } from "./dom.js";
 import { summarize, rate } from "./stats.js";
@@ -13,9 +17,14 @@ const LIST_EVERY_MS = 3000;
 const STATE_MAX_AGE_MS = 6000;
 /** Shadow requests in flight at once. */
 const STATE_CONCURRENCY = 6;
+const STATUSES = [
+  ["", "all"],
+  ["online", "online"],
+  ["offline", "offline"],
+];
 
 /** The view's position survives a visit to a device and back. */
-const memory = { prefix: "", role: "controller", cursors: [null] };
+const memory = { prefix: "", role: "controller", status: "", offset: 0, cursors: [null] };
 
 export function fleetView(root, ctx) {
   const { api } = ctx;
@@ -24,6 +33,10 @@ export function fleetView(root, ctx) {
   let prevAt = 0;
   let page = null; // last list response
   let listSeq = 0;
+  /** The relay keeps no registry (rules off): list online clients instead. */
+  let noRegistry = false;
+  /** Registry totals of the last answer: {devices, online, offline}. */
+  let totals = null;
   /** addr -> {state, at, error} */
   const states = new Map();
   /** The relay keeps no device shadow (rules off): stop asking for it. */
@@ -31,6 +44,7 @@ export function fleetView(root, ctx) {
   const timers = [];
 
   const counts = h("section", { class: "counts", id: "counts", "aria-label": "Live counts" });
+  const fleetCounts = h("section", { class: "counts", id: "fleet-counts", "aria-label": "Devices" });
   const search = h("input", {
     type: "search",
     id: "search",
@@ -47,34 +61,64 @@ export function fleetView(root, ctx) {
       h("option", { value: r, selected: r === memory.role, text: r ? `${r}s` : "all roles" }),
     ),
   );
-  const status = h("p", { class: "muted small", id: "fleet-status", role: "status" });
-  const tbody = h("tbody", { id: "fleet-rows" });
-  const table = h(
-    "table",
-    { class: "grid fleet" },
-    h(
-      "thead",
-      {},
+  const statusTabs = h(
+    "div",
+    { class: "chips", id: "status-filter", role: "group", "aria-label": "Status" },
+    STATUSES.map(([value, label]) =>
       h(
-        "tr",
-        {},
-        ["Address", "Role", "Connected", "Shard", "Last state"].map((t) => h("th", { scope: "col", text: t })),
+        "button",
+        {
+          type: "button",
+          class: `chip${value === memory.status ? " on" : ""}`,
+          dataset: { status: value },
+          "aria-pressed": String(value === memory.status),
+          onclick: () => {
+            memory.status = value;
+            memory.offset = 0;
+            page = null;
+            markTabs();
+            refreshList();
+          },
+        },
+        label,
+        " ",
+        h("span", { class: "chip-count", dataset: { count: value || "all" } }),
       ),
     ),
-    tbody,
   );
+  const status = h("p", { class: "muted small", id: "fleet-status", role: "status" });
+  const tbody = h("tbody", { id: "fleet-rows" });
+  const head = h("tr");
+  const table = h("table", { class: "grid fleet" }, h("thead", {}, head), tbody);
   const prevBtn = h("button", { type: "button", id: "prev", text: "‹ Previous", onclick: () => turn(-1) });
   const nextBtn = h("button", { type: "button", id: "next", text: "Next ›", onclick: () => turn(1) });
   const pageLabel = h("span", { class: "muted", id: "page-label" });
 
   root.append(
     h("h1", { class: "title", text: "Fleet" }),
+    fleetCounts,
     counts,
-    h("div", { class: "toolbar" }, search, role),
+    h("div", { class: "toolbar" }, search, role, statusTabs),
     status,
     h("div", { class: "table-wrap" }, table),
     h("nav", { class: "pager", "aria-label": "Pages" }, prevBtn, pageLabel, nextBtn),
   );
+
+  function markTabs() {
+    for (const b of statusTabs.children) {
+      const on = b.dataset.status === memory.status;
+      b.classList.toggle("on", on);
+      b.setAttribute("aria-pressed", String(on));
+    }
+  }
+
+  const card = (label, value, id) =>
+    h(
+      "div",
+      { class: "count", id },
+      h("span", { class: "count-value", text: value }),
+      h("span", { class: "count-label", text: label }),
+    );
 
   // ---- counts
   async function refreshStats() {
@@ -88,13 +132,6 @@ export function fleetView(root, ctx) {
       prevStats = s;
       prevAt = now;
       if (!alive) return;
-      const card = (label, value, id) =>
-        h(
-          "div",
-          { class: "count", id },
-          h("span", { class: "count-value", text: value }),
-          h("span", { class: "count-label", text: label }),
-        );
       replace(
         counts,
         card("controllers online", num(s.byRole.controller), "count-controllers"),
@@ -117,56 +154,162 @@ export function fleetView(root, ctx) {
     }
   }
 
+  function showTotals() {
+    if (!totals) {
+      replace(fleetCounts);
+      fleetCounts.hidden = true;
+      return;
+    }
+    fleetCounts.hidden = false;
+    replace(
+      fleetCounts,
+      card(`${memory.role || "device"}s known`, num(totals.devices), "count-devices"),
+      card(`${memory.role || "device"}s online`, num(totals.online), "count-online"),
+      card(`${memory.role || "device"}s offline`, num(totals.offline), "count-offline"),
+    );
+    for (const el of statusTabs.querySelectorAll(".chip-count")) {
+      const n = el.dataset.count === "all" ? totals.devices : totals[el.dataset.count];
+      el.textContent = num(n);
+    }
+  }
+
   // ---- list
   async function refreshList() {
     if (document.hidden) return;
     const seq = ++listSeq;
-    const cursor = memory.cursors[memory.cursors.length - 1];
     try {
-      const res = await api.clients({ role: memory.role, prefix: memory.prefix, limit: PAGE, after: cursor });
+      let res;
+      if (!noRegistry) {
+        try {
+          res = await api.devices({
+            status: memory.status,
+            prefix: memory.prefix,
+            role: memory.role,
+            limit: PAGE,
+            offset: memory.offset,
+          });
+        } catch (e) {
+          if (e.code !== "unsupported") throw e;
+          noRegistry = true;
+          statusTabs.hidden = true;
+        }
+      }
+      if (noRegistry) {
+        const cursor = memory.cursors[memory.cursors.length - 1];
+        res = await api.clients({ role: memory.role, prefix: memory.prefix, limit: PAGE, after: cursor });
+      }
       if (!alive || seq !== listSeq) return;
       page = res;
+      totals = noRegistry ? null : res.totals;
+      showTotals();
       render();
       refreshStates();
     } catch (e) {
       if (!alive || seq !== listSeq || e.status === 401) return;
-      status.textContent = e.status === 400 ? `Search refused: ${e.message}` : `Cannot list clients: ${e.message}`;
+      status.textContent = e.status === 400 ? `Search refused: ${e.message}` : `Cannot list devices: ${e.message}`;
       status.classList.add("error");
     }
+  }
+
+  function describe() {
+    const what = memory.role ? `${memory.role}s` : "devices";
+    const filter = memory.prefix ? ` whose address starts with “${memory.prefix}”` : "";
+    return { what, filter };
   }
 
   function render() {
     const items = page ? page.items : [];
     status.classList.remove("error");
-    const what = memory.role ? `${memory.role}s` : "clients";
-    const filter = memory.prefix ? ` whose address starts with “${memory.prefix}”` : "";
-    const one = items.length === 1 && !page.next;
-    status.textContent = items.length
-      ? `${items.length} online ${one ? what.replace(/s$/, "") : what}${filter}${page.next ? " on this page; more on the next" : ""}.`
-      : memory.cursors.length > 1
-        ? "No more clients."
-        : `No online ${what}${filter}.`;
-    const rows = items.map((c) => {
-      const addr = String(c.addr ?? "");
-      const href = `#/device/${encodeURIComponent(addr)}`;
-      const st = states.get(addr);
-      return h(
-        "tr",
-        { dataset: { addr }, class: "row-link", onclick: (ev) => ev.target.tagName !== "A" && ctx.go(href) },
-        h("td", { "data-label": "Address", class: "addr" }, h("a", { href, text: addr })),
-        h("td", { "data-label": "Role", text: c.role ?? "—" }),
-        h("td", { "data-label": "Connected" }, connected(c.connected_at_ms)),
-        h("td", { "data-label": "Shard", text: c.shard ?? "—" }),
-        h("td", { "data-label": "Last state", class: "state", text: stateText(st) }),
+    const { what, filter } = describe();
+    if (noRegistry) {
+      replace(
+        head,
+        ["Address", "Role", "Connected", "Shard", "Last state"].map((t) => h("th", { scope: "col", text: t })),
       );
-    });
-    replace(tbody, rows);
-    prevBtn.disabled = memory.cursors.length <= 1;
-    nextBtn.disabled = !(page && page.next !== null && page.next !== undefined && page.next !== "");
-    pageLabel.textContent = `Page ${memory.cursors.length}`;
+      const one = items.length === 1 && !page.next;
+      status.textContent = items.length
+        ? `${items.length} online ${one ? what.replace(/s$/, "") : what}${filter}${page.next ? " on this page; more on the next" : ""}. Offline devices need rules ([plugins] enabled).`
+        : memory.cursors.length > 1
+          ? "No more clients."
+          : `No online ${what}${filter}.`;
+      replace(tbody, items.map(liveRow));
+      prevBtn.disabled = memory.cursors.length <= 1;
+      nextBtn.disabled = !(page && page.next !== null && page.next !== undefined && page.next !== "");
+      pageLabel.textContent = `Page ${memory.cursors.length}`;
+      return;
+    }
+    replace(
+      head,
+      ["Address", "Status", "Last seen", "First seen", "Last disconnect", "Role", "Last state"].map((t) =>
+        h("th", { scope: "col", text: t }),
+      ),
+    );
+    const total = page.total;
+    const state = memory.status ? `${memory.status} ` : "";
+    if (items.length) {
+      const from = page.offset + 1;
+      const to = page.offset + items.length;
+      status.textContent = `${num(from)}–${num(to)} of ${num(total)} ${state}${total === 1 ? what.replace(/s$/, "") : what}${filter}, last seen first.`;
+    } else {
+      status.textContent =
+        page.offset > 0 ? "No more devices." : `No ${state}${what}${filter}${memory.status === "" ? " seen yet" : ""}.`;
+    }
+    replace(tbody, items.map(deviceRow));
+    const pages = Math.max(1, Math.ceil(total / PAGE));
+    prevBtn.disabled = page.offset <= 0;
+    nextBtn.disabled = page.next === null || page.next === undefined;
+    pageLabel.textContent = `Page ${num(Math.floor(page.offset / PAGE) + 1)} of ${num(pages)}`;
   }
 
-  function connected(ms) {
+  function link(addr) {
+    const href = `#/device/${encodeURIComponent(addr)}`;
+    return { href, cell: h("td", { "data-label": "Address", class: "addr" }, h("a", { href, text: addr })) };
+  }
+
+  function deviceRow(d) {
+    const addr = String(d.addr ?? "");
+    const { href, cell } = link(addr);
+    const online = d.online === true;
+    return h(
+      "tr",
+      {
+        dataset: { addr, online: String(online) },
+        class: `row-link${online ? "" : " is-offline"}`,
+        onclick: (ev) => ev.target.tagName !== "A" && ctx.go(href),
+      },
+      cell,
+      h(
+        "td",
+        { "data-label": "Status" },
+        h("span", { class: `pill ${online ? "ok" : "bad"}`, text: online ? "online" : "offline" }),
+      ),
+      h("td", { "data-label": "Last seen", class: "last-seen" }, when(d.last_seen_ms)),
+      h("td", { "data-label": "First seen" }, when(d.first_seen_ms)),
+      h("td", {
+        "data-label": "Last disconnect",
+        class: "reason",
+        text: d.last_disconnect_reason ? d.last_disconnect_reason.replace(/_/g, " ") : "—",
+      }),
+      h("td", { "data-label": "Role", text: d.role || "—" }),
+      h("td", { "data-label": "Last state", class: "state", text: stateText(states.get(addr)) }),
+    );
+  }
+
+  function liveRow(c) {
+    const addr = String(c.addr ?? "");
+    const { href, cell } = link(addr);
+    return h(
+      "tr",
+      { dataset: { addr }, class: "row-link", onclick: (ev) => ev.target.tagName !== "A" && ctx.go(href) },
+      cell,
+      h("td", { "data-label": "Role", text: c.role ?? "—" }),
+      h("td", { "data-label": "Connected" }, when(c.connected_at_ms)),
+      h("td", { "data-label": "Shard", text: c.shard ?? "—" }),
+      h("td", { "data-label": "Last state", class: "state", text: stateText(states.get(addr)) }),
+    );
+  }
+
+  function when(ms) {
     if (typeof ms !== "number") return "—";
     return h("span", { class: "ago", dataset: { ts: ms }, title: new Date(ms).toLocaleString(), text: ago(ms) });
   }
@@ -213,25 +356,36 @@ export function fleetView(root, ctx) {
   }
 
   function turn(dir) {
-    if (dir > 0 && page && page.next !== null && page.next !== undefined) memory.cursors.push(page.next);
-    else if (dir < 0 && memory.cursors.length > 1) memory.cursors.pop();
-    else return;
+    if (noRegistry) {
+      if (dir > 0 && page && page.next !== null && page.next !== undefined) memory.cursors.push(page.next);
+      else if (dir < 0 && memory.cursors.length > 1) memory.cursors.pop();
+      else return;
+    } else {
+      if (dir > 0 && page && page.next !== null && page.next !== undefined) memory.offset = page.next;
+      else if (dir < 0 && memory.offset > 0) memory.offset = Math.max(0, memory.offset - PAGE);
+      else return;
+    }
     page = null;
+    refreshList();
+  }
+
+  function restart() {
+    memory.cursors = [null];
+    memory.offset = 0;
     refreshList();
   }
 
   const onSearch = debounce(() => {
     memory.prefix = search.value.trim();
-    memory.cursors = [null];
-    refreshList();
+    restart();
   }, 250);
   search.addEventListener("input", onSearch);
   role.addEventListener("change", () => {
     memory.role = role.value;
-    memory.cursors = [null];
-    refreshList();
+    restart();
   });
 
+  showTotals();
   refreshStats();
   refreshList();
   timers.push(setInterval(refreshStats, STATS_EVERY_MS), setInterval(refreshList, LIST_EVERY_MS));

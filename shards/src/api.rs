@@ -26,12 +26,36 @@ pub const MAX_LIMIT: usize = 1000;
 
 /// What the rules engine offers the API (alarms, device shadow).
 pub trait PluginApi {
-    /// Active alarms after the cursor `after` (an alarm key), at most `limit`:
-    /// `{"items": [...], "next": <key or null>}`.
-    fn alarms(&self, after: Option<&str>, limit: usize) -> Value;
+    /// Active alarms matching `f` after the cursor `after` (an alarm key), at most
+    /// `limit`: `{"items": [...], "next": <key or null>, "total", "totals"}`.
+    fn alarms(&self, f: &relay_plugins::AlarmFilter, after: Option<&str>, limit: usize) -> Value;
+    /// Ends an active alarm on behalf of `by`; `false` when not active.
+    fn clear(&self, key: &str, by: &str) -> bool;
+    /// Shelves an active alarm for `for_ms` (0 unshelves); `None` when not active.
+    fn shelve(&self, key: &str, by: &str, for_ms: u64) -> Option<Value>;
+    /// Acknowledges `keys`, or every unacknowledged alarm matching `f`.
+    fn ack_many(&self, keys: Option<&[String]>, f: &relay_plugins::AlarmFilter, by: &str) -> Value;
+    /// The notification log from MySQL, newest first, answered on the channel.
+    fn notifications(
+        &self,
+        f: relay_plugins::records::NotifyFilter,
+        limit: usize,
+        before_id: Option<u64>,
+    ) -> async_channel::Receiver<Result<Value, relay_plugins::records::ReadError>>;
+    /// A device's telemetry over time from MySQL, answered on the channel.
+    fn series(
+        &self,
+        addr: &str,
+        q: SeriesQuery,
+    ) -> async_channel::Receiver<Result<Value, relay_plugins::records::ReadError>>;
     /// `None` when no alarm has that key.
     fn ack(&self, key: &str, by: &str) -> Option<Value>;
     fn state(&self, addr: &str) -> Value;
+    /// One page of the device registry matching `q`, newest last seen first, with
+    /// `total` (matching devices) and `totals` (the whole registry).
+    fn devices(&self, q: &relay_plugins::registry::DeviceQuery) -> Value;
+    /// One device of the registry, `None` when never seen.
+    fn device(&self, addr: &str) -> Option<Value>;
     /// Alarm history, newest first, answered on the returned channel by the
     /// rules engine's own thread (a shard never waits on MySQL); `Err` when
     /// MySQL is not configured.
@@ -40,6 +64,15 @@ pub trait PluginApi {
         limit: usize,
         before_id: Option<u64>,
     ) -> async_channel::Receiver<Result<Value, String>>;
+}
+
+/// What `GET /api/v1/devices/{addr}/history` asks for.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SeriesQuery {
+    pub table: Option<String>,
+    pub field: Option<String>,
+    pub since_ms: Option<u64>,
+    pub limit: usize,
 }
 
 /// Everything a request may touch.
@@ -285,9 +318,17 @@ pub async fn handle(
         ("GET", ["uids", uid]) => members(api, Index::Uid, uid, query).await,
         ("GET", ["groups", group]) => members(api, Index::Group, group, query).await,
         ("GET", ["stats"]) => Ok(stats(api)),
+        ("GET", ["devices"]) => devices(api, query),
+        ("GET", ["devices", addr]) => device(api, addr).await,
         ("GET", ["alarms"]) => alarms(api, query),
         ("GET", ["alarms", "history"]) => history(api, query).await,
+        ("POST", ["alarms", "ack"]) => ack_many(api, body),
         ("POST", ["alarms", key, "ack"]) => ack(api, key, body),
+        ("POST", ["alarms", key, "clear"]) => clear(api, key, body),
+        ("POST", ["alarms", key, "shelve"]) => shelve(api, key, body, false),
+        ("POST", ["alarms", key, "unshelve"]) => shelve(api, key, body, true),
+        ("GET", ["notifications"]) => notifications(api, query).await,
+        ("GET", ["devices", addr, "history"]) => series(api, addr, query).await,
         (_, _) => Err(not_found(&format!("{method} {path}"))),
     };
     r.unwrap_or_else(|e| e)
@@ -563,13 +604,194 @@ fn plugins<'a>(api: &Api<'a>) -> Result<&'a dyn PluginApi, Reply> {
     })
 }
 
+/// `severity`, `prefix` and `acked` of a query string or a JSON body.
+fn alarm_filter(get: impl Fn(&str) -> Option<String>) -> Result<relay_plugins::AlarmFilter, Reply> {
+    let severity = match get("severity").filter(|s| !s.is_empty()) {
+        None => None,
+        Some(s) => Some(relay_config::plugins::Severity::parse(&s).ok_or_else(|| {
+            err(
+                ErrorCode::BadFrame,
+                format!("severity must be critical, major, minor or info, not {s:?}"),
+            )
+        })?),
+    };
+    let acked = match get("acked").as_deref() {
+        None | Some("") => None,
+        Some("true") => Some(true),
+        Some("false") => Some(false),
+        Some(o) => {
+            return Err(err(
+                ErrorCode::BadFrame,
+                format!("acked must be true or false, not {o:?}"),
+            ));
+        }
+    };
+    Ok(relay_plugins::AlarmFilter {
+        severity,
+        prefix: get("prefix").unwrap_or_default(),
+        acked,
+    })
+}
+
 fn alarms(api: &Api<'_>, query: &str) -> Result<Reply, Reply> {
     let p = page(query)?;
     let after = p
         .after
         .as_ref()
         .map(|a| String::from_utf8_lossy(a).into_owned());
-    Ok(ok(plugins(api)?.alarms(after.as_deref(), p.limit)))
+    let f = alarm_filter(|k| crate::http::query_param(query, k))?;
+    Ok(ok(plugins(api)?.alarms(&f, after.as_deref(), p.limit)))
+}
+
+/// `by` of a body: who acts (defaults to `api`), at most 200 characters.
+fn body_by(m: &serde_json::Map<String, Value>) -> Result<String, Reply> {
+    match m.get("by") {
+        None | Some(Value::Null) => Ok("api".into()),
+        Some(Value::String(s)) if !s.trim().is_empty() && s.len() <= 200 => Ok(s.trim().into()),
+        Some(_) => Err(err(
+            ErrorCode::BadFrame,
+            "by must be a name of 1 to 200 characters",
+        )),
+    }
+}
+
+fn no_alarm(key: &str) -> Reply {
+    Reply {
+        status: 404,
+        body: json!({"error": "not_found", "message": format!("no active alarm {key:?}")}),
+    }
+}
+
+/// Most keys one bulk acknowledge may name.
+const MAX_BULK_KEYS: usize = 1000;
+
+fn ack_many(api: &Api<'_>, body: &[u8]) -> Result<Reply, Reply> {
+    let p = plugins(api)?;
+    let m = body_json(body)?;
+    let by = body_by(&m)?;
+    let keys = match (m.get("keys"), m.get("all")) {
+        (Some(Value::Array(a)), None | Some(Value::Bool(false))) => {
+            if a.is_empty() || a.len() > MAX_BULK_KEYS {
+                return Err(err(
+                    ErrorCode::BadFrame,
+                    format!("keys must list 1 to {MAX_BULK_KEYS} alarm keys"),
+                ));
+            }
+            let keys: Option<Vec<String>> =
+                a.iter().map(|k| k.as_str().map(str::to_string)).collect();
+            Some(keys.ok_or_else(|| err(ErrorCode::BadFrame, "keys must be strings"))?)
+        }
+        (None, Some(Value::Bool(true))) => None,
+        _ => {
+            return Err(err(
+                ErrorCode::BadFrame,
+                "give \"keys\": [alarm keys], or \"all\": true (with \"severity\" or \"prefix\" to narrow it)",
+            ));
+        }
+    };
+    let f = alarm_filter(|k| m.get(k).and_then(Value::as_str).map(str::to_string))?;
+    Ok(ok(p.ack_many(keys.as_deref(), &f, &by)))
+}
+
+fn clear(api: &Api<'_>, raw_key: &str, body: &[u8]) -> Result<Reply, Reply> {
+    let p = plugins(api)?;
+    let key = crate::http::decode(raw_key);
+    let by = body_by(&body_json(body)?)?;
+    if p.clear(&key, &by) {
+        Ok(ok(json!({"ok": true, "key": key})))
+    } else {
+        Err(no_alarm(&key))
+    }
+}
+
+/// Longest shelf: 30 days.
+const MAX_SHELVE_S: u64 = 30 * 86_400;
+
+fn shelve(api: &Api<'_>, raw_key: &str, body: &[u8], off: bool) -> Result<Reply, Reply> {
+    let p = plugins(api)?;
+    let key = crate::http::decode(raw_key);
+    let m = body_json(body)?;
+    let by = body_by(&m)?;
+    let for_ms = if off {
+        0
+    } else {
+        match m.get("for_s").and_then(Value::as_f64) {
+            Some(s) if s > 0.0 && s <= MAX_SHELVE_S as f64 => (s * 1000.0) as u64,
+            _ => {
+                return Err(err(
+                    ErrorCode::BadFrame,
+                    format!(
+                        "for_s must be a number of seconds above 0, at most {MAX_SHELVE_S} (30 days)"
+                    ),
+                ));
+            }
+        }
+    };
+    p.shelve(&key, &by, for_ms)
+        .map(ok)
+        .ok_or_else(|| no_alarm(&key))
+}
+
+fn read_failed(e: relay_plugins::records::ReadError) -> Reply {
+    use relay_plugins::records::ReadError;
+    match e {
+        ReadError::Bad(m) => err(ErrorCode::BadFrame, m),
+        ReadError::Unavailable(m) => Reply {
+            status: 503,
+            body: json!({"error": "unsupported", "message": m}),
+        },
+    }
+}
+
+async fn notifications(api: &Api<'_>, query: &str) -> Result<Reply, Reply> {
+    let p = plugins(api)?;
+    let limit = page(query)?.limit;
+    let before = match crate::http::query_param(query, "after").filter(|a| !a.is_empty()) {
+        None => None,
+        Some(a) => Some(
+            a.parse::<u64>()
+                .map_err(|_| err(ErrorCode::BadFrame, "after must be a row id"))?,
+        ),
+    };
+    let param = |k: &str| crate::http::query_param(query, k).filter(|v| !v.is_empty());
+    let f = relay_plugins::records::NotifyFilter {
+        key: param("key"),
+        channel: param("channel"),
+        status: param("status"),
+    };
+    match p.notifications(f, limit, before).recv().await {
+        Ok(Ok(v)) => Ok(ok(v)),
+        Ok(Err(e)) => Err(read_failed(e)),
+        Err(_) => Err(err(ErrorCode::Internal, "the rules engine did not answer")),
+    }
+}
+
+async fn series(api: &Api<'_>, raw: &str, query: &str) -> Result<Reply, Reply> {
+    let p = plugins(api)?;
+    let addr = name(raw, "addr")?;
+    let param = |k: &str| crate::http::query_param(query, k).filter(|v| !v.is_empty());
+    let num = |k: &str| -> Result<Option<u64>, Reply> {
+        param(k)
+            .map(|v| {
+                v.parse::<u64>()
+                    .map_err(|_| err(ErrorCode::BadFrame, format!("{k} must be a number")))
+            })
+            .transpose()
+    };
+    let limit = num("limit")?
+        .unwrap_or(500)
+        .clamp(1, relay_plugins::records::MAX_ROWS as u64) as usize;
+    let q = SeriesQuery {
+        table: param("table"),
+        field: param("field"),
+        since_ms: num("since_ms")?,
+        limit,
+    };
+    match p.series(&name_str(&addr), q).recv().await {
+        Ok(Ok(v)) => Ok(ok(v)),
+        Ok(Err(e)) => Err(read_failed(e)),
+        Err(_) => Err(err(ErrorCode::Internal, "the rules engine did not answer")),
+    }
 }
 
 async fn history(api: &Api<'_>, query: &str) -> Result<Reply, Reply> {
@@ -599,4 +821,61 @@ fn ack(api: &Api<'_>, raw_key: &str, body: &[u8]) -> Result<Reply, Reply> {
             body: json!({"error": "not_found", "message": format!("no active alarm {key:?}")}),
         }),
     }
+}
+
+fn devices(api: &Api<'_>, query: &str) -> Result<Reply, Reply> {
+    let p = plugins(api)?;
+    let param = |k: &str| crate::http::query_param(query, k).filter(|v| !v.is_empty());
+    let online = match param("status").as_deref() {
+        None | Some("all") => None,
+        Some("online") => Some(true),
+        Some("offline") => Some(false),
+        Some(other) => {
+            return Err(err(
+                ErrorCode::BadFrame,
+                format!("status must be online, offline or all, not {other:?}"),
+            ));
+        }
+    };
+    let limit = page(query)?.limit;
+    let offset = match param("offset") {
+        None => 0,
+        Some(o) => o
+            .parse::<usize>()
+            .map_err(|_| err(ErrorCode::BadFrame, "offset must be a number"))?,
+    };
+    let q = relay_plugins::registry::DeviceQuery {
+        online,
+        prefix: param("prefix").unwrap_or_default(),
+        group: param("group"),
+        role: param("role"),
+        offset,
+        limit,
+    };
+    Ok(ok(p.devices(&q)))
+}
+
+async fn device(api: &Api<'_>, raw: &str) -> Result<Reply, Reply> {
+    let p = plugins(api)?;
+    let addr = name(raw, "addr")?;
+    let text = name_str(&addr).into_owned();
+    let Some(mut d) = p.device(&text) else {
+        return Err(Reply {
+            status: 404,
+            body: json!({"error": "not_found", "message": format!("no device {text:?} was ever seen")}),
+        });
+    };
+    // An online device: its connection as the owner shard sees it now.
+    if d["online"] == json!(true) {
+        let owner = shard_of(&addr, api.router.shards);
+        if let Some(CallResult::Client(Some(v))) = call(api.router, owner, Call::Client(addr)).await
+        {
+            let live = view_json(&v);
+            d["groups"] = live["groups"].clone();
+            d["uids"] = live["uids"].clone();
+            d["shard"] = live["shard"].clone();
+        }
+    }
+    d["state"] = p.state(&text);
+    Ok(ok(d))
 }

@@ -23,6 +23,12 @@ const ASSETS: &[(&str, &str, &[u8])] = &[
     ("/fleet.js", JS, include_bytes!("../console/fleet.js")),
     ("/device.js", JS, include_bytes!("../console/device.js")),
     ("/alarms.js", JS, include_bytes!("../console/alarms.js")),
+    (
+        "/notifications.js",
+        JS,
+        include_bytes!("../console/notifications.js"),
+    ),
+    ("/chart.js", JS, include_bytes!("../console/chart.js")),
 ];
 
 /// The `Content-Security-Policy` the console works under: everything from the

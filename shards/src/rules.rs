@@ -11,11 +11,12 @@ use relay_core::name::name_str;
 use relay_plugins::{ClientInfo, Event, EventSender, MessageEvent, PluginHost};
 use serde_json::{Value, json};
 
-use crate::api::PluginApi;
+use crate::api::{PluginApi, SeriesQuery};
 use crate::cell::ConnCell;
 use crate::router::Hooks;
 use crate::rt::{Extensions, HooksFactory, MetricsSource};
 use crate::stats::{DropReason, ShardStats};
+use relay_plugins::records::ReadError;
 
 /// Feeds one shard's events to the rules engine.
 pub struct RuleHooks {
@@ -41,6 +42,12 @@ fn client_info(cell: &ConnCell, shard: usize, now: Now) -> ClientInfo {
         remote: s.remote.to_string(),
         shard,
         time_ms: now.wall_ms,
+        groups: s
+            .list(crate::cell::Membership::Group)
+            .iter()
+            .filter(|g| !g.starts_with(crate::router::WATCH_PREFIX))
+            .map(|g| name_str(g).into_owned())
+            .collect(),
     }
 }
 
@@ -91,10 +98,110 @@ pub struct RulesApi {
 /// Most alarm-history queries running at once.
 const MAX_HISTORY_QUERIES: usize = 4;
 
+impl RulesApi {
+    /// Runs a MySQL read on a thread of its own (at most `MAX_HISTORY_QUERIES` at
+    /// once, with the history queries) and answers on the returned channel.
+    fn read<T, F, Fut>(
+        &self,
+        f: F,
+        shape: impl FnOnce(T) -> Value + Send + 'static,
+    ) -> async_channel::Receiver<Result<Value, ReadError>>
+    where
+        T: Send + 'static,
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = Result<T, ReadError>>,
+    {
+        use std::sync::atomic::Ordering::SeqCst;
+        let (tx, rx) = async_channel::bounded(1);
+        if !self.mysql.enabled {
+            let _ = tx.try_send(Err(ReadError::Unavailable(
+                "this needs [mysql] enabled = true".into(),
+            )));
+            return rx;
+        }
+        if self.running.fetch_add(1, SeqCst) >= MAX_HISTORY_QUERIES {
+            self.running.fetch_sub(1, SeqCst);
+            let _ = tx.try_send(Err(ReadError::Unavailable(
+                "too many MySQL queries running; try again".into(),
+            )));
+            return rx;
+        }
+        let running = self.running.clone();
+        let guard = Running(running);
+        relay_plugins::records::in_background(f, move |r| {
+            drop(guard);
+            let _ = tx.try_send(r.map(shape));
+        });
+        rx
+    }
+}
+
+/// Counts one running query until dropped (also when its thread never started).
+struct Running(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
 impl PluginApi for RulesApi {
-    fn alarms(&self, after: Option<&str>, limit: usize) -> Value {
-        serde_json::to_value(self.host.alarms_page(after, limit))
+    fn alarms(&self, f: &relay_plugins::AlarmFilter, after: Option<&str>, limit: usize) -> Value {
+        serde_json::to_value(self.host.alarms_filtered(f, after, limit))
             .unwrap_or(json!({"items": [], "next": null}))
+    }
+
+    fn clear(&self, key: &str, by: &str) -> bool {
+        self.host.clear(key, by)
+    }
+
+    fn shelve(&self, key: &str, by: &str, for_ms: u64) -> Option<Value> {
+        self.host
+            .shelve(key, by, for_ms)
+            .ok()
+            .and_then(|v| serde_json::to_value(v).ok())
+    }
+
+    fn ack_many(&self, keys: Option<&[String]>, f: &relay_plugins::AlarmFilter, by: &str) -> Value {
+        serde_json::to_value(self.host.ack_many(keys, f, by)).unwrap_or(json!({}))
+    }
+
+    fn notifications(
+        &self,
+        f: relay_plugins::records::NotifyFilter,
+        limit: usize,
+        before_id: Option<u64>,
+    ) -> async_channel::Receiver<Result<Value, ReadError>> {
+        let cfg = self.mysql.clone();
+        self.read(
+            move || async move {
+                relay_plugins::records::notifications(&cfg, &f, limit, before_id).await
+            },
+            |(items, next)| json!({"items": items, "next": next}),
+        )
+    }
+
+    fn series(
+        &self,
+        addr: &str,
+        q: SeriesQuery,
+    ) -> async_channel::Receiver<Result<Value, ReadError>> {
+        let cfg = self.mysql.clone();
+        let addr = addr.to_string();
+        self.read(
+            move || async move {
+                relay_plugins::records::device_series(
+                    &cfg,
+                    &addr,
+                    q.table.as_deref(),
+                    q.field.as_deref(),
+                    q.since_ms,
+                    q.limit,
+                )
+                .await
+            },
+            |v| v,
+        )
     }
 
     fn ack(&self, key: &str, by: &str) -> Option<Value> {
@@ -106,6 +213,16 @@ impl PluginApi for RulesApi {
 
     fn state(&self, addr: &str) -> Value {
         Value::Object(self.host.state(addr))
+    }
+
+    fn devices(&self, q: &relay_plugins::registry::DeviceQuery) -> Value {
+        serde_json::to_value(self.host.devices(q)).unwrap_or(json!({"items": []}))
+    }
+
+    fn device(&self, addr: &str) -> Option<Value> {
+        self.host
+            .device(addr)
+            .and_then(|d| serde_json::to_value(d).ok())
     }
 
     fn history(
@@ -236,6 +353,16 @@ pub fn attach(
                 "relay_sink_rejected_total".into(),
                 "Writes a sink refused for good (bad data).".into(),
                 s.sink_rejected,
+            ),
+            (
+                "relay_registry_devices".into(),
+                "Devices in the registry (every address seen, within its bounds).".into(),
+                metrics_host.device_totals().devices as u64,
+            ),
+            (
+                "relay_registry_online".into(),
+                "Registry devices online now.".into(),
+                metrics_host.device_totals().online as u64,
             ),
             (
                 "relay_alarms_active".into(),

@@ -60,6 +60,7 @@ pub fn builtin_tables(cfg: &MysqlConfig) -> Vec<TableConfig> {
                 col("status", Str),
                 col("http_status", Int),
                 col("error", Text),
+                col("response", Text),
             ],
         },
     ]

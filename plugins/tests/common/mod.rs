@@ -146,6 +146,7 @@ pub fn client(addr: &str, role: &str) -> ClientInfo {
         remote: "127.0.0.1:0".into(),
         shard: 0,
         time_ms: now_ms(),
+        groups: Vec::new(),
     }
 }
 

@@ -15,15 +15,30 @@ const here = dirname(fileURLToPath(import.meta.url));
 /** The relay binary: $RELAY_BIN, else the workspace's debug build. */
 export const RELAY_BIN = resolve(process.env.RELAY_BIN || join(here, "../../../target/debug/relay"));
 
-/** A rule that keeps `temp` in the device shadow and raises a critical alarm above 80. */
-export const OVERHEAT_RULE = `// Device shadow and overheat alarm for the console tests.
+/** The MariaDB table the rule writes readings to (addr, at_ms, temp, rssi). */
+export const READINGS_TABLE = "console_test_readings";
+
+/**
+ * A rule that keeps `temp` in the device shadow, writes every reading to the
+ * readings table (when MySQL is on), raises a critical alarm above 80, and a major
+ * `<addr>/offline` alarm when a controller of the big fleet (`ctl-2k-`) goes offline.
+ */
+export const OVERHEAT_RULE = `// Device shadow, readings, overheat and offline alarms for the console tests.
 fn on_message(msg) {
     let p = msg.payload;
     if type_of(p) != "map" || !("temp" in p) { return; }
     let t = p.temp;
     state_set(msg.src, "temp", t);
+    let row = #{ addr: msg.src, at_ms: msg.time_ms, temp: t };
+    if "rssi" in p { row.rssi = p.rssi; }
+    persist("${READINGS_TABLE}", row);
     if t > 80 {
         alarm_raise(\`\${msg.src}/overheat\`, "critical", \`\${msg.src} reads \${t} °C\`);
+    }
+}
+fn on_disconnect(client, reason) {
+    if client.addr.starts_with("ctl-2k-") {
+        alarm_raise(\`\${client.addr}/offline\`, "major", \`\${client.addr} offline (\${reason})\`);
     }
 }
 `;
@@ -31,7 +46,7 @@ fn on_message(msg) {
 const toml = (s) => JSON.stringify(String(s));
 
 /** MariaDB tables the test relay writes alarm history and notifier attempts to. */
-export const MYSQL_TABLES = ["console_test_alarm_events", "console_test_notify_attempts"];
+export const MYSQL_TABLES = ["console_test_alarm_events", "console_test_notify_attempts", READINGS_TABLE];
 
 /**
  * Drops the test's history tables (the relay creates them again), so the
@@ -59,9 +74,17 @@ const plain = (line) => line.replace(/\x1b\[[0-9;]*m/g, "");
  * @param {boolean} [o.mysql] keep alarm history in MariaDB on 127.0.0.1:3306 (db `test`)
  * @param {string} [o.hmacSecret] turn on HMAC auth with this secret (every hello needs a token)
  * @param {number} [o.startTimeoutMs] longest wait for the "relay listening" line
+ * @param {number} [o.maxConnections] `[limits] max_connections`
+ * @param {string} [o.extraConfig] TOML appended to the config (notifiers, routes)
  * @returns {Promise<{http: string, tcp: string, token: string, dir: string, logs: string[], stop: () => Promise<void>}>}
  */
-export async function startRelay({ mysql = false, hmacSecret = "", startTimeoutMs = 30000 } = {}) {
+export async function startRelay({
+  mysql = false,
+  hmacSecret = "",
+  startTimeoutMs = 30000,
+  maxConnections = 1000,
+  extraConfig = "",
+} = {}) {
   if (!existsSync(RELAY_BIN)) {
     throw new Error(
       `relay binary not found at ${RELAY_BIN}: run \`cargo build -p relay-shards --bin relay\` or set RELAY_BIN`,
@@ -84,7 +107,7 @@ export async function startRelay({ mysql = false, hmacSecret = "", startTimeoutM
     "pin = false",
     "io_memory_kib = 256",
     "[limits]",
-    "max_connections = 1000",
+    `max_connections = ${maxConnections}`,
     "[auth]",
     `mode = ${toml(hmacSecret ? "hmac" : "none")}`,
     `secret = ${toml(hmacSecret)}`,
@@ -101,6 +124,14 @@ export async function startRelay({ mysql = false, hmacSecret = "", startTimeoutM
     'url = "mysql://root@127.0.0.1:3306/test"',
     `alarm_table = ${toml(MYSQL_TABLES[0])}`,
     `notify_table = ${toml(MYSQL_TABLES[1])}`,
+    ...(mysql
+      ? [
+          "[[mysql.tables]]",
+          `name = ${toml(READINGS_TABLE)}`,
+          'columns = [{ name = "addr", type = "string" }, { name = "at_ms", type = "int" }, { name = "temp", type = "float" }, { name = "rssi", type = "int" }]',
+        ]
+      : []),
+    extraConfig,
     "",
   ].join("\n");
   const configPath = join(dir, "relay.toml");

@@ -13,6 +13,7 @@ import { mkdirSync } from "node:fs";
 import { join, resolve, dirname } from "node:path";
 import { fileURLToPath } from "node:url";
 import { chromium } from "playwright-core";
+import { createServer } from "node:http";
 
 import { startRelay, api } from "../lib/relay.js";
 import { SimController, tokenFor } from "../lib/controller.js";
@@ -154,29 +155,32 @@ describe("relay web console in Chromium", { timeout: 180000 }, () => {
     // The page's own live link is up.
     await page.locator('#link[data-state="open"]').waitFor({ timeout: UI_MS });
 
-    // A first page of 100 controllers, with their last state, and more behind "Next".
+    // A first page of 100 controllers, last seen first, with their last state, and more behind "Next".
     const rows = page.locator("#fleet-rows tr");
     await until(page, "the first page holds 100 controllers", () => document.querySelectorAll("#fleet-rows tr").length === 100);
-    assert.equal(await rows.first().getAttribute("data-addr"), fleetAddr(0));
+    await until(page, "the status counts the whole fleet, not the page", (n) =>
+      (document.querySelector("#fleet-status")?.textContent ?? "").startsWith(`1–100 of ${n} controllers`), FLEET);
+    const firstAddr = await rows.first().getAttribute("data-addr");
+    assert.match(firstAddr, /^ctl-8266-\d{4}$/);
     await until(page, "the first row shows its temperature from the device shadow", (addr) =>
-      /temp=2\d/.test(document.querySelector(`#fleet-rows tr[data-addr="${addr}"] td.state`)?.textContent ?? ""), fleetAddr(0));
+      /temp=\d+/.test(document.querySelector(`#fleet-rows tr[data-addr="${addr}"] td.state`)?.textContent ?? ""), firstAddr);
     await until(page, "the live count of controllers reaches the fleet", (n) =>
       Number(document.querySelector("#count-controllers .count-value")?.textContent.replace(/,/g, "")) === n, FLEET);
     await page.locator("#next").click();
-    await until(page, "the second page holds the other 20", (addr) =>
+    await until(page, "the second page holds the other 20", () =>
       document.querySelectorAll("#fleet-rows tr").length === 20 &&
-      document.querySelector("#fleet-rows tr")?.dataset.addr === addr, fleetAddr(100));
+      document.querySelector("#page-label")?.textContent === "Page 2 of 2");
     assert.equal(await page.locator("#next").isDisabled(), true, "no third page");
     await page.locator("#prev").click();
-    await until(page, "back on the first page", (addr) =>
+    await until(page, "back on the first page", () =>
       document.querySelectorAll("#fleet-rows tr").length === 100 &&
-      document.querySelector("#fleet-rows tr")?.dataset.addr === addr, fleetAddr(0));
+      document.querySelector("#page-label")?.textContent === "Page 1 of 2");
 
     // Search by address prefix; then the simulated controller connects and appears.
     await page.locator("#search").fill("ctl-sim");
     await until(page, "a prefix matching nobody online empties the list", () =>
       document.querySelectorAll("#fleet-rows tr").length === 0 &&
-      /No online controllers/.test(document.querySelector("#fleet-status")?.textContent ?? ""));
+      /No controllers whose address starts with/.test(document.querySelector("#fleet-status")?.textContent ?? ""));
     ctl = new SimController(relay.tcp, CTL);
     await ctl.connect();
     ctl.telemetry({ temp: 90 });
@@ -184,9 +188,11 @@ describe("relay web console in Chromium", { timeout: 180000 }, () => {
     const row = page.locator(`#fleet-rows tr[data-addr="${CTL}"]`);
     await row.waitFor({ timeout: UI_MS });
     assert.equal(await rows.count(), 1);
-    assert.equal((await row.locator("td").nth(1).textContent()).trim(), "controller");
-    assert.match(await row.locator("td").nth(2).textContent(), /ago/);
-    assert.match(await row.locator("td").nth(3).textContent(), /^\s*[01]\s*$/, "shard 0 or 1");
+    await until(page, "the row says online", (addr) =>
+      document.querySelector(`#fleet-rows tr[data-addr="${addr}"] td:nth-child(2)`)?.textContent.trim() === "online", CTL);
+    assert.match(await row.locator("td").nth(2).textContent(), /ago/, "last seen");
+    assert.match(await row.locator("td").nth(3).textContent(), /ago/, "first seen");
+    assert.equal((await row.locator("td").nth(5).textContent()).trim(), "controller");
     // The last state comes from the device shadow the rule keeps.
     await until(page, "the fleet row shows temp=90 from the device shadow", (addr) =>
       document.querySelector(`#fleet-rows tr[data-addr="${addr}"] td.state`)?.textContent.includes("temp=90"), CTL);
@@ -221,6 +227,13 @@ describe("relay web console in Chromium", { timeout: 180000 }, () => {
     await page.locator("#stream li.tap", { hasText: '"temp":90' }).first().waitFor({ timeout: UI_MS });
     await page.locator("#shadow", { hasText: "temp" }).waitFor({ timeout: UI_MS });
     assert.match(await page.locator("#shadow").textContent(), /90/);
+    // The registry's view of it: online, first and last seen.
+    await page.locator("#device-info", { hasText: "First seen" }).waitFor({ timeout: UI_MS });
+    if (process.env.CONSOLE_TEST_MYSQL !== "0") {
+      // Its readings over time, from MariaDB, as a chart.
+      await until(page, "the temperature chart has readings", () =>
+        Number(document.querySelector('#telemetry svg.chart[data-field="temp"]')?.dataset.points) >= 1);
+    }
 
     // Bad JSON is refused on the page, nothing is sent.
     await page.locator("#command").fill("{not json");
@@ -254,7 +267,8 @@ describe("relay web console in Chromium", { timeout: 180000 }, () => {
     // The view asks for that address's session, which the relay answers with 404,
     // and Chromium reports every 404 on the console: that one is expected here.
     desk.state.expected = (msg) =>
-      /status of 404/.test(msg.text()) && /\/api\/v1\/clients\/ctl-nobody-here$/.test(msg.location().url ?? "");
+      /status of 404/.test(msg.text()) &&
+      /\/api\/v1\/(clients|devices)\/ctl-nobody-here$/.test(msg.location().url ?? "");
     await page.evaluate(() => {
       location.hash = "#/device/ctl-nobody-here";
     });
@@ -430,7 +444,10 @@ describe("relay web console with HMAC auth (the production setting)", { timeout:
   it("opens the live link with the API token and commands a controller", async () => {
     const w = await watchedPage(browser);
     try {
-      const { page } = w;
+      const { page, state } = w;
+      // Telemetry over time needs MySQL, which this relay has not: its 503 is expected.
+      state.expected = (msg) =>
+        /status of 503/.test(msg.text()) && /\/api\/v1\/devices\/[^/]+\/history/.test(msg.location().url ?? "");
       await page.goto(`http://${relay.http}/#/device/${addr}`);
       await signIn(page, relay.token);
       await until(page, "the live link is open (the relay accepts the API token on /ws)", () => {
@@ -445,6 +462,266 @@ describe("relay web console with HMAC auth (the production setting)", { timeout:
       await page.locator("#send").click();
       await page.locator("#results li .verdict.ok").first().waitFor({ timeout: UI_MS });
       await page.locator("#stream li", { hasText: '"echo":{"cmd":"status"}' }).first().waitFor({ timeout: UI_MS });
+      w.state.closing = true;
+      assert.deepEqual(w.problems, []);
+    } finally {
+      w.state.closing = true;
+      await w.context.close();
+    }
+  });
+});
+
+describe("a fleet of 2,000 controllers, 1,000 of them offline", { timeout: 240000 }, () => {
+  const N = 2000;
+  const addr2k = (i) => `ctl-2k-${String(i).padStart(4, "0")}`;
+  const withMysql = process.env.CONSOLE_TEST_MYSQL !== "0";
+  let relay;
+  let browser;
+  let provider;
+  const answered = [];
+  const fleet = [];
+
+  before(async () => {
+    // The SMS provider: answers every request with its message id, as a real one would.
+    provider = createServer((req, res) => {
+      let body = "";
+      req.on("data", (c) => (body += c));
+      req.on("end", () => {
+        answered.push(body);
+        const answer = JSON.stringify({ sid: `SM${answered.length}`, status: "queued" });
+        res.writeHead(200, { "Content-Type": "application/json" }).end(answer);
+      });
+    });
+    await new Promise((r) => provider.listen(0, "127.0.0.1", r));
+    const port = provider.address().port;
+    relay = await startRelay({
+      mysql: withMysql,
+      maxConnections: N + 200,
+      extraConfig: [
+        "[[notify.notifier]]",
+        'name = "sms"',
+        `url = "http://127.0.0.1:${port}/send"`,
+        'method = "POST"',
+        `body = '{"to": {{target|json}}, "text": {{text|json}}}'`,
+        "retries = 0",
+        "[[notify.route]]",
+        'name = "on-call"',
+        'severities = ["critical"]',
+        'chain = [{ channel = "sms", target = "+15550001" }]',
+        "notify_clear = false",
+      ].join("\n"),
+    });
+    // Bounded: 2,000 connections in batches of 200, each within the controller's 10 s.
+    const started = Date.now();
+    for (let i = 0; i < N; i += 200) {
+      const batch = [];
+      for (let j = i; j < Math.min(N, i + 200); j++) {
+        const c = new SimController(relay.tcp, addr2k(j));
+        fleet.push(c);
+        batch.push(c.connect());
+      }
+      await Promise.all(batch);
+    }
+    // The odd half says BYE and goes.
+    for (let j = 1; j < N; j += 2) fleet[j].close();
+    const deadline = Date.now() + 60000;
+    for (;;) {
+      const { body } = await api(relay, "GET", "/api/v1/devices?role=controller&limit=1");
+      if (body?.totals?.offline === N / 2 && body?.totals?.online === N / 2) break;
+      assert.ok(Date.now() < deadline, `the registry never showed ${N / 2} offline: ${JSON.stringify(body?.totals)}`);
+      await new Promise((r) => setTimeout(r, 200));
+    }
+    console.log(`# fleet of ${N} up and half of it gone in ${Date.now() - started} ms`);
+    browser = await chromium.launch({ executablePath: CHROMIUM, headless: true, args: CHROMIUM_ARGS });
+  });
+
+  after(async () => {
+    await browser?.close().catch(() => {});
+    fleet.forEach((c) => c.close());
+    await relay?.stop();
+    await new Promise((r) => (provider ? provider.close(r) : r()));
+  });
+
+  it("shows online and offline devices with last seen, every count from the relay's totals", async () => {
+    const w = await watchedPage(browser);
+    try {
+      const { page } = w;
+      await page.goto(`http://${relay.http}/`);
+      await signIn(page, relay.token);
+      const value = (id) => document.querySelector(`#${id} .count-value`)?.textContent;
+      await until(page, "the counts show 2,000 controllers, 1,000 online and 1,000 offline", () =>
+        document.querySelector("#count-devices .count-value")?.textContent === "2,000" &&
+        document.querySelector("#count-online .count-value")?.textContent === "1,000" &&
+        document.querySelector("#count-offline .count-value")?.textContent === "1,000");
+      assert.equal(await page.evaluate(value, "count-devices"), "2,000");
+      // A page holds 100; the status line and the pager count all 2,000.
+      await until(page, "one page of 100 of all 2,000", () =>
+        document.querySelectorAll("#fleet-rows tr").length === 100 &&
+        (document.querySelector("#fleet-status")?.textContent ?? "").startsWith("1–100 of 2,000 controllers") &&
+        document.querySelector("#page-label")?.textContent === "Page 1 of 20");
+      // The offline half, newest gone first, each with when it was last seen and why it went.
+      await page.locator('#status-filter button[data-status="offline"]').click();
+      await until(page, "the offline filter lists 100 of 1,000 offline", () =>
+        (document.querySelector("#fleet-status")?.textContent ?? "").startsWith("1–100 of 1,000 offline controllers") &&
+        document.querySelectorAll('#fleet-rows tr[data-online="false"]').length === 100 &&
+        document.querySelectorAll('#fleet-rows tr[data-online="true"]').length === 0 &&
+        document.querySelector("#page-label")?.textContent === "Page 1 of 10");
+      assert.equal(
+        (await page.locator('#status-filter button[data-status="offline"] .chip-count').textContent()).trim(),
+        "1,000",
+      );
+      const first = page.locator("#fleet-rows tr").first();
+      assert.match(await first.getAttribute("data-addr"), /^ctl-2k-\d{3}[13579]$/, "an odd one: those left");
+      assert.match(await first.locator("td.last-seen").textContent(), /ago/);
+      assert.equal((await first.locator("td.reason").textContent()).trim(), "bye");
+      const seen = await page.$$eval("#fleet-rows td.last-seen .ago", (els) => els.map((e) => Number(e.dataset.ts)));
+      assert.equal(seen.length, 100);
+      assert.ok(seen.every((t, i) => i === 0 || seen[i - 1] >= t), "sorted by last seen, newest first");
+      await page.locator("#next").click();
+      await until(page, "the second page of the offline ones", () =>
+        (document.querySelector("#fleet-status")?.textContent ?? "").startsWith("101–200 of 1,000 offline") &&
+        document.querySelector("#page-label")?.textContent === "Page 2 of 10");
+      await shot(page, "fleet-offline");
+      // The online half.
+      await page.locator('#status-filter button[data-status="online"]').click();
+      await until(page, "the online filter lists 100 of 1,000 online", () =>
+        (document.querySelector("#fleet-status")?.textContent ?? "").startsWith("1–100 of 1,000 online controllers") &&
+        document.querySelectorAll('#fleet-rows tr[data-online="true"]').length === 100);
+      // An offline device's own view: offline, last seen, why.
+      await page.evaluate(() => {
+        location.hash = "#/device/ctl-2k-0001";
+      });
+      await page.locator("#device-online.bad", { hasText: "offline" }).waitFor({ timeout: UI_MS });
+      await page.locator("#device-info", { hasText: "Last disconnect" }).waitFor({ timeout: UI_MS });
+      assert.match(await page.locator("#device-info").textContent(), /bye/);
+      w.state.closing = true;
+      assert.deepEqual(w.problems, []);
+    } finally {
+      w.state.closing = true;
+      await w.context.close();
+    }
+  });
+
+  it("counts 1,000 offline alarms from the totals, acknowledges in bulk, shelves and clears", async () => {
+    const w = await watchedPage(browser);
+    try {
+      const { page, state } = w;
+      // Without MySQL the alarm history answers 503 (expected).
+      state.expected = (msg) => /status of 503/.test(msg.text()) && /\/api\/v1\/alarms\/history/.test(msg.location().url ?? "");
+      await page.goto(`http://${relay.http}/#/alarms`);
+      await signIn(page, relay.token);
+      await until(page, "the summary counts all 1,000 alarms while the page shows 100", () =>
+        /^1,000 active \(1,000 major\); 1,000 not acknowledged/.test(document.querySelector("#alarm-summary")?.textContent ?? "") &&
+        document.querySelectorAll("#alarm-list li").length === 100);
+      await until(page, "the header badge says 1,000", () => document.querySelector("#alarm-badge")?.textContent === "1,000");
+      assert.equal((await page.locator('#severity-filter button[data-sev="major"] .chip-count').textContent()).trim(), "1,000");
+      assert.equal(await page.locator("#alarms-page").textContent(), "Page 1 of 10");
+
+      // Bulk acknowledge of three picked ones.
+      const cards = page.locator("#alarm-list li");
+      const keys = [];
+      for (let i = 0; i < 3; i++) {
+        keys.push(await cards.nth(i).getAttribute("data-key"));
+        await cards.nth(i).locator("input.pick").check();
+      }
+      assert.equal(await page.locator("#ack-selected").textContent(), "Acknowledge selected (3)");
+      await page.locator("#ack-selected").click();
+      await until(page, "997 left to acknowledge", () =>
+        /1,000 active .*; 997 not acknowledged/.test(document.querySelector("#alarm-summary")?.textContent ?? ""));
+      await until(page, "the badge follows", () => document.querySelector("#alarm-badge")?.textContent === "997");
+      const { body } = await api(relay, "GET", `/api/v1/alarms?prefix=${encodeURIComponent(keys[0])}`);
+      assert.equal(body.items[0].acked_by, OPERATOR);
+
+      // Shelve one for an hour, then unshelve it.
+      const target = page.locator(`#alarm-list li[data-key="${keys[3] ?? (await cards.nth(5).getAttribute("data-key"))}"]`);
+      const shelveKey = await target.getAttribute("data-key");
+      await target.locator("select.shelve").selectOption("3600");
+      const shelved = page.locator(`#alarm-list li[data-key="${shelveKey}"] .shelved`);
+      await shelved.waitFor({ timeout: UI_MS });
+      assert.match(await shelved.textContent(), new RegExp(`shelved by ${OPERATOR} until`));
+      await until(page, "the summary counts the shelved one", () =>
+        /; 1 shelved\./.test(document.querySelector("#alarm-summary")?.textContent ?? ""));
+      const a = (await api(relay, "GET", `/api/v1/alarms?prefix=${encodeURIComponent(shelveKey)}`)).body.items[0];
+      assert.ok(a.shelved_until_ms > Date.now() + 3500 * 1000, "shelved for an hour");
+      await page.locator(`#alarm-list li[data-key="${shelveKey}"] button.unshelve`).click();
+      await until(page, "unshelved", (k) => !document.querySelector(`#alarm-list li[data-key="${k}"] .shelved`) &&
+        !!document.querySelector(`#alarm-list li[data-key="${k}"] select.shelve`), shelveKey);
+
+      // Clear one: 999 active.
+      await page.locator(`#alarm-list li[data-key="${shelveKey}"] button.clear`).click();
+      await until(page, "999 active after the clear", () =>
+        /^999 active/.test(document.querySelector("#alarm-summary")?.textContent ?? ""));
+      assert.equal((await api(relay, "GET", "/api/v1/alarms?limit=1")).body.totals.active, 999);
+
+      // Acknowledge every major one at once.
+      await page.locator('#severity-filter button[data-sev="major"]').click();
+      await until(page, "the bulk button names the filter", () =>
+        document.querySelector("#ack-all")?.textContent === "Acknowledge every major alarm");
+      await page.locator("#ack-all").click();
+      await until(page, "nothing left to acknowledge", () =>
+        /999 active .*; 0 not acknowledged/.test(document.querySelector("#alarm-summary")?.textContent ?? ""));
+      await until(page, "the badge is gone", () => document.querySelector("#alarm-badge")?.hidden === true);
+      await shot(page, "alarms-bulk");
+      w.state.closing = true;
+      assert.deepEqual(w.problems, []);
+    } finally {
+      w.state.closing = true;
+      await w.context.close();
+    }
+  });
+
+  it("logs who was paged, by which notifier, when, and the provider's answer", { skip: !withMysql && "needs MariaDB" }, async () => {
+    const hot = fleet[0];
+    hot.telemetry({ temp: 95, rssi: -70 });
+    const w = await watchedPage(browser);
+    try {
+      const { page } = w;
+      await page.goto(`http://${relay.http}/#/notifications`);
+      await signIn(page, relay.token);
+      const row = page.locator(`#notify-rows tr[data-key="${hot.addr}/overheat"]`);
+      await row.first().waitFor({ timeout: UI_MS });
+      const text = await row.first().textContent();
+      assert.match(text, /sms/);
+      assert.match(text, /\+15550001/);
+      assert.match(text, /raised/);
+      assert.match(text, /sent/);
+      assert.match(text, /HTTP 200/);
+      assert.match(text, /"sid":"SM\d+"/, "the provider's answer");
+      assert.ok(answered.some((b) => b.includes("+15550001")), "the provider was called");
+      // Filter by status: nothing failed.
+      await page.locator("#notify-status").selectOption("failed");
+      await until(page, "no failed notification", () =>
+        /No notification matches/.test(document.querySelector("#notify-note")?.textContent ?? ""));
+      await page.locator("#notify-status").selectOption("");
+      await row.first().waitFor({ timeout: UI_MS });
+      await shot(page, "notifications");
+      w.state.closing = true;
+      assert.deepEqual(w.problems, []);
+    } finally {
+      w.state.closing = true;
+      await w.context.close();
+    }
+  });
+
+  it("draws a device's telemetry over time from MySQL", { skip: !withMysql && "needs MariaDB" }, async () => {
+    const c = fleet[2];
+    const temps = [21.5, 22, 23.5, 22.5, 24];
+    for (const t of temps) {
+      c.telemetry({ temp: t, rssi: -60 });
+      await new Promise((r) => setTimeout(r, 30));
+    }
+    const w = await watchedPage(browser);
+    try {
+      const { page } = w;
+      await page.goto(`http://${relay.http}/#/device/${c.addr}`);
+      await signIn(page, relay.token);
+      await until(page, "the temperature chart has the 5 readings", () =>
+        Number(document.querySelector('#telemetry svg.chart[data-field="temp"]')?.dataset.points) === 5);
+      assert.match(await page.locator('#telemetry figure[data-field="temp"] figcaption').textContent(), /latest 24/);
+      assert.equal(await page.locator('#telemetry svg.chart[data-field="rssi"]').getAttribute("data-points"), "5");
+      const line = await page.locator('#telemetry svg.chart[data-field="temp"] polyline').getAttribute("points");
+      assert.equal(line.trim().split(/\s+/).length, 5, "one vertex per reading");
+      await shot(page, "device-telemetry", true);
       w.state.closing = true;
       assert.deepEqual(w.problems, []);
     } finally {

@@ -168,7 +168,7 @@ impl Router {
             self.sorted.borrow_mut().remove(&addr);
         }
         drop(by_addr);
-        self.drop_memberships(cell);
+        // The hook sees the groups the connection was in, before it leaves them.
         if let Some(h) = self.hooks.borrow().as_ref() {
             h.disconnected(
                 cell,
@@ -177,6 +177,7 @@ impl Router {
                 now,
             );
         }
+        self.drop_memberships(cell);
     }
 
     pub(super) fn drop_memberships(&self, cell: &Rc<ConnCell>) {
