@@ -131,12 +131,10 @@ fn hello(tcp: &str, addr: &str) -> std::io::Result<(std::net::TcpStream, String)
 /// CPU seconds (user + system) the process has used so far.
 fn cpu_seconds(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    let after = &stat[stat.rfind(')').unwrap() + 2..];
-    let f: Vec<&str> = after.split_whitespace().collect();
-    // Fields 14 and 15 (utime, stime) are the 12th and 13th after the name.
-    let ticks: f64 = f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap();
+    let ticks = relay_core::procstat::cpu_ticks(&stat).expect("a /proc/<pid>/stat line");
     // SAFETY: sysconf has no preconditions.
-    ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
+    let per_sec = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    relay_core::procstat::ticks_to_us(ticks, per_sec) as f64 / 1e6
 }
 
 fn stop(mut proc: Proc) {
