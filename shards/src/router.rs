@@ -30,8 +30,8 @@ use crate::cell::{ConnCell, ConnId, Membership, Session, conn_id};
 use crate::stats::{DropReason, ShardStats};
 use crate::ws::WsDecoder;
 
-/// Most shards a relay runs (index masks are 64-bit).
-pub const MAX_SHARDS: usize = 64;
+/// Most shards a relay runs (index masks are 64-bit); configuration refuses more.
+pub use relay_config::MAX_SHARDS;
 
 /// Prefix of the tap groups: members of `watch:<addr>` receive a copy of
 /// every DATA and PUBLISH that `<addr>` sends (the console's live view).

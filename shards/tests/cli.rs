@@ -55,6 +55,34 @@ fn check_config_reports_every_problem_with_file_and_key() {
     );
 }
 
+#[test]
+fn check_config_says_why_a_shard_count_over_the_maximum_is_refused() {
+    let dir = std::env::temp_dir().join(format!("relay-cli-shards-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let max = relay_config::MAX_SHARDS;
+    let over = dir.join("over.toml");
+    std::fs::write(&over, format!("[shards]\ncount = {}\n", max + 1)).unwrap();
+    let out = relay().arg("check-config").arg(&over).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(
+        err.contains(&format!(
+            "shards.count: is {}, must be at most {max} (0 means one shard per core; the router tracks shards in 64-bit masks)",
+            max + 1
+        )),
+        "{err}"
+    );
+    let most = dir.join("most.toml");
+    std::fs::write(&most, format!("[shards]\ncount = {max}\n")).unwrap();
+    let out = relay().arg("check-config").arg(&most).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// Starts the relay binary on a config of two shards on port 0; `files`
 /// caps its open-file limit (soft and hard). Returns the child and the
 /// address it logged for controllers.
