@@ -23,7 +23,9 @@ use crate::report::{
     Note, ProcReport, Report, ServerReport, ServerStep, Slo, StepReport, TargetReport, Verdict,
     fmt_rate, fmt_us, group,
 };
-use crate::scenario::{Endpoint, Form, Pattern, RampBy, Scenario, ScenarioError, WatchSpec};
+use crate::scenario::{
+    Endpoint, FindMaxSpec, Form, Pattern, RampBy, Scenario, ScenarioError, WatchSpec,
+};
 use crate::stats::{ConnectStats, ProgressSnapshot, StepStats};
 use crate::worker::{self, Command, Reply, WorkerSetup};
 
@@ -892,9 +894,7 @@ impl Runner<'_> {
             0.0
         };
         let mut rep = self.step(1, total, s.load.duration.as_nanos())?;
-        let j = judge(s, &rep, true);
-        rep.passed = j.broken.is_empty() && j.slo.is_empty();
-        rep.failures = j.broken.into_iter().chain(j.slo).collect();
+        settle(s, &mut rep, true);
         Ok(vec![rep])
     }
 
@@ -938,9 +938,7 @@ impl Runner<'_> {
         let mut steps = Vec::new();
         for id in 1.. {
             let mut rep = self.step(id, rate, f.step_duration.as_nanos())?;
-            let j = judge(s, &rep, false);
-            rep.passed = j.broken.is_empty() && j.slo.is_empty();
-            rep.failures = j.broken.into_iter().chain(j.slo).collect();
+            settle(s, &mut rep, false);
             let next = ramp.observe_judged(
                 rate,
                 rep.latency.p99_us,
@@ -965,21 +963,9 @@ impl Runner<'_> {
                 fmt_us(GENERATOR_LAG_US)
             ));
         }
-        let stopped_by = stopped_by(&steps, ramp.first_failure(), "rate");
-        Ok((
-            steps,
-            FindMaxReport {
-                by: RampBy::Rate,
-                slo_p99_ms: slo_ms,
-                max_loss: f.max_loss,
-                steps: ramp.history().to_vec(),
-                best: ramp.best(),
-                first_failure: ramp.first_failure(),
-                generator_limited: limited,
-                answer,
-                stopped_by,
-            },
-        ))
+        let stopped = stopped_by(&steps, ramp.first_failure(), RampBy::Rate);
+        let report = ramp_report(RampBy::Rate, f, &ramp, limited, answer, stopped);
+        Ok((steps, report))
     }
 
     /// The fleet ramp: grow (or shrink) the connected fleet, each unit at the
@@ -1004,9 +990,7 @@ impl Runner<'_> {
             tried.insert(units);
             let senders = if s.pattern.sends_data() { units } else { 0 };
             let mut rep = self.step(id, per * senders as f64, f.step_duration.as_nanos())?;
-            let j = judge(s, &rep, false);
-            rep.passed = j.broken.is_empty() && j.slo.is_empty();
-            rep.failures = j.broken.into_iter().chain(j.slo).collect();
+            settle(s, &mut rep, false);
             let p99 = if s.pattern.sends_data() {
                 rep.latency.p99_us
             } else {
@@ -1037,7 +1021,7 @@ impl Runner<'_> {
                 group(n as u64)
             ));
         }
-        let mut stopped = stopped_by(&steps, ramp.first_failure(), "fleet");
+        let mut stopped = stopped_by(&steps, ramp.first_failure(), RampBy::Fleet);
         if ramp.first_failure().is_none() && ramp.best().is_some_and(|b| b.rate >= max as f64) {
             stopped = format!(
                 "nothing: the ramp reached its ceiling of {} (load.{}); raise it to search further",
@@ -1049,31 +1033,48 @@ impl Runner<'_> {
                 }
             );
         }
-        Ok((
-            steps,
-            FindMaxReport {
-                by: RampBy::Fleet,
-                slo_p99_ms: slo_ms,
-                max_loss: f.max_loss,
-                steps: ramp.history().to_vec(),
-                best: ramp.best(),
-                first_failure: ramp.first_failure(),
-                generator_limited: limited,
-                answer,
-                stopped_by: stopped,
-            },
-        ))
+        let report = ramp_report(RampBy::Fleet, f, &ramp, limited, answer, stopped);
+        Ok((steps, report))
+    }
+}
+
+/// Judges a step against the SLO and records whether it passed and why not.
+fn settle(s: &Scenario, rep: &mut StepReport, fixed: bool) {
+    let j = judge(s, rep, fixed);
+    rep.passed = j.broken.is_empty() && j.slo.is_empty();
+    rep.failures = j.broken.into_iter().chain(j.slo).collect();
+}
+
+/// The report of a finished ramp over `by`.
+fn ramp_report(
+    by: RampBy,
+    f: &FindMaxSpec,
+    ramp: &Ramp,
+    generator_limited: Vec<f64>,
+    answer: String,
+    stopped_by: String,
+) -> FindMaxReport {
+    FindMaxReport {
+        by,
+        slo_p99_ms: f.slo_p99.as_secs_f64() * 1000.0,
+        max_loss: f.max_loss,
+        steps: ramp.history().to_vec(),
+        best: ramp.best(),
+        first_failure: ramp.first_failure(),
+        generator_limited,
+        answer,
+        stopped_by,
     }
 }
 
 /// What stopped a ramp: the reasons of the step at its first failing value.
-fn stopped_by(steps: &[StepReport], first_failure: Option<f64>, by: &str) -> String {
+fn stopped_by(steps: &[StepReport], first_failure: Option<f64>, by: RampBy) -> String {
     let Some(v) = first_failure else {
         return "no step failed (the ramp ran out of steps or reached its bound)".into();
     };
     let step = steps.iter().find(|x| {
         !x.passed
-            && if by == "fleet" {
+            && if by == RampBy::Fleet {
                 x.fleet as f64 == v.round()
             } else {
                 x.total_rate == v
@@ -1081,7 +1082,7 @@ fn stopped_by(steps: &[StepReport], first_failure: Option<f64>, by: &str) -> Str
     });
     match step {
         Some(x) => {
-            let at = if by == "fleet" {
+            let at = if by == RampBy::Fleet {
                 format!("a fleet of {}", group(x.fleet))
             } else {
                 format!("{} msg/s", fmt_rate(x.total_rate))
