@@ -246,10 +246,11 @@ impl Config {
         u64::from(h.idle_factor) * u64::from(beat) * 1000
     }
 
-    /// Number of shards to start: `shards.count`, or the available cores when it is 0.
+    /// Number of shards to start: `shards.count`, or when it is 0 the available
+    /// cores, at most [`MAX_SHARDS`].
     pub fn shard_count(&self) -> usize {
         match self.shards.count {
-            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get().min(MAX_SHARDS)),
             n => n,
         }
     }

@@ -18,8 +18,9 @@ pub const OPEN_FILES_LIMIT: u32 = 20_000;
 pub const RESERVED_FILES: u32 = 1_000;
 /// Largest `limits.max_connections`.
 pub const MAX_CONNECTIONS_CEILING: u32 = OPEN_FILES_LIMIT - RESERVED_FILES;
-/// Largest `shards.count`.
-pub const MAX_SHARDS: usize = 1024;
+/// Largest `shards.count`, and the most shards a relay runs: the router keeps
+/// the shards a group reaches in a 64-bit mask, one bit per shard.
+pub const MAX_SHARDS: usize = 64;
 /// Shortest secret that is not reported as weak, in bytes.
 pub const MIN_SECRET_BYTES: usize = 16;
 /// Longest name of a node (the alphabet and length of addresses).
@@ -74,7 +75,7 @@ pub(crate) fn check(config: &Config) -> Vec<Problem> {
         s.count as u64,
         0,
         MAX_SHARDS as u64,
-        " (0 means one shard per core)",
+        " (0 means one shard per core; the router tracks shards in 64-bit masks)",
     );
     r.range(
         "shards.io_memory_kib",

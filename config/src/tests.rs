@@ -209,7 +209,12 @@ fn each_rule_reports_its_key() {
             "listeners.http",
             "same address",
         ),
-        ("[shards]\ncount = 5000", "shards.count", "at most 1024"),
+        ("[shards]\ncount = 5000", "shards.count", "at most 64"),
+        (
+            "[shards]\ncount = 65",
+            "shards.count",
+            "is 65, must be at most 64 (0 means one shard per core; the router tracks shards in 64-bit masks)",
+        ),
         (
             "[shards]\nio_memory_kib = 1",
             "shards.io_memory_kib",
@@ -358,7 +363,7 @@ fn bounds_themselves_are_accepted() {
         "[listeners]\ntcp = \"127.0.0.1:0\"\nhttp = \"127.0.0.1:0\"",
         "[listeners]\ntcp = \"127.0.0.1:9000\"\nhttp = \"127.0.0.1:9000\"\n[http]\nenabled = false",
         "[log]\nlevel = \"warn,relay_shards=debug,relay_core[conn{addr=x}]=trace,hyper\"",
-        "[shards]\ncount = 1024\n[shutdown]\ngrace_ms = 0",
+        "[shards]\ncount = 64\n[shutdown]\ngrace_ms = 0",
     ];
     for text in ok {
         assert!(load(text).is_ok(), "{text:?}: {:?}", load(text));

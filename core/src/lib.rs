@@ -12,6 +12,7 @@
 //!   deadlines, limits, the bounded outbound queue).
 //! - [`route`]: address → shard hashing and server-assigned addresses.
 //! - [`auth`]: HMAC client tokens.
+//! - [`procstat`]: a process's CPU time and memory, parsed from `/proc` text.
 
 pub mod auth;
 pub mod codec;
@@ -19,6 +20,7 @@ pub mod conn;
 pub mod frame;
 pub mod json;
 pub mod name;
+pub mod procstat;
 pub mod route;
 
 pub use codec::{DecodeError, Decoder};

@@ -119,23 +119,6 @@ async fn read_more(stream: &mut TcpStream, rbuf: &mut BytesMut) -> Result<(), Er
     }
 }
 
-/// Reads events until `done` says the awaited answer came (`Some(Ok)`) or failed.
-async fn await_event(
-    stream: &mut TcpStream,
-    dec: &mut Decoder,
-    rbuf: &mut BytesMut,
-    mut done: impl FnMut(Inbound) -> Option<Result<(), ErrorKind>>,
-) -> Result<(), ErrorKind> {
-    loop {
-        while let Some(ev) = dec.decode(rbuf).map_err(|_| ErrorKind::HandshakeFailed)? {
-            if let Some(r) = done(ev) {
-                return r;
-            }
-        }
-        read_more(stream, rbuf).await?;
-    }
-}
-
 /// Connects `spec` and completes its handshake and joins within the connect timeout.
 pub async fn open(env: &Env, spec: ClientSpec) -> Result<Session, ErrorKind> {
     match tokio::time::timeout(env.connect_timeout, open_inner(env, spec)).await {
@@ -180,114 +163,136 @@ fn failure(ev: &Inbound) -> Option<ErrorKind> {
 
 async fn open_inner(env: &Env, spec: ClientSpec) -> Result<Session, ErrorKind> {
     let (endpoint, wire) = env.side(spec.side);
-    let wire = wire.clone();
-    let mut stream = net::connect(env.source(spec.index), endpoint.addr()).await?;
+    let stream = net::connect(env.source(spec.index), endpoint.addr()).await?;
     let mut enc = wire.encoder(spec.index ^ mono_ns());
     if let Some(t) = &env.template {
         enc.set_template(t.clone());
     }
-    let mut dec = wire.decoder(env.max_in);
-    let mut rbuf = BytesMut::with_capacity(1024);
-    let mut out = BytesMut::with_capacity(256);
-    let heartbeat_s = env.heartbeat_ns.div_ceil(1_000_000_000).max(1) as u32;
-
-    if endpoint.is_echo() {
-        // An echo server has no handshake: the connection is ready once connected.
-        return Ok(Session {
-            spec,
-            stream,
-            enc,
-            dec,
-            rbuf,
-            wire,
-        });
+    let mut session = Session {
+        spec,
+        stream,
+        enc,
+        dec: wire.decoder(env.max_in),
+        rbuf: BytesMut::with_capacity(1024),
+        wire: wire.clone(),
+    };
+    // An echo server has no handshake: the connection is ready once connected.
+    if !endpoint.is_echo() {
+        let heartbeat_s = env.heartbeat_ns.div_ceil(1_000_000_000).max(1) as u32;
+        session.handshake(endpoint, heartbeat_s).await?;
     }
-    let mut hello_in_url = false;
-    if let Endpoint::RelayWs { host, path, .. } = endpoint {
-        // JSON browsers say hello in the URL (the server then speaks JSON text);
-        // binary browsers send a binary HELLO after the upgrade.
-        hello_in_url = matches!(
-            wire,
-            WireKind::Relay {
-                form: Form::Json,
-                ..
-            }
-        );
-        let target = if hello_in_url {
-            let sep = if path.contains('?') { '&' } else { '?' };
-            format!(
-                "{path}{sep}addr={}&role={}&heartbeat_s={heartbeat_s}",
-                spec.addr,
-                spec.side.role()
-            )
-        } else {
-            path.clone()
-        };
-        let key = ws::new_key(&mut ws::Masker::new(spec.index.wrapping_add(mono_ns())));
-        stream
-            .write_all(&ws::request(host, &target, &key))
-            .await
-            .map_err(|_| ErrorKind::HandshakeFailed)?;
-        loop {
-            match ws::parse_answer(&rbuf, &key) {
-                Ok(Some(n)) => {
-                    rbuf.advance(n);
-                    break;
+    Ok(session)
+}
+
+impl Session {
+    /// Upgrades to WebSocket (browsers), says hello, waits for the welcome, then
+    /// subscribes the inbox (MQTT) and joins the groups.
+    async fn handshake(&mut self, endpoint: &Endpoint, heartbeat_s: u32) -> Result<(), ErrorKind> {
+        let mut out = BytesMut::with_capacity(256);
+        let mut hello_in_url = false;
+        if let Endpoint::RelayWs { host, path, .. } = endpoint {
+            // JSON browsers say hello in the URL (the server then speaks JSON text);
+            // binary browsers send a binary HELLO after the upgrade.
+            hello_in_url = matches!(
+                self.wire,
+                WireKind::Relay {
+                    form: Form::Json,
+                    ..
                 }
-                Ok(None) => read_more(&mut stream, &mut rbuf).await?,
-                Err(_) => return Err(ErrorKind::HandshakeFailed),
+            );
+            let target = if hello_in_url {
+                let sep = if path.contains('?') { '&' } else { '?' };
+                format!(
+                    "{path}{sep}addr={}&role={}&heartbeat_s={heartbeat_s}",
+                    self.spec.addr,
+                    self.spec.side.role()
+                )
+            } else {
+                path.clone()
+            };
+            let key = ws::new_key(&mut ws::Masker::new(
+                self.spec.index.wrapping_add(mono_ns()),
+            ));
+            self.write(&ws::request(host, &target, &key)).await?;
+            loop {
+                match ws::parse_answer(&self.rbuf, &key) {
+                    Ok(Some(n)) => {
+                        self.rbuf.advance(n);
+                        break;
+                    }
+                    Ok(None) => read_more(&mut self.stream, &mut self.rbuf).await?,
+                    Err(_) => return Err(ErrorKind::HandshakeFailed),
+                }
             }
         }
-    }
-    if !hello_in_url {
-        enc.hello(&mut out, &spec.addr, spec.side.role(), heartbeat_s);
-        stream
-            .write_all(&out)
-            .await
-            .map_err(|_| ErrorKind::HandshakeFailed)?;
-        out.clear();
-    }
-    await_event(&mut stream, &mut dec, &mut rbuf, |ev| match ev {
-        Inbound::Welcome => Some(Ok(())),
-        other => failure(&other).map(Err),
-    })
-    .await?;
+        if !hello_in_url {
+            self.enc.hello(
+                &mut out,
+                &self.spec.addr,
+                self.spec.side.role(),
+                heartbeat_s,
+            );
+            self.write(&out).await?;
+            out.clear();
+        }
+        self.await_event(|ev| match ev {
+            Inbound::Welcome => Some(Ok(())),
+            other => failure(&other).map(Err),
+        })
+        .await?;
 
-    // Inbox (MQTT) and group joins, each acknowledged by its seq.
-    let mut waiting: Vec<u32> = Vec::new();
-    let mut seq = 1u32;
-    if spec.inbox && enc.inbox(&mut out, &spec.addr, seq) {
-        waiting.push(seq);
-        seq += 1;
-    }
-    for g in &spec.joins {
-        enc.join(&mut out, g, seq);
-        waiting.push(seq);
-        seq += 1;
-    }
-    if !waiting.is_empty() {
-        stream
-            .write_all(&out)
-            .await
-            .map_err(|_| ErrorKind::HandshakeFailed)?;
-        out.clear();
-        await_event(&mut stream, &mut dec, &mut rbuf, |ev| {
+        // Inbox (MQTT) and group joins, each acknowledged by its seq.
+        let mut waiting: Vec<u32> = Vec::new();
+        let mut seq = 1u32;
+        if self.spec.inbox && self.enc.inbox(&mut out, &self.spec.addr, seq) {
+            waiting.push(seq);
+            seq += 1;
+        }
+        for g in &self.spec.joins {
+            self.enc.join(&mut out, g, seq);
+            waiting.push(seq);
+            seq += 1;
+        }
+        if waiting.is_empty() {
+            return Ok(());
+        }
+        self.write(&out).await?;
+        self.await_event(|ev| {
             if let Inbound::Ack { seq } = ev {
                 waiting.retain(|s| *s != seq);
                 return waiting.is_empty().then_some(Ok(()));
             }
             failure(&ev).map(Err)
         })
-        .await?;
+        .await
     }
-    Ok(Session {
-        spec,
-        stream,
-        enc,
-        dec,
-        rbuf,
-        wire,
-    })
+
+    /// Writes handshake bytes whole.
+    async fn write(&mut self, bytes: &[u8]) -> Result<(), ErrorKind> {
+        self.stream
+            .write_all(bytes)
+            .await
+            .map_err(|_| ErrorKind::HandshakeFailed)
+    }
+
+    /// Reads events until `done` says the awaited answer came (`Some(Ok)`) or failed.
+    async fn await_event(
+        &mut self,
+        mut done: impl FnMut(Inbound) -> Option<Result<(), ErrorKind>>,
+    ) -> Result<(), ErrorKind> {
+        loop {
+            while let Some(ev) = self
+                .dec
+                .decode(&mut self.rbuf)
+                .map_err(|_| ErrorKind::HandshakeFailed)?
+            {
+                if let Some(r) = done(ev) {
+                    return r;
+                }
+            }
+            read_more(&mut self.stream, &mut self.rbuf).await?;
+        }
+    }
 }
 
 /// What a link's writers share: the encoder and the bytes the socket has not taken.

@@ -23,7 +23,9 @@ use crate::report::{
     Note, ProcReport, Report, ServerReport, ServerStep, Slo, StepReport, TargetReport, Verdict,
     fmt_rate, fmt_us, group,
 };
-use crate::scenario::{Endpoint, Form, Pattern, RampBy, Scenario, ScenarioError, WatchSpec};
+use crate::scenario::{
+    Endpoint, FindMaxSpec, Form, Pattern, RampBy, Scenario, ScenarioError, WatchSpec,
+};
 use crate::stats::{ConnectStats, ProgressSnapshot, StepStats};
 use crate::worker::{self, Command, Reply, WorkerSetup};
 
@@ -628,6 +630,15 @@ struct Watched {
 }
 
 impl Watched {
+    fn new(name: &str, pids: Vec<u32>, found_by: String) -> Self {
+        Self {
+            name: name.to_string(),
+            pids,
+            found_by,
+            samples: Vec::new(),
+        }
+    }
+
     /// Reads the summed CPU time now and keeps the reading.
     fn mark(&mut self) -> Option<(u64, u64)> {
         let mut cpu = 0;
@@ -765,7 +776,7 @@ impl Runner<'_> {
     /// Runs one step on every worker and merges the results.
     fn step(&mut self, id: u32, total_rate: f64, duration_ns: u64) -> Result<StepReport, RunError> {
         let s = &self.p.s;
-        let per_sender = if s.find_max.enabled && s.find_max.by == RampBy::Fleet {
+        let per_sender = if s.ramps_fleet() {
             s.load.rate.unwrap_or(0.0)
         } else {
             s.per_sender_rate(total_rate)
@@ -883,9 +894,7 @@ impl Runner<'_> {
             0.0
         };
         let mut rep = self.step(1, total, s.load.duration.as_nanos())?;
-        let j = judge(s, &rep, true);
-        rep.passed = j.broken.is_empty() && j.slo.is_empty();
-        rep.failures = j.broken.into_iter().chain(j.slo).collect();
+        settle(s, &mut rep, true);
         Ok(vec![rep])
     }
 
@@ -929,9 +938,7 @@ impl Runner<'_> {
         let mut steps = Vec::new();
         for id in 1.. {
             let mut rep = self.step(id, rate, f.step_duration.as_nanos())?;
-            let j = judge(s, &rep, false);
-            rep.passed = j.broken.is_empty() && j.slo.is_empty();
-            rep.failures = j.broken.into_iter().chain(j.slo).collect();
+            settle(s, &mut rep, false);
             let next = ramp.observe_judged(
                 rate,
                 rep.latency.p99_us,
@@ -956,21 +963,9 @@ impl Runner<'_> {
                 fmt_us(GENERATOR_LAG_US)
             ));
         }
-        let stopped_by = stopped_by(&steps, ramp.first_failure(), "rate");
-        Ok((
-            steps,
-            FindMaxReport {
-                by: RampBy::Rate,
-                slo_p99_ms: slo_ms,
-                max_loss: f.max_loss,
-                steps: ramp.history().to_vec(),
-                best: ramp.best(),
-                first_failure: ramp.first_failure(),
-                generator_limited: limited,
-                answer,
-                stopped_by,
-            },
-        ))
+        let stopped = stopped_by(&steps, ramp.first_failure(), RampBy::Rate);
+        let report = ramp_report(RampBy::Rate, f, &ramp, limited, answer, stopped);
+        Ok((steps, report))
     }
 
     /// The fleet ramp: grow (or shrink) the connected fleet, each unit at the
@@ -995,9 +990,7 @@ impl Runner<'_> {
             tried.insert(units);
             let senders = if s.pattern.sends_data() { units } else { 0 };
             let mut rep = self.step(id, per * senders as f64, f.step_duration.as_nanos())?;
-            let j = judge(s, &rep, false);
-            rep.passed = j.broken.is_empty() && j.slo.is_empty();
-            rep.failures = j.broken.into_iter().chain(j.slo).collect();
+            settle(s, &mut rep, false);
             let p99 = if s.pattern.sends_data() {
                 rep.latency.p99_us
             } else {
@@ -1028,7 +1021,7 @@ impl Runner<'_> {
                 group(n as u64)
             ));
         }
-        let mut stopped = stopped_by(&steps, ramp.first_failure(), "fleet");
+        let mut stopped = stopped_by(&steps, ramp.first_failure(), RampBy::Fleet);
         if ramp.first_failure().is_none() && ramp.best().is_some_and(|b| b.rate >= max as f64) {
             stopped = format!(
                 "nothing: the ramp reached its ceiling of {} (load.{}); raise it to search further",
@@ -1040,31 +1033,48 @@ impl Runner<'_> {
                 }
             );
         }
-        Ok((
-            steps,
-            FindMaxReport {
-                by: RampBy::Fleet,
-                slo_p99_ms: slo_ms,
-                max_loss: f.max_loss,
-                steps: ramp.history().to_vec(),
-                best: ramp.best(),
-                first_failure: ramp.first_failure(),
-                generator_limited: limited,
-                answer,
-                stopped_by: stopped,
-            },
-        ))
+        let report = ramp_report(RampBy::Fleet, f, &ramp, limited, answer, stopped);
+        Ok((steps, report))
+    }
+}
+
+/// Judges a step against the SLO and records whether it passed and why not.
+fn settle(s: &Scenario, rep: &mut StepReport, fixed: bool) {
+    let j = judge(s, rep, fixed);
+    rep.passed = j.broken.is_empty() && j.slo.is_empty();
+    rep.failures = j.broken.into_iter().chain(j.slo).collect();
+}
+
+/// The report of a finished ramp over `by`.
+fn ramp_report(
+    by: RampBy,
+    f: &FindMaxSpec,
+    ramp: &Ramp,
+    generator_limited: Vec<f64>,
+    answer: String,
+    stopped_by: String,
+) -> FindMaxReport {
+    FindMaxReport {
+        by,
+        slo_p99_ms: f.slo_p99.as_secs_f64() * 1000.0,
+        max_loss: f.max_loss,
+        steps: ramp.history().to_vec(),
+        best: ramp.best(),
+        first_failure: ramp.first_failure(),
+        generator_limited,
+        answer,
+        stopped_by,
     }
 }
 
 /// What stopped a ramp: the reasons of the step at its first failing value.
-fn stopped_by(steps: &[StepReport], first_failure: Option<f64>, by: &str) -> String {
+fn stopped_by(steps: &[StepReport], first_failure: Option<f64>, by: RampBy) -> String {
     let Some(v) = first_failure else {
         return "no step failed (the ramp ran out of steps or reached its bound)".into();
     };
     let step = steps.iter().find(|x| {
         !x.passed
-            && if by == "fleet" {
+            && if by == RampBy::Fleet {
                 x.fleet as f64 == v.round()
             } else {
                 x.total_rate == v
@@ -1072,7 +1082,7 @@ fn stopped_by(steps: &[StepReport], first_failure: Option<f64>, by: &str) -> Str
     });
     match step {
         Some(x) => {
-            let at = if by == "fleet" {
+            let at = if by == RampBy::Fleet {
                 format!("a fleet of {}", group(x.fleet))
             } else {
                 format!("{} msg/s", fmt_rate(x.total_rate))
@@ -1174,18 +1184,18 @@ fn verdict(
     }
 }
 
-/// Runs `s` and returns its report.
-pub fn run(s: &Scenario, opts: &RunOptions) -> Result<Report, RunError> {
-    let p = prepare(s, opts)?;
-    let s = &p.s;
-    let progress = Progress::new(opts.progress);
-    for n in p.notes.iter().filter(|n| n.limit.is_some()) {
-        progress.println(&format!("LIMIT: {}", n.text));
-    }
+/// The server process the run samples, and how it was found.
+struct ServerWatch {
+    pid: Option<u32>,
+    found_by: String,
+    sampler: Option<Sampler>,
+    /// Its RSS before anything connects.
+    rss_before: Option<u64>,
+}
 
-    // The server, and the other processes to watch.
-    let mut notes = p.notes.clone();
-    let (pid, found_by) = find_server(s, &p.ctl);
+/// Finds the server and starts sampling it; a server that cannot be read is noted.
+fn watch_server(s: &Scenario, ctl: &Endpoint, notes: &mut Vec<Note>) -> ServerWatch {
+    let (pid, found_by) = find_server(s, ctl);
     let sampler = pid.and_then(|x| Sampler::start(x, s.run.sample_interval.0).ok());
     if pid.is_some() && sampler.is_none() {
         notes.push(Note::info(format!(
@@ -1193,6 +1203,16 @@ pub fn run(s: &Scenario, opts: &RunOptions) -> Result<Report, RunError> {
             pid.unwrap_or(0)
         )));
     }
+    ServerWatch {
+        pid,
+        found_by,
+        sampler,
+        rss_before: None,
+    }
+}
+
+/// The `target.watch` processes that can be read; the others are noted.
+fn watch_targets(s: &Scenario, notes: &mut Vec<Note>) -> Vec<Watched> {
     let mut watched = Vec::new();
     for w in &s.target.watch {
         let Ok(spec) = WatchSpec::parse(w) else {
@@ -1216,55 +1236,86 @@ pub fn run(s: &Scenario, opts: &RunOptions) -> Result<Report, RunError> {
             )));
             continue;
         }
-        watched.push(Watched {
-            name: spec.name().to_string(),
-            pids,
-            found_by: how,
-            samples: Vec::new(),
-        });
+        watched.push(Watched::new(spec.name(), pids, how));
     }
-    let rss_before = sampler.as_ref().and_then(|x| x.mark()).map(|x| x.rss_bytes);
+    watched
+}
 
-    // Workers, connections, steps.
-    let started_unix_ms = unix_ms();
-    let fleet = Fleet::start(p.wplan.workers as usize, opts.worker_exe.as_ref())?;
-    let mut generator = Watched {
-        name: "generator".into(),
-        pids: std::iter::once(std::process::id())
-            .chain(fleet.child_pids())
-            .collect(),
-        found_by: "this process and its workers".into(),
-        samples: Vec::new(),
-    };
-    generator.mark();
-    for w in &mut watched {
-        w.mark();
-    }
-    let connect_start_ns = mono_ns() + s.run.start_lead.as_nanos();
-    let fleet_ramp = s.find_max.enabled && s.find_max.by == RampBy::Fleet;
-    let first_units = if fleet_ramp {
-        let max = p.plan.units();
+/// The fleet units connected first: all of them, or a fleet ramp's starting size.
+fn first_units(p: &Prepared) -> u64 {
+    let s = &p.s;
+    let max = p.plan.units();
+    if s.ramps_fleet() {
         s.find_max
             .start_fleet
             .map(|n| n as u64)
             .unwrap_or((max / 10).max(1))
             .min(max)
     } else {
-        p.plan.units()
-    };
-    let mut r = Runner {
-        p: &p,
-        fleet,
-        progress,
-        sampler: sampler.as_ref(),
-        generator,
-        watched,
-        last_watch: Instant::now(),
-        connect: ConnectStats::default(),
-        holding: 0,
-        units: first_units,
-    };
-    let result = (|| {
+        max
+    }
+}
+
+/// What the connect and step phases produced.
+struct Phases {
+    /// The first connect phase.
+    connect: ConnectStats,
+    /// The server's RSS once the first fleet was connected.
+    rss_connected: Option<u64>,
+    steps: Vec<StepReport>,
+    find_max: Option<FindMaxReport>,
+}
+
+/// What the runner leaves once its workers have stopped.
+struct Stopped {
+    generator: Watched,
+    watched: Vec<Watched>,
+    /// Every connect phase and resize, merged.
+    all_connects: ConnectStats,
+}
+
+impl<'a> Runner<'a> {
+    /// Starts the workers and takes the first CPU readings.
+    fn start(
+        p: &'a Prepared,
+        opts: &RunOptions,
+        progress: Progress,
+        sampler: Option<&'a Sampler>,
+        mut watched: Vec<Watched>,
+    ) -> Result<Self, RunError> {
+        let fleet = Fleet::start(p.wplan.workers as usize, opts.worker_exe.as_ref())?;
+        let mut generator = Watched::new(
+            "generator",
+            std::iter::once(std::process::id())
+                .chain(fleet.child_pids())
+                .collect(),
+            "this process and its workers".into(),
+        );
+        generator.mark();
+        for w in &mut watched {
+            w.mark();
+        }
+        Ok(Runner {
+            p,
+            fleet,
+            progress,
+            sampler,
+            generator,
+            watched,
+            last_watch: Instant::now(),
+            connect: ConnectStats::default(),
+            holding: 0,
+            units: first_units(p),
+        })
+    }
+
+    /// Connects the first fleet, then runs the fixed step or the ramp.
+    fn phases(&mut self) -> Result<Phases, RunError> {
+        let p = self.p;
+        let s = &p.s;
+        let connect_start_ns = mono_ns() + s.run.start_lead.as_nanos();
+        let fleet_ramp = s.ramps_fleet();
+        let first_units = self.units;
         let setup = |i: usize| WorkerSetup {
             scenario: s.clone(),
             prefix: s.target.prefix.clone(),
@@ -1276,40 +1327,92 @@ pub fn run(s: &Scenario, opts: &RunOptions) -> Result<Report, RunError> {
             max_connections: p.wplan.per_process,
             units: fleet_ramp.then_some(first_units),
         };
-        r.fleet
+        self.fleet
             .broadcast(|i| Command::Connect(Box::new(setup(i))))?;
-        let first = r.connect(first_units, true)?;
-        r.tick_watch();
-        let rss_connected = r.sampler.and_then(|x| x.mark()).map(|x| x.rss_bytes);
+        let connect = self.connect(first_units, true)?;
+        self.tick_watch();
+        let rss_connected = self.sampler.and_then(|x| x.mark()).map(|x| x.rss_bytes);
         let (steps, find_max) = if !s.find_max.enabled {
-            (r.fixed()?, None)
+            (self.fixed()?, None)
         } else if fleet_ramp {
-            let (a, b) = r.ramp_fleet()?;
+            let (a, b) = self.ramp_fleet()?;
             (a, Some(b))
         } else {
-            let (a, b) = r.ramp_rate()?;
+            let (a, b) = self.ramp_rate()?;
             (a, Some(b))
         };
-        Ok::<_, RunError>((first, rss_connected, steps, find_max))
-    })();
-    r.generator.mark();
-    for w in &mut r.watched {
-        w.mark();
+        Ok(Phases {
+            connect,
+            rss_connected,
+            steps,
+            find_max,
+        })
     }
-    let Runner {
-        fleet,
-        mut progress,
-        generator,
-        watched,
-        connect: all_connects,
-        ..
-    } = r;
-    fleet.finish(&mut progress);
-    progress.finish();
-    let (connect, rss_connected, steps, find_max) = result?;
 
-    // The report.
-    let server = sampler.map(|smp| {
+    /// Takes the last CPU readings and stops the workers.
+    fn stop(mut self) -> Stopped {
+        self.generator.mark();
+        for w in &mut self.watched {
+            w.mark();
+        }
+        let Runner {
+            fleet,
+            mut progress,
+            generator,
+            watched,
+            connect: all_connects,
+            ..
+        } = self;
+        fleet.finish(&mut progress);
+        progress.finish();
+        Stopped {
+            generator,
+            watched,
+            all_connects,
+        }
+    }
+}
+
+/// Runs `s` and returns its report.
+pub fn run(s: &Scenario, opts: &RunOptions) -> Result<Report, RunError> {
+    let p = prepare(s, opts)?;
+    let progress = Progress::new(opts.progress);
+    for n in p.notes.iter().filter(|n| n.limit.is_some()) {
+        progress.println(&format!("LIMIT: {}", n.text));
+    }
+    let mut notes = p.notes.clone();
+    let mut server = watch_server(&p.s, &p.ctl, &mut notes);
+    let watched = watch_targets(&p.s, &mut notes);
+    server.rss_before = server
+        .sampler
+        .as_ref()
+        .and_then(|x| x.mark())
+        .map(|x| x.rss_bytes);
+
+    let started_unix_ms = unix_ms();
+    let mut r = Runner::start(&p, opts, progress, server.sampler.as_ref(), watched)?;
+    let phases = r.phases();
+    let stopped = r.stop();
+    let phases = phases?;
+    Ok(assemble(
+        &p,
+        server,
+        notes,
+        started_unix_ms,
+        phases,
+        stopped,
+    ))
+}
+
+/// The server's memory and CPU over the run, from its samples.
+fn server_report(server: ServerWatch, phases: &Phases) -> Option<ServerReport> {
+    let ServerWatch {
+        pid,
+        found_by,
+        sampler,
+        rss_before,
+    } = server;
+    sampler.map(|smp| {
         let samples: Vec<ProcSample> = smp.stop();
         let peak = samples.iter().map(|x| x.rss_bytes).max().unwrap_or(0);
         let cpu_total = match (samples.first(), samples.last()) {
@@ -1317,35 +1420,25 @@ pub fn run(s: &Scenario, opts: &RunOptions) -> Result<Report, RunError> {
             _ => 0.0,
         };
         let before = rss_before.unwrap_or(0);
-        let connected = rss_connected.unwrap_or(before);
+        let connected = phases.rss_connected.unwrap_or(before);
+        let established = phases.connect.established;
         ServerReport {
             pid: pid.unwrap_or(0),
-            found_by: found_by.clone(),
+            found_by,
             rss_before_bytes: before,
             rss_connected_bytes: connected,
             rss_peak_bytes: peak,
-            bytes_per_connection: (connect.established > 0)
-                .then(|| (connected as f64 - before as f64) / connect.established as f64),
+            bytes_per_connection: (established > 0)
+                .then(|| (connected as f64 - before as f64) / established as f64),
             cpu_total_s: cpu_total,
             samples,
         }
-    });
-    if server.is_none() {
-        notes.push(Note::info(format!("server not sampled: {found_by}")));
-    }
-    for n in &all_connects.notes {
-        notes.push(Note::limit(LimitKind::OpenFiles, n.clone()));
-    }
-    // A fleet ramp that stops at refused connections found the server's limit; that is
-    // its answer, not a cap of the run.
-    if !fleet_ramp && let Some(n) = connect_limit(&connect) {
-        notes.push(n);
-    }
-    let asked = p.plan.count();
-    let capped = p.wplan.connections < asked || notes.iter().any(|n| n.limit.is_some());
-    let verdict = verdict(&p, &connect, &steps, find_max.as_ref(), &notes);
+    })
+}
 
-    let (n_ctl, n_br) = p.plan.sides();
+/// Where the load went and in which forms.
+fn target_report(p: &Prepared) -> TargetReport {
+    let s = &p.s;
     let mqtt = p.ctl.is_mqtt();
     let kind = if mqtt {
         "mqtt"
@@ -1354,7 +1447,56 @@ pub fn run(s: &Scenario, opts: &RunOptions) -> Result<Report, RunError> {
     } else {
         "relay"
     };
-    Ok(Report {
+    let form = |f: Form| if mqtt { "mqtt" } else { form_name(f) }.to_string();
+    TargetReport {
+        kind: kind.into(),
+        controllers: s.target.controllers.clone(),
+        browsers: if mqtt || p.ctl.is_echo() {
+            s.target.controllers.clone()
+        } else {
+            s.target.browsers.clone()
+        },
+        controller_form: form(s.target.controller_form),
+        browser_form: form(s.target.browser_form),
+        prefix: s.target.prefix.clone(),
+    }
+}
+
+/// The report of a finished run: the server, the limits met, the verdict.
+fn assemble(
+    p: &Prepared,
+    server: ServerWatch,
+    mut notes: Vec<Note>,
+    started_unix_ms: u64,
+    phases: Phases,
+    stopped: Stopped,
+) -> Report {
+    let s = &p.s;
+    let found_by = server.found_by.clone();
+    let server = server_report(server, &phases);
+    if server.is_none() {
+        notes.push(Note::info(format!("server not sampled: {found_by}")));
+    }
+    for n in &stopped.all_connects.notes {
+        notes.push(Note::limit(LimitKind::OpenFiles, n.clone()));
+    }
+    // A fleet ramp that stops at refused connections found the server's limit; that is
+    // its answer, not a cap of the run.
+    let fleet_ramp = s.ramps_fleet();
+    if !fleet_ramp && let Some(n) = connect_limit(&phases.connect) {
+        notes.push(n);
+    }
+    let asked = p.plan.count();
+    let capped = p.wplan.connections < asked || notes.iter().any(|n| n.limit.is_some());
+    let verdict = verdict(
+        p,
+        &phases.connect,
+        &phases.steps,
+        phases.find_max.as_ref(),
+        &notes,
+    );
+    let (n_ctl, n_br) = p.plan.sides();
+    Report {
         tool: "relay-loadtest".into(),
         version: env!("CARGO_PKG_VERSION").into(),
         name: s.name.clone(),
@@ -1367,26 +1509,7 @@ pub fn run(s: &Scenario, opts: &RunOptions) -> Result<Report, RunError> {
             max_loss: s.find_max.max_loss,
         },
         cores: p.cores,
-        target: TargetReport {
-            kind: kind.into(),
-            controllers: s.target.controllers.clone(),
-            browsers: if mqtt || p.ctl.is_echo() {
-                s.target.controllers.clone()
-            } else {
-                s.target.browsers.clone()
-            },
-            controller_form: if mqtt {
-                "mqtt".into()
-            } else {
-                form_name(s.target.controller_form).into()
-            },
-            browser_form: if mqtt {
-                "mqtt".into()
-            } else {
-                form_name(s.target.browser_form).into()
-            },
-            prefix: s.target.prefix.clone(),
-        },
+        target: target_report(p),
         fleet: FleetReport {
             controllers: n_ctl,
             browsers: n_br,
@@ -1397,11 +1520,11 @@ pub fn run(s: &Scenario, opts: &RunOptions) -> Result<Report, RunError> {
         },
         workers: p.wplan.workers,
         threads_per_worker: p.threads,
-        connect: ConnectReport::new(&connect),
-        steps,
+        connect: ConnectReport::new(&phases.connect),
+        steps: phases.steps,
         server,
-        generator: Some(generator.report(p.cores)),
-        watched: watched.iter().map(|w| w.report(p.cores)).collect(),
+        generator: Some(stopped.generator.report(p.cores)),
+        watched: stopped.watched.iter().map(|w| w.report(p.cores)).collect(),
         limits: LimitsReport {
             nofile_soft: p.nofile.soft,
             nofile_hard: p.nofile.hard,
@@ -1413,8 +1536,8 @@ pub fn run(s: &Scenario, opts: &RunOptions) -> Result<Report, RunError> {
             capped,
             notes,
         },
-        find_max,
-    })
+        find_max: phases.find_max,
+    }
 }
 
 #[cfg(test)]

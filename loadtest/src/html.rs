@@ -7,7 +7,7 @@ use std::fmt::Write as _;
 
 use plotters::prelude::*;
 
-use crate::report::{Report, fmt_bytes, fmt_rate, fmt_us, group};
+use crate::report::{Report, StepReport, fmt_bytes, fmt_rate, fmt_us, group};
 
 /// A plot failed to draw.
 #[derive(Debug, thiserror::Error)]
@@ -20,7 +20,7 @@ pub struct PlotError {
 /// One named line of a chart.
 struct Series {
     name: String,
-    points: Vec<(f64, f64)>,
+    points: Points,
 }
 
 /// How the x axis is labelled.
@@ -162,17 +162,46 @@ fn curve_ms(curve: &[(f64, u64)]) -> Vec<(f64, f64)> {
         .collect()
 }
 
+/// Every step with the seconds before it, the steps laid end to end (a step
+/// lasts as many seconds as it has throughput readings, at least one).
+fn end_to_end(r: &Report) -> impl Iterator<Item = (&StepReport, f64)> {
+    r.steps.iter().scan(0.0, |offset, s| {
+        let at = *offset;
+        *offset += s.throughput.len().max(1) as f64;
+        Some((s, at))
+    })
+}
+
+/// (x, y) points of one line.
+type Points = Vec<(f64, f64)>;
+
+/// Messages sent and received in each second, steps laid end to end.
+fn throughput(r: &Report) -> (Points, Points) {
+    let mut sent = Vec::new();
+    let mut received = Vec::new();
+    for (s, offset) in end_to_end(r) {
+        for sec in &s.throughput {
+            sent.push((offset + sec.t as f64, sec.sent as f64));
+            received.push((offset + sec.t as f64, sec.received as f64));
+        }
+    }
+    (sent, received)
+}
+
+/// The SLO's p99 as a horizontal line, when there is one.
+fn slo_line(r: &Report) -> Option<(f64, &'static str)> {
+    (r.slo.p99_ms > 0.0).then_some((r.slo.p99_ms, "SLO p99"))
+}
+
 /// p50 and p99 of every step's latency-over-time buckets, steps laid end to end.
 fn latency_over_time(r: &Report) -> Vec<Series> {
     let mut p50 = Vec::new();
     let mut p99 = Vec::new();
-    let mut offset = 0.0;
-    for s in &r.steps {
+    for (s, offset) in end_to_end(r) {
         for x in &s.latency_over_time {
             p50.push((offset + x.t_s, x.p50_us as f64 / 1000.0));
             p99.push((offset + x.t_s, x.p99_us as f64 / 1000.0));
         }
-        offset += s.throughput.len().max(1) as f64;
     }
     if p50.is_empty() {
         return Vec::new();
@@ -258,21 +287,13 @@ pub fn render_compare(a: &Report, b: &Report, la: &str, lb: &str) -> Result<Stri
             None,
         )?);
     }
-    let mut tput = Vec::new();
-    for (r, l) in [(a, "A"), (b, "B")] {
-        let mut pts = Vec::new();
-        let mut offset = 0.0;
-        for s in &r.steps {
-            for sec in &s.throughput {
-                pts.push((offset + sec.t as f64, sec.received as f64));
-            }
-            offset += s.throughput.len().max(1) as f64;
-        }
-        tput.push(Series {
+    let tput: Vec<Series> = [(a, "A"), (b, "B")]
+        .into_iter()
+        .map(|(r, l)| Series {
             name: format!("{l} received"),
-            points: pts,
-        });
-    }
+            points: throughput(r).1,
+        })
+        .collect();
     if tput.iter().any(|s| !s.points.is_empty()) {
         h.push_str(&line_chart(
             "Messages received per second",
@@ -387,7 +408,6 @@ pub fn render(r: &Report) -> Result<String, PlotError> {
         })
         .collect();
     if !series.is_empty() {
-        let slo = (r.slo.p99_ms > 0.0).then_some((r.slo.p99_ms, "SLO p99"));
         h.push_str("<h2>Latency by percentile</h2>\n");
         h.push_str(&line_chart(
             "Latency from intended send time",
@@ -395,7 +415,7 @@ pub fn render(r: &Report) -> Result<String, PlotError> {
             "latency (ms)",
             XAxis::Percentile,
             &series,
-            slo,
+            slo_line(r),
         )?);
     }
     let hb: Vec<Series> = r
@@ -420,16 +440,7 @@ pub fn render(r: &Report) -> Result<String, PlotError> {
     }
 
     // Throughput over time, the steps laid end to end.
-    let mut sent = Vec::new();
-    let mut received = Vec::new();
-    let mut offset = 0.0;
-    for s in &r.steps {
-        for sec in &s.throughput {
-            sent.push((offset + sec.t as f64, sec.sent as f64));
-            received.push((offset + sec.t as f64, sec.received as f64));
-        }
-        offset += s.throughput.len().max(1) as f64;
-    }
+    let (sent, received) = throughput(r);
     if !sent.is_empty() {
         h.push_str("<h2>Throughput over time</h2>\n");
         h.push_str(&line_chart(
@@ -460,7 +471,7 @@ pub fn render(r: &Report) -> Result<String, PlotError> {
             "latency (ms)",
             XAxis::Linear,
             &over_time,
-            (r.slo.p99_ms > 0.0).then_some((r.slo.p99_ms, "SLO p99")),
+            slo_line(r),
         )?);
     }
 
@@ -480,19 +491,19 @@ pub fn render(r: &Report) -> Result<String, PlotError> {
     }
 
     if let Some(fm) = &r.find_max {
-        let mut pass = Vec::new();
-        let mut all: Vec<(f64, f64)> = fm
-            .steps
-            .iter()
-            .map(|o| (o.rate, o.p99_us as f64 / 1000.0))
-            .collect();
-        all.sort_by(|a, b| a.0.total_cmp(&b.0));
-        for o in &fm.steps {
-            if o.passed {
-                pass.push((o.rate, o.p99_us as f64 / 1000.0));
-            }
-        }
-        pass.sort_by(|a, b| a.0.total_cmp(&b.0));
+        // (rate, p99 ms) of the steps `keep` chooses, by rate.
+        let points = |keep: fn(&crate::findmax::Outcome) -> bool| {
+            let mut v: Vec<(f64, f64)> = fm
+                .steps
+                .iter()
+                .filter(|o| keep(o))
+                .map(|o| (o.rate, o.p99_us as f64 / 1000.0))
+                .collect();
+            v.sort_by(|a, b| a.0.total_cmp(&b.0));
+            v
+        };
+        let all = points(|_| true);
+        let pass = points(|o| o.passed);
         h.push_str("<h2>p99 against rate</h2>\n");
         h.push_str(&line_chart(
             "Capacity search",

@@ -45,14 +45,19 @@ impl Stamp {
         23 + digits(self.intended_ns) + digits(self.step as u64) + digits(self.lag_ns as u64)
     }
 
-    /// Writes the JSON payload object, padded towards `payload_len` bytes.
-    pub fn put_json(&self, out: &mut impl BufMut, payload_len: usize) {
+    /// Opens a JSON object with the stamp's fields: `{"t":N,"s":N,"l":N`.
+    fn put_json_fields(&self, out: &mut impl BufMut) {
         out.put_slice(b"{\"t\":");
         put_decimal(out, self.intended_ns);
         out.put_slice(b",\"s\":");
         put_decimal(out, self.step as u64);
         out.put_slice(b",\"l\":");
         put_decimal(out, self.lag_ns as u64);
+    }
+
+    /// Writes the JSON payload object, padded towards `payload_len` bytes.
+    pub fn put_json(&self, out: &mut impl BufMut, payload_len: usize) {
+        self.put_json_fields(out);
         out.put_slice(b",\"p\":\"");
         out.put_bytes(b'x', payload_len.saturating_sub(self.json_base_len()));
         out.put_slice(b"\"}");
@@ -263,12 +268,7 @@ impl Template {
     /// Writes one message: the stamp's fields, then the template's, as one object.
     /// `rng` is the sender's random state, `seq` its message count.
     pub fn render(&self, out: &mut impl BufMut, stamp: Stamp, rng: &mut u64, seq: u64) {
-        out.put_slice(b"{\"t\":");
-        put_decimal(out, stamp.intended_ns);
-        out.put_slice(b",\"s\":");
-        put_decimal(out, stamp.step as u64);
-        out.put_slice(b",\"l\":");
-        put_decimal(out, stamp.lag_ns as u64);
+        stamp.put_json_fields(out);
         // An empty object template adds nothing after the stamp.
         let empty =
             self.parts.len() == 1 && matches!(&self.parts[0], Part::Text(t) if t.trim() == "}");

@@ -1,6 +1,7 @@
 //! The server's cost, read from /proc: CPU time (utime + stime) and resident memory
-//! of a pid, and the pid found from the port it listens on (/proc/net/tcp{,6} gives the
-//! listening socket's inode, /proc/<pid>/fd links name it).
+//! of a pid (the text parsed by `relay_core::procstat`), and the pid found from the
+//! port it listens on (/proc/net/tcp{,6} gives the listening socket's inode,
+//! /proc/<pid>/fd links name it).
 
 use std::io;
 use std::path::Path;
@@ -49,29 +50,12 @@ pub fn sample(pid: u32) -> Result<ProcSample, ProcError> {
     let t_ns = crate::clock::mono_ns();
     let stat_path = format!("/proc/{pid}/stat");
     let stat = read(&stat_path)?;
-    let bad = || ProcError::Format {
-        path: stat_path.clone(),
-    };
-    // The command name may contain spaces and parentheses: fields start after the last ')'.
-    let rest = &stat[stat.rfind(')').ok_or_else(bad)? + 1..];
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    // rest[0] is field 3 (state); utime and stime are fields 14 and 15.
-    let utime: u64 = fields
-        .get(11)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(bad)?;
-    let stime: u64 = fields
-        .get(12)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(bad)?;
-    let ticks = sysconf(libc::_SC_CLK_TCK, 100);
-    let cpu_us = (utime + stime) * 1_000_000 / ticks;
+    let ticks =
+        relay_core::procstat::cpu_ticks(&stat).ok_or(ProcError::Format { path: stat_path })?;
+    let cpu_us = relay_core::procstat::ticks_to_us(ticks, sysconf(libc::_SC_CLK_TCK, 100));
     let statm_path = format!("/proc/{pid}/statm");
     let statm = read(&statm_path)?;
-    let resident: u64 = statm
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
+    let resident = relay_core::procstat::resident_pages(&statm)
         .ok_or(ProcError::Format { path: statm_path })?;
     let rss_bytes = resident * sysconf(libc::_SC_PAGESIZE, 4096);
     Ok(ProcSample {

@@ -696,6 +696,11 @@ impl Scenario {
         self.controller_endpoint().is_ok_and(|e| e.is_echo())
     }
 
+    /// Whether the run is a find-max ramp over the connected fleet (not the rate).
+    pub fn ramps_fleet(&self) -> bool {
+        self.find_max.enabled && self.find_max.by == RampBy::Fleet
+    }
+
     /// Number of clients that send data at the pattern's rate.
     pub fn senders(&self) -> u64 {
         let l = &self.load;
@@ -833,7 +838,7 @@ impl Scenario {
                 p.push(format!("load.{key}: must be above 0 and at most 1e9"));
             }
         }
-        let fleet_ramp = self.find_max.enabled && self.find_max.by == RampBy::Fleet;
+        let fleet_ramp = self.ramps_fleet();
         if fleet_ramp && self.pattern.sends_data() && l.rate.is_none() {
             p.push(format!(
                 "load.rate: a fleet ramp keeps each {}'s rate fixed; give load.rate (per sender), not load.total_rate",

@@ -9,7 +9,6 @@
 mod common;
 
 use common::{assert_no_loss, run_ok};
-use relay_loadtest::report::Report;
 use relay_loadtest::scenario::{Dur, Pattern, Scenario};
 
 const BROKER: &str = "mqtt://127.0.0.1:1883";
@@ -152,7 +151,7 @@ fn the_binary_splits_the_fleet_over_worker_processes() {
     let json = dir.join("report.json");
     let html = dir.join("report.html");
     let prefix = format!("lt-test-{}-split", std::process::id());
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_relay-loadtest"))
+    let out = common::loadtest()
         .args([
             "--target",
             BROKER,
@@ -187,7 +186,7 @@ fn the_binary_splits_the_fleet_over_worker_processes() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(stdout.contains("2 worker(s)"), "{stdout}");
-    let r: Report = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let r = common::read_report(&json, &stdout);
     assert_eq!(r.workers, 2);
     assert_no_loss(&r, 1);
     assert_eq!(r.steps[0].sent, 120);
@@ -206,7 +205,7 @@ fn a_bad_scenario_file_is_a_clear_error_not_a_panic() {
         "pattern = \"telemetry\"\n[load]\nrate = -3\npayload_bytes = 2\n",
     )
     .unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_relay-loadtest"))
+    let out = common::loadtest()
         .arg("--scenario")
         .arg(&f)
         .output()
@@ -240,21 +239,14 @@ fn the_open_file_limit_splits_the_fleet_and_the_report_says_so() {
         ),
     )
     .unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_relay-loadtest"))
-        .arg("--scenario")
-        .arg(&scenario)
-        .arg("--no-progress")
-        .arg("--json")
-        .arg(&json)
-        .output()
-        .unwrap();
+    let out = common::loadtest_on(&scenario, &json).output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
         "{stdout}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let r: Report = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let r = common::read_report(&json, &stdout);
     assert_eq!(r.workers, 3);
     assert_eq!(r.limits.per_process_connections, 100);
     assert!(!r.limits.capped);
@@ -275,11 +267,8 @@ fn the_open_file_limit_splits_the_fleet_and_the_report_says_so() {
 
     // Forcing one worker caps the run at the per-process limit: the run fails (exit
     // 2) and says why at the top of every report.
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_relay-loadtest"))
-        .arg("--scenario")
-        .arg(&scenario)
-        .args(["--no-progress", "--workers", "1", "--json"])
-        .arg(&json)
+    let out = common::loadtest_on(&scenario, &json)
+        .args(["--workers", "1"])
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
@@ -299,7 +288,7 @@ fn the_open_file_limit_splits_the_fleet_and_the_report_says_so() {
             .starts_with("LIMIT: the open-file limit"),
         "{stdout}"
     );
-    let r: Report = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let r = common::read_report(&json, &stdout);
     assert!(r.limits.capped);
     assert!(!r.verdict.passed);
     assert_eq!(r.verdict.exit_code, 2);

@@ -8,41 +8,8 @@
 mod common;
 
 use common::EchoServer;
-use relay_loadtest::report::{LimitKind, Report};
+use relay_loadtest::report::LimitKind;
 use relay_loadtest::scenario::{Dur, Pattern, RampBy, Scenario};
-
-/// Runs the binary on `s`; returns its exit code, stdout and JSON report.
-fn run_bin(s: &Scenario, tag: &str) -> (Option<i32>, String, Report) {
-    let dir = std::env::temp_dir().join(format!("lt-verdict-{}-{tag}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let scenario = dir.join("s.toml");
-    let json = dir.join("r.json");
-    let html = dir.join("r.html");
-    std::fs::write(&scenario, toml::to_string(s).unwrap()).unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_relay-loadtest"))
-        .arg("--scenario")
-        .arg(&scenario)
-        .arg("--no-progress")
-        .arg("--json")
-        .arg(&json)
-        .arg("--html")
-        .arg(&html)
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
-    let r: Report = serde_json::from_str(&std::fs::read_to_string(&json).unwrap())
-        .unwrap_or_else(|e| panic!("{e}\n{stdout}"));
-    let page = std::fs::read_to_string(&html).unwrap();
-    assert!(
-        page.contains(&format!(
-            "RESULT: {}",
-            r.verdict.headline().replace('>', "&gt;")
-        )),
-        "the HTML report leads with the verdict"
-    );
-    let _ = std::fs::remove_dir_all(&dir);
-    (out.status.code(), stdout, r)
-}
 
 fn echo_scenario(name: &str, url: String) -> Scenario {
     let mut s = common::small_scenario(name, Pattern::Telemetry, url, String::new());
@@ -57,7 +24,7 @@ fn echo_scenario(name: &str, url: String) -> Scenario {
 #[test]
 fn a_clean_run_passes_with_exit_0() {
     let server = EchoServer::start(usize::MAX, true);
-    let (code, stdout, r) = run_bin(&echo_scenario("ok", server.url()), "ok");
+    let (code, stdout, r) = common::run_binary(&echo_scenario("ok", server.url()), "ok");
     assert_eq!(code, Some(0), "{stdout}");
     assert!(stdout.starts_with("RESULT: PASS\n"), "{stdout}");
     assert!(r.verdict.passed);
@@ -76,7 +43,7 @@ fn refused_connections_fail_the_run_with_exit_2() {
         .unwrap()
         .port();
     let s = echo_scenario("refused", format!("echo://127.0.0.1:{port}"));
-    let (code, stdout, r) = run_bin(&s, "refused");
+    let (code, stdout, r) = common::run_binary(&s, "refused");
     assert_eq!(code, Some(2), "{stdout}");
     let first = stdout.lines().next().unwrap();
     assert!(
@@ -102,7 +69,7 @@ fn refused_connections_fail_the_run_with_exit_2() {
 fn lost_messages_fail_the_run_with_exit_2() {
     // Takes the messages and never sends them back.
     let server = EchoServer::start(usize::MAX, false);
-    let (code, stdout, r) = run_bin(&echo_scenario("lost", server.url()), "lost");
+    let (code, stdout, r) = common::run_binary(&echo_scenario("lost", server.url()), "lost");
     assert_eq!(code, Some(2), "{stdout}");
     assert!(
         stdout.starts_with("RESULT: FAIL (exit 2): step 1: nothing was received"),
@@ -121,7 +88,7 @@ fn a_missed_slo_exits_3() {
     let server = EchoServer::start(usize::MAX, true);
     let mut s = echo_scenario("slo", server.url());
     s.find_max.slo_p99 = Dur(std::time::Duration::from_nanos(1_000));
-    let (code, stdout, r) = run_bin(&s, "slo");
+    let (code, stdout, r) = common::run_binary(&s, "slo");
     assert_eq!(code, Some(3), "{stdout}");
     assert!(
         stdout.starts_with("RESULT: FAIL (exit 3): step 1: p99"),
@@ -144,7 +111,7 @@ fn the_fleet_ramp_finds_how_many_connections_the_server_takes() {
     s.find_max.factor = 2.0;
     s.find_max.refine_steps = 3;
     s.find_max.step_duration = Dur::millis(400);
-    let (code, stdout, r) = run_bin(&s, "fleet");
+    let (code, stdout, r) = common::run_binary(&s, "fleet");
     assert_eq!(code, Some(0), "{stdout}");
     let fm = r.find_max.as_ref().unwrap();
     assert_eq!(fm.by, RampBy::Fleet);
@@ -182,7 +149,7 @@ fn compare_prints_a_table_and_writes_overlaid_plots() {
         paths.push(p);
     }
     let html = dir.join("cmp.html");
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_relay-loadtest"))
+    let out = common::loadtest()
         .arg("compare")
         .args(&paths)
         .arg("--html")
@@ -206,7 +173,7 @@ fn compare_prints_a_table_and_writes_overlaid_plots() {
     assert!(page.contains("A: step 1") && page.contains("B: step 1"));
     assert!(page.matches("<svg").count() >= 2);
     // A file that is not a report is a clear error.
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_relay-loadtest"))
+    let out = common::loadtest()
         .arg("compare")
         .arg(&html)
         .arg(&paths[0])

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 
 use relay_core::conn::Role;
+use relay_core::procstat;
 
 use crate::stats::{DropReason, ShardStats};
 
@@ -14,23 +15,14 @@ pub fn process_usage() -> (u64, f64) {
     let page = 4096u64;
     let rss = std::fs::read_to_string("/proc/self/statm")
         .ok()
-        .and_then(|s| {
-            s.split_whitespace()
-                .nth(1)
-                .and_then(|v| v.parse::<u64>().ok())
-        })
+        .and_then(|s| procstat::resident_pages(&s))
         .map_or(0, |pages| pages * page);
     // SAFETY: sysconf has no preconditions.
-    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
     let cpu = std::fs::read_to_string("/proc/self/stat")
         .ok()
-        .and_then(|s| {
-            // Fields after the parenthesised command name; utime and stime are 14 and 15.
-            let rest = &s[s.rfind(')')? + 2..];
-            let f: Vec<&str> = rest.split_whitespace().collect();
-            Some((f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?) / ticks)
-        })
-        .unwrap_or(0.0);
+        .and_then(|s| procstat::cpu_ticks(&s))
+        .map_or(0.0, |t| procstat::ticks_to_us(t, ticks) as f64 / 1e6);
     (rss, cpu)
 }
 

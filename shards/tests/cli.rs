@@ -55,6 +55,34 @@ fn check_config_reports_every_problem_with_file_and_key() {
     );
 }
 
+#[test]
+fn check_config_says_why_a_shard_count_over_the_maximum_is_refused() {
+    let dir = std::env::temp_dir().join(format!("relay-cli-shards-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let max = relay_config::MAX_SHARDS;
+    let over = dir.join("over.toml");
+    std::fs::write(&over, format!("[shards]\ncount = {}\n", max + 1)).unwrap();
+    let out = relay().arg("check-config").arg(&over).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(
+        err.contains(&format!(
+            "shards.count: is {}, must be at most {max} (0 means one shard per core; the router tracks shards in 64-bit masks)",
+            max + 1
+        )),
+        "{err}"
+    );
+    let most = dir.join("most.toml");
+    std::fs::write(&most, format!("[shards]\ncount = {max}\n")).unwrap();
+    let out = relay().arg("check-config").arg(&most).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// Starts the relay binary on a config of two shards on port 0; `files`
 /// caps its open-file limit (soft and hard). Returns the child and the
 /// address it logged for controllers.
@@ -131,12 +159,10 @@ fn hello(tcp: &str, addr: &str) -> std::io::Result<(std::net::TcpStream, String)
 /// CPU seconds (user + system) the process has used so far.
 fn cpu_seconds(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    let after = &stat[stat.rfind(')').unwrap() + 2..];
-    let f: Vec<&str> = after.split_whitespace().collect();
-    // Fields 14 and 15 (utime, stime) are the 12th and 13th after the name.
-    let ticks: f64 = f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap();
+    let ticks = relay_core::procstat::cpu_ticks(&stat).expect("a /proc/<pid>/stat line");
     // SAFETY: sysconf has no preconditions.
-    ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
+    let per_sec = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    relay_core::procstat::ticks_to_us(ticks, per_sec) as f64 / 1e6
 }
 
 fn stop(mut proc: Proc) {

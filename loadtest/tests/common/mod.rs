@@ -4,6 +4,8 @@
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
+use std::path::Path;
+use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 
@@ -41,6 +43,58 @@ pub fn small_scenario(
 
 pub fn run_ok(s: &Scenario) -> Report {
     run(s, &RunOptions::default()).unwrap_or_else(|e| panic!("{}: {e}", s.name))
+}
+
+/// The relay-loadtest binary, to be given its arguments.
+pub fn loadtest() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_relay-loadtest"))
+}
+
+/// The binary set to run the scenario file `scenario` without the progress line
+/// and write its JSON report to `json`; more arguments may follow.
+pub fn loadtest_on(scenario: &Path, json: &Path) -> Command {
+    let mut c = loadtest();
+    c.arg("--scenario")
+        .arg(scenario)
+        .arg("--no-progress")
+        .arg("--json")
+        .arg(json);
+    c
+}
+
+/// Reads the JSON report a run wrote; `stdout`, the run's output, explains a
+/// report that is missing or unreadable.
+pub fn read_report(json: &Path, stdout: &str) -> Report {
+    let text = std::fs::read_to_string(json).unwrap_or_else(|e| panic!("{e}\n{stdout}"));
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}\n{stdout}"))
+}
+
+/// Runs the binary on `s` with JSON and HTML reports, checks that the HTML page
+/// leads with the verdict, and returns the exit code, stdout and JSON report.
+pub fn run_binary(s: &Scenario, tag: &str) -> (Option<i32>, String, Report) {
+    let dir = std::env::temp_dir().join(format!("lt-bin-{}-{tag}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let scenario = dir.join("s.toml");
+    let json = dir.join("r.json");
+    let html = dir.join("r.html");
+    std::fs::write(&scenario, toml::to_string(s).unwrap()).unwrap();
+    let out = loadtest_on(&scenario, &json)
+        .arg("--html")
+        .arg(&html)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    let r = read_report(&json, &stdout);
+    let page = std::fs::read_to_string(&html).unwrap();
+    assert!(
+        page.contains(&format!(
+            "RESULT: {}",
+            r.verdict.headline().replace('>', "&gt;")
+        )),
+        "the HTML report leads with the verdict"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+    (out.status.code(), stdout, r)
 }
 
 /// Every connection up, every message sent reached each of its `recipients`,

@@ -52,8 +52,8 @@ use relay_core::frame::Frame;
 use crate::cell::{ConnCell, ConnId, Membership};
 use crate::stats::{DropReason, ShardStats};
 
-/// Most shards a relay runs (index masks are 64-bit).
-pub const MAX_SHARDS: usize = 64;
+/// Most shards a relay runs (index masks are 64-bit); the config refuses more.
+pub use relay_config::MAX_SHARDS;
 
 /// Prefix of the tap groups: members of `watch:<addr>` receive a copy of
 /// every DATA and PUBLISH that `<addr>` sends (the console's live view).
