@@ -12,6 +12,8 @@
 //!   deadlines, limits, the bounded outbound queue).
 //! - [`route`]: address → shard hashing and server-assigned addresses.
 //! - [`auth`]: HMAC client tokens.
+//! - [`ws`]: WebSocket frame writing (server frames, close and pong, named
+//!   opcodes).
 
 pub mod auth;
 pub mod codec;
@@ -20,6 +22,7 @@ pub mod frame;
 pub mod json;
 pub mod name;
 pub mod route;
+pub mod ws;
 
 pub use codec::{DecodeError, Decoder};
 pub use conn::{

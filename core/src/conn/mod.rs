@@ -27,6 +27,7 @@ use crate::codec::{self, Check, DecodeError};
 use crate::frame::{ErrorCode, Flags, Frame, FrameType};
 use crate::json;
 use crate::name::validate_name;
+use crate::ws::{self, Opcode};
 
 /// How far past `queue_bytes` the replies one input frame owes can take a
 /// queue (WELCOME, ACK, ERROR, PONG). Replies are never dropped: the runtime
@@ -932,24 +933,14 @@ impl Connection {
             }
             (Transport::WebSocket, Wire::Binary) => {
                 let len = codec::body_len(frame);
-                self.out.reserve(WS_MAX_HEADER + len);
-                ws_header(WS_BINARY, len, &mut self.out);
+                self.out.reserve(ws::MAX_HEADER + len);
+                ws::put_header(Opcode::Binary, len, &mut self.out);
                 codec::encode_body(frame, &mut self.out);
             }
             (Transport::WebSocket, Wire::Json) => {
-                // The length is known only once the text is written: leave
-                // room for the longest header, then close the gap.
-                let start = self.out.len();
-                self.out.resize(start + WS_MAX_HEADER, 0);
-                json::write_json(frame, &mut self.out);
-                let len = self.out.len() - start - WS_MAX_HEADER;
-                let (header, n) = ws_header_array(WS_TEXT, len);
-                let gap = WS_MAX_HEADER - n;
-                self.out[start + gap..start + WS_MAX_HEADER].copy_from_slice(&header[..n]);
-                if gap > 0 {
-                    self.out.copy_within(start + gap.., start);
-                    self.out.truncate(self.out.len() - gap);
-                }
+                ws::put_frame_with(Opcode::Text, &mut self.out, |out| {
+                    json::write_json(frame, out)
+                });
             }
         }
     }
@@ -1090,36 +1081,6 @@ fn body_seq(body: &[u8]) -> u32 {
     match body.get(3..7) {
         Some(b) => u32::from_be_bytes([b[0], b[1], b[2], b[3]]),
         None => 0,
-    }
-}
-
-const WS_TEXT: u8 = 0x1;
-const WS_BINARY: u8 = 0x2;
-/// Longest server-to-client WebSocket header: 2 bytes and a 64-bit length.
-const WS_MAX_HEADER: usize = 10;
-
-/// Writes an unmasked, final WebSocket frame header (server to client,
-/// RFC 6455 section 5.2).
-pub fn ws_header(opcode: u8, len: usize, out: &mut BytesMut) {
-    let (h, n) = ws_header_array(opcode, len);
-    out.extend_from_slice(&h[..n]);
-}
-
-/// The header of `ws_header` in a fixed array, with its length.
-fn ws_header_array(opcode: u8, len: usize) -> ([u8; WS_MAX_HEADER], usize) {
-    let mut h = [0u8; WS_MAX_HEADER];
-    h[0] = 0x80 | (opcode & 0x0f);
-    if len < 126 {
-        h[1] = len as u8;
-        (h, 2)
-    } else if len <= u16::MAX as usize {
-        h[1] = 126;
-        h[2..4].copy_from_slice(&(len as u16).to_be_bytes());
-        (h, 4)
-    } else {
-        h[1] = 127;
-        h[2..10].copy_from_slice(&(len as u64).to_be_bytes());
-        (h, 10)
     }
 }
 

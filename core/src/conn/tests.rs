@@ -1090,31 +1090,6 @@ fn websocket_replies_before_hello_follow_the_message_form() {
 }
 
 #[test]
-fn ws_header_matches_rfc6455_examples() {
-    // RFC 6455 section 5.7: unmasked "Hello".
-    let mut h = BytesMut::new();
-    ws_header(0x1, 5, &mut h);
-    assert_eq!(&h[..], &[0x81, 0x05]);
-    // 256 bytes binary: 0x82 0x7E 0x0100.
-    let mut h = BytesMut::new();
-    ws_header(0x2, 256, &mut h);
-    assert_eq!(&h[..], &[0x82, 0x7e, 0x01, 0x00]);
-    // 64 KiB binary: 0x82 0x7F 0x0000000000010000.
-    let mut h = BytesMut::new();
-    ws_header(0x2, 65536, &mut h);
-    assert_eq!(&h[..], &[0x82, 0x7f, 0, 0, 0, 0, 0, 1, 0, 0]);
-    // Edges of the 7-bit and 16-bit forms.
-    let mut h = BytesMut::new();
-    ws_header(0x1, 125, &mut h);
-    ws_header(0x1, 126, &mut h);
-    ws_header(0x1, 65535, &mut h);
-    assert_eq!(
-        &h[..],
-        &[0x81, 125, 0x81, 126, 0, 126, 0x81, 126, 0xff, 0xff]
-    );
-}
-
-#[test]
 fn json_text_frames_of_every_header_size() {
     let cfg = ConnConfig {
         max_frame: 1 << 20,
