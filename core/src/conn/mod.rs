@@ -29,6 +29,12 @@ use crate::json;
 use crate::name::validate_name;
 use crate::ws::{self, Opcode};
 
+mod lines;
+mod rate;
+
+use lines::{LineSplitter, Split};
+use rate::TokenBucket;
+
 /// How far past `queue_bytes` the replies one input frame owes can take a
 /// queue (WELCOME, ACK, ERROR, PONG). Replies are never dropped: the runtime
 /// stops reading a client whose queue is at the bound ([`Connection::should_pause`]),
@@ -310,17 +316,12 @@ pub struct Connection {
     out: BytesMut,
     /// Bytes handed to the socket and not yet confirmed written.
     inflight: usize,
-    /// Token bucket: frames the client may still send right now.
-    tokens: u32,
-    /// When `tokens` was last refilled (monotonic ms).
-    tokens_at: u64,
+    /// The frame rate limit.
+    rate: TokenBucket,
     /// Last time a rate_limited ERROR without ACK_REQ was sent (one a second).
     limited_note_at: Option<u64>,
-    /// A JSON line over `max_line` is being dropped up to its newline.
-    skipping_line: bool,
-    /// Bytes at the front of the read buffer already searched for a newline,
-    /// so a long JSON line arriving in many reads is scanned once.
-    line_scanned: usize,
+    /// Where the JSON lines of a TCP stream stand between reads.
+    lines: LineSplitter,
     /// A HELLO went out as an event and the router has not answered it yet.
     hello_pending: bool,
     /// Admitted with the service token (see [`Hello::privileged`]).
@@ -347,11 +348,9 @@ impl Connection {
             full_since: None,
             out: BytesMut::new(),
             inflight: 0,
-            tokens: cfg.burst.max(1),
-            tokens_at: now.mono_ms,
+            rate: TokenBucket::new(cfg.burst, now.mono_ms),
             limited_note_at: None,
-            skipping_line: false,
-            line_scanned: 0,
+            lines: LineSplitter::default(),
             hello_pending: false,
             privileged: false,
             drops: [0; 7],
@@ -568,36 +567,11 @@ impl Connection {
     /// Splits the next line off `input`. A line longer than `max_line` gets
     /// `too_large` and is skipped up to its newline.
     fn next_line(&mut self, cfg: &ConnConfig, input: &mut BytesMut) -> Option<BytesMut> {
-        let max = cfg.max_line();
         loop {
-            let from = self.line_scanned.min(input.len());
-            match memchr_nl(&input[from..]) {
-                Some(i) => {
-                    self.line_scanned = 0;
-                    let line = input.split_to(from + i + 1);
-                    if self.skipping_line {
-                        self.skipping_line = false;
-                        continue;
-                    }
-                    if line.len() > max {
-                        self.reject(cfg, 0, ErrorCode::TooLarge, LINE_TOO_LONG);
-                        continue;
-                    }
-                    return Some(line);
-                }
-                None => {
-                    if input.len() > max {
-                        if !self.skipping_line {
-                            self.reject(cfg, 0, ErrorCode::TooLarge, LINE_TOO_LONG);
-                            self.skipping_line = true;
-                        }
-                        input.clear();
-                        self.line_scanned = 0;
-                    } else {
-                        self.line_scanned = input.len();
-                    }
-                    return None;
-                }
+            match self.lines.next(input, cfg.max_line()) {
+                Split::Line(line) => return Some(line),
+                Split::TooLong => self.reject(cfg, 0, ErrorCode::TooLarge, LINE_TOO_LONG),
+                Split::Incomplete => return None,
             }
         }
     }
@@ -635,7 +609,7 @@ impl Connection {
                 self.reject(cfg, f.seq, ErrorCode::HelloRequired, "say hello first");
                 None
             }
-            (State::Open, _) if !self.take_token(cfg, now) => {
+            (State::Open, _) if !self.rate.take(cfg.frames_per_sec, cfg.burst, now.mono_ms) => {
                 self.count_drop(InputDrop::RateLimited);
                 if ack_req {
                     self.control(
@@ -1051,27 +1025,6 @@ impl Connection {
             _ => None,
         }
     }
-
-    fn take_token(&mut self, cfg: &ConnConfig, now: Now) -> bool {
-        if cfg.frames_per_sec == 0 {
-            return true;
-        }
-        let elapsed = now.mono_ms.saturating_sub(self.tokens_at);
-        let add = elapsed.saturating_mul(cfg.frames_per_sec as u64) / 1000;
-        if add > 0 {
-            self.tokens = (self.tokens as u64 + add).min(cfg.burst.max(1) as u64) as u32;
-            // Advance only by the time the whole tokens account for.
-            self.tokens_at += add * 1000 / cfg.frames_per_sec as u64;
-            if self.tokens as u64 >= cfg.burst as u64 {
-                self.tokens_at = now.mono_ms;
-            }
-        }
-        if self.tokens == 0 {
-            return false;
-        }
-        self.tokens -= 1;
-        true
-    }
 }
 
 const LINE_TOO_LONG: &str = "line exceeds max_frame";
@@ -1109,10 +1062,6 @@ fn percent_decode(v: &str) -> String {
         i += 1;
     }
     String::from_utf8_lossy(&out).into_owned()
-}
-
-fn memchr_nl(b: &[u8]) -> Option<usize> {
-    b.iter().position(|&c| c == b'\n')
 }
 
 struct HelloFields {
