@@ -29,8 +29,11 @@ use crate::json;
 use crate::name::validate_name;
 use crate::ws::{self, Opcode};
 
+mod hello;
 mod lines;
 mod rate;
+
+pub use hello::Hello;
 
 use lines::{LineSplitter, Split};
 use rate::TokenBucket;
@@ -155,27 +158,6 @@ impl Role {
     pub fn from_name(s: &str) -> Option<Role> {
         Role::ALL.into_iter().find(|r| r.name() == s)
     }
-}
-
-/// A HELLO that passed validation and authentication.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Hello {
-    /// Wanted address; empty asks the server to assign one.
-    pub addr: Bytes,
-    /// Asked for in the hello, else the transport's default.
-    pub role: Role,
-    /// Heartbeat the client will keep, clamped to the configured bounds.
-    pub heartbeat_s: u32,
-    /// Compact JSON object kept with the session (`{}` when absent).
-    pub meta: Bytes,
-    /// The hello's seq, for its ACK or ERROR.
-    pub seq: u32,
-    /// The hello asked for an ACK: `accept` sends it after WELCOME.
-    pub ack_req: bool,
-    /// The hello carried the service (HTTP API) token, or the relay has no
-    /// authentication at all: the connection may watch any address and take
-    /// the `service` role.
-    pub privileged: bool,
 }
 
 /// Why the connection itself dropped a client's frame (counted by the
@@ -693,7 +675,7 @@ impl Connection {
             self.reject(cfg, seq, ErrorCode::BadAddress, &format!("addr: {e}"));
             return None;
         }
-        let fields = match parse_hello_payload(&f.payload, cfg) {
+        let fields = match hello::parse_payload(&f.payload, cfg) {
             Ok(h) => h,
             Err(msg) => {
                 self.reject(cfg, seq, ErrorCode::BadFrame, &msg);
@@ -754,38 +736,9 @@ impl Connection {
         if self.state != State::AwaitHello || self.hello_pending {
             return None;
         }
-        let query = query.split_once('?').map_or(query, |(_, q)| q);
-        let mut addr = None;
-        let mut fields = serde_json::Map::new();
-        for pair in query.split('&').filter(|p| !p.is_empty()) {
-            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-            let v = percent_decode(v);
-            match k {
-                "addr" => addr = Some(v),
-                "role" | "token" => {
-                    fields.insert(k.to_owned(), serde_json::Value::String(v));
-                }
-                "heartbeat_s" => {
-                    let n = v
-                        .parse::<u64>()
-                        .map(serde_json::Value::from)
-                        .unwrap_or(serde_json::Value::String(v));
-                    fields.insert(k.to_owned(), n);
-                }
-                _ => {}
-            }
-        }
-        if addr.is_none() && fields.is_empty() {
-            return None;
-        }
+        let f = hello::url_frame(query)?;
         self.wire = Some(Wire::Json);
         self.last_activity = now.mono_ms;
-        let f = Frame {
-            src: addr.map(Bytes::from).unwrap_or_default(),
-            flags: Flags(Flags::JSON),
-            payload: serde_json::Value::Object(fields).to_string().into(),
-            ..Frame::new(FrameType::Hello)
-        };
         self.hello(cfg, f)
     }
 
@@ -1035,85 +988,6 @@ fn body_seq(body: &[u8]) -> u32 {
         Some(b) => u32::from_be_bytes([b[0], b[1], b[2], b[3]]),
         None => 0,
     }
-}
-
-/// Decodes `%XX` escapes and `+` of a URL query value; bad escapes stay as
-/// they are, and bytes that are not UTF-8 are replaced.
-fn percent_decode(v: &str) -> String {
-    let b = v.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        match b[i] {
-            b'+' => out.push(b' '),
-            b'%' if i + 2 < b.len() => {
-                let hex = |c: u8| (c as char).to_digit(16);
-                match (hex(b[i + 1]), hex(b[i + 2])) {
-                    (Some(h), Some(l)) => {
-                        out.push((h * 16 + l) as u8);
-                        i += 3;
-                        continue;
-                    }
-                    _ => out.push(b'%'),
-                }
-            }
-            c => out.push(c),
-        }
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-struct HelloFields {
-    role: Option<Role>,
-    token: Option<String>,
-    heartbeat_s: Option<u32>,
-    meta: Bytes,
-}
-
-fn parse_hello_payload(payload: &[u8], cfg: &ConnConfig) -> Result<HelloFields, String> {
-    let mut h = HelloFields {
-        role: None,
-        token: None,
-        heartbeat_s: None,
-        meta: Bytes::from_static(b"{}"),
-    };
-    if payload.trim_ascii().is_empty() {
-        return Ok(h);
-    }
-    let v: serde_json::Value =
-        serde_json::from_slice(payload).map_err(|e| format!("hello payload: {e}"))?;
-    let serde_json::Value::Object(map) = v else {
-        return Err("hello payload must be a JSON object".into());
-    };
-    if let Some(r) = map.get("role") {
-        let name = r.as_str().ok_or("role must be a string")?;
-        h.role = Some(Role::from_name(name).ok_or_else(|| format!("unknown role {name:?}"))?);
-    }
-    if let Some(t) = map.get("token") {
-        h.token = Some(t.as_str().ok_or("token must be a string")?.to_owned());
-    }
-    if let Some(hb) = map.get("heartbeat_s") {
-        let n = hb
-            .as_u64()
-            .ok_or("heartbeat_s must be a positive integer")?;
-        h.heartbeat_s = Some(n.min(u32::MAX as u64) as u32);
-    }
-    if let Some(m) = map.get("meta") {
-        if !m.is_object() {
-            return Err("meta must be a JSON object".into());
-        }
-        let text = m.to_string();
-        if text.len() > cfg.max_meta_bytes {
-            return Err(format!(
-                "meta is {} bytes, at most {} are kept",
-                text.len(),
-                cfg.max_meta_bytes
-            ));
-        }
-        h.meta = text.into();
-    }
-    Ok(h)
 }
 
 #[cfg(test)]

@@ -2,6 +2,7 @@
 //! `handle_input` / `handle_message` on a simulated clock, output read back
 //! from `poll_transmit`.
 
+use super::hello::percent_decode;
 use super::*;
 use crate::codec::{Decoder, encode};
 use serde_json::{Value, json};
@@ -1562,4 +1563,14 @@ fn any_chunking_of_the_input_gives_the_same_events() {
     for chunk in [1, 2, 3, 7, 64] {
         assert_eq!(run(chunk), whole, "chunk {chunk}");
     }
+}
+
+#[test]
+fn url_query_values_decode_escapes_and_plus_signs_once() {
+    // An escaped plus stays a plus; a stray `%` stays; bad UTF-8 is replaced.
+    assert_eq!(
+        percent_decode("%2B+%%41%C3%A9%FF%4"),
+        "+ %A\u{e9}\u{fffd}%4"
+    );
+    assert_eq!(percent_decode(""), "");
 }
