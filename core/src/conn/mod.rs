@@ -24,6 +24,7 @@ use bytes::{Buf, Bytes, BytesMut};
 
 use crate::auth;
 use crate::codec::{self, Check, DecodeError};
+use crate::drops::DropReason;
 use crate::frame::{ErrorCode, Flags, Frame, FrameType};
 use crate::json;
 use crate::name::validate_name;
@@ -160,51 +161,6 @@ impl Role {
     }
 }
 
-/// Why the connection itself dropped a client's frame (counted by the
-/// runtime through [`Connection::take_drops`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum InputDrop {
-    /// Broken layout, bad JSON, a malformed hello payload.
-    BadFrame = 0,
-    /// Over `max_frame`, or a JSON line over the line limit.
-    TooLarge = 1,
-    /// Over the connection's frame rate.
-    RateLimited = 2,
-    /// A frame other than HELLO, PING or BYE before hello.
-    HelloRequired = 3,
-    /// A dst or group that is not a valid name.
-    BadAddress = 4,
-    /// An unknown type or a frame only the relay sends.
-    Unsupported = 5,
-    /// Refused by an access rule (a hello asking for a role its token does not grant).
-    Forbidden = 6,
-}
-
-impl InputDrop {
-    pub const ALL: [InputDrop; 7] = [
-        InputDrop::BadFrame,
-        InputDrop::TooLarge,
-        InputDrop::RateLimited,
-        InputDrop::HelloRequired,
-        InputDrop::BadAddress,
-        InputDrop::Unsupported,
-        InputDrop::Forbidden,
-    ];
-
-    fn of(code: ErrorCode) -> Option<InputDrop> {
-        Some(match code {
-            ErrorCode::BadFrame => InputDrop::BadFrame,
-            ErrorCode::TooLarge => InputDrop::TooLarge,
-            ErrorCode::RateLimited => InputDrop::RateLimited,
-            ErrorCode::HelloRequired => InputDrop::HelloRequired,
-            ErrorCode::BadAddress => InputDrop::BadAddress,
-            ErrorCode::Unsupported => InputDrop::Unsupported,
-            ErrorCode::Forbidden => InputDrop::Forbidden,
-            _ => return None,
-        })
-    }
-}
-
 /// Why a connection ends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CloseReason {
@@ -308,8 +264,9 @@ pub struct Connection {
     hello_pending: bool,
     /// Admitted with the service token (see [`Hello::privileged`]).
     privileged: bool,
-    /// Frames dropped since the runtime last took the counts, by `InputDrop`.
-    drops: [u16; 7],
+    /// Frames dropped since the runtime last took the counts, by
+    /// [`DropReason`].
+    drops: [u16; DropReason::COUNT],
 }
 
 impl Connection {
@@ -335,7 +292,7 @@ impl Connection {
             lines: LineSplitter::default(),
             hello_pending: false,
             privileged: false,
-            drops: [0; 7],
+            drops: [0; DropReason::COUNT],
         }
     }
 
@@ -366,15 +323,15 @@ impl Connection {
     }
 
     /// Frames this connection dropped since the last call, by
-    /// [`InputDrop`] (index = `InputDrop as usize`); the counts restart at 0.
-    pub fn take_drops(&mut self) -> Option<[u16; 7]> {
+    /// [`DropReason`] (index = `DropReason as usize`); the counts restart at 0.
+    pub fn take_drops(&mut self) -> Option<[u16; DropReason::COUNT]> {
         if self.drops.iter().all(|&n| n == 0) {
             return None;
         }
         Some(std::mem::take(&mut self.drops))
     }
 
-    fn count_drop(&mut self, why: InputDrop) {
+    fn count_drop(&mut self, why: DropReason) {
         let n = &mut self.drops[why as usize];
         *n = n.saturating_add(1);
     }
@@ -592,7 +549,7 @@ impl Connection {
                 None
             }
             (State::Open, _) if !self.rate.take(cfg.frames_per_sec, cfg.burst, now.mono_ms) => {
-                self.count_drop(InputDrop::RateLimited);
+                self.count_drop(DropReason::RateLimited);
                 if ack_req {
                     self.control(
                         cfg,
@@ -845,7 +802,7 @@ impl Connection {
 
     /// Drops a client frame: counts it by `code` and answers ERROR.
     fn reject(&mut self, cfg: &ConnConfig, seq: u32, code: ErrorCode, message: &str) {
-        if let Some(why) = InputDrop::of(code) {
+        if let Some(why) = DropReason::of_refusal(code) {
             self.count_drop(why);
         }
         self.control(cfg, &Frame::error(seq, code, message));

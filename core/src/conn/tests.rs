@@ -1323,9 +1323,9 @@ fn every_dropped_input_frame_is_counted_by_reason() {
     let got = events(&mut c, &cfg, t(0), &mut input);
     assert!(got.is_empty());
     let d = c.take_drops().unwrap();
-    assert_eq!(d[InputDrop::HelloRequired as usize], 1);
-    assert_eq!(d[InputDrop::BadFrame as usize], 1);
-    assert_eq!(d[InputDrop::BadAddress as usize], 1);
+    assert_eq!(d[DropReason::HelloRequired as usize], 1);
+    assert_eq!(d[DropReason::BadFrame as usize], 1);
+    assert_eq!(d[DropReason::BadAddress as usize], 1);
     assert_eq!(c.take_drops(), None, "the counts restart");
     let mut c = open_bin(&cfg, "web-1");
     let mut input = BytesMut::new();
@@ -1334,11 +1334,11 @@ fn every_dropped_input_frame_is_counted_by_reason() {
     input.extend(bin(&Frame::data("", "ctl-1", "c"))); // rate_limited
     events(&mut c, &cfg, t(0), &mut input);
     let d = c.take_drops().unwrap();
-    assert_eq!(d[InputDrop::RateLimited as usize], 2);
+    assert_eq!(d[DropReason::RateLimited as usize], 2);
     // A frame over max_frame closes the stream: too_large.
     let mut input = BytesMut::from(&[0u8, 0, 1, 0][..]);
     events(&mut c, &cfg, t(5000), &mut input);
-    assert_eq!(c.take_drops().unwrap()[InputDrop::TooLarge as usize], 1);
+    assert_eq!(c.take_drops().unwrap()[DropReason::TooLarge as usize], 1);
 }
 
 #[test]
@@ -1352,7 +1352,7 @@ fn json_that_is_not_utf8_is_bad_frame_even_in_an_ignored_field() {
     assert_eq!(out[0]["type"], "error");
     assert_eq!(out[0]["code"], "bad_frame");
     assert_eq!(out[0]["seq"], 7);
-    assert_eq!(c.take_drops().unwrap()[InputDrop::BadFrame as usize], 1);
+    assert_eq!(c.take_drops().unwrap()[DropReason::BadFrame as usize], 1);
 }
 
 #[test]
