@@ -1,12 +1,36 @@
 //! One client connection as a sans-IO state machine.
 //!
 //! The runtime owns the socket and the clock; this type owns the protocol.
-//! The driver loop is:
+//! The driver loop, compiled and run as a test so it keeps to the API:
 //!
-//! ```text
-//! read bytes → while let Some(ev) = conn.handle_input(&cfg, now, &mut rbuf) { route ev }
-//! while let Some(chunk) = conn.poll_transmit(max) { write chunk; conn.on_transmitted(now, chunk.len()) }
-//! at conn.poll_timeout(): conn.handle_timeout(&cfg, now)
+//! ```
+//! use bytes::BytesMut;
+//! use relay_core::conn::{ConnConfig, Connection, Event, Now, Transport};
+//!
+//! let cfg = ConnConfig::default();
+//! let now = Now { mono_ms: 0, wall_ms: 1_700_000_000_000 };
+//! let mut conn = Connection::new(&cfg, Transport::Tcp, now);
+//! // Before each read: a client whose queue is full is not read.
+//! assert!(!conn.should_pause(&cfg, now, 0));
+//! // Bytes read from the socket (a WebSocket message goes to `handle_message`).
+//! let mut rbuf = BytesMut::from(&b"{\"type\":\"hello\",\"addr\":\"ctl-1\"}\n"[..]);
+//! while let Some(ev) = conn.handle_input(&cfg, now, &mut rbuf) {
+//!     // Route the event; the router answers a hello.
+//!     if let Event::Hello(h) = ev {
+//!         conn.accept(&cfg, now, &h, h.addr.clone(), "node-1");
+//!     }
+//! }
+//! assert!(conn.is_open());
+//! // Write what is queued; confirm the bytes the socket took (it keeps the
+//! // rest of a chunk and writes it later).
+//! while let Some(chunk) = conn.poll_transmit(64 * 1024) {
+//!     let written = chunk.len();
+//!     conn.on_transmitted(&cfg, now, written);
+//! }
+//! // Sleep until the next deadline, then apply it.
+//! let at = conn.poll_timeout(&cfg).expect("an open connection has a deadline");
+//! let later = Now { mono_ms: at, ..now };
+//! assert!(matches!(conn.handle_timeout(&cfg, later), Some(Event::Closed(_))));
 //! ```
 //!
 //! Input is consumed one frame per `handle_input` call so that events need no
@@ -19,6 +43,16 @@
 //! (binary or JSON, chosen by its first byte on TCP), bounded by
 //! `queue_bytes`. `send` refuses a frame that does not fit; a queue that
 //! stays full past `slow_consumer_timeout_ms` closes the connection.
+//!
+//! # Layout
+//! - this module: the state machine ([`Connection`]) and the types it
+//!   exchanges with the runtime and the router.
+//! - `hello`: reading a HELLO payload and a WebSocket URL hello ([`Hello`]).
+//! - `rate`: the per-connection token bucket.
+//! - `lines`: the JSON line splitter of TCP streams.
+//! - `tests`: the state machine's tests, on a simulated clock.
+//!
+//! WebSocket frames are written by [`crate::ws`].
 
 use bytes::{Buf, Bytes, BytesMut};
 
