@@ -270,7 +270,7 @@ enum State {
     Closing,
 }
 
-/// Protocol state of one connection. About 150 bytes when idle: no read
+/// Protocol state of one connection. About 190 bytes when idle: no read
 /// buffer (the runtime owns it) and an unallocated write queue.
 #[derive(Debug)]
 pub struct Connection {
