@@ -10,24 +10,29 @@
 //! - [`json`]: the JSON form and the payload crossing rules.
 //! - [`conn`]: one connection's protocol state machine (hello, heartbeats,
 //!   deadlines, limits, the bounded outbound queue).
+//! - [`drops`]: [`DropReason`], every reason a frame is dropped and counted.
 //! - [`route`]: address → shard hashing and server-assigned addresses.
 //! - [`auth`]: HMAC client tokens.
 //! - [`procstat`]: a process's CPU time and memory, parsed from `/proc` text.
+//! - [`ws`]: WebSocket frame writing (server frames, close and pong, named
+//!   opcodes).
 
 pub mod auth;
 pub mod codec;
 pub mod conn;
+pub mod drops;
 pub mod frame;
 pub mod json;
 pub mod name;
 pub mod procstat;
 pub mod route;
+pub mod ws;
 
 pub use codec::{DecodeError, Decoder};
 pub use conn::{
-    CloseReason, ConnConfig, Connection, Event, Hello, InputDrop, Now, Role, SendError, Transport,
-    Wire,
+    CloseReason, ConnConfig, Connection, Event, Hello, Now, Role, SendError, Transport, Wire,
 };
+pub use drops::DropReason;
 pub use frame::{ErrorCode, Flags, Frame, FrameType};
 pub use json::JsonError;
 pub use name::{NameError, validate_name};

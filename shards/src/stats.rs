@@ -6,66 +6,8 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 use relay_core::Role;
 
-/// Why a frame did not reach a recipient.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DropReason {
-    NoRoute = 0,
-    SlowConsumer = 1,
-    RateLimited = 2,
-    MeshFull = 3,
-    BadFrame = 4,
-    PluginQueueFull = 5,
-    TooLarge = 6,
-    HelloRequired = 7,
-    BadAddress = 8,
-    Unsupported = 9,
-    Forbidden = 10,
-}
-
-impl DropReason {
-    pub const ALL: [DropReason; 11] = [
-        DropReason::NoRoute,
-        DropReason::SlowConsumer,
-        DropReason::RateLimited,
-        DropReason::MeshFull,
-        DropReason::BadFrame,
-        DropReason::PluginQueueFull,
-        DropReason::TooLarge,
-        DropReason::HelloRequired,
-        DropReason::BadAddress,
-        DropReason::Unsupported,
-        DropReason::Forbidden,
-    ];
-
-    /// The counter of a frame a connection dropped itself.
-    pub fn of_input(d: relay_core::InputDrop) -> DropReason {
-        use relay_core::InputDrop as I;
-        match d {
-            I::BadFrame => DropReason::BadFrame,
-            I::TooLarge => DropReason::TooLarge,
-            I::RateLimited => DropReason::RateLimited,
-            I::HelloRequired => DropReason::HelloRequired,
-            I::BadAddress => DropReason::BadAddress,
-            I::Unsupported => DropReason::Unsupported,
-            I::Forbidden => DropReason::Forbidden,
-        }
-    }
-    pub fn name(self) -> &'static str {
-        match self {
-            DropReason::NoRoute => "no_route",
-            DropReason::SlowConsumer => "slow_consumer",
-            DropReason::RateLimited => "rate_limited",
-            DropReason::MeshFull => "mesh_full",
-            DropReason::BadFrame => "bad_frame",
-            DropReason::PluginQueueFull => "plugin_queue_full",
-            DropReason::TooLarge => "too_large",
-            DropReason::HelloRequired => "hello_required",
-            DropReason::BadAddress => "bad_address",
-            DropReason::Unsupported => "unsupported",
-            DropReason::Forbidden => "forbidden",
-        }
-    }
-}
+/// Why a frame did not reach a recipient: relay-core owns the list.
+pub use relay_core::DropReason;
 
 /// One shard's counters and gauges.
 #[derive(Debug, Default)]
@@ -78,7 +20,8 @@ pub struct ShardStats {
     pub frames_out: AtomicU64,
     pub bytes_in: AtomicU64,
     pub bytes_out: AtomicU64,
-    pub drops: [AtomicU64; 11],
+    /// Frames dropped, indexed by `DropReason as usize`.
+    pub drops: [AtomicU64; DropReason::COUNT],
     /// Frames sent to another shard over the mesh.
     pub cross_frames: AtomicU64,
     /// Connections handed to their owner shard after hello.
@@ -99,11 +42,10 @@ impl ShardStats {
         self.drops[why as usize].fetch_add(1, Relaxed);
     }
     /// Adds the drops a connection counted (`Connection::take_drops`).
-    pub fn input_drops(&self, counts: [u16; 7]) {
-        for d in relay_core::InputDrop::ALL {
-            let n = counts[d as usize];
+    pub fn input_drops(&self, counts: [u16; DropReason::COUNT]) {
+        for (c, n) in self.drops.iter().zip(counts) {
             if n > 0 {
-                self.drops[DropReason::of_input(d) as usize].fetch_add(u64::from(n), Relaxed);
+                c.fetch_add(u64::from(n), Relaxed);
             }
         }
     }

@@ -1,7 +1,8 @@
 //! The WebSocket frame layer (RFC 6455) for server connections, sans IO:
 //! headers are parsed with tungstenite's `FrameHeader`, client payloads
 //! unmasked, fragments reassembled up to a bound, control frames surfaced.
-//! The HTTP upgrade itself is in `http`; writing uses `relay_core::conn::ws_header`.
+//! The HTTP upgrade itself is in `http`; every frame the relay writes is
+//! written by `relay_core::ws`.
 
 use std::io::Cursor;
 
@@ -168,23 +169,7 @@ fn finish(text: bool, payload: Bytes) -> Result<WsMsg, WsError> {
     }
 }
 
-/// A server close frame with `code` and a short reason.
-pub fn close_frame(code: u16, reason: &str) -> Vec<u8> {
-    let reason = &reason.as_bytes()[..reason.len().min(123)];
-    let mut out = BytesMut::new();
-    relay_core::conn::ws_header(0x8, 2 + reason.len(), &mut out);
-    out.extend_from_slice(&code.to_be_bytes());
-    out.extend_from_slice(reason);
-    out.to_vec()
-}
-
-/// A server pong echoing `payload`.
-pub fn pong_frame(payload: &[u8]) -> Vec<u8> {
-    let mut out = BytesMut::new();
-    relay_core::conn::ws_header(0xA, payload.len(), &mut out);
-    out.extend_from_slice(payload);
-    out.to_vec()
-}
+pub use relay_core::ws::{close_frame, pong_frame};
 
 /// Close status for a connection ending for `reason`: 1000 for BYE, 1001
 /// at shutdown, otherwise 4000 + the protocol's error code, so a browser's
@@ -210,17 +195,11 @@ pub fn close_code(reason: relay_core::CloseReason) -> u16 {
 mod tests {
     use super::*;
 
-    fn client_frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
-        let mask = [0x37, 0xfa, 0x21, 0x3d];
-        let mut v = vec![(if fin { 0x80 } else { 0 }) | opcode];
-        if payload.len() < 126 {
-            v.push(0x80 | payload.len() as u8);
-        } else {
-            v.push(0x80 | 126);
-            v.extend_from_slice(&(payload.len() as u16).to_be_bytes());
-        }
-        v.extend_from_slice(&mask);
-        v.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i & 3]));
+    use relay_core::ws::{Opcode, put_client_frame};
+
+    fn client_frame(fin: bool, opcode: Opcode, payload: &[u8]) -> Vec<u8> {
+        let mut v = Vec::new();
+        put_client_frame(&mut v, opcode, fin, payload, [0x37, 0xfa, 0x21, 0x3d]);
         v
     }
 
@@ -239,9 +218,9 @@ mod tests {
 
     #[test]
     fn fragments_are_reassembled_and_control_frames_interleave() {
-        let mut raw = client_frame(false, 0x1, b"Hel");
-        raw.extend(client_frame(true, 0x9, b"p"));
-        raw.extend(client_frame(true, 0x0, b"lo"));
+        let mut raw = client_frame(false, Opcode::Text, b"Hel");
+        raw.extend(client_frame(true, Opcode::Ping, b"p"));
+        raw.extend(client_frame(true, Opcode::Continuation, b"lo"));
         let mut d = WsDecoder::default();
         let mut b = BytesMut::new();
         let mut out = Vec::new();
@@ -266,7 +245,7 @@ mod tests {
         let mut d = WsDecoder::default();
         let mut unmasked = BytesMut::from(&[0x81, 0x01, b'a'][..]);
         assert_eq!(d.decode(&mut unmasked, 1024), Err(WsError::Unmasked));
-        let mut big = BytesMut::from(&client_frame(true, 0x2, &[0u8; 300])[..]);
+        let mut big = BytesMut::from(&client_frame(true, Opcode::Binary, &[0u8; 300])[..]);
         assert_eq!(
             WsDecoder::default()
                 .decode(&mut big, 100)
@@ -274,17 +253,17 @@ mod tests {
                 .close_code(),
             1009
         );
-        let mut cont = BytesMut::from(&client_frame(true, 0x0, b"x")[..]);
+        let mut cont = BytesMut::from(&client_frame(true, Opcode::Continuation, b"x")[..]);
         assert_eq!(
             WsDecoder::default().decode(&mut cont, 100),
             Err(WsError::BadFragment)
         );
-        let mut bad_utf8 = BytesMut::from(&client_frame(true, 0x1, &[0xff])[..]);
+        let mut bad_utf8 = BytesMut::from(&client_frame(true, Opcode::Text, &[0xff])[..]);
         assert_eq!(
             WsDecoder::default().decode(&mut bad_utf8, 100),
             Err(WsError::NotUtf8)
         );
-        let mut long_ping = BytesMut::from(&client_frame(true, 0x9, &[0u8; 126])[..]);
+        let mut long_ping = BytesMut::from(&client_frame(true, Opcode::Ping, &[0u8; 126])[..]);
         assert_eq!(
             WsDecoder::default().decode(&mut long_ping, 1000),
             Err(WsError::BadControl)
@@ -294,7 +273,7 @@ mod tests {
     #[test]
     fn close_frames_with_forbidden_codes_or_one_byte_are_protocol_errors() {
         for payload in [&[0x00u8, 0x05][..], &[0x03], &[0x03, 0xed], &[0x13, 0x88]] {
-            let mut b = BytesMut::from(&client_frame(true, 0x8, payload)[..]);
+            let mut b = BytesMut::from(&client_frame(true, Opcode::Close, payload)[..]);
             let e = WsDecoder::default().decode(&mut b, 100).unwrap_err();
             assert_eq!(
                 (e.clone(), e.close_code()),
@@ -302,7 +281,7 @@ mod tests {
                 "{payload:?}"
             );
         }
-        let mut b = BytesMut::from(&client_frame(true, 0x8, &[0x03, 0xe8, 0xff])[..]);
+        let mut b = BytesMut::from(&client_frame(true, Opcode::Close, &[0x03, 0xe8, 0xff])[..]);
         assert_eq!(
             WsDecoder::default()
                 .decode(&mut b, 100)
@@ -311,7 +290,7 @@ mod tests {
             1007
         );
         for ok in [1000u16, 1001, 1011, 3000, 4999] {
-            let mut b = BytesMut::from(&client_frame(true, 0x8, &ok.to_be_bytes())[..]);
+            let mut b = BytesMut::from(&client_frame(true, Opcode::Close, &ok.to_be_bytes())[..]);
             assert_eq!(
                 WsDecoder::default().decode(&mut b, 100).unwrap(),
                 Some(WsMsg::Close(Some(ok)))
@@ -321,7 +300,7 @@ mod tests {
 
     #[test]
     fn close_frames_carry_the_code() {
-        let mut b = BytesMut::from(&client_frame(true, 0x8, &[0x03, 0xe8])[..]);
+        let mut b = BytesMut::from(&client_frame(true, Opcode::Close, &[0x03, 0xe8])[..]);
         assert_eq!(
             WsDecoder::default().decode(&mut b, 100).unwrap(),
             Some(WsMsg::Close(Some(1000)))

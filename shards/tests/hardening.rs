@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use common::{Client, Form, addrs_on, http, start};
 use relay_core::frame::{ErrorCode, Flags, Frame, FrameType};
+use relay_core::ws::{self, Opcode};
 use serde_json::json;
 
 const TOKEN: &str = "test-token";
@@ -27,17 +28,9 @@ fn queued(relay: &relay_shards::Relay) -> usize {
 }
 
 /// A client-to-server WebSocket frame (masked, final).
-fn ws_frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
-    let mask = [0x11, 0x22, 0x33, 0x44];
-    let mut v = vec![0x80 | opcode];
-    if payload.len() < 126 {
-        v.push(0x80 | payload.len() as u8);
-    } else {
-        v.push(0x80 | 126);
-        v.extend_from_slice(&(payload.len() as u16).to_be_bytes());
-    }
-    v.extend_from_slice(&mask);
-    v.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i & 3]));
+fn ws_frame(opcode: Opcode, payload: &[u8]) -> Vec<u8> {
+    let mut v = Vec::new();
+    ws::put_client_frame(&mut v, opcode, true, payload, [0x11, 0x22, 0x33, 0x44]);
     v
 }
 
@@ -75,7 +68,9 @@ fn websocket_pings_from_a_client_that_never_reads_are_bounded_and_it_is_closed()
     let mut stream: TcpStream = sock.into();
     ws_handshake(&mut stream, "addr=web-pinger");
     // Pings with the largest payload, written and never read.
-    let batch: Vec<u8> = (0..500).flat_map(|_| ws_frame(0x9, &[7u8; 125])).collect();
+    let batch: Vec<u8> = (0..500)
+        .flat_map(|_| ws_frame(Opcode::Ping, &[7u8; 125]))
+        .collect();
     let mut writer = stream.try_clone().unwrap();
     let flood = std::thread::spawn(move || {
         let mut sent = 0usize;
@@ -585,7 +580,7 @@ fn relay_closed_total_counts_http_connections() {
 }
 
 /// Reads one server WebSocket frame: (opcode, payload).
-fn read_ws_frame(s: &mut TcpStream) -> (u8, Vec<u8>) {
+fn read_ws_frame(s: &mut TcpStream) -> (Option<Opcode>, Vec<u8>) {
     let mut h = [0u8; 2];
     s.read_exact(&mut h).unwrap();
     let len = match h[1] & 0x7f {
@@ -603,7 +598,7 @@ fn read_ws_frame(s: &mut TcpStream) -> (u8, Vec<u8>) {
     };
     let mut p = vec![0u8; len];
     s.read_exact(&mut p).unwrap();
-    (h[0] & 0x0f, p)
+    (Opcode::from_u8(h[0]), p)
 }
 
 /// The close code the relay answers after `frame`, skipping other frames.
@@ -614,7 +609,7 @@ fn close_code_after(relay: &relay_shards::Relay, frame: &[u8]) -> u16 {
     s.write_all(frame).unwrap();
     loop {
         let (op, p) = read_ws_frame(&mut s);
-        if op == 0x8 {
+        if op == Some(Opcode::Close) {
             return u16::from_be_bytes([p[0], p[1]]);
         }
     }
@@ -632,26 +627,29 @@ fn websocket_handshakes_and_close_frames_are_checked() {
     }
     // Close codes RFC 6455 forbids, and a 1-byte close payload: 1002.
     assert_eq!(
-        close_code_after(&relay, &ws_frame(0x8, &5u16.to_be_bytes())),
+        close_code_after(&relay, &ws_frame(Opcode::Close, &5u16.to_be_bytes())),
         1002
     );
     assert_eq!(
-        close_code_after(&relay, &ws_frame(0x8, &1005u16.to_be_bytes())),
+        close_code_after(&relay, &ws_frame(Opcode::Close, &1005u16.to_be_bytes())),
         1002
     );
-    assert_eq!(close_code_after(&relay, &ws_frame(0x8, &[3])), 1002);
     assert_eq!(
-        close_code_after(&relay, &ws_frame(0x8, &1000u16.to_be_bytes())),
+        close_code_after(&relay, &ws_frame(Opcode::Close, &[3])),
+        1002
+    );
+    assert_eq!(
+        close_code_after(&relay, &ws_frame(Opcode::Close, &1000u16.to_be_bytes())),
         1000
     );
     // A broken relay frame in a binary message: 4000 + bad_frame, and over
     // max_frame (but within the message bound): 4000 + too_large.
     assert_eq!(
-        close_code_after(&relay, &ws_frame(0x2, &[1, 2, 3])),
+        close_code_after(&relay, &ws_frame(Opcode::Binary, &[1, 2, 3])),
         4000 + ErrorCode::BadFrame as u16
     );
     assert_eq!(
-        close_code_after(&relay, &ws_frame(0x2, &[0u8; 1500])),
+        close_code_after(&relay, &ws_frame(Opcode::Binary, &[0u8; 1500])),
         4000 + ErrorCode::TooLarge as u16
     );
 }
