@@ -170,10 +170,6 @@ pub struct ConnCell {
     /// queued for it during one pass of the I/O loop leaves in one write.
     pub dirty: Cell<bool>,
     pub session: RefCell<Session>,
-    /// Once the connection is closing: when the I/O loop gives up flushing
-    /// (monotonic ms; `u64::MAX` while it is not closing).
-    pub close_deadline: Cell<u64>,
-    pub reason: Cell<Option<CloseReason>>,
     /// Answers (ACK or ERROR) this connection is owed by other shards: room
     /// for them counts against its queue before more of its input is read.
     pub owed: Cell<u32>,
@@ -187,17 +183,14 @@ impl ConnCell {
             io: RefCell::new(Io::default()),
             dirty: Cell::new(false),
             session: RefCell::new(session),
-            close_deadline: Cell::new(u64::MAX),
-            reason: Cell::new(None),
             owed: Cell::new(0),
         }
     }
 
-    /// Records that the connection is closing (first reason wins).
+    /// Records that the connection is closing, to be closed by
+    /// `deadline_ms` at the latest (the state lives in the `Connection`:
+    /// the first reason wins, the deadline only moves earlier).
     pub fn closing(&self, reason: CloseReason, deadline_ms: u64) {
-        if self.reason.get().is_none() {
-            self.reason.set(Some(reason));
-            self.close_deadline.set(deadline_ms);
-        }
+        self.conn.borrow_mut().closing(reason, deadline_ms);
     }
 }

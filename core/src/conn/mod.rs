@@ -270,7 +270,12 @@ pub enum SendError {
 enum State {
     AwaitHello,
     Open,
-    Closing,
+    /// Closing for `reason`; the runtime closes the socket once the queue is
+    /// flushed or at `deadline_ms` (monotonic), whichever comes first.
+    Closing {
+        reason: CloseReason,
+        deadline_ms: u64,
+    },
 }
 
 /// Protocol state of one connection. About 190 bytes when idle: no read
@@ -352,7 +357,7 @@ impl Connection {
         self.state == State::Open
     }
     pub fn is_closing(&self) -> bool {
-        self.state == State::Closing
+        matches!(self.state, State::Closing { .. })
     }
     /// The hello carried the service token (or the relay has no auth).
     pub fn is_privileged(&self) -> bool {
@@ -417,7 +422,7 @@ impl Connection {
         input: &mut BytesMut,
     ) -> Option<Event> {
         loop {
-            if self.state == State::Closing || input.is_empty() {
+            if self.is_closing() || input.is_empty() {
                 return None;
             }
             let wire = *self.wire.get_or_insert(if input[0] == b'{' {
@@ -468,7 +473,7 @@ impl Connection {
         text: bool,
         msg: Bytes,
     ) -> Option<Event> {
-        if self.state == State::Closing {
+        if self.is_closing() {
             return None;
         }
         if self.state == State::AwaitHello && !self.hello_pending {
@@ -556,7 +561,7 @@ impl Connection {
         self.last_activity = now.mono_ms;
         let ack_req = f.flags.ack_req();
         match (self.state, f.kind) {
-            (State::Closing, _) => None,
+            (State::Closing { .. }, _) => None,
             (_, FrameType::Ping) => {
                 self.control(cfg, &Frame::pong(now.wall_ms));
                 if ack_req {
@@ -779,7 +784,7 @@ impl Connection {
         close: bool,
     ) -> Option<Event> {
         self.hello_pending = false;
-        if self.state == State::Closing {
+        if self.is_closing() {
             return None;
         }
         self.control(cfg, &Frame::error(seq, code, message));
@@ -806,7 +811,7 @@ impl Connection {
         message: &str,
     ) -> Option<Event> {
         self.hello_pending = false;
-        if self.state == State::Closing {
+        if self.is_closing() {
             return None;
         }
         self.control(cfg, &Frame::error_retry(seq, code, retry_after_ms, message));
@@ -899,17 +904,49 @@ impl Connection {
         message: &str,
         reason: CloseReason,
     ) -> Option<Event> {
-        if self.state == State::Closing {
+        if self.is_closing() {
             return None;
         }
         self.control(cfg, &Frame::error(0, code, message));
         Some(self.close(reason))
     }
 
-    /// Marks the connection closing; the caller reports the event.
+    /// Marks the connection closing; the caller reports the event (and
+    /// sets the deadline with [`closing`](Self::closing)).
     pub fn close(&mut self, reason: CloseReason) -> Event {
-        self.state = State::Closing;
+        self.closing(reason, u64::MAX);
         Event::Closed(reason)
+    }
+
+    /// Closing for `reason`, to be closed by `deadline_ms` at the latest. A
+    /// connection already closing keeps its first reason; the deadline only
+    /// moves earlier.
+    pub fn closing(&mut self, reason: CloseReason, deadline_ms: u64) {
+        match &mut self.state {
+            State::Closing { deadline_ms: d, .. } => *d = (*d).min(deadline_ms),
+            _ => {
+                self.state = State::Closing {
+                    reason,
+                    deadline_ms,
+                }
+            }
+        }
+    }
+
+    /// Why the connection is closing, once it is.
+    pub fn close_reason(&self) -> Option<CloseReason> {
+        match self.state {
+            State::Closing { reason, .. } => Some(reason),
+            _ => None,
+        }
+    }
+
+    /// When the runtime closes the socket at the latest, once closing.
+    pub fn close_deadline(&self) -> Option<u64> {
+        match self.state {
+            State::Closing { deadline_ms, .. } => Some(deadline_ms),
+            _ => None,
+        }
     }
 
     /// The next chunk to write, at most `max` bytes. It counts as in flight
@@ -947,7 +984,7 @@ impl Connection {
                     None => idle,
                 })
             }
-            State::Closing => None,
+            State::Closing { .. } => None,
         }
     }
 

@@ -1574,3 +1574,33 @@ fn url_query_values_decode_escapes_and_plus_signs_once() {
     );
     assert_eq!(percent_decode(""), "");
 }
+
+#[test]
+fn closing_keeps_its_first_reason_and_its_deadline_only_moves_earlier() {
+    let cfg = ConnConfig::default();
+    let mut c = Connection::new(&cfg, Transport::Tcp, t(0));
+    assert_eq!(c.close_reason(), None);
+    assert_eq!(c.close_deadline(), None);
+    // The connection decides to close; the runtime then gives it a grace.
+    assert_eq!(
+        c.close(CloseReason::IdleTimeout),
+        Event::Closed(CloseReason::IdleTimeout)
+    );
+    assert!(c.is_closing());
+    assert_eq!(c.close_deadline(), Some(u64::MAX));
+    c.closing(CloseReason::IdleTimeout, 5_000);
+    assert_eq!(c.close_deadline(), Some(5_000));
+    // A later cause (shutdown, the peer going away) neither renames the
+    // close nor grants more time; an earlier deadline is taken.
+    c.closing(CloseReason::Shutdown, 9_000);
+    assert_eq!(c.close_reason(), Some(CloseReason::IdleTimeout));
+    assert_eq!(c.close_deadline(), Some(5_000));
+    c.closing(CloseReason::PeerClosed, 1_000);
+    assert_eq!(c.close_reason(), Some(CloseReason::IdleTimeout));
+    assert_eq!(c.close_deadline(), Some(1_000));
+    assert_eq!(
+        c.poll_timeout(&cfg),
+        None,
+        "a closing connection has no timers"
+    );
+}

@@ -147,7 +147,7 @@ impl Sim {
         let ended: Vec<String> = self
             .clients
             .iter()
-            .filter(|(_, c)| c.cell.reason.get().is_some())
+            .filter(|(_, c)| c.cell.conn.borrow().is_closing())
             .map(|(n, _)| n.clone())
             .collect();
         for name in ended {

@@ -173,7 +173,10 @@ impl Router {
             h.disconnected(
                 cell,
                 self.shard,
-                cell.reason.get().unwrap_or(CloseReason::PeerClosed),
+                cell.conn
+                    .borrow()
+                    .close_reason()
+                    .unwrap_or(CloseReason::PeerClosed),
                 now,
             );
         }
@@ -206,7 +209,12 @@ impl Router {
             if let Some(Event::Closed(reason)) = ev {
                 cell.closing(reason, now.mono_ms + self.cfg().close_grace_ms);
                 self.wake(&cell);
-            } else if cell.close_deadline.get() <= now.mono_ms {
+            } else if cell
+                .conn
+                .borrow()
+                .close_deadline()
+                .is_some_and(|d| d <= now.mono_ms)
+            {
                 self.wake(&cell);
             }
         }
@@ -245,8 +253,6 @@ impl Router {
             .borrow_mut()
             .close_with(&self.cfg().conn, code, why, reason);
         cell.closing(reason, deadline_ms);
-        cell.close_deadline
-            .set(cell.close_deadline.get().min(deadline_ms));
         self.wake(cell);
     }
 

@@ -369,7 +369,7 @@ fn on_readable(shard: &Rc<Shard>, cell: &Rc<ConnCell>, t: relay_core::Now) {
         ShardStats::add(&router.stats.bytes_in, n as u64);
         // A closing connection's input is read and dropped, so the socket
         // stops being readable and the close does not turn into a reset.
-        let closing = cell.reason.get().is_some() || cell.conn.borrow().is_closing();
+        let closing = cell.conn.borrow().is_closing();
         if !closing {
             let mut rbuf = take_rbuf(cell);
             rbuf.extend_from_slice(&buf[..n]);
@@ -484,10 +484,11 @@ fn flush(shard: &Rc<Shard>, cell: &Rc<ConnCell>, t: relay_core::Now) {
         return;
     };
     let gone = io.eof;
+    let reason = cell.conn.borrow().close_reason();
     if io.is_ws()
         && !io.close_sent
         && !gone
-        && let Some(reason) = cell.reason.get()
+        && let Some(reason) = reason
     {
         // A browser learns why in the close frame too.
         if reason != CloseReason::PeerClosed {
@@ -507,10 +508,14 @@ fn flush(shard: &Rc<Shard>, cell: &Rc<ConnCell>, t: relay_core::Now) {
     if failed {
         cell.closing(CloseReason::PeerClosed, t.mono_ms);
     }
-    let closing = cell.conn.borrow().is_closing() || cell.reason.get().is_some();
+    let closing = cell.conn.borrow().is_closing();
     if gone || failed || closing {
         let flushed = !io.writing();
-        let late = cell.close_deadline.get() <= t.mono_ms;
+        let late = cell
+            .conn
+            .borrow()
+            .close_deadline()
+            .is_some_and(|d| d <= t.mono_ms);
         if gone || failed || flushed || late {
             drop(io);
             close(shard, cell);
