@@ -253,6 +253,7 @@ pub fn attach(
         hooks,
         plugin_metrics: metrics,
         actions: Some(actions),
+        inherited: None,
     };
     Ok((ext, host))
 }

@@ -203,6 +203,8 @@ pub fn close_code(reason: relay_core::CloseReason) -> u16 {
         R::Unauthorized => 4000 + E::Unauthorized as u16,
         // "Try Again Later" (RFC 6455 registry).
         R::Busy => 1013,
+        // "Service Restart": an upgrade.
+        R::GoingAway => 1012,
     }
 }
 
@@ -222,6 +224,14 @@ mod tests {
         v.extend_from_slice(&mask);
         v.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i & 3]));
         v
+    }
+
+    #[test]
+    fn upgrade_and_busy_close_with_the_registered_codes() {
+        use relay_core::CloseReason;
+        assert_eq!(close_code(CloseReason::GoingAway), 1012);
+        assert_eq!(close_code(CloseReason::Busy), 1013);
+        assert!(valid_close_code(1012) && valid_close_code(1013));
     }
 
     #[test]
