@@ -37,7 +37,7 @@
 //!   problem whose file is `env RELAY__…`.
 //!
 //! # Layout
-//! - `sections`: the relay's own sections (`[node]` … `[admission]`) and their defaults.
+//! - `sections`: the relay's own sections (`[node]` … `[upgrade]`) and their defaults.
 //! - `plugins`: the sections of the script workers, sinks and notifiers.
 //! - `problem`: [`Problem`] and [`ConfigError`].
 //! - `env`: applying `RELAY__…` overrides to the document.
@@ -66,7 +66,7 @@ pub use rules::{
 };
 pub use sections::{
     AdmissionConfig, AuthConfig, AuthMode, HeartbeatConfig, HttpConfig, LimitsConfig,
-    ListenersConfig, LogConfig, LogFormat, NodeConfig, ShardsConfig, ShutdownConfig,
+    ListenersConfig, LogConfig, LogFormat, NodeConfig, ShardsConfig, ShutdownConfig, UpgradeConfig,
 };
 
 /// The embedded defaults: every key, commented, with its default value.
@@ -100,6 +100,8 @@ pub struct Config {
     pub shutdown: ShutdownConfig,
     /// How fast new clients are let in.
     pub admission: AdmissionConfig,
+    /// Handing over to a new process (SIGUSR2).
+    pub upgrade: UpgradeConfig,
     /// Rhai script workers.
     pub plugins: plugins::PluginsConfig,
     /// Redis sink (device state, counters).

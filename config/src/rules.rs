@@ -313,6 +313,23 @@ pub(crate) fn check(config: &Config) -> Vec<Problem> {
         " (an hour)",
     );
 
+    let u = &c.upgrade;
+    r.range(
+        "upgrade.reconnect_window_ms",
+        u.reconnect_window_ms,
+        0,
+        3_600_000,
+        " (an hour)",
+    );
+    r.range("upgrade.drain_ms", u.drain_ms, 0, 600_000, " (ten minutes)");
+    r.range(
+        "upgrade.ready_timeout_ms",
+        u.ready_timeout_ms,
+        1000,
+        600_000,
+        " (ten minutes)",
+    );
+
     let sections = [
         c.plugins.check(),
         c.redis.check(),

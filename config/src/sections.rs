@@ -303,6 +303,33 @@ impl Default for AdmissionConfig {
     }
 }
 
+/// `[upgrade]`: how a running relay hands over to a new process (SIGUSR2)
+/// without a reconnect storm.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct UpgradeConfig {
+    /// Each client of the old process is told to reconnect after a
+    /// `retry_after_ms` drawn from 0 to this, so reconnects spread over it.
+    pub reconnect_window_ms: u64,
+    /// How long the old process keeps serving clients after telling them to
+    /// go, so frames already on their way are answered; then the rest are
+    /// closed (after `[shutdown] grace_ms` of flushing at most).
+    pub drain_ms: u64,
+    /// How long the old process waits for the new one to be listening before
+    /// it gives up the upgrade and keeps running.
+    pub ready_timeout_ms: u64,
+}
+
+impl Default for UpgradeConfig {
+    fn default() -> Self {
+        Self {
+            reconnect_window_ms: 30_000,
+            drain_ms: 5_000,
+            ready_timeout_ms: 30_000,
+        }
+    }
+}
+
 /// `[shutdown]`: how the relay stops.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]

@@ -111,7 +111,7 @@ impl Flags {
     }
 }
 
-/// How an ERROR message that carries a retry hint begins (`busy`).
+/// How an ERROR message that carries a retry hint begins (`busy`, `going_away`).
 pub const RETRY_AFTER_PREFIX: &str = "retry_after_ms=";
 
 /// Error codes carried by ERROR frames.
@@ -136,10 +136,13 @@ pub enum ErrorCode {
     /// The relay takes no more hellos right now; the message starts with
     /// `retry_after_ms=<n>` and the connection is closed.
     Busy = 15,
+    /// The relay process is being replaced (an upgrade): reconnect after the
+    /// `retry_after_ms` the message starts with, and say hello again.
+    GoingAway = 16,
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 15] = [
+    pub const ALL: [ErrorCode; 16] = [
         ErrorCode::BadFrame,
         ErrorCode::TooLarge,
         ErrorCode::Unauthorized,
@@ -155,6 +158,7 @@ impl ErrorCode {
         ErrorCode::IdleTimeout,
         ErrorCode::Unsupported,
         ErrorCode::Busy,
+        ErrorCode::GoingAway,
     ];
 
     pub fn from_u16(v: u16) -> Option<Self> {
@@ -179,6 +183,7 @@ impl ErrorCode {
             ErrorCode::IdleTimeout => "idle_timeout",
             ErrorCode::Unsupported => "unsupported",
             ErrorCode::Busy => "busy",
+            ErrorCode::GoingAway => "going_away",
         }
     }
 
@@ -327,6 +332,7 @@ mod tests {
             (13, "idle_timeout"),
             (14, "unsupported"),
             (15, "busy"),
+            (16, "going_away"),
         ];
         for (n, name) in expected {
             let c = ErrorCode::from_u16(n).unwrap();
@@ -335,7 +341,7 @@ mod tests {
             assert_eq!(ErrorCode::from_name(name), Some(c));
         }
         assert_eq!(ErrorCode::from_u16(0), None);
-        assert_eq!(ErrorCode::from_u16(16), None);
+        assert_eq!(ErrorCode::from_u16(17), None);
     }
 
     #[test]

@@ -131,6 +131,11 @@ impl Gate {
         });
     }
 
+    /// A delay drawn uniformly from 0 to `window_ms`.
+    pub fn jitter(&mut self, window_ms: u64) -> u64 {
+        self.rng.u64(0..=window_ms)
+    }
+
     fn busy(&mut self, cfg: &AdmissionConfig, limit: Limit) -> Verdict {
         let jitter = if cfg.retry_window_ms == 0 {
             0

@@ -101,7 +101,10 @@ fn err(code: ErrorCode, message: impl Into<String>) -> Reply {
         ErrorCode::NoRoute => 404,
         ErrorCode::Unauthorized => 401,
         ErrorCode::TooLarge => 413,
-        ErrorCode::ShuttingDown | ErrorCode::SlowConsumer | ErrorCode::Busy => 503,
+        ErrorCode::ShuttingDown
+        | ErrorCode::SlowConsumer
+        | ErrorCode::Busy
+        | ErrorCode::GoingAway => 503,
         ErrorCode::Internal => 500,
         _ => 400,
     };

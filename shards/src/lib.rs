@@ -26,5 +26,6 @@ pub mod stats;
 pub mod ws;
 
 pub use rt::{
-    Extensions, HooksFactory, MeshMsg, MetricsSource, Relay, ReloadReport, now, router_config,
+    Extensions, HooksFactory, Inherited, MeshMsg, MetricsSource, Relay, ReloadReport,
+    UPGRADE_FD_ENV, notify_main_pid, now, ready, receive_from_env, router_config,
 };

@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
 use relay_config::{Config, DEFAULTS_TOML, LogFormat};
@@ -169,7 +169,19 @@ fn run(path: Option<PathBuf>) -> ExitCode {
     };
     init_logging(&cfg);
     raise_file_limit(cfg.limits.max_connections as u64);
-    let (ext, host) = if cfg.plugins.enabled {
+    // Started by a running relay for an upgrade: its listening sockets.
+    let handover = match relay_shards::receive_from_env() {
+        Ok(h) => h,
+        Err(e) => {
+            tracing::error!("upgrade: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    // The binary an upgrade starts: the path this one was started from (a
+    // package upgrade puts the new binary there).
+    let exe = std::env::current_exe().ok();
+    let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+    let (mut ext, host) = if cfg.plugins.enabled {
         match relay_shards::rules::attach(&cfg) {
             Ok((ext, host)) => (ext, Some(host)),
             Err(e) => {
@@ -180,6 +192,11 @@ fn run(path: Option<PathBuf>) -> ExitCode {
     } else {
         (relay_shards::Extensions::default(), None)
     };
+    let (inherited, ready) = match handover {
+        Some((inherited, sock)) => (Some(inherited), Some(sock)),
+        None => (None, None),
+    };
+    ext.inherited = inherited;
     let relay = match Relay::start_with(&cfg, ext) {
         Ok(r) => r,
         Err(e) => {
@@ -187,6 +204,23 @@ fn run(path: Option<PathBuf>) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    match ready {
+        Some(sock) => {
+            let unused = relay.close_unused_inherited();
+            if unused > 0 {
+                tracing::warn!(
+                    "upgrade: {unused} handed-over sockets closed: this process has fewer shards \
+                     than the previous one"
+                );
+            }
+            if let Err(e) = relay_shards::ready(sock) {
+                tracing::error!("upgrade: cannot tell the previous process: {e}");
+            } else {
+                tracing::info!("upgrade: took over the listening sockets");
+            }
+        }
+        None => relay_shards::notify_main_pid(),
+    }
     let stop = relay.stop_flag();
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         if let Err(e) = signal_hook::flag::register(sig, stop.clone()) {
@@ -201,10 +235,32 @@ fn run(path: Option<PathBuf>) -> ExitCode {
         tracing::error!("cannot handle SIGHUP: {e}");
         return ExitCode::FAILURE;
     }
+    // SIGUSR2: hand over to a new process of the same binary (an upgrade).
+    let usr2 = Arc::new(AtomicBool::new(false));
+    if let Err(e) = signal_hook::flag::register(signal_hook::consts::SIGUSR2, usr2.clone()) {
+        tracing::error!("cannot handle SIGUSR2: {e}");
+        return ExitCode::FAILURE;
+    }
+    let mut upgrade_cfg = cfg.upgrade.clone();
+    let mut drain_until: Option<Instant> = None;
     while !stop.load(Ordering::SeqCst) {
         std::thread::sleep(Duration::from_millis(50));
-        if hup.swap(false, Ordering::SeqCst) {
-            reload(&relay, path.as_deref());
+        if hup.swap(false, Ordering::SeqCst)
+            && let Some(new) = reload(&relay, path.as_deref())
+        {
+            upgrade_cfg = new.upgrade;
+        }
+        if usr2.swap(false, Ordering::SeqCst) && drain_until.is_none() {
+            drain_until = hand_over(&relay, exe.as_deref(), &args, &upgrade_cfg);
+        }
+        if let Some(t) = drain_until
+            && Instant::now() >= t
+        {
+            // The drain is over: close the rest (they were told to go), let
+            // the shards carry it out, then stop.
+            relay.end_drain();
+            std::thread::sleep(Duration::from_millis(300));
+            stop.store(true, Ordering::SeqCst);
         }
     }
     let joined = relay.join();
@@ -227,9 +283,44 @@ fn run(path: Option<PathBuf>) -> ExitCode {
     }
 }
 
+/// Starts the new process and hands it the listening sockets; returns when
+/// the drain ends, or `None` when the upgrade failed (this process goes on).
+fn hand_over(
+    relay: &Relay,
+    exe: Option<&Path>,
+    args: &[std::ffi::OsString],
+    cfg: &relay_config::UpgradeConfig,
+) -> Option<Instant> {
+    let Some(exe) = exe else {
+        tracing::error!("upgrade: the path of this binary is unknown; not upgrading");
+        return None;
+    };
+    tracing::info!("upgrade: starting {}", exe.display());
+    match relay.hand_over(
+        exe,
+        args,
+        Duration::from_millis(cfg.ready_timeout_ms),
+        cfg.reconnect_window_ms,
+    ) {
+        Ok(pid) => {
+            tracing::info!(
+                "upgrade: the new process listens new_pid={pid}; clients are told to reconnect \
+                 within {} ms, draining for {} ms",
+                cfg.reconnect_window_ms,
+                cfg.drain_ms
+            );
+            Some(Instant::now() + Duration::from_millis(cfg.drain_ms))
+        }
+        Err(e) => {
+            tracing::error!("upgrade failed, this process goes on: {e:#}");
+            None
+        }
+    }
+}
+
 /// Loads the configuration again and hands it to the relay; a file with
 /// problems is refused whole and the running configuration kept.
-fn reload(relay: &Relay, path: Option<&Path>) {
+fn reload(relay: &Relay, path: Option<&Path>) -> Option<Config> {
     let origin = path.map_or_else(|| "defaults".to_owned(), |p| p.display().to_string());
     tracing::info!("SIGHUP: reloading {origin}");
     match Config::load(path) {
@@ -238,12 +329,14 @@ fn reload(relay: &Relay, path: Option<&Path>) {
                 tracing::warn!("{w}");
             }
             relay.reload(&cfg);
+            Some(cfg)
         }
         Err(e) => {
             relay.reload_failed();
             for p in &e.problems {
                 tracing::error!("reload refused, running configuration kept: {p}");
             }
+            None
         }
     }
 }

@@ -380,6 +380,7 @@ pub fn attach(
         hooks,
         plugin_metrics: metrics,
         actions: Some(actions),
+        inherited: None,
     };
     Ok((ext, host))
 }

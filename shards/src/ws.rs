@@ -188,6 +188,8 @@ pub fn close_code(reason: relay_core::CloseReason) -> u16 {
         R::Unauthorized => 4000 + E::Unauthorized as u16,
         // "Try Again Later" (RFC 6455 registry).
         R::Busy => 1013,
+        // "Service Restart": an upgrade.
+        R::GoingAway => 1012,
     }
 }
 
@@ -201,6 +203,14 @@ mod tests {
         let mut v = Vec::new();
         put_client_frame(&mut v, opcode, fin, payload, [0x37, 0xfa, 0x21, 0x3d]);
         v
+    }
+
+    #[test]
+    fn upgrade_and_busy_close_with_the_registered_codes() {
+        use relay_core::CloseReason;
+        assert_eq!(close_code(CloseReason::GoingAway), 1012);
+        assert_eq!(close_code(CloseReason::Busy), 1013);
+        assert!(valid_close_code(1012) && valid_close_code(1013));
     }
 
     #[test]

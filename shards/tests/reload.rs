@@ -45,7 +45,22 @@ fn sighup_applies_live_keys_names_the_rest_and_refuses_a_broken_file() {
     std::fs::create_dir_all(&dir).unwrap();
     let file = dir.join("relay.toml");
     std::fs::write(&file, config("")).unwrap();
-    let mut relay = RelayProc::spawn(&file, &[]);
+    // systemd's notification socket (Type=notify): the relay says it is ready.
+    let notify_path = dir.join("notify.sock");
+    let _ = std::fs::remove_file(&notify_path);
+    let notify = std::os::unix::net::UnixDatagram::bind(&notify_path).unwrap();
+    notify
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut relay = RelayProc::spawn(&file, &[("NOTIFY_SOCKET", notify_path.to_str().unwrap())]);
+    let mut msg = [0u8; 256];
+    let n = notify.recv(&mut msg).expect("a notification");
+    let text = String::from_utf8_lossy(&msg[..n]).into_owned();
+    assert!(text.contains("READY=1"), "{text}");
+    assert!(
+        text.contains(&format!("MAINPID={}", relay.child.id())),
+        "{text}"
+    );
 
     let (mut a, beat, node) = hello(&relay, "dev-a", 1000);
     assert_eq!((beat, node.as_str()), (1000, "n1"));

@@ -210,6 +210,8 @@ pub enum CloseReason {
     Unauthorized,
     /// Refused with `busy`: too many hellos; the client retries later.
     Busy,
+    /// Closed at the end of an upgrade's drain (`going_away`).
+    GoingAway,
     /// The peer closed or the socket failed.
     PeerClosed,
 }
@@ -228,6 +230,7 @@ impl CloseReason {
             CloseReason::Shutdown => "shutdown",
             CloseReason::Unauthorized => "unauthorized",
             CloseReason::Busy => "busy",
+            CloseReason::GoingAway => "going_away",
             CloseReason::PeerClosed => "closed",
         }
     }

@@ -89,6 +89,9 @@ pub enum Outcome {
     },
 }
 
+/// The message of `going_away` after its retry hint.
+const GOING_AWAY: &str = "relay is being upgraded; reconnect and say hello again";
+
 /// Settings the router needs, resolved from the config once.
 #[derive(Debug, Clone)]
 pub struct RouterConfig {
@@ -114,6 +117,11 @@ pub struct Router {
     cfg_generation: Cell<u64>,
     /// Hellos admitted per second (`cfg.admission`).
     admission: RefCell<crate::admission::Gate>,
+    /// An upgrade is under way: clients are told to reconnect after a
+    /// `retry_after_ms` drawn from 0 to this window (ms).
+    going_away: Cell<Option<u64>>,
+    /// The upgrade's drain is over and the last connections are closing.
+    going_away_ended: Cell<bool>,
     pub stats: Arc<ShardStats>,
     conns: RefCell<HashMap<ConnId, Rc<ConnCell>>>,
     by_addr: RefCell<HashMap<Bytes, Rc<ConnCell>>>,
@@ -183,6 +191,8 @@ impl Router {
             shards,
             cfg: RefCell::new(Rc::new(cfg)),
             cfg_generation: Cell::new(0),
+            going_away: Cell::new(None),
+            going_away_ended: Cell::new(false),
             admission: RefCell::new(crate::admission::Gate::new(
                 0x9e37_79b9_7f4a_7c15 ^ shard as u64 ^ u64::from(std::process::id()),
             )),

@@ -54,6 +54,20 @@ impl Router {
             }
             return Outcome::Continue;
         }
+        if let Some(window) = self.going_away.get() {
+            let ms = self.admission.borrow_mut().jitter(window);
+            let ev = cell.conn.borrow_mut().refuse_retry(
+                &self.cfg().conn,
+                hello.seq,
+                ErrorCode::GoingAway,
+                ms,
+                GOING_AWAY,
+            );
+            if let Some(Event::Closed(r)) = ev {
+                cell.closing(r, now.mono_ms + self.cfg().close_grace_ms);
+            }
+            return Outcome::Continue;
+        }
         let ip = cell.session.borrow().remote.ip();
         let verdict = self
             .admission
@@ -219,6 +233,53 @@ impl Router {
             }
         }
         self.stats.queue_bytes.store(queued, Relaxed);
+    }
+
+    /// An upgrade hands over to a new process: no more accepts or hellos
+    /// here, and every client gets ERROR `going_away` with a `retry_after_ms`
+    /// drawn from 0 to `window_ms`. Connections stay served (frames in
+    /// flight are answered) until the clients close or `end_going_away`.
+    pub fn going_away(&self, window_ms: u64) {
+        self.going_away.set(Some(window_ms));
+        self.shutting_down.set(true);
+        let cells: Vec<Rc<ConnCell>> = self.conns.borrow().values().cloned().collect();
+        for cell in cells {
+            if !cell.conn.borrow().is_open() {
+                // Before hello: its hello (if any) gets the same answer.
+                continue;
+            }
+            let ms = self.admission.borrow_mut().jitter(window_ms);
+            let f = Frame::error_retry(0, ErrorCode::GoingAway, ms, GOING_AWAY);
+            cell.conn.borrow_mut().control(&self.cfg().conn, &f);
+            self.wake(&cell);
+        }
+    }
+
+    pub fn is_going_away(&self) -> bool {
+        self.going_away.get().is_some()
+    }
+
+    pub fn going_away_ended(&self) -> bool {
+        self.going_away_ended.get()
+    }
+
+    /// The end of an upgrade's drain: every connection still here gets
+    /// `going_away` again and is closed once flushed or at `deadline_ms`
+    /// (WebSocket close 1012).
+    pub fn end_going_away(&self, window_ms: u64, deadline_ms: u64) {
+        self.going_away_ended.set(true);
+        let cells: Vec<Rc<ConnCell>> = self.conns.borrow().values().cloned().collect();
+        for cell in cells {
+            let ms = self.admission.borrow_mut().jitter(window_ms);
+            let why = format!("{}{ms} {GOING_AWAY}", relay_core::frame::RETRY_AFTER_PREFIX);
+            self.end(
+                &cell,
+                ErrorCode::GoingAway,
+                &why,
+                CloseReason::GoingAway,
+                deadline_ms,
+            );
+        }
     }
 
     /// Begins a graceful shutdown: every client gets ERROR `shutting_down`

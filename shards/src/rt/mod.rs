@@ -6,8 +6,10 @@
 mod conn;
 mod http;
 mod reload;
+mod upgrade;
 
 pub use reload::ReloadReport;
+pub use upgrade::{Inherited, UPGRADE_FD_ENV, notify_main_pid, ready, receive_from_env};
 
 use std::cell::{Cell, RefCell};
 use std::future::poll_fn;
@@ -126,6 +128,8 @@ pub struct Shared {
     pub open: AtomicUsize,
     /// What a configuration reload may change.
     pub(crate) live: reload::Live,
+    /// Listening sockets to hand to a new process, or taken from the old one.
+    pub(crate) handoff: upgrade::Handoff,
     pub stats: Vec<Arc<ShardStats>>,
     pub started: Instant,
     /// `[http] api_token`: required as a bearer token on `/api/*` when set.
@@ -274,39 +278,51 @@ impl Relay {
     /// Starts with the rules engine (or other extensions) attached.
     pub fn start_with(cfg: &Config, ext: Extensions) -> anyhow::Result<Relay> {
         let shards = cfg.shard_count().clamp(1, MAX_SHARDS);
-        // Every shard binds with SO_REUSEPORT, which would let a second relay
-        // started with the same config share the ports and split the
-        // address space: make sure nobody listens there first.
-        ensure_free(cfg.listeners.tcp)?;
-        if cfg.http.enabled {
-            ensure_free(cfg.listeners.http)?;
-        }
-        let reserve = reserve_port(cfg.listeners.tcp)
-            .with_context(|| format!("binding {}", cfg.listeners.tcp))?;
-        let tcp_addr = reserve
-            .local_addr()?
-            .as_socket()
-            .context("tcp listener address")?;
-        let http_reserve = if cfg.http.enabled {
-            Some(
-                reserve_port(cfg.listeners.http)
-                    .with_context(|| format!("binding {}", cfg.listeners.http))?,
-            )
-        } else {
-            None
-        };
-        let http_addr = match &http_reserve {
-            Some(r) => Some(
-                r.local_addr()?
-                    .as_socket()
-                    .context("http listener address")?,
-            ),
+        // An upgrade: the previous process's sockets, where they listen.
+        let inherited = match &ext.inherited {
+            Some(inh) => Some(inh.addrs()?),
             None => None,
+        };
+        let (tcp_addr, http_addr, reserve, http_reserve) = match inherited {
+            Some((tcp, http)) => (tcp, http.filter(|_| cfg.http.enabled), None, None),
+            None => {
+                // Every shard binds with SO_REUSEPORT, which would let a second relay
+                // started with the same config share the ports and split the
+                // address space: make sure nobody listens there first.
+                ensure_free(cfg.listeners.tcp)?;
+                if cfg.http.enabled {
+                    ensure_free(cfg.listeners.http)?;
+                }
+                let reserve = reserve_port(cfg.listeners.tcp)
+                    .with_context(|| format!("binding {}", cfg.listeners.tcp))?;
+                let tcp_addr = reserve
+                    .local_addr()?
+                    .as_socket()
+                    .context("tcp listener address")?;
+                let http_reserve = if cfg.http.enabled {
+                    Some(
+                        reserve_port(cfg.listeners.http)
+                            .with_context(|| format!("binding {}", cfg.listeners.http))?,
+                    )
+                } else {
+                    None
+                };
+                let http_addr = match &http_reserve {
+                    Some(r) => Some(
+                        r.local_addr()?
+                            .as_socket()
+                            .context("http listener address")?,
+                    ),
+                    None => None,
+                };
+                (tcp_addr, http_addr, Some(reserve), http_reserve)
+            }
         };
         let shared = Arc::new(Shared {
             stop: Arc::new(AtomicBool::new(false)),
             open: AtomicUsize::new(0),
             live: reload::Live::new(cfg),
+            handoff: upgrade::Handoff::new(ext.inherited.clone(), cfg.shutdown.grace_ms),
             stats: (0..shards)
                 .map(|_| Arc::new(ShardStats::default()))
                 .collect(),
@@ -624,6 +640,8 @@ pub struct Extensions {
     pub plugin_metrics: MetricsSource,
     /// Sends and publishes from rules; every shard drains this channel.
     pub actions: Option<relay_plugins::ActionReceiver>,
+    /// Listening sockets handed over by a previous relay process (upgrade).
+    pub inherited: Option<Arc<Inherited>>,
 }
 
 impl std::fmt::Debug for Extensions {
@@ -663,11 +681,12 @@ async fn shard_main(
     if let Some(make) = &hooks {
         *router.hooks.borrow_mut() = Some(make(id, shared.stats[id].clone()));
     }
-    let listener = bind_listener(tcp_addr)
+    let listener = upgrade::tcp_listener(&shared, tcp_addr)
         .map_err(|e| anyhow::anyhow!("shard {id}: binding {tcp_addr}: {e}"))?;
     let http_listener = match http_addr {
         Some(a) => Some(
-            TcpListener::bind(a).map_err(|e| anyhow::anyhow!("shard {id}: binding {a}: {e}"))?,
+            upgrade::http_listener(&shared, a)
+                .map_err(|e| anyhow::anyhow!("shard {id}: binding {a}: {e}"))?,
         ),
         None => None,
     };
@@ -722,6 +741,7 @@ async fn shard_main(
         let t = now();
         shard.router.sweep(t);
         reload::apply(&shard);
+        upgrade::apply(&shard);
         if shard.accept_paused.replace(false)
             && let Some(fd) = shard.listen_fd.get()
             && let Err(e) = shard.poller.watch_listener(fd)

@@ -29,6 +29,7 @@ const LIVE: &[&str] = &[
     "limits.max_meta_bytes",
     "heartbeat.",
     "admission.",
+    "upgrade.",
 ];
 
 /// What a reload did.
@@ -127,6 +128,7 @@ impl Relay {
         next.limits.max_meta_bytes = new.limits.max_meta_bytes;
         next.heartbeat = new.heartbeat.clone();
         next.admission = new.admission.clone();
+        next.upgrade = new.upgrade.clone();
         if !report.applied.is_empty() {
             live.max_connections
                 .store(next.limits.max_connections as usize, Ordering::Relaxed);

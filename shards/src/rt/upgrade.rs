@@ -1,0 +1,350 @@
+//! Graceful upgrade (SIGUSR2): the running relay starts a new process of the
+//! binary it was started from and passes it its listening sockets over a unix
+//! socket (SCM_RIGHTS). The new process listens on the very same sockets, so
+//! no connection waiting to be accepted is lost and the port is never closed.
+//! Once it says it is ready, the old process stops accepting, tells every
+//! client ERROR `going_away` with a `retry_after_ms` drawn over
+//! `[upgrade] reconnect_window_ms`, keeps serving while clients leave
+//! (`drain_ms`), then closes what is left (WebSocket close 1012) and exits.
+//!
+//! The handshake on the unix socket: the old process sends one message
+//! `relay-upgrade tcp=<n> http=<m>` carrying n + m descriptors (the shards'
+//! controller listeners, then their HTTP listeners); the new process answers
+//! `ready\n` once every shard listens.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use sendfd::{RecvWithFd, SendWithFd};
+
+use super::{Relay, Shard};
+
+/// The variable naming the new process's end of the unix socket.
+pub const UPGRADE_FD_ENV: &str = "RELAY_UPGRADE_FD";
+
+/// Most listening sockets one handover carries.
+const MAX_FDS: usize = 2 * crate::router::MAX_SHARDS;
+
+/// Listening sockets handed over by the previous process, taken by the
+/// shards as they start.
+#[derive(Debug, Default)]
+pub struct Inherited {
+    tcp: Mutex<Vec<OwnedFd>>,
+    http: Mutex<Vec<OwnedFd>>,
+    /// Where they listen (from the first of each kind).
+    tcp_addr: Option<SocketAddr>,
+    http_addr: Option<SocketAddr>,
+}
+
+impl Inherited {
+    /// The addresses the inherited sockets listen on.
+    pub(super) fn addrs(&self) -> anyhow::Result<(SocketAddr, Option<SocketAddr>)> {
+        let tcp = self
+            .tcp_addr
+            .context("the previous relay handed over no controller listener")?;
+        Ok((tcp, self.http_addr))
+    }
+}
+
+/// Which listener a descriptor is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Kind {
+    Tcp,
+    Http,
+}
+
+/// Upgrade state shared by the shards and the main thread.
+#[derive(Debug, Default)]
+pub(crate) struct Handoff {
+    /// The shards' listening sockets, as (kind, fd), to hand over.
+    listeners: Mutex<Vec<(Kind, RawFd)>>,
+    /// Sockets from the previous process, for the shards to take.
+    inherited: Option<Arc<Inherited>>,
+    /// `reconnect_window_ms + 1` once clients are to be told to go (0: not yet).
+    going_away: AtomicU64,
+    /// Set when the drain is over: the remaining connections are closed.
+    end: AtomicBool,
+    /// `[shutdown] grace_ms`: how long the last connections may flush.
+    grace_ms: u64,
+}
+
+impl Handoff {
+    pub(super) fn new(inherited: Option<Arc<Inherited>>, grace_ms: u64) -> Handoff {
+        Handoff {
+            inherited,
+            grace_ms,
+            ..Handoff::default()
+        }
+    }
+}
+
+/// A shard's controller listener: an inherited one, or a new socket.
+pub(super) fn tcp_listener(
+    shared: &super::Shared,
+    addr: SocketAddr,
+) -> std::io::Result<socket2::Socket> {
+    let s = match take(shared, Kind::Tcp) {
+        Some(fd) => {
+            let s = socket2::Socket::from(fd);
+            s.set_nonblocking(true)?;
+            s.set_cloexec(true)?;
+            s
+        }
+        None => super::bind_listener(addr)?,
+    };
+    publish(shared, Kind::Tcp, s.as_raw_fd());
+    Ok(s)
+}
+
+/// A shard's HTTP listener: an inherited one, or a new socket bound the way
+/// glommio binds (SO_REUSEPORT, backlog 1024).
+pub(super) fn http_listener(
+    shared: &super::Shared,
+    addr: SocketAddr,
+) -> std::io::Result<glommio::net::TcpListener> {
+    let s = match take(shared, Kind::Http) {
+        Some(fd) => socket2::Socket::from(fd),
+        None => {
+            let s = super::reserve_port(addr)?;
+            s.listen(1024)?;
+            s
+        }
+    };
+    s.set_cloexec(true)?;
+    publish(shared, Kind::Http, s.as_raw_fd());
+    // SAFETY: a bound, listening socket whose ownership moves to the listener.
+    Ok(unsafe { glommio::net::TcpListener::from_raw_fd(s.into_raw_fd()) })
+}
+
+fn take(shared: &super::Shared, kind: Kind) -> Option<OwnedFd> {
+    let inh = shared.handoff.inherited.as_ref()?;
+    let list = match kind {
+        Kind::Tcp => &inh.tcp,
+        Kind::Http => &inh.http,
+    };
+    list.lock().ok()?.pop()
+}
+
+fn publish(shared: &super::Shared, kind: Kind, fd: RawFd) {
+    if let Ok(mut l) = shared.handoff.listeners.lock() {
+        l.push((kind, fd));
+    }
+}
+
+/// Each sweep: tells the clients to go once the main thread says so, and
+/// closes what is left when the drain is over.
+pub(super) fn apply(shard: &Shard) {
+    let h = &shard.shared.handoff;
+    let window = h.going_away.load(Ordering::Acquire);
+    if window == 0 {
+        return;
+    }
+    let now = super::now();
+    if !shard.router.is_going_away() {
+        shard.router.going_away(window - 1);
+        // The accept loops stop on their next wake.
+        shard.router.wake_io();
+        for w in shard.stop_wakers.borrow_mut().drain(..) {
+            w.wake();
+        }
+    }
+    if h.end.load(Ordering::Acquire) && !shard.router.going_away_ended() {
+        shard
+            .router
+            .end_going_away(window - 1, now.mono_ms + h.grace_ms);
+        shard.router.wake_io();
+    }
+}
+
+/// The new process's side: takes the descriptors the previous process sent
+/// on the unix socket named by `RELAY_UPGRADE_FD`. Returns them and the
+/// socket to say `ready` on (see [`ready`]).
+pub fn receive_from_env() -> anyhow::Result<Option<(Arc<Inherited>, UnixStream)>> {
+    let Some(v) = std::env::var_os(UPGRADE_FD_ENV) else {
+        return Ok(None);
+    };
+    // SAFETY: only this process's own environment is changed, before any
+    // other thread reads it.
+    unsafe { std::env::remove_var(UPGRADE_FD_ENV) };
+    let fd: RawFd = v
+        .to_str()
+        .and_then(|s| s.parse().ok())
+        .with_context(|| format!("{UPGRADE_FD_ENV}={v:?} is not a descriptor number"))?;
+    // SAFETY: the previous process passed this descriptor for us to own.
+    let sock = unsafe { UnixStream::from_raw_fd(fd) };
+    sock.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let mut buf = [0u8; 256];
+    let mut fds = vec![-1 as RawFd; MAX_FDS];
+    let (n, nfds) = sock
+        .recv_with_fd(&mut buf, &mut fds)
+        .context("receiving the listening sockets")?;
+    // SAFETY: every received descriptor is new in this process and ours.
+    let owned: Vec<OwnedFd> = fds[..nfds]
+        .iter()
+        .map(|&fd| unsafe { OwnedFd::from_raw_fd(fd) })
+        .collect();
+    let text = std::str::from_utf8(&buf[..n]).context("handover message")?;
+    let count = |key: &str| -> anyhow::Result<usize> {
+        text.split_whitespace()
+            .find_map(|w| w.strip_prefix(key))
+            .and_then(|v| v.parse().ok())
+            .with_context(|| format!("handover message {text:?} lacks {key}"))
+    };
+    if !text.starts_with("relay-upgrade ") {
+        bail!("unexpected handover message {text:?}");
+    }
+    let (ntcp, nhttp) = (count("tcp=")?, count("http=")?);
+    if ntcp + nhttp != owned.len() || ntcp == 0 {
+        bail!(
+            "handover announced {ntcp} + {nhttp} sockets and carried {}",
+            owned.len()
+        );
+    }
+    let mut owned = owned.into_iter();
+    let tcp: Vec<OwnedFd> = owned.by_ref().take(ntcp).collect();
+    let http: Vec<OwnedFd> = owned.collect();
+    let addr_of = |fd: &OwnedFd| -> Option<SocketAddr> {
+        socket2::SockRef::from(fd).local_addr().ok()?.as_socket()
+    };
+    let inherited = Inherited {
+        tcp_addr: tcp.first().and_then(addr_of),
+        http_addr: http.first().and_then(addr_of),
+        tcp: Mutex::new(tcp),
+        http: Mutex::new(http),
+    };
+    Ok(Some((Arc::new(inherited), sock)))
+}
+
+/// Tells the previous process that this one listens (it then lets go), and
+/// tells systemd, when it runs the service, that this is the main process.
+pub fn ready(mut sock: UnixStream) -> std::io::Result<()> {
+    sock.write_all(b"ready\n")?;
+    notify_main_pid();
+    Ok(())
+}
+
+/// `MAINPID=` and `READY=1` to systemd (nothing without `NOTIFY_SOCKET`).
+pub fn notify_main_pid() {
+    let pid = std::process::id();
+    let _ = sd_notify::notify(
+        false,
+        &[
+            sd_notify::NotifyState::MainPid(pid),
+            sd_notify::NotifyState::Ready,
+        ],
+    );
+}
+
+impl Relay {
+    /// Starts `exe` with `args` as the new relay process, hands it the
+    /// listening sockets and waits (at most `ready_timeout`) until it says it
+    /// listens. Then this process stops accepting and tells every client to
+    /// go with a `retry_after_ms` over `reconnect_window_ms`. Returns the new
+    /// process's pid. On failure nothing changes here: the new process is
+    /// ended and this one goes on.
+    pub fn hand_over(
+        &self,
+        exe: &Path,
+        args: &[std::ffi::OsString],
+        ready_timeout: Duration,
+        reconnect_window_ms: u64,
+    ) -> anyhow::Result<u32> {
+        let h = &self.shared.handoff;
+        if h.going_away.load(Ordering::Acquire) != 0 {
+            bail!("an upgrade is already under way");
+        }
+        let listeners = h.listeners.lock().map(|l| l.clone()).unwrap_or_default();
+        let tcp: Vec<RawFd> = listeners
+            .iter()
+            .filter(|(k, _)| *k == Kind::Tcp)
+            .map(|(_, fd)| *fd)
+            .collect();
+        let http: Vec<RawFd> = listeners
+            .iter()
+            .filter(|(k, _)| *k == Kind::Http)
+            .map(|(_, fd)| *fd)
+            .collect();
+        let (ours, theirs) = UnixStream::pair().context("socketpair")?;
+        let child_fd = theirs.as_raw_fd();
+        let mut cmd = std::process::Command::new(exe);
+        cmd.args(args).env(UPGRADE_FD_ENV, child_fd.to_string());
+        // SAFETY: only fcntl (async-signal-safe) runs between fork and exec:
+        // the child keeps its end of the socket across exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::fcntl(child_fd, libc::F_SETFD, 0) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let mut child = cmd
+            .spawn()
+            .with_context(|| format!("starting {}", exe.display()))?;
+        drop(theirs);
+        let pid = child.id();
+        let result = (|| -> anyhow::Result<()> {
+            let all: Vec<RawFd> = tcp.iter().chain(&http).copied().collect();
+            let msg = format!("relay-upgrade tcp={} http={}", tcp.len(), http.len());
+            ours.send_with_fd(msg.as_bytes(), &all)
+                .context("passing the listening sockets")?;
+            ours.set_read_timeout(Some(ready_timeout))?;
+            let started = Instant::now();
+            let mut line = String::new();
+            let n = BufReader::new(&ours)
+                .read_line(&mut line)
+                .context("waiting for the new process")?;
+            if n == 0 || line.trim() != "ready" {
+                bail!(
+                    "the new process (pid {pid}) did not get ready{}",
+                    match child.try_wait() {
+                        Ok(Some(status)) => format!(": it exited with {status}"),
+                        _ => format!(" within {:?}", ready_timeout.max(started.elapsed())),
+                    }
+                );
+            }
+            Ok(())
+        })();
+        if let Err(e) = result {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(e);
+        }
+        // The new process now runs on its own (it outlives this one).
+        drop(child);
+        h.going_away
+            .store(reconnect_window_ms + 1, Ordering::Release);
+        Ok(pid)
+    }
+
+    /// Closes the inherited sockets no shard took (the previous process had
+    /// more shards); returns how many. Connections waiting on them are reset
+    /// once the previous process closes its copies too.
+    pub fn close_unused_inherited(&self) -> usize {
+        let Some(inh) = self.shared.handoff.inherited.as_ref() else {
+            return 0;
+        };
+        let mut n = 0;
+        for list in [&inh.tcp, &inh.http] {
+            if let Ok(mut l) = list.lock() {
+                n += l.len();
+                l.clear();
+            }
+        }
+        n
+    }
+
+    /// Ends the drain of an upgrade: every connection still here is closed
+    /// (ERROR `going_away`, WebSocket close 1012) within `[shutdown] grace_ms`.
+    pub fn end_drain(&self) {
+        self.shared.handoff.end.store(true, Ordering::Release);
+    }
+}

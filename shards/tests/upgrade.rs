@@ -1,0 +1,400 @@
+//! Graceful upgrade of a real relay process holding 2,000 controllers that
+//! send DATA with ACK_REQ: SIGUSR2 starts a new process on the same
+//! listening sockets, every client gets `going_away` with a `retry_after_ms`
+//! spread over `[upgrade] reconnect_window_ms`, frames in flight are all
+//! answered during the drain, the old process exits, and the clients come
+//! back to the new process no faster than its `[admission]` limits allow.
+
+mod common;
+
+use std::collections::HashSet;
+use std::io::{ErrorKind, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use common::RelayProc;
+use relay_core::ErrorCode;
+use relay_core::codec::{self, Decoder};
+use relay_core::frame::{Flags, Frame, FrameType};
+
+const CLIENTS: usize = 2000;
+const THREADS: usize = 4;
+const SHARDS: u64 = 2;
+const WINDOW_MS: u64 = 4000;
+/// The new process's admission limits (per shard).
+const RATE: u64 = 250;
+const BURST: u64 = 50;
+
+fn config(admission: &str) -> String {
+    format!(
+        "[listeners]\ntcp = \"127.0.0.1:0\"\nhttp = \"127.0.0.1:0\"\n\
+         [shards]\ncount = {SHARDS}\npin = false\nio_memory_kib = 256\n\
+         [plugins]\nenabled = false\n\
+         [upgrade]\nreconnect_window_ms = {WINDOW_MS}\ndrain_ms = 1500\n\
+         [admission]\nretry_min_ms = 100\nretry_window_ms = 500\n{admission}"
+    )
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum St {
+    AwaitWelcome,
+    Running,
+    /// Told to go: no more sends, waiting for the answers still owed.
+    Leaving,
+    Waiting,
+    Finished,
+}
+
+struct C {
+    addr: String,
+    peer: String,
+    sock: Option<TcpStream>,
+    buf: BytesMut,
+    st: St,
+    round: u8,
+    seq: u32,
+    pending: HashSet<u32>,
+    sent_in_gen: u32,
+    next_send: Instant,
+    reconnect_at: Instant,
+}
+
+#[derive(Default)]
+struct Outcome {
+    /// ACK_REQ frames the client never got an answer for.
+    lost: usize,
+    answered: usize,
+    hints: Vec<u64>,
+    /// When each reconnect was welcomed by the new process.
+    welcomes: Vec<Instant>,
+    busy: usize,
+}
+
+fn hello(relay: SocketAddr, addr: &str) -> TcpStream {
+    let mut s = TcpStream::connect(relay).expect("connect");
+    s.set_nodelay(true).unwrap();
+    let mut f = Frame::new(FrameType::Hello);
+    f.src = Bytes::copy_from_slice(addr.as_bytes());
+    f.payload = Bytes::from_static(b"{\"heartbeat_s\":60}");
+    f.flags = Flags(Flags::JSON);
+    let mut out = BytesMut::new();
+    codec::encode(&f, &mut out);
+    s.write_all(&out).unwrap();
+    s.set_nonblocking(true).unwrap();
+    s
+}
+
+/// Reads what is there; false at EOF or on an error.
+fn fill(c: &mut C) -> bool {
+    let Some(s) = c.sock.as_mut() else {
+        return false;
+    };
+    let mut tmp = [0u8; 16384];
+    loop {
+        match s.read(&mut tmp) {
+            Ok(0) => return false,
+            Ok(n) => c.buf.extend_from_slice(&tmp[..n]),
+            Err(e) if e.kind() == ErrorKind::WouldBlock => return true,
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(_) => return false,
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn drive(
+    clients: &mut [C],
+    relay: SocketAddr,
+    welcomed: &AtomicUsize,
+    goaway_seen: &AtomicUsize,
+    out: &Mutex<Outcome>,
+    deadline: Instant,
+) {
+    let dec = Decoder::new(1 << 20);
+    let mut o = Outcome::default();
+    while Instant::now() < deadline && clients.iter().any(|c| c.st != St::Finished) {
+        let mut idle = true;
+        for c in clients.iter_mut() {
+            let now = Instant::now();
+            if c.st == St::Waiting {
+                if now >= c.reconnect_at {
+                    c.sock = Some(hello(relay, &c.addr));
+                    c.buf.clear();
+                    c.round = 1;
+                    c.sent_in_gen = 0;
+                    c.st = St::AwaitWelcome;
+                }
+                continue;
+            }
+            if c.st == St::Finished {
+                continue;
+            }
+            // Send: the old process until told to go; then 3 frames on the new one.
+            if c.st == St::Running && now >= c.next_send && (c.round == 0 || c.sent_in_gen < 3) {
+                c.seq += 1;
+                let mut f = Frame::data(
+                    Bytes::new(),
+                    Bytes::copy_from_slice(c.peer.as_bytes()),
+                    Bytes::from_static(b"reading"),
+                );
+                f.seq = c.seq;
+                f.flags = Flags(Flags::ACK_REQ);
+                let mut buf = BytesMut::new();
+                codec::encode(&f, &mut buf);
+                if c.sock.as_mut().unwrap().write_all(&buf).is_ok() {
+                    c.pending.insert(c.seq);
+                    c.sent_in_gen += 1;
+                }
+                c.next_send = now + Duration::from_millis(400);
+                idle = false;
+            }
+            let open = fill(c);
+            while let Some(f) = dec.decode(&mut c.buf).expect("valid frames") {
+                idle = false;
+                match f.kind {
+                    FrameType::Welcome if c.st == St::AwaitWelcome => {
+                        c.st = St::Running;
+                        c.next_send = now;
+                        if c.round == 0 {
+                            welcomed.fetch_add(1, Ordering::SeqCst);
+                        } else {
+                            o.welcomes.push(now);
+                        }
+                    }
+                    FrameType::Ack if c.pending.remove(&f.seq) => o.answered += 1,
+                    FrameType::Error => {
+                        let (code, msg) = f.error_parts().unwrap();
+                        if f.seq != 0 && c.pending.remove(&f.seq) {
+                            // An answer all the same (no_route while peers move).
+                            o.answered += 1;
+                        } else if code == ErrorCode::GoingAway as u16 {
+                            let hint = f.retry_after_ms().expect("going_away carries a hint");
+                            if c.st != St::Leaving {
+                                o.hints.push(hint);
+                                goaway_seen.fetch_add(1, Ordering::SeqCst);
+                                c.reconnect_at = now + Duration::from_millis(hint);
+                                c.st = St::Leaving;
+                            }
+                        } else if code == ErrorCode::Busy as u16 && c.st == St::AwaitWelcome {
+                            o.busy += 1;
+                            let hint = f.retry_after_ms().expect("busy carries a hint");
+                            c.reconnect_at = now + Duration::from_millis(hint);
+                            c.sock = None;
+                            c.st = St::Waiting;
+                            break;
+                        } else if code != ErrorCode::GoingAway as u16 {
+                            panic!("{}: unexpected error {code} {msg}", c.addr);
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            if c.st == St::Leaving && c.pending.is_empty() {
+                // Every frame answered: leave, come back after the hint.
+                c.sock = None;
+                c.st = St::Waiting;
+            } else if c.round == 1
+                && c.st == St::Running
+                && c.sent_in_gen >= 3
+                && c.pending.is_empty()
+            {
+                c.st = St::Finished;
+            } else if !open && c.sock.is_some() {
+                // Closed by the relay with answers still owed: those are lost.
+                o.lost += c.pending.len();
+                c.pending.clear();
+                c.sock = None;
+                if c.st == St::AwaitWelcome && c.round == 1 {
+                    panic!("{}: closed before welcome on the new process", c.addr);
+                }
+                c.st = St::Waiting;
+            }
+        }
+        if idle {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+    for c in clients.iter() {
+        assert_eq!(c.st, St::Finished, "{} ended as {:?}", c.addr, c.st);
+    }
+    let mut total = out.lock().unwrap();
+    total.lost += o.lost;
+    total.answered += o.answered;
+    total.hints.extend(o.hints);
+    total.welcomes.extend(o.welcomes);
+    total.busy += o.busy;
+}
+
+/// Kills the new relay process (started by the old one) when the test ends.
+struct Pid(Option<i32>);
+
+impl Drop for Pid {
+    fn drop(&mut self) {
+        if let Some(pid) = self.0 {
+            // SAFETY: kill(2) on the relay process this test had started.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    }
+}
+
+#[test]
+fn sigusr2_hands_over_2000_controllers_without_losing_an_ack() {
+    let dir = std::env::temp_dir().join(format!("relay-upgrade-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("relay.toml");
+    std::fs::write(&file, config("")).unwrap();
+    // systemd's notification socket: the new process must claim MAINPID.
+    let notify_path = dir.join("notify.sock");
+    let _ = std::fs::remove_file(&notify_path);
+    let notify = std::os::unix::net::UnixDatagram::bind(&notify_path).unwrap();
+    notify
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut old = RelayProc::spawn(&file, &[("NOTIFY_SOCKET", notify_path.to_str().unwrap())]);
+    let relay = old.tcp;
+
+    let welcomed = Arc::new(AtomicUsize::new(0));
+    let goaway_seen = Arc::new(AtomicUsize::new(0));
+    let out = Arc::new(Mutex::new(Outcome::default()));
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let mut workers = Vec::new();
+    for t in 0..THREADS {
+        let (welcomed, goaway_seen, out) = (welcomed.clone(), goaway_seen.clone(), out.clone());
+        workers.push(std::thread::spawn(move || {
+            let now = Instant::now();
+            let mut clients: Vec<C> = (0..CLIENTS / THREADS)
+                .map(|k| {
+                    let i = t * (CLIENTS / THREADS) + k;
+                    let addr = format!("up-{i}");
+                    C {
+                        sock: Some(hello(relay, &addr)),
+                        addr,
+                        peer: format!("up-{}", (i + 1) % CLIENTS),
+                        buf: BytesMut::new(),
+                        st: St::AwaitWelcome,
+                        round: 0,
+                        seq: 0,
+                        pending: HashSet::new(),
+                        sent_in_gen: 0,
+                        next_send: now,
+                        reconnect_at: now,
+                    }
+                })
+                .collect();
+            drive(&mut clients, relay, &welcomed, &goaway_seen, &out, deadline);
+        }));
+    }
+    let until = Instant::now() + Duration::from_secs(40);
+    while welcomed.load(Ordering::SeqCst) < CLIENTS {
+        assert!(
+            Instant::now() < until,
+            "only {} connected",
+            welcomed.load(Ordering::SeqCst)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Traffic for a moment, then the upgrade; the new process reads the file
+    // and admits reconnects at RATE per shard.
+    std::thread::sleep(Duration::from_millis(1000));
+    std::fs::write(
+        &file,
+        config(&format!("hellos_per_sec = {RATE}\nburst = {BURST}\n")),
+    )
+    .unwrap();
+    let t_upgrade = Instant::now();
+    old.signal(libc::SIGUSR2);
+    let line = old.wait_log("upgrade: the new process listens", Duration::from_secs(30));
+    let new_pid: i32 = line
+        .split("new_pid=")
+        .nth(1)
+        .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no new_pid in {line}"));
+    let _guard = Pid(Some(new_pid));
+    assert_ne!(new_pid as u32, old.child.id());
+    let mut msg = [0u8; 256];
+    let mut notes = Vec::new();
+    while let Ok(n) = notify.recv(&mut msg) {
+        let text = String::from_utf8_lossy(&msg[..n]).into_owned();
+        let done = text.contains(&format!("MAINPID={new_pid}"));
+        notes.push(text);
+        if done {
+            break;
+        }
+    }
+    assert!(
+        notes
+            .last()
+            .is_some_and(|t| t.contains(&format!("MAINPID={new_pid}")) && t.contains("READY=1")),
+        "{notes:?}"
+    );
+
+    // The old process drains and exits on its own.
+    let exit_by = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(s) = old.child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < exit_by, "the old process did not exit");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "{status}");
+    old.wait_log("relay stopped", Duration::from_secs(5));
+
+    for w in workers {
+        w.join().expect("client thread");
+    }
+    let o = out.lock().unwrap();
+    assert_eq!(goaway_seen.load(Ordering::SeqCst), CLIENTS);
+    assert_eq!(o.lost, 0, "ACK_REQ frames left without an answer");
+    assert!(o.answered >= CLIENTS * 4, "{} answered", o.answered);
+    assert_eq!(
+        o.welcomes.len(),
+        CLIENTS,
+        "every client back on the new process"
+    );
+
+    // The hints spread over the window: each quarter holds a fair share.
+    assert!(o.hints.iter().all(|h| *h <= WINDOW_MS));
+    for q in 0..4 {
+        let (lo, hi) = (q * WINDOW_MS / 4, (q + 1) * WINDOW_MS / 4);
+        let n = o.hints.iter().filter(|h| (lo..hi).contains(*h)).count();
+        assert!(n >= CLIENTS / 8, "{n} hints in {lo}..{hi} ms");
+    }
+    // The accept rate on the new process never beats its limit: in any
+    // second, at most shards × (rate + burst) welcomes.
+    let mut w: Vec<Duration> = o.welcomes.iter().map(|t| *t - t_upgrade).collect();
+    w.sort();
+    let cap = (SHARDS * (RATE + BURST)) as usize;
+    for (i, start) in w.iter().enumerate() {
+        let n = w[i..]
+            .iter()
+            .take_while(|t| **t < *start + Duration::from_secs(1))
+            .count();
+        assert!(
+            n <= cap,
+            "{n} welcomes within a second from {start:?} (cap {cap})"
+        );
+    }
+    drop(o);
+
+    // The new process serves and stops cleanly.
+    let http = old.http;
+    let mut s = TcpStream::connect(http).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    write!(
+        s,
+        "GET /healthz HTTP/1.1\r\nHost: r\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut resp = String::new();
+    let _ = s.read_to_string(&mut resp);
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    // SAFETY: kill(2) on the relay process this test had started.
+    unsafe { libc::kill(new_pid, libc::SIGTERM) };
+    old.wait_log("relay stopped", Duration::from_secs(20));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
