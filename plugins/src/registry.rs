@@ -602,9 +602,9 @@ pub struct Flusher {
 }
 
 impl Flusher {
-    /// Starts the flusher. With Redis on, waits (at most the connect and one
-    /// operation timeout) for the earlier run's registry, so the API lists it from
-    /// the start; if Redis is down it is read once Redis is back.
+    /// Starts the flusher. With Redis on, waits for the earlier run's registry (at
+    /// most `connect_timeout_ms` + 4 × `op_timeout_ms`), so the API lists it from the
+    /// start; if Redis is down (or slower) it is merged in once read.
     pub fn start(
         registry: Arc<Registry>,
         plugins: &PluginsConfig,

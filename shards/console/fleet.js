@@ -134,7 +134,7 @@ export function fleetView(root, ctx) {
       if (!alive) return;
       replace(
         counts,
-        card("controllers online", num(s.byRole.controller), "count-controllers"),
+        card("controllers connected", num(s.byRole.controller), "count-controllers"),
         card("browsers", num(s.byRole.browser), "count-browsers"),
         card("connections", num(s.total), "count-total"),
         card("frames in / s", inRate === null ? "…" : num(Math.round(inRate)), "count-in"),
