@@ -166,7 +166,9 @@ fn the_registry_lists_online_and_offline_devices_with_totals_and_survives_a_rest
     c.data("ctl-b", 1, false, b"x");
 
     let all = wait_for(relay, "/api/v1/devices", |v| {
-        v["totals"]["offline"] == json!(1) && v["total"] == json!(3)
+        v["totals"]["offline"] == json!(1)
+            && v["total"] == json!(3)
+            && v["items"][0]["addr"] == "web-c"
     });
     assert_eq!(
         all["totals"],
@@ -306,7 +308,10 @@ fn the_registry_keeps_at_most_registry_max_devices_forgetting_the_oldest_offline
         std::thread::sleep(Duration::from_millis(20));
     }
     let (_, text) = http(relay, "GET", "/metrics", None, None);
-    assert!(text.as_str().unwrap().contains("relay_registry_devices 5"));
+    let text = text.as_str().unwrap();
+    assert!(text.contains("relay_registry_devices 5"));
+    assert!(text.contains("relay_registry_forgotten_total 3"), "{text}");
+    assert!(text.contains("relay_registry_refused_total 0"));
     drop(r);
     clean(&prefix);
     let _ = std::fs::remove_dir_all(&d);
