@@ -158,6 +158,14 @@ fn the_registry_lists_online_and_offline_devices_with_totals_and_survives_a_rest
     assert_eq!(s, 200);
     std::thread::sleep(Duration::from_millis(20));
     let _b = hello_meta(relay, "ctl-b", json!({"fw": "2.1"}));
+    let (s, _) = http(
+        relay,
+        "POST",
+        "/api/v1/groups/site-3/members",
+        None,
+        Some(&json!({"addr": "ctl-b"})),
+    );
+    assert_eq!(s, 200);
     std::thread::sleep(Duration::from_millis(20));
     let mut c = Client::hello(relay.tcp_addr(), Form::Binary, "web-c");
     bye(&mut a);
@@ -200,7 +208,10 @@ fn the_registry_lists_online_and_offline_devices_with_totals_and_survives_a_rest
     let (_, pre) = get(relay, "/api/v1/devices?prefix=ctl-");
     assert_eq!(pre["total"], 2);
     assert_eq!(pre["totals"]["devices"], 3, "totals ignore the filter");
+    // ctl-a was in site-3 when it left; ctl-b is in it now.
     let (_, grp) = get(relay, "/api/v1/devices?group=site-3");
+    assert_eq!(addrs(&grp), ["ctl-a", "ctl-b"]);
+    let (_, grp) = get(relay, "/api/v1/devices?group=site-3&status=offline");
     assert_eq!(addrs(&grp), ["ctl-a"]);
     // One device; an online one shows its live connection and shadow.
     let (s, one) = get(relay, "/api/v1/devices/ctl-b");
@@ -208,6 +219,7 @@ fn the_registry_lists_online_and_offline_devices_with_totals_and_survives_a_rest
     assert_eq!(one["online"], true);
     assert_eq!(one["role"], "controller");
     assert_eq!(one["meta"], json!({"fw": "2.1"}));
+    assert_eq!(one["groups"], json!(["site-3"]), "its groups now: {one}");
     assert!(one["shard"].is_u64() && one["state"].is_object(), "{one}");
     // Bad input: clear errors.
     let (s, e) = get(relay, "/api/v1/devices/never-seen");
