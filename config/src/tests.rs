@@ -329,6 +329,21 @@ fn each_rule_reports_its_key() {
             "between 1 and 256",
         ),
         (
+            "[plugins]\nregistry_max_devices = 0",
+            "plugins.registry_max_devices",
+            "between 1 and 10000000",
+        ),
+        (
+            "[plugins]\nregistry_retention_days = 100000",
+            "plugins.registry_retention_days",
+            "0 (no limit) and 36500 days",
+        ),
+        (
+            "[plugins]\nregistry_flush_ms = 1",
+            "plugins.registry_flush_ms",
+            "between 10 and 600000 ms",
+        ),
+        (
             "[redis]\nenabled = true\nurl = \"http://x\"",
             "redis.url",
             "redis://",

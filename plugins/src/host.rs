@@ -468,6 +468,16 @@ impl PluginHost {
         self.shared.registry.totals()
     }
 
+    /// Devices the registry forgot (cap or retention) and new devices it refused
+    /// (cap reached with every known device online), since start.
+    pub fn registry_counters(&self) -> (u64, u64) {
+        let r = &self.shared.registry;
+        (
+            r.forgotten.load(Ordering::Relaxed),
+            r.refused.load(Ordering::Relaxed),
+        )
+    }
+
     /// The plugin counters.
     pub fn stats(&self) -> PluginStats {
         self.shared.snapshot()

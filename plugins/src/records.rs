@@ -4,8 +4,9 @@
 //!   first, in pages: who was paged, through which notifier, when, and the
 //!   provider's answer;
 //! - a device's telemetry over time: the numeric columns of a declared
-//!   `[[mysql.tables]]` table that has an `addr` (string) and an `at_ms` (int)
-//!   column, the rows `persist` wrote for that address.
+//!   `[[mysql.tables]]` table that has an `addr` (string) column and a time column
+//!   (`at_ms` or `time_ms`, int, ms since the epoch), the rows `persist` wrote for
+//!   that address.
 use std::time::Duration;
 
 use mysql_async::prelude::Queryable;
@@ -19,9 +20,11 @@ use crate::history::HistoryPage;
 pub const MAX_ROWS: usize = 5_000;
 /// MySQL's "table does not exist".
 const NO_SUCH_TABLE: u16 = 1146;
-/// The columns a telemetry table needs.
+/// The columns a telemetry table needs: the address, and a time (the first of these).
 const ADDR_COL: &str = "addr";
-const TIME_COL: &str = "at_ms";
+const TIME_COLS: [&str; 2] = ["at_ms", "time_ms"];
+/// The time's name in the answer, whatever the table calls it.
+const TIME_OUT: &str = "at_ms";
 
 /// Why a read failed: the caller's mistake (HTTP 400/404) or MySQL (503).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -168,18 +171,25 @@ pub async fn notifications(
     Ok((items, if more { last_id } else { None }))
 }
 
-/// Whether `t` can hold telemetry: an `addr` string column and an `at_ms` int column.
-fn telemetry_table(t: &TableConfig) -> bool {
+/// The time column of `t` when it can hold telemetry: an `addr` string column and
+/// an `at_ms` (or `time_ms`) int column.
+fn time_column(t: &TableConfig) -> Option<&'static str> {
     let has = |n: &str, ok: &dyn Fn(ColumnType) -> bool| {
         t.columns.iter().any(|c| c.name == n && ok(c.kind))
     };
-    has(ADDR_COL, &|k| {
+    if !has(ADDR_COL, &|k| {
         matches!(k, ColumnType::String | ColumnType::Text)
-    }) && has(TIME_COL, &|k| k == ColumnType::Int)
+    }) {
+        return None;
+    }
+    TIME_COLS
+        .into_iter()
+        .find(|n| has(n, &|k| k == ColumnType::Int))
 }
 
 /// The telemetry of `addr` over time from `table` (the first telemetry table
-/// declared when `None`): `{"table", "fields", "items": [{"at_ms", <field>: n...}]}`,
+/// declared when `None`): `{"table", "fields", "items": [{"at_ms", <field>: n...}]}`
+/// (`at_ms` whatever the table's time column is called),
 /// oldest first, the newest `limit` rows since `since_ms`. `field` keeps one column.
 pub async fn device_series(
     cfg: &MysqlConfig,
@@ -200,9 +210,9 @@ pub async fn device_series(
                 cfg.tables.iter().find(|t| t.name == name).ok_or_else(|| {
                     ReadError::Bad(format!("no table {name:?} in [[mysql.tables]]"))
                 })?;
-            if !telemetry_table(t) {
+            if time_column(t).is_none() {
                 return Err(ReadError::Bad(format!(
-                    "table {name:?} needs an `addr` string column and an `at_ms` int column"
+                    "table {name:?} needs an `addr` string column and an `at_ms` (or `time_ms`) int column"
                 )));
             }
             t
@@ -210,19 +220,23 @@ pub async fn device_series(
         None => cfg
             .tables
             .iter()
-            .find(|t| telemetry_table(t))
+            .find(|t| time_column(t).is_some())
             .ok_or_else(|| {
                 ReadError::Bad(
                     "no telemetry table: declare a [[mysql.tables]] with an `addr` string column, \
-                 an `at_ms` int column and numeric columns, and persist() rows to it"
+                 an `at_ms` (or `time_ms`) int column and numeric columns, and persist() rows to it"
                         .into(),
                 )
             })?,
     };
+    let time_col = time_column(t).unwrap_or(TIME_COLS[0]);
     let mut fields: Vec<&str> = t
         .columns
         .iter()
-        .filter(|c| c.name != TIME_COL && matches!(c.kind, ColumnType::Int | ColumnType::Float))
+        .filter(|c| {
+            !TIME_COLS.contains(&c.name.as_str())
+                && matches!(c.kind, ColumnType::Int | ColumnType::Float)
+        })
         .map(|c| c.name.as_str())
         .collect();
     if let Some(f) = field {
@@ -244,8 +258,8 @@ pub async fn device_series(
     }
     let cols: Vec<String> = fields.iter().map(|f| format!("`{f}`")).collect();
     let sql = format!(
-        "SELECT `{TIME_COL}`{}{} FROM `{}` WHERE `{ADDR_COL}` = ? AND `{TIME_COL}` >= ? \
-         ORDER BY `{TIME_COL}` DESC, id DESC LIMIT ?",
+        "SELECT `{time_col}`{}{} FROM `{}` WHERE `{ADDR_COL}` = ? AND `{time_col}` >= ? \
+         ORDER BY `{time_col}` DESC, id DESC LIMIT ?",
         if cols.is_empty() { "" } else { ", " },
         cols.join(", "),
         t.name
@@ -262,7 +276,7 @@ pub async fn device_series(
             let mut vals = row.unwrap().into_iter();
             let mut m = Map::new();
             m.insert(
-                TIME_COL.into(),
+                TIME_OUT.into(),
                 number(vals.next().unwrap_or(SqlValue::NULL)),
             );
             for (f, v) in fields.iter().zip(vals) {

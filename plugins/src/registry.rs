@@ -76,8 +76,11 @@ pub struct DeviceQuery {
     pub online: Option<bool>,
     /// Addresses starting with this.
     pub prefix: String,
-    /// Members of this group (as last recorded).
+    /// Members of this group: as recorded at their last disconnect, or in
+    /// `members` (the group's online members now).
     pub group: Option<String>,
+    /// With `group`: the addresses in the group now.
+    pub members: Option<HashSet<String>>,
     /// Of this role (as given in the last HELLO).
     pub role: Option<String>,
     /// Devices skipped (page start).
@@ -403,7 +406,10 @@ impl Registry {
             }
             if q.online.is_some_and(|o| o != d.online)
                 || !d.addr.starts_with(&q.prefix)
-                || q.group.as_ref().is_some_and(|gr| !d.groups.contains(gr))
+                || q.group.as_ref().is_some_and(|gr| {
+                    !d.groups.contains(gr)
+                        && !q.members.as_ref().is_some_and(|m| m.contains(&d.addr))
+                })
                 || q.role.as_ref().is_some_and(|r| *r != d.role)
             {
                 continue;
@@ -602,9 +608,9 @@ pub struct Flusher {
 }
 
 impl Flusher {
-    /// Starts the flusher. With Redis on, waits (at most the connect and one
-    /// operation timeout) for the earlier run's registry, so the API lists it from
-    /// the start; if Redis is down it is read once Redis is back.
+    /// Starts the flusher. With Redis on, waits for the earlier run's registry (at
+    /// most `connect_timeout_ms` + 4 × `op_timeout_ms`), so the API lists it from the
+    /// start; if Redis is down (or slower) it is merged in once read.
     pub fn start(
         registry: Arc<Registry>,
         plugins: &PluginsConfig,
@@ -851,6 +857,14 @@ mod tests {
         let addrs: Vec<&str> = g.items.iter().map(|d| d.addr.as_str()).collect();
         assert_eq!(addrs, ["ctl-4", "ctl-2", "ctl-0"]);
         assert_eq!(g.total, 3);
+        // Online members now count too.
+        let now = r.page(&DeviceQuery {
+            group: Some("g1".into()),
+            members: Some(["web-1".to_string()].into()),
+            ..q(None)
+        });
+        assert_eq!(now.total, 4);
+        assert_eq!(now.items[0].addr, "web-1");
         assert_eq!(g.totals.devices, 11);
         let pre = r.page(&DeviceQuery {
             prefix: "web".into(),

@@ -146,7 +146,8 @@ export function alarmCard(a, ctx, onChange, select = null) {
     ? h("input", {
         type: "checkbox",
         class: "pick",
-        checked: select.checked,
+        checked: select.checked && !acked,
+        disabled: acked,
         "aria-label": `Select ${key}`,
         onchange: (ev) => select.onToggle(key, ev.target.checked),
       })
@@ -185,6 +186,8 @@ export function alarmsView(root, ctx) {
   let page = null;
   /** Keys checked for a bulk acknowledge. */
   const selected = new Set();
+  /** Alarms of the severity filter not acknowledged yet, as the relay counts them. */
+  let unackedOfFilter = 0;
   let historyAfter = null;
   /** "Older" was used: the periodic history refresh would lose those rows. */
   let paged = false;
@@ -343,14 +346,12 @@ export function alarmsView(root, ctx) {
   }
 
   function renderBulk() {
-    const unackedMatching = page ? (filter ? page.items.filter((a) => !a.acked_by).length : page.totals?.unacked ?? 0) : 0;
+    // Counted by the relay over every page: all unacknowledged, or those of the filter.
+    const unackedMatching = page ? (filter ? unackedOfFilter : page.totals?.unacked ?? 0) : 0;
     ackSelected.textContent = `Acknowledge selected (${num(selected.size)})`;
     ackSelected.disabled = selected.size === 0;
-    // With a severity filter the relay counts every match; the button acknowledges them all.
-    ackAll.textContent = filter
-      ? `Acknowledge every ${filter} alarm`
-      : `Acknowledge all ${num(unackedMatching)} not acknowledged`;
-    ackAll.disabled = !page || page.total === 0 || (!filter && unackedMatching === 0);
+    ackAll.textContent = `Acknowledge all ${num(unackedMatching)}${filter ? ` ${filter}` : ""} not acknowledged`;
+    ackAll.disabled = !page || unackedMatching === 0;
     bulkBar.hidden = !page || page.total === 0;
     pickAll.checked = !!page && page.items.some((a) => !a.acked_by) && page.items.every((a) => a.acked_by || selected.has(String(a.key)));
   }
@@ -390,8 +391,12 @@ export function alarmsView(root, ctx) {
     if (document.hidden || alarmsOff) return;
     const mine = ++seq;
     try {
-      const res = await api.alarmsPage({ severity: filter, limit: PAGE, after: cursors[cursors.length - 1] });
+      const [res, open] = await Promise.all([
+        api.alarmsPage({ severity: filter, limit: PAGE, after: cursors[cursors.length - 1] }),
+        filter ? api.alarmsPage({ severity: filter, acked: false, limit: 1 }) : null,
+      ]);
       if (!alive || mine !== seq) return;
+      unackedOfFilter = open ? open.total : 0;
       // The page emptied (acknowledged elsewhere, cleared): go back to the first.
       if (!res.items.length && cursors.length > 1) {
         cursors = [null];

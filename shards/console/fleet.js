@@ -24,7 +24,7 @@ const STATUSES = [
 ];
 
 /** The view's position survives a visit to a device and back. */
-const memory = { prefix: "", role: "controller", status: "", offset: 0, cursors: [null] };
+const memory = { prefix: "", group: "", role: "controller", status: "", offset: 0, cursors: [null] };
 
 export function fleetView(root, ctx) {
   const { api } = ctx;
@@ -53,6 +53,16 @@ export function fleetView(root, ctx) {
     spellcheck: "false",
     autocomplete: "off",
     "aria-label": "Search by address prefix",
+  });
+  const groupInput = h("input", {
+    type: "search",
+    id: "group",
+    placeholder: "Group",
+    value: memory.group,
+    spellcheck: "false",
+    autocomplete: "off",
+    "aria-label": "Members of a group",
+    class: "group-filter",
   });
   const role = h(
     "select",
@@ -98,7 +108,7 @@ export function fleetView(root, ctx) {
     h("h1", { class: "title", text: "Fleet" }),
     fleetCounts,
     counts,
-    h("div", { class: "toolbar" }, search, role, statusTabs),
+    h("div", { class: "toolbar" }, search, groupInput, role, statusTabs),
     status,
     h("div", { class: "table-wrap" }, table),
     h("nav", { class: "pager", "aria-label": "Pages" }, prevBtn, pageLabel, nextBtn),
@@ -134,7 +144,7 @@ export function fleetView(root, ctx) {
       if (!alive) return;
       replace(
         counts,
-        card("controllers online", num(s.byRole.controller), "count-controllers"),
+        card("controllers connected", num(s.byRole.controller), "count-controllers"),
         card("browsers", num(s.byRole.browser), "count-browsers"),
         card("connections", num(s.total), "count-total"),
         card("frames in / s", inRate === null ? "…" : num(Math.round(inRate)), "count-in"),
@@ -184,6 +194,7 @@ export function fleetView(root, ctx) {
           res = await api.devices({
             status: memory.status,
             prefix: memory.prefix,
+            group: memory.group,
             role: memory.role,
             limit: PAGE,
             offset: memory.offset,
@@ -192,6 +203,7 @@ export function fleetView(root, ctx) {
           if (e.code !== "unsupported") throw e;
           noRegistry = true;
           statusTabs.hidden = true;
+          groupInput.hidden = true;
         }
       }
       if (noRegistry) {
@@ -213,7 +225,8 @@ export function fleetView(root, ctx) {
 
   function describe() {
     const what = memory.role ? `${memory.role}s` : "devices";
-    const filter = memory.prefix ? ` whose address starts with “${memory.prefix}”` : "";
+    let filter = memory.prefix ? ` whose address starts with “${memory.prefix}”` : "";
+    if (memory.group && !noRegistry) filter += ` in group ${memory.group}`;
     return { what, filter };
   }
 
@@ -380,6 +393,13 @@ export function fleetView(root, ctx) {
     restart();
   }, 250);
   search.addEventListener("input", onSearch);
+  groupInput.addEventListener(
+    "input",
+    debounce(() => {
+      memory.group = groupInput.value.trim();
+      restart();
+    }, 250),
+  );
   role.addEventListener("change", () => {
     memory.role = role.value;
     restart();

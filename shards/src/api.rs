@@ -321,7 +321,7 @@ pub async fn handle(
         ("GET", ["uids", uid]) => members(api, Index::Uid, uid, query).await,
         ("GET", ["groups", group]) => members(api, Index::Group, group, query).await,
         ("GET", ["stats"]) => Ok(stats(api)),
-        ("GET", ["devices"]) => devices(api, query),
+        ("GET", ["devices"]) => devices(api, query).await,
         ("GET", ["devices", addr]) => device(api, addr).await,
         ("GET", ["alarms"]) => alarms(api, query),
         ("GET", ["alarms", "history"]) => history(api, query).await,
@@ -826,7 +826,7 @@ fn ack(api: &Api<'_>, raw_key: &str, body: &[u8]) -> Result<Reply, Reply> {
     }
 }
 
-fn devices(api: &Api<'_>, query: &str) -> Result<Reply, Reply> {
+async fn devices(api: &Api<'_>, query: &str) -> Result<Reply, Reply> {
     let p = plugins(api)?;
     let param = |k: &str| crate::http::query_param(query, k).filter(|v| !v.is_empty());
     let online = match param("status").as_deref() {
@@ -847,10 +847,36 @@ fn devices(api: &Api<'_>, query: &str) -> Result<Reply, Reply> {
             .parse::<usize>()
             .map_err(|_| err(ErrorCode::BadFrame, "offset must be a number"))?,
     };
+    let group = param("group");
+    // A group's online members now: the registry records groups at disconnects only.
+    let members = match &group {
+        None => None,
+        Some(g) => {
+            let name = name(g, "group")?;
+            let mut set = std::collections::HashSet::new();
+            for r in call_all(
+                api.router,
+                Call::Members {
+                    index: Index::Group,
+                    name,
+                    after: None,
+                    limit: usize::MAX,
+                },
+            )
+            .await
+            {
+                if let CallResult::Members(v) = r {
+                    set.extend(v.iter().map(|a| name_str(a).into_owned()));
+                }
+            }
+            Some(set)
+        }
+    };
     let q = relay_plugins::registry::DeviceQuery {
         online,
         prefix: param("prefix").unwrap_or_default(),
-        group: param("group"),
+        group,
+        members,
         role: param("role"),
         offset,
         limit,

@@ -365,6 +365,17 @@ pub fn attach(
                 metrics_host.device_totals().online as u64,
             ),
             (
+                "relay_registry_forgotten_total".into(),
+                "Devices the registry forgot: registry_max_devices or registry_retention_days."
+                    .into(),
+                metrics_host.registry_counters().0,
+            ),
+            (
+                "relay_registry_refused_total".into(),
+                "New devices not recorded: registry full of online devices.".into(),
+                metrics_host.registry_counters().1,
+            ),
+            (
                 "relay_alarms_active".into(),
                 "Alarms raised and not cleared.".into(),
                 s.alarms_active,

@@ -158,6 +158,14 @@ fn the_registry_lists_online_and_offline_devices_with_totals_and_survives_a_rest
     assert_eq!(s, 200);
     std::thread::sleep(Duration::from_millis(20));
     let _b = hello_meta(relay, "ctl-b", json!({"fw": "2.1"}));
+    let (s, _) = http(
+        relay,
+        "POST",
+        "/api/v1/groups/site-3/members",
+        None,
+        Some(&json!({"addr": "ctl-b"})),
+    );
+    assert_eq!(s, 200);
     std::thread::sleep(Duration::from_millis(20));
     let mut c = Client::hello(relay.tcp_addr(), Form::Binary, "web-c");
     bye(&mut a);
@@ -166,7 +174,9 @@ fn the_registry_lists_online_and_offline_devices_with_totals_and_survives_a_rest
     c.data("ctl-b", 1, false, b"x");
 
     let all = wait_for(relay, "/api/v1/devices", |v| {
-        v["totals"]["offline"] == json!(1) && v["total"] == json!(3)
+        v["totals"]["offline"] == json!(1)
+            && v["total"] == json!(3)
+            && v["items"][0]["addr"] == "web-c"
     });
     assert_eq!(
         all["totals"],
@@ -198,7 +208,10 @@ fn the_registry_lists_online_and_offline_devices_with_totals_and_survives_a_rest
     let (_, pre) = get(relay, "/api/v1/devices?prefix=ctl-");
     assert_eq!(pre["total"], 2);
     assert_eq!(pre["totals"]["devices"], 3, "totals ignore the filter");
+    // ctl-a was in site-3 when it left; ctl-b is in it now.
     let (_, grp) = get(relay, "/api/v1/devices?group=site-3");
+    assert_eq!(addrs(&grp), ["ctl-a", "ctl-b"]);
+    let (_, grp) = get(relay, "/api/v1/devices?group=site-3&status=offline");
     assert_eq!(addrs(&grp), ["ctl-a"]);
     // One device; an online one shows its live connection and shadow.
     let (s, one) = get(relay, "/api/v1/devices/ctl-b");
@@ -206,6 +219,7 @@ fn the_registry_lists_online_and_offline_devices_with_totals_and_survives_a_rest
     assert_eq!(one["online"], true);
     assert_eq!(one["role"], "controller");
     assert_eq!(one["meta"], json!({"fw": "2.1"}));
+    assert_eq!(one["groups"], json!(["site-3"]), "its groups now: {one}");
     assert!(one["shard"].is_u64() && one["state"].is_object(), "{one}");
     // Bad input: clear errors.
     let (s, e) = get(relay, "/api/v1/devices/never-seen");
@@ -306,7 +320,10 @@ fn the_registry_keeps_at_most_registry_max_devices_forgetting_the_oldest_offline
         std::thread::sleep(Duration::from_millis(20));
     }
     let (_, text) = http(relay, "GET", "/metrics", None, None);
-    assert!(text.as_str().unwrap().contains("relay_registry_devices 5"));
+    let text = text.as_str().unwrap();
+    assert!(text.contains("relay_registry_devices 5"));
+    assert!(text.contains("relay_registry_forgotten_total 3"), "{text}");
+    assert!(text.contains("relay_registry_refused_total 0"));
     drop(r);
     clean(&prefix);
     let _ = std::fs::remove_dir_all(&d);

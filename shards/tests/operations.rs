@@ -368,14 +368,15 @@ fn col(name: &str, kind: ColumnType) -> ColumnConfig {
 #[test]
 fn shelving_holds_escalation_and_the_log_and_telemetry_come_from_mysql() {
     let pid = std::process::id();
-    let (alarms, notify, readings) = (
+    let (alarms, notify, readings, status) = (
         format!("ops_test_alarms_{pid}"),
         format!("ops_test_notify_{pid}"),
         format!("ops_test_readings_{pid}"),
+        format!("ops_test_status_{pid}"),
     );
     let drop_tables = || {
         mysql_exec(&format!(
-            "DROP TABLE IF EXISTS {alarms}, {notify}, {readings}"
+            "DROP TABLE IF EXISTS {alarms}, {notify}, {readings}, {status}"
         ))
     };
     drop_tables();
@@ -388,26 +389,44 @@ fn on_message(msg) {{
     if "raise" in p {{ alarm_raise(p.raise, "critical", `${{p.raise}} is hot`); }}
     if "temp" in p {{
         persist("{readings}", #{{ addr: msg.src, at_ms: p.at, temp: p.temp, rssi: p.rssi }});
+        persist("{status}", #{{ addr: msg.src, time_ms: p.at, temp: p.temp, note: "x" }});
     }}
 }}
 "#
     );
     let url = provider.url.clone();
-    let (a_t, n_t, r_t) = (alarms.clone(), notify.clone(), readings.clone());
+    let (a_t, n_t, r_t, s_t) = (
+        alarms.clone(),
+        notify.clone(),
+        readings.clone(),
+        status.clone(),
+    );
     let r = start("log", &rule, move |cfg| {
         cfg.mysql.enabled = true;
         cfg.mysql.url = MYSQL_URL.into();
         cfg.mysql.alarm_table = a_t;
         cfg.mysql.notify_table = n_t;
-        cfg.mysql.tables = vec![TableConfig {
-            name: r_t,
-            columns: vec![
-                col("addr", ColumnType::String),
-                col("at_ms", ColumnType::Int),
-                col("temp", ColumnType::Float),
-                col("rssi", ColumnType::Int),
-            ],
-        }];
+        cfg.mysql.tables = vec![
+            TableConfig {
+                name: r_t,
+                columns: vec![
+                    col("addr", ColumnType::String),
+                    col("at_ms", ColumnType::Int),
+                    col("temp", ColumnType::Float),
+                    col("rssi", ColumnType::Int),
+                ],
+            },
+            // Timed by `time_ms`, as the shipped controller_status table is.
+            TableConfig {
+                name: s_t,
+                columns: vec![
+                    col("addr", ColumnType::String),
+                    col("time_ms", ColumnType::Int),
+                    col("temp", ColumnType::Float),
+                    col("note", ColumnType::String),
+                ],
+            },
+        ];
         cfg.notify.notifier = vec![NotifierConfig {
             name: "sms".into(),
             url,
@@ -569,6 +588,18 @@ fn on_message(msg) {{
         "/api/v1/devices/ctl-t/history?since_ms=1700000180000",
     );
     assert_eq!(since["items"].as_array().unwrap().len(), 2);
+    let (s, st) = get(
+        relay,
+        &format!("/api/v1/devices/ctl-t/history?table={status}"),
+    );
+    assert_eq!(s, 200, "{st}");
+    assert_eq!(
+        st["fields"],
+        json!(["temp"]),
+        "the time and text columns are no series"
+    );
+    assert_eq!(st["items"].as_array().unwrap().len(), 5);
+    assert_eq!(st["items"][4]["at_ms"], 1_700_000_240_000u64);
     let (_, other) = get(relay, "/api/v1/devices/ctl-none/history");
     assert_eq!(other["items"], json!([]));
     for bad in ["table=nope", "field=addr", "limit=x"] {
