@@ -56,6 +56,9 @@ pub enum Transition {
     Acknowledged,
     /// Condition gone; the alarm is over.
     Cleared,
+    /// Raised while the book was full (`max_alarms`): recorded and counted in the
+    /// `relay/max_alarms` alarm, but not tracked (no timer, no notification).
+    Untracked,
 }
 
 impl Transition {
@@ -66,6 +69,7 @@ impl Transition {
             Transition::Escalated => "escalated",
             Transition::Acknowledged => "acknowledged",
             Transition::Cleared => "cleared",
+            Transition::Untracked => "untracked",
         }
     }
 }
@@ -108,6 +112,9 @@ pub struct NotifyJob {
     pub text: String,
     /// When the alarm was raised.
     pub raised_at_ms: Option<u64>,
+    /// Where the console shows the alarm (empty without `[notify] console_url`).
+    #[serde(default)]
+    pub link: String,
 }
 
 impl NotifyJob {
@@ -131,6 +138,7 @@ impl NotifyJob {
             "raised_at_ms",
             self.raised_at_ms.map(|t| t.to_string()).unwrap_or_default(),
         );
+        f.insert("link", self.link.clone());
         f
     }
 }

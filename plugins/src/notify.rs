@@ -210,9 +210,20 @@ impl Notifier {
             ));
             return;
         };
+        // Incidents have a budget of their own: a storm of single alarms must never
+        // use up the slot of the digest that sums it up.
+        let bucket = if job
+            .key
+            .as_deref()
+            .is_some_and(|k| k.starts_with(crate::alarm::INCIDENT_PREFIX))
+        {
+            format!("{}\u{0}incident", job.target)
+        } else {
+            job.target.clone()
+        };
         let allowed = self.rate.lock().unwrap_or_else(|p| p.into_inner()).allow(
             &job.channel,
-            &job.target,
+            &bucket,
             cfg.rate_per_min,
             now_ms(),
         );

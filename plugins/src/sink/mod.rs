@@ -20,7 +20,7 @@ use crate::alarm::{Alarm, Watch};
 use crate::effect::Effect;
 use crate::host::HostConfig;
 use crate::notify::{Attempt, Notifier, log_attempt};
-use crate::shared::Shared;
+use crate::shared::{LogGate, Shared};
 use crate::spool::{Spool, SpoolError};
 use mysql::{MysqlBackend, MysqlOp};
 use redis::{RedisBackend, RedisOp, Snapshot};
@@ -381,7 +381,14 @@ struct Router {
     mysql_cfg: MysqlConfig,
     /// Delivery tasks in flight (joined, with a bound, at shutdown).
     deliveries: tokio::task::JoinSet<()>,
+    /// Bounds the log lines of alarm transitions (a storm writes a few, then a count).
+    alarm_log: LogGate,
+    /// Bounds the log lines of notifier attempts.
+    notify_log: Arc<std::sync::Mutex<LogGate>>,
 }
+
+/// Log lines of alarm transitions, and of notifier attempts, written per second at most.
+const LOG_LINES_PER_SEC: u32 = 10;
 
 fn enc<T: serde::Serialize>(v: &T) -> Vec<u8> {
     serde_json::to_vec(v).unwrap_or_default()
@@ -481,8 +488,18 @@ impl Router {
             }
             Effect::Persist { table, row } => self.mysql(&table, row).await,
             Effect::Alarm(ev) => {
-                tracing::info!(target: "relay::alarms", key = %ev.key, severity = %ev.severity, by = ?ev.by,
-                    "alarm {}: {}", ev.transition.as_str(), ev.text);
+                match self.alarm_log.pass(crate::host::now_ms()) {
+                    Some(0) => {
+                        tracing::info!(target: "relay::alarms", key = %ev.key, severity = %ev.severity, by = ?ev.by,
+                            "alarm {}: {}", ev.transition.as_str(), ev.text)
+                    }
+                    Some(n) => {
+                        tracing::info!(target: "relay::alarms", key = %ev.key, severity = %ev.severity, by = ?ev.by,
+                            "alarm {}: {} ({n} more alarm transitions not logged; all are in the alarm table)",
+                            ev.transition.as_str(), ev.text)
+                    }
+                    None => {}
+                }
                 let mut row = serde_json::Map::new();
                 row.insert("at_ms".into(), ev.at_ms.into());
                 row.insert("alarm_key".into(), ev.key.into());
@@ -500,9 +517,22 @@ impl Router {
                 let notifier = self.notifier.clone();
                 let mysql = self.mysql.clone();
                 let table = self.mysql_cfg.notify_table.clone();
+                let gate = self.notify_log.clone();
                 self.deliveries
                     .spawn(notifier.deliver(job, move |a: Attempt| {
-                        log_attempt(&a);
+                        let pass = gate
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .pass(crate::host::now_ms());
+                        match pass {
+                            Some(0) => log_attempt(&a),
+                            Some(n) => {
+                                log_attempt(&a);
+                                tracing::warn!(target: "relay::notify",
+                                    "{n} more notifier attempts not logged; all are in the attempts table");
+                            }
+                            None => {}
+                        }
                         if let Some(tx) = &mysql
                             && tx
                                 .try_send(enc(&MysqlOp {
@@ -600,6 +630,8 @@ async fn run(
         shared: shared.clone(),
         mysql_cfg: cfg.mysql.clone(),
         deliveries: tokio::task::JoinSet::new(),
+        alarm_log: LogGate::new(LOG_LINES_PER_SEC),
+        notify_log: Arc::new(std::sync::Mutex::new(LogGate::new(LOG_LINES_PER_SEC))),
     };
     let mut clock = tokio::time::interval(Duration::from_millis(cfg.plugins.timer_ms));
     clock.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -652,11 +684,23 @@ async fn run(
 
 /// Runs the alarm clock once and routes what it produced.
 async fn tick_alarms(shared: &Shared, router: &mut Router) {
+    let now = crate::host::now_ms();
     let fx = {
         let mut book = shared.book();
-        book.poll(crate::host::now_ms());
+        book.poll(now);
         book.take_effects()
     };
+    if let Some(n) = router.alarm_log.flush(now) {
+        tracing::info!(target: "relay::alarms", "{n} more alarm transitions not logged; all are in the alarm table");
+    }
+    let left = router
+        .notify_log
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .flush(now);
+    if let Some(n) = left {
+        tracing::warn!(target: "relay::notify", "{n} more notifier attempts not logged; all are in the attempts table");
+    }
     for e in fx {
         router.route(e).await;
     }
