@@ -1200,13 +1200,33 @@ impl AlarmBook {
         if a.acked_by.is_some() {
             return;
         }
+        // A step held by its route's quiet hours moves to the end of the quiet
+        // period, and the later steps of its route move with it, so the chain keeps
+        // its gaps (SMS at 07:00, the call 20 s later; not both at 07:00).
+        let mut shifted = false;
+        let mut i = 0;
+        while i < a.steps.len() {
+            let s = &a.steps[i];
+            if !s.done
+                && s.due_ms <= now
+                && let Some(q) = s.quiet
+                && let Some(end) = quiet_until(q, now, self.utc_offset_min)
+            {
+                let (route, from) = (s.route.clone(), s.due_ms);
+                let delta = end.saturating_sub(from);
+                for t in a
+                    .steps
+                    .iter_mut()
+                    .filter(|t| !t.done && t.route == route && t.due_ms >= from)
+                {
+                    t.due_ms = t.due_ms.saturating_add(delta);
+                }
+                shifted = true;
+            }
+            i += 1;
+        }
         let mut jobs = Vec::new();
         for s in a.steps.iter_mut().filter(|s| !s.done && s.due_ms <= now) {
-            if let Some(q) = s.quiet
-                && quiet_until(q, now, self.utc_offset_min).is_some()
-            {
-                continue;
-            }
             s.done = true;
             jobs.push(NotifyJob {
                 at_ms: now,
@@ -1223,7 +1243,7 @@ impl AlarmBook {
         }
         let fired = !jobs.is_empty();
         self.outbox.extend(jobs.into_iter().map(Effect::Notify));
-        if fired {
+        if fired || shifted {
             self.store_alarm(key);
         }
     }
@@ -1496,6 +1516,49 @@ mod tests {
         assert!(jobs(&b.take_effects()).is_empty());
         b.poll(at_7h_next_day);
         assert_eq!(jobs(&b.take_effects()).len(), 1);
+    }
+
+    #[test]
+    fn quiet_hours_keep_the_gaps_of_the_chain() {
+        let cfg = notify_cfg(
+            r#"
+            [[notifier]]
+            name = "sms"
+            url = "http://127.0.0.1:1/sms"
+            [[notifier]]
+            name = "phone"
+            url = "http://127.0.0.1:1/call"
+            [[route]]
+            chain = [{ channel = "sms", target = "+1" }, { channel = "phone", target = "+1", after_s = 20 }]
+            quiet_hours = "22:00-07:00"
+            "#,
+        );
+        let mut b = AlarmBook::new(&cfg, 10);
+        let at_23h = 23 * 3_600_000;
+        let at_7h = 86_400_000 + 7 * 3_600_000;
+        b.raise(at_23h, "k", Severity::Major, "x").unwrap();
+        // Both steps come due during the night; neither fires.
+        b.poll(at_23h + 60_000);
+        assert!(jobs(&b.take_effects()).is_empty());
+        assert_eq!(b.next_due(at_23h + 60_000), Some(at_7h));
+        b.poll(at_7h);
+        assert_eq!(
+            jobs(&b.take_effects()),
+            [("sms".into(), "+1".into(), "raised".into())],
+            "the SMS at 07:00, alone"
+        );
+        assert_eq!(
+            b.next_due(at_7h),
+            Some(at_7h + 20_000),
+            "the call 20 s later"
+        );
+        b.poll(at_7h + 19_000);
+        assert!(jobs(&b.take_effects()).is_empty());
+        b.poll(at_7h + 20_000);
+        assert_eq!(
+            jobs(&b.take_effects()),
+            [("phone".into(), "+1".into(), "raised".into())]
+        );
     }
 
     #[test]
