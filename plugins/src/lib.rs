@@ -20,6 +20,8 @@
 //! - `notify`: HTTP notifiers: templates, retries, rate limits, attempt records.
 //! - `history`: the alarm history read back from MySQL, in pages.
 //! - `cli`: `relay rules check` and `relay rules test`.
+//! - `lint`: what `rules check` finds besides compile errors (unknown functions,
+//!   variables functions cannot see, endless loops), and argument types in words.
 pub mod alarm;
 pub mod api;
 pub mod cli;
@@ -27,6 +29,7 @@ pub mod effect;
 pub mod event;
 pub mod history;
 pub mod host;
+pub mod lint;
 pub mod notify;
 pub mod rules;
 pub mod script;
