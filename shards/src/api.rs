@@ -287,7 +287,8 @@ pub async fn handle(
         ("GET", ["stats"]) => Ok(stats(api)),
         ("GET", ["alarms"]) => alarms(api, query),
         ("GET", ["alarms", "history"]) => history(api, query).await,
-        ("POST", ["alarms", key, "ack"]) => ack(api, key, body),
+        // Alarm keys hold `/` (`probe-1/offline`): every segment up to `ack` is the key.
+        ("POST", ["alarms", key @ .., "ack"]) if !key.is_empty() => ack(api, &key.join("/"), body),
         (_, _) => Err(not_found(&format!("{method} {path}"))),
     };
     r.unwrap_or_else(|e| e)

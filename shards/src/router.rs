@@ -419,6 +419,23 @@ impl Router {
         });
         frame.flags = frame.flags.with(Flags::ACK_REQ, false);
         self.tap(&frame, now);
+        if !group && frame.dst[..] == *relay_core::name::RULES_DST {
+            // Meant for the rules only: no client gets it, nothing echoes back.
+            if self.hooks.borrow().is_none() {
+                self.stats.dropped(DropReason::NoRoute);
+                let why = "no rules run on this relay ([plugins] enabled = false)";
+                self.reply_conn(
+                    cell,
+                    frame.seq,
+                    target.is_some(),
+                    Err((ErrorCode::NoRoute, why.into())),
+                );
+                return;
+            }
+            self.reply_conn(cell, frame.seq, target.is_some(), Ok(1));
+            self.hook_message(&frame, false, now);
+            return;
+        }
         // The rules engine sees the frame as the client sent it; the copy
         // (three reference counts) is made only when it listens.
         let hooked = self.hooks.borrow().is_some().then(|| frame.clone());
