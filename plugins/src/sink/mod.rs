@@ -73,7 +73,13 @@ struct Writer<B: Backend> {
     next_try: Instant,
     /// Set at shutdown: stop reconnecting, spool what is left.
     closing: Arc<AtomicBool>,
+    /// The last connect error logged and when: the same error is logged again at
+    /// most once a minute, not on every retry.
+    last_warn: Option<(String, Instant)>,
 }
+
+/// How often the same connect error is logged again while a sink stays down.
+const REPEAT_WARN: Duration = Duration::from_secs(60);
 
 impl<B: Backend> Writer<B> {
     fn spool_write(&mut self, seq: u64, op: &[u8]) {
@@ -105,10 +111,28 @@ impl<B: Backend> Writer<B> {
             return;
         }
         match self.backend.connect().await {
-            Ok(()) => tracing::info!(sink = self.backend.name(), "connected"),
+            Ok(()) => {
+                self.last_warn = None;
+                tracing::info!(sink = self.backend.name(), "connected")
+            }
             Err(e) => {
-                tracing::warn!(sink = self.backend.name(), "{e}");
-                self.next_try = Instant::now() + self.retry;
+                let text = e.to_string();
+                let now = Instant::now();
+                let repeat = self
+                    .last_warn
+                    .as_ref()
+                    .is_some_and(|(t, at)| *t == text && now.duration_since(*at) < REPEAT_WARN);
+                if repeat {
+                    tracing::debug!(sink = self.backend.name(), "{text}");
+                } else {
+                    tracing::warn!(
+                        sink = self.backend.name(),
+                        "{text} (retrying every {:?})",
+                        self.retry
+                    );
+                    self.last_warn = Some((text, now));
+                }
+                self.next_try = now + self.retry;
             }
         }
     }
@@ -584,6 +608,7 @@ async fn run(
             retry: Duration::from_millis(cfg.redis.retry_ms),
             next_try: Instant::now(),
             closing: closing.clone(),
+            last_warn: None,
         };
         // Start-up: bring Redis up to date from the spool, then read what it holds.
         w.try_connect().await;
@@ -618,6 +643,7 @@ async fn run(
             retry: Duration::from_millis(cfg.mysql.retry_ms),
             next_try: Instant::now(),
             closing: closing.clone(),
+            last_warn: None,
         };
         mysql_tx = Some(tx);
         writers.spawn(w.run());
