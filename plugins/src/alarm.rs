@@ -821,6 +821,9 @@ impl AlarmBook {
         for (_, m) in &members {
             let sev = self.alarms.get(m).map_or(severity, |a| a.severity);
             self.join(now, &ikey, m, sev);
+            if m != key && self.alarms.contains_key(m) {
+                self.store_alarm(m);
+            }
         }
         self.fire_steps(now, &ikey, "raised");
     }
@@ -830,9 +833,9 @@ impl AlarmBook {
     fn join(&mut self, now: u64, ikey: &str, key: &str, severity: Severity) {
         let tracked = match self.alarms.get_mut(key) {
             Some(a) => {
+                // Stored by the caller (once, with the rest of the raise).
                 a.incident = Some(ikey.to_string());
                 a.steps.retain(|s| s.done);
-                self.store_alarm(key);
                 true
             }
             None => false,
