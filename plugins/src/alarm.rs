@@ -1851,6 +1851,40 @@ mod tests {
     }
 
     #[test]
+    fn an_incident_survives_a_restart_and_clears_with_its_last_alarm() {
+        let mut b = AlarmBook::new(&storm_cfg(""), 10_000);
+        for i in 0..4 {
+            b.raise(i, &format!("c{i}/offline"), Severity::Major, "x")
+                .unwrap();
+        }
+        let mut stored: BTreeMap<String, serde_json::Value> = BTreeMap::new();
+        for e in b.take_effects() {
+            if let Effect::AlarmStore { key, record } = e {
+                match record {
+                    Some(r) => stored.insert(key, r),
+                    None => stored.remove(&key),
+                };
+            }
+        }
+        assert_eq!(stored.len(), 5, "four alarms and the incident");
+        assert_eq!(stored["c0/offline"]["incident"], "incident/offline");
+        let alarms = stored
+            .into_values()
+            .map(|v| serde_json::from_value(v).unwrap())
+            .collect();
+        let mut c = AlarmBook::new(&storm_cfg(""), 10_000);
+        c.restore(alarms, Vec::new());
+        assert_eq!(c.get("incident/offline").unwrap().count, 4);
+        // A fifth alarm of the kind joins the restored incident.
+        c.raise(100, "c4/offline", Severity::Major, "x").unwrap();
+        assert_eq!(c.get("incident/offline").unwrap().count, 5);
+        for i in 0..5 {
+            c.clear(200, &format!("c{i}/offline"));
+            assert_eq!(c.is_active("incident/offline"), i < 4);
+        }
+    }
+
+    #[test]
     fn thousands_are_grouped() {
         assert_eq!(thousands(0), "0");
         assert_eq!(thousands(999), "999");
