@@ -288,6 +288,77 @@ pub struct NotifyConfig {
     pub notifier: Vec<NotifierConfig>,
     /// The routes (`[[notify.route]]`): which severities go through which chain.
     pub route: Vec<RouteConfig>,
+    /// Where the web console is reached from outside (`https://relay.example.com`),
+    /// for the `{{link}}` of notifications; empty: no link.
+    pub console_url: String,
+    /// `[notify.storm]`: alarms of one kind raised together become one incident.
+    pub storm: StormConfig,
+}
+
+/// `[notify.storm]`: correlation of alarms of one kind (the part of the key after
+/// its last `/`) raised within a window into one incident, `incident/<kind>`, that
+/// notifies with a digest instead of one notification per alarm.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StormConfig {
+    /// Correlate at all (off: every alarm notifies on its own).
+    pub enabled: bool,
+    /// Alarms of one kind raised within `window_s` that open an incident.
+    pub threshold: u32,
+    /// Seconds over which `threshold` alarms of one kind count as a storm.
+    pub window_s: f64,
+    /// Seconds an alarm's own notifications wait, so that an incident opened
+    /// meanwhile takes them over (0: at once).
+    pub hold_s: f64,
+    /// Seconds between an incident's opening and its first notification, so the
+    /// digest reports the storm once it has settled.
+    pub digest_s: f64,
+    /// Addresses named in a digest (the first ones raised); the rest are counted.
+    pub digest_addrs: usize,
+    /// Most alarm kinds watched for storms at once.
+    pub max_kinds: usize,
+}
+
+impl Default for StormConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            threshold: 5,
+            window_s: 60.0,
+            hold_s: 0.0,
+            digest_s: 10.0,
+            digest_addrs: 10,
+            max_kinds: 1_000,
+        }
+    }
+}
+
+impl StormConfig {
+    /// The problems as `(key, reason)` pairs.
+    pub fn check(&self) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        let mut bad = |k: &str, r: &str| out.push((format!("notify.storm.{k}"), r.to_string()));
+        if !(2..=1_000_000).contains(&self.threshold) {
+            bad("threshold", "must be between 2 and 1000000");
+        }
+        let secs = |v: f64, lo: f64| v.is_finite() && v >= lo && v <= 86_400.0;
+        if !secs(self.window_s, 0.001) {
+            bad("window_s", "must be above 0 and at most 86400 seconds");
+        }
+        if !secs(self.hold_s, 0.0) {
+            bad("hold_s", "must be between 0 and 86400 seconds");
+        }
+        if !secs(self.digest_s, 0.0) {
+            bad("digest_s", "must be between 0 and 86400 seconds");
+        }
+        if self.digest_addrs > 100 {
+            bad("digest_addrs", "must be at most 100");
+        }
+        if !(1..=100_000).contains(&self.max_kinds) {
+            bad("max_kinds", "must be between 1 and 100000");
+        }
+        out
+    }
 }
 
 /// `[[notify.notifier]]`: one HTTP request template (voice/SMS provider, webhook).
@@ -658,6 +729,15 @@ impl NotifyConfig {
                 "must be between -840 and 840".into(),
             ));
         }
+        if !self.console_url.is_empty() {
+            check_url(
+                &mut out,
+                "notify.console_url".into(),
+                &self.console_url,
+                &["http", "https"],
+            );
+        }
+        out.extend(self.storm.check());
         let mut names: Vec<&str> = Vec::new();
         for (i, n) in self.notifier.iter().enumerate() {
             let key = format!("notify.notifier[{i}]");
@@ -799,6 +879,43 @@ mod tests {
         let bad: Result<MysqlConfig, _> =
             toml::from_str("[[tables]]\nname='t'\ncolumns=[{name='a', type='blob'}]");
         assert!(bad.is_err(), "types come from a fixed list");
+    }
+
+    #[test]
+    fn storm_settings_are_checked() {
+        let n: NotifyConfig = toml::from_str(
+            r#"
+            console_url = "relay.example.com"
+            [storm]
+            threshold = 1
+            window_s = 0
+            hold_s = -1
+            digest_s = 1e9
+            digest_addrs = 1000
+            max_kinds = 0
+            "#,
+        )
+        .unwrap();
+        let keys: Vec<String> = n.check().into_iter().map(|(k, _)| k).collect();
+        assert_eq!(
+            keys,
+            [
+                "notify.console_url",
+                "notify.storm.threshold",
+                "notify.storm.window_s",
+                "notify.storm.hold_s",
+                "notify.storm.digest_s",
+                "notify.storm.digest_addrs",
+                "notify.storm.max_kinds"
+            ]
+        );
+        let bad: Result<NotifyConfig, _> = toml::from_str(
+            "[storm]
+threshhold = 3",
+        );
+        assert!(bad.is_err(), "unknown keys are refused");
+        let d = StormConfig::default();
+        assert!(d.enabled && d.threshold >= 2 && d.window_s > 0.0);
     }
 
     #[test]

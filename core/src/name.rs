@@ -42,6 +42,11 @@ pub const fn is_name_byte(b: u8) -> bool {
     NAME_BYTES[b as usize]
 }
 
+/// The destination of DATA meant for the relay's rules only (`on_message` sees it;
+/// no client receives it). Outside the name alphabet, so no client can own it;
+/// it is also the source of what rules send.
+pub const RULES_DST: &[u8] = b"$rules";
+
 /// Checks an address, group or uid: 1..=64 bytes of the shared alphabet.
 pub fn validate_name(name: &[u8]) -> Result<(), NameError> {
     if name.is_empty() {

@@ -185,6 +185,7 @@ pub fn register(engine: &mut Engine, ctx: &Ctx) {
                 severity: None,
                 text: text.to_string(),
                 raised_at_ms: None,
+                link: String::new(),
             }));
             Ok(())
         },

@@ -83,7 +83,11 @@ pub fn check_dir(dir: &Path) -> Result<String, String> {
 
 /// Like `check_dir`, with the limits of `cfg`.
 pub fn check_dir_with(dir: &Path, cfg: &HostConfig) -> Result<String, String> {
-    let engine = script::sandbox(&cfg.plugins);
+    // The engine of a live worker, so calls are checked against the relay functions.
+    let shared = crate::shared::Shared::new(&cfg.plugins, &cfg.mysql, &cfg.notify);
+    let rules = crate::rules::Rules::new(&cfg.plugins, shared);
+    let engine = rules.engine();
+    let known = crate::lint::known_functions(engine);
     let files = script::list_dir(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     let mut report = String::new();
     let mut bad = 0;
@@ -97,8 +101,16 @@ pub fn check_dir_with(dir: &Path, cfg: &HostConfig) -> Result<String, String> {
                 continue;
             }
         };
-        match script::compile(&engine, &name, &text) {
+        match script::compile(engine, &name, &text) {
             Ok(ast) => {
+                let problems = crate::lint::lint(&known, &cfg.plugins, &name, &text, &ast);
+                if !problems.is_empty() {
+                    bad += 1;
+                    for p in problems {
+                        report.push_str(&format!("error {p}\n"));
+                    }
+                    continue;
+                }
                 let hooks: Vec<&str> = ast
                     .iter_functions()
                     .filter(|f| {

@@ -60,6 +60,9 @@ pub enum Transition {
     Shelved,
     /// An operator ended the silence early.
     Unshelved,
+    /// Raised while the book was full (`max_alarms`): recorded and counted in the
+    /// `relay/max_alarms` alarm, but not tracked (no timer, no notification).
+    Untracked,
 }
 
 impl Transition {
@@ -72,6 +75,7 @@ impl Transition {
             Transition::Cleared => "cleared",
             Transition::Shelved => "shelved",
             Transition::Unshelved => "unshelved",
+            Transition::Untracked => "untracked",
         }
     }
 }
@@ -114,6 +118,9 @@ pub struct NotifyJob {
     pub text: String,
     /// When the alarm was raised.
     pub raised_at_ms: Option<u64>,
+    /// Where the console shows the alarm (empty without `[notify] console_url`).
+    #[serde(default)]
+    pub link: String,
 }
 
 impl NotifyJob {
@@ -137,6 +144,111 @@ impl NotifyJob {
             "raised_at_ms",
             self.raised_at_ms.map(|t| t.to_string()).unwrap_or_default(),
         );
+        f.insert("link", self.link.clone());
+        f.insert("state", self.state().to_string());
+        f.insert("message", self.message());
         f
+    }
+
+    /// `RAISED`, `ESCALATED` or `CLEARED` for alarms (empty for `notify()`), so a
+    /// template can make the clear notice read differently from the alarm.
+    pub fn state(&self) -> &'static str {
+        match self.event.as_str() {
+            "raised" => "RAISED",
+            "escalated" => "ESCALATED",
+            "cleared" => "CLEARED",
+            _ => "",
+        }
+    }
+
+    /// The notification as one line for people (`{{message}}`, the default text):
+    /// `RAISED major: <text>`, `CLEARED after 12 min (was major): <text>`, then the
+    /// console link when there is one. For `notify()` it is the text itself.
+    pub fn message(&self) -> String {
+        let sev = self.severity.map(|s| s.as_str()).unwrap_or("");
+        let mut m = match self.state() {
+            "" => self.text.clone(),
+            "CLEARED" => {
+                let lasted = self
+                    .raised_at_ms
+                    .map(|r| self.at_ms.saturating_sub(r))
+                    .map(|ms| format!(" after {}", human_duration(ms)))
+                    .unwrap_or_default();
+                format!("CLEARED{lasted} (was {sev}): {}", self.text)
+            }
+            state => format!("{state} {sev}: {}", self.text),
+        };
+        if !self.link.is_empty() {
+            m.push(' ');
+            m.push_str(&self.link);
+        }
+        m
+    }
+}
+
+/// `45 s`, `12 min`, `3 h 5 min`, `2 d 4 h`.
+pub fn human_duration(ms: u64) -> String {
+    let s = ms / 1000;
+    match s {
+        0..60 => format!("{s} s"),
+        60..3600 => format!("{} min", s / 60),
+        3600..86_400 => match (s / 3600, s % 3600 / 60) {
+            (h, 0) => format!("{h} h"),
+            (h, m) => format!("{h} h {m} min"),
+        },
+        _ => match (s / 86_400, s % 86_400 / 3600) {
+            (d, 0) => format!("{d} d"),
+            (d, h) => format!("{d} d {h} h"),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job(event: &str) -> NotifyJob {
+        NotifyJob {
+            at_ms: 12 * 60_000 + 5_000,
+            channel: "sms".into(),
+            target: "+1".into(),
+            route: "oncall".into(),
+            event: event.into(),
+            key: Some("ctl-1/offline".into()),
+            severity: Some(Severity::Major),
+            text: "ctl-1 offline".into(),
+            raised_at_ms: Some(5_000),
+            link: String::new(),
+        }
+    }
+
+    #[test]
+    fn the_clear_notice_reads_differently_from_the_alarm() {
+        assert_eq!(job("raised").message(), "RAISED major: ctl-1 offline");
+        assert_eq!(
+            job("cleared").message(),
+            "CLEARED after 12 min (was major): ctl-1 offline"
+        );
+        assert_eq!(job("escalated").fields()["state"], "ESCALATED");
+        let mut m = job("message");
+        m.severity = None;
+        m.key = None;
+        assert_eq!(m.message(), "ctl-1 offline");
+        assert_eq!(m.fields()["state"], "");
+        let mut l = job("raised");
+        l.link = "https://r.example/#/alarms".into();
+        assert_eq!(
+            l.fields()["message"],
+            "RAISED major: ctl-1 offline https://r.example/#/alarms"
+        );
+    }
+
+    #[test]
+    fn durations_read_like_people_say_them() {
+        assert_eq!(human_duration(45_000), "45 s");
+        assert_eq!(human_duration(12 * 60_000), "12 min");
+        assert_eq!(human_duration(3 * 3_600_000), "3 h");
+        assert_eq!(human_duration(3 * 3_600_000 + 5 * 60_000), "3 h 5 min");
+        assert_eq!(human_duration(2 * 86_400_000 + 4 * 3_600_000), "2 d 4 h");
     }
 }

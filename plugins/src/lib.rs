@@ -22,6 +22,8 @@
 //! - `records`: the notification log and devices' telemetry read back from MySQL.
 //! - `registry`: every device ever seen, kept in Redis, for the fleet view.
 //! - `cli`: `relay rules check` and `relay rules test`.
+//! - `lint`: what `rules check` finds besides compile errors (unknown functions,
+//!   variables functions cannot see, endless loops), and argument types in words.
 pub mod alarm;
 pub mod api;
 pub mod cli;
@@ -29,6 +31,7 @@ pub mod effect;
 pub mod event;
 pub mod history;
 pub mod host;
+pub mod lint;
 pub mod notify;
 pub mod records;
 pub mod registry;

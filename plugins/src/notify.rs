@@ -106,6 +106,16 @@ pub fn render(template: &str, fields: &BTreeMap<&'static str, String>) -> String
     out
 }
 
+/// The body sent when a notifier has none: every field as one JSON object
+/// (`{"event":"cleared","state":"CLEARED","severity":"major","message":...}`).
+pub fn default_body(fields: &BTreeMap<&'static str, String>) -> String {
+    let m: serde_json::Map<String, serde_json::Value> = fields
+        .iter()
+        .map(|(k, v)| (k.to_string(), serde_json::Value::String(v.clone())))
+        .collect();
+    serde_json::Value::Object(m).to_string()
+}
+
 /// Percent-encodes everything but unreserved characters (RFC 3986).
 pub fn percent_encode(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
@@ -214,9 +224,20 @@ impl Notifier {
             ));
             return;
         };
+        // Incidents have a budget of their own: a storm of single alarms must never
+        // use up the slot of the digest that sums it up.
+        let bucket = if job
+            .key
+            .as_deref()
+            .is_some_and(|k| k.starts_with(crate::alarm::INCIDENT_PREFIX))
+        {
+            format!("{}\u{0}incident", job.target)
+        } else {
+            job.target.clone()
+        };
         let allowed = self.rate.lock().unwrap_or_else(|p| p.into_inner()).allow(
             &job.channel,
-            &job.target,
+            &bucket,
             cfg.rate_per_min,
             now_ms(),
         );
@@ -232,12 +253,24 @@ impl Notifier {
         }
         let fields = job.fields();
         let url = render(&cfg.url, &fields);
-        let body = render(&cfg.body, &fields);
-        let headers: Vec<(String, String)> = cfg
+        let body = if cfg.body.is_empty() && cfg.method != "GET" {
+            default_body(&fields)
+        } else {
+            render(&cfg.body, &fields)
+        };
+        let mut headers: Vec<(String, String)> = cfg
             .headers
             .iter()
             .map(|(k, v)| (k.clone(), render(v, &fields)))
             .collect();
+        if cfg.body.is_empty()
+            && cfg.method != "GET"
+            && !headers
+                .iter()
+                .any(|(k, _)| k.eq_ignore_ascii_case("content-type"))
+        {
+            headers.push(("Content-Type".into(), "application/json".into()));
+        }
         let mut backoff = cfg.backoff_ms;
         for n in 1..=cfg.retries + 1 {
             if n > 1 && !self.shared.book().still_wanted(&job) {

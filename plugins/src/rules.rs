@@ -258,9 +258,23 @@ impl Rules {
             out.effects.extend(effects);
             if let Err(e) = result {
                 let mut se = ScriptError::from_eval(&s.name, &e);
+                if se.limit && se.line > 0 {
+                    // A limit trip inside a loop is the loop's doing: point at it.
+                    let at = crate::lint::loop_line(&s.text, se.line);
+                    if at != se.line {
+                        se.line = at;
+                        se.column = 0;
+                    }
+                }
                 if se.line == 0 {
-                    // Limit trips carry no position: point at the hook that was running.
-                    se.line = hook_line(&s.text, name);
+                    // Limit trips carry no position: point at the loop of the hook that
+                    // was running, or at the hook.
+                    let fn_line = hook_line(&s.text, name);
+                    se.line = if se.limit {
+                        crate::lint::first_loop_in(&s.text, fn_line).unwrap_or(fn_line)
+                    } else {
+                        fn_line
+                    };
                     se.message = format!("{} (in {name})", se.message);
                 }
                 let shared = &cx.shared;

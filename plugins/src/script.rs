@@ -102,6 +102,10 @@ impl ScriptError {
         let mut message = match inner {
             // The token is the reason the wall-clock bound gave.
             EvalAltResult::ErrorTerminated(why, _) => why.to_string(),
+            // A relay function called with the wrong types: say which argument.
+            EvalAltResult::ErrorFunctionNotFound(sig, _) => {
+                crate::lint::explain_call(sig).unwrap_or_else(|| inner.to_string())
+            }
             _ => inner.to_string(),
         };
         if !inner.position().is_none()

@@ -72,6 +72,8 @@ pub struct PluginStats {
     pub notify_rate_limited: u64,
     /// Active alarms now.
     pub alarms_active: u64,
+    /// Alarms recorded but not tracked because the book was full (`max_alarms`).
+    pub alarms_untracked: u64,
 }
 
 /// Latest values of devices and counters, mirrored to Redis.
@@ -163,6 +165,10 @@ impl Shared {
     pub fn snapshot(&self) -> PluginStats {
         let s = &self.stats;
         let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let (alarms_active, alarms_untracked) = {
+            let book = self.book();
+            (book.active_count() as u64, book.untracked_count())
+        };
         PluginStats {
             events_in: g(&s.events_in),
             events_dropped: g(&s.events_dropped),
@@ -181,7 +187,78 @@ impl Shared {
             notify_attempts: g(&s.notify_attempts),
             notify_failures: g(&s.notify_failures),
             notify_rate_limited: g(&s.notify_rate_limited),
-            alarms_active: self.book().active_count() as u64,
+            alarms_active,
+            alarms_untracked,
         }
+    }
+}
+
+/// Lets at most `per_sec` log lines through each second and counts those left out,
+/// so a storm of alarms or notifications writes a bounded log.
+#[derive(Debug)]
+pub struct LogGate {
+    /// Lines allowed per one-second window.
+    per_sec: u32,
+    /// Start of the current window (ms).
+    window_ms: u64,
+    /// Lines let through in the current window.
+    passed: u32,
+    /// Lines left out since the last summary.
+    left_out: u64,
+}
+
+impl LogGate {
+    /// A gate letting `per_sec` lines a second through.
+    pub fn new(per_sec: u32) -> LogGate {
+        LogGate {
+            per_sec: per_sec.max(1),
+            window_ms: 0,
+            passed: 0,
+            left_out: 0,
+        }
+    }
+
+    /// `Some(n)`: write the line, and say that `n` were left out before it.
+    pub fn pass(&mut self, now_ms: u64) -> Option<u64> {
+        if now_ms.saturating_sub(self.window_ms) >= 1000 {
+            self.window_ms = now_ms;
+            self.passed = 0;
+        }
+        if self.passed >= self.per_sec {
+            self.left_out += 1;
+            return None;
+        }
+        self.passed += 1;
+        Some(std::mem::take(&mut self.left_out))
+    }
+
+    /// Lines left out, once their window is over (for a summary line), else `None`.
+    pub fn flush(&mut self, now_ms: u64) -> Option<u64> {
+        (self.left_out > 0 && now_ms.saturating_sub(self.window_ms) >= 1000)
+            .then(|| std::mem::take(&mut self.left_out))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::LogGate;
+
+    #[test]
+    fn log_gate_bounds_lines_and_counts_the_rest() {
+        let mut g = LogGate::new(3);
+        let passed = (0..1000).filter(|i| g.pass(i / 10).is_some()).count();
+        assert_eq!(passed, 3, "three lines in the first second");
+        assert_eq!(g.flush(500), None, "the window is not over");
+        assert_eq!(g.flush(1000), Some(997));
+        assert_eq!(g.flush(1001), None);
+        assert_eq!(g.pass(1000), Some(0));
+        for _ in 0..5 {
+            g.pass(1001);
+        }
+        assert_eq!(
+            g.pass(2500),
+            Some(3),
+            "the next line says how many were left out"
+        );
     }
 }

@@ -193,6 +193,14 @@ impl Worker {
         match &ev {
             Event::Connect(c) => {
                 self.shared.registry.connected(c);
+                // A device that names its group in HELLO meta (`"group": "site-3"`)
+                // lets incident digests tell which share of the group they cover.
+                if let Some(g) = c.meta.get("group").and_then(|g| g.as_str())
+                    && !g.is_empty()
+                    && g.len() <= 64
+                {
+                    self.shared.book().note_group(&c.addr, g);
+                }
                 let info = json!({"role": c.role, "remote": c.remote, "shard": c.shard, "since_ms": c.time_ms});
                 let _ = self.sink.blocking_send(Effect::Presence {
                     addr: c.addr.clone(),

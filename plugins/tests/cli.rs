@@ -260,7 +260,81 @@ fn runaway_script_in_a_dry_run_is_an_error_line() {
     let out = String::from_utf8(out).unwrap();
     assert_eq!(s.errors, 1);
     assert!(
-        out.contains("error l.rhai:1: Too many operations (in on_message)"),
+        out.contains("error l.rhai:2: Too many operations (in on_message)"),
         "{out}"
     );
+}
+
+#[test]
+fn check_reports_unknown_functions_unseen_variables_and_endless_loops() {
+    let d = temp("lint");
+    std::fs::write(
+        d.join("typo.rhai"),
+        "fn on_message(msg) {\n    let t = msg.payload.temp;\n    alarm_wen(`${msg.src}/hot`, t > 80, 60, \"major\", \"hot\");\n    alarm_raise(\"k\", \"major\");\n    helper(1);\n}\nfn helper(x) { x }\n",
+    )
+    .unwrap();
+    std::fs::write(
+        d.join("outside.rhai"),
+        "let limit = 80.0;\n\nfn on_message(msg) {\n    if msg.payload.temp > limit { log(\"hot\"); }\n}\n",
+    )
+    .unwrap();
+    std::fs::write(
+        d.join("spin.rhai"),
+        "fn on_tick(now) {\n    let n = 0;\n    loop {\n        n += 1;\n    }\n}\nfn ok(now) {\n    loop { if now > 3 { break; } now += 1; }\n    while true { return 1; }\n}\n",
+    )
+    .unwrap();
+    let report = cli::check_dir(&d).unwrap_err();
+    println!("{report}");
+    assert!(
+        report.contains("error typo.rhai:3:5: no function `alarm_wen`"),
+        "{report}"
+    );
+    assert!(
+        report.contains("error typo.rhai:4:5: `alarm_raise` takes 3 argument(s), got 2"),
+        "{report}"
+    );
+    assert!(
+        !report.contains("helper"),
+        "functions of the file are known: {report}"
+    );
+    assert!(
+        report.contains("error outside.rhai:4:27: `limit` is defined outside the function, and functions cannot see it"),
+        "{report}"
+    );
+    assert!(
+        report.contains("error spin.rhai:3:5: endless loop"),
+        "{report}"
+    );
+    assert_eq!(report.matches("endless loop").count(), 1, "{report}");
+    assert!(
+        report.contains("3 file(s)") && report.contains("3 with errors"),
+        "{report}"
+    );
+}
+
+#[test]
+fn wrong_argument_types_and_endless_loops_in_a_dry_run_read_plainly() {
+    let d = temp("words");
+    std::fs::write(
+        d.join("w.rhai"),
+        "fn on_message(msg) {\n    alarm_when(\"k\", \"yes\", 5, \"major\", \"t\");\n}\nfn on_tick(now) {\n    let n = 0;\n    while n >= 0 {\n        n += 1;\n    }\n}\n",
+    )
+    .unwrap();
+    std::fs::write(
+        d.join("e.jsonl"),
+        "{\"at_ms\":0,\"event\":\"message\",\"src\":\"a\",\"payload\":1}\n{\"at_ms\":1,\"event\":\"tick\"}\n",
+    )
+    .unwrap();
+    let mut out = Vec::new();
+    let s = cli::test_script(&d.join("w.rhai"), &d.join("e.jsonl"), &mut out).unwrap();
+    let out = String::from_utf8(out).unwrap();
+    assert_eq!(s.errors, 2, "{out}");
+    assert!(
+        out.contains(
+            "w.rhai:2:5: alarm_when: the condition must be a bool (true or false), got string"
+        ),
+        "{out}"
+    );
+    // Stopped by a limit inside the loop: reported at the loop's line.
+    assert!(out.contains("error w.rhai:6: "), "{out}");
 }

@@ -206,3 +206,66 @@ fn retries_back_off_and_rate_limit_holds() {
     host.shutdown();
     cleanup(&id, &[]);
 }
+
+#[test]
+fn the_clear_notice_reads_differently_and_a_notifier_without_body_sends_every_field() {
+    require_services();
+    init_log();
+    let server = HttpServer::start(vec![200]);
+    let rules = r#"
+fn on_message(msg) {
+    if msg.payload.kind == "raise" { alarm_raise(msg.payload.key, "major", `${msg.src} door open`); }
+    if msg.payload.kind == "clear" { alarm_clear(msg.payload.key); }
+}
+"#;
+    let (mut cfg, id) = config("clearmsg", &[("n.rhai", rules)], vec![]);
+    cfg.notify = toml::from_str(&format!(
+        r#"
+        console_url = "https://relay.example.com"
+        [[notifier]]
+        name = "hook"
+        url = "http://127.0.0.1:{}/hook"
+        retries = 0
+        [[route]]
+        chain = [{{ channel = "hook", target = "ops" }}]
+        "#,
+        server.addr.port()
+    ))
+    .unwrap();
+    let (host, _a) = PluginHost::start_with(cfg).unwrap();
+    let ev = host.events();
+    ev.try_send(msg("d1", json!({"kind": "raise", "key": "d1/door"})));
+    wait_for(Duration::from_secs(5), "the alarm notice", || {
+        (server.requests().len() == 1).then_some(())
+    });
+    ev.try_send(msg("d1", json!({"kind": "clear", "key": "d1/door"})));
+    let reqs = wait_for(Duration::from_secs(5), "the clear notice", || {
+        let r = server.requests();
+        (r.len() == 2).then_some(r)
+    });
+    let body = |i: usize| -> serde_json::Value { serde_json::from_str(&reqs[i].body).unwrap() };
+    let (raised, cleared) = (body(0), body(1));
+    assert!(
+        reqs[0]
+            .headers
+            .contains(&("content-type".into(), "application/json".into())),
+        "{:?}",
+        reqs[0].headers
+    );
+    assert_eq!(raised["state"], "RAISED");
+    assert_eq!(raised["severity"], "major");
+    assert_eq!(
+        raised["message"],
+        "RAISED major: d1 door open https://relay.example.com/#/alarms"
+    );
+    assert_eq!(cleared["state"], "CLEARED");
+    assert_eq!(cleared["event"], "cleared");
+    let m = cleared["message"].as_str().unwrap();
+    assert!(
+        m.starts_with("CLEARED after ") && m.contains("(was major): d1 door open"),
+        "{m}"
+    );
+    assert_ne!(raised["message"], cleared["message"]);
+    host.shutdown();
+    cleanup(&id, &[]);
+}

@@ -326,10 +326,18 @@ pub async fn handle(
         ("GET", ["alarms"]) => alarms(api, query),
         ("GET", ["alarms", "history"]) => history(api, query).await,
         ("POST", ["alarms", "ack"]) => ack_many(api, body),
-        ("POST", ["alarms", key, "ack"]) => ack(api, key, body),
-        ("POST", ["alarms", key, "clear"]) => clear(api, key, body),
-        ("POST", ["alarms", key, "shelve"]) => shelve(api, key, body, false),
-        ("POST", ["alarms", key, "unshelve"]) => shelve(api, key, body, true),
+        // Alarm keys hold `/` (`probe-1/offline`): every segment up to the
+        // action is the key.
+        ("POST", ["alarms", key @ .., "ack"]) if !key.is_empty() => ack(api, &key.join("/"), body),
+        ("POST", ["alarms", key @ .., "clear"]) if !key.is_empty() => {
+            clear(api, &key.join("/"), body)
+        }
+        ("POST", ["alarms", key @ .., "shelve"]) if !key.is_empty() => {
+            shelve(api, &key.join("/"), body, false)
+        }
+        ("POST", ["alarms", key @ .., "unshelve"]) if !key.is_empty() => {
+            shelve(api, &key.join("/"), body, true)
+        }
         ("GET", ["notifications"]) => notifications(api, query).await,
         ("GET", ["devices", addr, "history"]) => series(api, addr, query).await,
         (_, _) => Err(not_found(&format!("{method} {path}"))),

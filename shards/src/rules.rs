@@ -380,6 +380,11 @@ pub fn attach(
                 "Alarms raised and not cleared.".into(),
                 s.alarms_active,
             ),
+            (
+                "relay_alarms_untracked_total".into(),
+                "Alarms recorded but not tracked: max_alarms was reached.".into(),
+                s.alarms_untracked,
+            ),
         ]
     }));
     let ext = Extensions {

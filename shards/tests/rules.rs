@@ -155,6 +155,17 @@ fn alarms_and_the_device_shadow_are_served_by_the_api() {
     );
     assert_eq!(s, 200, "{b}");
     assert_eq!(b["acked_by"], "ops-1");
+    // The key as it is, slash and all.
+    let (s, b) = http(
+        relay,
+        "POST",
+        "/api/v1/alarms/ctl-hot/overheat/ack",
+        None,
+        Some(&json!({"by": "ops-2"})),
+    );
+    assert_eq!(s, 200, "{b}");
+    assert_eq!(b["key"], "ctl-hot/overheat");
+    assert_eq!(b["acked_by"], "ops-1", "the first acknowledger stays");
     let (s, _) = http(
         relay,
         "POST",
@@ -255,4 +266,56 @@ fn a_full_rules_queue_drops_and_counts_and_a_slow_hook_is_stopped_by_the_clock()
     );
     let (_, stats) = http(relay, "GET", "/api/v1/stats", None, None);
     assert!(stats["drops"]["plugin_queue_full"].as_u64().unwrap() >= dropped);
+}
+
+#[test]
+fn devices_feed_the_rules_through_dollar_rules_without_an_echo() {
+    let r = start_with_rules(
+        "dollar",
+        &[(
+            "feed.rhai",
+            r#"
+            fn on_message(msg) {
+                if msg.dst != "$rules" { return; }
+                state_set(msg.src, "temp", msg.payload.temp);
+            }
+            "#,
+        )],
+    );
+    let relay = r.relay.as_ref().unwrap();
+    let mut c = Client::hello(relay.tcp_addr(), Form::Json, "ctl-feed");
+    let mut f = json_data("$rules", json!({"temp": 21.5}));
+    f.seq = 9;
+    f.flags = Flags(Flags::JSON | Flags::ACK_REQ);
+    c.send(&f);
+    let ack = c.expect(FrameType::Ack);
+    assert_eq!(ack.seq, 9, "acknowledged: the rules took it");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (_, state) = http(relay, "GET", "/api/v1/clients/ctl-feed/state", None, None);
+        if state["temp"] == 21.5 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "rules never saw it: {state}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Nothing came back to the device (no echo, no error).
+    c.send(&json_data("ctl-feed", json!({"ping": 1})));
+    let back = c.expect(FrameType::Data);
+    assert_eq!(
+        &back.src[..],
+        b"ctl-feed",
+        "the next frame is its own message"
+    );
+    assert_eq!(metric(relay, "relay_dropped_frames_total"), 0);
+}
+
+#[test]
+fn dollar_rules_without_rules_is_an_error_for_the_sender() {
+    let relay = common::start(|_| {});
+    let mut c = Client::hello(relay.tcp_addr(), Form::Binary, "ctl-lonely");
+    let mut f = json_data("$rules", json!({"temp": 1}));
+    f.seq = 3;
+    c.send(&f);
+    assert_eq!(c.expect_error(relay_core::ErrorCode::NoRoute), 3);
 }

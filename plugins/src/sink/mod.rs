@@ -20,7 +20,7 @@ use crate::alarm::{Alarm, Watch};
 use crate::effect::Effect;
 use crate::host::HostConfig;
 use crate::notify::{Attempt, Notifier, log_attempt};
-use crate::shared::Shared;
+use crate::shared::{LogGate, Shared};
 use crate::spool::{Spool, SpoolError};
 use mysql::{MysqlBackend, MysqlOp};
 use redis::{RedisBackend, RedisOp, Snapshot};
@@ -73,7 +73,13 @@ struct Writer<B: Backend> {
     next_try: Instant,
     /// Set at shutdown: stop reconnecting, spool what is left.
     closing: Arc<AtomicBool>,
+    /// The last connect error logged and when: the same error is logged again at
+    /// most once a minute, not on every retry.
+    last_warn: Option<(String, Instant)>,
 }
+
+/// How often the same connect error is logged again while a sink stays down.
+const REPEAT_WARN: Duration = Duration::from_secs(60);
 
 impl<B: Backend> Writer<B> {
     fn spool_write(&mut self, seq: u64, op: &[u8]) {
@@ -105,10 +111,28 @@ impl<B: Backend> Writer<B> {
             return;
         }
         match self.backend.connect().await {
-            Ok(()) => tracing::info!(sink = self.backend.name(), "connected"),
+            Ok(()) => {
+                self.last_warn = None;
+                tracing::info!(sink = self.backend.name(), "connected")
+            }
             Err(e) => {
-                tracing::warn!(sink = self.backend.name(), "{e}");
-                self.next_try = Instant::now() + self.retry;
+                let text = e.to_string();
+                let now = Instant::now();
+                let repeat = self
+                    .last_warn
+                    .as_ref()
+                    .is_some_and(|(t, at)| *t == text && now.duration_since(*at) < REPEAT_WARN);
+                if repeat {
+                    tracing::debug!(sink = self.backend.name(), "{text}");
+                } else {
+                    tracing::warn!(
+                        sink = self.backend.name(),
+                        "{text} (retrying every {:?})",
+                        self.retry
+                    );
+                    self.last_warn = Some((text, now));
+                }
+                self.next_try = now + self.retry;
             }
         }
     }
@@ -381,7 +405,14 @@ struct Router {
     mysql_cfg: MysqlConfig,
     /// Delivery tasks in flight (joined, with a bound, at shutdown).
     deliveries: tokio::task::JoinSet<()>,
+    /// Bounds the log lines of alarm transitions (a storm writes a few, then a count).
+    alarm_log: LogGate,
+    /// Bounds the log lines of notifier attempts.
+    notify_log: Arc<std::sync::Mutex<LogGate>>,
 }
+
+/// Log lines of alarm transitions, and of notifier attempts, written per second at most.
+const LOG_LINES_PER_SEC: u32 = 10;
 
 fn enc<T: serde::Serialize>(v: &T) -> Vec<u8> {
     serde_json::to_vec(v).unwrap_or_default()
@@ -481,8 +512,18 @@ impl Router {
             }
             Effect::Persist { table, row } => self.mysql(&table, row).await,
             Effect::Alarm(ev) => {
-                tracing::info!(target: "relay::alarms", key = %ev.key, severity = %ev.severity, by = ?ev.by,
-                    "alarm {}: {}", ev.transition.as_str(), ev.text);
+                match self.alarm_log.pass(crate::host::now_ms()) {
+                    Some(0) => {
+                        tracing::info!(target: "relay::alarms", key = %ev.key, severity = %ev.severity, by = ?ev.by,
+                            "alarm {}: {}", ev.transition.as_str(), ev.text)
+                    }
+                    Some(n) => {
+                        tracing::info!(target: "relay::alarms", key = %ev.key, severity = %ev.severity, by = ?ev.by,
+                            "alarm {}: {} ({n} more alarm transitions not logged; all are in the alarm table)",
+                            ev.transition.as_str(), ev.text)
+                    }
+                    None => {}
+                }
                 let mut row = serde_json::Map::new();
                 row.insert("at_ms".into(), ev.at_ms.into());
                 row.insert("alarm_key".into(), ev.key.into());
@@ -500,9 +541,22 @@ impl Router {
                 let notifier = self.notifier.clone();
                 let mysql = self.mysql.clone();
                 let table = self.mysql_cfg.notify_table.clone();
+                let gate = self.notify_log.clone();
                 self.deliveries
                     .spawn(notifier.deliver(job, move |a: Attempt| {
-                        log_attempt(&a);
+                        let pass = gate
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .pass(crate::host::now_ms());
+                        match pass {
+                            Some(0) => log_attempt(&a),
+                            Some(n) => {
+                                log_attempt(&a);
+                                tracing::warn!(target: "relay::notify",
+                                    "{n} more notifier attempts not logged; all are in the attempts table");
+                            }
+                            None => {}
+                        }
                         if let Some(tx) = &mysql
                             && tx
                                 .try_send(enc(&MysqlOp {
@@ -554,6 +608,7 @@ async fn run(
             retry: Duration::from_millis(cfg.redis.retry_ms),
             next_try: Instant::now(),
             closing: closing.clone(),
+            last_warn: None,
         };
         // Start-up: bring Redis up to date from the spool, then read what it holds.
         w.try_connect().await;
@@ -588,6 +643,7 @@ async fn run(
             retry: Duration::from_millis(cfg.mysql.retry_ms),
             next_try: Instant::now(),
             closing: closing.clone(),
+            last_warn: None,
         };
         mysql_tx = Some(tx);
         writers.spawn(w.run());
@@ -600,6 +656,8 @@ async fn run(
         shared: shared.clone(),
         mysql_cfg: cfg.mysql.clone(),
         deliveries: tokio::task::JoinSet::new(),
+        alarm_log: LogGate::new(LOG_LINES_PER_SEC),
+        notify_log: Arc::new(std::sync::Mutex::new(LogGate::new(LOG_LINES_PER_SEC))),
     };
     let mut clock = tokio::time::interval(Duration::from_millis(cfg.plugins.timer_ms));
     clock.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -652,11 +710,23 @@ async fn run(
 
 /// Runs the alarm clock once and routes what it produced.
 async fn tick_alarms(shared: &Shared, router: &mut Router) {
+    let now = crate::host::now_ms();
     let fx = {
         let mut book = shared.book();
-        book.poll(crate::host::now_ms());
+        book.poll(now);
         book.take_effects()
     };
+    if let Some(n) = router.alarm_log.flush(now) {
+        tracing::info!(target: "relay::alarms", "{n} more alarm transitions not logged; all are in the alarm table");
+    }
+    let left = router
+        .notify_log
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .flush(now);
+    if let Some(n) = left {
+        tracing::warn!(target: "relay::notify", "{n} more notifier attempts not logged; all are in the attempts table");
+    }
     for e in fx {
         router.route(e).await;
     }

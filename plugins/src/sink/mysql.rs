@@ -196,6 +196,59 @@ impl MysqlBackend {
     }
 }
 
+/// `ER_BAD_DB_ERROR`: the database named in the URL does not exist.
+const UNKNOWN_DATABASE: u16 = 1049;
+
+impl MysqlBackend {
+    /// One connection attempt within `connect_timeout_ms`.
+    async fn open(&self, opts: OptsBuilder) -> mysql_async::Result<Conn> {
+        match tokio::time::timeout(
+            Duration::from_millis(self.cfg.connect_timeout_ms),
+            Conn::new(opts),
+        )
+        .await
+        {
+            Ok(r) => r,
+            Err(_) => Err(mysql_async::Error::Io(mysql_async::IoError::Io(
+                std::io::Error::new(std::io::ErrorKind::TimedOut, "mysql connect timed out"),
+            ))),
+        }
+    }
+
+    /// Creates the database named in the URL (`utf8mb4`), connected without one.
+    async fn create_database(&self, opts: OptsBuilder) -> Result<(), BackendError> {
+        let db = Opts::from(opts.clone())
+            .db_name()
+            .unwrap_or_default()
+            .to_string();
+        if !relay_config::plugins::is_identifier(&db) {
+            return Err(BackendError::Down(format!(
+                "mysql database `{db}` does not exist, and its name is not letters, digits and _: create it yourself"
+            )));
+        }
+        let mut conn = self
+            .open(opts.db_name(None::<String>))
+            .await
+            .map_err(|e| BackendError::Down(e.to_string()))?;
+        let made = self
+            .timed(conn.query_drop(format!(
+                "CREATE DATABASE IF NOT EXISTS {} CHARACTER SET utf8mb4",
+                quote(&db)
+            )))
+            .await;
+        let _ = conn.disconnect().await;
+        match made {
+            Ok(()) => {
+                tracing::info!(database = %db, "mysql database did not exist; created it");
+                Ok(())
+            }
+            Err(e) => Err(BackendError::Down(format!(
+                "mysql database `{db}` does not exist and could not be created ({e}); create it, or grant CREATE to the relay's user"
+            ))),
+        }
+    }
+}
+
 impl Backend for MysqlBackend {
     fn name(&self) -> &'static str {
         "mysql"
@@ -216,12 +269,14 @@ impl Backend for MysqlBackend {
         let opts = OptsBuilder::from_opts(opts)
             .tcp_keepalive(Some(Duration::from_secs(30)))
             .prefer_socket(false);
-        let conn = tokio::time::timeout(
-            Duration::from_millis(self.cfg.connect_timeout_ms),
-            Conn::new(opts),
-        )
-        .await
-        .map_err(|_| BackendError::Down("mysql connect timed out".into()))?
+        let conn = match self.open(opts.clone()).await {
+            Err(mysql_async::Error::Server(e)) if e.code == UNKNOWN_DATABASE => {
+                // The database of the URL does not exist yet: create it, then connect.
+                self.create_database(opts.clone()).await?;
+                self.open(opts).await
+            }
+            other => other,
+        }
         .map_err(|e| BackendError::Down(e.to_string()))?;
         self.conn = Some(conn);
         if let Err(e) = self.ensure_tables().await {

@@ -58,6 +58,14 @@ pub fn join_not_allowed() -> Failure {
     (ErrorCode::Forbidden, "clients may not join groups".into())
 }
 
+/// DATA to `$rules` on a relay that runs no rules.
+pub fn no_rules() -> Failure {
+    (
+        ErrorCode::NoRoute,
+        "no rules run on this relay ([plugins] enabled = false)".into(),
+    )
+}
+
 /// A client PUBLISH to a `watch:` group (only the relay's tap writes there).
 pub fn watch_publish() -> Failure {
     (

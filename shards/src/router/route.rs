@@ -41,6 +41,17 @@ impl Router {
         });
         frame.flags = frame.flags.with(Flags::ACK_REQ, false);
         self.tap(&frame, now);
+        if !group && frame.dst[..] == *relay_core::name::RULES_DST {
+            // Meant for the rules only: no client gets it, nothing echoes back.
+            if self.hooks.borrow().is_none() {
+                self.stats.dropped(DropReason::NoRoute);
+                self.reply_conn(cell, frame.seq, target.is_some(), Err(failure::no_rules()));
+                return;
+            }
+            self.reply_conn(cell, frame.seq, target.is_some(), Ok(1));
+            self.hook_message(&frame, false, now);
+            return;
+        }
         // The rules engine sees the frame as the client sent it; the copy
         // (three reference counts) is made only when it listens.
         let hooked = self.hooks.borrow().is_some().then(|| frame.clone());
