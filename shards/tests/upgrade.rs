@@ -398,3 +398,69 @@ fn sigusr2_hands_over_2000_controllers_without_losing_an_ack() {
     old.wait_log("relay stopped", Duration::from_secs(20));
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// The hand-over seen from a WebSocket client, and an upgrade whose new
+/// process cannot start, which leaves the running relay as it was.
+#[test]
+fn browsers_get_going_away_then_close_1012_and_a_failed_upgrade_changes_nothing() {
+    use common::{Browser, WsIn};
+    let relay = common::start(|c| c.upgrade.reconnect_window_ms = 2000);
+    let dir = std::env::temp_dir().join(format!("relay-upgrade-ws-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let exe = std::path::Path::new(env!("CARGO_BIN_EXE_relay"));
+
+    // A new process that cannot start (its config is broken): refused, and
+    // this relay goes on accepting.
+    let broken = dir.join("broken.toml");
+    std::fs::write(&broken, "[limits]\nmax_frame = 3\n").unwrap();
+    let args = ["--config".into(), broken.clone().into_os_string()];
+    let err = relay
+        .hand_over(exe, &args, Duration::from_secs(20), 2000)
+        .expect_err("a broken new process is refused");
+    assert!(err.to_string().contains("did not get ready"), "{err:#}");
+    let mut b = Browser::connect(&relay, "addr=web-up-1&role=browser");
+    assert_eq!(b.recv_json()["type"], "welcome");
+
+    let good = dir.join("relay.toml");
+    std::fs::write(
+        &good,
+        "[shards]\ncount = 2\npin = false\nio_memory_kib = 256\n[plugins]\nenabled = false\n",
+    )
+    .unwrap();
+    let args = ["--config".into(), good.into_os_string()];
+    let pid = relay
+        .hand_over(exe, &args, Duration::from_secs(20), 2000)
+        .expect("the new process takes over");
+    let _guard = Pid(Some(pid as i32));
+    let v = b.recv_json();
+    assert_eq!(
+        (v["type"].as_str(), v["code"].as_str()),
+        (Some("error"), Some("going_away"))
+    );
+    let hint: u64 = v["message"]
+        .as_str()
+        .and_then(|m| m.strip_prefix("retry_after_ms="))
+        .and_then(|r| r.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("a retry hint in {v}"));
+    assert!(hint <= 2000);
+    // Still served during the drain.
+    b.send_text(serde_json::json!({"type": "ping", "seq": 5, "flags": ["ack_req"]}));
+    assert_eq!(b.recv_json()["type"], "pong");
+
+    // The new process answers on the same port.
+    let mut c = common::Client::hello(relay.tcp_addr(), common::Form::Json, "ctl-up-2");
+    c.expect_silence(Duration::from_millis(200));
+
+    relay.end_drain();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let code = loop {
+        match b.recv_timeout(Duration::from_millis(200)) {
+            Some(WsIn::Close(code)) => break code,
+            Some(_) => {}
+            None => assert!(Instant::now() < deadline, "no close"),
+        }
+    };
+    assert_eq!(code, Some(1012));
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -278,45 +278,45 @@ impl Relay {
     /// Starts with the rules engine (or other extensions) attached.
     pub fn start_with(cfg: &Config, ext: Extensions) -> anyhow::Result<Relay> {
         let shards = cfg.shard_count().clamp(1, MAX_SHARDS);
-        // An upgrade: the previous process's sockets, where they listen.
-        let inherited = match &ext.inherited {
-            Some(inh) => Some(inh.addrs()?),
+        // Every shard binds with SO_REUSEPORT, which would let a second relay
+        // started with the same config share the ports and split the
+        // address space: make sure nobody listens there first (unless this
+        // is an upgrade, whose predecessor listens there).
+        if ext.inherited.is_none() {
+            ensure_free(cfg.listeners.tcp)?;
+            if cfg.http.enabled {
+                ensure_free(cfg.listeners.http)?;
+            }
+        }
+        let reserve = reserve_port(cfg.listeners.tcp)
+            .with_context(|| format!("binding {}", cfg.listeners.tcp))?;
+        let tcp_addr = reserve
+            .local_addr()?
+            .as_socket()
+            .context("tcp listener address")?;
+        let http_reserve = if cfg.http.enabled {
+            Some(
+                reserve_port(cfg.listeners.http)
+                    .with_context(|| format!("binding {}", cfg.listeners.http))?,
+            )
+        } else {
+            None
+        };
+        let http_addr = match &http_reserve {
+            Some(r) => Some(
+                r.local_addr()?
+                    .as_socket()
+                    .context("http listener address")?,
+            ),
             None => None,
         };
-        let (tcp_addr, http_addr, reserve, http_reserve) = match inherited {
-            Some((tcp, http)) => (tcp, http.filter(|_| cfg.http.enabled), None, None),
-            None => {
-                // Every shard binds with SO_REUSEPORT, which would let a second relay
-                // started with the same config share the ports and split the
-                // address space: make sure nobody listens there first.
-                ensure_free(cfg.listeners.tcp)?;
-                if cfg.http.enabled {
-                    ensure_free(cfg.listeners.http)?;
-                }
-                let reserve = reserve_port(cfg.listeners.tcp)
-                    .with_context(|| format!("binding {}", cfg.listeners.tcp))?;
-                let tcp_addr = reserve
-                    .local_addr()?
-                    .as_socket()
-                    .context("tcp listener address")?;
-                let http_reserve = if cfg.http.enabled {
-                    Some(
-                        reserve_port(cfg.listeners.http)
-                            .with_context(|| format!("binding {}", cfg.listeners.http))?,
-                    )
-                } else {
-                    None
-                };
-                let http_addr = match &http_reserve {
-                    Some(r) => Some(
-                        r.local_addr()?
-                            .as_socket()
-                            .context("http listener address")?,
-                    ),
-                    None => None,
-                };
-                (tcp_addr, http_addr, Some(reserve), http_reserve)
+        // An upgrade listens where its predecessor listened.
+        let (tcp_addr, http_addr) = match &ext.inherited {
+            Some(inh) => {
+                let (tcp, http) = inh.addrs()?;
+                (tcp, http_addr.and(http.or(http_addr)))
             }
+            None => (tcp_addr, http_addr),
         };
         let shared = Arc::new(Shared {
             stop: Arc::new(AtomicBool::new(false)),
