@@ -172,6 +172,9 @@ fn the_binary_splits_the_fleet_over_worker_processes() {
             "--prefix",
             &prefix,
             "--no-progress",
+            // About splitting, not latency: a loaded machine must not fail it.
+            "--slo-p99",
+            "1s",
             "--json",
         ])
         .arg(&json)
@@ -233,7 +236,8 @@ fn the_open_file_limit_splits_the_fleet_and_the_report_says_so() {
         format!(
             "name = \"split\"\npattern = \"fanin\"\n[target]\ncontrollers = \"{BROKER}\"\nprefix = \"lt-test-{}-fd\"\n\
              [load]\ncontrollers = 249\ndashboards = 1\nrate = 2.0\nduration = \"1s\"\ndrain = \"800ms\"\n\
-             [run]\nfd_reserve = {}\nthreads = 1\nsource_addrs = [\"127.0.0.2..127.0.0.4\"]\n",
+             [run]\nfd_reserve = {}\nthreads = 1\nsource_addrs = [\"127.0.0.2..127.0.0.4\"]\n\
+             [find_max]\nslo_p99 = \"1s\"\n",
             std::process::id(),
             hard - 100
         ),
