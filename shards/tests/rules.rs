@@ -308,6 +308,20 @@ fn devices_feed_the_rules_through_dollar_rules_without_an_echo() {
         "the next frame is its own message"
     );
     assert_eq!(metric(relay, "relay_dropped_frames_total"), 0);
+    // The same from a browser over WebSocket, in the JSON form.
+    let mut b = common::Browser::connect(relay, "addr=web-feed&role=browser");
+    assert_eq!(b.recv_json()["type"], "welcome");
+    b.send_text(json!({"type":"data","dst":"$rules","seq":4,"ack":true,"payload":{"temp":19}}));
+    assert_eq!(b.recv_json(), json!({"type":"ack","seq":4}));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (_, state) = http(relay, "GET", "/api/v1/clients/web-feed/state", None, None);
+        if state["temp"] == 19 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "rules never saw it: {state}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 #[test]
