@@ -408,39 +408,51 @@ fn quiet_until(q: (u32, u32), now_ms: u64, offset_min: i32) -> Option<u64> {
     Some(minute_start + u64::from(left) * 60_000)
 }
 
+/// The routes of `notify`, resolved (names, chains in ms, quiet hours).
+fn routes_of(notify: &NotifyConfig) -> Vec<Route> {
+    notify
+        .route
+        .iter()
+        .enumerate()
+        .map(|(i, r)| Route {
+            name: if r.name.is_empty() {
+                format!("route{i}")
+            } else {
+                r.name.clone()
+            },
+            severities: r.severities.clone(),
+            key_prefix: r.key_prefix.clone(),
+            chain: r
+                .chain
+                .iter()
+                .map(|s| {
+                    (
+                        s.channel.clone(),
+                        s.target.clone(),
+                        secs_to_ms(s.after_s).unwrap_or(0),
+                    )
+                })
+                .collect(),
+            quiet: r
+                .quiet_hours
+                .as_deref()
+                .and_then(|q| QuietHours::parse(q).ok()),
+            notify_clear: r.notify_clear,
+        })
+        .collect()
+}
+
 impl AlarmBook {
+    /// Follows the routes of `notify` from now on: alarms raised later take
+    /// their chains from them; active ones keep the chain they started with.
+    pub fn set_routes(&mut self, notify: &NotifyConfig) {
+        self.routes = routes_of(notify);
+        self.utc_offset_min = notify.utc_offset_min;
+    }
+
     /// An empty book with the routes of `notify`.
     pub fn new(notify: &NotifyConfig, max_alarms: usize) -> AlarmBook {
-        let routes = notify
-            .route
-            .iter()
-            .enumerate()
-            .map(|(i, r)| Route {
-                name: if r.name.is_empty() {
-                    format!("route{i}")
-                } else {
-                    r.name.clone()
-                },
-                severities: r.severities.clone(),
-                key_prefix: r.key_prefix.clone(),
-                chain: r
-                    .chain
-                    .iter()
-                    .map(|s| {
-                        (
-                            s.channel.clone(),
-                            s.target.clone(),
-                            secs_to_ms(s.after_s).unwrap_or(0),
-                        )
-                    })
-                    .collect(),
-                quiet: r
-                    .quiet_hours
-                    .as_deref()
-                    .and_then(|q| QuietHours::parse(q).ok()),
-                notify_clear: r.notify_clear,
-            })
-            .collect();
+        let routes = routes_of(notify);
         AlarmBook {
             alarms: BTreeMap::new(),
             watches: HashMap::new(),

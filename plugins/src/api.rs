@@ -171,7 +171,8 @@ pub fn register(engine: &mut Engine, ctx: &Ctx) {
         "notify",
         move |channel: &str, target: &str, text: &str| -> Res<()> {
             let mut cx = c.borrow_mut();
-            if !cx.shared.channels.contains(channel) {
+            let known = cx.shared.channels.read().is_ok_and(|c| c.contains(channel));
+            if !known {
                 return err(format!("no notifier named `{channel}`"));
             }
             let now = cx.now_ms;

@@ -390,6 +390,12 @@ impl PluginHost {
         done
     }
 
+    /// Takes new `[notify]` notifiers and routes (a configuration reload):
+    /// see [`Shared::reload_notify`].
+    pub fn reload_notify(&self, notify: &relay_config::plugins::NotifyConfig) {
+        self.shared.reload_notify(notify);
+    }
+
     /// Shelves alarm `key` for `for_ms` (0 unshelves) on behalf of `by`: no
     /// escalation step is sent until then.
     pub fn shelve(&self, key: &str, by: &str, for_ms: u64) -> Result<AlarmView, AckError> {

@@ -100,8 +100,10 @@ pub struct Shared {
     pub mysql_enabled: bool,
     /// Check `persist` against declared tables even when MySQL is off (dry runs with a config).
     pub strict_tables: bool,
-    /// Channel names `notify()` accepts.
-    pub channels: HashSet<String>,
+    /// Channel names `notify()` accepts (replaced on a notifier reload).
+    pub channels: RwLock<HashSet<String>>,
+    /// Notifier settings from a reload, for the sink to take on its next tick.
+    pub notify_next: Mutex<Option<NotifyConfig>>,
     /// Cap on addresses in the shadow cache.
     pub max_state_addrs: usize,
     /// Wakes the alarm clock after a script touched alarms.
@@ -110,7 +112,29 @@ pub struct Shared {
     pub registry: Arc<crate::registry::Registry>,
 }
 
+/// The channel names `notify()` accepts under `notify`: every notifier, and `log`.
+fn channels_of(notify: &NotifyConfig) -> HashSet<String> {
+    let mut channels: HashSet<String> = notify.notifier.iter().map(|n| n.name.clone()).collect();
+    channels.insert("log".into());
+    channels
+}
+
 impl Shared {
+    /// Takes new notifier and route settings: alarms raised from now on follow
+    /// the new routes (active ones keep the chain they started), scripts may
+    /// name the new notifiers at once, and the sink swaps its notifiers on its
+    /// next tick (deliveries under way finish with the old ones).
+    pub fn reload_notify(&self, notify: &NotifyConfig) {
+        self.book().set_routes(notify);
+        if let Ok(mut c) = self.channels.write() {
+            *c = channels_of(notify);
+        }
+        if let Ok(mut n) = self.notify_next.lock() {
+            *n = Some(notify.clone());
+        }
+        self.clock_kick.notify_one();
+    }
+
     /// Shared state for one host (or one dry run).
     pub fn new(plugins: &PluginsConfig, mysql: &MysqlConfig, notify: &NotifyConfig) -> Arc<Shared> {
         let tables = mysql
@@ -123,9 +147,7 @@ impl Shared {
                 )
             })
             .collect();
-        let mut channels: HashSet<String> =
-            notify.notifier.iter().map(|n| n.name.clone()).collect();
-        channels.insert("log".into());
+        let channels = channels_of(notify);
         Arc::new(Shared {
             alarms: Mutex::new(AlarmBook::new(notify, plugins.max_alarms)),
             state: RwLock::new(StateCache::default()),
@@ -133,7 +155,8 @@ impl Shared {
             tables,
             mysql_enabled: mysql.enabled,
             strict_tables: mysql.enabled,
-            channels,
+            channels: RwLock::new(channels),
+            notify_next: Mutex::new(None),
             max_state_addrs: plugins.max_state_addrs,
             clock_kick: tokio::sync::Notify::new(),
             registry: Arc::new(crate::registry::Registry::new(plugins)),

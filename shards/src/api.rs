@@ -31,6 +31,8 @@ pub trait PluginApi {
     fn alarms(&self, f: &relay_plugins::AlarmFilter, after: Option<&str>, limit: usize) -> Value;
     /// Ends an active alarm on behalf of `by`; `false` when not active.
     fn clear(&self, key: &str, by: &str) -> bool;
+    /// Takes reloaded `[notify]` notifiers and routes (SIGHUP).
+    fn reload_notify(&self, notify: &relay_config::plugins::NotifyConfig);
     /// Shelves an active alarm for `for_ms` (0 unshelves); `None` when not active.
     fn shelve(&self, key: &str, by: &str, for_ms: u64) -> Option<Value>;
     /// Acknowledges `keys`, or every unacknowledged alarm matching `f`.

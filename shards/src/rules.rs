@@ -155,6 +155,10 @@ impl PluginApi for RulesApi {
         self.host.clear(key, by)
     }
 
+    fn reload_notify(&self, notify: &relay_config::plugins::NotifyConfig) {
+        self.host.reload_notify(notify);
+    }
+
     fn shelve(&self, key: &str, by: &str, for_ms: u64) -> Option<Value> {
         self.host
             .shelve(key, by, for_ms)

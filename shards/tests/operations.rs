@@ -613,3 +613,68 @@ fn on_message(msg) {{
     drop(provider);
     drop_tables();
 }
+
+const RAISE: &str = r#"
+fn on_message(msg) {
+    let p = msg.payload;
+    if type_of(p) == "map" && "raise" in p { alarm_raise(p.raise, "critical", `${p.raise} is hot`); }
+}
+"#;
+
+#[test]
+fn a_reload_brings_new_notifiers_and_routes_without_a_restart() {
+    let provider = Provider::start();
+    let r = start("reload-notify", RAISE, |_| {});
+    let relay = r.relay();
+    let _sink = Client::hello(relay.tcp_addr(), Form::Binary, "sink");
+    let mut c = Client::hello(relay.tcp_addr(), Form::Json, "ctl-r");
+    // No notifier and no route yet: the alarm pages nobody.
+    c.send(&json_to("sink", json!({"raise": "pump-y/hot"})));
+    wait_for(relay, "/api/v1/alarms", |v| v["total"] == json!(1));
+
+    // The operator adds a notifier and an on-call route, then reloads.
+    let mut new = test_config();
+    new.plugins.enabled = true;
+    new.notify.storm.enabled = false;
+    new.notify.notifier = vec![NotifierConfig {
+        name: "sms".into(),
+        url: provider.url.clone(),
+        method: "POST".into(),
+        body: r#"{"to": {{target|json}}, "key": {{key|json}}, "event": {{event|json}}}"#.into(),
+        retries: 0,
+        ..NotifierConfig::default()
+    }];
+    new.notify.route = vec![RouteConfig {
+        name: "on-call".into(),
+        severities: vec![Severity::Critical],
+        chain: vec![StepConfig {
+            channel: "sms".into(),
+            target: "+3000".into(),
+            after_s: 0.0,
+        }],
+        ..RouteConfig::default()
+    }];
+    let report = relay.reload(&new);
+    assert!(
+        report.applied.iter().any(|k| k == "notify.route")
+            && report.applied.iter().any(|k| k == "notify.notifier"),
+        "{report:?}"
+    );
+    assert!(
+        !report
+            .needs_restart
+            .iter()
+            .any(|k| k.starts_with("notify.")),
+        "{report:?}"
+    );
+
+    // An alarm raised after the reload follows the new route.
+    c.send(&json_to("sink", json!({"raise": "pump-z/hot"})));
+    let until = Instant::now() + Duration::from_secs(15);
+    while provider.calls("pump-z/hot", "+3000") == 0 {
+        assert!(Instant::now() < until, "the reloaded route never paged");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // The alarm raised before keeps the (empty) chain it started with.
+    assert_eq!(provider.calls("pump-y/hot", "+3000"), 0);
+}

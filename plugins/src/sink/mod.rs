@@ -709,7 +709,21 @@ async fn run(
 }
 
 /// Runs the alarm clock once and routes what it produced.
-async fn tick_alarms(shared: &Shared, router: &mut Router) {
+async fn tick_alarms(shared: &Arc<Shared>, router: &mut Router) {
+    let reloaded = shared.notify_next.lock().ok().and_then(|mut n| n.take());
+    if let Some(notify) = reloaded {
+        router.notifier = Arc::new(Notifier::new(&notify, shared.clone()));
+        tracing::info!(
+            target: "relay::notify",
+            "notifiers reloaded: {}",
+            notify
+                .notifier
+                .iter()
+                .map(|n| n.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
     let now = crate::host::now_ms();
     let fx = {
         let mut book = shared.book();

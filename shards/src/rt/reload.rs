@@ -108,8 +108,9 @@ impl Relay {
             return ReloadReport::default();
         };
         let mut report = ReloadReport::default();
+        let rules = self.shared.plugins.clone();
         for key in changed_keys(&current, new) {
-            if is_live(&key) {
+            if is_live(&key) || (rules.is_some() && LIVE_WITH_RULES.contains(&key.as_str())) {
                 report.applied.push(key);
             } else {
                 report.needs_restart.push(key);
@@ -129,6 +130,17 @@ impl Relay {
         next.heartbeat = new.heartbeat.clone();
         next.admission = new.admission.clone();
         next.upgrade = new.upgrade.clone();
+        if let Some(rules) = &rules
+            && report
+                .applied
+                .iter()
+                .any(|k| LIVE_WITH_RULES.contains(&k.as_str()))
+        {
+            next.notify.notifier = new.notify.notifier.clone();
+            next.notify.route = new.notify.route.clone();
+            next.notify.utc_offset_min = new.notify.utc_offset_min;
+            rules.reload_notify(&next.notify);
+        }
         if !report.applied.is_empty() {
             live.max_connections
                 .store(next.limits.max_connections as usize, Ordering::Relaxed);
@@ -155,6 +167,9 @@ impl Relay {
         self.shared.live.failures.fetch_add(1, Ordering::Relaxed);
     }
 }
+
+/// Keys applied without a restart when the rules engine runs (it takes them).
+const LIVE_WITH_RULES: &[&str] = &["notify.notifier", "notify.route", "notify.utc_offset_min"];
 
 fn is_live(key: &str) -> bool {
     LIVE.iter().any(|l| {
