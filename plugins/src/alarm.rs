@@ -1399,7 +1399,7 @@ impl AlarmBook {
     pub fn still_wanted(&self, job: &NotifyJob) -> bool {
         match (&job.key, job.event.as_str()) {
             (Some(k), "raised" | "escalated") => {
-                let now = crate::host::now_ms();
+                let now = crate::clock::now_ms();
                 self.alarms
                     .get(k)
                     .is_some_and(|a| a.acked_by.is_none() && !a.shelved(now))

@@ -37,7 +37,7 @@ use serde_json::Value;
 
 use crate::effect::Effect;
 use crate::event::{Action, ClientInfo, Event, MessageEvent};
-use crate::host::HostConfig;
+use crate::host_config::HostConfig;
 use crate::rules::{Outcome, Rules};
 use crate::script::{self, ScriptError, Source};
 use crate::shared::Shared;

@@ -5,56 +5,19 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Sender, TrySendError};
-use relay_config::plugins::{MysqlConfig, NotifyConfig, PluginsConfig, RedisConfig};
 use serde_json::{Map, Value};
 
 use crate::alarm::{AckError, AlarmView};
+use crate::clock::now_ms;
 use crate::event::{Action, Event};
+use crate::host_config::HostConfig;
 use crate::script;
 use crate::shared::{PluginStats, Shared};
 use crate::sink::{self, SinkThread};
 use crate::worker::{SourceBox, Watcher, Worker};
-
-/// Milliseconds since the Unix epoch.
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
-/// The four sections the plugins use.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct HostConfig {
-    pub plugins: PluginsConfig,
-    pub redis: RedisConfig,
-    pub mysql: MysqlConfig,
-    pub notify: NotifyConfig,
-}
-
-impl HostConfig {
-    /// The plugin sections of the relay's configuration.
-    pub fn from_config(cfg: &relay_config::Config) -> HostConfig {
-        HostConfig {
-            plugins: cfg.plugins.clone(),
-            redis: cfg.redis.clone(),
-            mysql: cfg.mysql.clone(),
-            notify: cfg.notify.clone(),
-        }
-    }
-
-    /// Every problem of the four sections, as `key: reason` lines.
-    pub fn problems(&self) -> Vec<String> {
-        let mut p = self.plugins.check();
-        p.extend(self.redis.check());
-        p.extend(self.mysql.check());
-        p.extend(self.notify.check());
-        p.into_iter().map(|(k, r)| format!("{k}: {r}")).collect()
-    }
-}
 
 /// Why the host could not start.
 #[derive(Debug, thiserror::Error)]

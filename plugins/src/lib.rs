@@ -8,6 +8,8 @@
 //! # Layout
 //! - `event`: the boundary types (`Event`, `Action`, `ClientInfo`, `MessageEvent`).
 //! - `host`: `PluginHost`, which starts and stops everything below.
+//! - `host_config`: `HostConfig`, the four configuration sections the plugins use.
+//! - `clock`: `now_ms`, the one wall clock every module reads.
 //! - `worker`: script worker threads and the rules-folder watcher.
 //! - `rules`: one worker's engine and compiled scripts; calls the hooks.
 //! - `script`: the sandboxed engine, loading the folder, errors with file and line.
@@ -15,7 +17,8 @@
 //! - `effect`: what scripts and alarms ask for, before any IO.
 //! - `alarm`: the alarm book: raise/clear/ack, `alarm_when`, escalation chains.
 //! - `shared`: state shared by the threads, and the counters.
-//! - `sink`: the sink thread (Redis and MySQL writers, alarm clock, notifiers).
+//! - `sink`: the sink thread (Redis and MySQL writers, alarm clock, notifiers);
+//!   its `Dispatch` sends each effect to the writer or notifier it is for.
 //! - `spool`: the on-disk spool behind each sink.
 //! - `notify`: HTTP notifiers: templates, retries, rate limits, attempt records.
 //! - `history`: the alarm history read back from MySQL, in pages.
@@ -27,10 +30,12 @@
 pub mod alarm;
 pub mod api;
 pub mod cli;
+pub mod clock;
 pub mod effect;
 pub mod event;
 pub mod history;
 pub mod host;
+pub mod host_config;
 pub mod lint;
 pub mod notify;
 pub mod records;
@@ -46,9 +51,10 @@ pub use alarm::{AckError, AlarmView};
 pub use effect::{AlarmEvent, Effect, NotifyJob, Transition};
 pub use event::{Action, ClientInfo, Event, MessageEvent, RULES_SRC};
 pub use host::{
-    ActionReceiver, AlarmFilter, AlarmPage, AlarmTotals, BulkAck, EventSender, HostConfig,
-    PluginError, PluginHost,
+    ActionReceiver, AlarmFilter, AlarmPage, AlarmTotals, BulkAck, EventSender, PluginError,
+    PluginHost,
 };
+pub use host_config::HostConfig;
 pub use shared::PluginStats;
 
 #[cfg(test)]

@@ -170,7 +170,7 @@ pub struct Notifier {
 }
 
 fn now_ms() -> u64 {
-    crate::host::now_ms()
+    crate::clock::now_ms()
 }
 
 impl Notifier {

@@ -653,7 +653,7 @@ impl Flusher {
                             }
                         }
                     } else if store.is_none() {
-                        registry.purge(crate::host::now_ms());
+                        registry.purge(crate::clock::now_ms());
                         registry.take_changes();
                     }
                     if stopping {
@@ -708,7 +708,7 @@ fn flush_once(registry: &Registry, st: &mut Store) -> redis::RedisResult<()> {
             "device registry: earlier devices loaded from redis"
         );
     }
-    registry.purge(crate::host::now_ms());
+    registry.purge(crate::clock::now_ms());
     let (put, gone) = registry.take_changes();
     if put.is_empty() && gone.is_empty() {
         return Ok(());

@@ -14,9 +14,9 @@ use crossbeam_channel::{Receiver, RecvTimeoutError};
 use relay_config::plugins::PluginsConfig;
 use serde_json::json;
 
+use crate::clock::now_ms;
 use crate::effect::Effect;
 use crate::event::{Action, Event};
-use crate::host::now_ms;
 use crate::rules::{Outcome, Rules};
 use crate::script::{self, Source};
 use crate::shared::Shared;

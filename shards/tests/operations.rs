@@ -207,7 +207,7 @@ fn alarm_pages_carry_totals_and_operators_clear_shelve_and_bulk_acknowledge() {
     assert_eq!(p["totals"]["active"], 179);
 
     // Shelve for a minute, then unshelve.
-    let before = relay_plugins::host::now_ms();
+    let before = relay_plugins::clock::now_ms();
     let (s, a) = post(
         relay,
         "/api/v1/alarms/core-6%2Foffline/shelve",

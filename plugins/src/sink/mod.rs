@@ -18,7 +18,7 @@ use tokio::sync::mpsc;
 
 use crate::alarm::{Alarm, Watch};
 use crate::effect::Effect;
-use crate::host::HostConfig;
+use crate::host_config::HostConfig;
 use crate::notify::{Attempt, Notifier, log_attempt};
 use crate::shared::{LogGate, Shared};
 use crate::spool::{Spool, SpoolError};
@@ -397,7 +397,7 @@ pub fn start(
 }
 
 /// Routes effects to the writers and the notifier.
-struct Router {
+struct Dispatch {
     redis: Option<mpsc::Sender<Vec<u8>>>,
     mysql: Option<mpsc::Sender<Vec<u8>>>,
     notifier: Arc<Notifier>,
@@ -418,7 +418,7 @@ fn enc<T: serde::Serialize>(v: &T) -> Vec<u8> {
     serde_json::to_vec(v).unwrap_or_default()
 }
 
-impl Router {
+impl Dispatch {
     /// Queues a Redis write; waits while the writer is full (backpressure to the workers).
     async fn redis(&self, op: RedisOp) {
         if let Some(tx) = &self.redis {
@@ -512,7 +512,7 @@ impl Router {
             }
             Effect::Persist { table, row } => self.mysql(&table, row).await,
             Effect::Alarm(ev) => {
-                match self.alarm_log.pass(crate::host::now_ms()) {
+                match self.alarm_log.pass(crate::clock::now_ms()) {
                     Some(0) => {
                         tracing::info!(target: "relay::alarms", key = %ev.key, severity = %ev.severity, by = ?ev.by,
                             "alarm {}: {}", ev.transition.as_str(), ev.text)
@@ -547,7 +547,7 @@ impl Router {
                         let pass = gate
                             .lock()
                             .unwrap_or_else(|p| p.into_inner())
-                            .pass(crate::host::now_ms());
+                            .pass(crate::clock::now_ms());
                         match pass {
                             Some(0) => log_attempt(&a),
                             Some(n) => {
@@ -649,7 +649,7 @@ async fn run(
         writers.spawn(w.run());
     }
     let _ = loaded_tx.send(loaded);
-    let mut router = Router {
+    let mut dispatch = Dispatch {
         redis: redis_tx,
         mysql: mysql_tx,
         notifier: Arc::new(Notifier::new(&cfg.notify, shared.clone())),
@@ -666,12 +666,12 @@ async fn run(
         tokio::select! {
             biased;
             e = rx.recv(), if !stopping => match e {
-                Some(e) => router.route(e).await,
+                Some(e) => dispatch.route(e).await,
                 None => stopping = true,
             },
             _ = stop.notified(), if !stopping => stopping = true,
-            _ = shared.clock_kick.notified() => tick_alarms(&shared, &mut router).await,
-            _ = clock.tick() => tick_alarms(&shared, &mut router).await,
+            _ = shared.clock_kick.notified() => tick_alarms(&shared, &mut dispatch).await,
+            _ = clock.tick() => tick_alarms(&shared, &mut dispatch).await,
         }
         if stopping {
             break;
@@ -679,19 +679,19 @@ async fn run(
     }
     // Drain what is queued, then let the writers finish (bounded).
     while let Ok(e) = rx.try_recv() {
-        router.route(e).await;
+        dispatch.route(e).await;
     }
-    tick_alarms(&shared, &mut router).await;
+    tick_alarms(&shared, &mut dispatch).await;
     let deadline = tokio::time::sleep(Duration::from_secs(3));
     tokio::pin!(deadline);
     loop {
         tokio::select! {
-            r = router.deliveries.join_next() => if r.is_none() { break },
-            _ = &mut deadline => { router.deliveries.abort_all(); break }
+            r = dispatch.deliveries.join_next() => if r.is_none() { break },
+            _ = &mut deadline => { dispatch.deliveries.abort_all(); break }
         }
     }
     closing.store(true, Ordering::Relaxed);
-    let Router { redis, mysql, .. } = router;
+    let Dispatch { redis, mysql, .. } = dispatch;
     drop(redis);
     drop(mysql);
     let deadline = tokio::time::sleep(Duration::from_secs(10));
@@ -709,10 +709,10 @@ async fn run(
 }
 
 /// Runs the alarm clock once and routes what it produced.
-async fn tick_alarms(shared: &Arc<Shared>, router: &mut Router) {
+async fn tick_alarms(shared: &Arc<Shared>, dispatch: &mut Dispatch) {
     let reloaded = shared.notify_next.lock().ok().and_then(|mut n| n.take());
     if let Some(notify) = reloaded {
-        router.notifier = Arc::new(Notifier::new(&notify, shared.clone()));
+        dispatch.notifier = Arc::new(Notifier::new(&notify, shared.clone()));
         tracing::info!(
             target: "relay::notify",
             "notifiers reloaded: {}",
@@ -724,16 +724,16 @@ async fn tick_alarms(shared: &Arc<Shared>, router: &mut Router) {
                 .join(", ")
         );
     }
-    let now = crate::host::now_ms();
+    let now = crate::clock::now_ms();
     let fx = {
         let mut book = shared.book();
         book.poll(now);
         book.take_effects()
     };
-    if let Some(n) = router.alarm_log.flush(now) {
+    if let Some(n) = dispatch.alarm_log.flush(now) {
         tracing::info!(target: "relay::alarms", "{n} more alarm transitions not logged; all are in the alarm table");
     }
-    let left = router
+    let left = dispatch
         .notify_log
         .lock()
         .unwrap_or_else(|p| p.into_inner())
@@ -742,7 +742,7 @@ async fn tick_alarms(shared: &Arc<Shared>, router: &mut Router) {
         tracing::warn!(target: "relay::notify", "{n} more notifier attempts not logged; all are in the attempts table");
     }
     for e in fx {
-        router.route(e).await;
+        dispatch.route(e).await;
     }
 }
 

@@ -122,7 +122,7 @@ pub fn take_actions(rx: &ActionReceiver, n: usize, within: Duration) -> Vec<Acti
 }
 
 pub fn now_ms() -> u64 {
-    relay_plugins::host::now_ms()
+    relay_plugins::clock::now_ms()
 }
 
 /// A JSON message from `src`.
