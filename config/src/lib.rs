@@ -66,7 +66,7 @@ pub use rules::{
 };
 pub use sections::{
     AdmissionConfig, AuthConfig, AuthMode, HeartbeatConfig, HttpConfig, LimitsConfig,
-    ListenersConfig, LogConfig, LogFormat, NodeConfig, ShardsConfig, ShutdownConfig,
+    ListenersConfig, LogConfig, LogFormat, NodeConfig, ShardsConfig, ShutdownConfig, TlsConfig,
 };
 
 /// The embedded defaults: every key, commented, with its default value.
@@ -100,6 +100,8 @@ pub struct Config {
     pub shutdown: ShutdownConfig,
     /// How fast new clients are let in.
     pub admission: AdmissionConfig,
+    /// Certificates and bounds of the TLS listeners.
+    pub tls: TlsConfig,
     /// Rhai script workers.
     pub plugins: plugins::PluginsConfig,
     /// Redis sink (device state, counters).

@@ -6,6 +6,7 @@
 mod conn;
 mod http;
 mod reload;
+mod tls;
 
 pub use reload::ReloadReport;
 
@@ -56,6 +57,8 @@ pub struct Handover {
     pub session: crate::cell::Session,
     /// WebSocket frame state, for browser connections.
     pub ws: Option<crate::ws::WsDecoder>,
+    /// The TLS session, for connections on a TLS listener.
+    pub tls: Option<Box<rustls::ServerConnection>>,
 }
 
 /// The wakers behind the router's [`Signals`]: the I/O loop's (write list)
@@ -126,6 +129,8 @@ pub struct Shared {
     pub open: AtomicUsize,
     /// What a configuration reload may change.
     pub(crate) live: reload::Live,
+    /// The TLS listeners' configuration.
+    pub(crate) tls: tls::TlsShared,
     pub stats: Vec<Arc<ShardStats>>,
     pub started: Instant,
     /// `[http] api_token`: required as a bearer token on `/api/*` when set.
@@ -217,6 +222,8 @@ pub(crate) struct Shard {
     listen_fd: Cell<Option<RawFd>>,
     /// Accepts paused after running out of descriptors; the sweeper resumes.
     accept_paused: Cell<bool>,
+    /// The TLS listener and the handshakes under way.
+    tls: tls::ShardTls,
     senders: Senders<MeshMsg>,
     shared: Arc<Shared>,
     max_batch: usize,
@@ -303,10 +310,27 @@ impl Relay {
             ),
             None => None,
         };
+        let tls_reserve = match cfg.listeners.tcp_tls {
+            Some(a) => {
+                ensure_free(a)?;
+                Some(reserve_port(a).with_context(|| format!("binding {a}"))?)
+            }
+            None => None,
+        };
+        let tls_addr = match &tls_reserve {
+            Some(r) => Some(
+                r.local_addr()?
+                    .as_socket()
+                    .context("tls listener address")?,
+            ),
+            None => None,
+        };
+        let tls = tls::TlsShared::new(cfg, tls_addr)?;
         let shared = Arc::new(Shared {
             stop: Arc::new(AtomicBool::new(false)),
             open: AtomicUsize::new(0),
             live: reload::Live::new(cfg),
+            tls,
             stats: (0..shards)
                 .map(|_| Arc::new(ShardStats::default()))
                 .collect(),
@@ -405,6 +429,10 @@ impl Relay {
         }
         drop(reserve);
         drop(http_reserve);
+        drop(tls_reserve);
+        if let Some(a) = tls_addr {
+            tracing::info!("relay listening tcp_tls_addr={a}");
+        }
         match http_addr {
             Some(h) => {
                 tracing::info!("relay listening tcp_addr={tcp_addr} http_addr={h} shards={shards}")
@@ -422,6 +450,11 @@ impl Relay {
     /// Where controllers connect.
     pub fn tcp_addr(&self) -> SocketAddr {
         self.tcp_addr
+    }
+
+    /// Where controllers connect over TLS, when `[listeners] tcp_tls` is set.
+    pub fn tcp_tls_addr(&self) -> Option<SocketAddr> {
+        self.shared.tls.tcp_addr
     }
 
     /// Where the HTTP API, `/ws`, `/metrics` and the console are served.
@@ -679,6 +712,7 @@ async fn shard_main(
         poller,
         listen_fd: Cell::new(None),
         accept_paused: Cell::new(false),
+        tls: tls::ShardTls::default(),
         senders,
         shared: shared.clone(),
         max_batch,
@@ -709,7 +743,24 @@ async fn shard_main(
         .watch_listener(listener.as_raw_fd())
         .map_err(|e| anyhow::anyhow!("shard {id}: watching the listener: {e}"))?;
     shard.listen_fd.set(Some(listener.as_raw_fd()));
-    tasks.push(glommio::spawn_local(conn::run(shard.clone(), listener)));
+    let tls_listener = match shared.tls.tcp_addr {
+        Some(a) => {
+            let l =
+                bind_listener(a).map_err(|e| anyhow::anyhow!("shard {id}: binding {a}: {e}"))?;
+            shard
+                .poller
+                .watch_tls_listener(l.as_raw_fd())
+                .map_err(|e| anyhow::anyhow!("shard {id}: watching the TLS listener: {e}"))?;
+            shard.tls.listen_fd.set(Some(l.as_raw_fd()));
+            Some(l)
+        }
+        None => None,
+    };
+    tasks.push(glommio::spawn_local(conn::run(
+        shard.clone(),
+        listener,
+        tls_listener,
+    )));
     if let Some(l) = http_listener {
         tasks.push(glommio::spawn_local(accept_http(shard.clone(), l)));
     }
@@ -722,12 +773,20 @@ async fn shard_main(
         let t = now();
         shard.router.sweep(t);
         reload::apply(&shard);
+        conn::sweep_tls(&shard, t);
         if shard.accept_paused.replace(false)
             && let Some(fd) = shard.listen_fd.get()
             && let Err(e) = shard.poller.watch_listener(fd)
         {
             crate::warn_every!("cannot resume accepts: {e}");
             shard.accept_paused.set(true);
+        }
+        if shard.tls.accept_paused.replace(false)
+            && let Some(fd) = shard.tls.listen_fd.get()
+            && let Err(e) = shard.poller.watch_tls_listener(fd)
+        {
+            crate::warn_every!("cannot resume TLS accepts: {e}");
+            shard.tls.accept_paused.set(true);
         }
         if shared.stop.load(Ordering::Relaxed) && shutdown_deadline.is_none() {
             let deadline = t.mono_ms + grace_ms;
@@ -814,6 +873,7 @@ async fn accept_http(shard: Rc<Shard>, listener: TcpListener) {
 /// Takes a connection handed over by another shard.
 fn adopt(shard: &Rc<Shard>, h: Handover) {
     let cell = shard.router.register(h.conn, h.session);
+    cell.io.borrow_mut().tls = h.tls;
     conn::attach(
         shard,
         cell,

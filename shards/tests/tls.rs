@@ -1,0 +1,394 @@
+//! TLS for controllers: real TLS clients (rustls, `openssl s_client`) on
+//! `[listeners] tcp_tls`, with certificates made here by rcgen.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use common::{Client, Form, addrs_on, start};
+use relay_config::Config;
+use relay_core::codec::{self, Decoder};
+use relay_core::frame::{Flags, Frame, FrameType};
+use relay_core::json;
+use relay_shards::Relay;
+use rustls::pki_types::{CertificateDer, ServerName};
+
+/// A CA and a server certificate for `localhost` and 127.0.0.1 it signed,
+/// written as PEM files in a fresh directory.
+struct Pki {
+    dir: PathBuf,
+    ca_pem: String,
+    cert_file: PathBuf,
+    key_file: PathBuf,
+}
+
+impl Pki {
+    fn new(tag: &str) -> Pki {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "relay-tls-{tag}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        ca_params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, format!("relay test CA {tag}"));
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let ca = rcgen::CertifiedIssuer::self_signed(ca_params, ca_key).unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let params =
+            rcgen::CertificateParams::new(vec!["localhost".into(), "127.0.0.1".into()]).unwrap();
+        let cert = params.signed_by(&key, &ca).unwrap();
+        let cert_file = dir.join("cert.pem");
+        let key_file = dir.join("key.pem");
+        std::fs::write(&cert_file, cert.pem()).unwrap();
+        std::fs::write(&key_file, key.serialize_pem()).unwrap();
+        std::fs::write(dir.join("ca.pem"), ca.pem()).unwrap();
+        Pki {
+            ca_pem: ca.pem(),
+            dir,
+            cert_file,
+            key_file,
+        }
+    }
+
+    /// Turns the TLS listener on, with this certificate.
+    fn apply(&self, cfg: &mut Config) {
+        cfg.listeners.tcp_tls = Some("127.0.0.1:0".parse().unwrap());
+        cfg.tls.cert_file = Some(self.cert_file.display().to_string());
+        cfg.tls.key_file = Some(self.key_file.display().to_string());
+    }
+
+    fn client_config(
+        &self,
+        version: &'static rustls::SupportedProtocolVersion,
+        alpn: &[&str],
+    ) -> Arc<rustls::ClientConfig> {
+        let mut roots = rustls::RootCertStore::empty();
+        let ca = CertificateDer::from_pem_slice(self.ca_pem.as_bytes()).unwrap();
+        roots.add(ca).unwrap();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut c = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[version])
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        c.alpn_protocols = alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
+        Arc::new(c)
+    }
+}
+
+impl Drop for Pki {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+use rustls::pki_types::pem::PemObject;
+
+/// A blocking controller speaking binary frames over rustls.
+struct TlsClient {
+    tls: rustls::StreamOwned<rustls::ClientConnection, TcpStream>,
+    buf: BytesMut,
+}
+
+impl TlsClient {
+    fn connect(addr: SocketAddr, config: Arc<rustls::ClientConfig>) -> TlsClient {
+        let sock = TcpStream::connect(addr).unwrap();
+        sock.set_nodelay(true).unwrap();
+        sock.set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        let name = ServerName::try_from("localhost").unwrap();
+        let conn = rustls::ClientConnection::new(config, name).unwrap();
+        let mut tls = rustls::StreamOwned::new(conn, sock);
+        // Drive the handshake to its end.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while tls.conn.is_handshaking() {
+            assert!(Instant::now() < deadline, "handshake did not finish");
+            match tls.conn.complete_io(&mut tls.sock) {
+                Ok(_) => {}
+                Err(e) if is_timeout(&e) => {}
+                Err(e) => panic!("handshake: {e}"),
+            }
+        }
+        TlsClient {
+            tls,
+            buf: BytesMut::new(),
+        }
+    }
+
+    fn hello(addr: SocketAddr, config: Arc<rustls::ClientConfig>, name: &str) -> TlsClient {
+        let mut c = TlsClient::connect(addr, config);
+        let mut f = Frame::new(FrameType::Hello);
+        f.src = Bytes::copy_from_slice(name.as_bytes());
+        f.payload = Bytes::from_static(b"{}");
+        f.flags = Flags(Flags::JSON);
+        c.send(&f);
+        let w = c.recv();
+        assert_eq!(w.kind, FrameType::Welcome, "{w:?}");
+        c
+    }
+
+    fn send(&mut self, f: &Frame) {
+        let mut out = BytesMut::new();
+        codec::encode(f, &mut out);
+        self.tls.write_all(&out).unwrap();
+        self.tls.flush().unwrap();
+    }
+
+    fn recv(&mut self) -> Frame {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            if let Some(f) = Decoder::new(1 << 24).decode(&mut self.buf).unwrap() {
+                return f;
+            }
+            assert!(Instant::now() < deadline, "no frame within 5 s");
+            let mut tmp = [0u8; 16384];
+            match self.tls.read(&mut tmp) {
+                Ok(0) => panic!("closed while waiting for a frame"),
+                Ok(n) => self.buf.extend_from_slice(&tmp[..n]),
+                Err(e) if is_timeout(&e) => {}
+                Err(e) => panic!("read: {e}"),
+            }
+        }
+    }
+}
+
+fn is_timeout(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+    )
+}
+
+fn data(dst: &str, payload: &[u8]) -> Frame {
+    Frame::data(
+        Bytes::new(),
+        Bytes::copy_from_slice(dst.as_bytes()),
+        Bytes::copy_from_slice(payload),
+    )
+}
+
+fn tls_addr(relay: &Relay) -> SocketAddr {
+    relay.tcp_tls_addr().expect("TLS listener")
+}
+
+fn tls_errors(relay: &Relay) -> u64 {
+    relay
+        .stats()
+        .iter()
+        .map(|s| s.tls_errors.load(Ordering::Relaxed))
+        .sum()
+}
+
+/// Frames both ways between a TLS controller and a plaintext one whose
+/// addresses are owned by different shards, over TLS 1.3 and TLS 1.2; the
+/// negotiated ALPN protocol is the relay's.
+#[test]
+fn rustls_clients_exchange_frames_with_plaintext_clients_on_other_shards() {
+    let pki = Pki::new("rustls");
+    let relay = start(|c| {
+        pki.apply(c);
+        c.tls.alpn = vec!["relay".into()];
+    });
+    let versions: [(&'static rustls::SupportedProtocolVersion, &str); 2] = [
+        (&rustls::version::TLS13, "13"),
+        (&rustls::version::TLS12, "12"),
+    ];
+    for (version, tag) in versions {
+        let secure = addrs_on(&format!("tls{tag}-"), 0, 2, 1).remove(0);
+        let plain = addrs_on(&format!("plain{tag}-"), 1, 2, 1).remove(0);
+        let config = pki.client_config(version, &["relay"]);
+        let mut t = TlsClient::hello(tls_addr(&relay), config, &secure);
+        assert_eq!(t.tls.conn.protocol_version(), Some(version.version));
+        assert_eq!(t.tls.conn.alpn_protocol(), Some(&b"relay"[..]));
+        let mut p = Client::hello(relay.tcp_addr(), Form::Binary, &plain);
+
+        // A payload larger than one TLS record each way.
+        let big: Vec<u8> = (0..40_000u32).map(|i| i as u8).collect();
+        t.send(&data(&plain, b"from tls"));
+        t.send(&data(&plain, &big));
+        let f = p.expect(FrameType::Data);
+        assert_eq!(
+            (&f.src[..], &f.payload[..]),
+            (secure.as_bytes(), &b"from tls"[..])
+        );
+        assert_eq!(&p.expect(FrameType::Data).payload[..], &big[..]);
+
+        p.data(&secure, 0, false, b"from plaintext");
+        p.data(&secure, 0, false, &big);
+        let f = t.recv();
+        assert_eq!(f.kind, FrameType::Data);
+        assert_eq!(
+            (&f.src[..], &f.payload[..]),
+            (plain.as_bytes(), &b"from plaintext"[..])
+        );
+        assert_eq!(&t.recv().payload[..], &big[..]);
+    }
+    assert_eq!(tls_errors(&relay), 0);
+}
+
+/// `openssl s_client` carries JSON lines both ways.
+#[test]
+fn openssl_s_client_speaks_the_json_form() {
+    let pki = Pki::new("openssl");
+    let relay = start(|c| pki.apply(c));
+    let mut child = Command::new("openssl")
+        .args(["s_client", "-quiet", "-connect"])
+        .arg(tls_addr(&relay).to_string())
+        .args([
+            "-servername",
+            "localhost",
+            "-verify_return_error",
+            "-CAfile",
+        ])
+        .arg(pki.dir.join("ca.pem"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("openssl runs");
+    let mut stdin = child.stdin.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let stdout = child.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let next = |what: &str| -> Frame {
+        let line = rx
+            .recv_timeout(Duration::from_secs(10))
+            .unwrap_or_else(|_| panic!("s_client printed no {what}"));
+        json::parse_json(line.as_bytes()).unwrap()
+    };
+    let secure = addrs_on("ossl-", 0, 2, 1).remove(0);
+    let plain = addrs_on("plain-", 1, 2, 1).remove(0);
+    let mut hello = Frame::new(FrameType::Hello);
+    hello.src = Bytes::copy_from_slice(secure.as_bytes());
+    hello.payload = Bytes::from_static(b"{}");
+    hello.flags = Flags(Flags::JSON);
+    let mut out = BytesMut::new();
+    json::write_json(&hello, &mut out);
+    out.extend_from_slice(b"\n");
+    stdin.write_all(&out).unwrap();
+    stdin.flush().unwrap();
+    assert_eq!(next("welcome").kind, FrameType::Welcome);
+
+    let mut p = Client::hello(relay.tcp_addr(), Form::Json, &plain);
+    p.data(&secure, 0, false, b"to openssl");
+    let f = next("data");
+    assert_eq!(
+        (&f.src[..], &f.payload[..]),
+        (plain.as_bytes(), &b"to openssl"[..])
+    );
+
+    let mut out = BytesMut::new();
+    json::write_json(&data(&plain, b"from openssl"), &mut out);
+    out.extend_from_slice(b"\n");
+    stdin.write_all(&out).unwrap();
+    stdin.flush().unwrap();
+    let f = p.expect(FrameType::Data);
+    assert_eq!(
+        (&f.src[..], &f.payload[..]),
+        (secure.as_bytes(), &b"from openssl"[..])
+    );
+    drop(stdin);
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// A plaintext hello on the TLS port gets a TLS alert and an orderly close
+/// (no reset), and the listener goes on serving TLS clients.
+#[test]
+fn a_plaintext_client_on_the_tls_port_is_closed_cleanly() {
+    let pki = Pki::new("plain");
+    let relay = start(|c| pki.apply(c));
+    let mut c = Client::connect(tls_addr(&relay), Form::Json);
+    c.send_raw(b"{\"type\":\"hello\",\"src\":\"dev-p\"}\n")
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut got = Vec::new();
+    let mut tmp = [0u8; 1024];
+    loop {
+        assert!(Instant::now() < deadline, "not closed within 5 s");
+        match c.stream.read(&mut tmp) {
+            Ok(0) => break,
+            Ok(n) => got.extend_from_slice(&tmp[..n]),
+            Err(e) if is_timeout(&e) => {}
+            Err(e) => panic!("closed with an error (a reset?): {e}"),
+        }
+    }
+    // Content type 21: a TLS alert record.
+    assert_eq!(got.first(), Some(&21), "got {got:?}");
+    assert_eq!(tls_errors(&relay), 1);
+    let config = pki.client_config(&rustls::version::TLS13, &[]);
+    TlsClient::hello(tls_addr(&relay), config, "after-plain");
+}
+
+/// A connection that never finishes its handshake is closed at
+/// `[tls] handshake_timeout_ms`, long before the hello timeout; one that
+/// finished it is left to the hello timeout.
+#[test]
+fn a_stalled_handshake_is_closed_at_its_deadline() {
+    let pki = Pki::new("stall");
+    let relay = start(|c| {
+        pki.apply(c);
+        c.tls.handshake_timeout_ms = 300;
+        c.limits.hello_timeout_ms = 30_000;
+    });
+    let started = Instant::now();
+    let mut silent = Client::connect(tls_addr(&relay), Form::Binary);
+    // Half a record header: the handshake starts and stalls.
+    silent.send_raw(&[22, 3, 1]).unwrap();
+    let config = pki.client_config(&rustls::version::TLS13, &[]);
+    let mut done = TlsClient::connect(tls_addr(&relay), config);
+    let (_, closed) = silent.drain_until_closed(Duration::from_secs(5));
+    let took = started.elapsed();
+    assert!(closed, "a stalled handshake stays open");
+    assert!(
+        took >= Duration::from_millis(250) && took < Duration::from_secs(3),
+        "closed after {took:?}"
+    );
+    let timeouts: u64 = relay
+        .stats()
+        .iter()
+        .map(|s| s.tls_handshake_timeouts.load(Ordering::Relaxed))
+        .sum();
+    assert_eq!(timeouts, 1);
+    // The finished handshake is still open and can say hello.
+    std::thread::sleep(Duration::from_millis(400));
+    let mut f = Frame::new(FrameType::Hello);
+    f.src = Bytes::from_static(b"late-hello");
+    f.payload = Bytes::from_static(b"{}");
+    f.flags = Flags(Flags::JSON);
+    done.send(&f);
+    assert_eq!(done.recv().kind, FrameType::Welcome);
+}
+
+/// A missing certificate file stops the start with an error naming it.
+#[test]
+fn a_missing_certificate_file_is_a_clear_start_error() {
+    let pki = Pki::new("missing");
+    let mut cfg = common::test_config();
+    pki.apply(&mut cfg);
+    cfg.tls.cert_file = Some(pki.dir.join("nope.pem").display().to_string());
+    let err = Relay::start(&cfg).unwrap_err().to_string();
+    assert!(
+        err.contains("tls.cert_file") && err.contains("nope.pem"),
+        "{err}"
+    );
+}
