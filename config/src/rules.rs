@@ -415,13 +415,38 @@ fn check_log_filter(filter: &str) -> Result<(), String> {
 /// `[tls]` and the TLS listeners.
 fn tls_rules(c: &Config, r: &mut Rules) {
     let t = &c.tls;
-    if let Some(addr) = c.listeners.tcp_tls {
+    let l = &c.listeners;
+    if l.tcp_tls.is_some() || l.http_tls.is_some() {
         if t.cert_file.as_deref().unwrap_or("").is_empty() {
-            r.fail("tls.cert_file", "is required when listeners.tcp_tls is set");
+            r.fail(
+                "tls.cert_file",
+                "is required when listeners.tcp_tls or listeners.http_tls is set",
+            );
         }
         if t.key_file.as_deref().unwrap_or("").is_empty() {
-            r.fail("tls.key_file", "is required when listeners.tcp_tls is set");
+            r.fail(
+                "tls.key_file",
+                "is required when listeners.tcp_tls or listeners.http_tls is set",
+            );
         }
+    }
+    if let Some(addr) = l.http_tls {
+        if !c.http.enabled {
+            r.fail("listeners.http_tls", "needs http.enabled = true");
+        }
+        for (other, name) in [(l.tcp, "listeners.tcp"), (l.http, "listeners.http")]
+            .into_iter()
+            .chain(l.tcp_tls.map(|a| (a, "listeners.tcp_tls")))
+        {
+            if addr == other && addr.port() != 0 {
+                r.fail(
+                    "listeners.http_tls",
+                    format!("is the same address as {name} ({addr})"),
+                );
+            }
+        }
+    }
+    if let Some(addr) = l.tcp_tls {
         if addr == c.listeners.tcp && addr.port() != 0 {
             r.fail(
                 "listeners.tcp_tls",

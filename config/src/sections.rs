@@ -36,6 +36,10 @@ pub struct ListenersConfig {
     /// Controllers' TLS port (the same protocol inside TLS); off when absent.
     /// Needs `[tls] cert_file` and `key_file`.
     pub tcp_tls: Option<SocketAddr>,
+    /// HTTPS port: everything the HTTP port serves (console, `/ws` as wss,
+    /// `/api`, `/metrics`) inside TLS; off when absent. Needs `[tls] cert_file`
+    /// and `key_file`, and `[http] enabled`.
+    pub http_tls: Option<SocketAddr>,
 }
 
 impl Default for ListenersConfig {
@@ -44,6 +48,7 @@ impl Default for ListenersConfig {
             tcp: SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 7000)),
             http: SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 8080)),
             tcp_tls: None,
+            http_tls: None,
         }
     }
 }

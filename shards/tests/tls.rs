@@ -104,25 +104,8 @@ struct TlsClient {
 
 impl TlsClient {
     fn connect(addr: SocketAddr, config: Arc<rustls::ClientConfig>) -> TlsClient {
-        let sock = TcpStream::connect(addr).unwrap();
-        sock.set_nodelay(true).unwrap();
-        sock.set_read_timeout(Some(Duration::from_millis(100)))
-            .unwrap();
-        let name = ServerName::try_from("localhost").unwrap();
-        let conn = rustls::ClientConnection::new(config, name).unwrap();
-        let mut tls = rustls::StreamOwned::new(conn, sock);
-        // Drive the handshake to its end.
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while tls.conn.is_handshaking() {
-            assert!(Instant::now() < deadline, "handshake did not finish");
-            match tls.conn.complete_io(&mut tls.sock) {
-                Ok(_) => {}
-                Err(e) if is_timeout(&e) => {}
-                Err(e) => panic!("handshake: {e}"),
-            }
-        }
         TlsClient {
-            tls,
+            tls: tls_connect(addr, config),
             buf: BytesMut::new(),
         }
     }
@@ -162,6 +145,63 @@ impl TlsClient {
             }
         }
     }
+}
+
+type TlsStream = rustls::StreamOwned<rustls::ClientConnection, TcpStream>;
+
+/// Connects to `addr` as `localhost` and finishes the handshake.
+fn tls_connect(addr: SocketAddr, config: Arc<rustls::ClientConfig>) -> TlsStream {
+    let sock = TcpStream::connect(addr).unwrap();
+    sock.set_nodelay(true).unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let name = ServerName::try_from("localhost").unwrap();
+    let conn = rustls::ClientConnection::new(config, name).unwrap();
+    let mut tls = rustls::StreamOwned::new(conn, sock);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while tls.conn.is_handshaking() {
+        assert!(Instant::now() < deadline, "handshake did not finish");
+        match tls.conn.complete_io(&mut tls.sock) {
+            Ok(_) => {}
+            Err(e) if is_timeout(&e) => {}
+            Err(e) => panic!("handshake: {e}"),
+        }
+    }
+    tls
+}
+
+/// One HTTPS request (`Connection: close`): status and body.
+fn https_get(addr: SocketAddr, config: Arc<rustls::ClientConfig>, path: &str) -> (u16, String) {
+    let mut tls = tls_connect(addr, config);
+    assert_eq!(tls.conn.alpn_protocol(), Some(&b"http/1.1"[..]));
+    let req = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+    tls.write_all(req.as_bytes()).unwrap();
+    tls.flush().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut got = Vec::new();
+    let mut tmp = [0u8; 16384];
+    loop {
+        assert!(Instant::now() < deadline, "no complete response within 5 s");
+        match tls.read(&mut tmp) {
+            Ok(0) => break,
+            Ok(n) => got.extend_from_slice(&tmp[..n]),
+            Err(e) if is_timeout(&e) => {}
+            // The server may close without close_notify once it has answered.
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break,
+            Err(e) => panic!("read: {e}"),
+        }
+    }
+    let text = String::from_utf8_lossy(&got).into_owned();
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("not an HTTP response: {text:?}"));
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
 }
 
 fn is_timeout(e: &std::io::Error) -> bool {
@@ -390,5 +430,63 @@ fn a_missing_certificate_file_is_a_clear_start_error() {
     assert!(
         err.contains("tls.cert_file") && err.contains("nope.pem"),
         "{err}"
+    );
+}
+
+/// HTTPS serves the API and `/metrics`, and `/ws` upgrades to wss whose
+/// browser exchanges frames with a plaintext controller on another shard.
+#[test]
+fn https_serves_the_api_and_wss_carries_frames() {
+    let pki = Pki::new("https");
+    let relay = start(|c| {
+        pki.apply(c);
+        c.listeners.http_tls = Some("127.0.0.1:0".parse().unwrap());
+    });
+    let https = relay.http_tls_addr().expect("HTTPS listener");
+    let http11 = pki.client_config(&rustls::version::TLS13, &["http/1.1"]);
+    let (status, body) = https_get(https, http11.clone(), "/healthz");
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = https_get(https, http11.clone(), "/metrics");
+    assert_eq!(status, 200);
+    assert!(
+        body.contains("relay_tls_handshake_timeouts_total"),
+        "{body}"
+    );
+
+    let web = addrs_on("wss-", 0, 2, 1).remove(0);
+    let ctl = addrs_on("ctl-", 1, 2, 1).remove(0);
+    let stream = tls_connect(https, http11);
+    let url = format!("wss://localhost/ws?addr={web}");
+    let (mut ws, resp) = tungstenite::client(url, stream).expect("websocket handshake");
+    assert_eq!(resp.status().as_u16(), 101);
+    let mut recv_json = || -> serde_json::Value {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            assert!(Instant::now() < deadline, "no message within 5 s");
+            match ws.read() {
+                Ok(tungstenite::Message::Text(t)) => {
+                    return serde_json::from_str(t.as_str()).unwrap();
+                }
+                Ok(_) => {}
+                Err(tungstenite::Error::Io(e)) if is_timeout(&e) => {}
+                Err(e) => panic!("websocket read: {e}"),
+            }
+        }
+    };
+    let w = recv_json();
+    assert_eq!(w["type"], "welcome");
+    let mut c = Client::hello(relay.tcp_addr(), Form::Binary, &ctl);
+    c.data(&web, 0, false, &[1, 2, 3]);
+    let got = recv_json();
+    assert_eq!(got["src"], ctl.as_str());
+    assert_eq!(got["payload_b64"], "AQID");
+    let msg = serde_json::json!({"type":"data","dst":ctl,"payload":{"cmd":"on"}});
+    ws.send(tungstenite::Message::text(msg.to_string()))
+        .unwrap();
+    let f = c.expect(FrameType::Data);
+    assert_eq!(&f.src[..], web.as_bytes());
+    assert_eq!(
+        serde_json::from_slice::<serde_json::Value>(&f.payload).unwrap(),
+        serde_json::json!({"cmd":"on"})
     );
 }

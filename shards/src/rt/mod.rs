@@ -310,22 +310,10 @@ impl Relay {
             ),
             None => None,
         };
-        let tls_reserve = match cfg.listeners.tcp_tls {
-            Some(a) => {
-                ensure_free(a)?;
-                Some(reserve_port(a).with_context(|| format!("binding {a}"))?)
-            }
-            None => None,
-        };
-        let tls_addr = match &tls_reserve {
-            Some(r) => Some(
-                r.local_addr()?
-                    .as_socket()
-                    .context("tls listener address")?,
-            ),
-            None => None,
-        };
-        let tls = tls::TlsShared::new(cfg, tls_addr)?;
+        let (tls_reserve, tls_addr) = reserve_optional(cfg.listeners.tcp_tls)?;
+        let https = cfg.listeners.http_tls.filter(|_| cfg.http.enabled);
+        let (https_reserve, https_addr) = reserve_optional(https)?;
+        let tls = tls::TlsShared::new(cfg, tls_addr, https_addr)?;
         let shared = Arc::new(Shared {
             stop: Arc::new(AtomicBool::new(false)),
             open: AtomicUsize::new(0),
@@ -430,8 +418,12 @@ impl Relay {
         drop(reserve);
         drop(http_reserve);
         drop(tls_reserve);
+        drop(https_reserve);
         if let Some(a) = tls_addr {
             tracing::info!("relay listening tcp_tls_addr={a}");
+        }
+        if let Some(a) = https_addr {
+            tracing::info!("relay listening http_tls_addr={a}");
         }
         match http_addr {
             Some(h) => {
@@ -455,6 +447,12 @@ impl Relay {
     /// Where controllers connect over TLS, when `[listeners] tcp_tls` is set.
     pub fn tcp_tls_addr(&self) -> Option<SocketAddr> {
         self.shared.tls.tcp_addr
+    }
+
+    /// Where HTTPS (the console, wss, the API) is served, when
+    /// `[listeners] http_tls` is set.
+    pub fn http_tls_addr(&self) -> Option<SocketAddr> {
+        self.shared.tls.http_addr
     }
 
     /// Where the HTTP API, `/ws`, `/metrics` and the console are served.
@@ -599,6 +597,22 @@ fn reserve_port(addr: SocketAddr) -> std::io::Result<socket2::Socket> {
     s.set_reuse_address(true)?;
     s.bind(&addr.into())?;
     Ok(s)
+}
+
+/// Checks and reserves an optional listener's address (port 0 resolved).
+fn reserve_optional(
+    addr: Option<SocketAddr>,
+) -> anyhow::Result<(Option<socket2::Socket>, Option<SocketAddr>)> {
+    let Some(a) = addr else {
+        return Ok((None, None));
+    };
+    ensure_free(a)?;
+    let r = reserve_port(a).with_context(|| format!("binding {a}"))?;
+    let resolved = r
+        .local_addr()?
+        .as_socket()
+        .with_context(|| format!("address of {a}"))?;
+    Ok((Some(r), Some(resolved)))
 }
 
 /// The controllers' listener of one shard: SO_REUSEPORT on the shared
@@ -762,7 +776,12 @@ async fn shard_main(
         tls_listener,
     )));
     if let Some(l) = http_listener {
-        tasks.push(glommio::spawn_local(accept_http(shard.clone(), l)));
+        tasks.push(glommio::spawn_local(accept_http(shard.clone(), l, false)));
+    }
+    if let Some(a) = shared.tls.http_addr {
+        let l =
+            TcpListener::bind(a).map_err(|e| anyhow::anyhow!("shard {id}: binding {a}: {e}"))?;
+        tasks.push(glommio::spawn_local(accept_http(shard.clone(), l, true)));
     }
     shared.ready.fetch_add(1, Ordering::SeqCst);
 
@@ -836,7 +855,8 @@ async fn quiesce(shard: &Rc<Shard>, tasks: Vec<glommio::Task<()>>) {
 }
 
 /// Accepts HTTP connections (API requests, WebSocket upgrades, the console).
-async fn accept_http(shard: Rc<Shard>, listener: TcpListener) {
+/// (`tls`: the HTTPS listener's, whose connections start with a handshake).
+async fn accept_http(shard: Rc<Shard>, listener: TcpListener, tls: bool) {
     loop {
         let stopped = poll_fn(|cx| {
             if shard.router.is_shutting_down() || shard.shared.stop.load(Ordering::Relaxed) {
@@ -866,7 +886,23 @@ async fn accept_http(shard: Rc<Shard>, listener: TcpListener) {
         };
         let _ = stream.set_nodelay(true);
         ShardStats::add(&shard.router.stats.accepted_total, 1);
-        glommio::spawn_local(http::serve(shard.clone(), stream, health_only)).detach();
+        if tls {
+            let shard = shard.clone();
+            glommio::spawn_local(async move {
+                let shared = &shard.shared;
+                match tls::https_handshake(&shared.tls, &shard.router.stats, stream).await {
+                    Some(s) => http::serve(shard.clone(), s, health_only).await,
+                    None => {
+                        shared.release_http();
+                        ShardStats::add(&shard.router.stats.closed_total, 1);
+                    }
+                }
+            })
+            .detach();
+        } else {
+            let stream = tls::HttpStream::Plain(stream);
+            glommio::spawn_local(http::serve(shard.clone(), stream, health_only)).detach();
+        }
     }
 }
 

@@ -41,8 +41,12 @@ use crate::stats::ShardStats;
 pub(crate) struct TlsShared {
     /// Where controllers connect over TLS (resolved: port 0 replaced).
     pub(crate) tcp_addr: Option<std::net::SocketAddr>,
+    /// Where HTTPS is served (resolved).
+    pub(crate) http_addr: Option<std::net::SocketAddr>,
     generation: AtomicU64,
     config: Mutex<Option<Arc<ServerConfig>>>,
+    /// The HTTPS listener's configuration (ALPN `http/1.1`).
+    http_config: Mutex<Option<Arc<ServerConfig>>>,
     handshake_timeout_ms: u64,
     buffer_limit: usize,
 }
@@ -53,15 +57,20 @@ impl TlsShared {
     pub(crate) fn new(
         cfg: &Config,
         tcp_addr: Option<std::net::SocketAddr>,
+        http_addr: Option<std::net::SocketAddr>,
     ) -> anyhow::Result<TlsShared> {
-        let config = match tcp_addr {
-            Some(_) => Some(server_config(cfg)?),
-            None => None,
+        let (config, http_config) = if tcp_addr.is_some() || http_addr.is_some() {
+            let (c, h) = server_configs(cfg)?;
+            (Some(c), Some(h))
+        } else {
+            (None, None)
         };
         Ok(TlsShared {
             tcp_addr,
+            http_addr,
             generation: AtomicU64::new(0),
             config: Mutex::new(config),
+            http_config: Mutex::new(http_config),
             handshake_timeout_ms: cfg.tls.handshake_timeout_ms,
             buffer_limit: cfg.tls.buffer_limit_bytes,
         })
@@ -76,8 +85,20 @@ impl std::fmt::Debug for TlsShared {
     }
 }
 
-/// Builds the server configuration from `[tls]`.
-pub(crate) fn server_config(cfg: &Config) -> anyhow::Result<Arc<ServerConfig>> {
+/// Builds the server configurations from `[tls]`: the controllers' (with
+/// `[tls] alpn`) and the HTTPS listener's (ALPN `http/1.1`).
+pub(crate) fn server_configs(
+    cfg: &Config,
+) -> anyhow::Result<(Arc<ServerConfig>, Arc<ServerConfig>)> {
+    let tcp = server_config(cfg)?;
+    let mut http = (*tcp).clone();
+    http.alpn_protocols = vec![b"http/1.1".to_vec()];
+    // Browsers send large records and headers; the fragment size is for devices.
+    http.max_fragment_size = None;
+    Ok((tcp, Arc::new(http)))
+}
+
+fn server_config(cfg: &Config) -> anyhow::Result<Arc<ServerConfig>> {
     let t = &cfg.tls;
     let cert_file = t.cert_file.as_deref().unwrap_or("");
     let key_file = t.key_file.as_deref().unwrap_or("");
@@ -312,4 +333,152 @@ pub(crate) fn send(
 pub(crate) fn close_notify(tls: &mut rustls::ServerConnection, fd: RawFd, stats: &ShardStats) {
     tls.send_close_notify();
     let _ = flush(tls, fd, stats);
+}
+
+/// An HTTP connection's stream: plain, or TLS over the same socket
+/// (`[listeners] http_tls`). Writes over TLS finish only once their records
+/// are on the socket, so a response never waits inside rustls while the
+/// server waits for the next request.
+pub(crate) enum HttpStream {
+    Plain(glommio::net::TcpStream),
+    Tls {
+        stream: Box<futures_rustls::server::TlsStream<glommio::net::TcpStream>>,
+        /// Plaintext taken by the last write whose records are still going out.
+        owed: usize,
+    },
+}
+
+impl HttpStream {
+    fn tcp(&self) -> &glommio::net::TcpStream {
+        match self {
+            HttpStream::Plain(s) => s,
+            HttpStream::Tls { stream, .. } => stream.get_ref().0,
+        }
+    }
+
+    pub(crate) fn set_read_timeout(&self, d: Option<std::time::Duration>) -> io::Result<()> {
+        self.tcp().set_read_timeout(d).map_err(io::Error::from)
+    }
+
+    pub(crate) fn peer_addr(&self) -> io::Result<std::net::SocketAddr> {
+        self.tcp().peer_addr().map_err(io::Error::from)
+    }
+
+    /// The socket and, over TLS, its session for the I/O loop; plaintext
+    /// rustls decrypted but nobody read yet is appended to `leftover`.
+    pub(crate) fn into_parts(
+        self,
+        leftover: &mut bytes::BytesMut,
+    ) -> (
+        glommio::net::TcpStream,
+        Option<Box<rustls::ServerConnection>>,
+    ) {
+        match self {
+            HttpStream::Plain(s) => (s, None),
+            HttpStream::Tls { stream, .. } => {
+                let (tcp, mut session) = stream.into_inner();
+                let mut tmp = [0u8; 4096];
+                while let Ok(n) = session.reader().read(&mut tmp) {
+                    if n == 0 {
+                        break;
+                    }
+                    leftover.extend_from_slice(&tmp[..n]);
+                }
+                (tcp, Some(Box::new(session)))
+            }
+        }
+    }
+}
+
+impl futures_lite::AsyncRead for HttpStream {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut [u8],
+    ) -> std::task::Poll<io::Result<usize>> {
+        match self.get_mut() {
+            HttpStream::Plain(s) => std::pin::Pin::new(s).poll_read(cx, buf),
+            HttpStream::Tls { stream, .. } => std::pin::Pin::new(&mut **stream).poll_read(cx, buf),
+        }
+    }
+}
+
+impl futures_lite::AsyncWrite for HttpStream {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<io::Result<usize>> {
+        use std::task::{Poll, ready};
+        match self.get_mut() {
+            HttpStream::Plain(s) => std::pin::Pin::new(s).poll_write(cx, buf),
+            HttpStream::Tls { stream, owed } => {
+                if *owed == 0 {
+                    let n = ready!(std::pin::Pin::new(&mut **stream).poll_write(cx, buf))?;
+                    if n == 0 {
+                        return Poll::Ready(Ok(0));
+                    }
+                    *owed = n;
+                }
+                ready!(std::pin::Pin::new(&mut **stream).poll_flush(cx))?;
+                Poll::Ready(Ok(std::mem::take(owed)))
+            }
+        }
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        match self.get_mut() {
+            HttpStream::Plain(s) => std::pin::Pin::new(s).poll_flush(cx),
+            HttpStream::Tls { stream, .. } => std::pin::Pin::new(&mut **stream).poll_flush(cx),
+        }
+    }
+
+    fn poll_close(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        match self.get_mut() {
+            HttpStream::Plain(s) => std::pin::Pin::new(s).poll_close(cx),
+            HttpStream::Tls { stream, .. } => std::pin::Pin::new(&mut **stream).poll_close(cx),
+        }
+    }
+}
+
+/// Runs the TLS handshake of an HTTPS connection, bounded by
+/// `[tls] handshake_timeout_ms`; `None` when it failed or took too long.
+pub(crate) async fn https_handshake(
+    shared: &TlsShared,
+    stats: &ShardStats,
+    tcp: glommio::net::TcpStream,
+) -> Option<HttpStream> {
+    let config = shared.http_config.lock().ok()?.clone()?;
+    let timeout = std::time::Duration::from_millis(shared.handshake_timeout_ms);
+    let accept = async {
+        match futures_rustls::TlsAcceptor::from(config).accept(tcp).await {
+            Ok(s) => Some(Ok(s)),
+            Err(e) => Some(Err(e)),
+        }
+    };
+    let expired = async {
+        glommio::timer::sleep(timeout).await;
+        None
+    };
+    match futures_lite::future::or(accept, expired).await {
+        Some(Ok(stream)) => Some(HttpStream::Tls {
+            stream: Box::new(stream),
+            owed: 0,
+        }),
+        Some(Err(e)) => {
+            ShardStats::add(&stats.tls_errors, 1);
+            crate::warn_every!("TLS error from an HTTPS client: {e}");
+            None
+        }
+        None => {
+            ShardStats::add(&stats.tls_handshake_timeouts, 1);
+            None
+        }
+    }
 }
