@@ -151,6 +151,14 @@ type TlsStream = rustls::StreamOwned<rustls::ClientConnection, TcpStream>;
 
 /// Connects to `addr` as `localhost` and finishes the handshake.
 fn tls_connect(addr: SocketAddr, config: Arc<rustls::ClientConfig>) -> TlsStream {
+    try_tls_connect(addr, config).unwrap_or_else(|e| panic!("handshake: {e}"))
+}
+
+/// Connects and handshakes; the error when the handshake fails.
+fn try_tls_connect(
+    addr: SocketAddr,
+    config: Arc<rustls::ClientConfig>,
+) -> Result<TlsStream, std::io::Error> {
     let sock = TcpStream::connect(addr).unwrap();
     sock.set_nodelay(true).unwrap();
     sock.set_read_timeout(Some(Duration::from_millis(100)))
@@ -164,10 +172,10 @@ fn tls_connect(addr: SocketAddr, config: Arc<rustls::ClientConfig>) -> TlsStream
         match tls.conn.complete_io(&mut tls.sock) {
             Ok(_) => {}
             Err(e) if is_timeout(&e) => {}
-            Err(e) => panic!("handshake: {e}"),
+            Err(e) => return Err(e),
         }
     }
-    tls
+    Ok(tls)
 }
 
 /// One HTTPS request (`Connection: close`): status and body.
@@ -489,4 +497,67 @@ fn https_serves_the_api_and_wss_carries_frames() {
         serde_json::from_slice::<serde_json::Value>(&f.payload).unwrap(),
         serde_json::json!({"cmd":"on"})
     );
+}
+
+/// SIGHUP on a relay process: new handshakes get the new certificate while
+/// an open connection keeps its session; a broken key file is refused with
+/// an error naming it, and the running certificate stays.
+#[test]
+fn sighup_reloads_the_certificate_and_refuses_a_broken_one() {
+    let old = Pki::new("reload-old");
+    let new = Pki::new("reload-new");
+    let file = old.dir.join("relay.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "[node]\nname = \"n1\"\n[listeners]\ntcp = \"127.0.0.1:0\"\nhttp = \"127.0.0.1:0\"\n\
+             tcp_tls = \"127.0.0.1:0\"\n[shards]\ncount = 2\npin = false\nio_memory_kib = 256\n\
+             [plugins]\nenabled = false\n[tls]\ncert_file = {:?}\nkey_file = {:?}\n",
+            old.cert_file.display().to_string(),
+            old.key_file.display().to_string()
+        ),
+    )
+    .unwrap();
+    let mut relay = common::RelayProc::spawn(&file, &[]);
+    let line = relay.wait_log("tcp_tls_addr=", Duration::from_secs(10));
+    let addr: SocketAddr = line
+        .split("tcp_tls_addr=")
+        .nth(1)
+        .unwrap()
+        .chars()
+        .take_while(|c| !c.is_whitespace() && *c != '"')
+        .collect::<String>()
+        .parse()
+        .unwrap();
+    let trusts_old = old.client_config(&rustls::version::TLS13, &[]);
+    let trusts_new = new.client_config(&rustls::version::TLS13, &[]);
+    let mut open = TlsClient::hello(addr, trusts_old.clone(), "kept-session");
+    assert!(try_tls_connect(addr, trusts_new.clone()).is_err());
+
+    // The new certificate is written over the old files.
+    std::fs::copy(&new.cert_file, &old.cert_file).unwrap();
+    std::fs::copy(&new.key_file, &old.key_file).unwrap();
+    relay.signal(libc::SIGHUP);
+    relay.wait_log("TLS certificate reloaded", Duration::from_secs(10));
+    let err = try_tls_connect(addr, trusts_old.clone())
+        .map(|_| ())
+        .unwrap_err();
+    assert!(err.to_string().contains("UnknownIssuer"), "{err}");
+    let mut fresh = TlsClient::hello(addr, trusts_new.clone(), "fresh-session");
+    // The connection opened before the reload keeps working.
+    open.send(&data("fresh-session", b"still here"));
+    let f = fresh.recv();
+    assert_eq!(
+        (&f.src[..], &f.payload[..]),
+        (&b"kept-session"[..], &b"still here"[..])
+    );
+
+    // A broken key file: refused, named, and the new certificate stays.
+    std::fs::write(&old.key_file, "not a key\n").unwrap();
+    relay.signal(libc::SIGHUP);
+    let line = relay.wait_log("TLS certificate refused", Duration::from_secs(10));
+    assert!(line.contains("tls.key_file"), "{line}");
+    TlsClient::hello(addr, trusts_new, "after-refusal");
+    assert!(try_tls_connect(addr, trusts_old).is_err());
+    assert!(relay.stop(Duration::from_secs(10)).success());
 }

@@ -419,17 +419,17 @@ impl Relay {
         drop(http_reserve);
         drop(tls_reserve);
         drop(https_reserve);
-        if let Some(a) = tls_addr {
-            tracing::info!("relay listening tcp_tls_addr={a}");
-        }
-        if let Some(a) = https_addr {
-            tracing::info!("relay listening http_tls_addr={a}");
-        }
         match http_addr {
             Some(h) => {
                 tracing::info!("relay listening tcp_addr={tcp_addr} http_addr={h} shards={shards}")
             }
             None => tracing::info!("relay listening tcp_addr={tcp_addr} shards={shards}"),
+        }
+        if let Some(a) = tls_addr {
+            tracing::info!("TLS listening tcp_tls_addr={a}");
+        }
+        if let Some(a) = https_addr {
+            tracing::info!("TLS listening http_tls_addr={a}");
         }
         Ok(Relay {
             tcp_addr,

@@ -29,6 +29,11 @@ const LIVE: &[&str] = &[
     "limits.max_meta_bytes",
     "heartbeat.",
     "admission.",
+    "tls.cert_file",
+    "tls.key_file",
+    "tls.alpn",
+    "tls.max_fragment_size",
+    "tls.session_tickets",
 ];
 
 /// What a reload did.
@@ -38,6 +43,8 @@ pub struct ReloadReport {
     pub applied: Vec<String>,
     /// Keys that changed in the file but keep their running value until a restart.
     pub needs_restart: Vec<String>,
+    /// Why the TLS certificate was not reloaded (the running one stays).
+    pub tls_refused: Option<String>,
 }
 
 /// The reloadable state shared by the shards.
@@ -107,7 +114,29 @@ impl Relay {
             return ReloadReport::default();
         };
         let mut report = ReloadReport::default();
+        // The certificate files are read again on every reload, changed
+        // paths or not (a renewal rewrites them in place).
+        let tls_ok = match self.shared.tls.reload(new) {
+            Ok(reloaded) => {
+                if reloaded {
+                    tracing::info!(
+                        "TLS certificate reloaded from {}; new handshakes use it",
+                        new.tls.cert_file.as_deref().unwrap_or("")
+                    );
+                }
+                true
+            }
+            Err(e) => {
+                tracing::error!("reload: TLS certificate refused, the running one stays: {e:#}");
+                live.failures.fetch_add(1, Ordering::Relaxed);
+                report.tls_refused = Some(format!("{e:#}"));
+                false
+            }
+        };
         for key in changed_keys(&current, new) {
+            if key.starts_with("tls.") && !tls_ok {
+                continue;
+            }
             if is_live(&key) {
                 report.applied.push(key);
             } else {
@@ -127,6 +156,13 @@ impl Relay {
         next.limits.max_meta_bytes = new.limits.max_meta_bytes;
         next.heartbeat = new.heartbeat.clone();
         next.admission = new.admission.clone();
+        if tls_ok {
+            next.tls.cert_file = new.tls.cert_file.clone();
+            next.tls.key_file = new.tls.key_file.clone();
+            next.tls.alpn = new.tls.alpn.clone();
+            next.tls.max_fragment_size = new.tls.max_fragment_size;
+            next.tls.session_tickets = new.tls.session_tickets;
+        }
         if !report.applied.is_empty() {
             live.max_connections
                 .store(next.limits.max_connections as usize, Ordering::Relaxed);

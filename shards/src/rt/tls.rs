@@ -77,6 +77,26 @@ impl TlsShared {
     }
 }
 
+impl TlsShared {
+    /// Loads the certificate and key again (a reload): new handshakes use
+    /// them, open connections keep theirs. On error nothing changes and the
+    /// running certificate stays. `Ok(false)` when no TLS listener is on.
+    pub(crate) fn reload(&self, cfg: &Config) -> anyhow::Result<bool> {
+        if self.tcp_addr.is_none() && self.http_addr.is_none() {
+            return Ok(false);
+        }
+        let (tcp, http) = server_configs(cfg)?;
+        if let Ok(mut c) = self.config.lock() {
+            *c = Some(tcp);
+        }
+        if let Ok(mut c) = self.http_config.lock() {
+            *c = Some(http);
+        }
+        self.generation.fetch_add(1, Ordering::Release);
+        Ok(true)
+    }
+}
+
 impl std::fmt::Debug for TlsShared {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TlsShared")
