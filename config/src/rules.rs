@@ -483,6 +483,12 @@ fn tls_rules(c: &Config, r: &mut Rules) {
         16 * 1024 * 1024,
         " (TLS output buffered per connection)",
     );
+    if !matches!(t.client_address.as_str(), "cn" | "san") {
+        r.fail(
+            "tls.client_address",
+            format!("is {:?}, must be \"cn\" or \"san\"", t.client_address),
+        );
+    }
     for (i, p) in t.alpn.iter().enumerate() {
         if p.is_empty() || p.len() > 255 {
             r.fail(

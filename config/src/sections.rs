@@ -349,6 +349,17 @@ pub struct TlsConfig {
     pub alpn: Vec<String>,
     /// Issue session tickets so reconnecting clients skip the full handshake.
     pub session_tickets: bool,
+    /// CA certificates (PEM) that sign device certificates: when set,
+    /// controllers on `tcp_tls` present a client certificate verified
+    /// against them (mutual TLS), and the certificate names the device's
+    /// address (its hello needs no token and can claim no other address).
+    pub client_ca_file: Option<String>,
+    /// With `client_ca_file`: refuse a handshake without a client
+    /// certificate (false lets such clients in, to authenticate by token).
+    pub require_client_cert: bool,
+    /// Where a device certificate names the address: `cn` (the subject's
+    /// common name) or `san` (its first DNS subject alternative name).
+    pub client_address: String,
 }
 
 impl Default for TlsConfig {
@@ -361,6 +372,9 @@ impl Default for TlsConfig {
             buffer_limit_bytes: 32 * 1024,
             alpn: Vec::new(),
             session_tickets: true,
+            client_ca_file: None,
+            require_client_cert: true,
+            client_address: "cn".into(),
         }
     }
 }

@@ -24,6 +24,7 @@ use rustls::pki_types::{CertificateDer, ServerName};
 /// written as PEM files in a fresh directory.
 struct Pki {
     dir: PathBuf,
+    ca: rcgen::CertifiedIssuer<'static, rcgen::KeyPair>,
     ca_pem: String,
     cert_file: PathBuf,
     key_file: PathBuf,
@@ -56,6 +57,7 @@ impl Pki {
         std::fs::write(dir.join("ca.pem"), ca.pem()).unwrap();
         Pki {
             ca_pem: ca.pem(),
+            ca,
             dir,
             cert_file,
             key_file,
@@ -67,6 +69,26 @@ impl Pki {
         cfg.listeners.tcp_tls = Some("127.0.0.1:0".parse().unwrap());
         cfg.tls.cert_file = Some(self.cert_file.display().to_string());
         cfg.tls.key_file = Some(self.key_file.display().to_string());
+    }
+
+    /// A client certificate signed by this CA naming `cn` (and `san` as its DNS name).
+    fn client_cert(
+        &self,
+        cn: &str,
+        san: &str,
+    ) -> (
+        Vec<CertificateDer<'static>>,
+        rustls::pki_types::PrivateKeyDer<'static>,
+    ) {
+        let mut params = rcgen::CertificateParams::new(vec![san.to_owned()]).unwrap();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, cn.to_owned());
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &self.ca).unwrap();
+        let der = rustls::pki_types::PrivateKeyDer::from_pem_slice(key.serialize_pem().as_bytes())
+            .unwrap();
+        (vec![cert.der().clone()], der)
     }
 
     fn client_config(
@@ -560,4 +582,187 @@ fn sighup_reloads_the_certificate_and_refuses_a_broken_one() {
     TlsClient::hello(addr, trusts_new, "after-refusal");
     assert!(try_tls_connect(addr, trusts_old).is_err());
     assert!(relay.stop(Duration::from_secs(10)).success());
+}
+
+/// A relay that requires device certificates from `devices` and HMAC tokens
+/// from everyone else.
+fn mtls_relay(server: &Pki, devices: &Pki, require: bool) -> Relay {
+    start(|c| {
+        server.apply(c);
+        c.auth.mode = relay_config::AuthMode::Hmac;
+        c.auth.secret = "0123456789abcdef0123456789abcdef".into();
+        c.tls.client_ca_file = Some(devices.dir.join("ca.pem").display().to_string());
+        c.tls.require_client_cert = require;
+    })
+}
+
+/// A client config trusting `server` and presenting `cert`.
+fn device_config(
+    server: &Pki,
+    cert: (
+        Vec<CertificateDer<'static>>,
+        rustls::pki_types::PrivateKeyDer<'static>,
+    ),
+) -> Arc<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(CertificateDer::from_pem_slice(server.ca_pem.as_bytes()).unwrap())
+        .unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let c = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_client_auth_cert(cert.0, cert.1)
+        .unwrap();
+    Arc::new(c)
+}
+
+fn hello_frame(src: &str) -> Frame {
+    let mut f = Frame::new(FrameType::Hello);
+    f.src = Bytes::copy_from_slice(src.as_bytes());
+    f.payload = Bytes::from_static(b"{}");
+    f.flags = Flags(Flags::JSON);
+    f
+}
+
+/// Reads until the relay closes the connection; the frames seen before.
+fn until_closed(c: &mut TlsClient) -> Vec<Frame> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut frames = Vec::new();
+    let mut tmp = [0u8; 4096];
+    loop {
+        while let Ok(Some(f)) = Decoder::new(1 << 24).decode(&mut c.buf) {
+            frames.push(f);
+        }
+        assert!(Instant::now() < deadline, "not closed within 5 s");
+        match c.tls.read(&mut tmp) {
+            Ok(0) => return frames,
+            Ok(n) => c.buf.extend_from_slice(&tmp[..n]),
+            Err(e) if is_timeout(&e) => {}
+            // A TLS alert (the certificate refused) or a reset.
+            Err(_) => return frames,
+        }
+    }
+}
+
+/// Device certificates: the CN is the address, so a hello needs no token
+/// and may omit its address; another address is refused; a certificate from
+/// another CA, or none, gets no session.
+#[test]
+fn device_certificates_name_the_address_and_other_cas_are_refused() {
+    let server = Pki::new("mtls-server");
+    let devices = Pki::new("mtls-devices");
+    let stranger = Pki::new("mtls-stranger");
+    let relay = mtls_relay(&server, &devices, true);
+    let addr = tls_addr(&relay);
+    let a = addrs_on("devc-", 0, 2, 1).remove(0);
+    let b = addrs_on("devc-", 1, 2, 1).remove(0);
+
+    // No token; `a` names itself, `b` leaves the address to its certificate.
+    let mut ca = TlsClient::connect(
+        addr,
+        device_config(&server, devices.client_cert(&a, "x.example")),
+    );
+    ca.send(&hello_frame(&a));
+    assert_eq!(ca.recv().kind, FrameType::Welcome);
+    let mut cb = TlsClient::connect(
+        addr,
+        device_config(&server, devices.client_cert(&b, "y.example")),
+    );
+    cb.send(&hello_frame(""));
+    let w = cb.recv();
+    assert_eq!(w.kind, FrameType::Welcome);
+    let v: serde_json::Value = serde_json::from_slice(&w.payload).unwrap();
+    assert_eq!(v["addr"], b.as_str());
+    ca.send(&data(&b, b"signed"));
+    let f = cb.recv();
+    assert_eq!((&f.src[..], &f.payload[..]), (a.as_bytes(), &b"signed"[..]));
+
+    // A certificate for `a` cannot claim `b`.
+    let mut liar = TlsClient::connect(
+        addr,
+        device_config(&server, devices.client_cert(&a, "x.example")),
+    );
+    liar.send(&hello_frame(&b));
+    let frames = until_closed(&mut liar);
+    assert_eq!(frames.len(), 1, "{frames:?}");
+    let (code, _) = frames[0].error_parts().unwrap();
+    assert_eq!(code, relay_core::ErrorCode::Unauthorized as u16);
+
+    // Another CA's certificate: no welcome, the connection is closed.
+    let wrong = device_config(&server, stranger.client_cert("devc-wrong", "z.example"));
+    if let Ok(tls) = try_tls_connect(addr, wrong) {
+        let mut c = TlsClient {
+            tls,
+            buf: BytesMut::new(),
+        };
+        let _ = c.tls.write_all(&{
+            let mut out = BytesMut::new();
+            codec::encode(&hello_frame("devc-wrong"), &mut out);
+            out
+        });
+        assert!(until_closed(&mut c).is_empty());
+    }
+    // No certificate at all: refused too.
+    let none = pki_client(&server);
+    if let Ok(tls) = try_tls_connect(addr, none) {
+        let mut c = TlsClient {
+            tls,
+            buf: BytesMut::new(),
+        };
+        let _ = c.tls.write_all(&{
+            let mut out = BytesMut::new();
+            codec::encode(&hello_frame("devc-none"), &mut out);
+            out
+        });
+        assert!(until_closed(&mut c).is_empty());
+    }
+    assert!(tls_errors(&relay) >= 2);
+    // The devices still talk.
+    cb.send(&data(&a, b"after"));
+    assert_eq!(&ca.recv().payload[..], b"after");
+}
+
+/// With `require_client_cert = false`, a client without a certificate is let
+/// in but needs its token like on the plaintext port.
+#[test]
+fn optional_client_certificates_leave_token_auth_to_the_rest() {
+    let server = Pki::new("mtls-opt");
+    let devices = Pki::new("mtls-opt-devices");
+    let relay = mtls_relay(&server, &devices, false);
+    let mut c = TlsClient::connect(tls_addr(&relay), pki_client(&server));
+    c.send(&hello_frame("no-cert"));
+    let frames = until_closed(&mut c);
+    let (code, _) = frames[0].error_parts().unwrap();
+    assert_eq!(code, relay_core::ErrorCode::Unauthorized as u16);
+    let name = "opt-device";
+    let mut d = TlsClient::connect(
+        tls_addr(&relay),
+        device_config(&server, devices.client_cert(name, "x.example")),
+    );
+    d.send(&hello_frame(name));
+    assert_eq!(d.recv().kind, FrameType::Welcome);
+}
+
+/// With `client_address = "san"`, the first DNS SAN names the address.
+#[test]
+fn the_address_can_come_from_the_subject_alternative_name() {
+    let server = Pki::new("mtls-san");
+    let devices = Pki::new("mtls-san-devices");
+    let relay = start(|c| {
+        server.apply(c);
+        c.tls.client_ca_file = Some(devices.dir.join("ca.pem").display().to_string());
+        c.tls.client_address = "san".into();
+    });
+    let cert = devices.client_cert("cn-name", "san-name");
+    let mut d = TlsClient::connect(tls_addr(&relay), device_config(&server, cert));
+    d.send(&hello_frame(""));
+    let w = d.recv();
+    let v: serde_json::Value = serde_json::from_slice(&w.payload).unwrap();
+    assert_eq!(v["addr"], "san-name");
+}
+
+fn pki_client(server: &Pki) -> Arc<rustls::ClientConfig> {
+    server.client_config(&rustls::version::TLS13, &[])
 }

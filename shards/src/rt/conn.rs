@@ -408,7 +408,9 @@ fn on_readable(shard: &Rc<Shard>, cell: &Rc<ConnCell>, t: relay_core::Now) {
                 break;
             }
         };
-        if !is_tls {
+        if is_tls {
+            tls::certify(&shard.shared.tls, cell, t.mono_ms);
+        } else {
             ShardStats::add(&router.stats.bytes_in, n as u64);
         }
         // A closing connection's input is read and dropped, so the socket

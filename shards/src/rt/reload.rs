@@ -34,6 +34,8 @@ const LIVE: &[&str] = &[
     "tls.alpn",
     "tls.max_fragment_size",
     "tls.session_tickets",
+    "tls.client_ca_file",
+    "tls.require_client_cert",
 ];
 
 /// What a reload did.
@@ -162,6 +164,8 @@ impl Relay {
             next.tls.alpn = new.tls.alpn.clone();
             next.tls.max_fragment_size = new.tls.max_fragment_size;
             next.tls.session_tickets = new.tls.session_tickets;
+            next.tls.client_ca_file = new.tls.client_ca_file.clone();
+            next.tls.require_client_cert = new.tls.require_client_cert;
         }
         if !report.applied.is_empty() {
             live.max_connections

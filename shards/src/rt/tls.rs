@@ -49,6 +49,8 @@ pub(crate) struct TlsShared {
     http_config: Mutex<Option<Arc<ServerConfig>>>,
     handshake_timeout_ms: u64,
     buffer_limit: usize,
+    /// Device addresses come from the certificate's first DNS SAN (else its CN).
+    address_from_san: bool,
 }
 
 impl TlsShared {
@@ -73,6 +75,7 @@ impl TlsShared {
             http_config: Mutex::new(http_config),
             handshake_timeout_ms: cfg.tls.handshake_timeout_ms,
             buffer_limit: cfg.tls.buffer_limit_bytes,
+            address_from_san: cfg.tls.client_address == "san",
         })
     }
 }
@@ -110,15 +113,49 @@ impl std::fmt::Debug for TlsShared {
 pub(crate) fn server_configs(
     cfg: &Config,
 ) -> anyhow::Result<(Arc<ServerConfig>, Arc<ServerConfig>)> {
-    let tcp = server_config(cfg)?;
-    let mut http = (*tcp).clone();
+    let tcp = server_config(cfg, true)?;
+    let mut http = (*server_config(cfg, false)?).clone();
     http.alpn_protocols = vec![b"http/1.1".to_vec()];
     // Browsers send large records and headers; the fragment size is for devices.
     http.max_fragment_size = None;
     Ok((tcp, Arc::new(http)))
 }
 
-fn server_config(cfg: &Config) -> anyhow::Result<Arc<ServerConfig>> {
+/// The verifier of device certificates, when `[tls] client_ca_file` is set.
+fn client_verifier(
+    cfg: &Config,
+    provider: &Arc<rustls::crypto::CryptoProvider>,
+) -> anyhow::Result<Option<Arc<dyn rustls::server::danger::ClientCertVerifier>>> {
+    let Some(path) = cfg.tls.client_ca_file.as_deref().filter(|p| !p.is_empty()) else {
+        return Ok(None);
+    };
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in load_certs(path).map_err(|e| {
+        anyhow::anyhow!(
+            "{}",
+            e.to_string().replace("tls.cert_file", "tls.client_ca_file")
+        )
+    })? {
+        roots
+            .add(cert)
+            .map_err(|e| anyhow::anyhow!("tls.client_ca_file {path}: {e}"))?;
+    }
+    let builder = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots),
+        provider.clone(),
+    );
+    let builder = if cfg.tls.require_client_cert {
+        builder
+    } else {
+        builder.allow_unauthenticated()
+    };
+    let v = builder
+        .build()
+        .map_err(|e| anyhow::anyhow!("tls.client_ca_file {path}: {e}"))?;
+    Ok(Some(v))
+}
+
+fn server_config(cfg: &Config, client_auth: bool) -> anyhow::Result<Arc<ServerConfig>> {
     let t = &cfg.tls;
     let cert_file = t.cert_file.as_deref().unwrap_or("");
     let key_file = t.key_file.as_deref().unwrap_or("");
@@ -126,10 +163,19 @@ fn server_config(cfg: &Config) -> anyhow::Result<Arc<ServerConfig>> {
     let key = PrivateKeyDer::from_pem_file(key_file)
         .map_err(|e| anyhow::anyhow!("tls.key_file {key_file}: no usable private key: {e}"))?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut sc = ServerConfig::builder_with_provider(provider)
+    let verifier = if client_auth {
+        client_verifier(cfg, &provider)?
+    } else {
+        None
+    };
+    let builder = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-        .context("TLS protocol versions")?
-        .with_no_client_auth()
+        .context("TLS protocol versions")?;
+    let builder = match verifier {
+        Some(v) => builder.with_client_cert_verifier(v),
+        None => builder.with_no_client_auth(),
+    };
+    let mut sc = builder
         .with_single_cert(certs, key)
         .with_context(|| format!("tls.cert_file {cert_file} and tls.key_file {key_file}"))?;
     if t.max_fragment_size != 0 {
@@ -234,6 +280,67 @@ pub(crate) fn handshake_expired(cell: &ConnCell, now_ms: u64) -> bool {
     cell.closing(CloseReason::HelloTimeout, now_ms);
     cell.io.borrow_mut().eof = true;
     true
+}
+
+/// Gives a connection that presented a verified client certificate the
+/// address the certificate names (before its hello). A certificate that
+/// names no valid address closes the connection.
+pub(crate) fn certify(shared: &TlsShared, cell: &ConnCell, now_ms: u64) {
+    {
+        let c = cell.conn.borrow();
+        if c.is_open() || c.certified().is_some() {
+            return;
+        }
+    }
+    let named = {
+        let io = cell.io.borrow();
+        let Some(tls) = io.tls.as_ref() else {
+            return;
+        };
+        let Some(leaf) = tls.peer_certificates().and_then(|c| c.first()) else {
+            return;
+        };
+        certificate_address(leaf, shared.address_from_san)
+    };
+    match named {
+        Ok(addr) => cell.conn.borrow_mut().set_certified(addr),
+        Err(why) => {
+            crate::warn_every!("client certificate refused: {why}");
+            cell.closing(CloseReason::Unauthorized, now_ms);
+            cell.io.borrow_mut().eof = true;
+        }
+    }
+}
+
+/// The device address a certificate names: its subject's common name, or
+/// its first DNS subject alternative name.
+fn certificate_address(der: &CertificateDer<'_>, san: bool) -> Result<bytes::Bytes, String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref())
+        .map_err(|e| format!("unreadable certificate: {e}"))?;
+    let name = if san {
+        let ext = cert
+            .subject_alternative_name()
+            .map_err(|e| format!("bad subject alternative names: {e}"))?
+            .ok_or("the certificate has no subject alternative name")?;
+        ext.value
+            .general_names
+            .iter()
+            .find_map(|n| match n {
+                x509_parser::extensions::GeneralName::DNSName(d) => Some(d.to_string()),
+                _ => None,
+            })
+            .ok_or("the certificate has no DNS subject alternative name")?
+    } else {
+        cert.subject()
+            .iter_common_name()
+            .next()
+            .and_then(|cn| cn.as_str().ok())
+            .map(str::to_owned)
+            .ok_or("the certificate's subject has no common name")?
+    };
+    relay_core::validate_name(name.as_bytes())
+        .map_err(|e| format!("the certificate names {name:?}, not an address: {e}"))?;
+    Ok(bytes::Bytes::from(name))
 }
 
 /// A socket as `Read`/`Write` for rustls: non-blocking, no SIGPIPE.
