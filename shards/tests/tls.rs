@@ -766,3 +766,186 @@ fn the_address_can_come_from_the_subject_alternative_name() {
 fn pki_client(server: &Pki) -> Arc<rustls::ClientConfig> {
     server.client_config(&rustls::version::TLS13, &[])
 }
+
+/// A socket that keeps a copy of every byte read from it.
+struct Tap {
+    sock: TcpStream,
+    seen: Vec<u8>,
+}
+
+impl Read for Tap {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.sock.read(buf)?;
+        self.seen.extend_from_slice(&buf[..n]);
+        Ok(n)
+    }
+}
+
+impl Write for Tap {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.sock.write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.sock.flush()
+    }
+}
+
+/// With `max_fragment_size = 512`, every record the relay sends (the
+/// handshake's certificate included) carries at most 512 plaintext bytes, as
+/// a BearSSL client with small buffers needs; frames still arrive whole.
+#[test]
+fn max_fragment_size_bounds_every_record_the_relay_sends() {
+    let pki = Pki::new("frag");
+    let relay = start(|c| {
+        pki.apply(c);
+        c.tls.max_fragment_size = 512;
+    });
+    for version in [&rustls::version::TLS12, &rustls::version::TLS13] {
+        let sock = TcpStream::connect(tls_addr(&relay)).unwrap();
+        sock.set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        let conn = rustls::ClientConnection::new(
+            pki.client_config(version, &[]),
+            ServerName::try_from("localhost").unwrap(),
+        )
+        .unwrap();
+        let mut tls = rustls::StreamOwned::new(
+            conn,
+            Tap {
+                sock,
+                seen: Vec::new(),
+            },
+        );
+        let mut hello = BytesMut::new();
+        codec::encode(&hello_frame(""), &mut hello);
+        tls.write_all(&hello).unwrap();
+        let mut buf = BytesMut::new();
+        // Read the welcome, then a 4000-byte frame to our own address.
+        let mut frames = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut tmp = [0u8; 8192];
+        let mut me = String::new();
+        while frames.len() < 2 {
+            assert!(
+                Instant::now() < deadline,
+                "frames did not arrive: {frames:?}"
+            );
+            match tls.read(&mut tmp) {
+                Ok(0) => panic!("closed"),
+                Ok(n) => buf.extend_from_slice(&tmp[..n]),
+                Err(e) if is_timeout(&e) => {}
+                Err(e) => panic!("read: {e}"),
+            }
+            while let Some(f) = Decoder::new(1 << 24).decode(&mut buf).unwrap() {
+                if f.kind == FrameType::Welcome {
+                    let v: serde_json::Value = serde_json::from_slice(&f.payload).unwrap();
+                    me = v["addr"].as_str().unwrap().to_owned();
+                    let mut out = BytesMut::new();
+                    codec::encode(&data(&me, &[7u8; 4000]), &mut out);
+                    tls.write_all(&out).unwrap();
+                }
+                frames.push(f);
+            }
+        }
+        assert!(!me.is_empty());
+        assert_eq!(&frames[1].payload[..], &[7u8; 4000][..]);
+        // Every record: 5-byte header, then at most 512 plaintext bytes plus
+        // the cipher's nonce, tag and (TLS 1.3) content type.
+        let seen = &tls.sock.seen;
+        let (mut at, mut records) = (0, 0);
+        while at + 5 <= seen.len() {
+            let len = u16::from_be_bytes([seen[at + 3], seen[at + 4]]) as usize;
+            assert!(len <= 512 + 40, "a record of {len} bytes ({version:?})");
+            at += 5 + len;
+            records += 1;
+        }
+        assert!(records > 8, "{records} records ({version:?})");
+    }
+}
+
+/// Session tickets: a device that reconnects resumes without the full
+/// handshake, whichever shard takes the new connection; with
+/// `session_tickets = false` every handshake is full.
+#[test]
+fn reconnecting_clients_resume_with_session_tickets() {
+    let pki = Pki::new("resume");
+    for tickets in [true, false] {
+        let relay = start(|c| {
+            pki.apply(c);
+            c.tls.session_tickets = tickets;
+            c.shards.count = 4;
+        });
+        let config = pki.client_config(&rustls::version::TLS13, &[]);
+        let mut kinds = Vec::new();
+        for i in 0..6 {
+            let c = TlsClient::hello(tls_addr(&relay), config.clone(), &format!("resume-{i}"));
+            kinds.push(c.tls.conn.handshake_kind());
+        }
+        let resumed = kinds
+            .iter()
+            .filter(|k| **k == Some(rustls::HandshakeKind::Resumed))
+            .count();
+        if tickets {
+            assert_eq!(resumed, 5, "{kinds:?}");
+        } else {
+            assert_eq!(resumed, 0, "{kinds:?}");
+        }
+    }
+}
+
+/// A TLS client on the plaintext port gets no session and is closed.
+#[test]
+fn a_tls_client_on_the_plaintext_port_is_refused() {
+    let pki = Pki::new("wrong-port");
+    let relay = start(|c| pki.apply(c));
+    let config = pki.client_config(&rustls::version::TLS13, &[]);
+    assert!(try_tls_connect(relay.tcp_addr(), config).is_err());
+}
+
+/// Python's `ssl` module speaks JSON lines to the TLS port.
+#[test]
+fn python_ssl_speaks_the_json_form() {
+    let pki = Pki::new("python");
+    let relay = start(|c| pki.apply(c));
+    let plain = addrs_on("py-plain-", 1, 2, 1).remove(0);
+    let script = r#"
+import socket, ssl, sys
+ctx = ssl.create_default_context(cafile=sys.argv[1])
+host, port = sys.argv[2].rsplit(":", 1)
+s = ctx.wrap_socket(socket.create_connection((host, int(port)), timeout=10), server_hostname="localhost")
+s.sendall(b'{"type":"hello","src":"py-device"}\n')
+f = s.makefile("rb")
+print(f.readline().decode().strip(), flush=True)
+sys.stdin.readline()
+s.sendall(('{"type":"data","dst":"%s","payload":{"from":"python"}}\n' % sys.argv[3]).encode())
+print(f.readline().decode().strip(), flush=True)
+"#;
+    let mut child = Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .arg(pki.dir.join("ca.pem"))
+        .arg(tls_addr(&relay).to_string())
+        .arg(&plain)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("python3 runs");
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    assert_eq!(
+        json::parse_json(line.trim().as_bytes()).unwrap().kind,
+        FrameType::Welcome,
+        "{line}"
+    );
+    let mut p = Client::hello(relay.tcp_addr(), Form::Json, &plain);
+    child.stdin.as_mut().unwrap().write_all(b"go\n").unwrap();
+    let f = p.expect(FrameType::Data);
+    assert_eq!(&f.src[..], b"py-device");
+    p.data("py-device", 0, false, b"to python");
+    line.clear();
+    out.read_line(&mut line).unwrap();
+    let f = json::parse_json(line.trim().as_bytes()).unwrap();
+    assert_eq!(&f.payload[..], b"to python");
+    assert!(child.wait().unwrap().success());
+}
