@@ -80,7 +80,20 @@ impl Pki {
         Vec<CertificateDer<'static>>,
         rustls::pki_types::PrivateKeyDer<'static>,
     ) {
+        self.client_cert_with(cn, san, |_| {})
+    }
+
+    fn client_cert_with(
+        &self,
+        cn: &str,
+        san: &str,
+        tweak: impl FnOnce(&mut rcgen::CertificateParams),
+    ) -> (
+        Vec<CertificateDer<'static>>,
+        rustls::pki_types::PrivateKeyDer<'static>,
+    ) {
         let mut params = rcgen::CertificateParams::new(vec![san.to_owned()]).unwrap();
+        tweak(&mut params);
         params
             .distinguished_name
             .push(rcgen::DnType::CommonName, cn.to_owned());
@@ -1016,4 +1029,80 @@ fn idle_tls_connections_hold_little_memory() {
     assert!(per_tls < 24 * 1024, "TLS {per_tls} B per idle connection");
     drop((warm, tls, plain));
     assert!(relay.stop(Duration::from_secs(10)).success());
+}
+
+/// An expired device certificate from the right CA gets no session.
+#[test]
+fn an_expired_device_certificate_is_refused() {
+    let server = Pki::new("mtls-expired");
+    let devices = Pki::new("mtls-expired-devices");
+    let relay = mtls_relay(&server, &devices, true);
+    let expired = devices.client_cert_with("dev-old", "old.example", |p| {
+        p.not_before = rcgen::date_time_ymd(2020, 1, 1);
+        p.not_after = rcgen::date_time_ymd(2021, 1, 1);
+    });
+    let mut refused = false;
+    match try_tls_connect(tls_addr(&relay), device_config(&server, expired)) {
+        Err(_) => refused = true,
+        Ok(tls) => {
+            let mut c = TlsClient {
+                tls,
+                buf: BytesMut::new(),
+            };
+            let mut out = BytesMut::new();
+            codec::encode(&hello_frame("dev-old"), &mut out);
+            let _ = c.tls.write_all(&out);
+            if until_closed(&mut c).is_empty() {
+                refused = true;
+            }
+        }
+    }
+    assert!(refused);
+    assert_eq!(tls_errors(&relay), 1);
+}
+
+/// A flood of stalled handshakes is closed at the deadline while a real
+/// client still gets through.
+#[test]
+fn a_handshake_flood_is_cut_at_the_deadline_and_real_clients_get_through() {
+    let pki = Pki::new("flood");
+    let relay = start(|c| {
+        pki.apply(c);
+        c.tls.handshake_timeout_ms = 500;
+        c.limits.hello_timeout_ms = 30_000;
+    });
+    let addr = tls_addr(&relay);
+    let mut flood: Vec<TcpStream> = (0..300)
+        .map(|_| {
+            let mut s = TcpStream::connect(addr).unwrap();
+            // The start of a record header, then nothing.
+            s.write_all(&[22, 3, 1]).unwrap();
+            s
+        })
+        .collect();
+    let config = pki.client_config(&rustls::version::TLS13, &[]);
+    let mut c = TlsClient::hello(addr, config, "through-the-flood");
+    c.send(&data("through-the-flood", b"echo"));
+    assert_eq!(&c.recv().payload[..], b"echo");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    for s in &mut flood {
+        s.set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        let mut tmp = [0u8; 64];
+        loop {
+            assert!(Instant::now() < deadline, "the flood was not closed");
+            match s.read(&mut tmp) {
+                Ok(0) => break,
+                Ok(_) => {}
+                Err(e) if is_timeout(&e) => {}
+                Err(_) => break,
+            }
+        }
+    }
+    let timeouts: u64 = relay
+        .stats()
+        .iter()
+        .map(|s| s.tls_handshake_timeouts.load(Ordering::Relaxed))
+        .sum();
+    assert_eq!(timeouts, 300);
 }
