@@ -66,7 +66,8 @@ pub use rules::{
 };
 pub use sections::{
     AdmissionConfig, AuthConfig, AuthMode, HeartbeatConfig, HttpConfig, LimitsConfig,
-    ListenersConfig, LogConfig, LogFormat, NodeConfig, ShardsConfig, ShutdownConfig, UpgradeConfig,
+    ListenersConfig, LogConfig, LogFormat, NodeConfig, ShardsConfig, ShutdownConfig, TlsConfig,
+    UpgradeConfig,
 };
 
 /// The embedded defaults: every key, commented, with its default value.
@@ -102,6 +103,8 @@ pub struct Config {
     pub admission: AdmissionConfig,
     /// Handing over to a new process (SIGUSR2).
     pub upgrade: UpgradeConfig,
+    /// Certificates and bounds of the TLS listeners.
+    pub tls: TlsConfig,
     /// Rhai script workers.
     pub plugins: plugins::PluginsConfig,
     /// Redis sink (device state, counters).

@@ -262,6 +262,8 @@ pub(crate) fn check(config: &Config) -> Vec<Problem> {
         " (ten minutes)",
     );
 
+    tls_rules(c, &mut r);
+
     let a = &c.admission;
     r.range(
         "admission.hellos_per_sec",
@@ -425,4 +427,91 @@ fn check_log_filter(filter: &str) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// `[tls]` and the TLS listeners.
+fn tls_rules(c: &Config, r: &mut Rules) {
+    let t = &c.tls;
+    let l = &c.listeners;
+    if l.tcp_tls.is_some() || l.http_tls.is_some() {
+        if t.cert_file.as_deref().unwrap_or("").is_empty() {
+            r.fail(
+                "tls.cert_file",
+                "is required when listeners.tcp_tls or listeners.http_tls is set",
+            );
+        }
+        if t.key_file.as_deref().unwrap_or("").is_empty() {
+            r.fail(
+                "tls.key_file",
+                "is required when listeners.tcp_tls or listeners.http_tls is set",
+            );
+        }
+    }
+    if let Some(addr) = l.http_tls {
+        if !c.http.enabled {
+            r.fail("listeners.http_tls", "needs http.enabled = true");
+        }
+        for (other, name) in [(l.tcp, "listeners.tcp"), (l.http, "listeners.http")]
+            .into_iter()
+            .chain(l.tcp_tls.map(|a| (a, "listeners.tcp_tls")))
+        {
+            if addr == other && addr.port() != 0 {
+                r.fail(
+                    "listeners.http_tls",
+                    format!("is the same address as {name} ({addr})"),
+                );
+            }
+        }
+    }
+    if let Some(addr) = l.tcp_tls {
+        if addr == c.listeners.tcp && addr.port() != 0 {
+            r.fail(
+                "listeners.tcp_tls",
+                format!("is the same address as listeners.tcp ({addr})"),
+            );
+        }
+        if c.http.enabled && addr == c.listeners.http && addr.port() != 0 {
+            r.fail(
+                "listeners.tcp_tls",
+                format!("is the same address as listeners.http ({addr})"),
+            );
+        }
+    }
+    r.range(
+        "tls.handshake_timeout_ms",
+        t.handshake_timeout_ms,
+        100,
+        600_000,
+        " (ten minutes)",
+    );
+    if t.max_fragment_size != 0 {
+        r.range(
+            "tls.max_fragment_size",
+            t.max_fragment_size as u64,
+            512,
+            16_384,
+            " (0 means 16384, the protocol maximum)",
+        );
+    }
+    r.range(
+        "tls.buffer_limit_bytes",
+        t.buffer_limit_bytes as u64,
+        4096,
+        16 * 1024 * 1024,
+        " (TLS output buffered per connection)",
+    );
+    if !matches!(t.client_address.as_str(), "cn" | "san") {
+        r.fail(
+            "tls.client_address",
+            format!("is {:?}, must be \"cn\" or \"san\"", t.client_address),
+        );
+    }
+    for (i, p) in t.alpn.iter().enumerate() {
+        if p.is_empty() || p.len() > 255 {
+            r.fail(
+                &format!("tls.alpn[{i}]"),
+                format!("is {} bytes, must be 1-255", p.len()),
+            );
+        }
+    }
 }

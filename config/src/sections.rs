@@ -33,6 +33,13 @@ pub struct ListenersConfig {
     pub tcp: SocketAddr,
     /// HTTP port: console page, `/ws`, `/api`, `/metrics`, `/healthz`.
     pub http: SocketAddr,
+    /// Controllers' TLS port (the same protocol inside TLS); off when absent.
+    /// Needs `[tls] cert_file` and `key_file`.
+    pub tcp_tls: Option<SocketAddr>,
+    /// HTTPS port: everything the HTTP port serves (console, `/ws` as wss,
+    /// `/api`, `/metrics`) inside TLS; off when absent. Needs `[tls] cert_file`
+    /// and `key_file`, and `[http] enabled`.
+    pub http_tls: Option<SocketAddr>,
 }
 
 impl Default for ListenersConfig {
@@ -40,6 +47,8 @@ impl Default for ListenersConfig {
         Self {
             tcp: SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 7000)),
             http: SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 8080)),
+            tcp_tls: None,
+            http_tls: None,
         }
     }
 }
@@ -342,5 +351,57 @@ pub struct ShutdownConfig {
 impl Default for ShutdownConfig {
     fn default() -> Self {
         Self { grace_ms: 5000 }
+    }
+}
+
+/// `[tls]`: the certificate and the bounds of the TLS listeners.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsConfig {
+    /// Certificate chain (PEM, leaf first) served on the TLS listeners.
+    pub cert_file: Option<String>,
+    /// Private key (PEM: PKCS#8, PKCS#1 or SEC1) of the certificate.
+    pub key_file: Option<String>,
+    /// A connection that has not finished its TLS handshake within this time is closed.
+    pub handshake_timeout_ms: u64,
+    /// Largest TLS record the relay sends, in bytes (plaintext per record);
+    /// 0 means the protocol maximum (16384). Small devices (BearSSL on an
+    /// ESP8266) want 512-1024.
+    pub max_fragment_size: usize,
+    /// Bytes of TLS output one connection may buffer before the relay stops
+    /// feeding it (and of input before its handshake completes).
+    pub buffer_limit_bytes: usize,
+    /// Application protocols offered in ALPN, most preferred first; empty
+    /// accepts a client whatever it offers.
+    pub alpn: Vec<String>,
+    /// Issue session tickets so reconnecting clients skip the full handshake.
+    pub session_tickets: bool,
+    /// CA certificates (PEM) that sign device certificates: when set,
+    /// controllers on `tcp_tls` present a client certificate verified
+    /// against them (mutual TLS), and the certificate names the device's
+    /// address (its hello needs no token and can claim no other address).
+    pub client_ca_file: Option<String>,
+    /// With `client_ca_file`: refuse a handshake without a client
+    /// certificate (false lets such clients in, to authenticate by token).
+    pub require_client_cert: bool,
+    /// Where a device certificate names the address: `cn` (the subject's
+    /// common name) or `san` (its first DNS subject alternative name).
+    pub client_address: String,
+}
+
+impl Default for TlsConfig {
+    fn default() -> Self {
+        Self {
+            cert_file: None,
+            key_file: None,
+            handshake_timeout_ms: 10_000,
+            max_fragment_size: 0,
+            buffer_limit_bytes: 32 * 1024,
+            alpn: Vec::new(),
+            session_tickets: true,
+            client_ca_file: None,
+            require_client_cert: true,
+            client_address: "cn".into(),
+        }
     }
 }

@@ -849,3 +849,34 @@ proptest! {
         let _ = load(&text);
     }
 }
+
+#[test]
+fn tls_listeners_need_a_certificate_and_sane_bounds() {
+    let p = problems(
+        "[listeners]\ntcp_tls = \"0.0.0.0:7443\"\nhttp_tls = \"0.0.0.0:7443\"\n\
+         [tls]\nmax_fragment_size = 100\nclient_address = \"email\"\nhandshake_timeout_ms = 5\n\
+         alpn = [\"\"]\n",
+    );
+    assert_eq!(
+        keys(&p),
+        set(&[
+            "tls.cert_file",
+            "tls.key_file",
+            "listeners.http_tls",
+            "tls.max_fragment_size",
+            "tls.client_address",
+            "tls.handshake_timeout_ms",
+            "tls.alpn[0]",
+        ])
+    );
+    let cfg = load(
+        "[listeners]\ntcp_tls = \"0.0.0.0:7443\"\n[tls]\ncert_file = \"c.pem\"\nkey_file = \"k.pem\"\n\
+         max_fragment_size = 512\n",
+    )
+    .unwrap();
+    assert_eq!(cfg.listeners.tcp_tls, Some("0.0.0.0:7443".parse().unwrap()));
+    assert_eq!(cfg.tls.max_fragment_size, 512);
+    // Off by default: no TLS listener, nothing required.
+    let d = Config::default();
+    assert!(d.listeners.tcp_tls.is_none() && d.listeners.http_tls.is_none());
+}

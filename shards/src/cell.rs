@@ -119,6 +119,8 @@ pub struct Io {
     /// still owed) is at `queue_bytes`; reading resumes once it drains.
     pub paused: bool,
     pub part: Option<Box<Partial>>,
+    /// The TLS session of a connection on a TLS listener.
+    pub tls: Option<Box<rustls::ServerConnection>>,
 }
 
 /// What a connection holds between passes of the I/O loop, when anything.
@@ -138,9 +140,10 @@ impl Io {
         self.part.get_or_insert_with(Box::default)
     }
 
-    /// A write is half done.
+    /// A write is half done (or TLS records wait to be sent).
     pub fn writing(&self) -> bool {
         self.part.as_ref().is_some_and(|p| p.writing.is_some())
+            || self.tls.as_ref().is_some_and(|t| t.wants_write())
     }
 
     /// The connection is a browser's.

@@ -56,7 +56,7 @@ pub fn render(stats: &[Arc<ShardStats>], uptime_s: f64, extra: &[(&str, &str, u6
     }
     out.push_str(&lines);
     type Counter = (&'static str, &'static str, fn(&ShardStats) -> u64);
-    let counters: [Counter; 9] = [
+    let counters: [Counter; 11] = [
         (
             "relay_frames_in_total",
             "Frames received from clients.",
@@ -96,6 +96,16 @@ pub fn render(stats: &[Arc<ShardStats>], uptime_s: f64, extra: &[(&str, &str, u6
         ("relay_closed_total", "Connections closed.", |s| {
             s.closed_total.load(Relaxed)
         }),
+        (
+            "relay_tls_errors_total",
+            "TLS connections closed for a TLS error.",
+            |s| s.tls_errors.load(Relaxed),
+        ),
+        (
+            "relay_tls_handshake_timeouts_total",
+            "TLS connections closed because the handshake did not finish in time.",
+            |s| s.tls_handshake_timeouts.load(Relaxed),
+        ),
     ];
     let mut lines = String::new();
     for (name, help, get) in counters {

@@ -32,6 +32,10 @@ pub struct ShardStats {
     pub closed_total: AtomicU64,
     /// Hellos refused with `busy` by `[admission]`.
     pub hellos_deferred: AtomicU64,
+    /// TLS connections closed for a TLS error (a bad record, a refused handshake).
+    pub tls_errors: AtomicU64,
+    /// TLS connections closed because their handshake outlived its deadline.
+    pub tls_handshake_timeouts: AtomicU64,
 }
 
 impl ShardStats {

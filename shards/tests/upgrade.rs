@@ -186,7 +186,13 @@ fn drive(
                             c.st = St::Waiting;
                             break;
                         } else if code != ErrorCode::GoingAway as u16 {
-                            panic!("{}: unexpected error {code} {msg}", c.addr);
+                            panic!(
+                                "{}: unexpected error {code} ({:?}) seq {} in state {:?}: {msg}",
+                                c.addr,
+                                ErrorCode::from_u16(code).map(|e| e.name()),
+                                f.seq,
+                                c.st
+                            );
                         }
                     }
                     _ => {}

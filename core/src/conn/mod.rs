@@ -309,6 +309,9 @@ pub struct Connection {
     hello_pending: bool,
     /// Admitted with the service token (see [`Hello::privileged`]).
     privileged: bool,
+    /// The address a verified client certificate names (mutual TLS): the
+    /// hello needs no token and may claim no other address.
+    certified: Option<Box<Bytes>>,
     /// Frames dropped since the runtime last took the counts, by
     /// [`DropReason`].
     drops: [u16; DropReason::COUNT],
@@ -337,12 +340,25 @@ impl Connection {
             lines: LineSplitter::default(),
             hello_pending: false,
             privileged: false,
+            certified: None,
             drops: [0; DropReason::COUNT],
         }
     }
 
     pub fn addr(&self) -> &Bytes {
         &self.addr
+    }
+
+    /// Records the address a verified client certificate names: the hello
+    /// then needs no token, may omit its address (this one is taken) and
+    /// cannot claim another.
+    pub fn set_certified(&mut self, addr: Bytes) {
+        self.certified = Some(Box::new(addr));
+    }
+
+    /// The address of the client certificate, if one was verified.
+    pub fn certified(&self) -> Option<&Bytes> {
+        self.certified.as_deref()
     }
     pub fn role(&self) -> Role {
         self.role
@@ -670,8 +686,22 @@ impl Connection {
         }
     }
 
-    fn hello(&mut self, cfg: &ConnConfig, f: Frame) -> Option<Event> {
+    fn hello(&mut self, cfg: &ConnConfig, mut f: Frame) -> Option<Event> {
         let seq = f.seq;
+        if let Some(cert) = self.certified.as_deref() {
+            if !f.src.is_empty() && f.src != *cert {
+                self.control(
+                    cfg,
+                    &Frame::error(
+                        seq,
+                        ErrorCode::Unauthorized,
+                        "the address is not the client certificate's",
+                    ),
+                );
+                return Some(self.close(CloseReason::Unauthorized));
+            }
+            f.src = cert.clone();
+        }
         if !f.src.is_empty()
             && let Err(e) = validate_name(&f.src)
         {
@@ -695,6 +725,7 @@ impl Connection {
         };
         if let Some(secret) = &cfg.auth_secret {
             let ok = privileged
+                || self.certified.is_some()
                 || (!f.src.is_empty()
                     && token.is_some_and(|t| auth::verify_token(secret, &f.src, t)));
             if !ok {

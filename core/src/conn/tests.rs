@@ -1604,3 +1604,33 @@ fn closing_keeps_its_first_reason_and_its_deadline_only_moves_earlier() {
         "a closing connection has no timers"
     );
 }
+
+#[test]
+fn a_certified_address_needs_no_token_and_admits_no_other() {
+    let cfg = ConnConfig {
+        auth_secret: Some(b"s3cret".to_vec()),
+        ..ConnConfig::default()
+    };
+    let certified = |c: &mut Connection| c.set_certified(Bytes::from_static(b"dev-7"));
+    // Its own address, or none, without a token.
+    for src in ["dev-7", ""] {
+        let mut c = Connection::new(&cfg, Transport::Tcp, t(0));
+        certified(&mut c);
+        let h = expect_hello(events(&mut c, &cfg, t(0), &mut bin(&hello(src, ""))));
+        assert_eq!(&h.addr[..], b"dev-7");
+        assert!(!h.privileged);
+    }
+    // Another address, even with that address's valid token.
+    let token = auth::token_for(b"s3cret", b"dev-8");
+    let mut c = Connection::new(&cfg, Transport::Tcp, t(0));
+    certified(&mut c);
+    let mut input = bin(&with(
+        hello("dev-8", &format!(r#"{{"token":"{token}"}}"#)),
+        4,
+        Flags::ACK_REQ,
+    ));
+    let ev = events(&mut c, &cfg, t(0), &mut input);
+    assert_eq!(ev, vec![Event::Closed(CloseReason::Unauthorized)]);
+    let out = bin_frames(drain(&mut c, &cfg, t(0)));
+    assert_eq!(err_of(&out[0]), (4, ErrorCode::Unauthorized));
+}

@@ -29,6 +29,7 @@ use relay_core::conn::{CloseReason, Event, Hello, Transport};
 use relay_core::frame::ErrorCode;
 
 use super::Handover;
+use super::tls;
 use super::{Shard, now};
 use crate::cell::{ConnCell, ConnId, Io, Partial};
 use crate::router::{Outcome, Router};
@@ -51,6 +52,8 @@ const FALLBACK_POLL: std::time::Duration = std::time::Duration::from_millis(2);
 const ANSWER_RESERVE: usize = 256;
 /// The listener's token in the epoll set (connection ids never reach it).
 const LISTENER: u64 = u64::MAX;
+/// The TLS listener's token.
+const TLS_LISTENER: u64 = u64::MAX - 1;
 const IN: u32 = (libc::EPOLLIN | libc::EPOLLRDHUP) as u32;
 
 /// The shard's epoll set.
@@ -90,6 +93,11 @@ impl Poller {
     /// Watches the controllers' listener (again, after a pause).
     pub(super) fn watch_listener(&self, fd: RawFd) -> io::Result<()> {
         self.add(fd, LISTENER)
+    }
+
+    /// Watches the controllers' TLS listener (again, after a pause).
+    pub(super) fn watch_tls_listener(&self, fd: RawFd) -> io::Result<()> {
+        self.add(fd, TLS_LISTENER)
     }
 
     /// Watches `fd` for what `io` needs: input unless it is paused, output
@@ -139,7 +147,11 @@ impl Poller {
 /// Runs the shard's I/O loop: accepts controllers on `listener` (already
 /// watched, see `Poller::watch_listener`) and drives every client connection
 /// of the shard. Ends when the shard drops it.
-pub(super) async fn run(shard: Rc<Shard>, listener: socket2::Socket) {
+pub(super) async fn run(
+    shard: Rc<Shard>,
+    listener: socket2::Socket,
+    mut tls_listener: Option<socket2::Socket>,
+) {
     let mut listener = Some(listener);
     let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; EVENTS];
     let mut dirty: Vec<ConnId> = Vec::new();
@@ -157,6 +169,10 @@ pub(super) async fn run(shard: Rc<Shard>, listener: socket2::Socket) {
                         shard.poller.remove(l.as_raw_fd());
                         shard.listen_fd.set(None);
                     }
+                    if let Some(l) = tls_listener.take() {
+                        shard.poller.remove(l.as_raw_fd());
+                        shard.tls.listen_fd.set(None);
+                    }
                 }
                 let n = shard.poller.ready(&mut events);
                 let t = now();
@@ -164,7 +180,13 @@ pub(super) async fn run(shard: Rc<Shard>, listener: socket2::Socket) {
                     let token = ev.u64;
                     if token == LISTENER {
                         if let Some(l) = &listener {
-                            accept_ready(&shard, l);
+                            accept_ready(&shard, l, false);
+                        }
+                        continue;
+                    }
+                    if token == TLS_LISTENER {
+                        if let Some(l) = &tls_listener {
+                            accept_ready(&shard, l, true);
                         }
                         continue;
                     }
@@ -290,7 +312,8 @@ pub(super) fn attach(
 }
 
 /// Accepts what the listener holds, up to a budget per pass.
-fn accept_ready(shard: &Rc<Shard>, listener: &socket2::Socket) {
+/// (`tls`: the TLS listener's, whose connections start a handshake).
+fn accept_ready(shard: &Rc<Shard>, listener: &socket2::Socket, tls: bool) {
     for _ in 0..ACCEPT_BUDGET {
         let (sock, addr) = match listener.accept() {
             Ok(a) => a,
@@ -303,7 +326,11 @@ fn accept_ready(shard: &Rc<Shard>, listener: &socket2::Socket) {
                     // the sweeper resumes it, instead of spinning on it.
                     crate::warn_every!("accept failed: {e}; pausing accepts");
                     shard.poller.remove(listener.as_raw_fd());
-                    shard.accept_paused.set(true);
+                    if tls {
+                        shard.tls.accept_paused.set(true);
+                    } else {
+                        shard.accept_paused.set(true);
+                    }
                     return;
                 }
                 _ => {
@@ -323,6 +350,14 @@ fn accept_ready(shard: &Rc<Shard>, listener: &socket2::Socket) {
         let fd = OwnedFd::from(sock);
         let conn = relay_core::Connection::new(&shard.router.cfg().conn, Transport::Tcp, now());
         let cell = shard.router.register(conn, Router::session(remote));
+        if tls {
+            let Some(session) = shard.tls.accept(&shard.shared.tls, cell.id, now().mono_ms) else {
+                shard.router.on_closed(&cell, now());
+                shard.shared.release();
+                continue;
+            };
+            cell.io.borrow_mut().tls = Some(session);
+        }
         attach(
             shard,
             cell,
@@ -347,26 +382,37 @@ fn on_readable(shard: &Rc<Shard>, cell: &Rc<ConnCell>, t: relay_core::Now) {
         router.wake(cell);
         return;
     }
+    let is_tls = cell.io.borrow().tls.is_some();
     let mut buf = shard.read_buf.borrow_mut();
     for _ in 0..READ_BUDGET {
-        // SAFETY: non-blocking recv into the shared buffer of the given length.
-        let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
-        if n < 0 {
-            match io::Error::last_os_error().raw_os_error() {
-                Some(libc::EAGAIN) => break,
-                Some(libc::EINTR) => continue,
-                _ => {
-                    peer_gone(cell, t);
-                    break;
-                }
+        let got = match cell.io.borrow_mut().tls.as_mut() {
+            Some(s) => tls::recv(s, fd, &mut buf, &router.stats),
+            None => sys_recv(fd, &mut buf),
+        };
+        let n = match got {
+            Ok(0) => {
+                peer_gone(cell, t);
+                break;
             }
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) if is_tls && e.kind() == io::ErrorKind::InvalidData => {
+                // The alert rustls queued goes out before the close.
+                ShardStats::add(&router.stats.tls_errors, 1);
+                cell.closing(CloseReason::ProtocolError, t.mono_ms + TLS_ALERT_GRACE_MS);
+                break;
+            }
+            Err(_) => {
+                peer_gone(cell, t);
+                break;
+            }
+        };
+        if is_tls {
+            tls::certify(&shard.shared.tls, cell, t.mono_ms);
+        } else {
+            ShardStats::add(&router.stats.bytes_in, n as u64);
         }
-        if n == 0 {
-            peer_gone(cell, t);
-            break;
-        }
-        let n = n as usize;
-        ShardStats::add(&router.stats.bytes_in, n as u64);
         // A closing connection's input is read and dropped, so the socket
         // stops being readable and the close does not turn into a reset.
         let closing = cell.conn.borrow().is_closing();
@@ -379,12 +425,44 @@ fn on_readable(shard: &Rc<Shard>, cell: &Rc<ConnCell>, t: relay_core::Now) {
                 return;
             }
         }
-        if n < buf.len() || cell.io.borrow().paused {
+        if (!is_tls && n < buf.len()) || cell.io.borrow().paused {
             break;
         }
     }
     // Replies (PONG, ACK, ERROR) and closes are carried out by the write pass.
     router.wake(cell);
+}
+
+/// How long a TLS alert may take to leave before the socket closes.
+const TLS_ALERT_GRACE_MS: u64 = 1000;
+
+/// `recv` on a non-blocking socket.
+fn sys_recv(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
+    // SAFETY: non-blocking recv into a live buffer of the given length.
+    let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
+
+/// `send` on a non-blocking socket.
+fn sys_send(fd: RawFd, data: &[u8]) -> io::Result<usize> {
+    // SAFETY: non-blocking send of a live slice of the given length.
+    let n = unsafe {
+        libc::send(
+            fd,
+            data.as_ptr().cast(),
+            data.len(),
+            libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+        )
+    };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
 }
 
 /// The peer closed or reset: close now, without waiting to flush.
@@ -558,30 +636,34 @@ fn write_out(shard: &Shard, cell: &ConnCell, io: &mut Io, fd: RawFd, t: relay_co
                 .poll_transmit(MAX_WRITE)
                 .map(|b| (b, 0));
         }
-        let Some((chunk, off)) = cur.as_mut() else {
-            break false;
+        let sent = match (cur.as_mut(), io.tls.as_mut()) {
+            // Nothing queued: TLS records (handshake, alerts) still go out.
+            (None, Some(s)) => tls::flush(s, fd, &router.stats).map(|()| 0),
+            (None, None) => break false,
+            (Some((chunk, off)), Some(s)) => tls::send(s, fd, &chunk[*off..], &router.stats),
+            (Some((chunk, off)), None) => sys_send(fd, &chunk[*off..]),
         };
-        // SAFETY: non-blocking send of a live slice of the given length.
-        let n = unsafe {
-            libc::send(
-                fd,
-                chunk[*off..].as_ptr().cast(),
-                chunk.len() - *off,
-                libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
-            )
-        };
-        if n > 0 {
-            *off += n as usize;
-            ShardStats::add(&router.stats.bytes_out, n as u64);
-            if *off == chunk.len() {
-                let len = chunk.len();
-                cur = None;
-                cell.conn.borrow_mut().on_transmitted(cfg, t, len);
+        let err = match sent {
+            Ok(0) => break false,
+            Ok(n) => {
+                let Some((chunk, off)) = cur.as_mut() else {
+                    break false;
+                };
+                *off += n;
+                if io.tls.is_none() {
+                    ShardStats::add(&router.stats.bytes_out, n as u64);
+                }
+                if *off == chunk.len() {
+                    let len = chunk.len();
+                    cur = None;
+                    cell.conn.borrow_mut().on_transmitted(cfg, t, len);
+                }
+                continue;
             }
-            continue;
-        }
-        match io::Error::last_os_error().raw_os_error() {
-            Some(libc::EAGAIN) => {
+            Err(e) => e,
+        };
+        match err.kind() {
+            io::ErrorKind::WouldBlock => {
                 // The peer is not reading: wait for room.
                 if !io.want_out {
                     io.want_out = true;
@@ -591,7 +673,7 @@ fn write_out(shard: &Shard, cell: &ConnCell, io: &mut Io, fd: RawFd, t: relay_co
                 }
                 break false;
             }
-            Some(libc::EINTR) => continue,
+            io::ErrorKind::Interrupted => continue,
             _ => break true,
         }
     };
@@ -608,6 +690,11 @@ fn close(shard: &Rc<Shard>, cell: &Rc<ConnCell>) {
     let io = std::mem::take(&mut *cell.io.borrow_mut());
     if let Some(fd) = io.fd {
         shard.poller.remove(fd.as_raw_fd());
+        if let Some(mut s) = io.tls
+            && !io.eof
+        {
+            tls::close_notify(&mut s, fd.as_raw_fd(), &shard.router.stats);
+        }
         discard_unread(fd.as_raw_fd());
         // SAFETY: plain syscall on a socket we own.
         unsafe { libc::shutdown(fd.as_raw_fd(), libc::SHUT_WR) };
@@ -620,7 +707,7 @@ fn close(shard: &Rc<Shard>, cell: &Rc<ConnCell>) {
 fn handover(shard: &Rc<Shard>, cell: &Rc<ConnCell>, owner: usize, hello: Hello) {
     let router = &shard.router;
     router.forget(cell);
-    let Io { fd, part, .. } = std::mem::take(&mut *cell.io.borrow_mut());
+    let Io { fd, part, tls, .. } = std::mem::take(&mut *cell.io.borrow_mut());
     let Partial { rbuf, writing, ws } = part.map(|p| *p).unwrap_or_default();
     let Some(fd) = fd else {
         shard.shared.release();
@@ -641,6 +728,7 @@ fn handover(shard: &Rc<Shard>, cell: &Rc<ConnCell>, owner: usize, hello: Hello) 
         pending_out: writing.map(|(b, off)| b.slice(off..)).unwrap_or_default(),
         session,
         ws,
+        tls,
     };
     ShardStats::add(&router.stats.handovers, 1);
     let shard = shard.clone();
@@ -735,4 +823,18 @@ pub(super) fn take_fd(stream: TcpStream) -> io::Result<OwnedFd> {
     }
     // SAFETY: a fresh duplicate, owned from here on.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Closes the TLS connections whose handshake outlived its deadline.
+pub(super) fn sweep_tls(shard: &Rc<Shard>, t: relay_core::Now) {
+    let mut expired = Vec::new();
+    shard.tls.expired(t.mono_ms, &mut expired);
+    for id in expired {
+        if let Some(cell) = shard.router.cell(id)
+            && tls::handshake_expired(&cell, t.mono_ms)
+        {
+            ShardStats::add(&shard.router.stats.tls_handshake_timeouts, 1);
+            shard.router.wake(&cell);
+        }
+    }
 }

@@ -7,10 +7,10 @@ use std::time::{Duration, Instant};
 
 use bytes::{Buf, BytesMut};
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
-use glommio::net::TcpStream;
 use relay_core::conn::{Connection, Transport};
 use serde_json::json;
 
+use super::tls::HttpStream;
 use super::{Shard, conn, now};
 use crate::api::{self, Api};
 use crate::http::{self, Request};
@@ -20,7 +20,7 @@ use crate::stats::ShardStats;
 /// Bound on one API request's work (cross-shard calls included).
 const API_TIMEOUT: Duration = Duration::from_secs(10);
 
-pub(super) async fn serve(shard: Rc<Shard>, stream: TcpStream, health_only: bool) {
+pub(super) async fn serve(shard: Rc<Shard>, stream: HttpStream, health_only: bool) {
     // Requests first; a WebSocket upgrade then runs as its own future, so the
     // request buffers are gone before the browser's long life begins.
     if let Some((stream, req, leftover)) = requests(&shard, stream, health_only).await {
@@ -38,7 +38,7 @@ enum Got {
 /// Reads what the peer sent into `buf`, waiting at most until `deadline`.
 async fn read_more(
     shard: &Shard,
-    stream: &mut TcpStream,
+    stream: &mut HttpStream,
     buf: &mut BytesMut,
     tmp: &mut [u8],
     deadline: Instant,
@@ -100,7 +100,7 @@ fn is_health(req: &Request) -> bool {
 /// an error has then been answered.
 async fn read_head(
     shard: &Shard,
-    stream: &mut TcpStream,
+    stream: &mut HttpStream,
     buf: &mut BytesMut,
     tmp: &mut [u8],
 ) -> Option<http::Head> {
@@ -156,9 +156,9 @@ fn authorized(shard: &Shard, req: &Request) -> bool {
 /// WebSocket (the stream, that request and the bytes read after it).
 async fn requests(
     shard: &Rc<Shard>,
-    mut stream: TcpStream,
+    mut stream: HttpStream,
     health_only: bool,
-) -> Option<(TcpStream, Request, BytesMut)> {
+) -> Option<(HttpStream, Request, BytesMut)> {
     let shared = &shard.shared;
     let mut buf = BytesMut::new();
     let mut tmp = vec![0u8; 8192];
@@ -371,7 +371,7 @@ fn websocket(shard: &Shard, req: &Request) -> Option<Vec<u8>> {
 }
 
 /// Answers 101 and gives the connection to the I/O loop as a browser client.
-async fn upgrade(shard: Rc<Shard>, mut stream: TcpStream, req: Request, leftover: BytesMut) {
+async fn upgrade(shard: Rc<Shard>, mut stream: HttpStream, req: Request, mut leftover: BytesMut) {
     let key = req.ws_key.as_deref().unwrap_or_default();
     if stream
         .write_all(&http::switching_protocols(key))
@@ -399,6 +399,7 @@ async fn upgrade(shard: Rc<Shard>, mut stream: TcpStream, req: Request, leftover
     // The request is not needed past this point; don't carry it for the
     // life of the connection.
     drop(req);
+    let (stream, tls) = stream.into_parts(&mut leftover);
     let fd = match conn::take_fd(stream) {
         Ok(fd) => fd,
         Err(e) => {
@@ -408,6 +409,7 @@ async fn upgrade(shard: Rc<Shard>, mut stream: TcpStream, req: Request, leftover
         }
     };
     let cell = shard.router.register(c, Router::session(remote));
+    cell.io.borrow_mut().tls = tls;
     conn::attach(
         &shard,
         cell,

@@ -6,6 +6,7 @@
 mod conn;
 mod http;
 mod reload;
+mod tls;
 mod upgrade;
 
 pub use reload::ReloadReport;
@@ -58,6 +59,8 @@ pub struct Handover {
     pub session: crate::cell::Session,
     /// WebSocket frame state, for browser connections.
     pub ws: Option<crate::ws::WsDecoder>,
+    /// The TLS session, for connections on a TLS listener.
+    pub tls: Option<Box<rustls::ServerConnection>>,
 }
 
 /// The wakers behind the router's [`Signals`]: the I/O loop's (write list)
@@ -130,6 +133,8 @@ pub struct Shared {
     pub(crate) live: reload::Live,
     /// Listening sockets to hand to a new process, or taken from the old one.
     pub(crate) handoff: upgrade::Handoff,
+    /// The TLS listeners' configuration.
+    pub(crate) tls: tls::TlsShared,
     pub stats: Vec<Arc<ShardStats>>,
     pub started: Instant,
     /// `[http] api_token`: required as a bearer token on `/api/*` when set.
@@ -221,6 +226,8 @@ pub(crate) struct Shard {
     listen_fd: Cell<Option<RawFd>>,
     /// Accepts paused after running out of descriptors; the sweeper resumes.
     accept_paused: Cell<bool>,
+    /// The TLS listener and the handshakes under way.
+    tls: tls::ShardTls,
     senders: Senders<MeshMsg>,
     shared: Arc<Shared>,
     max_batch: usize,
@@ -318,11 +325,16 @@ impl Relay {
             }
             None => (tcp_addr, http_addr),
         };
+        let (tls_reserve, tls_addr) = reserve_optional(cfg.listeners.tcp_tls)?;
+        let https = cfg.listeners.http_tls.filter(|_| cfg.http.enabled);
+        let (https_reserve, https_addr) = reserve_optional(https)?;
+        let tls = tls::TlsShared::new(cfg, tls_addr, https_addr)?;
         let shared = Arc::new(Shared {
             stop: Arc::new(AtomicBool::new(false)),
             open: AtomicUsize::new(0),
             live: reload::Live::new(cfg),
             handoff: upgrade::Handoff::new(ext.inherited.clone(), cfg.shutdown.grace_ms),
+            tls,
             stats: (0..shards)
                 .map(|_| Arc::new(ShardStats::default()))
                 .collect(),
@@ -421,11 +433,19 @@ impl Relay {
         }
         drop(reserve);
         drop(http_reserve);
+        drop(tls_reserve);
+        drop(https_reserve);
         match http_addr {
             Some(h) => {
                 tracing::info!("relay listening tcp_addr={tcp_addr} http_addr={h} shards={shards}")
             }
             None => tracing::info!("relay listening tcp_addr={tcp_addr} shards={shards}"),
+        }
+        if let Some(a) = tls_addr {
+            tracing::info!("TLS listening tcp_tls_addr={a}");
+        }
+        if let Some(a) = https_addr {
+            tracing::info!("TLS listening http_tls_addr={a}");
         }
         Ok(Relay {
             tcp_addr,
@@ -438,6 +458,17 @@ impl Relay {
     /// Where controllers connect.
     pub fn tcp_addr(&self) -> SocketAddr {
         self.tcp_addr
+    }
+
+    /// Where controllers connect over TLS, when `[listeners] tcp_tls` is set.
+    pub fn tcp_tls_addr(&self) -> Option<SocketAddr> {
+        self.shared.tls.tcp_addr
+    }
+
+    /// Where HTTPS (the console, wss, the API) is served, when
+    /// `[listeners] http_tls` is set.
+    pub fn http_tls_addr(&self) -> Option<SocketAddr> {
+        self.shared.tls.http_addr
     }
 
     /// Where the HTTP API, `/ws`, `/metrics` and the console are served.
@@ -584,6 +615,22 @@ fn reserve_port(addr: SocketAddr) -> std::io::Result<socket2::Socket> {
     Ok(s)
 }
 
+/// Checks and reserves an optional listener's address (port 0 resolved).
+fn reserve_optional(
+    addr: Option<SocketAddr>,
+) -> anyhow::Result<(Option<socket2::Socket>, Option<SocketAddr>)> {
+    let Some(a) = addr else {
+        return Ok((None, None));
+    };
+    ensure_free(a)?;
+    let r = reserve_port(a).with_context(|| format!("binding {a}"))?;
+    let resolved = r
+        .local_addr()?
+        .as_socket()
+        .with_context(|| format!("address of {a}"))?;
+    Ok((Some(r), Some(resolved)))
+}
+
 /// The controllers' listener of one shard: SO_REUSEPORT on the shared
 /// address (the kernel spreads connections over the shards), non-blocking
 /// for the I/O loop.
@@ -698,6 +745,7 @@ async fn shard_main(
         poller,
         listen_fd: Cell::new(None),
         accept_paused: Cell::new(false),
+        tls: tls::ShardTls::default(),
         senders,
         shared: shared.clone(),
         max_batch,
@@ -728,9 +776,31 @@ async fn shard_main(
         .watch_listener(listener.as_raw_fd())
         .map_err(|e| anyhow::anyhow!("shard {id}: watching the listener: {e}"))?;
     shard.listen_fd.set(Some(listener.as_raw_fd()));
-    tasks.push(glommio::spawn_local(conn::run(shard.clone(), listener)));
+    let tls_listener = match shared.tls.tcp_addr {
+        Some(a) => {
+            let l =
+                bind_listener(a).map_err(|e| anyhow::anyhow!("shard {id}: binding {a}: {e}"))?;
+            shard
+                .poller
+                .watch_tls_listener(l.as_raw_fd())
+                .map_err(|e| anyhow::anyhow!("shard {id}: watching the TLS listener: {e}"))?;
+            shard.tls.listen_fd.set(Some(l.as_raw_fd()));
+            Some(l)
+        }
+        None => None,
+    };
+    tasks.push(glommio::spawn_local(conn::run(
+        shard.clone(),
+        listener,
+        tls_listener,
+    )));
     if let Some(l) = http_listener {
-        tasks.push(glommio::spawn_local(accept_http(shard.clone(), l)));
+        tasks.push(glommio::spawn_local(accept_http(shard.clone(), l, false)));
+    }
+    if let Some(a) = shared.tls.http_addr {
+        let l =
+            TcpListener::bind(a).map_err(|e| anyhow::anyhow!("shard {id}: binding {a}: {e}"))?;
+        tasks.push(glommio::spawn_local(accept_http(shard.clone(), l, true)));
     }
     shared.ready.fetch_add(1, Ordering::SeqCst);
 
@@ -742,12 +812,20 @@ async fn shard_main(
         shard.router.sweep(t);
         reload::apply(&shard);
         upgrade::apply(&shard);
+        conn::sweep_tls(&shard, t);
         if shard.accept_paused.replace(false)
             && let Some(fd) = shard.listen_fd.get()
             && let Err(e) = shard.poller.watch_listener(fd)
         {
             crate::warn_every!("cannot resume accepts: {e}");
             shard.accept_paused.set(true);
+        }
+        if shard.tls.accept_paused.replace(false)
+            && let Some(fd) = shard.tls.listen_fd.get()
+            && let Err(e) = shard.poller.watch_tls_listener(fd)
+        {
+            crate::warn_every!("cannot resume TLS accepts: {e}");
+            shard.tls.accept_paused.set(true);
         }
         if shared.stop.load(Ordering::Relaxed) && shutdown_deadline.is_none() {
             let deadline = t.mono_ms + grace_ms;
@@ -797,7 +875,8 @@ async fn quiesce(shard: &Rc<Shard>, tasks: Vec<glommio::Task<()>>) {
 }
 
 /// Accepts HTTP connections (API requests, WebSocket upgrades, the console).
-async fn accept_http(shard: Rc<Shard>, listener: TcpListener) {
+/// (`tls`: the HTTPS listener's, whose connections start with a handshake).
+async fn accept_http(shard: Rc<Shard>, listener: TcpListener, tls: bool) {
     loop {
         let stopped = poll_fn(|cx| {
             if shard.router.is_shutting_down() || shard.shared.stop.load(Ordering::Relaxed) {
@@ -827,13 +906,30 @@ async fn accept_http(shard: Rc<Shard>, listener: TcpListener) {
         };
         let _ = stream.set_nodelay(true);
         ShardStats::add(&shard.router.stats.accepted_total, 1);
-        glommio::spawn_local(http::serve(shard.clone(), stream, health_only)).detach();
+        if tls {
+            let shard = shard.clone();
+            glommio::spawn_local(async move {
+                let shared = &shard.shared;
+                match tls::https_handshake(&shared.tls, &shard.router.stats, stream).await {
+                    Some(s) => http::serve(shard.clone(), s, health_only).await,
+                    None => {
+                        shared.release_http();
+                        ShardStats::add(&shard.router.stats.closed_total, 1);
+                    }
+                }
+            })
+            .detach();
+        } else {
+            let stream = tls::HttpStream::Plain(stream);
+            glommio::spawn_local(http::serve(shard.clone(), stream, health_only)).detach();
+        }
     }
 }
 
 /// Takes a connection handed over by another shard.
 fn adopt(shard: &Rc<Shard>, h: Handover) {
     let cell = shard.router.register(h.conn, h.session);
+    cell.io.borrow_mut().tls = h.tls;
     conn::attach(
         shard,
         cell,

@@ -30,6 +30,13 @@ const LIVE: &[&str] = &[
     "heartbeat.",
     "admission.",
     "upgrade.",
+    "tls.cert_file",
+    "tls.key_file",
+    "tls.alpn",
+    "tls.max_fragment_size",
+    "tls.session_tickets",
+    "tls.client_ca_file",
+    "tls.require_client_cert",
 ];
 
 /// What a reload did.
@@ -39,6 +46,8 @@ pub struct ReloadReport {
     pub applied: Vec<String>,
     /// Keys that changed in the file but keep their running value until a restart.
     pub needs_restart: Vec<String>,
+    /// Why the TLS certificate was not reloaded (the running one stays).
+    pub tls_refused: Option<String>,
 }
 
 /// The reloadable state shared by the shards.
@@ -108,8 +117,30 @@ impl Relay {
             return ReloadReport::default();
         };
         let mut report = ReloadReport::default();
+        // The certificate files are read again on every reload, changed
+        // paths or not (a renewal rewrites them in place).
+        let tls_ok = match self.shared.tls.reload(new) {
+            Ok(reloaded) => {
+                if reloaded {
+                    tracing::info!(
+                        "TLS certificate reloaded from {}; new handshakes use it",
+                        new.tls.cert_file.as_deref().unwrap_or("")
+                    );
+                }
+                true
+            }
+            Err(e) => {
+                tracing::error!("reload: TLS certificate refused, the running one stays: {e:#}");
+                live.failures.fetch_add(1, Ordering::Relaxed);
+                report.tls_refused = Some(format!("{e:#}"));
+                false
+            }
+        };
         let rules = self.shared.plugins.clone();
         for key in changed_keys(&current, new) {
+            if key.starts_with("tls.") && !tls_ok {
+                continue;
+            }
             if is_live(&key) || (rules.is_some() && LIVE_WITH_RULES.contains(&key.as_str())) {
                 report.applied.push(key);
             } else {
@@ -140,6 +171,15 @@ impl Relay {
             next.notify.route = new.notify.route.clone();
             next.notify.utc_offset_min = new.notify.utc_offset_min;
             rules.reload_notify(&next.notify);
+        }
+        if tls_ok {
+            next.tls.cert_file = new.tls.cert_file.clone();
+            next.tls.key_file = new.tls.key_file.clone();
+            next.tls.alpn = new.tls.alpn.clone();
+            next.tls.max_fragment_size = new.tls.max_fragment_size;
+            next.tls.session_tickets = new.tls.session_tickets;
+            next.tls.client_ca_file = new.tls.client_ca_file.clone();
+            next.tls.require_client_cert = new.tls.require_client_cert;
         }
         if !report.applied.is_empty() {
             live.max_connections
