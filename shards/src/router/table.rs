@@ -41,19 +41,8 @@ impl Router {
     }
 
     pub(super) fn on_hello(&self, cell: &Rc<ConnCell>, hello: Hello, now: Now) -> Outcome {
-        if self.shutting_down.get() {
-            let ev = cell.conn.borrow_mut().refuse(
-                &self.cfg().conn,
-                hello.seq,
-                ErrorCode::ShuttingDown,
-                "relay is shutting down",
-                true,
-            );
-            if let Some(Event::Closed(r)) = ev {
-                cell.closing(r, now.mono_ms + self.cfg().close_grace_ms);
-            }
-            return Outcome::Continue;
-        }
+        // An upgrade stops hellos too, but answers them with `going_away`
+        // and a retry hint (the new process takes them), not `shutting_down`.
         if let Some(window) = self.going_away.get() {
             let ms = self.admission.borrow_mut().jitter(window);
             let ev = cell.conn.borrow_mut().refuse_retry(
@@ -62,6 +51,19 @@ impl Router {
                 ErrorCode::GoingAway,
                 ms,
                 GOING_AWAY,
+            );
+            if let Some(Event::Closed(r)) = ev {
+                cell.closing(r, now.mono_ms + self.cfg().close_grace_ms);
+            }
+            return Outcome::Continue;
+        }
+        if self.shutting_down.get() {
+            let ev = cell.conn.borrow_mut().refuse(
+                &self.cfg().conn,
+                hello.seq,
+                ErrorCode::ShuttingDown,
+                "relay is shutting down",
+                true,
             );
             if let Some(Event::Closed(r)) = ev {
                 cell.closing(r, now.mono_ms + self.cfg().close_grace_ms);

@@ -176,6 +176,23 @@ fn a_silent_client_is_closed_at_its_deadline_and_leaves_its_groups_everywhere() 
     }
 }
 
+#[test]
+fn during_an_upgrade_a_hello_is_told_to_come_back_not_that_the_relay_shuts_down() {
+    let mut sim = Sim::new(SHARDS);
+    for r in &sim.routers {
+        r.going_away(10_000);
+    }
+    let answer = sim.hello("late-1");
+    assert_eq!(answer.kind, FrameType::Error);
+    assert_eq!(
+        answer.error_parts().map(|e| e.0),
+        Some(ErrorCode::GoingAway as u16),
+        "{answer:?}"
+    );
+    let hint = answer.retry_after_ms().expect("a retry hint");
+    assert!(hint <= 10_000, "{hint}");
+}
+
 /// One step of a random history.
 #[derive(Debug, Clone)]
 enum Op {
