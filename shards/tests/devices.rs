@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{Client, Form, http, test_config};
+use common::{Client, Form, get, http, test_config, wait_for};
 use relay_core::frame::{Frame, FrameType};
 use relay_shards::Relay;
 use serde_json::{Value, json};
@@ -98,26 +98,6 @@ fn clean(prefix: &str) {
         .unwrap();
     if !keys.is_empty() {
         let _: () = redis::cmd("DEL").arg(keys).query(&mut c).unwrap();
-    }
-}
-
-fn get(relay: &Relay, path: &str) -> (u16, Value) {
-    http(relay, "GET", path, None, None)
-}
-
-/// Polls `path` until `ok` holds (at most 10 s).
-fn wait_for(relay: &Relay, path: &str, ok: impl Fn(&Value) -> bool) -> Value {
-    let until = Instant::now() + Duration::from_secs(10);
-    loop {
-        let (s, v) = get(relay, path);
-        if s == 200 && ok(&v) {
-            return v;
-        }
-        assert!(
-            Instant::now() < until,
-            "{path}: never got there; last {s} {v}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
     }
 }
 

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{Client, Form, http, test_config};
+use common::{Client, Form, get, http, test_config, wait_for};
 use relay_config::plugins::{
     ColumnConfig, ColumnType, NotifierConfig, RouteConfig, Severity, StepConfig, TableConfig,
 };
@@ -76,28 +76,8 @@ fn json_to(dst: &str, v: Value) -> Frame {
     f
 }
 
-fn get(relay: &Relay, path: &str) -> (u16, Value) {
-    http(relay, "GET", path, None, None)
-}
-
 fn post(relay: &Relay, path: &str, body: Value) -> (u16, Value) {
     http(relay, "POST", path, None, Some(&body))
-}
-
-/// Polls `path` until `ok` holds (at most 15 s).
-fn wait_for(relay: &Relay, path: &str, ok: impl Fn(&Value) -> bool) -> Value {
-    let until = Instant::now() + Duration::from_secs(15);
-    loop {
-        let (s, v) = get(relay, path);
-        if s == 200 && ok(&v) {
-            return v;
-        }
-        assert!(
-            Instant::now() < until,
-            "{path}: never got there; last {s} {v}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 const MANY_ALARMS: &str = r#"

@@ -249,6 +249,32 @@ impl Client {
     }
 }
 
+/// GET `path` without a token: (status, body as JSON or text).
+pub fn get(relay: &Relay, path: &str) -> (u16, serde_json::Value) {
+    http(relay, "GET", path, None, None)
+}
+
+/// Polls GET `path` until it answers 200 with a body for which `ok` holds
+/// (at most 15 s; the assertion names the last answer).
+pub fn wait_for(
+    relay: &Relay,
+    path: &str,
+    ok: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let until = Instant::now() + Duration::from_secs(15);
+    loop {
+        let (s, v) = get(relay, path);
+        if s == 200 && ok(&v) {
+            return v;
+        }
+        assert!(
+            Instant::now() < until,
+            "{path}: never got there; last {s} {v}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// A blocking HTTP/1.1 request; returns (status, body as JSON or text).
 pub fn http(
     relay: &Relay,
