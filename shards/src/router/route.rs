@@ -96,7 +96,12 @@ impl Router {
         frame: &Frame,
         now: Now,
     ) -> Result<(), Failure> {
-        let r = cell.conn.borrow_mut().send(&self.cfg().conn, now, frame);
+        // Once per recipient: borrow the settings rather than clone their handle
+        // (a reload swaps them only from the sweeper, never inside a delivery).
+        let r = cell
+            .conn
+            .borrow_mut()
+            .send(&self.cfg.borrow().conn, now, frame);
         match r {
             Ok(()) => {
                 ShardStats::add(&self.stats.frames_out, 1);
