@@ -176,6 +176,9 @@ pub struct ConnCell {
     /// Answers (ACK or ERROR) this connection is owed by other shards: room
     /// for them counts against its queue before more of its input is read.
     pub owed: Cell<u32>,
+    /// The deadline slot the router will look at this connection in
+    /// (`router::timers`; `NOT_DUE`: none).
+    pub due: Cell<u32>,
 }
 
 impl ConnCell {
@@ -187,6 +190,7 @@ impl ConnCell {
             dirty: Cell::new(false),
             session: RefCell::new(session),
             owed: Cell::new(0),
+            due: Cell::new(u32::MAX), // router::timers::NOT_DUE
         }
     }
 

@@ -13,7 +13,8 @@
 //! delivers locally, so every member is reached once.
 //!
 //! Layout, one job per file: `table` (address ownership: hellos, take-over,
-//! closes, deadlines, shutdown), `index` (group and uid members and masks),
+//! closes, shutdown), `timers` (when each connection's next deadline
+//! comes), `index` (group and uid members and masks),
 //! `route` (delivery of DATA and PUBLISH), `cross` (the items shards send
 //! each other and the outboxes), `pending` (answers owed across shards),
 //! `calls` (API operations), `writes` (the write list) and `failure` (every
@@ -32,6 +33,7 @@ mod sim;
 mod table;
 #[cfg(test)]
 mod tests;
+mod timers;
 mod writes;
 
 pub use calls::{Call, CallCallback, CallResult, ClientView};
@@ -136,6 +138,8 @@ pub struct Router {
     dirty: RefCell<Vec<ConnId>>,
     /// Tells the runtime that a write pass or a flush is due.
     signals: Rc<dyn Signals>,
+    /// When each connection's next deadline comes (see `timers`).
+    deadlines: RefCell<timers::Deadlines>,
     pending: RefCell<HashMap<u64, Pending>>,
     calls: RefCell<HashMap<u64, CallCallback>>,
     /// Results of calls from other shards, sent back after the current batch
@@ -205,6 +209,7 @@ impl Router {
             outbox: RefCell::new((0..shards).map(|_| Vec::new()).collect()),
             dirty: RefCell::default(),
             signals,
+            deadlines: RefCell::default(),
             pending: RefCell::default(),
             calls: RefCell::default(),
             completed: Rc::default(),
@@ -232,6 +237,7 @@ impl Router {
     pub fn set_cfg(&self, generation: u64, cfg: RouterConfig) {
         *self.cfg.borrow_mut() = Rc::new(cfg);
         self.cfg_generation.set(generation);
+        self.arm_all();
     }
 
     /// Routes one event of `cell`.

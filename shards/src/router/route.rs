@@ -109,6 +109,8 @@ impl Router {
                 Ok(())
             }
             Err(SendError::Full) => {
+                // The slow-consumer clock may just have started.
+                self.arm(cell);
                 self.stats.dropped(DropReason::SlowConsumer);
                 Err(failure::slow_consumer(cell.conn.borrow().addr()))
             }

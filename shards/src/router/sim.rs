@@ -121,6 +121,28 @@ impl Sim {
         assert_eq!(welcome.kind, FrameType::Welcome, "{name} got {welcome:?}");
     }
 
+    /// Opens a connection for `name` that never says hello.
+    pub fn open_silent(&mut self, name: &str) {
+        let shard = shard_of(name.as_bytes(), self.routers.len());
+        let conn = Connection::new(&self.cfg.conn, Transport::Tcp, self.now);
+        let remote = "127.0.0.1:1".parse().expect("an address");
+        let cell = self.routers[shard].register(conn, Session::new(remote));
+        self.clients.insert(
+            name.to_owned(),
+            Client {
+                shard,
+                cell,
+                inbox: VecDeque::new(),
+                unread: BytesMut::new(),
+            },
+        );
+    }
+
+    /// The simulated clock, ms.
+    pub fn now_ms(&self) -> u64 {
+        self.now.mono_ms
+    }
+
     /// Opens a connection for `name` and says hello: the relay's first answer.
     pub fn hello(&mut self, name: &str) -> Frame {
         let shard = shard_of(name.as_bytes(), self.routers.len());

@@ -22,6 +22,7 @@ impl Router {
         let cell = Rc::new(ConnCell::new(conn_id(self.shard, n), conn, session));
         self.conns.borrow_mut().insert(cell.id, cell.clone());
         ShardStats::add(&self.stats.conns_pending, 1);
+        self.arm(&cell);
         cell
     }
 
@@ -207,34 +208,6 @@ impl Router {
         for u in uids {
             self.leave_index(Index::Uid, cell, &u);
         }
-    }
-
-    /// Applies deadlines that have passed and samples the queued bytes.
-    pub fn sweep(&self, now: Now) {
-        let cells: Vec<Rc<ConnCell>> = self.conns.borrow().values().cloned().collect();
-        let mut queued = 0u64;
-        for cell in cells {
-            let ev = {
-                let mut c = cell.conn.borrow_mut();
-                queued += c.queued_bytes() as u64;
-                match c.poll_timeout(&self.cfg().conn) {
-                    Some(t) if t <= now.mono_ms => c.handle_timeout(&self.cfg().conn, now),
-                    _ => None,
-                }
-            };
-            if let Some(Event::Closed(reason)) = ev {
-                cell.closing(reason, now.mono_ms + self.cfg().close_grace_ms);
-                self.wake(&cell);
-            } else if cell
-                .conn
-                .borrow()
-                .close_deadline()
-                .is_some_and(|d| d <= now.mono_ms)
-            {
-                self.wake(&cell);
-            }
-        }
-        self.stats.queue_bytes.store(queued, Relaxed);
     }
 
     /// An upgrade hands over to a new process: no more accepts or hellos

@@ -5,6 +5,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use proptest::prelude::*;
+
+use super::timers::SLOT_MS;
 use relay_core::frame::{ErrorCode, FrameType};
 use relay_core::route::shard_of;
 
@@ -309,6 +311,124 @@ proptest! {
             prop_assert_eq!(data_payloads(&got), vec![b"all".to_vec()]);
             let acks = got.iter().filter(|f| f.kind == FrameType::Ack && f.seq == seq).count();
             prop_assert_eq!(acks, usize::from(*n == names[0]));
+        }
+    }
+}
+
+#[test]
+fn an_idle_fleet_is_not_looked_at_on_every_tick() {
+    let mut sim = Sim::new(SHARDS);
+    for i in 0..1_000 {
+        sim.connect(&format!("idle-{i}"));
+    }
+    // Five seconds of ticks, far inside every connection's idle deadline.
+    for _ in 0..50 {
+        sim.tick(100);
+        sim.sweep();
+    }
+    let visits: u64 = sim.routers.iter().map(|r| r.deadline_visits()).sum();
+    assert_eq!(visits, 0, "no deadline came, so no connection was visited");
+    // At the idle deadline every one is looked at once, and closed.
+    let idle_ms = {
+        let c = &sim.routers[0].cfg().conn;
+        u64::from(c.heartbeat_default_s) * u64::from(c.idle_factor) * 1000
+    };
+    sim.tick(idle_ms);
+    sim.sweep();
+    let visits: u64 = sim.routers.iter().map(|r| r.deadline_visits()).sum();
+    assert_eq!(visits, 1_000);
+    assert!((0..1_000).all(|i| !sim.online(&format!("idle-{i}"))));
+}
+
+/// What a client does in the deadline model.
+#[derive(Debug, Clone)]
+enum Life {
+    /// Connects and says hello.
+    Connect(usize),
+    /// Opens a socket and never says hello.
+    Silent(usize),
+    /// Sends a PING (activity).
+    Ping(usize),
+    Disconnect(usize),
+    /// The clock moves on by this many ms and the sweeper runs.
+    Tick(u64),
+}
+
+fn life(clients: usize) -> impl Strategy<Value = Life> {
+    prop_oneof![
+        2 => (0..clients).prop_map(Life::Connect),
+        1 => (0..clients).prop_map(Life::Silent),
+        3 => (0..clients).prop_map(Life::Ping),
+        1 => (0..clients).prop_map(Life::Disconnect),
+        4 => (1u64..40_000).prop_map(Life::Tick),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+    /// The sweeper closes a connection once its deadline (hello or idle) is
+    /// past by one slot, and never before the deadline, however its activity
+    /// moved it: the same verdicts a scan of every connection gives.
+    #[test]
+    fn deadlines_close_exactly_the_connections_whose_time_came(
+        ops in proptest::collection::vec(life(6), 1..80)
+    ) {
+        use std::collections::HashMap;
+        let names: Vec<String> = (0..6).map(|i| format!("d{i}")).collect();
+        let mut sim = Sim::new(SHARDS);
+        let (hello_ms, idle_ms) = {
+            let c = &sim.routers[0].cfg().conn;
+            (c.hello_timeout_ms, u64::from(c.heartbeat_default_s) * u64::from(c.idle_factor) * 1000)
+        };
+        // The model: each live connection's deadline.
+        let mut deadline: HashMap<usize, u64> = HashMap::new();
+        for op in ops {
+            match op {
+                Life::Connect(i) if !sim.online(&names[i]) => {
+                    sim.connect(&names[i]);
+                    deadline.insert(i, sim.now_ms() + idle_ms);
+                }
+                Life::Silent(i) if !sim.online(&names[i]) => {
+                    sim.open_silent(&names[i]);
+                    deadline.insert(i, sim.now_ms() + hello_ms);
+                }
+                Life::Ping(i) if sim.online(&names[i]) && deadline[&i] > sim.now_ms() => {
+                    let said_hello = sim.routers.iter().any(|r| r.lookup(names[i].as_bytes()).is_some());
+                    if said_hello {
+                        sim.send(&names[i], relay_core::Frame::new(FrameType::Ping));
+                        deadline.insert(i, sim.now_ms() + idle_ms);
+                    }
+                }
+                Life::Disconnect(i) if sim.online(&names[i]) => {
+                    sim.disconnect(&names[i]);
+                    deadline.remove(&i);
+                }
+                Life::Tick(ms) => {
+                    sim.tick(ms);
+                    sim.sweep();
+                    let now = sim.now_ms();
+                    for (i, name) in names.iter().enumerate() {
+                        match deadline.get(&i) {
+                            Some(&d) if d.div_ceil(SLOT_MS) * SLOT_MS <= now => {
+                                prop_assert!(!sim.online(name), "{name}: deadline {d} passed by now {now}");
+                                deadline.remove(&i);
+                            }
+                            Some(&d) if d > now => {
+                                prop_assert!(sim.online(name), "{name}: closed before its deadline {d} (now {now})");
+                            }
+                            // Within the slot after its deadline: either way.
+                            Some(_) => {
+                                if !sim.online(name) {
+                                    deadline.remove(&i);
+                                }
+                            }
+                            None => prop_assert!(!sim.online(name)),
+                        }
+                    }
+                }
+                _ => {}
+            }
         }
     }
 }

@@ -7,6 +7,8 @@ impl Router {
     /// Puts `cell` on the write list (once) so the I/O loop flushes its
     /// queue or carries out its close; wakes the loop on the first entry.
     pub fn wake(&self, cell: &ConnCell) {
+        // Whatever woke it may have moved a deadline earlier.
+        self.arm(cell);
         if cell.dirty.replace(true) {
             return;
         }
