@@ -83,7 +83,7 @@ impl Router {
             }
             d.done = d.done.max(upto);
             d.ticks = d.ticks.wrapping_add(1);
-            d.ticks % GAUGE_EVERY == 0
+            d.ticks.is_multiple_of(GAUGE_EVERY)
         };
         for (slot, id) in due {
             let Some(cell) = self.cell(id) else {
