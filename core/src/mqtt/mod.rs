@@ -46,12 +46,16 @@
 //! - [`message`]: [`Message`], an application message as routed, and how
 //!   it is written as a PUBLISH.
 //! - [`retain`]: the retained messages ([`RetainedStore`]).
+//! - [`session`]: [`Session`], one client's connection and session state
+//!   machine (CONNECT, QoS flows, in-flight window, queue, aliases, will,
+//!   expiry).
 
 pub mod codec;
 pub mod message;
 pub mod packet;
 pub mod reason;
 pub mod retain;
+pub mod session;
 pub mod topic;
 pub mod trie;
 pub mod wire;
@@ -63,6 +67,9 @@ pub use packet::{
     RetainHandling, SubAck, SubOptions, Subscribe, UnsubAck, Unsubscribe, Version, Will,
 };
 pub use retain::{RetainConfig, RetainError, RetainedStore};
+pub use session::{
+    CloseReason, DeliverError, Delivery, Event, Session, SessionConfig, SessionState, Subscription,
+};
 pub use topic::{TopicError, matches, parse_filter, validate_topic_filter, validate_topic_name};
 pub use trie::SubscriptionTrie;
 pub use wire::{DecodeError, EncodeError};
