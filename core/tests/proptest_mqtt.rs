@@ -907,3 +907,42 @@ proptest! {
         drive_session(&cfg, v, &rest, acks)?;
     }
 }
+
+/// The cross-checks above compare whole packets; this one shows rumqttc
+/// really reads the fields we write (topic, payload, user properties).
+#[test]
+fn rumqttc_sees_the_fields_we_write() {
+    let p = Packet::Publish(Publish {
+        qos: QoS::AtLeastOnce,
+        topic: Bytes::from_static(b"a/b"),
+        packet_id: 7,
+        props: Properties {
+            user_properties: vec![(Bytes::from_static(b"k"), Bytes::from_static(b"v"))],
+            ..Properties::default()
+        },
+        payload: Bytes::from_static(b"hi"),
+        ..Publish::default()
+    });
+    let mut b = enc(&p, Version::V5);
+    let Ok(rumqttc::v5::mqttbytes::v5::Packet::Publish(r)) =
+        rumqttc::v5::mqttbytes::v5::Packet::read(&mut b, None)
+    else {
+        panic!("rumqttc did not read a PUBLISH");
+    };
+    assert_eq!(&r.topic[..], b"a/b");
+    assert_eq!(&r.payload[..], b"hi");
+    assert_eq!(r.pkid, 7);
+    let props = r.properties.expect("properties");
+    assert_eq!(
+        props.user_properties,
+        vec![("k".to_string(), "v".to_string())]
+    );
+    let mut b = enc(&p, Version::V311);
+    let Ok(rumqttc::mqttbytes::v4::Packet::Publish(r)) =
+        rumqttc::mqttbytes::v4::Packet::read(&mut b, 1 << 20)
+    else {
+        panic!("rumqttc did not read a 3.1.1 PUBLISH");
+    };
+    assert_eq!(r.topic, "a/b");
+    assert_eq!(&r.payload[..], b"hi");
+}
