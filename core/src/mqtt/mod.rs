@@ -68,7 +68,8 @@ pub use packet::{
 };
 pub use retain::{RetainConfig, RetainError, RetainedStore};
 pub use session::{
-    CloseReason, DeliverError, Delivery, Event, Session, SessionConfig, SessionState, Subscription,
+    CloseReason, DeliverError, Delivery, Drops, Event, Session, SessionConfig, SessionState,
+    Subscription,
 };
 pub use topic::{TopicError, matches, parse_filter, validate_topic_filter, validate_topic_name};
 pub use trie::SubscriptionTrie;

@@ -482,6 +482,9 @@ impl Session {
                 return None;
             }
             let max = cfg.max_packet_size as usize;
+            // Whether a CONNECT that fails to parse says it is MQTT 5 (its
+            // protocol level, after the 6 bytes of the protocol name).
+            let mut v5_connect = false;
             let packet = match codec::check(input, max) {
                 Ok(Check::Incomplete { .. }) => return None,
                 Ok(Check::Complete {
@@ -491,6 +494,7 @@ impl Session {
                     let first = input[0];
                     let mut whole = input.split_to(header_len + body_len).freeze();
                     let body = whole.split_off(header_len);
+                    v5_connect = first == 0x10 && body.get(6) == Some(&5);
                     codec::parse(first, body, self.st.version)
                 }
                 Err(e) => Err(e),
@@ -498,7 +502,7 @@ impl Session {
             self.last_activity = now.mono_ms;
             match packet {
                 Ok(p) => self.handle_packet(cfg, now, p),
-                Err(e) => self.decode_failed(now, e),
+                Err(e) => self.decode_failed(now, e, v5_connect),
             }
         }
         self.events.pop_front()
@@ -517,13 +521,20 @@ impl Session {
         }
     }
 
-    fn decode_failed(&mut self, now: Now, e: DecodeError) {
+    fn decode_failed(&mut self, now: Now, e: DecodeError, v5_connect: bool) {
         let code = e.reason_code();
         if matches!(self.state, State::AwaitConnect { .. }) {
-            // An unsupported version gets the CONNACK of 3.1.1, which
-            // every version can read; other CONNECT errors a CONNACK only
-            // when the CONNECT said it was MQTT 5, which it could not.
-            if let Some(v3) = e.v3_connack_code() {
+            // A CONNECT of MQTT 5 that breaks the rules gets a CONNACK
+            // with the reason code; an unsupported version the CONNACK of
+            // 3.1.1 (0x01), which older clients read; anything else is
+            // closed without a word (3.1.1 has no code for it).
+            if v5_connect {
+                self.st.version = Version::V5;
+                self.write(&Packet::ConnAck(ConnAck {
+                    code,
+                    ..ConnAck::default()
+                }));
+            } else if let Some(v3) = e.v3_connack_code() {
                 self.write(&Packet::ConnAck(ConnAck {
                     code: v3,
                     ..ConnAck::default()

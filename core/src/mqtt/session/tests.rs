@@ -314,6 +314,48 @@ fn unsupported_protocol_level_gets_connack_0x01() {
 }
 
 #[test]
+fn a_broken_v5_connect_gets_connack_with_the_reason_code() {
+    let cfg = SessionConfig::default();
+    // MQTT 5 CONNECT whose will topic has a wildcard: CONNACK 0x90.
+    let mut c = connect(V5, "ctl-1", true);
+    c.will = Some(Will {
+        topic: b("a/#"),
+        ..Will::default()
+    });
+    let mut s = Session::new(&cfg, t(0));
+    let evs = feed_raw(
+        &mut s,
+        &cfg,
+        t(0),
+        &mut wire(&Packet::Connect(Box::new(c)), V5),
+    );
+    assert_eq!(
+        closed(&evs),
+        Some(CloseReason::Refused(reason::TOPIC_NAME_INVALID))
+    );
+    let o = out(&mut s, &cfg, t(0));
+    assert!(
+        matches!(&o[..], [Packet::ConnAck(a)] if a.code == reason::TOPIC_NAME_INVALID),
+        "{o:?}"
+    );
+    // The same in 3.1.1: closed without a CONNACK.
+    let mut c = connect(V3, "ctl-1", true);
+    c.will = Some(Will {
+        topic: b("a/#"),
+        ..Will::default()
+    });
+    let mut s = Session::new(&cfg, t(0));
+    let evs = feed_raw(
+        &mut s,
+        &cfg,
+        t(0),
+        &mut wire(&Packet::Connect(Box::new(c)), V3),
+    );
+    assert!(closed(&evs).is_some());
+    assert!(s.poll_transmit(100).is_none());
+}
+
+#[test]
 fn router_refusal_uses_the_clients_version() {
     let cfg = SessionConfig::default();
     for (v, want) in [
