@@ -379,10 +379,6 @@ pub struct Session {
     drops: Drops,
 }
 
-/// Packets one `handle_input` call decodes at most before it returns (each
-/// yields an event or an answer; this bounds the time one call takes).
-const MAX_PACKETS_PER_CALL: usize = 1024;
-
 impl Session {
     /// A socket accepted at `now`, waiting for CONNECT.
     pub fn new(cfg: &SessionConfig, now: Now) -> Session {
@@ -427,6 +423,10 @@ impl Session {
     }
     pub fn is_ended(&self) -> bool {
         self.state == State::Ended
+    }
+    /// The client asked for a clean start (3.1.1: clean session).
+    pub fn clean_start(&self) -> bool {
+        self.clean_start
     }
     pub fn keep_alive_s(&self) -> u16 {
         self.keep_alive_s
@@ -474,7 +474,8 @@ impl Session {
         now: Now,
         input: &mut BytesMut,
     ) -> Option<Event> {
-        for _ in 0..MAX_PACKETS_PER_CALL {
+        // Each turn consumes a packet or returns: bounded by `input`.
+        loop {
             if let Some(ev) = self.events.pop_front() {
                 return Some(ev);
             }
@@ -505,7 +506,6 @@ impl Session {
                 Err(e) => self.decode_failed(now, e, v5_connect),
             }
         }
-        self.events.pop_front()
     }
 
     /// The socket closed or failed under an open (or connecting) session.

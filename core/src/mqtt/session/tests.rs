@@ -1604,3 +1604,16 @@ fn non_persistent_session_ends_with_its_connection() {
         Err(DeliverError::NoSession)
     );
 }
+
+#[test]
+fn many_packets_without_events_are_all_answered_in_one_call() {
+    let cfg = SessionConfig::default();
+    let mut s = open(&cfg, V3);
+    let mut input = BytesMut::new();
+    for _ in 0..5000 {
+        input.extend_from_slice(&wire(&Packet::PingReq, V3));
+    }
+    assert!(s.handle_input(&cfg, t(1), &mut input).is_none());
+    assert!(input.is_empty());
+    assert_eq!(out(&mut s, &cfg, t(1)).len(), 5000);
+}
