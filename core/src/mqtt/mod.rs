@@ -7,7 +7,7 @@
 //! events it gets.
 //!
 //! # Why a codec of our own
-//! The maintained Rust MQTT codecs were weighed against what the relay
+//! The Rust MQTT codecs on crates.io were weighed against what the relay
 //! needs (bounded, zero-panic, fuzzable, zero-copy, no runtime in
 //! `relay-core`):
 //! - `rumqttc` (already in the workspace for the load tester) exposes its
@@ -19,12 +19,11 @@
 //!   U+0000 in strings, wildcards in PUBLISH topic names, reserved flag
 //!   bits, or properties a packet may not carry.
 //! - `mqttbytes` (the same code, standalone) has had no release since 2021;
-//!   `mqttrs` speaks 3.1.1 only; `rmqtt-codec` ties decoding to
-//!   `tokio_util::codec` and `bytestring` and reports errors without the
-//!   reason code the spec answers with.
+//!   `mqttrs` speaks 3.1.1 only; `rmqtt-codec` decodes through
+//!   `tokio_util::codec` and brings `bytestring`, `chrono` and
+//!   `rmqtt-utils` with it.
 //!
-//! So the codec is written here (about as long as one of those crates'
-//! version modules), and checked against `rumqttc`'s in a property test
+//! So the codec is written here, and checked against `rumqttc`'s in a property test
 //! (`tests/proptest_mqtt.rs`: each decodes the other's bytes).
 //!
 //! # Bounds the decoder keeps

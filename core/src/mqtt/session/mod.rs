@@ -177,7 +177,10 @@ pub enum CloseReason {
     PeerClosed,
 }
 
-/// A subscription granted to the client.
+/// A subscription granted to the client. The router indexes it by
+/// `filter`, and sends it the retained messages its filter matches when
+/// its retain handling says so (0 always, 1 only if `is_new`, 2 never),
+/// never for a shared one (spec 4.8.2), with [`Delivery::retained`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Subscription {
     /// As sent (`$share/<group>/<filter>` for a shared one): the key of
