@@ -11,6 +11,8 @@
 //! - [`conn`]: one connection's protocol state machine (hello, heartbeats,
 //!   deadlines, limits, the bounded outbound queue).
 //! - [`drops`]: [`DropReason`], every reason a frame is dropped and counted.
+//! - [`mqtt`]: MQTT 3.1.1 and 5.0: codec, topics, the subscription trie,
+//!   retained messages and the session state machine.
 //! - [`route`]: address → shard hashing and server-assigned addresses.
 //! - [`auth`]: HMAC client tokens.
 //! - [`procstat`]: a process's CPU time and memory, parsed from `/proc` text.
@@ -23,6 +25,7 @@ pub mod conn;
 pub mod drops;
 pub mod frame;
 pub mod json;
+pub mod mqtt;
 pub mod name;
 pub mod procstat;
 pub mod route;
