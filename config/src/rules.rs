@@ -506,6 +506,13 @@ fn tls_rules(c: &Config, r: &mut Rules) {
             format!("is {:?}, must be \"cn\" or \"san\"", t.client_address),
         );
     }
+    let set = |v: &Option<String>| v.as_deref().is_some_and(|p| !p.is_empty());
+    if set(&t.crl_file) && !set(&t.client_ca_file) {
+        r.fail(
+            "tls.crl_file",
+            "needs tls.client_ca_file (a CRL revokes device certificates of those CAs)",
+        );
+    }
     for (i, p) in t.alpn.iter().enumerate() {
         if p.is_empty() || p.len() > 255 {
             r.fail(

@@ -381,6 +381,10 @@ pub struct TlsConfig {
     /// against them (mutual TLS), and the certificate names the device's
     /// address (its hello needs no token and can claim no other address).
     pub client_ca_file: Option<String>,
+    /// Certificate revocation lists (PEM, one or more CRLs) of the device
+    /// CAs: a device certificate whose serial one of them lists is refused.
+    /// Needs `client_ca_file`; reloaded with the certificate on SIGHUP.
+    pub crl_file: Option<String>,
     /// With `client_ca_file`: refuse a handshake without a client
     /// certificate (false lets such clients in, to authenticate by token).
     pub require_client_cert: bool,
@@ -400,6 +404,7 @@ impl Default for TlsConfig {
             alpn: Vec::new(),
             session_tickets: true,
             client_ca_file: None,
+            crl_file: None,
             require_client_cert: true,
             client_address: "cn".into(),
         }

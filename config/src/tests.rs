@@ -855,11 +855,12 @@ fn tls_listeners_need_a_certificate_and_sane_bounds() {
     let p = problems(
         "[listeners]\ntcp_tls = \"0.0.0.0:7443\"\nhttp_tls = \"0.0.0.0:7443\"\n\
          [tls]\nmax_fragment_size = 100\nclient_address = \"email\"\nhandshake_timeout_ms = 5\n\
-         alpn = [\"\"]\n",
+         alpn = [\"\"]\ncrl_file = \"revoked.pem\"\n",
     );
     assert_eq!(
         keys(&p),
         set(&[
+            "tls.crl_file",
             "tls.cert_file",
             "tls.key_file",
             "listeners.http_tls",

@@ -36,6 +36,7 @@ const LIVE: &[&str] = &[
     "tls.max_fragment_size",
     "tls.session_tickets",
     "tls.client_ca_file",
+    "tls.crl_file",
     "tls.require_client_cert",
 ];
 
@@ -179,6 +180,7 @@ impl Relay {
             next.tls.max_fragment_size = new.tls.max_fragment_size;
             next.tls.session_tickets = new.tls.session_tickets;
             next.tls.client_ca_file = new.tls.client_ca_file.clone();
+            next.tls.crl_file = new.tls.crl_file.clone();
             next.tls.require_client_cert = new.tls.require_client_cert;
         }
         if !report.applied.is_empty() {
