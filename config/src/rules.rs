@@ -337,6 +337,7 @@ pub(crate) fn check(config: &Config) -> Vec<Problem> {
         c.redis.check(),
         c.mysql.check(),
         c.notify.check(),
+        c.acl.check(),
     ];
     for (key, reason) in sections.into_iter().flatten() {
         r.fail(&key, reason);

@@ -13,10 +13,13 @@
 //! - [`drops`]: [`DropReason`], every reason a frame is dropped and counted.
 //! - [`route`]: address → shard hashing and server-assigned addresses.
 //! - [`auth`]: HMAC client tokens.
+//! - [`acl`]: access rules (who may send, join, publish or watch what),
+//!   reduced per client at hello and checked per frame.
 //! - [`procstat`]: a process's CPU time and memory, parsed from `/proc` text.
 //! - [`ws`]: WebSocket frame writing (server frames, close and pong, named
 //!   opcodes).
 
+pub mod acl;
 pub mod auth;
 pub mod codec;
 pub mod conn;

@@ -176,6 +176,9 @@ pub struct ConnCell {
     /// Answers (ACK or ERROR) this connection is owed by other shards: room
     /// for them counts against its queue before more of its input is read.
     pub owed: Cell<u32>,
+    /// The access rules that can apply to this client (made at hello), with
+    /// the settings generation they were made for.
+    pub acl: RefCell<Option<(u64, std::rc::Rc<[u16]>)>>,
 }
 
 impl ConnCell {
@@ -187,6 +190,7 @@ impl ConnCell {
             dirty: Cell::new(false),
             session: RefCell::new(session),
             owed: Cell::new(0),
+            acl: RefCell::new(None),
         }
     }
 

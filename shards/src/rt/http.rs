@@ -278,11 +278,12 @@ async fn respond(shard: &Rc<Shard>, req: &Request, keep_alive: bool) -> Vec<u8> 
                 .iter()
                 .map(|(a, b, c)| (a.as_str(), b.as_str(), *c))
                 .collect();
-            let text = crate::metrics::render(
+            let mut text = crate::metrics::render(
                 &shared.stats,
                 shared.started.elapsed().as_secs_f64(),
                 &extra,
             );
+            shared.live.acl().render(&mut text);
             http::response(
                 200,
                 "text/plain; version=0.0.4",

@@ -357,6 +357,7 @@ impl Relay {
             errors: Mutex::new(Vec::new()),
         });
         let rcfg = router_config(cfg);
+        shared.live.set_acl(rcfg.acl.clone());
         // glommio's MeshBuilder holds an `Rc` yet is `Send`: cloning or
         // dropping it on several threads at once races on a non-atomic
         // count, and a lost increment frees the peer list while shards still
@@ -673,6 +674,7 @@ pub fn router_config(cfg: &Config) -> RouterConfig {
         outbox_limit: cfg.shards.mesh_capacity.max(1) * cfg.shards.max_batch.max(1),
         close_grace_ms: 2000,
         admission: cfg.admission.clone(),
+        acl: Arc::new(crate::acl::AclRules::build(&cfg.acl, None)),
     }
 }
 

@@ -8,13 +8,14 @@
 //! limits, queue bounds and timeouts change for connected clients too; the
 //! heartbeat bounds apply to each client's next hello.
 
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
 use relay_config::Config;
 use serde_json::Value;
 
 use super::{Relay, Shard, router_config};
+use crate::acl::AclRules;
 use crate::router::RouterConfig;
 
 /// Keys (or whole sections, ending in `.`) applied without a restart.
@@ -30,6 +31,7 @@ const LIVE: &[&str] = &[
     "heartbeat.",
     "admission.",
     "upgrade.",
+    "acl.",
     "tls.cert_file",
     "tls.key_file",
     "tls.alpn",
@@ -61,6 +63,8 @@ pub(crate) struct Live {
     config: Mutex<Config>,
     reloads: AtomicU64,
     failures: AtomicU64,
+    /// The access rules in force (their counters feed `/metrics`).
+    acl: Mutex<Arc<AclRules>>,
 }
 
 impl Live {
@@ -72,7 +76,20 @@ impl Live {
             config: Mutex::new(cfg.clone()),
             reloads: AtomicU64::new(0),
             failures: AtomicU64::new(0),
+            acl: Mutex::default(),
         }
+    }
+
+    /// Records the access rules in force.
+    pub(crate) fn set_acl(&self, acl: Arc<AclRules>) {
+        if let Ok(mut a) = self.acl.lock() {
+            *a = acl;
+        }
+    }
+
+    /// The access rules in force.
+    pub(crate) fn acl(&self) -> Arc<AclRules> {
+        self.acl.lock().map(|a| a.clone()).unwrap_or_default()
     }
 
     /// Counters for `/metrics`.
@@ -162,6 +179,7 @@ impl Relay {
         next.heartbeat = new.heartbeat.clone();
         next.admission = new.admission.clone();
         next.upgrade = new.upgrade.clone();
+        next.acl = new.acl.clone();
         if let Some(rules) = &rules
             && report
                 .applied
@@ -186,8 +204,22 @@ impl Relay {
         if !report.applied.is_empty() {
             live.max_connections
                 .store(next.limits.max_connections as usize, Ordering::Relaxed);
+            let mut rc = router_config(&next);
+            rc.acl = if report.applied.iter().any(|k| k.starts_with("acl.")) {
+                // Denial counters carry over to rules of the same name.
+                let acl = Arc::new(AclRules::build(&next.acl, Some(&live.acl())));
+                tracing::info!(
+                    rules = acl.acl.rules().len(),
+                    default_allow = acl.acl.default_allow(),
+                    "access rules reloaded"
+                );
+                live.set_acl(acl.clone());
+                acl
+            } else {
+                live.acl()
+            };
             if let Ok(mut r) = live.router.lock() {
-                *r = Some(router_config(&next));
+                *r = Some(rc);
             }
             live.generation.fetch_add(1, Ordering::Release);
         }
