@@ -69,6 +69,35 @@ pub(crate) fn check(config: &Config) -> Vec<Problem> {
         );
     }
 
+    for (i, name) in c.listeners.proxy_protocol.iter().enumerate() {
+        let on = match name.as_str() {
+            "tcp" => true,
+            "http" => c.http.enabled,
+            "tcp_tls" => c.listeners.tcp_tls.is_some(),
+            "http_tls" => c.listeners.http_tls.is_some() && c.http.enabled,
+            other => {
+                r.fail(
+                    &format!("listeners.proxy_protocol[{i}]"),
+                    format!("unknown listener {other:?}; expected tcp, tcp_tls, http or http_tls"),
+                );
+                continue;
+            }
+        };
+        if !on {
+            r.fail(
+                &format!("listeners.proxy_protocol[{i}]"),
+                format!("names {name:?}, which is not listening (set listeners.{name})"),
+            );
+        }
+    }
+    r.range(
+        "listeners.proxy_header_timeout_ms",
+        c.listeners.proxy_header_timeout_ms,
+        100,
+        600_000,
+        "",
+    );
+
     let s = &c.shards;
     r.range(
         "shards.count",

@@ -40,6 +40,14 @@ pub struct ListenersConfig {
     /// `/api`, `/metrics`) inside TLS; off when absent. Needs `[tls] cert_file`
     /// and `key_file`, and `[http] enabled`.
     pub http_tls: Option<SocketAddr>,
+    /// Listeners behind a load balancer that sends the PROXY protocol v2
+    /// header (`tcp`, `tcp_tls`, `http`, `http_tls`): each connection on them
+    /// must start with one, and the client address it names is the one the
+    /// relay shows and uses. A connection without a valid header is closed.
+    pub proxy_protocol: Vec<String>,
+    /// A connection on a `proxy_protocol` listener whose header has not
+    /// arrived whole within this time is closed.
+    pub proxy_header_timeout_ms: u64,
 }
 
 impl Default for ListenersConfig {
@@ -49,6 +57,8 @@ impl Default for ListenersConfig {
             http: SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 8080)),
             tcp_tls: None,
             http_tls: None,
+            proxy_protocol: Vec::new(),
+            proxy_header_timeout_ms: 5000,
         }
     }
 }

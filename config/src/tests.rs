@@ -935,3 +935,20 @@ fn acl_rules_compile_and_every_problem_is_reported() {
         assert!(text.contains(needle), "{needle}: {text}");
     }
 }
+
+#[test]
+fn proxy_protocol_names_listeners_that_listen() {
+    let cfg = load("[listeners]\nproxy_protocol = [\"tcp\", \"http\"]\n").unwrap();
+    assert_eq!(cfg.listeners.proxy_protocol, ["tcp", "http"]);
+    let p = problems(
+        "[listeners]\nproxy_protocol = [\"tcp\", \"udp\", \"tcp_tls\"]\nproxy_header_timeout_ms = 1\n",
+    );
+    assert_eq!(
+        keys(&p),
+        set(&[
+            "listeners.proxy_protocol[1]",
+            "listeners.proxy_protocol[2]",
+            "listeners.proxy_header_timeout_ms",
+        ])
+    );
+}

@@ -15,6 +15,7 @@
 //! - [`auth`]: HMAC client tokens.
 //! - [`acl`]: access rules (who may send, join, publish or watch what),
 //!   reduced per client at hello and checked per frame.
+//! - [`proxy`]: the PROXY protocol v2 header a load balancer sends first.
 //! - [`procstat`]: a process's CPU time and memory, parsed from `/proc` text.
 //! - [`ws`]: WebSocket frame writing (server frames, close and pong, named
 //!   opcodes).
@@ -28,6 +29,7 @@ pub mod frame;
 pub mod json;
 pub mod name;
 pub mod procstat;
+pub mod proxy;
 pub mod route;
 pub mod ws;
 

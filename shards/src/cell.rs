@@ -121,6 +121,9 @@ pub struct Io {
     pub part: Option<Box<Partial>>,
     /// The TLS session of a connection on a TLS listener.
     pub tls: Option<Box<rustls::ServerConnection>>,
+    /// On a `proxy_protocol` listener, until its PROXY header is whole: the
+    /// header's bytes so far (nothing else is read before it).
+    pub proxy: Option<Box<Vec<u8>>>,
 }
 
 /// What a connection holds between passes of the I/O loop, when anything.

@@ -1299,3 +1299,47 @@ fn sighup_reloads_the_crl_and_refuses_a_broken_one() {
     assert!(device_welcomed(addr, &server, kept(), "dev-kept"));
     assert!(relay.stop(Duration::from_secs(10)).success());
 }
+
+/// `tcp_tls` behind a balancer: the PROXY header comes before the TLS
+/// handshake, and the client's `remote` is the header's source.
+#[test]
+fn a_proxy_header_before_the_handshake_names_the_client() {
+    let pki = Pki::new("proxy");
+    let relay = start(|c| {
+        pki.apply(c);
+        c.listeners.proxy_protocol = vec!["tcp_tls".into()];
+    });
+    let addr = tls_addr(&relay);
+    let fake: SocketAddr = "203.0.113.50:61000".parse().unwrap();
+    let mut sock = TcpStream::connect(addr).unwrap();
+    sock.write_all(&relay_core::proxy::encode(fake, addr))
+        .unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let name = ServerName::try_from("localhost").unwrap();
+    let config = pki.client_config(&rustls::version::TLS13, &[]);
+    let conn = rustls::ClientConnection::new(config.clone(), name).unwrap();
+    let mut tls = rustls::StreamOwned::new(conn, sock);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while tls.conn.is_handshaking() {
+        assert!(Instant::now() < deadline, "handshake did not finish");
+        match tls.conn.complete_io(&mut tls.sock) {
+            Ok(_) => {}
+            Err(e) if is_timeout(&e) => {}
+            Err(e) => panic!("handshake: {e}"),
+        }
+    }
+    let mut c = TlsClient {
+        tls,
+        buf: BytesMut::new(),
+    };
+    c.send(&hello_frame("tls-behind-lb"));
+    assert_eq!(c.recv().kind, FrameType::Welcome);
+    let (status, v) = common::get(&relay, "/api/v1/clients/tls-behind-lb");
+    assert_eq!(
+        (status, v["remote"].as_str()),
+        (200, Some("203.0.113.50:61000"))
+    );
+    // Without the header, the TLS port closes the connection.
+    assert!(try_tls_connect(addr, config).is_err());
+}

@@ -5,6 +5,7 @@
 
 mod conn;
 mod http;
+mod proxy;
 mod reload;
 mod tls;
 mod upgrade;
@@ -135,6 +136,8 @@ pub struct Shared {
     pub(crate) handoff: upgrade::Handoff,
     /// The TLS listeners' configuration.
     pub(crate) tls: tls::TlsShared,
+    /// Which listeners expect a PROXY protocol header first.
+    pub(crate) proxy: proxy::ProxyOn,
     pub stats: Vec<Arc<ShardStats>>,
     pub started: Instant,
     /// `[http] api_token`: required as a bearer token on `/api/*` when set.
@@ -228,6 +231,8 @@ pub(crate) struct Shard {
     accept_paused: Cell<bool>,
     /// The TLS listener and the handshakes under way.
     tls: tls::ShardTls,
+    /// Connections waiting for their PROXY header: (deadline, id), oldest first.
+    proxy_waits: RefCell<std::collections::VecDeque<(u64, crate::cell::ConnId)>>,
     senders: Senders<MeshMsg>,
     shared: Arc<Shared>,
     max_batch: usize,
@@ -335,6 +340,7 @@ impl Relay {
             live: reload::Live::new(cfg),
             handoff: upgrade::Handoff::new(ext.inherited.clone(), cfg.shutdown.grace_ms),
             tls,
+            proxy: proxy::ProxyOn::new(&cfg.listeners),
             stats: (0..shards)
                 .map(|_| Arc::new(ShardStats::default()))
                 .collect(),
@@ -748,6 +754,7 @@ async fn shard_main(
         listen_fd: Cell::new(None),
         accept_paused: Cell::new(false),
         tls: tls::ShardTls::default(),
+        proxy_waits: RefCell::default(),
         senders,
         shared: shared.clone(),
         max_batch,
@@ -815,6 +822,7 @@ async fn shard_main(
         reload::apply(&shard);
         upgrade::apply(&shard);
         conn::sweep_tls(&shard, t);
+        conn::sweep_proxy(&shard, t);
         if shard.accept_paused.replace(false)
             && let Some(fd) = shard.listen_fd.get()
             && let Err(e) = shard.poller.watch_listener(fd)
@@ -908,23 +916,38 @@ async fn accept_http(shard: Rc<Shard>, listener: TcpListener, tls: bool) {
         };
         let _ = stream.set_nodelay(true);
         ShardStats::add(&shard.router.stats.accepted_total, 1);
-        if tls {
-            let shard = shard.clone();
-            glommio::spawn_local(async move {
-                let shared = &shard.shared;
+        let shard = shard.clone();
+        glommio::spawn_local(async move {
+            let shared = shard.shared.clone();
+            let mut stream = stream;
+            // Behind a balancer: its PROXY header names the client.
+            let remote = if shared.proxy.http(tls) {
+                match proxy::read_header(&mut stream, shared.proxy.timeout).await {
+                    Ok(remote) => remote,
+                    Err(why) => {
+                        crate::warn_every!("HTTP connection closed: {why}");
+                        shared.release_http();
+                        ShardStats::add(&shard.router.stats.closed_total, 1);
+                        return;
+                    }
+                }
+            } else {
+                None
+            };
+            if tls {
                 match tls::https_handshake(&shared.tls, &shard.router.stats, stream).await {
-                    Some(s) => http::serve(shard.clone(), s, health_only).await,
+                    Some(s) => http::serve(shard.clone(), s, health_only, remote).await,
                     None => {
                         shared.release_http();
                         ShardStats::add(&shard.router.stats.closed_total, 1);
                     }
                 }
-            })
-            .detach();
-        } else {
-            let stream = tls::HttpStream::Plain(stream);
-            glommio::spawn_local(http::serve(shard.clone(), stream, health_only)).detach();
-        }
+            } else {
+                let stream = tls::HttpStream::Plain(stream);
+                http::serve(shard.clone(), stream, health_only, remote).await;
+            }
+        })
+        .detach();
     }
 }
 
