@@ -330,9 +330,21 @@ impl Relay {
             }
             None => (tcp_addr, http_addr),
         };
-        let (tls_reserve, tls_addr) = reserve_optional(cfg.listeners.tcp_tls)?;
         let https = cfg.listeners.http_tls.filter(|_| cfg.http.enabled);
-        let (https_reserve, https_addr) = reserve_optional(https)?;
+        // An upgrade takes the TLS listeners of its predecessor too: same
+        // sockets, same addresses (a port 0 in the file resolved as before).
+        let (inh_tls, inh_https) = ext
+            .inherited
+            .as_ref()
+            .map_or((None, None), |i| i.tls_addrs());
+        let (tls_reserve, tls_addr) = match (cfg.listeners.tcp_tls, inh_tls) {
+            (Some(_), Some(a)) => (None, Some(a)),
+            (want, _) => reserve_optional(want)?,
+        };
+        let (https_reserve, https_addr) = match (https, inh_https) {
+            (Some(_), Some(a)) => (None, Some(a)),
+            (want, _) => reserve_optional(want)?,
+        };
         let tls = tls::TlsShared::new(cfg, tls_addr, https_addr)?;
         let shared = Arc::new(Shared {
             stop: Arc::new(AtomicBool::new(false)),
@@ -787,8 +799,8 @@ async fn shard_main(
     shard.listen_fd.set(Some(listener.as_raw_fd()));
     let tls_listener = match shared.tls.tcp_addr {
         Some(a) => {
-            let l =
-                bind_listener(a).map_err(|e| anyhow::anyhow!("shard {id}: binding {a}: {e}"))?;
+            let l = upgrade::tcp_tls_listener(&shared, a)
+                .map_err(|e| anyhow::anyhow!("shard {id}: binding {a}: {e}"))?;
             shard
                 .poller
                 .watch_tls_listener(l.as_raw_fd())
@@ -807,8 +819,8 @@ async fn shard_main(
         tasks.push(glommio::spawn_local(accept_http(shard.clone(), l, false)));
     }
     if let Some(a) = shared.tls.http_addr {
-        let l =
-            TcpListener::bind(a).map_err(|e| anyhow::anyhow!("shard {id}: binding {a}: {e}"))?;
+        let l = upgrade::https_listener(&shared, a)
+            .map_err(|e| anyhow::anyhow!("shard {id}: binding {a}: {e}"))?;
         tasks.push(glommio::spawn_local(accept_http(shard.clone(), l, true)));
     }
     shared.ready.fetch_add(1, Ordering::SeqCst);
