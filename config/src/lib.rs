@@ -38,6 +38,7 @@
 //!
 //! # Layout
 //! - `sections`: the relay's own sections (`[node]` … `[upgrade]`) and their defaults.
+//! - `acl`: the access rules (`[acl]`) and their compilation.
 //! - `plugins`: the sections of the script workers, sinks and notifiers.
 //! - `problem`: [`Problem`] and [`ConfigError`].
 //! - `env`: applying `RELAY__…` overrides to the document.
@@ -50,6 +51,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
+pub mod acl;
 mod decode;
 mod env;
 mod path;
@@ -105,6 +107,8 @@ pub struct Config {
     pub upgrade: UpgradeConfig,
     /// Certificates and bounds of the TLS listeners.
     pub tls: TlsConfig,
+    /// Access rules: who may send, join, publish or watch what.
+    pub acl: acl::AclConfig,
     /// Rhai script workers.
     pub plugins: plugins::PluginsConfig,
     /// Redis sink (device state, counters).

@@ -69,6 +69,35 @@ pub(crate) fn check(config: &Config) -> Vec<Problem> {
         );
     }
 
+    for (i, name) in c.listeners.proxy_protocol.iter().enumerate() {
+        let on = match name.as_str() {
+            "tcp" => true,
+            "http" => c.http.enabled,
+            "tcp_tls" => c.listeners.tcp_tls.is_some(),
+            "http_tls" => c.listeners.http_tls.is_some() && c.http.enabled,
+            other => {
+                r.fail(
+                    &format!("listeners.proxy_protocol[{i}]"),
+                    format!("unknown listener {other:?}; expected tcp, tcp_tls, http or http_tls"),
+                );
+                continue;
+            }
+        };
+        if !on {
+            r.fail(
+                &format!("listeners.proxy_protocol[{i}]"),
+                format!("names {name:?}, which is not listening (set listeners.{name})"),
+            );
+        }
+    }
+    r.range(
+        "listeners.proxy_header_timeout_ms",
+        c.listeners.proxy_header_timeout_ms,
+        100,
+        600_000,
+        "",
+    );
+
     let s = &c.shards;
     r.range(
         "shards.count",
@@ -337,6 +366,7 @@ pub(crate) fn check(config: &Config) -> Vec<Problem> {
         c.redis.check(),
         c.mysql.check(),
         c.notify.check(),
+        c.acl.check(),
     ];
     for (key, reason) in sections.into_iter().flatten() {
         r.fail(&key, reason);
@@ -504,6 +534,13 @@ fn tls_rules(c: &Config, r: &mut Rules) {
         r.fail(
             "tls.client_address",
             format!("is {:?}, must be \"cn\" or \"san\"", t.client_address),
+        );
+    }
+    let set = |v: &Option<String>| v.as_deref().is_some_and(|p| !p.is_empty());
+    if set(&t.crl_file) && !set(&t.client_ca_file) {
+        r.fail(
+            "tls.crl_file",
+            "needs tls.client_ca_file (a CRL revokes device certificates of those CAs)",
         );
     }
     for (i, p) in t.alpn.iter().enumerate() {

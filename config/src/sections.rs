@@ -40,6 +40,14 @@ pub struct ListenersConfig {
     /// `/api`, `/metrics`) inside TLS; off when absent. Needs `[tls] cert_file`
     /// and `key_file`, and `[http] enabled`.
     pub http_tls: Option<SocketAddr>,
+    /// Listeners behind a load balancer that sends the PROXY protocol v2
+    /// header (`tcp`, `tcp_tls`, `http`, `http_tls`): each connection on them
+    /// must start with one, and the client address it names is the one the
+    /// relay shows and uses. A connection without a valid header is closed.
+    pub proxy_protocol: Vec<String>,
+    /// A connection on a `proxy_protocol` listener whose header has not
+    /// arrived whole within this time is closed.
+    pub proxy_header_timeout_ms: u64,
 }
 
 impl Default for ListenersConfig {
@@ -49,6 +57,8 @@ impl Default for ListenersConfig {
             http: SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 8080)),
             tcp_tls: None,
             http_tls: None,
+            proxy_protocol: Vec::new(),
+            proxy_header_timeout_ms: 5000,
         }
     }
 }
@@ -381,6 +391,10 @@ pub struct TlsConfig {
     /// against them (mutual TLS), and the certificate names the device's
     /// address (its hello needs no token and can claim no other address).
     pub client_ca_file: Option<String>,
+    /// Certificate revocation lists (PEM, one or more CRLs) of the device
+    /// CAs: a device certificate whose serial one of them lists is refused.
+    /// Needs `client_ca_file`; reloaded with the certificate on SIGHUP.
+    pub crl_file: Option<String>,
     /// With `client_ca_file`: refuse a handshake without a client
     /// certificate (false lets such clients in, to authenticate by token).
     pub require_client_cert: bool,
@@ -400,6 +414,7 @@ impl Default for TlsConfig {
             alpn: Vec::new(),
             session_tickets: true,
             client_ca_file: None,
+            crl_file: None,
             require_client_cert: true,
             client_address: "cn".into(),
         }

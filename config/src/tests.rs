@@ -855,11 +855,12 @@ fn tls_listeners_need_a_certificate_and_sane_bounds() {
     let p = problems(
         "[listeners]\ntcp_tls = \"0.0.0.0:7443\"\nhttp_tls = \"0.0.0.0:7443\"\n\
          [tls]\nmax_fragment_size = 100\nclient_address = \"email\"\nhandshake_timeout_ms = 5\n\
-         alpn = [\"\"]\n",
+         alpn = [\"\"]\ncrl_file = \"revoked.pem\"\n",
     );
     assert_eq!(
         keys(&p),
         set(&[
+            "tls.crl_file",
             "tls.cert_file",
             "tls.key_file",
             "listeners.http_tls",
@@ -879,4 +880,75 @@ fn tls_listeners_need_a_certificate_and_sane_bounds() {
     // Off by default: no TLS listener, nothing required.
     let d = Config::default();
     assert!(d.listeners.tcp_tls.is_none() && d.listeners.http_tls.is_none());
+}
+
+#[test]
+fn acl_rules_compile_and_every_problem_is_reported() {
+    let text = "[acl]\ndefault = \"deny\"\n\
+        [[acl.rule]]\nname = \"sensors\"\neffect = \"allow\"\nactions = [\"send\"]\n\
+        roles = [\"controller\"]\nfrom = [\"sensor-*\"]\nto = [\"collector-?\"]\n\
+        [[acl.rule]]\neffect = \"deny\"\nactions = [\"*\"]\nauth = [\"certificate\"]\n";
+    let cfg = load(text).unwrap();
+    let acl = cfg.acl.compile().unwrap();
+    assert!(!acl.default_allow());
+    assert_eq!(acl.rules().len(), 2);
+    assert_eq!(acl.rules()[1].name, "rule-1");
+
+    let p = problems(
+        "[acl]\ndefault = \"maybe\"\n\
+         [[acl.rule]]\nname = \"a b\"\neffect = \"allow\"\nactions = [\"send\", \"sned\"]\n\
+         roles = [\"device\"]\nauth = [\"password\"]\nfrom = [\"sen sor*\"]\nto = [\"\"]\n\
+         member_of = [\"a/b\"]\n\
+         [[acl.rule]]\neffect = \"permit\"\nactions = [\"join\"]\n\
+         [[acl.rule]]\nname = \"dup\"\neffect = \"deny\"\nactions = []\n\
+         [[acl.rule]]\nname = \"dup\"\neffect = \"deny\"\nactions = [\"watch\"]\n",
+    );
+    assert_eq!(
+        keys(&p),
+        set(&[
+            "acl.default",
+            "acl.rule[0].name",
+            "acl.rule[0].actions[1]",
+            "acl.rule[0].roles[0]",
+            "acl.rule[0].auth[0]",
+            "acl.rule[0].from[0]",
+            "acl.rule[0].to[0]",
+            "acl.rule[0].member_of[0]",
+            "acl.rule[1].effect",
+            "acl.rule[2].actions",
+            "acl.rule[3].name",
+        ]),
+        "{p:#?}"
+    );
+    let text = p
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("\n");
+    for needle in [
+        "unknown action \"sned\"",
+        "unknown role \"device\"",
+        "unknown authentication \"password\"",
+        "' '",
+        "names an earlier rule",
+    ] {
+        assert!(text.contains(needle), "{needle}: {text}");
+    }
+}
+
+#[test]
+fn proxy_protocol_names_listeners_that_listen() {
+    let cfg = load("[listeners]\nproxy_protocol = [\"tcp\", \"http\"]\n").unwrap();
+    assert_eq!(cfg.listeners.proxy_protocol, ["tcp", "http"]);
+    let p = problems(
+        "[listeners]\nproxy_protocol = [\"tcp\", \"udp\", \"tcp_tls\"]\nproxy_header_timeout_ms = 1\n",
+    );
+    assert_eq!(
+        keys(&p),
+        set(&[
+            "listeners.proxy_protocol[1]",
+            "listeners.proxy_protocol[2]",
+            "listeners.proxy_header_timeout_ms",
+        ])
+    );
 }

@@ -15,10 +15,14 @@
 //!   retained messages and the session state machine.
 //! - [`route`]: address → shard hashing and server-assigned addresses.
 //! - [`auth`]: HMAC client tokens.
+//! - [`acl`]: access rules (who may send, join, publish or watch what),
+//!   reduced per client at hello and checked per frame.
+//! - [`proxy`]: the PROXY protocol v2 header a load balancer sends first.
 //! - [`procstat`]: a process's CPU time and memory, parsed from `/proc` text.
 //! - [`ws`]: WebSocket frame writing (server frames, close and pong, named
 //!   opcodes).
 
+pub mod acl;
 pub mod auth;
 pub mod codec;
 pub mod conn;
@@ -28,6 +32,7 @@ pub mod json;
 pub mod mqtt;
 pub mod name;
 pub mod procstat;
+pub mod proxy;
 pub mod route;
 pub mod ws;
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Runs the web console's browser tests the way CI does: Debian's Chromium
-# (installed when missing and allowed), `npm ci` for the pinned playwright-core,
+# Runs the web console's browser tests the way CI does: Debian's Chromium and
+# NSS tools (certutil, for the HTTPS test's CA; both installed when missing and
+# allowed), `npm ci` for the pinned playwright-core,
 # the relay binary built by cargo, then `npm test`. Screenshots of each view are
 # written to docs/screenshots/ (SCREENSHOT_DIR overrides it).
 #
@@ -22,6 +23,19 @@ if [ ! -x "$chromium_bin" ]; then
     fi
 fi
 "$chromium_bin" --version
+
+# The HTTPS test trusts its test CA through an NSS database (certutil) and
+# makes its certificates with openssl.
+if ! command -v certutil >/dev/null || ! command -v openssl >/dev/null; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        echo "installing Debian's libnss3-tools and openssl"
+        apt-get update
+        DEBIAN_FRONTEND=noninteractive apt-get install -y libnss3-tools openssl
+    else
+        echo "console tests: certutil or openssl is missing; install libnss3-tools and openssl" >&2
+        exit 1
+    fi
+fi
 
 command -v node >/dev/null || { echo "console tests: node is missing" >&2; exit 1; }
 node --version

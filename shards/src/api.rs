@@ -8,6 +8,7 @@ use std::sync::atomic::Ordering::Relaxed;
 
 use base64::Engine as _;
 use bytes::Bytes;
+use relay_core::acl::Action;
 use relay_core::conn::Role;
 use relay_core::frame::{ErrorCode, Flags, Frame};
 use relay_core::name::{name_str, validate_name};
@@ -102,6 +103,7 @@ fn err(code: ErrorCode, message: impl Into<String>) -> Reply {
     let status = match code {
         ErrorCode::NoRoute => 404,
         ErrorCode::Unauthorized => 401,
+        ErrorCode::Forbidden => 403,
         ErrorCode::TooLarge => 413,
         ErrorCode::ShuttingDown
         | ErrorCode::SlowConsumer
@@ -351,6 +353,9 @@ async fn send(api: &Api<'_>, body: &[u8]) -> Result<Reply, Reply> {
     let m = body_json(body)?;
     let dst = body_addr(&m, "dst")?;
     let mut f = frame_from(&m, api.max_frame)?;
+    api.router
+        .api_access(Action::Send, &f.src, &dst, api.token.is_some())
+        .map_err(failure)?;
     f.dst = dst;
     let n = acked(api.router, |t| api.router.unicast(f, Some(t), crate::now()))
         .await
@@ -362,6 +367,14 @@ async fn fan(api: &Api<'_>, index: Index, raw: &str, body: &[u8]) -> Result<Repl
     let name = name(raw, if index == Index::Uid { "uid" } else { "group" })?;
     let m = body_json(body)?;
     let f = frame_from(&m, api.max_frame)?;
+    // A push to a group is a publish; one to a uid a send to that name.
+    let action = match index {
+        Index::Group => Action::Publish,
+        Index::Uid => Action::Send,
+    };
+    api.router
+        .api_access(action, &f.src, &name, api.token.is_some())
+        .map_err(failure)?;
     let exclude: Vec<Bytes> = match m.get("exclude") {
         None | Some(Value::Null) => Vec::new(),
         Some(Value::Array(a)) => a

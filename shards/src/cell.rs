@@ -121,6 +121,9 @@ pub struct Io {
     pub part: Option<Box<Partial>>,
     /// The TLS session of a connection on a TLS listener.
     pub tls: Option<Box<rustls::ServerConnection>>,
+    /// On a `proxy_protocol` listener, until its PROXY header is whole: the
+    /// header's bytes so far (nothing else is read before it).
+    pub proxy: Option<Box<Vec<u8>>>,
 }
 
 /// What a connection holds between passes of the I/O loop, when anything.
@@ -179,6 +182,9 @@ pub struct ConnCell {
     /// The deadline slot the router will look at this connection in
     /// (`router::timers`; `NOT_DUE`: none).
     pub due: Cell<u32>,
+    /// The access rules that can apply to this client (made at hello), with
+    /// the settings generation they were made for.
+    pub acl: RefCell<Option<(u64, std::rc::Rc<[u16]>)>>,
 }
 
 impl ConnCell {
@@ -191,6 +197,7 @@ impl ConnCell {
             session: RefCell::new(session),
             owed: Cell::new(0),
             due: Cell::new(u32::MAX), // router::timers::NOT_DUE
+            acl: RefCell::new(None),
         }
     }
 

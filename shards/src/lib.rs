@@ -3,6 +3,7 @@
 //! # Layout
 //! - [`router`]: one shard's routing state (owned addresses, groups, pending
 //!   acknowledgements) and every routing decision; no IO, no executor.
+//! - [`acl`]: the access rules in force and their denial counters.
 //! - [`cell`]: the per-connection record shared by the I/O loop and the router.
 //! - [`stats`]: lock-free per-shard counters; [`metrics`] renders them.
 //! - [`http`]: HTTP/1.1 request parsing and responses (httparse).
@@ -12,6 +13,7 @@
 //! - `rt`: the glommio runtime (executors, listeners, the per-shard I/O loop,
 //!   the cross-shard mesh, deadlines, shutdown). All glommio code is there.
 
+pub mod acl;
 pub mod admission;
 pub mod api;
 pub mod cell;

@@ -1106,3 +1106,240 @@ fn a_handshake_flood_is_cut_at_the_deadline_and_real_clients_get_through() {
         .sum();
     assert_eq!(timeouts, 300);
 }
+
+impl Pki {
+    /// A device certificate with serial `serial`, naming `cn`.
+    fn serial_cert(
+        &self,
+        cn: &str,
+        serial: u64,
+    ) -> (
+        Vec<CertificateDer<'static>>,
+        rustls::pki_types::PrivateKeyDer<'static>,
+    ) {
+        self.client_cert_with(cn, "device.example", |p| {
+            p.serial_number = Some(rcgen::SerialNumber::from(serial));
+        })
+    }
+
+    /// A CRL of this CA listing `revoked` serials, as PEM.
+    fn crl(&self, number: u64, revoked: &[u64]) -> String {
+        let params = rcgen::CertificateRevocationListParams {
+            this_update: rcgen::date_time_ymd(2024, 1, 1),
+            next_update: rcgen::date_time_ymd(2099, 1, 1),
+            crl_number: rcgen::SerialNumber::from(number),
+            issuing_distribution_point: None,
+            revoked_certs: revoked
+                .iter()
+                .map(|&s| rcgen::RevokedCertParams {
+                    serial_number: rcgen::SerialNumber::from(s),
+                    revocation_time: rcgen::date_time_ymd(2024, 6, 1),
+                    reason_code: Some(rcgen::RevocationReason::KeyCompromise),
+                    invalidity_date: None,
+                })
+                .collect(),
+            key_identifier_method: rcgen::KeyIdMethod::Sha256,
+        };
+        params.signed_by(&self.ca).unwrap().pem().unwrap()
+    }
+}
+
+/// Connects with `cert` and says hello as `name`: whether it was welcomed
+/// (a refused certificate gets no session: a failed handshake, or a close
+/// before any frame).
+fn device_welcomed(
+    addr: SocketAddr,
+    server: &Pki,
+    cert: (
+        Vec<CertificateDer<'static>>,
+        rustls::pki_types::PrivateKeyDer<'static>,
+    ),
+    name: &str,
+) -> bool {
+    let Ok(tls) = try_tls_connect(addr, device_config(server, cert)) else {
+        return false;
+    };
+    let mut c = TlsClient {
+        tls,
+        buf: BytesMut::new(),
+    };
+    let mut out = BytesMut::new();
+    codec::encode(&hello_frame(name), &mut out);
+    if c.tls.write_all(&out).and_then(|()| c.tls.flush()).is_err() {
+        return false;
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut tmp = [0u8; 4096];
+    loop {
+        if let Ok(Some(f)) = Decoder::new(1 << 24).decode(&mut c.buf) {
+            return f.kind == FrameType::Welcome;
+        }
+        assert!(Instant::now() < deadline, "no answer within 5 s");
+        match c.tls.read(&mut tmp) {
+            Ok(0) => return false,
+            Ok(n) => c.buf.extend_from_slice(&tmp[..n]),
+            Err(e) if is_timeout(&e) => {}
+            Err(_) => return false,
+        }
+    }
+}
+
+/// `tls.crl_file`: a device certificate the CRL of its CA lists gets no
+/// session; one from the same CA that it does not list is welcomed, and so
+/// is a certificate with the revoked serial from another device CA (the
+/// file holds one CRL per CA). A file that holds no CRL stops the start with
+/// an error naming the key and the file.
+#[test]
+fn a_revoked_device_certificate_is_refused_and_its_sibling_accepted() {
+    let server = Pki::new("crl-server");
+    let devices = Pki::new("crl-devices");
+    let other = Pki::new("crl-other-devices");
+    let cas = devices.dir.join("cas.pem");
+    std::fs::write(&cas, format!("{}{}", devices.ca_pem, other.ca_pem)).unwrap();
+    let crl_file = devices.dir.join("devices.crl.pem");
+    let pem = format!("{}{}", other.crl(1, &[]), devices.crl(2, &[7, 1001]));
+    std::fs::write(&crl_file, pem).unwrap();
+    let relay = start(|c| {
+        server.apply(c);
+        c.tls.client_ca_file = Some(cas.display().to_string());
+        c.tls.crl_file = Some(crl_file.display().to_string());
+    });
+    let addr = tls_addr(&relay);
+    assert!(!device_welcomed(
+        addr,
+        &server,
+        devices.serial_cert("dev-revoked", 1001),
+        "dev-revoked"
+    ));
+    assert!(device_welcomed(
+        addr,
+        &server,
+        devices.serial_cert("dev-good", 1002),
+        "dev-good"
+    ));
+    assert!(device_welcomed(
+        addr,
+        &server,
+        other.serial_cert("dev-other", 1001),
+        "dev-other"
+    ));
+    assert_eq!(tls_errors(&relay), 1);
+    drop(relay);
+
+    let mut cfg = common::test_config();
+    server.apply(&mut cfg);
+    cfg.tls.client_ca_file = Some(devices.dir.join("ca.pem").display().to_string());
+    let bad = devices.dir.join("not-a-crl.pem");
+    std::fs::write(&bad, devices.ca_pem.as_bytes()).unwrap();
+    cfg.tls.crl_file = Some(bad.display().to_string());
+    let err = format!("{:#}", Relay::start(&cfg).unwrap_err());
+    assert!(
+        err.contains("tls.crl_file") && err.contains("not-a-crl.pem"),
+        "{err}"
+    );
+}
+
+/// SIGHUP reads the CRL again with the certificate: a device revoked after
+/// the start is refused from then on, and a broken CRL is refused with an
+/// error naming `tls.crl_file` while the running one stays in force.
+#[test]
+fn sighup_reloads_the_crl_and_refuses_a_broken_one() {
+    let server = Pki::new("crl-reload");
+    let devices = Pki::new("crl-reload-devices");
+    let crl_file = devices.dir.join("devices.crl.pem");
+    std::fs::write(&crl_file, devices.crl(1, &[])).unwrap();
+    let file = server.dir.join("relay.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "[listeners]\ntcp = \"127.0.0.1:0\"\nhttp = \"127.0.0.1:0\"\n\
+             tcp_tls = \"127.0.0.1:0\"\n[shards]\ncount = 2\npin = false\nio_memory_kib = 256\n\
+             [plugins]\nenabled = false\n[tls]\ncert_file = {:?}\nkey_file = {:?}\n\
+             client_ca_file = {:?}\ncrl_file = {:?}\n",
+            server.cert_file.display().to_string(),
+            server.key_file.display().to_string(),
+            devices.dir.join("ca.pem").display().to_string(),
+            crl_file.display().to_string(),
+        ),
+    )
+    .unwrap();
+    let mut relay = common::RelayProc::spawn(&file, &[]);
+    let line = relay.wait_log("tcp_tls_addr=", Duration::from_secs(10));
+    let addr: SocketAddr = line
+        .split("tcp_tls_addr=")
+        .nth(1)
+        .unwrap()
+        .chars()
+        .take_while(|c| !c.is_whitespace() && *c != '"')
+        .collect::<String>()
+        .parse()
+        .unwrap();
+    let lost = || devices.serial_cert("dev-lost", 501);
+    let kept = || devices.serial_cert("dev-kept", 502);
+    assert!(device_welcomed(addr, &server, lost(), "dev-lost"));
+
+    std::fs::write(&crl_file, devices.crl(2, &[501])).unwrap();
+    relay.signal(libc::SIGHUP);
+    relay.wait_log("TLS certificate reloaded", Duration::from_secs(10));
+    assert!(!device_welcomed(addr, &server, lost(), "dev-lost"));
+    assert!(device_welcomed(addr, &server, kept(), "dev-kept"));
+
+    std::fs::write(
+        &crl_file,
+        "-----BEGIN X509 CRL-----\nbm90IGEgQ1JM\n-----END X509 CRL-----\n",
+    )
+    .unwrap();
+    relay.signal(libc::SIGHUP);
+    let line = relay.wait_log("TLS certificate refused", Duration::from_secs(10));
+    assert!(
+        line.contains("tls.crl_file") && line.contains("devices.crl.pem"),
+        "{line}"
+    );
+    assert!(!device_welcomed(addr, &server, lost(), "dev-lost"));
+    assert!(device_welcomed(addr, &server, kept(), "dev-kept"));
+    assert!(relay.stop(Duration::from_secs(10)).success());
+}
+
+/// `tcp_tls` behind a balancer: the PROXY header comes before the TLS
+/// handshake, and the client's `remote` is the header's source.
+#[test]
+fn a_proxy_header_before_the_handshake_names_the_client() {
+    let pki = Pki::new("proxy");
+    let relay = start(|c| {
+        pki.apply(c);
+        c.listeners.proxy_protocol = vec!["tcp_tls".into()];
+    });
+    let addr = tls_addr(&relay);
+    let fake: SocketAddr = "203.0.113.50:61000".parse().unwrap();
+    let mut sock = TcpStream::connect(addr).unwrap();
+    sock.write_all(&relay_core::proxy::encode(fake, addr))
+        .unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let name = ServerName::try_from("localhost").unwrap();
+    let config = pki.client_config(&rustls::version::TLS13, &[]);
+    let conn = rustls::ClientConnection::new(config.clone(), name).unwrap();
+    let mut tls = rustls::StreamOwned::new(conn, sock);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while tls.conn.is_handshaking() {
+        assert!(Instant::now() < deadline, "handshake did not finish");
+        match tls.conn.complete_io(&mut tls.sock) {
+            Ok(_) => {}
+            Err(e) if is_timeout(&e) => {}
+            Err(e) => panic!("handshake: {e}"),
+        }
+    }
+    let mut c = TlsClient {
+        tls,
+        buf: BytesMut::new(),
+    };
+    c.send(&hello_frame("tls-behind-lb"));
+    assert_eq!(c.recv().kind, FrameType::Welcome);
+    let (status, v) = common::get(&relay, "/api/v1/clients/tls-behind-lb");
+    assert_eq!(
+        (status, v["remote"].as_str()),
+        (200, Some("203.0.113.50:61000"))
+    );
+    // Without the header, the TLS port closes the connection.
+    assert!(try_tls_connect(addr, config).is_err());
+}

@@ -470,3 +470,145 @@ fn browsers_get_going_away_then_close_1012_and_a_failed_upgrade_changes_nothing(
     assert_eq!(code, Some(1012));
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// A TLS controller connection and an HTTPS request, with a client that
+/// trusts `ca` (DER) for `localhost`.
+mod tls_client {
+    use std::io::{Read, Write};
+    use std::net::{SocketAddr, TcpStream};
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    use rustls::pki_types::{CertificateDer, ServerName};
+
+    pub fn config(ca: &CertificateDer<'static>) -> Arc<rustls::ClientConfig> {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(ca.clone()).unwrap();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        Arc::new(
+            rustls::ClientConfig::builder_with_provider(provider)
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_root_certificates(roots)
+                .with_no_client_auth(),
+        )
+    }
+
+    /// Connects, handshakes and writes `request`; everything read until the
+    /// peer closes or `want` shows up (at most 5 s).
+    pub fn exchange(
+        addr: SocketAddr,
+        config: Arc<rustls::ClientConfig>,
+        request: &[u8],
+        want: &[u8],
+    ) -> Vec<u8> {
+        let sock = TcpStream::connect(addr).unwrap();
+        sock.set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        let name = ServerName::try_from("localhost").unwrap();
+        let conn = rustls::ClientConnection::new(config, name).unwrap();
+        let mut tls = rustls::StreamOwned::new(conn, sock);
+        tls.write_all(request).unwrap();
+        tls.flush().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut got = Vec::new();
+        let mut tmp = [0u8; 4096];
+        while Instant::now() < deadline && !got.windows(want.len()).any(|w| w == want) {
+            match tls.read(&mut tmp) {
+                Ok(0) => break,
+                Ok(n) => got.extend_from_slice(&tmp[..n]),
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) => {}
+                Err(_) => break,
+            }
+        }
+        got
+    }
+}
+
+/// The TLS listeners go to the new process with the plaintext ones: once
+/// the old relay is gone, controllers still connect over TLS and HTTPS is
+/// still served on the very same ports (given as port 0 in both files, so
+/// only the sockets handed over can be those ports).
+#[test]
+fn sigusr2_hands_over_the_tls_listeners_too() {
+    let dir = std::env::temp_dir().join(format!("relay-upgrade-tls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["localhost".into()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    let (cert_file, key_file) = (dir.join("cert.pem"), dir.join("key.pem"));
+    std::fs::write(&cert_file, cert.pem()).unwrap();
+    std::fs::write(&key_file, key.serialize_pem()).unwrap();
+    let client = tls_client::config(cert.der());
+    let tls_section = format!(
+        "[tls]\ncert_file = {:?}\nkey_file = {:?}\n",
+        cert_file.display().to_string(),
+        key_file.display().to_string()
+    );
+    let relay = common::start(|c| {
+        c.upgrade.reconnect_window_ms = 500;
+        c.listeners.tcp_tls = Some("127.0.0.1:0".parse().unwrap());
+        c.listeners.http_tls = Some("127.0.0.1:0".parse().unwrap());
+        c.tls.cert_file = Some(cert_file.display().to_string());
+        c.tls.key_file = Some(key_file.display().to_string());
+    });
+    let (tls_addr, https_addr) = (
+        relay.tcp_tls_addr().unwrap(),
+        relay.http_tls_addr().unwrap(),
+    );
+    let hello = |addr: &str| {
+        let mut f = Frame::new(FrameType::Hello);
+        f.src = Bytes::copy_from_slice(addr.as_bytes());
+        f.payload = Bytes::from_static(b"{}");
+        f.flags = Flags(Flags::JSON);
+        let mut out = BytesMut::new();
+        codec::encode(&f, &mut out);
+        out.to_vec()
+    };
+    let welcome = br#""addr":"#;
+    let got = tls_client::exchange(tls_addr, client.clone(), &hello("tls-before"), welcome);
+    assert!(got.windows(welcome.len()).any(|w| w == welcome), "{got:?}");
+
+    let file = dir.join("relay.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "[listeners]\ntcp_tls = \"127.0.0.1:0\"\nhttp_tls = \"127.0.0.1:0\"\n\
+             [shards]\ncount = 2\npin = false\nio_memory_kib = 256\n[plugins]\nenabled = false\n\
+             {tls_section}"
+        ),
+    )
+    .unwrap();
+    let exe = std::path::Path::new(env!("CARGO_BIN_EXE_relay"));
+    let args = ["--config".into(), file.into_os_string()];
+    let pid = relay
+        .hand_over(exe, &args, Duration::from_secs(20), 500)
+        .expect("the new process takes over");
+    let _guard = Pid(Some(pid as i32));
+    relay.end_drain();
+    relay.stop();
+    relay.join().unwrap();
+
+    // Only the new process is left to answer on these ports.
+    let got = tls_client::exchange(tls_addr, client.clone(), &hello("tls-after"), welcome);
+    assert!(
+        got.windows(welcome.len()).any(|w| w == welcome),
+        "no WELCOME over TLS from the new process: {:?}",
+        String::from_utf8_lossy(&got)
+    );
+    let got = tls_client::exchange(
+        https_addr,
+        client,
+        b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+        b"\r\n\r\n",
+    );
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -28,6 +28,8 @@ pub struct Hello {
     /// authentication at all: the connection may watch any address and take
     /// the `service` role.
     pub privileged: bool,
+    /// How the client proved who it is (for the access rules).
+    pub auth: crate::acl::Auth,
 }
 
 /// The fields of a HELLO payload, each checked for its type.

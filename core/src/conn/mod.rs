@@ -312,6 +312,8 @@ pub struct Connection {
     /// The address a verified client certificate names (mutual TLS): the
     /// hello needs no token and may claim no other address.
     certified: Option<Box<Bytes>>,
+    /// How the hello authenticated (see [`Hello::auth`]).
+    auth: crate::acl::Auth,
     /// Frames dropped since the runtime last took the counts, by
     /// [`DropReason`].
     drops: [u16; DropReason::COUNT],
@@ -341,6 +343,7 @@ impl Connection {
             hello_pending: false,
             privileged: false,
             certified: None,
+            auth: crate::acl::Auth::None,
             drops: [0; DropReason::COUNT],
         }
     }
@@ -359,6 +362,10 @@ impl Connection {
     /// The address of the client certificate, if one was verified.
     pub fn certified(&self) -> Option<&Bytes> {
         self.certified.as_deref()
+    }
+    /// How the accepted hello authenticated.
+    pub fn auth(&self) -> crate::acl::Auth {
+        self.auth
     }
     pub fn role(&self) -> Role {
         self.role
@@ -723,11 +730,20 @@ impl Connection {
             (None, None) => true,
             (None, Some(_)) => false,
         };
-        if let Some(secret) = &cfg.auth_secret {
-            let ok = privileged
-                || self.certified.is_some()
-                || (!f.src.is_empty()
-                    && token.is_some_and(|t| auth::verify_token(secret, &f.src, t)));
+        let device_token = cfg.auth_secret.as_ref().is_some_and(|secret| {
+            !f.src.is_empty() && token.is_some_and(|t| auth::verify_token(secret, &f.src, t))
+        });
+        let how = if self.certified.is_some() {
+            crate::acl::Auth::Certificate
+        } else if privileged && cfg.service_token.is_some() {
+            crate::acl::Auth::ServiceToken
+        } else if device_token {
+            crate::acl::Auth::Token
+        } else {
+            crate::acl::Auth::None
+        };
+        if cfg.auth_secret.is_some() {
+            let ok = privileged || self.certified.is_some() || device_token;
             if !ok {
                 self.control(
                     cfg,
@@ -758,6 +774,7 @@ impl Connection {
             seq,
             ack_req: f.flags.ack_req(),
             privileged,
+            auth: how,
         }))
     }
 
@@ -786,6 +803,7 @@ impl Connection {
         self.addr = addr;
         self.role = hello.role;
         self.privileged = hello.privileged;
+        self.auth = hello.auth;
         self.heartbeat_s = hello.heartbeat_s;
         self.last_activity = now.mono_ms;
         let addr_text = String::from_utf8_lossy(&self.addr);

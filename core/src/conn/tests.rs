@@ -1107,6 +1107,7 @@ fn json_text_frames_of_every_header_size() {
         seq: 0,
         ack_req: false,
         privileged: false,
+        auth: crate::acl::Auth::None,
     };
     w.accept(&cfg, t(0), &h, h.addr.clone(), "n1");
     drain(&mut w, &cfg, t(0));
@@ -1633,4 +1634,45 @@ fn a_certified_address_needs_no_token_and_admits_no_other() {
     assert_eq!(ev, vec![Event::Closed(CloseReason::Unauthorized)]);
     let out = bin_frames(drain(&mut c, &cfg, t(0)));
     assert_eq!(err_of(&out[0]), (4, ErrorCode::Unauthorized));
+}
+
+#[test]
+fn a_hello_says_how_it_authenticated() {
+    use crate::acl::Auth;
+    let cfg = ConnConfig {
+        auth_secret: Some(b"s3cret".to_vec()),
+        service_token: Some(b"api-tok-1".to_vec()),
+        ..ConnConfig::default()
+    };
+    let token = auth::token_for(b"s3cret", b"dev-9");
+    let cases = [
+        (
+            "dev-9",
+            format!(r#"{{"token":"{token}"}}"#),
+            false,
+            Auth::Token,
+        ),
+        (
+            "svc-1",
+            r#"{"token":"api-tok-1"}"#.to_owned(),
+            false,
+            Auth::ServiceToken,
+        ),
+        ("dev-7", String::new(), true, Auth::Certificate),
+    ];
+    for (src, payload, cert, want) in cases {
+        let mut c = Connection::new(&cfg, Transport::Tcp, t(0));
+        if cert {
+            c.set_certified(Bytes::from_static(b"dev-7"));
+        }
+        let h = expect_hello(events(&mut c, &cfg, t(0), &mut bin(&hello(src, &payload))));
+        assert_eq!(h.auth, want, "{src}");
+        c.accept(&cfg, t(0), &h, h.addr.clone(), "n1");
+        assert_eq!(c.auth(), want);
+    }
+    // No authentication configured: everyone is `none`.
+    let open = ConnConfig::default();
+    let mut c = Connection::new(&open, Transport::Tcp, t(0));
+    let h = expect_hello(events(&mut c, &open, t(0), &mut bin(&hello("a", ""))));
+    assert_eq!(h.auth, Auth::None);
 }

@@ -76,7 +76,9 @@ const plain = (line) => line.replace(/\x1b\[[0-9;]*m/g, "");
  * @param {number} [o.startTimeoutMs] longest wait for the "relay listening" line
  * @param {number} [o.maxConnections] `[limits] max_connections`
  * @param {string} [o.extraConfig] TOML appended to the config (notifiers, routes)
- * @returns {Promise<{http: string, tcp: string, token: string, dir: string, logs: string[], stop: () => Promise<void>}>}
+ * @param {{cert: string, key: string}} [o.tls] serve HTTPS too (`[listeners] http_tls`) with this
+ *   certificate and key (PEM files); its address is then `https`
+ * @returns {Promise<{http: string, https?: string, tcp: string, token: string, dir: string, logs: string[], stop: () => Promise<void>}>}
  */
 export async function startRelay({
   mysql = false,
@@ -84,6 +86,7 @@ export async function startRelay({
   startTimeoutMs = 30000,
   maxConnections = 1000,
   extraConfig = "",
+  tls = null,
 } = {}) {
   if (!existsSync(RELAY_BIN)) {
     throw new Error(
@@ -102,6 +105,7 @@ export async function startRelay({
     "[listeners]",
     'tcp = "127.0.0.1:0"',
     'http = "127.0.0.1:0"',
+    ...(tls ? ['http_tls = "127.0.0.1:0"'] : []),
     "[shards]",
     "count = 2",
     "pin = false",
@@ -131,6 +135,7 @@ export async function startRelay({
           'columns = [{ name = "addr", type = "string" }, { name = "at_ms", type = "int" }, { name = "temp", type = "float" }, { name = "rssi", type = "int" }]',
         ]
       : []),
+    ...(tls ? ["[tls]", `cert_file = ${toml(tls.cert)}`, `key_file = ${toml(tls.key)}`] : []),
     extraConfig,
     "",
   ].join("\n");
@@ -155,6 +160,7 @@ export async function startRelay({
       startTimeoutMs,
     );
     let buf = "";
+    const found = {};
     const onData = (chunk) => {
       buf += chunk.toString("utf8");
       let i;
@@ -167,9 +173,20 @@ export async function startRelay({
         if (line.includes("relay listening")) {
           const tcp = /tcp_addr=(\S+)/.exec(line);
           const http = /http_addr=(\S+)/.exec(line);
+          if (!tcp || !http) {
+            clearTimeout(timer);
+            rej(new Error(`the "relay listening" line lacks tcp_addr or http_addr: ${line}`));
+          } else {
+            found.tcp = tcp[1];
+            found.http = http[1];
+          }
+        }
+        // With TLS, the HTTPS address comes on a line of its own, right after.
+        const https = /http_tls_addr=(\S+)/.exec(line);
+        if (https) found.https = https[1];
+        if (found.tcp && found.http && (!tls || found.https)) {
           clearTimeout(timer);
-          if (!tcp || !http) rej(new Error(`the "relay listening" line lacks tcp_addr or http_addr: ${line}`));
-          else res({ tcp: tcp[1], http: http[1] });
+          res({ ...found });
         }
       }
     };

@@ -73,3 +73,17 @@ pub fn watch_publish() -> Failure {
         "watch groups carry what the relay taps; clients may not publish to them".into(),
     )
 }
+
+/// The access rules refuse `action` on `target` (by rule `rule`, or by the
+/// default when no rule matched).
+pub fn acl_denied(rule: &str, action: relay_core::acl::Action, target: &[u8]) -> Failure {
+    let by = if rule == crate::acl::DEFAULT_RULE {
+        "no access rule allows it (default deny)".to_owned()
+    } else {
+        format!("denied by access rule {rule}")
+    };
+    (
+        ErrorCode::Forbidden,
+        format!("{} {}: {by}", action.name(), name_str(target)),
+    )
+}

@@ -22,6 +22,7 @@
 //! executor types: it tells the runtime through [`Signals`] that a write
 //! pass or a flush is due, and the runtime takes the lists as values.
 
+mod access;
 mod calls;
 mod cross;
 pub mod failure;
@@ -107,6 +108,8 @@ pub struct RouterConfig {
     pub close_grace_ms: u64,
     /// `[admission]`: hellos per second per shard and per source address.
     pub admission: relay_config::AdmissionConfig,
+    /// `[acl]`: the access rules and their denial counters.
+    pub acl: Arc<crate::acl::AclRules>,
 }
 
 /// One shard's routing state.
@@ -132,6 +135,9 @@ pub struct Router {
     indexes: [RefCell<HashMap<Bytes, Entry>>; 2],
     /// Addresses with a `watch:` group somewhere.
     watched: RefCell<HashSet<Bytes>>,
+    /// The access-rule views handed to connections, one per distinct list,
+    /// for the settings of generation `.0` (connections share them).
+    acl_views: RefCell<(u64, HashSet<Rc<[u16]>>)>,
     outbox: RefCell<Vec<Vec<Cross>>>,
     /// Connections with output queued or a close to carry out, in the order
     /// they became so; the I/O loop writes each once per pass.
@@ -206,6 +212,7 @@ impl Router {
             sorted: RefCell::default(),
             indexes: [RefCell::default(), RefCell::default()],
             watched: RefCell::default(),
+            acl_views: RefCell::default(),
             outbox: RefCell::new((0..shards).map(|_| Vec::new()).collect()),
             dirty: RefCell::default(),
             signals,
@@ -279,13 +286,23 @@ impl Router {
         Outcome::Continue
     }
 
-    /// Whether a client may JOIN `group` itself. A `watch:<addr>` group
-    /// copies what `<addr>` sends, so only the device itself and privileged
-    /// connections (the service token, see `Hello::privileged`) may join
-    /// it, whatever `allow_client_join` says; the backend lets a browser
-    /// watch by binding it through the API.
+    /// Whether a client may JOIN `group` itself. The access rules come
+    /// first: a rule that allows it explicitly grants it, one that denies it
+    /// (or a default of deny) refuses it. Otherwise the protocol's own rules
+    /// hold: a `watch:<addr>` group copies what `<addr>` sends, so only the
+    /// device itself and privileged connections (the service token, see
+    /// `Hello::privileged`) may join it, whatever `allow_client_join` says;
+    /// the backend lets a browser watch by binding it through the API.
     fn may_join(&self, cell: &ConnCell, group: &[u8]) -> Result<(), Failure> {
-        if let Some(target) = group.strip_prefix(WATCH_PREFIX) {
+        let watched = group.strip_prefix(WATCH_PREFIX);
+        let (action, target) = match watched {
+            Some(t) => (relay_core::acl::Action::Watch, t),
+            None => (relay_core::acl::Action::Join, group),
+        };
+        if self.access(cell, action, target)? {
+            return Ok(());
+        }
+        if let Some(target) = watched {
             let conn = cell.conn.borrow();
             if conn.is_privileged() || conn.addr().as_ref() == target {
                 return Ok(());

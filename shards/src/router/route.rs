@@ -33,6 +33,16 @@ impl Router {
             );
             return;
         }
+        let action = if group {
+            relay_core::acl::Action::Publish
+        } else {
+            relay_core::acl::Action::Send
+        };
+        if let Err(e) = self.access(cell, action, &frame.dst) {
+            self.stats.dropped(DropReason::Forbidden);
+            self.reply_conn(cell, frame.seq, frame.flags.ack_req(), Err(e));
+            return;
+        }
         // ACK_REQ comes off once, here: an ACK is the relay's answer to the
         // sender and never forwarded, so no recipient copies the frame for it.
         let target = frame.flags.ack_req().then_some(AckTarget::Conn {

@@ -144,6 +144,13 @@ impl Router {
         cell.conn
             .borrow_mut()
             .accept(&self.cfg().conn, now, hello, addr, &self.cfg().node);
+        // The access rules that can apply to this client, once.
+        {
+            let cfg = self.cfg();
+            if !cfg.acl.acl.is_open() {
+                self.acl_view(cell, &cfg.acl);
+            }
+        }
         {
             let mut s = cell.session.borrow_mut();
             s.set_meta(hello.meta.clone());

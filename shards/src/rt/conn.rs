@@ -358,6 +358,15 @@ fn accept_ready(shard: &Rc<Shard>, listener: &socket2::Socket, tls: bool) {
             };
             cell.io.borrow_mut().tls = Some(session);
         }
+        if shard.shared.proxy.controllers(tls) {
+            // Nothing is read before the balancer's PROXY header.
+            cell.io.borrow_mut().proxy = Some(Box::default());
+            let deadline = now().mono_ms + shard.shared.proxy.timeout.as_millis() as u64;
+            shard
+                .proxy_waits
+                .borrow_mut()
+                .push_back((deadline, cell.id));
+        }
         attach(
             shard,
             cell,
@@ -379,6 +388,10 @@ fn on_readable(shard: &Rc<Shard>, cell: &Rc<ConnCell>, t: relay_core::Now) {
     if cell.io.borrow().paused {
         // Only a hang-up or an error reaches a paused connection: let the
         // write pass find out.
+        router.wake(cell);
+        return;
+    }
+    if cell.io.borrow().proxy.is_some() && !read_proxy_header(shard, cell, fd, t) {
         router.wake(cell);
         return;
     }
@@ -431,6 +444,84 @@ fn on_readable(shard: &Rc<Shard>, cell: &Rc<ConnCell>, t: relay_core::Now) {
     }
     // Replies (PONG, ACK, ERROR) and closes are carried out by the write pass.
     router.wake(cell);
+}
+
+/// Reads the PROXY header (exactly its bytes, so the connection's own stay
+/// in the socket); true once it is whole and the session has the client's
+/// address, false while it is not (more to come, or the connection is
+/// closing for a bad one).
+fn read_proxy_header(shard: &Shard, cell: &ConnCell, fd: RawFd, t: relay_core::Now) -> bool {
+    let mut tmp = [0u8; 512];
+    loop {
+        let mut io = cell.io.borrow_mut();
+        let Some(buf) = io.proxy.as_mut() else {
+            return true;
+        };
+        let need = match relay_core::proxy::needed(buf) {
+            Ok(0) => match relay_core::proxy::parse(buf) {
+                Ok(h) => {
+                    io.proxy = None;
+                    drop(io);
+                    if let Some(remote) = h.source {
+                        cell.session.borrow_mut().remote = remote;
+                    }
+                    return true;
+                }
+                Err(e) => Err(e),
+            },
+            other => other,
+        };
+        let need = match need {
+            Ok(n) => n,
+            Err(e) => {
+                let peer = cell.session.borrow().remote;
+                crate::warn_every!("connection from {peer} closed: bad PROXY header: {e}");
+                drop(io);
+                peer_gone(cell, t);
+                return false;
+            }
+        };
+        let take = need.min(tmp.len());
+        match sys_recv(fd, &mut tmp[..take]) {
+            Ok(0) => {
+                drop(io);
+                peer_gone(cell, t);
+                return false;
+            }
+            Ok(n) => {
+                buf.extend_from_slice(&tmp[..n]);
+                ShardStats::add(&shard.router.stats.bytes_in, n as u64);
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => {
+                drop(io);
+                peer_gone(cell, t);
+                return false;
+            }
+        }
+    }
+}
+
+/// Closes the connections whose PROXY header did not arrive in time.
+pub(super) fn sweep_proxy(shard: &Rc<Shard>, t: relay_core::Now) {
+    loop {
+        let Some(&(deadline, id)) = shard.proxy_waits.borrow().front() else {
+            return;
+        };
+        if deadline > t.mono_ms {
+            return;
+        }
+        shard.proxy_waits.borrow_mut().pop_front();
+        if let Some(cell) = shard.router.cell(id)
+            && cell.io.borrow().proxy.is_some()
+        {
+            crate::warn_every!("connection closed: no PROXY header in time");
+            cell.closing(CloseReason::HelloTimeout, t.mono_ms);
+            cell.io.borrow_mut().eof = true;
+            shard.router.wake(&cell);
+        }
+    }
 }
 
 /// How long a TLS alert may take to leave before the socket closes.

@@ -20,11 +20,18 @@ use crate::stats::ShardStats;
 /// Bound on one API request's work (cross-shard calls included).
 const API_TIMEOUT: Duration = Duration::from_secs(10);
 
-pub(super) async fn serve(shard: Rc<Shard>, stream: HttpStream, health_only: bool) {
+/// Serves one HTTP connection; `remote`: the client's address a PROXY
+/// header named (else the socket's peer is the client).
+pub(super) async fn serve(
+    shard: Rc<Shard>,
+    stream: HttpStream,
+    health_only: bool,
+    remote: Option<std::net::SocketAddr>,
+) {
     // Requests first; a WebSocket upgrade then runs as its own future, so the
     // request buffers are gone before the browser's long life begins.
     if let Some((stream, req, leftover)) = requests(&shard, stream, health_only).await {
-        upgrade(shard, stream, req, leftover).await;
+        upgrade(shard, stream, req, leftover, remote).await;
     }
 }
 
@@ -278,11 +285,12 @@ async fn respond(shard: &Rc<Shard>, req: &Request, keep_alive: bool) -> Vec<u8> 
                 .iter()
                 .map(|(a, b, c)| (a.as_str(), b.as_str(), *c))
                 .collect();
-            let text = crate::metrics::render(
+            let mut text = crate::metrics::render(
                 &shared.stats,
                 shared.started.elapsed().as_secs_f64(),
                 &extra,
             );
+            shared.live.acl().render(&mut text);
             http::response(
                 200,
                 "text/plain; version=0.0.4",
@@ -371,7 +379,13 @@ fn websocket(shard: &Shard, req: &Request) -> Option<Vec<u8>> {
 }
 
 /// Answers 101 and gives the connection to the I/O loop as a browser client.
-async fn upgrade(shard: Rc<Shard>, mut stream: HttpStream, req: Request, mut leftover: BytesMut) {
+async fn upgrade(
+    shard: Rc<Shard>,
+    mut stream: HttpStream,
+    req: Request,
+    mut leftover: BytesMut,
+    remote: Option<std::net::SocketAddr>,
+) {
     let key = req.ws_key.as_deref().unwrap_or_default();
     if stream
         .write_all(&http::switching_protocols(key))
@@ -381,9 +395,11 @@ async fn upgrade(shard: Rc<Shard>, mut stream: HttpStream, req: Request, mut lef
         shard.shared.release();
         return;
     }
-    let remote = stream
-        .peer_addr()
-        .unwrap_or_else(|_| std::net::SocketAddr::from(([0, 0, 0, 0], 0)));
+    let remote = remote.unwrap_or_else(|| {
+        stream
+            .peer_addr()
+            .unwrap_or_else(|_| std::net::SocketAddr::from(([0, 0, 0, 0], 0)))
+    });
     let cfg = shard.router.cfg();
     let cfg = &cfg.conn;
     let t = now();

@@ -5,6 +5,7 @@
 
 mod conn;
 mod http;
+mod proxy;
 mod reload;
 mod tls;
 mod upgrade;
@@ -135,6 +136,8 @@ pub struct Shared {
     pub(crate) handoff: upgrade::Handoff,
     /// The TLS listeners' configuration.
     pub(crate) tls: tls::TlsShared,
+    /// Which listeners expect a PROXY protocol header first.
+    pub(crate) proxy: proxy::ProxyOn,
     pub stats: Vec<Arc<ShardStats>>,
     pub started: Instant,
     /// `[http] api_token`: required as a bearer token on `/api/*` when set.
@@ -228,6 +231,8 @@ pub(crate) struct Shard {
     accept_paused: Cell<bool>,
     /// The TLS listener and the handshakes under way.
     tls: tls::ShardTls,
+    /// Connections waiting for their PROXY header: (deadline, id), oldest first.
+    proxy_waits: RefCell<std::collections::VecDeque<(u64, crate::cell::ConnId)>>,
     senders: Senders<MeshMsg>,
     shared: Arc<Shared>,
     max_batch: usize,
@@ -325,9 +330,21 @@ impl Relay {
             }
             None => (tcp_addr, http_addr),
         };
-        let (tls_reserve, tls_addr) = reserve_optional(cfg.listeners.tcp_tls)?;
         let https = cfg.listeners.http_tls.filter(|_| cfg.http.enabled);
-        let (https_reserve, https_addr) = reserve_optional(https)?;
+        // An upgrade takes the TLS listeners of its predecessor too: same
+        // sockets, same addresses (a port 0 in the file resolved as before).
+        let (inh_tls, inh_https) = ext
+            .inherited
+            .as_ref()
+            .map_or((None, None), |i| i.tls_addrs());
+        let (tls_reserve, tls_addr) = match (cfg.listeners.tcp_tls, inh_tls) {
+            (Some(_), Some(a)) => (None, Some(a)),
+            (want, _) => reserve_optional(want)?,
+        };
+        let (https_reserve, https_addr) = match (https, inh_https) {
+            (Some(_), Some(a)) => (None, Some(a)),
+            (want, _) => reserve_optional(want)?,
+        };
         let tls = tls::TlsShared::new(cfg, tls_addr, https_addr)?;
         let shared = Arc::new(Shared {
             stop: Arc::new(AtomicBool::new(false)),
@@ -335,6 +352,7 @@ impl Relay {
             live: reload::Live::new(cfg),
             handoff: upgrade::Handoff::new(ext.inherited.clone(), cfg.shutdown.grace_ms),
             tls,
+            proxy: proxy::ProxyOn::new(&cfg.listeners),
             stats: (0..shards)
                 .map(|_| Arc::new(ShardStats::default()))
                 .collect(),
@@ -357,6 +375,7 @@ impl Relay {
             errors: Mutex::new(Vec::new()),
         });
         let rcfg = router_config(cfg);
+        shared.live.set_acl(rcfg.acl.clone());
         // glommio's MeshBuilder holds an `Rc` yet is `Send`: cloning or
         // dropping it on several threads at once races on a non-atomic
         // count, and a lost increment frees the peer list while shards still
@@ -673,6 +692,7 @@ pub fn router_config(cfg: &Config) -> RouterConfig {
         outbox_limit: cfg.shards.mesh_capacity.max(1) * cfg.shards.max_batch.max(1),
         close_grace_ms: 2000,
         admission: cfg.admission.clone(),
+        acl: Arc::new(crate::acl::AclRules::build(&cfg.acl, None)),
     }
 }
 
@@ -746,6 +766,7 @@ async fn shard_main(
         listen_fd: Cell::new(None),
         accept_paused: Cell::new(false),
         tls: tls::ShardTls::default(),
+        proxy_waits: RefCell::default(),
         senders,
         shared: shared.clone(),
         max_batch,
@@ -778,8 +799,8 @@ async fn shard_main(
     shard.listen_fd.set(Some(listener.as_raw_fd()));
     let tls_listener = match shared.tls.tcp_addr {
         Some(a) => {
-            let l =
-                bind_listener(a).map_err(|e| anyhow::anyhow!("shard {id}: binding {a}: {e}"))?;
+            let l = upgrade::tcp_tls_listener(&shared, a)
+                .map_err(|e| anyhow::anyhow!("shard {id}: binding {a}: {e}"))?;
             shard
                 .poller
                 .watch_tls_listener(l.as_raw_fd())
@@ -798,8 +819,8 @@ async fn shard_main(
         tasks.push(glommio::spawn_local(accept_http(shard.clone(), l, false)));
     }
     if let Some(a) = shared.tls.http_addr {
-        let l =
-            TcpListener::bind(a).map_err(|e| anyhow::anyhow!("shard {id}: binding {a}: {e}"))?;
+        let l = upgrade::https_listener(&shared, a)
+            .map_err(|e| anyhow::anyhow!("shard {id}: binding {a}: {e}"))?;
         tasks.push(glommio::spawn_local(accept_http(shard.clone(), l, true)));
     }
     shared.ready.fetch_add(1, Ordering::SeqCst);
@@ -813,6 +834,7 @@ async fn shard_main(
         reload::apply(&shard);
         upgrade::apply(&shard);
         conn::sweep_tls(&shard, t);
+        conn::sweep_proxy(&shard, t);
         if shard.accept_paused.replace(false)
             && let Some(fd) = shard.listen_fd.get()
             && let Err(e) = shard.poller.watch_listener(fd)
@@ -906,23 +928,38 @@ async fn accept_http(shard: Rc<Shard>, listener: TcpListener, tls: bool) {
         };
         let _ = stream.set_nodelay(true);
         ShardStats::add(&shard.router.stats.accepted_total, 1);
-        if tls {
-            let shard = shard.clone();
-            glommio::spawn_local(async move {
-                let shared = &shard.shared;
+        let shard = shard.clone();
+        glommio::spawn_local(async move {
+            let shared = shard.shared.clone();
+            let mut stream = stream;
+            // Behind a balancer: its PROXY header names the client.
+            let remote = if shared.proxy.http(tls) {
+                match proxy::read_header(&mut stream, shared.proxy.timeout).await {
+                    Ok(remote) => remote,
+                    Err(why) => {
+                        crate::warn_every!("HTTP connection closed: {why}");
+                        shared.release_http();
+                        ShardStats::add(&shard.router.stats.closed_total, 1);
+                        return;
+                    }
+                }
+            } else {
+                None
+            };
+            if tls {
                 match tls::https_handshake(&shared.tls, &shard.router.stats, stream).await {
-                    Some(s) => http::serve(shard.clone(), s, health_only).await,
+                    Some(s) => http::serve(shard.clone(), s, health_only, remote).await,
                     None => {
                         shared.release_http();
                         ShardStats::add(&shard.router.stats.closed_total, 1);
                     }
                 }
-            })
-            .detach();
-        } else {
-            let stream = tls::HttpStream::Plain(stream);
-            glommio::spawn_local(http::serve(shard.clone(), stream, health_only)).detach();
-        }
+            } else {
+                let stream = tls::HttpStream::Plain(stream);
+                http::serve(shard.clone(), stream, health_only, remote).await;
+            }
+        })
+        .detach();
     }
 }
 

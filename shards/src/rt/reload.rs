@@ -8,13 +8,14 @@
 //! limits, queue bounds and timeouts change for connected clients too; the
 //! heartbeat bounds apply to each client's next hello.
 
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
 use relay_config::Config;
 use serde_json::Value;
 
 use super::{Relay, Shard, router_config};
+use crate::acl::AclRules;
 use crate::router::RouterConfig;
 
 /// Keys (or whole sections, ending in `.`) applied without a restart.
@@ -30,12 +31,14 @@ const LIVE: &[&str] = &[
     "heartbeat.",
     "admission.",
     "upgrade.",
+    "acl.",
     "tls.cert_file",
     "tls.key_file",
     "tls.alpn",
     "tls.max_fragment_size",
     "tls.session_tickets",
     "tls.client_ca_file",
+    "tls.crl_file",
     "tls.require_client_cert",
 ];
 
@@ -60,6 +63,8 @@ pub(crate) struct Live {
     config: Mutex<Config>,
     reloads: AtomicU64,
     failures: AtomicU64,
+    /// The access rules in force (their counters feed `/metrics`).
+    acl: Mutex<Arc<AclRules>>,
 }
 
 impl Live {
@@ -71,7 +76,20 @@ impl Live {
             config: Mutex::new(cfg.clone()),
             reloads: AtomicU64::new(0),
             failures: AtomicU64::new(0),
+            acl: Mutex::default(),
         }
+    }
+
+    /// Records the access rules in force.
+    pub(crate) fn set_acl(&self, acl: Arc<AclRules>) {
+        if let Ok(mut a) = self.acl.lock() {
+            *a = acl;
+        }
+    }
+
+    /// The access rules in force.
+    pub(crate) fn acl(&self) -> Arc<AclRules> {
+        self.acl.lock().map(|a| a.clone()).unwrap_or_default()
     }
 
     /// Counters for `/metrics`.
@@ -161,6 +179,7 @@ impl Relay {
         next.heartbeat = new.heartbeat.clone();
         next.admission = new.admission.clone();
         next.upgrade = new.upgrade.clone();
+        next.acl = new.acl.clone();
         if let Some(rules) = &rules
             && report
                 .applied
@@ -179,13 +198,28 @@ impl Relay {
             next.tls.max_fragment_size = new.tls.max_fragment_size;
             next.tls.session_tickets = new.tls.session_tickets;
             next.tls.client_ca_file = new.tls.client_ca_file.clone();
+            next.tls.crl_file = new.tls.crl_file.clone();
             next.tls.require_client_cert = new.tls.require_client_cert;
         }
         if !report.applied.is_empty() {
             live.max_connections
                 .store(next.limits.max_connections as usize, Ordering::Relaxed);
+            let mut rc = router_config(&next);
+            rc.acl = if report.applied.iter().any(|k| k.starts_with("acl.")) {
+                // Denial counters carry over to rules of the same name.
+                let acl = Arc::new(AclRules::build(&next.acl, Some(&live.acl())));
+                tracing::info!(
+                    rules = acl.acl.rules().len(),
+                    default_allow = acl.acl.default_allow(),
+                    "access rules reloaded"
+                );
+                live.set_acl(acl.clone());
+                acl
+            } else {
+                live.acl()
+            };
             if let Ok(mut r) = live.router.lock() {
-                *r = Some(router_config(&next));
+                *r = Some(rc);
             }
             live.generation.fetch_add(1, Ordering::Release);
         }

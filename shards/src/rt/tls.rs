@@ -31,7 +31,7 @@ use relay_config::Config;
 use relay_core::CloseReason;
 use rustls::ServerConfig;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
 
 use crate::cell::{ConnCell, ConnId};
 use crate::stats::ShardStats;
@@ -149,9 +149,22 @@ fn client_verifier(
     } else {
         builder.allow_unauthenticated()
     };
-    let v = builder
-        .build()
-        .map_err(|e| anyhow::anyhow!("tls.client_ca_file {path}: {e}"))?;
+    let builder = match cfg.tls.crl_file.as_deref().filter(|p| !p.is_empty()) {
+        // Device certificates come straight from the device CAs: the leaf's
+        // status is what a CRL decides, and a leaf whose issuer has no CRL
+        // in the file is refused (its status is unknown).
+        Some(crl) => builder
+            .with_crls(load_crls(crl)?)
+            .only_check_end_entity_revocation(),
+        None => builder,
+    };
+    let v = builder.build().map_err(|e| match e {
+        rustls::server::VerifierBuilderError::InvalidCrl(e) => anyhow::anyhow!(
+            "tls.crl_file {}: invalid certificate revocation list ({e:?})",
+            cfg.tls.crl_file.as_deref().unwrap_or("")
+        ),
+        e => anyhow::anyhow!("tls.client_ca_file {path}: {e}"),
+    })?;
     Ok(Some(v))
 }
 
@@ -191,6 +204,19 @@ fn server_config(cfg: &Config, client_auth: bool) -> anyhow::Result<Arc<ServerCo
         sc.send_tls13_tickets = 0;
     }
     Ok(Arc::new(sc))
+}
+
+/// Reads every CRL of a PEM file; an unreadable file, or one without a CRL,
+/// is an error naming `tls.crl_file`.
+fn load_crls(path: &str) -> anyhow::Result<Vec<CertificateRevocationListDer<'static>>> {
+    let crls = CertificateRevocationListDer::pem_file_iter(path)
+        .map_err(|e| anyhow::anyhow!("tls.crl_file {path}: {e}"))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| anyhow::anyhow!("tls.crl_file {path}: {e}"))?;
+    if crls.is_empty() {
+        bail!("tls.crl_file {path}: no certificate revocation list (X509 CRL) in the file");
+    }
+    Ok(crls)
 }
 
 fn load_certs(path: &str) -> anyhow::Result<Vec<CertificateDer<'static>>> {

@@ -8,9 +8,13 @@
 //! (`drain_ms`), then closes what is left (WebSocket close 1012) and exits.
 //!
 //! The handshake on the unix socket: the old process sends one message
-//! `relay-upgrade tcp=<n> http=<m>` carrying n + m descriptors (the shards'
-//! controller listeners, then their HTTP listeners); the new process answers
-//! `ready\n` once every shard listens.
+//! `relay-upgrade tcp=<n> http=<m> tcp_tls=<a> http_tls=<b>` carrying
+//! n + m + a + b descriptors (the shards' controller listeners, their HTTP
+//! listeners, then their TLS and HTTPS listeners; `tcp_tls` and `http_tls`
+//! may be absent, meaning 0); the new process answers `ready\n` once every
+//! shard listens. The TLS listeners are plain listening TCP sockets like
+//! the others (TLS starts per connection), so the new process takes them as
+//! they are and loads its own certificate.
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::SocketAddr;
@@ -31,7 +35,7 @@ use super::{Relay, Shard};
 pub const UPGRADE_FD_ENV: &str = "RELAY_UPGRADE_FD";
 
 /// Most listening sockets one handover carries.
-const MAX_FDS: usize = 2 * crate::router::MAX_SHARDS;
+const MAX_FDS: usize = 4 * crate::router::MAX_SHARDS;
 
 /// Listening sockets handed over by the previous process, taken by the
 /// shards as they start.
@@ -39,9 +43,13 @@ const MAX_FDS: usize = 2 * crate::router::MAX_SHARDS;
 pub struct Inherited {
     tcp: Mutex<Vec<OwnedFd>>,
     http: Mutex<Vec<OwnedFd>>,
+    tcp_tls: Mutex<Vec<OwnedFd>>,
+    http_tls: Mutex<Vec<OwnedFd>>,
     /// Where they listen (from the first of each kind).
     tcp_addr: Option<SocketAddr>,
     http_addr: Option<SocketAddr>,
+    tcp_tls_addr: Option<SocketAddr>,
+    http_tls_addr: Option<SocketAddr>,
 }
 
 impl Inherited {
@@ -52,6 +60,11 @@ impl Inherited {
             .context("the previous relay handed over no controller listener")?;
         Ok((tcp, self.http_addr))
     }
+
+    /// The addresses the inherited TLS and HTTPS sockets listen on.
+    pub(super) fn tls_addrs(&self) -> (Option<SocketAddr>, Option<SocketAddr>) {
+        (self.tcp_tls_addr, self.http_tls_addr)
+    }
 }
 
 /// Which listener a descriptor is.
@@ -59,6 +72,8 @@ impl Inherited {
 pub(super) enum Kind {
     Tcp,
     Http,
+    TcpTls,
+    HttpTls,
 }
 
 /// Upgrade state shared by the shards and the main thread.
@@ -91,7 +106,23 @@ pub(super) fn tcp_listener(
     shared: &super::Shared,
     addr: SocketAddr,
 ) -> std::io::Result<socket2::Socket> {
-    let s = match take(shared, Kind::Tcp) {
+    controllers_listener(shared, addr, Kind::Tcp)
+}
+
+/// A shard's controller TLS listener: an inherited one, or a new socket.
+pub(super) fn tcp_tls_listener(
+    shared: &super::Shared,
+    addr: SocketAddr,
+) -> std::io::Result<socket2::Socket> {
+    controllers_listener(shared, addr, Kind::TcpTls)
+}
+
+fn controllers_listener(
+    shared: &super::Shared,
+    addr: SocketAddr,
+    kind: Kind,
+) -> std::io::Result<socket2::Socket> {
+    let s = match take(shared, kind) {
         Some(fd) => {
             let s = socket2::Socket::from(fd);
             s.set_nonblocking(true)?;
@@ -100,7 +131,7 @@ pub(super) fn tcp_listener(
         }
         None => super::bind_listener(addr)?,
     };
-    publish(shared, Kind::Tcp, s.as_raw_fd());
+    publish(shared, kind, s.as_raw_fd());
     Ok(s)
 }
 
@@ -110,7 +141,23 @@ pub(super) fn http_listener(
     shared: &super::Shared,
     addr: SocketAddr,
 ) -> std::io::Result<glommio::net::TcpListener> {
-    let s = match take(shared, Kind::Http) {
+    web_listener(shared, addr, Kind::Http)
+}
+
+/// A shard's HTTPS listener: an inherited one, or a new socket.
+pub(super) fn https_listener(
+    shared: &super::Shared,
+    addr: SocketAddr,
+) -> std::io::Result<glommio::net::TcpListener> {
+    web_listener(shared, addr, Kind::HttpTls)
+}
+
+fn web_listener(
+    shared: &super::Shared,
+    addr: SocketAddr,
+    kind: Kind,
+) -> std::io::Result<glommio::net::TcpListener> {
+    let s = match take(shared, kind) {
         Some(fd) => socket2::Socket::from(fd),
         None => {
             let s = super::reserve_port(addr)?;
@@ -119,7 +166,7 @@ pub(super) fn http_listener(
         }
     };
     s.set_cloexec(true)?;
-    publish(shared, Kind::Http, s.as_raw_fd());
+    publish(shared, kind, s.as_raw_fd());
     // SAFETY: a bound, listening socket whose ownership moves to the listener.
     Ok(unsafe { glommio::net::TcpListener::from_raw_fd(s.into_raw_fd()) })
 }
@@ -129,6 +176,8 @@ fn take(shared: &super::Shared, kind: Kind) -> Option<OwnedFd> {
     let list = match kind {
         Kind::Tcp => &inh.tcp,
         Kind::Http => &inh.http,
+        Kind::TcpTls => &inh.tcp_tls,
+        Kind::HttpTls => &inh.http_tls,
     };
     list.lock().ok()?.pop()
 }
@@ -192,33 +241,46 @@ pub fn receive_from_env() -> anyhow::Result<Option<(Arc<Inherited>, UnixStream)>
         .map(|&fd| unsafe { OwnedFd::from_raw_fd(fd) })
         .collect();
     let text = std::str::from_utf8(&buf[..n]).context("handover message")?;
-    let count = |key: &str| -> anyhow::Result<usize> {
+    let field = |key: &str| -> Option<usize> {
         text.split_whitespace()
             .find_map(|w| w.strip_prefix(key))
             .and_then(|v| v.parse().ok())
-            .with_context(|| format!("handover message {text:?} lacks {key}"))
+    };
+    let count = |key: &str| -> anyhow::Result<usize> {
+        field(key).with_context(|| format!("handover message {text:?} lacks {key}"))
     };
     if !text.starts_with("relay-upgrade ") {
         bail!("unexpected handover message {text:?}");
     }
     let (ntcp, nhttp) = (count("tcp=")?, count("http=")?);
-    if ntcp + nhttp != owned.len() || ntcp == 0 {
+    // A previous relay without TLS listeners to pass says nothing of them.
+    let (ntls, nhttps) = (
+        field("tcp_tls=").unwrap_or(0),
+        field("http_tls=").unwrap_or(0),
+    );
+    if ntcp + nhttp + ntls + nhttps != owned.len() || ntcp == 0 {
         bail!(
-            "handover announced {ntcp} + {nhttp} sockets and carried {}",
+            "handover announced {ntcp} + {nhttp} + {ntls} + {nhttps} sockets and carried {}",
             owned.len()
         );
     }
     let mut owned = owned.into_iter();
     let tcp: Vec<OwnedFd> = owned.by_ref().take(ntcp).collect();
-    let http: Vec<OwnedFd> = owned.collect();
+    let http: Vec<OwnedFd> = owned.by_ref().take(nhttp).collect();
+    let tcp_tls: Vec<OwnedFd> = owned.by_ref().take(ntls).collect();
+    let http_tls: Vec<OwnedFd> = owned.collect();
     let addr_of = |fd: &OwnedFd| -> Option<SocketAddr> {
         socket2::SockRef::from(fd).local_addr().ok()?.as_socket()
     };
     let inherited = Inherited {
         tcp_addr: tcp.first().and_then(addr_of),
         http_addr: http.first().and_then(addr_of),
+        tcp_tls_addr: tcp_tls.first().and_then(addr_of),
+        http_tls_addr: http_tls.first().and_then(addr_of),
         tcp: Mutex::new(tcp),
         http: Mutex::new(http),
+        tcp_tls: Mutex::new(tcp_tls),
+        http_tls: Mutex::new(http_tls),
     };
     Ok(Some((Arc::new(inherited), sock)))
 }
@@ -262,16 +324,15 @@ impl Relay {
             bail!("an upgrade is already under way");
         }
         let listeners = h.listeners.lock().map(|l| l.clone()).unwrap_or_default();
-        let tcp: Vec<RawFd> = listeners
-            .iter()
-            .filter(|(k, _)| *k == Kind::Tcp)
-            .map(|(_, fd)| *fd)
-            .collect();
-        let http: Vec<RawFd> = listeners
-            .iter()
-            .filter(|(k, _)| *k == Kind::Http)
-            .map(|(_, fd)| *fd)
-            .collect();
+        let of = |kind: Kind| -> Vec<RawFd> {
+            listeners
+                .iter()
+                .filter(|(k, _)| *k == kind)
+                .map(|(_, fd)| *fd)
+                .collect()
+        };
+        let (tcp, http) = (of(Kind::Tcp), of(Kind::Http));
+        let (tcp_tls, http_tls) = (of(Kind::TcpTls), of(Kind::HttpTls));
         let (ours, theirs) = UnixStream::pair().context("socketpair")?;
         let child_fd = theirs.as_raw_fd();
         let mut cmd = std::process::Command::new(exe);
@@ -292,8 +353,20 @@ impl Relay {
         drop(theirs);
         let pid = child.id();
         let result = (|| -> anyhow::Result<()> {
-            let all: Vec<RawFd> = tcp.iter().chain(&http).copied().collect();
-            let msg = format!("relay-upgrade tcp={} http={}", tcp.len(), http.len());
+            let all: Vec<RawFd> = tcp
+                .iter()
+                .chain(&http)
+                .chain(&tcp_tls)
+                .chain(&http_tls)
+                .copied()
+                .collect();
+            let msg = format!(
+                "relay-upgrade tcp={} http={} tcp_tls={} http_tls={}",
+                tcp.len(),
+                http.len(),
+                tcp_tls.len(),
+                http_tls.len()
+            );
             ours.send_with_fd(msg.as_bytes(), &all)
                 .context("passing the listening sockets")?;
             ours.set_read_timeout(Some(ready_timeout))?;
@@ -340,7 +413,7 @@ impl Relay {
             return 0;
         };
         let mut n = 0;
-        for list in [&inh.tcp, &inh.http] {
+        for list in [&inh.tcp, &inh.http, &inh.tcp_tls, &inh.http_tls] {
             if let Ok(mut l) = list.lock() {
                 n += l.len();
                 l.clear();
