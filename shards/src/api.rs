@@ -106,7 +106,8 @@ fn err(code: ErrorCode, message: impl Into<String>) -> Reply {
         ErrorCode::ShuttingDown
         | ErrorCode::SlowConsumer
         | ErrorCode::Busy
-        | ErrorCode::GoingAway => 503,
+        | ErrorCode::GoingAway
+        | ErrorCode::Unavailable => 503,
         ErrorCode::Internal => 500,
         _ => 400,
     };
