@@ -65,9 +65,9 @@ pub use rules::{
     MIN_SECRET_BYTES, OPEN_FILES_LIMIT, RESERVED_FILES,
 };
 pub use sections::{
-    AdmissionConfig, AuthConfig, AuthMode, ClusterConfig, HeartbeatConfig, HttpConfig, LimitsConfig,
-    ListenersConfig, LogConfig, LogFormat, NodeConfig, ShardsConfig, ShutdownConfig, TlsConfig,
-    UpgradeConfig,
+    AdmissionConfig, AuthConfig, AuthMode, ClusterConfig, HeartbeatConfig, HttpConfig,
+    LimitsConfig, ListenersConfig, LogConfig, LogFormat, NodeConfig, ShardsConfig, ShutdownConfig,
+    TlsConfig, UpgradeConfig,
 };
 
 /// The embedded defaults: every key, commented, with its default value.

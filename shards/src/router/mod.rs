@@ -22,10 +22,13 @@
 //! pass or a flush is due, and the runtime takes the lists as values.
 
 mod calls;
+#[cfg(test)]
+mod cluster_tests;
 mod cross;
 pub mod failure;
 mod index;
 mod pending;
+pub mod remote;
 mod route;
 #[cfg(test)]
 mod sim;
@@ -39,6 +42,7 @@ pub use cross::Cross;
 use index::Entry;
 use pending::Pending;
 pub use pending::{AckCallback, AckTarget};
+pub use remote::{Inbound, Remote, ReplyTo};
 
 use std::cell::{Cell, RefCell};
 use std::collections::{BTreeSet, HashMap, HashSet};
@@ -60,7 +64,7 @@ pub use relay_config::MAX_SHARDS;
 pub const WATCH_PREFIX: &[u8] = b"watch:";
 
 /// Which index a name belongs to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Index {
     Group = 0,
     Uid = 1,
@@ -105,6 +109,9 @@ pub struct RouterConfig {
     pub close_grace_ms: u64,
     /// `[admission]`: hellos per second per shard and per source address.
     pub admission: relay_config::AdmissionConfig,
+    /// `[cluster] enabled`: what no shard of this node holds goes to the
+    /// cluster link instead of answering `no_route`.
+    pub cluster: bool,
 }
 
 /// One shard's routing state.
@@ -131,6 +138,8 @@ pub struct Router {
     /// Addresses with a `watch:` group somewhere.
     watched: RefCell<HashSet<Bytes>>,
     outbox: RefCell<Vec<Vec<Cross>>>,
+    /// Items for the cluster link (only ever filled when `cfg.cluster`).
+    remote: RefCell<Vec<Remote>>,
     /// Connections with output queued or a close to carry out, in the order
     /// they became so; the I/O loop writes each once per pass.
     dirty: RefCell<Vec<ConnId>>,
@@ -168,6 +177,10 @@ pub trait Signals {
     fn writes_ready(&self);
     /// An outbox got its first item.
     fn outbox_ready(&self);
+    /// The cluster link's list got its first item.
+    fn remote_ready(&self) {
+        self.outbox_ready();
+    }
 }
 
 /// Observer of session and message events (never blocks, never fails).
@@ -203,6 +216,7 @@ impl Router {
             indexes: [RefCell::default(), RefCell::default()],
             watched: RefCell::default(),
             outbox: RefCell::new((0..shards).map(|_| Vec::new()).collect()),
+            remote: RefCell::default(),
             dirty: RefCell::default(),
             signals,
             pending: RefCell::default(),

@@ -156,6 +156,8 @@ pub struct Shared {
     pub plugins: Option<Arc<dyn crate::api::PluginApi + Send + Sync>>,
     /// Extra counters for `/metrics` (the rules engine's).
     pub plugin_metrics: MetricsSource,
+    /// The cluster link (`[cluster] enabled`).
+    pub cluster: Option<Arc<crate::cluster::Cluster>>,
     ready: AtomicUsize,
     /// Shards that have cut every tie to their peers (see `quiesce`).
     quiet: AtomicUsize,
@@ -230,6 +232,8 @@ pub(crate) struct Shard {
     tls: tls::ShardTls,
     senders: Senders<MeshMsg>,
     shared: Arc<Shared>,
+    /// Where items for the cluster link go (`[cluster] enabled`).
+    link: Option<crate::cluster::LinkSender>,
     max_batch: usize,
     /// Woken when the shard starts shutting down (stops the accept loops).
     stop_wakers: RefCell<Vec<std::task::Waker>>,
@@ -329,15 +333,30 @@ impl Relay {
         let https = cfg.listeners.http_tls.filter(|_| cfg.http.enabled);
         let (https_reserve, https_addr) = reserve_optional(https)?;
         let tls = tls::TlsShared::new(cfg, tls_addr, https_addr)?;
+        let stats: Vec<Arc<ShardStats>> = (0..shards)
+            .map(|_| Arc::new(ShardStats::default()))
+            .collect();
+        let cluster = if cfg.cluster.enabled {
+            let facts = crate::cluster::NodeFacts {
+                tcp: Some(tcp_addr),
+                http: http_addr,
+            };
+            Some(crate::cluster::Cluster::start(
+                cfg,
+                shards,
+                stats.clone(),
+                facts,
+            )?)
+        } else {
+            None
+        };
         let shared = Arc::new(Shared {
             stop: Arc::new(AtomicBool::new(false)),
             open: AtomicUsize::new(0),
             live: reload::Live::new(cfg),
             handoff: upgrade::Handoff::new(ext.inherited.clone(), cfg.shutdown.grace_ms),
             tls,
-            stats: (0..shards)
-                .map(|_| Arc::new(ShardStats::default()))
-                .collect(),
+            stats,
             started: Instant::now(),
             api_token: cfg.http.api_token.clone(),
             max_body: cfg.http.max_body,
@@ -351,6 +370,7 @@ impl Relay {
             console: cfg.http.console,
             plugins: ext.plugins,
             plugin_metrics: ext.plugin_metrics,
+            cluster,
             ready: AtomicUsize::new(0),
             quiet: AtomicUsize::new(0),
             shards,
@@ -499,13 +519,22 @@ impl Relay {
     /// Waits until every shard has exited.
     pub fn join(mut self) -> anyhow::Result<()> {
         if let Some(h) = self.handles.take() {
-            for r in h.join_all() {
+            let results = h.join_all();
+            if let Some(c) = &self.shared.cluster {
+                c.stop();
+            }
+            for r in results {
                 if let Err(e) = r {
                     bail!("shard exited with an error: {e:?}");
                 }
             }
         }
         Ok(())
+    }
+
+    /// The cluster link, when `[cluster] enabled`.
+    pub fn cluster(&self) -> Option<&Arc<crate::cluster::Cluster>> {
+        self.shared.cluster.as_ref()
     }
 }
 
@@ -514,6 +543,9 @@ impl Drop for Relay {
         if let Some(h) = self.handles.take() {
             self.shared.stop.store(true, Ordering::SeqCst);
             let _ = h.join_all();
+        }
+        if let Some(c) = &self.shared.cluster {
+            c.stop();
         }
     }
 }
@@ -673,6 +705,7 @@ pub fn router_config(cfg: &Config) -> RouterConfig {
         outbox_limit: cfg.shards.mesh_capacity.max(1) * cfg.shards.max_batch.max(1),
         close_grace_ms: 2000,
         admission: cfg.admission.clone(),
+        cluster: cfg.cluster.enabled,
     }
 }
 
@@ -748,6 +781,7 @@ async fn shard_main(
         tls: tls::ShardTls::default(),
         senders,
         shared: shared.clone(),
+        link: shared.cluster.as_ref().map(|c| c.sender()),
         max_batch,
         stop_wakers: RefCell::new(Vec::new()),
         body_bytes: Cell::new(0),
@@ -768,6 +802,9 @@ async fn shard_main(
         }));
     }
     tasks.push(glommio::spawn_local(flusher(shard.clone())));
+    if let Some(rx) = shared.cluster.as_ref().and_then(|c| c.receiver(id)) {
+        tasks.push(glommio::spawn_local(cluster_inbound(shard.clone(), rx)));
+    }
     if let Some(rx) = actions {
         tasks.push(glommio::spawn_local(rule_actions(shard.clone(), rx)));
     }
@@ -980,19 +1017,40 @@ async fn rule_actions(shard: Rc<Shard>, rx: relay_plugins::ActionReceiver) {
     }
 }
 
-/// Ships each peer's waiting items as batches of at most `max_batch`.
+/// Applies what the cluster link hands this shard.
+async fn cluster_inbound(shard: Rc<Shard>, rx: crate::cluster::ShardReceiver) {
+    while let Ok(items) = rx.recv().await {
+        let t = now();
+        for item in items {
+            shard.router.on_inbound(item, t);
+        }
+    }
+}
+
+/// Ships each peer's waiting items as batches of at most `max_batch`, and
+/// what waits for the cluster link as one message per pass.
 async fn flusher(shard: Rc<Shard>) {
     loop {
-        let batches = poll_fn(|cx| {
+        let (batches, remote) = poll_fn(|cx| {
             shard.wakers.flush(cx.waker());
             let b = shard.router.take_outbox();
-            if b.is_empty() {
+            let r = match shard.link {
+                Some(_) => shard.router.take_remote(),
+                None => Vec::new(),
+            };
+            if b.is_empty() && r.is_empty() {
                 Poll::Pending
             } else {
-                Poll::Ready(b)
+                Poll::Ready((b, r))
             }
         })
         .await;
+        if let (Some(tx), Some(c)) = (&shard.link, &shard.shared.cluster)
+            && !remote.is_empty()
+            && let Err(items) = crate::cluster::offer(tx, &c.stats, shard.router.shard, remote)
+        {
+            shard.router.remote_refused(items);
+        }
         for (peer, mut items) in batches {
             while !items.is_empty() {
                 let rest = if items.len() > shard.max_batch {
