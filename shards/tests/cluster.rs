@@ -347,3 +347,153 @@ fn a_node_cut_off_from_nats_answers_unavailable_delivers_locally_and_comes_back(
     recv_payload(&mut far, &p);
     assert_eq!(m2.metric("relay_cluster_connected"), Some(1.0));
 }
+
+fn post(node: &RelayProc, path: &str, body: serde_json::Value) -> (u16, serde_json::Value) {
+    common::http_at(node.http, "POST", path, None, Some(&body))
+}
+
+/// Runs `f` until it gives `Some` (state reaches other nodes within
+/// milliseconds, not at once), at most 10 s.
+fn eventually<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "{what} within 10 s");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn groups_and_uids_span_nodes_and_the_api_of_any_node_reaches_the_fleet() {
+    let f = fleet("fan", &["g1", "g2", "g3"], &nats_urls(3));
+    let (g1, g2, g3) = (&f.nodes[0], &f.nodes[1], &f.nodes[2]);
+    let mut m1 = Client::hello(g1.tcp, Form::Binary, "m-1");
+    let mut m2 = Client::hello(g2.tcp, Form::Binary, "m-2");
+    let mut m3 = Client::hello(g3.tcp, Form::Json, "m-3");
+    let mut outsider = Client::hello(g3.tcp, Form::Binary, "out-1");
+    for (c, seq) in [(&mut m1, 1), (&mut m2, 2), (&mut m3, 3)] {
+        let mut j = relay_core::Frame::new(FrameType::Join);
+        j.dst = bytes::Bytes::from_static(b"room-9");
+        j.seq = seq;
+        j.flags = relay_core::frame::Flags(relay_core::frame::Flags::ACK_REQ);
+        c.send(&j);
+        assert_eq!(c.expect(FrameType::Ack).seq, seq);
+    }
+    // A publish from g1 reaches the members on g2 and g3 once, with one ACK.
+    let mut n = 0;
+    let p = eventually("a publish on g1 reaches g2 and g3", || {
+        n += 1;
+        let payload = format!("pub-{n}");
+        let mut f = relay_core::Frame::new(FrameType::Publish);
+        f.dst = bytes::Bytes::from_static(b"room-9");
+        f.seq = 100 + n;
+        f.flags = relay_core::frame::Flags(relay_core::frame::Flags::ACK_REQ);
+        f.payload = payload.clone().into_bytes().into();
+        m1.send(&f);
+        assert_eq!(m1.expect(FrameType::Data).payload, payload.as_bytes());
+        assert_eq!(m1.expect(FrameType::Ack).seq, 100 + n);
+        let on2 = m2.recv_timeout(Duration::from_millis(300));
+        let on3 = m3.recv_timeout(Duration::from_millis(300));
+        (on2.is_some() && on3.is_some()).then_some(payload)
+    });
+    m2.expect_silence(Duration::from_millis(200));
+    m3.expect_silence(Duration::from_millis(200));
+    outsider.expect_silence(Duration::from_millis(100));
+    assert!(!p.is_empty());
+
+    // A uid bound on g2 and g3 (each by its own node's API) gets a send made
+    // through g1's API: every bound address once, and the count says so.
+    let (s, _) = post(
+        g2,
+        "/api/v1/uids/user-7/bind",
+        serde_json::json!({"addr": "m-2"}),
+    );
+    assert_eq!(s, 200);
+    let (s, _) = post(
+        g3,
+        "/api/v1/uids/user-7/bind",
+        serde_json::json!({"addr": "m-3"}),
+    );
+    assert_eq!(s, 200);
+    let count = eventually("a uid send on g1 counts both nodes", || {
+        let (s, v) = post(
+            g1,
+            "/api/v1/uids/user-7/send",
+            serde_json::json!({"payload": "u"}),
+        );
+        assert_eq!(s, 200, "{v}");
+        (v["count"] == 2).then_some(v)
+    });
+    assert_eq!(count["count"], 2);
+
+    // HTTP push from any node to an address on another: 200 and delivered,
+    // 404 no_route when no node holds it.
+    let (s, v) = post(
+        g1,
+        "/api/v1/send",
+        serde_json::json!({"dst": "out-1", "payload": {"k": 1}}),
+    );
+    assert_eq!((s, &v["count"]), (200, &serde_json::json!(1)), "{v}");
+    let got = outsider.expect(FrameType::Data);
+    assert_eq!(&got.src[..], b"$api");
+    let (s, v) = post(
+        g2,
+        "/api/v1/send",
+        serde_json::json!({"dst": "no-such", "payload": 1}),
+    );
+    assert_eq!((s, v["error"].as_str()), (404, Some("no_route")), "{v}");
+
+    // /api/v1/nodes on any node: every node with its clients and load.
+    let v = wait_nodes(g2, 3);
+    let items = v["items"].as_array().unwrap();
+    let names: Vec<&str> = items.iter().map(|i| i["node"].as_str().unwrap()).collect();
+    assert_eq!(names, ["g1", "g2", "g3"]);
+    let g3_info = eventually("g3 reports its two clients", || {
+        let v = wait_nodes(g1, 3);
+        let i = v["items"][2].clone();
+        (i["clients"] == 2).then_some(i)
+    });
+    assert!(g3_info["frames_in"].as_u64().is_some());
+    assert!(g3_info["tcp"].as_str().is_some());
+}
+
+#[test]
+fn a_killed_node_is_noticed_within_a_heartbeat_and_its_devices_come_back_elsewhere() {
+    let f = fleet("kill", &["k1", "k2", "k3"], &nats_urls(3));
+    let mut a = Client::hello(f.nodes[0].tcp, Form::Binary, "ctl-a");
+    let dev = Client::hello(f.nodes[2].tcp, Form::Binary, "dev-3");
+    let _ = send_until_acked(&mut a, "dev-3", "before");
+    let mut fleet = f;
+    let mut k3 = fleet.nodes.pop().unwrap();
+    k3.signal(libc::SIGKILL);
+    let _ = k3.child.wait();
+    drop(dev);
+    let killed = Instant::now();
+    // Within one heartbeat period (1.5 s) plus a refresh, the others know:
+    // frames for its addresses answer no_route at once, and it leaves the
+    // node list.
+    let mut seq = 5000;
+    eventually("no_route for the dead node's device", || {
+        seq += 1;
+        a.data("dev-3", seq, true, b"x");
+        let f = a.recv();
+        assert_eq!(f.seq, seq);
+        let code = f.error_parts().map(|(c, _)| c);
+        (code == Some(ErrorCode::NoRoute as u16)).then_some(())
+    });
+    wait_nodes(&fleet.nodes[0], 2);
+    eprintln!("the killed node was noticed after {:?}", killed.elapsed());
+    assert!(
+        fleet.nodes[0]
+            .metric("relay_cluster_nodes_lost_total")
+            .unwrap()
+            >= 1.0
+    );
+    // The device reconnects to k2 and is reached from k1 again.
+    let mut dev = Client::hello(fleet.nodes[1].tcp, Form::Binary, "dev-3");
+    let p = send_until_acked(&mut a, "dev-3", "after");
+    recv_payload(&mut dev, &p);
+    fleet.nodes.push(k3);
+}
