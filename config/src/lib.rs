@@ -67,9 +67,9 @@ pub use rules::{
     MIN_SECRET_BYTES, OPEN_FILES_LIMIT, RESERVED_FILES,
 };
 pub use sections::{
-    AdmissionConfig, AuthConfig, AuthMode, HeartbeatConfig, HttpConfig, LimitsConfig,
-    ListenersConfig, LogConfig, LogFormat, NodeConfig, ShardsConfig, ShutdownConfig, TlsConfig,
-    UpgradeConfig,
+    AdmissionConfig, AuthConfig, AuthMode, ClusterConfig, HeartbeatConfig, HttpConfig,
+    LimitsConfig, ListenersConfig, LogConfig, LogFormat, NodeConfig, ShardsConfig, ShutdownConfig,
+    TlsConfig, UpgradeConfig,
 };
 
 /// The embedded defaults: every key, commented, with its default value.
@@ -117,6 +117,8 @@ pub struct Config {
     pub mysql: plugins::MysqlConfig,
     /// Notifiers and alarm routes.
     pub notify: plugins::NotifyConfig,
+    /// Several nodes as one relay, over NATS (off by default).
+    pub cluster: ClusterConfig,
 }
 
 impl Config {

@@ -361,6 +361,75 @@ pub(crate) fn check(config: &Config) -> Vec<Problem> {
         " (ten minutes)",
     );
 
+    let k = &c.cluster;
+    if k.enabled {
+        if !(k.nats_url.starts_with("nats://") || k.nats_url.starts_with("tls://"))
+            || k.nats_url.len() <= "nats://".len()
+        {
+            r.fail(
+                "cluster.nats_url",
+                "must be a NATS URL such as nats://127.0.0.1:4222",
+            );
+        }
+        let prefix_ok = !k.prefix.is_empty()
+            && k.prefix.len() <= 32
+            && k.prefix
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+        if !prefix_ok {
+            r.fail(
+                "cluster.prefix",
+                "must be 1 to 32 characters of A-Z a-z 0-9 - _ (it names NATS subjects and buckets)",
+            );
+        }
+        let name_ok = c
+            .node
+            .name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+        if !name_ok {
+            r.fail(
+                "node.name",
+                "in a cluster must be of A-Z a-z 0-9 - _ only (it names a NATS subject)",
+            );
+        }
+    }
+    r.range(
+        "cluster.heartbeat_ms",
+        k.heartbeat_ms,
+        300,
+        600_000,
+        " (a node unheard of for this long is taken as gone)",
+    );
+    r.range(
+        "cluster.batch_bytes",
+        k.batch_bytes as u64,
+        1024,
+        900 * 1024,
+        " (one NATS message; the server's max_payload is 1 MiB by default)",
+    );
+    r.range(
+        "cluster.channel_capacity",
+        k.channel_capacity as u64,
+        16,
+        1_000_000,
+        " (messages between the shards and the NATS thread)",
+    );
+    r.range(
+        "cluster.cache_size",
+        k.cache_size as u64,
+        1,
+        100_000_000,
+        " (directory entries kept in memory, about 150 bytes each)",
+    );
+    r.range(
+        "cluster.reply_timeout_ms",
+        k.reply_timeout_ms,
+        100,
+        600_000,
+        " (ten minutes)",
+    );
+
     let sections = [
         c.plugins.check(),
         c.redis.check(),

@@ -420,3 +420,48 @@ impl Default for TlsConfig {
         }
     }
 }
+
+/// `[cluster]`: several relay nodes forming one address space over NATS
+/// (with JetStream). Off by default: a single relay needs nothing outside itself.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// Join the cluster named by `prefix` on the NATS server at `nats_url`.
+    pub enabled: bool,
+    /// The NATS server (`nats://host:port`); JetStream must be enabled on it.
+    pub nats_url: String,
+    /// Names the cluster: the NATS subjects start with `<prefix>.` and the
+    /// JetStream buckets with `<prefix>_`. Nodes with the same prefix form one
+    /// cluster; another prefix on the same NATS server is another cluster.
+    pub prefix: String,
+    /// A node that has not been heard of for this long is taken as gone: its
+    /// directory entries expire and its addresses are free to be taken. The
+    /// node refreshes its entries and says it is alive three times per period.
+    pub heartbeat_ms: u64,
+    /// Most bytes of frames one NATS message to one node carries (a batch);
+    /// below the NATS server's `max_payload` (1 MiB by default).
+    pub batch_bytes: usize,
+    /// Messages each channel between the shards and the NATS thread holds;
+    /// a full channel drops the message and counts it (a shard never waits).
+    pub channel_capacity: usize,
+    /// Most directory entries (address → node) a node keeps in memory.
+    pub cache_size: usize,
+    /// How long a frame with ACK_REQ sent to another node waits for that
+    /// node's answer before the sender gets `unavailable`.
+    pub reply_timeout_ms: u64,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            nats_url: "nats://127.0.0.1:4222".into(),
+            prefix: "relay".into(),
+            heartbeat_ms: 3000,
+            batch_bytes: 256 * 1024,
+            channel_capacity: 8192,
+            cache_size: 1_000_000,
+            reply_timeout_ms: 5000,
+        }
+    }
+}

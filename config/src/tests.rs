@@ -952,3 +952,32 @@ fn proxy_protocol_names_listeners_that_listen() {
         ])
     );
 }
+
+#[test]
+fn the_cluster_is_off_by_default_and_every_bound_has_a_default() {
+    let c = Config::default();
+    assert!(!c.cluster.enabled);
+    assert!(c.cluster.batch_bytes > 0 && c.cluster.batch_bytes < 1024 * 1024);
+    assert!(c.cluster.channel_capacity > 0);
+    assert!(c.cluster.cache_size > 0);
+    assert!(c.cluster.heartbeat_ms > 0);
+}
+
+#[test]
+fn a_cluster_needs_a_nats_url_a_subject_safe_prefix_and_node_name() {
+    let p = problems(
+        "[node]\nname = \"n@1\"\n[cluster]\nenabled = true\nnats_url = \"http://x\"\nprefix = \"a.b\"\nbatch_bytes = 2000000\n",
+    );
+    assert_eq!(
+        keys(&p),
+        set(&[
+            "node.name",
+            "cluster.nats_url",
+            "cluster.prefix",
+            "cluster.batch_bytes"
+        ])
+    );
+    let c = load("[node]\nname = \"edge-2\"\n[cluster]\nenabled = true\nprefix = \"site_a\"\n")
+        .expect("a valid cluster section");
+    assert_eq!(c.cluster.prefix, "site_a");
+}

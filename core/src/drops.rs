@@ -30,11 +30,14 @@ pub enum DropReason {
     Unsupported = 9,
     /// Refused by an access rule.
     Forbidden = 10,
+    /// For another node of a cluster while the cluster link is down, full or
+    /// did not answer in time.
+    Unavailable = 11,
 }
 
 impl DropReason {
     /// How many reasons there are: the length of a counter array.
-    pub const COUNT: usize = 11;
+    pub const COUNT: usize = 12;
 
     /// Every reason, in counter order.
     pub const ALL: [DropReason; DropReason::COUNT] = [
@@ -49,6 +52,7 @@ impl DropReason {
         DropReason::BadAddress,
         DropReason::Unsupported,
         DropReason::Forbidden,
+        DropReason::Unavailable,
     ];
 
     /// The `reason` label of the metrics and the key of the API's statistics.
@@ -65,6 +69,7 @@ impl DropReason {
             DropReason::BadAddress => "bad_address",
             DropReason::Unsupported => "unsupported",
             DropReason::Forbidden => "forbidden",
+            DropReason::Unavailable => "unavailable",
         }
     }
 

@@ -139,10 +139,13 @@ pub enum ErrorCode {
     /// The relay process is being replaced (an upgrade): reconnect after the
     /// `retry_after_ms` the message starts with, and say hello again.
     GoingAway = 16,
+    /// The destination may be on another node of a cluster, but the cluster
+    /// link (NATS) is down or did not answer in time: the frame was dropped.
+    Unavailable = 17,
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 16] = [
+    pub const ALL: [ErrorCode; 17] = [
         ErrorCode::BadFrame,
         ErrorCode::TooLarge,
         ErrorCode::Unauthorized,
@@ -159,6 +162,7 @@ impl ErrorCode {
         ErrorCode::Unsupported,
         ErrorCode::Busy,
         ErrorCode::GoingAway,
+        ErrorCode::Unavailable,
     ];
 
     pub fn from_u16(v: u16) -> Option<Self> {
@@ -184,6 +188,7 @@ impl ErrorCode {
             ErrorCode::Unsupported => "unsupported",
             ErrorCode::Busy => "busy",
             ErrorCode::GoingAway => "going_away",
+            ErrorCode::Unavailable => "unavailable",
         }
     }
 
@@ -333,6 +338,7 @@ mod tests {
             (14, "unsupported"),
             (15, "busy"),
             (16, "going_away"),
+            (17, "unavailable"),
         ];
         for (n, name) in expected {
             let c = ErrorCode::from_u16(n).unwrap();
@@ -341,7 +347,7 @@ mod tests {
             assert_eq!(ErrorCode::from_name(name), Some(c));
         }
         assert_eq!(ErrorCode::from_u16(0), None);
-        assert_eq!(ErrorCode::from_u16(17), None);
+        assert_eq!(ErrorCode::from_u16(18), None);
     }
 
     #[test]

@@ -86,6 +86,8 @@ pub struct Api<'a> {
     pub uptime_s: f64,
     pub max_frame: usize,
     pub plugins: Option<&'a dyn PluginApi>,
+    /// The cluster link, when this relay is a node of a cluster.
+    pub cluster: Option<&'a crate::cluster::Cluster>,
 }
 
 /// A response: status and JSON body.
@@ -108,7 +110,8 @@ fn err(code: ErrorCode, message: impl Into<String>) -> Reply {
         ErrorCode::ShuttingDown
         | ErrorCode::SlowConsumer
         | ErrorCode::Busy
-        | ErrorCode::GoingAway => 503,
+        | ErrorCode::GoingAway
+        | ErrorCode::Unavailable => 503,
         ErrorCode::Internal => 500,
         _ => 400,
     };
@@ -325,6 +328,7 @@ pub async fn handle(
         ("GET", ["uids", uid]) => members(api, Index::Uid, uid, query).await,
         ("GET", ["groups", group]) => members(api, Index::Group, group, query).await,
         ("GET", ["stats"]) => Ok(stats(api)),
+        ("GET", ["nodes"]) => Ok(nodes(api)),
         ("GET", ["devices"]) => devices(api, query).await,
         ("GET", ["devices", addr]) => device(api, addr).await,
         ("GET", ["alarms"]) => alarms(api, query),
@@ -567,6 +571,37 @@ async fn members(api: &Api<'_>, index: Index, raw: &str, query: &str) -> Result<
         ));
     }
     Ok(ok(body))
+}
+
+/// The nodes of the cluster with their clients and load; a relay outside a
+/// cluster lists itself alone.
+fn nodes(api: &Api<'_>) -> Reply {
+    let items = match api.cluster {
+        Some(c) => c.nodes(),
+        None => {
+            let mut by_role = serde_json::Map::new();
+            let mut clients = 0;
+            for (i, r) in Role::ALL.iter().enumerate() {
+                let n: u64 = api
+                    .stats
+                    .iter()
+                    .map(|s| s.conns_by_role[i].load(Relaxed))
+                    .sum();
+                clients += n;
+                by_role.insert(r.name().to_owned(), json!(n));
+            }
+            json!([{
+                "node": api.router.cfg().node,
+                "self": true,
+                "clients": clients,
+                "by_role": by_role,
+                "shards": api.stats.len(),
+                "frames_in": api.stats.iter().map(|s| s.frames_in.load(Relaxed)).sum::<u64>(),
+                "frames_out": api.stats.iter().map(|s| s.frames_out.load(Relaxed)).sum::<u64>(),
+            }])
+        }
+    };
+    ok(json!({"items": items, "clustered": api.cluster.is_some()}))
 }
 
 /// Counters of every shard, as `/api/v1/stats` shows them.

@@ -4,6 +4,8 @@
 //! - [`router`]: one shard's routing state (owned addresses, groups, pending
 //!   acknowledgements) and every routing decision; no IO, no executor.
 //! - [`acl`]: the access rules in force and their denial counters.
+//! - [`cluster`]: several nodes as one over NATS (`[cluster]`): the NATS
+//!   thread and the link's state, without IO, in `cluster::link`.
 //! - [`cell`]: the per-connection record shared by the I/O loop and the router.
 //! - [`stats`]: lock-free per-shard counters; [`metrics`] renders them.
 //! - [`http`]: HTTP/1.1 request parsing and responses (httparse).
@@ -17,6 +19,7 @@ pub mod acl;
 pub mod admission;
 pub mod api;
 pub mod cell;
+pub mod cluster;
 pub mod console;
 pub mod http;
 pub mod lograte;

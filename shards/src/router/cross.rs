@@ -54,6 +54,13 @@ impl Router {
         for item in items {
             match item {
                 Cross::Deliver { frame, reply } => {
+                    if self.clustered() && self.lookup(&frame.dst).is_none() {
+                        // Not on this node: the answer comes back from the
+                        // cluster and goes on to the asking shard.
+                        let ack = reply.map(|token| AckTarget::Peer { shard: from, token });
+                        self.unicast_remote(frame, ack);
+                        continue;
+                    }
                     let result = self.deliver_owned(&frame, now);
                     if let Some(token) = reply {
                         let (delivered, error) = match result {

@@ -53,6 +53,13 @@ impl Router {
         };
         if newly_here {
             self.mask_changed(index, &name);
+            if self.clustered() {
+                self.push_remote(Remote::Interest {
+                    index,
+                    name: name.clone(),
+                    has: true,
+                });
+            }
         }
         let peers: Vec<usize> = (0..self.shards).filter(|&s| s != self.shard).collect();
         if newly_here && !peers.is_empty() {
@@ -99,6 +106,13 @@ impl Router {
         };
         if now_empty {
             self.mask_changed(index, name);
+            if self.clustered() {
+                self.push_remote(Remote::Interest {
+                    index,
+                    name: name.clone(),
+                    has: false,
+                });
+            }
             for p in (0..self.shards).filter(|&s| s != self.shard) {
                 self.push(
                     p,

@@ -24,10 +24,13 @@
 
 mod access;
 mod calls;
+#[cfg(test)]
+mod cluster_tests;
 mod cross;
 pub mod failure;
 mod index;
 mod pending;
+pub mod remote;
 mod route;
 #[cfg(test)]
 mod sim;
@@ -42,6 +45,7 @@ pub use cross::Cross;
 use index::Entry;
 use pending::Pending;
 pub use pending::{AckCallback, AckTarget};
+pub use remote::{Inbound, Remote, ReplyTo};
 
 use std::cell::{Cell, RefCell};
 use std::collections::{BTreeSet, HashMap, HashSet};
@@ -63,7 +67,7 @@ pub use relay_config::MAX_SHARDS;
 pub const WATCH_PREFIX: &[u8] = b"watch:";
 
 /// Which index a name belongs to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Index {
     Group = 0,
     Uid = 1,
@@ -110,6 +114,9 @@ pub struct RouterConfig {
     pub admission: relay_config::AdmissionConfig,
     /// `[acl]`: the access rules and their denial counters.
     pub acl: Arc<crate::acl::AclRules>,
+    /// `[cluster] enabled`: what no shard of this node holds goes to the
+    /// cluster link instead of answering `no_route`.
+    pub cluster: bool,
 }
 
 /// One shard's routing state.
@@ -139,6 +146,8 @@ pub struct Router {
     /// for the settings of generation `.0` (connections share them).
     acl_views: RefCell<(u64, HashSet<Rc<[u16]>>)>,
     outbox: RefCell<Vec<Vec<Cross>>>,
+    /// Items for the cluster link (only ever filled when `cfg.cluster`).
+    remote: RefCell<Vec<Remote>>,
     /// Connections with output queued or a close to carry out, in the order
     /// they became so; the I/O loop writes each once per pass.
     dirty: RefCell<Vec<ConnId>>,
@@ -178,6 +187,10 @@ pub trait Signals {
     fn writes_ready(&self);
     /// An outbox got its first item.
     fn outbox_ready(&self);
+    /// The cluster link's list got its first item.
+    fn remote_ready(&self) {
+        self.outbox_ready();
+    }
 }
 
 /// Observer of session and message events (never blocks, never fails).
@@ -214,6 +227,7 @@ impl Router {
             watched: RefCell::default(),
             acl_views: RefCell::default(),
             outbox: RefCell::new((0..shards).map(|_| Vec::new()).collect()),
+            remote: RefCell::default(),
             dirty: RefCell::default(),
             signals,
             deadlines: RefCell::default(),

@@ -15,6 +15,10 @@ pub enum AckTarget {
     Conn { id: ConnId, seq: u32 },
     /// A caller inside the relay (the HTTP API).
     Callback(AckCallback),
+    /// Another shard of this node, which waits under `token`.
+    Peer { shard: usize, token: u64 },
+    /// Another node (through the cluster link).
+    Remote(ReplyTo),
 }
 
 impl std::fmt::Debug for AckTarget {
@@ -22,6 +26,8 @@ impl std::fmt::Debug for AckTarget {
         match self {
             AckTarget::Conn { id, seq } => write!(f, "Conn({id}, {seq})"),
             AckTarget::Callback(_) => write!(f, "Callback"),
+            AckTarget::Peer { shard, token } => write!(f, "Peer({shard}, {token})"),
+            AckTarget::Remote(to) => write!(f, "Remote({}, {})", to.node, to.token),
         }
     }
 }
@@ -119,6 +125,20 @@ impl Router {
                 self.wake(&cell);
             }
             AckTarget::Callback(f) => f(delivered, error.filter(|_| delivered == 0)),
+            // Whoever asked applies the rules above to the sum of answers.
+            AckTarget::Peer { shard, token } => self.push(
+                shard,
+                Cross::Reply {
+                    token,
+                    delivered,
+                    error,
+                },
+            ),
+            AckTarget::Remote(to) => self.push_remote(Remote::Reply {
+                to,
+                delivered,
+                error,
+            }),
         }
     }
 

@@ -145,7 +145,14 @@ impl Router {
     pub fn unicast(&self, frame: Frame, ack: Option<AckTarget>, now: Now) {
         let owner = shard_of(&frame.dst, self.shards);
         if owner == self.shard {
-            let result = self.deliver_owned(&frame, now);
+            let result = match self.lookup(&frame.dst) {
+                Some(dst) => self.deliver_local(&dst, &frame, now).map(|()| 1),
+                None if self.clustered() => return self.unicast_remote(frame, ack),
+                None => {
+                    self.stats.dropped(DropReason::NoRoute);
+                    Err(failure::offline(&frame.dst))
+                }
+            };
             if let Some(t) = ack {
                 self.resolve(t, result);
             }
@@ -163,9 +170,39 @@ impl Router {
         &self,
         index: Index,
         name: &Bytes,
+        frame: Frame,
+        exclude: Vec<Bytes>,
+        ack: Option<AckTarget>,
+        now: Now,
+    ) {
+        let cluster = self.clustered();
+        self.fanout_to(index, name, frame, exclude, ack, cluster, now);
+    }
+
+    /// A fan-out to this node's members only (one that came from another node).
+    pub(super) fn fanout_node(
+        &self,
+        index: Index,
+        name: &Bytes,
+        frame: Frame,
+        exclude: Vec<Bytes>,
+        ack: Option<AckTarget>,
+        now: Now,
+    ) {
+        self.fanout_to(index, name, frame, exclude, ack, false, now);
+    }
+
+    /// A fan-out over this node's shards and, when `cluster`, the other nodes
+    /// (the cluster link answers once for all of them).
+    #[allow(clippy::too_many_arguments)]
+    fn fanout_to(
+        &self,
+        index: Index,
+        name: &Bytes,
         mut frame: Frame,
         exclude: Vec<Bytes>,
         ack: Option<AckTarget>,
+        cluster: bool,
         now: Now,
     ) {
         frame.dst = name.clone();
@@ -183,9 +220,10 @@ impl Router {
         let remote: Vec<usize> = (0..self.shards)
             .filter(|&s| s != self.shard && mask & (1 << s) != 0)
             .collect();
+        let parts = remote.len() + usize::from(cluster);
         let token = match ack {
-            Some(t) if !remote.is_empty() => {
-                let token = self.pending_for(t, remote.len());
+            Some(t) if parts > 0 => {
+                let token = self.pending_for(t, parts);
                 if let Some(p) = self.pending.borrow_mut().get_mut(&token) {
                     p.delivered = delivered;
                     p.error = error.clone();
@@ -198,6 +236,15 @@ impl Router {
             }
             None => None,
         };
+        if cluster {
+            self.push_remote(Remote::Fanout {
+                index,
+                name: name.clone(),
+                frame: frame.clone(),
+                exclude: exclude.clone(),
+                reply: token,
+            });
+        }
         for s in remote {
             ShardStats::add(&self.stats.cross_frames, 1);
             self.push(

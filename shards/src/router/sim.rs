@@ -51,7 +51,19 @@ pub struct Sim {
 impl Sim {
     /// `shards` routers with the relay's default settings.
     pub fn new(shards: usize) -> Sim {
+        Self::with(shards, relay_config::Config::default())
+    }
+
+    /// One node `name` of a cluster: what its shards cannot settle goes to
+    /// their `take_remote` lists.
+    pub fn node(shards: usize, name: &str) -> Sim {
         let mut config = relay_config::Config::default();
+        config.node.name = name.into();
+        config.cluster.enabled = true;
+        Self::with(shards, config)
+    }
+
+    fn with(shards: usize, mut config: relay_config::Config) -> Sim {
         config.shards.count = shards as _;
         let cfg = crate::router_config(&config);
         let routers = (0..shards)
@@ -113,6 +125,11 @@ impl Sim {
             }
         }
         panic!("the mesh never went quiet");
+    }
+
+    /// The simulated clock.
+    pub fn now(&self) -> Now {
+        self.now
     }
 
     /// Connects `name` on the shard that owns it, with its hello answered.

@@ -161,6 +161,13 @@ impl Router {
             &self.stats.conns_by_role[ShardStats::role_index(hello.role)],
             1,
         );
+        if self.clustered() {
+            self.push_remote(Remote::Claim {
+                addr: cell.conn.borrow().addr().clone(),
+                conn: cell.id,
+                at_ms: now.wall_ms,
+            });
+        }
         if let Some(h) = self.hooks.borrow().as_ref() {
             h.connected(cell, self.shard, now);
         }
@@ -190,6 +197,12 @@ impl Router {
         if by_addr.get(&addr).is_some_and(|c| c.id == cell.id) {
             by_addr.remove(&addr);
             self.sorted.borrow_mut().remove(&addr);
+            if self.clustered() {
+                self.push_remote(Remote::Release {
+                    addr: addr.clone(),
+                    conn: cell.id,
+                });
+            }
         }
         drop(by_addr);
         // The hook sees the groups the connection was in, before it leaves them.

@@ -281,6 +281,9 @@ async fn respond(shard: &Rc<Shard>, req: &Request, keep_alive: bool) -> Vec<u8> 
         ("GET", "/metrics") => {
             let mut extra = shared.plugin_metrics();
             extra.extend(shared.live.metrics());
+            if let Some(c) = &shared.cluster {
+                extra.extend(c.metrics());
+            }
             let extra: Vec<(&str, &str, u64)> = extra
                 .iter()
                 .map(|(a, b, c)| (a.as_str(), b.as_str(), *c))
@@ -306,6 +309,7 @@ async fn respond(shard: &Rc<Shard>, req: &Request, keep_alive: bool) -> Vec<u8> 
                 uptime_s: shared.started.elapsed().as_secs_f64(),
                 max_frame: shard.router.cfg().conn.max_frame,
                 plugins: shared.plugins.as_deref().map(|p| p as &dyn api::PluginApi),
+                cluster: shared.cluster.as_deref(),
             };
             let work = api::handle(
                 &api,

@@ -159,6 +159,8 @@ pub struct Shared {
     pub plugins: Option<Arc<dyn crate::api::PluginApi + Send + Sync>>,
     /// Extra counters for `/metrics` (the rules engine's).
     pub plugin_metrics: MetricsSource,
+    /// The cluster link (`[cluster] enabled`).
+    pub cluster: Option<Arc<crate::cluster::Cluster>>,
     ready: AtomicUsize,
     /// Shards that have cut every tie to their peers (see `quiesce`).
     quiet: AtomicUsize,
@@ -235,6 +237,8 @@ pub(crate) struct Shard {
     proxy_waits: RefCell<std::collections::VecDeque<(u64, crate::cell::ConnId)>>,
     senders: Senders<MeshMsg>,
     shared: Arc<Shared>,
+    /// Where items for the cluster link go (`[cluster] enabled`).
+    link: Option<crate::cluster::LinkSender>,
     max_batch: usize,
     /// Woken when the shard starts shutting down (stops the accept loops).
     stop_wakers: RefCell<Vec<std::task::Waker>>,
@@ -346,6 +350,23 @@ impl Relay {
             (want, _) => reserve_optional(want)?,
         };
         let tls = tls::TlsShared::new(cfg, tls_addr, https_addr)?;
+        let stats: Vec<Arc<ShardStats>> = (0..shards)
+            .map(|_| Arc::new(ShardStats::default()))
+            .collect();
+        let cluster = if cfg.cluster.enabled {
+            let facts = crate::cluster::NodeFacts {
+                tcp: Some(tcp_addr),
+                http: http_addr,
+            };
+            Some(crate::cluster::Cluster::start(
+                cfg,
+                shards,
+                stats.clone(),
+                facts,
+            )?)
+        } else {
+            None
+        };
         let shared = Arc::new(Shared {
             stop: Arc::new(AtomicBool::new(false)),
             open: AtomicUsize::new(0),
@@ -353,9 +374,7 @@ impl Relay {
             handoff: upgrade::Handoff::new(ext.inherited.clone(), cfg.shutdown.grace_ms),
             tls,
             proxy: proxy::ProxyOn::new(&cfg.listeners),
-            stats: (0..shards)
-                .map(|_| Arc::new(ShardStats::default()))
-                .collect(),
+            stats,
             started: Instant::now(),
             api_token: cfg.http.api_token.clone(),
             max_body: cfg.http.max_body,
@@ -369,6 +388,7 @@ impl Relay {
             console: cfg.http.console,
             plugins: ext.plugins,
             plugin_metrics: ext.plugin_metrics,
+            cluster,
             ready: AtomicUsize::new(0),
             quiet: AtomicUsize::new(0),
             shards,
@@ -518,13 +538,22 @@ impl Relay {
     /// Waits until every shard has exited.
     pub fn join(mut self) -> anyhow::Result<()> {
         if let Some(h) = self.handles.take() {
-            for r in h.join_all() {
+            let results = h.join_all();
+            if let Some(c) = &self.shared.cluster {
+                c.stop();
+            }
+            for r in results {
                 if let Err(e) = r {
                     bail!("shard exited with an error: {e:?}");
                 }
             }
         }
         Ok(())
+    }
+
+    /// The cluster link, when `[cluster] enabled`.
+    pub fn cluster(&self) -> Option<&Arc<crate::cluster::Cluster>> {
+        self.shared.cluster.as_ref()
     }
 }
 
@@ -533,6 +562,9 @@ impl Drop for Relay {
         if let Some(h) = self.handles.take() {
             self.shared.stop.store(true, Ordering::SeqCst);
             let _ = h.join_all();
+        }
+        if let Some(c) = &self.shared.cluster {
+            c.stop();
         }
     }
 }
@@ -693,6 +725,7 @@ pub fn router_config(cfg: &Config) -> RouterConfig {
         close_grace_ms: 2000,
         admission: cfg.admission.clone(),
         acl: Arc::new(crate::acl::AclRules::build(&cfg.acl, None)),
+        cluster: cfg.cluster.enabled,
     }
 }
 
@@ -769,6 +802,7 @@ async fn shard_main(
         proxy_waits: RefCell::default(),
         senders,
         shared: shared.clone(),
+        link: shared.cluster.as_ref().map(|c| c.sender()),
         max_batch,
         stop_wakers: RefCell::new(Vec::new()),
         body_bytes: Cell::new(0),
@@ -789,6 +823,9 @@ async fn shard_main(
         }));
     }
     tasks.push(glommio::spawn_local(flusher(shard.clone())));
+    if let Some(rx) = shared.cluster.as_ref().and_then(|c| c.receiver(id)) {
+        tasks.push(glommio::spawn_local(cluster_inbound(shard.clone(), rx)));
+    }
     if let Some(rx) = actions {
         tasks.push(glommio::spawn_local(rule_actions(shard.clone(), rx)));
     }
@@ -1017,19 +1054,40 @@ async fn rule_actions(shard: Rc<Shard>, rx: relay_plugins::ActionReceiver) {
     }
 }
 
-/// Ships each peer's waiting items as batches of at most `max_batch`.
+/// Applies what the cluster link hands this shard.
+async fn cluster_inbound(shard: Rc<Shard>, rx: crate::cluster::ShardReceiver) {
+    while let Ok(items) = rx.recv().await {
+        let t = now();
+        for item in items {
+            shard.router.on_inbound(item, t);
+        }
+    }
+}
+
+/// Ships each peer's waiting items as batches of at most `max_batch`, and
+/// what waits for the cluster link as one message per pass.
 async fn flusher(shard: Rc<Shard>) {
     loop {
-        let batches = poll_fn(|cx| {
+        let (batches, remote) = poll_fn(|cx| {
             shard.wakers.flush(cx.waker());
             let b = shard.router.take_outbox();
-            if b.is_empty() {
+            let r = match shard.link {
+                Some(_) => shard.router.take_remote(),
+                None => Vec::new(),
+            };
+            if b.is_empty() && r.is_empty() {
                 Poll::Pending
             } else {
-                Poll::Ready(b)
+                Poll::Ready((b, r))
             }
         })
         .await;
+        if let (Some(tx), Some(c)) = (&shard.link, &shard.shared.cluster)
+            && !remote.is_empty()
+            && let Err(items) = crate::cluster::offer(tx, &c.stats, shard.router.shard, remote)
+        {
+            shard.router.remote_refused(items);
+        }
         for (peer, mut items) in batches {
             while !items.is_empty() {
                 let rest = if items.len() > shard.max_batch {

@@ -283,7 +283,23 @@ pub fn http(
     token: Option<&str>,
     body: Option<&serde_json::Value>,
 ) -> (u16, serde_json::Value) {
-    let addr = relay.http_addr().expect("http enabled");
+    http_at(
+        relay.http_addr().expect("http enabled"),
+        method,
+        path,
+        token,
+        body,
+    )
+}
+
+/// An HTTP request to the relay whose HTTP port is `addr`: (status, JSON body).
+pub fn http_at(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<&serde_json::Value>,
+) -> (u16, serde_json::Value) {
     let mut s = TcpStream::connect(addr).expect("connect http");
     s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
     let body = body.map(|b| b.to_string()).unwrap_or_default();

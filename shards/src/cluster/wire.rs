@@ -1,0 +1,316 @@
+//! The messages nodes send each other on `<prefix>.node.<name>`: one NATS
+//! message is one batch of items from one node, all for the receiving node.
+//!
+//! Layout (big-endian): `u8 version = 1`, `u8 len` + the sending node's
+//! name, then items until the end, each a `u8` tag and its fields. Frames
+//! travel in the relay's own binary form (`relay_core::codec`, length
+//! prefix included), so a payload is never re-encoded.
+//!
+//! | tag | item | fields |
+//! |---|---|---|
+//! | 1 | deliver | `u64` token (0: no answer wanted), frame |
+//! | 2 | fanout | `u8` index (0 group, 1 uid), name, `u16` n + n names (exclude), `u64` token, frame |
+//! | 3 | reply | `u64` token, `u32` delivered, `u16` error code (0: none), `u16` len + message |
+//!
+//! A name is `u8 len` + bytes.
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use relay_core::codec::{self, Decoder};
+use relay_core::frame::{ErrorCode, Frame};
+
+use crate::router::{Failure, Index};
+
+const VERSION: u8 = 1;
+const DELIVER: u8 = 1;
+const FANOUT: u8 = 2;
+const REPLY: u8 = 3;
+/// Largest frame a batch may carry (the relay's own `max_frame` ceiling).
+const MAX_FRAME: usize = 16 * 1024 * 1024;
+
+/// One item of a batch.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Item {
+    Deliver {
+        token: u64,
+        frame: Frame,
+    },
+    Fanout {
+        index: Index,
+        name: Bytes,
+        exclude: Vec<Bytes>,
+        token: u64,
+        frame: Frame,
+    },
+    Reply {
+        token: u64,
+        delivered: u32,
+        error: Option<Failure>,
+    },
+}
+
+/// Why a batch could not be read.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum WireError {
+    #[error("batch version {0} is not 1")]
+    Version(u8),
+    #[error("batch cut short")]
+    Short,
+    #[error("unknown item tag {0}")]
+    Tag(u8),
+    #[error("bad frame in batch")]
+    Frame,
+}
+
+/// A batch being written for one node.
+#[derive(Debug)]
+pub struct Writer {
+    buf: BytesMut,
+    items: usize,
+}
+
+impl Writer {
+    /// A batch from node `from`.
+    pub fn new(from: &str) -> Writer {
+        let mut buf = BytesMut::with_capacity(256);
+        buf.put_u8(VERSION);
+        put_name(&mut buf, from.as_bytes());
+        Writer { buf, items: 0 }
+    }
+
+    pub fn len(&self) -> usize {
+        self.buf.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.items == 0
+    }
+
+    pub fn push(&mut self, item: &Item) {
+        self.items += 1;
+        let b = &mut self.buf;
+        match item {
+            Item::Deliver { token, frame } => {
+                b.put_u8(DELIVER);
+                b.put_u64(*token);
+                codec::encode(frame, b);
+            }
+            Item::Fanout {
+                index,
+                name,
+                exclude,
+                token,
+                frame,
+            } => {
+                b.put_u8(FANOUT);
+                b.put_u8(*index as u8);
+                put_name(b, name);
+                b.put_u16(exclude.len().min(u16::MAX as usize) as u16);
+                for x in exclude.iter().take(u16::MAX as usize) {
+                    put_name(b, x);
+                }
+                b.put_u64(*token);
+                codec::encode(frame, b);
+            }
+            Item::Reply {
+                token,
+                delivered,
+                error,
+            } => {
+                b.put_u8(REPLY);
+                b.put_u64(*token);
+                b.put_u32(*delivered);
+                match error {
+                    None => b.put_u16(0),
+                    Some((code, msg)) => {
+                        b.put_u16(*code as u16);
+                        let m = &msg.as_bytes()[..msg.len().min(1024)];
+                        b.put_u16(m.len() as u16);
+                        b.put_slice(m);
+                    }
+                }
+            }
+        }
+    }
+
+    /// The finished batch.
+    pub fn finish(self) -> Bytes {
+        self.buf.freeze()
+    }
+}
+
+fn put_name(b: &mut BytesMut, name: &[u8]) {
+    let n = &name[..name.len().min(255)];
+    b.put_u8(n.len() as u8);
+    b.put_slice(n);
+}
+
+fn get_name(b: &mut BytesMut) -> Result<Bytes, WireError> {
+    if b.remaining() < 1 {
+        return Err(WireError::Short);
+    }
+    let n = b.get_u8() as usize;
+    if b.remaining() < n {
+        return Err(WireError::Short);
+    }
+    Ok(b.split_to(n).freeze())
+}
+
+fn need(b: &BytesMut, n: usize) -> Result<(), WireError> {
+    if b.remaining() < n {
+        Err(WireError::Short)
+    } else {
+        Ok(())
+    }
+}
+
+fn get_frame(b: &mut BytesMut) -> Result<Frame, WireError> {
+    Decoder::new(MAX_FRAME)
+        .decode(b)
+        .map_err(|_| WireError::Frame)?
+        .ok_or(WireError::Short)
+}
+
+/// Reads a batch: the sending node and its items.
+pub fn read(payload: &[u8]) -> Result<(String, Vec<Item>), WireError> {
+    let mut b = BytesMut::from(payload);
+    need(&b, 1)?;
+    let v = b.get_u8();
+    if v != VERSION {
+        return Err(WireError::Version(v));
+    }
+    let from = String::from_utf8_lossy(&get_name(&mut b)?).into_owned();
+    let mut items = Vec::new();
+    while b.has_remaining() {
+        let tag = b.get_u8();
+        let item = match tag {
+            DELIVER => {
+                need(&b, 8)?;
+                let token = b.get_u64();
+                Item::Deliver {
+                    token,
+                    frame: get_frame(&mut b)?,
+                }
+            }
+            FANOUT => {
+                need(&b, 1)?;
+                let index = if b.get_u8() == 0 {
+                    Index::Group
+                } else {
+                    Index::Uid
+                };
+                let name = get_name(&mut b)?;
+                need(&b, 2)?;
+                let n = b.get_u16() as usize;
+                let mut exclude = Vec::with_capacity(n.min(64));
+                for _ in 0..n {
+                    exclude.push(get_name(&mut b)?);
+                }
+                need(&b, 8)?;
+                let token = b.get_u64();
+                Item::Fanout {
+                    index,
+                    name,
+                    exclude,
+                    token,
+                    frame: get_frame(&mut b)?,
+                }
+            }
+            REPLY => {
+                need(&b, 14)?;
+                let token = b.get_u64();
+                let delivered = b.get_u32();
+                let code = b.get_u16();
+                let error = if code == 0 {
+                    None
+                } else {
+                    need(&b, 2)?;
+                    let n = b.get_u16() as usize;
+                    need(&b, n)?;
+                    let msg = String::from_utf8_lossy(&b.split_to(n)).into_owned();
+                    Some((
+                        ErrorCode::from_u16(code).unwrap_or(ErrorCode::Internal),
+                        msg,
+                    ))
+                };
+                Item::Reply {
+                    token,
+                    delivered,
+                    error,
+                }
+            }
+            other => return Err(WireError::Tag(other)),
+        };
+        items.push(item);
+    }
+    Ok((from, items))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use relay_core::frame::{Flags, FrameType};
+
+    fn frame(dst: &str, payload: &[u8]) -> Frame {
+        let mut f = Frame::data(
+            Bytes::from_static(b"src-1"),
+            Bytes::copy_from_slice(dst.as_bytes()),
+            Bytes::copy_from_slice(payload),
+        );
+        f.seq = 7;
+        f.flags = Flags(Flags::JSON);
+        f
+    }
+
+    #[test]
+    fn a_batch_reads_back_as_written() {
+        let mut group = frame("room", b"{}");
+        group.flags = Flags(Flags::GROUP);
+        group.kind = FrameType::Data;
+        let items = vec![
+            Item::Deliver {
+                token: 0,
+                frame: frame("ctl-1", b"{\"a\":1}"),
+            },
+            Item::Fanout {
+                index: Index::Uid,
+                name: Bytes::from_static(b"user-9"),
+                exclude: vec![Bytes::from_static(b"web-1"), Bytes::from_static(b"web:2")],
+                token: 42,
+                frame: group,
+            },
+            Item::Reply {
+                token: 9,
+                delivered: 0,
+                error: Some((ErrorCode::NoRoute, "ctl-1 is offline".into())),
+            },
+            Item::Reply {
+                token: u64::MAX,
+                delivered: 3,
+                error: None,
+            },
+        ];
+        let mut w = Writer::new("edge-2");
+        for i in &items {
+            w.push(i);
+        }
+        let (from, got) = read(&w.finish()).expect("reads");
+        assert_eq!(from, "edge-2");
+        assert_eq!(got, items);
+    }
+
+    #[test]
+    fn a_cut_or_foreign_batch_is_an_error_not_a_panic() {
+        let mut w = Writer::new("n1");
+        w.push(&Item::Deliver {
+            token: 1,
+            frame: frame("x", b"payload"),
+        });
+        let full = w.finish();
+        // Four bytes are the header alone: an empty batch, which is valid.
+        for cut in (0..4).chain(5..full.len()) {
+            assert!(read(&full[..cut]).is_err(), "cut at {cut}");
+        }
+        assert_eq!(read(&[2, 0]), Err(WireError::Version(2)));
+        assert_eq!(read(&[1, 0, 99]), Err(WireError::Tag(99)));
+    }
+}

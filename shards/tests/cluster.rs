@@ -1,0 +1,499 @@
+//! Several relay processes as one cluster over the local NATS server
+//! (127.0.0.1:4222, JetStream on). Each test names its own cluster prefix,
+//! so tests running at once never see each other's nodes. A test that finds
+//! NATS down fails: CI starts it (`.ci/run`).
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::{Client, Form, RelayProc};
+use relay_core::ErrorCode;
+use relay_core::frame::FrameType;
+
+const NATS: &str = "127.0.0.1:4222";
+
+/// Fails loudly when the NATS server is not there.
+fn nats_is_up() {
+    let up = TcpStream::connect_timeout(&NATS.parse().unwrap(), Duration::from_secs(3)).is_ok();
+    assert!(
+        up,
+        "NATS is not running on {NATS}; these tests need it (start it as .ci/run does)"
+    );
+}
+
+/// A prefix no other test (or earlier run) uses.
+fn prefix(test: &str) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    format!("t{}_{test}_{nanos}", std::process::id())
+}
+
+struct Fleet {
+    dir: PathBuf,
+    prefix: String,
+    nodes: Vec<RelayProc>,
+}
+
+impl Drop for Fleet {
+    fn drop(&mut self) {
+        for n in &mut self.nodes {
+            let _ = n.child.kill();
+            let _ = n.child.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+        drop_buckets(&self.prefix);
+    }
+}
+
+/// Deletes the test's buckets (their streams) from the NATS server, in the
+/// plain NATS protocol.
+fn drop_buckets(prefix: &str) {
+    let Ok(mut s) = TcpStream::connect(NATS) else {
+        return;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+    let mut cmd = String::from("CONNECT {\"verbose\":false}\r\n");
+    for b in ["dir", "interest", "lease"] {
+        cmd.push_str(&format!(
+            "PUB $JS.API.STREAM.DELETE.KV_{prefix}_{b} 0\r\n\r\n"
+        ));
+    }
+    cmd.push_str("PING\r\n");
+    if s.write_all(cmd.as_bytes()).is_err() {
+        return;
+    }
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&got).contains("PONG") {
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+        }
+    }
+}
+
+/// Writes the config of node `name` and starts it.
+fn spawn_node(dir: &std::path::Path, prefix: &str, name: &str, nats_url: &str) -> RelayProc {
+    let cfg = dir.join(format!("{name}.toml"));
+    std::fs::write(
+        &cfg,
+        format!(
+            "[node]\nname = \"{name}\"\n\
+             [listeners]\ntcp = \"127.0.0.1:0\"\nhttp = \"127.0.0.1:0\"\n\
+             [shards]\ncount = 2\npin = false\nio_memory_kib = 256\n\
+             [plugins]\nenabled = false\n\
+             [cluster]\nenabled = true\nnats_url = \"{nats_url}\"\nprefix = \"{prefix}\"\n\
+             heartbeat_ms = 1500\nreply_timeout_ms = 2000\n"
+        ),
+    )
+    .unwrap();
+    RelayProc::spawn(&cfg, &[])
+}
+
+/// Starts `names` as one cluster (NATS at `urls[i]`) and waits until every
+/// node sees every other.
+fn fleet(test: &str, names: &[&str], urls: &[String]) -> Fleet {
+    nats_is_up();
+    let p = prefix(test);
+    let dir = std::env::temp_dir().join(&p);
+    std::fs::create_dir_all(&dir).unwrap();
+    let nodes: Vec<RelayProc> = names
+        .iter()
+        .zip(urls)
+        .map(|(n, u)| spawn_node(&dir, &p, n, u))
+        .collect();
+    let f = Fleet {
+        dir,
+        prefix: p,
+        nodes,
+    };
+    for n in &f.nodes {
+        wait_nodes(n, names.len());
+    }
+    f
+}
+
+fn nats_urls(n: usize) -> Vec<String> {
+    vec![format!("nats://{NATS}"); n]
+}
+
+/// Waits until `node` lists `n` nodes in `/api/v1/nodes`.
+fn wait_nodes(node: &RelayProc, n: usize) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (status, body) = node.get("/api/v1/nodes");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+        if status == 200 && v["items"].as_array().is_some_and(|a| a.len() == n) {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the node did not see {n} nodes within 20 s: {status} {body}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Sends DATA with ACK_REQ from `from` to `dst` until it is acknowledged
+/// (the directory reaches every node within milliseconds, but not at once);
+/// returns the payload that got through. Every attempt gets one answer.
+fn send_until_acked(from: &mut Client, dst: &str, tag: &str) -> Vec<u8> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut seq = 1000;
+    loop {
+        seq += 1;
+        let payload = format!("{tag}-{seq}").into_bytes();
+        from.data(dst, seq, true, &payload);
+        let f = from.recv();
+        assert_eq!(f.seq, seq, "one answer per frame, in order: {f:?}");
+        if f.kind == FrameType::Ack {
+            return payload;
+        }
+        assert_eq!(f.kind, FrameType::Error, "{f:?}");
+        assert!(
+            Instant::now() < deadline,
+            "{dst} not reached from {} within 10 s: {:?}",
+            from.addr,
+            f.error_parts()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The DATA payloads `c` receives within `d`, until one equals `want`.
+fn recv_payload(c: &mut Client, want: &[u8]) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        if let Some(f) = c.recv_timeout(Duration::from_millis(200))
+            && f.kind == FrameType::Data
+            && f.payload[..] == *want
+        {
+            return;
+        }
+    }
+    panic!(
+        "{} did not receive {:?}",
+        c.addr,
+        String::from_utf8_lossy(want)
+    );
+}
+
+#[test]
+fn three_processes_are_one_address_space_with_acks_no_route_and_takeover() {
+    let f = fleet("p2p", &["n1", "n2", "n3"], &nats_urls(3));
+    let (n1, n2, n3) = (&f.nodes[0], &f.nodes[1], &f.nodes[2]);
+    let mut a = Client::hello(n1.tcp, Form::Binary, "ctl-a");
+    let mut b = Client::hello(n2.tcp, Form::Binary, "ctl-b");
+    let mut c = Client::hello(n3.tcp, Form::Json, "web-c");
+
+    // n1 → n2, with the ACK from n2's answer; the receiver sees the sender.
+    let p = send_until_acked(&mut a, "ctl-b", "a2b");
+    loop {
+        let got = b.expect(FrameType::Data);
+        assert_eq!(&got.src[..], b"ctl-a");
+        if got.payload[..] == p[..] {
+            break;
+        }
+    }
+    // n3 → n1, JSON sender, binary receiver.
+    let p = send_until_acked(&mut c, "ctl-a", "c2a");
+    recv_payload(&mut a, &p);
+
+    // No node holds it: exactly one no_route, and nothing after it.
+    a.data("nobody-here", 7, true, b"x");
+    assert_eq!(a.expect_error(ErrorCode::NoRoute), 7);
+    a.expect_silence(Duration::from_millis(300));
+
+    // A hello on n3 for ctl-b takes it over from n2: the old connection is
+    // told `replaced`, and frames reach the new one.
+    let mut b2 = Client::hello(n3.tcp, Form::Binary, "ctl-b");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let f = b
+            .recv_timeout(Duration::from_millis(200))
+            .unwrap_or_else(|| {
+                assert!(Instant::now() < deadline, "ctl-b on n2 was not replaced");
+                relay_core::Frame::new(FrameType::Ping)
+            });
+        if f.kind == FrameType::Error {
+            let (code, _) = f.error_parts().unwrap();
+            assert_eq!(code, ErrorCode::Replaced as u16);
+            break;
+        }
+    }
+    let p = send_until_acked(&mut a, "ctl-b", "a2b2");
+    recv_payload(&mut b2, &p);
+
+    // Frames crossed in batches, counted on both sides.
+    assert!(n1.metric("relay_cluster_batches_out_total").unwrap() >= 1.0);
+    assert!(n2.metric("relay_cluster_remote_frames_in_total").unwrap() >= 1.0);
+    assert_eq!(n3.metric("relay_cluster_connected"), Some(1.0));
+    assert!(n2.metric("relay_cluster_takeovers_total").unwrap() >= 1.0);
+}
+
+/// A TCP proxy in front of NATS that the test can cut and restore.
+struct Proxy {
+    addr: SocketAddr,
+    open: Arc<AtomicBool>,
+    conns: Arc<Mutex<Vec<TcpStream>>>,
+}
+
+impl Proxy {
+    fn start() -> Proxy {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let open = Arc::new(AtomicBool::new(true));
+        let conns = Arc::new(Mutex::new(Vec::new()));
+        let (o, cs) = (open.clone(), conns.clone());
+        std::thread::spawn(move || {
+            for s in l.incoming() {
+                let Ok(down) = s else { break };
+                if !o.load(Ordering::SeqCst) {
+                    let _ = down.shutdown(Shutdown::Both);
+                    continue;
+                }
+                let Ok(up) = TcpStream::connect(NATS) else {
+                    continue;
+                };
+                cs.lock().unwrap().push(down.try_clone().unwrap());
+                cs.lock().unwrap().push(up.try_clone().unwrap());
+                for (mut from, mut to) in [
+                    (down.try_clone().unwrap(), up.try_clone().unwrap()),
+                    (up, down),
+                ] {
+                    std::thread::spawn(move || {
+                        let mut buf = [0u8; 16384];
+                        loop {
+                            match from.read(&mut buf) {
+                                Ok(0) | Err(_) => break,
+                                Ok(n) => {
+                                    if to.write_all(&buf[..n]).is_err() {
+                                        break;
+                                    }
+                                }
+                            }
+                        }
+                        let _ = to.shutdown(Shutdown::Both);
+                    });
+                }
+            }
+        });
+        Proxy { addr, open, conns }
+    }
+
+    /// Cuts every connection and refuses new ones.
+    fn cut(&self) {
+        self.open.store(false, Ordering::SeqCst);
+        for s in self.conns.lock().unwrap().drain(..) {
+            let _ = s.shutdown(Shutdown::Both);
+        }
+    }
+
+    fn restore(&self) {
+        self.open.store(true, Ordering::SeqCst);
+    }
+}
+
+#[test]
+fn a_node_cut_off_from_nats_answers_unavailable_delivers_locally_and_comes_back() {
+    nats_is_up();
+    let proxy = Proxy::start();
+    let urls = vec![format!("nats://{NATS}"), format!("nats://{}", proxy.addr)];
+    let f = fleet("cut", &["m1", "m2"], &urls);
+    let (m1, m2) = (&f.nodes[0], &f.nodes[1]);
+    let mut far = Client::hello(m1.tcp, Form::Binary, "far-1");
+    let mut near = Client::hello(m2.tcp, Form::Binary, "near-1");
+    let mut next = Client::hello(m2.tcp, Form::Binary, "near-2");
+    let p = send_until_acked(&mut near, "far-1", "before");
+    recv_payload(&mut far, &p);
+
+    proxy.cut();
+    // Once m2 notices, a frame for m1 gets `unavailable` (one answer).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut seq = 1;
+    loop {
+        seq += 1;
+        near.data("far-1", seq, true, b"during");
+        let f = near.recv();
+        assert_eq!(f.seq, seq);
+        if f.kind == FrameType::Error && f.error_parts().unwrap().0 == ErrorCode::Unavailable as u16
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no unavailable within 10 s: {f:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Local delivery goes on.
+    near.data("near-2", 99, true, b"local");
+    assert_eq!(near.expect(FrameType::Ack).seq, 99);
+    recv_payload(&mut next, b"local");
+    assert!(m2.metric("relay_cluster_unavailable_total").unwrap() >= 1.0);
+    assert_eq!(m2.metric("relay_cluster_connected"), Some(0.0));
+
+    // NATS is back: m2 reconnects by itself and reaches m1 again.
+    proxy.restore();
+    let p = send_until_acked(&mut near, "far-1", "after");
+    recv_payload(&mut far, &p);
+    assert_eq!(m2.metric("relay_cluster_connected"), Some(1.0));
+}
+
+fn post(node: &RelayProc, path: &str, body: serde_json::Value) -> (u16, serde_json::Value) {
+    common::http_at(node.http, "POST", path, None, Some(&body))
+}
+
+/// Runs `f` until it gives `Some` (state reaches other nodes within
+/// milliseconds, not at once), at most 10 s.
+fn eventually<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "{what} within 10 s");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn groups_and_uids_span_nodes_and_the_api_of_any_node_reaches_the_fleet() {
+    let f = fleet("fan", &["g1", "g2", "g3"], &nats_urls(3));
+    let (g1, g2, g3) = (&f.nodes[0], &f.nodes[1], &f.nodes[2]);
+    let mut m1 = Client::hello(g1.tcp, Form::Binary, "m-1");
+    let mut m2 = Client::hello(g2.tcp, Form::Binary, "m-2");
+    let mut m3 = Client::hello(g3.tcp, Form::Json, "m-3");
+    let mut outsider = Client::hello(g3.tcp, Form::Binary, "out-1");
+    for (c, seq) in [(&mut m1, 1), (&mut m2, 2), (&mut m3, 3)] {
+        let mut j = relay_core::Frame::new(FrameType::Join);
+        j.dst = bytes::Bytes::from_static(b"room-9");
+        j.seq = seq;
+        j.flags = relay_core::frame::Flags(relay_core::frame::Flags::ACK_REQ);
+        c.send(&j);
+        assert_eq!(c.expect(FrameType::Ack).seq, seq);
+    }
+    // A publish from g1 reaches the members on g2 and g3 once, with one ACK.
+    let mut n = 0;
+    let p = eventually("a publish on g1 reaches g2 and g3", || {
+        n += 1;
+        let payload = format!("pub-{n}");
+        let mut f = relay_core::Frame::new(FrameType::Publish);
+        f.dst = bytes::Bytes::from_static(b"room-9");
+        f.seq = 100 + n;
+        f.flags = relay_core::frame::Flags(relay_core::frame::Flags::ACK_REQ);
+        f.payload = payload.clone().into_bytes().into();
+        m1.send(&f);
+        assert_eq!(m1.expect(FrameType::Data).payload, payload.as_bytes());
+        assert_eq!(m1.expect(FrameType::Ack).seq, 100 + n);
+        let on2 = m2.recv_timeout(Duration::from_millis(300));
+        let on3 = m3.recv_timeout(Duration::from_millis(300));
+        (on2.is_some() && on3.is_some()).then_some(payload)
+    });
+    m2.expect_silence(Duration::from_millis(200));
+    m3.expect_silence(Duration::from_millis(200));
+    outsider.expect_silence(Duration::from_millis(100));
+    assert!(!p.is_empty());
+
+    // A uid bound on g2 and g3 (each by its own node's API) gets a send made
+    // through g1's API: every bound address once, and the count says so.
+    let (s, _) = post(
+        g2,
+        "/api/v1/uids/user-7/bind",
+        serde_json::json!({"addr": "m-2"}),
+    );
+    assert_eq!(s, 200);
+    let (s, _) = post(
+        g3,
+        "/api/v1/uids/user-7/bind",
+        serde_json::json!({"addr": "m-3"}),
+    );
+    assert_eq!(s, 200);
+    let count = eventually("a uid send on g1 counts both nodes", || {
+        let (s, v) = post(
+            g1,
+            "/api/v1/uids/user-7/send",
+            serde_json::json!({"payload": "u"}),
+        );
+        assert_eq!(s, 200, "{v}");
+        (v["count"] == 2).then_some(v)
+    });
+    assert_eq!(count["count"], 2);
+
+    // HTTP push from any node to an address on another: 200 and delivered,
+    // 404 no_route when no node holds it.
+    let (s, v) = post(
+        g1,
+        "/api/v1/send",
+        serde_json::json!({"dst": "out-1", "payload": {"k": 1}}),
+    );
+    assert_eq!((s, &v["count"]), (200, &serde_json::json!(1)), "{v}");
+    let got = outsider.expect(FrameType::Data);
+    assert_eq!(&got.src[..], b"$api");
+    let (s, v) = post(
+        g2,
+        "/api/v1/send",
+        serde_json::json!({"dst": "no-such", "payload": 1}),
+    );
+    assert_eq!((s, v["error"].as_str()), (404, Some("no_route")), "{v}");
+
+    // /api/v1/nodes on any node: every node with its clients and load.
+    let v = wait_nodes(g2, 3);
+    let items = v["items"].as_array().unwrap();
+    let names: Vec<&str> = items.iter().map(|i| i["node"].as_str().unwrap()).collect();
+    assert_eq!(names, ["g1", "g2", "g3"]);
+    let g3_info = eventually("g3 reports its two clients", || {
+        let v = wait_nodes(g1, 3);
+        let i = v["items"][2].clone();
+        (i["clients"] == 2).then_some(i)
+    });
+    assert!(g3_info["frames_in"].as_u64().is_some());
+    assert!(g3_info["tcp"].as_str().is_some());
+}
+
+#[test]
+fn a_killed_node_is_noticed_within_a_heartbeat_and_its_devices_come_back_elsewhere() {
+    let f = fleet("kill", &["k1", "k2", "k3"], &nats_urls(3));
+    let mut a = Client::hello(f.nodes[0].tcp, Form::Binary, "ctl-a");
+    let dev = Client::hello(f.nodes[2].tcp, Form::Binary, "dev-3");
+    let _ = send_until_acked(&mut a, "dev-3", "before");
+    let mut fleet = f;
+    let mut k3 = fleet.nodes.pop().unwrap();
+    k3.signal(libc::SIGKILL);
+    let _ = k3.child.wait();
+    drop(dev);
+    let killed = Instant::now();
+    // Within one heartbeat period (1.5 s) plus a refresh, the others know:
+    // frames for its addresses answer no_route at once, and it leaves the
+    // node list.
+    let mut seq = 5000;
+    eventually("no_route for the dead node's device", || {
+        seq += 1;
+        a.data("dev-3", seq, true, b"x");
+        let f = a.recv();
+        assert_eq!(f.seq, seq);
+        let code = f.error_parts().map(|(c, _)| c);
+        (code == Some(ErrorCode::NoRoute as u16)).then_some(())
+    });
+    wait_nodes(&fleet.nodes[0], 2);
+    eprintln!("the killed node was noticed after {:?}", killed.elapsed());
+    assert!(
+        fleet.nodes[0]
+            .metric("relay_cluster_nodes_lost_total")
+            .unwrap()
+            >= 1.0
+    );
+    // The device reconnects to k2 and is reached from k1 again.
+    let mut dev = Client::hello(fleet.nodes[1].tcp, Form::Binary, "dev-3");
+    let p = send_until_acked(&mut a, "dev-3", "after");
+    recv_payload(&mut dev, &p);
+    fleet.nodes.push(k3);
+}
