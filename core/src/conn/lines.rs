@@ -23,14 +23,14 @@ pub(super) struct LineSplitter {
     skipping: bool,
     /// Bytes at the front of the read buffer already searched for a newline,
     /// so a long line arriving in many reads is scanned once.
-    scanned: usize,
+    scanned: u32,
 }
 
 impl LineSplitter {
     /// Splits the next line of at most `max` bytes off `input`.
     pub(super) fn next(&mut self, input: &mut BytesMut, max: usize) -> Split {
         loop {
-            let from = self.scanned.min(input.len());
+            let from = (self.scanned as usize).min(input.len());
             match memchr_nl(&input[from..]) {
                 Some(i) => {
                     self.scanned = 0;
@@ -53,7 +53,8 @@ impl LineSplitter {
                             return Split::TooLong;
                         }
                     } else {
-                        self.scanned = input.len();
+                        // `input` is at most `max` (a frame size) here.
+                        self.scanned = u32::try_from(input.len()).unwrap_or(u32::MAX);
                     }
                     return Split::Incomplete;
                 }

@@ -271,7 +271,10 @@ pub enum SendError {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
-    AwaitHello,
+    /// Before the hello; closed at `deadline_ms` (monotonic) without one.
+    AwaitHello {
+        deadline_ms: u64,
+    },
     Open,
     /// Closing for `reason`; the runtime closes the socket once the queue is
     /// flushed or at `deadline_ms` (monotonic), whichever comes first.
@@ -281,7 +284,7 @@ enum State {
     },
 }
 
-/// Protocol state of one connection. About 190 bytes when idle: no read
+/// Protocol state of one connection. About 180 bytes when idle: no read
 /// buffer (the runtime owns it) and an unallocated write queue.
 #[derive(Debug)]
 pub struct Connection {
@@ -292,7 +295,6 @@ pub struct Connection {
     addr: Bytes,
     role: Role,
     heartbeat_s: u32,
-    hello_deadline: u64,
     last_activity: u64,
     /// Queue full since (monotonic ms): the slow-consumer clock.
     full_since: Option<u64>,
@@ -316,7 +318,7 @@ pub struct Connection {
     auth: crate::acl::Auth,
     /// Frames dropped since the runtime last took the counts, by
     /// [`DropReason`].
-    drops: [u16; DropReason::COUNT],
+    drops: Option<Box<[u16; DropReason::COUNT]>>,
 }
 
 impl Connection {
@@ -325,14 +327,15 @@ impl Connection {
         Connection {
             transport,
             wire: None,
-            state: State::AwaitHello,
+            state: State::AwaitHello {
+                deadline_ms: now.mono_ms.saturating_add(cfg.hello_timeout_ms),
+            },
             addr: Bytes::new(),
             role: match transport {
                 Transport::Tcp => Role::Controller,
                 Transport::WebSocket => Role::Browser,
             },
             heartbeat_s: cfg.heartbeat_default_s,
-            hello_deadline: now.mono_ms.saturating_add(cfg.hello_timeout_ms),
             last_activity: now.mono_ms,
             full_since: None,
             out: BytesMut::new(),
@@ -344,7 +347,7 @@ impl Connection {
             privileged: false,
             certified: None,
             auth: crate::acl::Auth::None,
-            drops: [0; DropReason::COUNT],
+            drops: None,
         }
     }
 
@@ -393,15 +396,19 @@ impl Connection {
     /// Frames this connection dropped since the last call, by
     /// [`DropReason`] (index = `DropReason as usize`); the counts restart at 0.
     pub fn take_drops(&mut self) -> Option<[u16; DropReason::COUNT]> {
-        if self.drops.iter().all(|&n| n == 0) {
-            return None;
-        }
-        Some(std::mem::take(&mut self.drops))
+        self.drops.take().map(|d| *d)
     }
 
     fn count_drop(&mut self, why: DropReason) {
-        let n = &mut self.drops[why as usize];
+        let d = self
+            .drops
+            .get_or_insert_with(|| Box::new([0; DropReason::COUNT]));
+        let n = &mut d[why as usize];
         *n = n.saturating_add(1);
+    }
+
+    fn awaiting_hello(&self) -> bool {
+        matches!(self.state, State::AwaitHello { .. })
     }
 
     /// Whether the runtime must stop reading this client before its next
@@ -502,7 +509,7 @@ impl Connection {
         if self.is_closing() {
             return None;
         }
-        if self.state == State::AwaitHello && !self.hello_pending {
+        if self.awaiting_hello() && !self.hello_pending {
             self.wire = Some(if text { Wire::Json } else { Wire::Binary });
         }
         if text {
@@ -602,7 +609,7 @@ impl Connection {
                 self.control(cfg, &Frame::new(FrameType::Bye));
                 Some(self.close(CloseReason::Bye))
             }
-            (State::AwaitHello, FrameType::Hello) if self.hello_pending => {
+            (State::AwaitHello { .. }, FrameType::Hello) if self.hello_pending => {
                 self.reject(
                     cfg,
                     f.seq,
@@ -611,8 +618,8 @@ impl Connection {
                 );
                 None
             }
-            (State::AwaitHello, FrameType::Hello) => self.hello(cfg, f),
-            (State::AwaitHello, _) => {
+            (State::AwaitHello { .. }, FrameType::Hello) => self.hello(cfg, f),
+            (State::AwaitHello { .. }, _) => {
                 self.reject(cfg, f.seq, ErrorCode::HelloRequired, "say hello first");
                 None
             }
@@ -784,7 +791,7 @@ impl Connection {
     /// other), `Closed` when the token is refused, or `None` when the query
     /// holds no hello keys or the hello was refused with an ERROR.
     pub fn handle_url_hello(&mut self, cfg: &ConnConfig, now: Now, query: &str) -> Option<Event> {
-        if self.state != State::AwaitHello || self.hello_pending {
+        if !self.awaiting_hello() || self.hello_pending {
             return None;
         }
         let f = hello::url_frame(query)?;
@@ -795,7 +802,7 @@ impl Connection {
 
     /// Accepts a HELLO: the connection now holds `addr` and gets WELCOME.
     pub fn accept(&mut self, cfg: &ConnConfig, now: Now, hello: &Hello, addr: Bytes, node: &str) {
-        if self.state != State::AwaitHello {
+        if !self.awaiting_hello() {
             return;
         }
         self.hello_pending = false;
@@ -1029,7 +1036,7 @@ impl Connection {
     /// Earliest monotonic time at which `handle_timeout` has work.
     pub fn poll_timeout(&self, cfg: &ConnConfig) -> Option<u64> {
         match self.state {
-            State::AwaitHello => Some(self.hello_deadline),
+            State::AwaitHello { deadline_ms } => Some(deadline_ms),
             State::Open => {
                 let idle = self.last_activity.saturating_add(self.idle_timeout_ms(cfg));
                 Some(match self.full_since {
@@ -1051,7 +1058,7 @@ impl Connection {
     /// Applies deadlines that have passed.
     pub fn handle_timeout(&mut self, cfg: &ConnConfig, now: Now) -> Option<Event> {
         match self.state {
-            State::AwaitHello if now.mono_ms >= self.hello_deadline => {
+            State::AwaitHello { deadline_ms } if now.mono_ms >= deadline_ms => {
                 self.control(
                     cfg,
                     &Frame::error(0, ErrorCode::HelloRequired, "no hello within hello_timeout"),

@@ -1676,3 +1676,15 @@ fn a_hello_says_how_it_authenticated() {
     let h = expect_hello(events(&mut c, &open, t(0), &mut bin(&hello("a", ""))));
     assert_eq!(h.auth, Auth::None);
 }
+
+/// An idle connection's protocol state is part of the relay's memory per
+/// connection: the hello deadline lives in the state it belongs to, drop
+/// counts are allocated only when a frame is dropped.
+#[test]
+fn the_protocol_state_of_a_connection_stays_small() {
+    assert!(
+        std::mem::size_of::<Connection>() <= 184,
+        "{}",
+        std::mem::size_of::<Connection>()
+    );
+}
