@@ -1,8 +1,8 @@
 //! API operations that run on the shard owning what they touch, and what
 //! they answer.
 
+use std::collections::BinaryHeap;
 use std::net::SocketAddr;
-use std::ops::Bound;
 use std::rc::Rc;
 
 use bytes::Bytes;
@@ -99,27 +99,31 @@ impl Router {
                 after,
                 limit,
             } => {
-                let sorted = self.sorted.borrow();
+                // No ordered copy of the addresses is kept (it would cost
+                // every connection about 50 bytes for a listing an operator
+                // asks for now and then): one pass over the table keeps the
+                // `limit` smallest addresses after `after`.
                 let by_addr = self.by_addr.borrow();
-                // `after` is exclusive; below the prefix, start at the prefix.
-                let lower = match after {
-                    Some(a) if a.as_ref() >= prefix.as_bytes() => Bound::Excluded(a),
-                    _ => Bound::Included(Bytes::copy_from_slice(prefix.as_bytes())),
-                };
-                let mut out = Vec::new();
-                for a in sorted.range((lower, Bound::Unbounded)) {
-                    if out.len() >= limit {
-                        break;
-                    }
-                    if !a.starts_with(prefix.as_bytes()) {
-                        break;
-                    }
-                    let Some(c) = by_addr.get(a) else { continue };
-                    if role.is_some_and(|r| c.conn.borrow().role() != r) {
+                let mut page: BinaryHeap<&Bytes> = BinaryHeap::with_capacity(limit.min(1024) + 1);
+                for (a, c) in by_addr.iter() {
+                    if !a.starts_with(prefix.as_bytes())
+                        || after.as_ref().is_some_and(|x| a <= x)
+                        || role.is_some_and(|r| c.conn.borrow().role() != r)
+                    {
                         continue;
                     }
-                    out.push(self.view(c));
+                    if page.len() < limit {
+                        page.push(a);
+                    } else if page.peek().is_some_and(|top| a < *top) {
+                        page.pop();
+                        page.push(a);
+                    }
                 }
+                let out = page
+                    .into_sorted_vec()
+                    .into_iter()
+                    .filter_map(|a| by_addr.get(a).map(|c| self.view(c)))
+                    .collect();
                 done(CallResult::List(out))
             }
             Call::Bind { index, name, addr } => match self.lookup(&addr) {

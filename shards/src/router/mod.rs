@@ -48,7 +48,7 @@ pub use pending::{AckCallback, AckTarget};
 pub use remote::{Inbound, Remote, ReplyTo};
 
 use std::cell::{Cell, RefCell};
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::rc::Rc;
 use std::sync::Arc;
 
@@ -137,8 +137,6 @@ pub struct Router {
     pub stats: Arc<ShardStats>,
     conns: RefCell<HashMap<ConnId, Rc<ConnCell>>>,
     by_addr: RefCell<HashMap<Bytes, Rc<ConnCell>>>,
-    /// The owned addresses in order, for paged listings.
-    sorted: RefCell<BTreeSet<Bytes>>,
     indexes: [RefCell<HashMap<Bytes, Entry>>; 2],
     /// Addresses with a `watch:` group somewhere.
     watched: RefCell<HashSet<Bytes>>,
@@ -222,7 +220,6 @@ impl Router {
             stats,
             conns: RefCell::default(),
             by_addr: RefCell::default(),
-            sorted: RefCell::default(),
             indexes: [RefCell::default(), RefCell::default()],
             watched: RefCell::default(),
             acl_views: RefCell::default(),

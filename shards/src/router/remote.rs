@@ -177,7 +177,6 @@ impl Router {
             return;
         }
         self.by_addr.borrow_mut().remove(addr);
-        self.sorted.borrow_mut().remove(addr);
         let why = "address taken over by a new connection on another node";
         self.end(
             &cell,

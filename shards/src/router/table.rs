@@ -127,7 +127,6 @@ impl Router {
         // whole chunk alive for as long as the client is online.
         let addr = Bytes::copy_from_slice(&addr);
         let old = self.by_addr.borrow_mut().insert(addr.clone(), cell.clone());
-        self.sorted.borrow_mut().insert(addr.clone());
         if let Some(old) = old
             && old.id != cell.id
         {
@@ -196,7 +195,6 @@ impl Router {
         let mut by_addr = self.by_addr.borrow_mut();
         if by_addr.get(&addr).is_some_and(|c| c.id == cell.id) {
             by_addr.remove(&addr);
-            self.sorted.borrow_mut().remove(&addr);
             if self.clustered() {
                 self.push_remote(Remote::Release {
                     addr: addr.clone(),
