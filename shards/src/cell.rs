@@ -1,15 +1,15 @@
 //! The record of one connection on its shard, shared (`Rc`) between the
-//! shard's I/O loop and its router. Single-threaded: interior mutability with
-//! `RefCell`/`Cell`, never a lock.
+//! shard's I/O loop and its router: the protocol state (`Connection`), the
+//! session, and the router's marks. Plain data: the socket, its TLS session
+//! and its buffers live in the runtime, in the shard's I/O table
+//! (`rt/io.rs`), which the record only names by slot. Single-threaded:
+//! interior mutability with `RefCell`/`Cell`, never a lock.
 
 use std::cell::{Cell, RefCell};
 use std::net::SocketAddr;
-use std::os::fd::OwnedFd;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use relay_core::{CloseReason, Connection};
-
-use crate::ws::WsDecoder;
 
 /// Identifies a connection for the life of the process: the shard in the low
 /// 8 bits, a per-shard counter above. Never reused, so a stale id (an ACK
@@ -101,77 +101,10 @@ impl Session {
     }
 }
 
-/// A connection's socket state: a descriptor and three flags while nothing
-/// is pending. Input is read into the shard's shared buffer; what must
-/// outlive a pass (an incomplete frame, a write the socket took only part
-/// of, a browser's frame state) lives in `part`, allocated only then.
-#[derive(Debug, Default)]
-pub struct Io {
-    /// The socket, once the I/O loop has it (closed when the record drops).
-    pub fd: Option<OwnedFd>,
-    /// A WebSocket close frame has been queued.
-    pub close_sent: bool,
-    /// The socket is registered for writability (its send buffer was full).
-    pub want_out: bool,
-    /// The peer closed or reset the connection: close without flushing.
-    pub eof: bool,
-    /// Input is not read: the connection's queue (with the answers it is
-    /// still owed) is at `queue_bytes`; reading resumes once it drains.
-    pub paused: bool,
-    pub part: Option<Box<Partial>>,
-    /// The TLS session of a connection on a TLS listener.
-    pub tls: Option<Box<rustls::ServerConnection>>,
-    /// On a `proxy_protocol` listener, until its PROXY header is whole: the
-    /// header's bytes so far (nothing else is read before it).
-    pub proxy: Option<Box<Vec<u8>>>,
-}
-
-/// What a connection holds between passes of the I/O loop, when anything.
-#[derive(Debug, Default)]
-pub struct Partial {
-    /// Input not yet parsed (an incomplete frame).
-    pub rbuf: BytesMut,
-    /// A write the socket took only part of: the chunk and how far it went.
-    pub writing: Option<(Bytes, usize)>,
-    /// The WebSocket frame state of a browser (None on plain TCP).
-    pub ws: Option<WsDecoder>,
-}
-
-impl Io {
-    /// The partial state, allocated on first use.
-    pub fn part(&mut self) -> &mut Partial {
-        self.part.get_or_insert_with(Box::default)
-    }
-
-    /// A write is half done (or TLS records wait to be sent).
-    pub fn writing(&self) -> bool {
-        self.part.as_ref().is_some_and(|p| p.writing.is_some())
-            || self.tls.as_ref().is_some_and(|t| t.wants_write())
-    }
-
-    /// The connection is a browser's.
-    pub fn is_ws(&self) -> bool {
-        self.part.as_ref().is_some_and(|p| p.ws.is_some())
-    }
-
-    /// Frees the partial state once nothing is left in it.
-    pub fn tidy(&mut self) {
-        if self
-            .part
-            .as_ref()
-            .is_some_and(|p| p.rbuf.is_empty() && p.writing.is_none() && p.ws.is_none())
-        {
-            self.part = None;
-        }
-    }
-}
-
 #[derive(Debug)]
 pub struct ConnCell {
     pub id: ConnId,
     pub conn: RefCell<Connection>,
-    /// The socket and what is half-read or half-written on it.
-    pub io: RefCell<Io>,
     /// Set while the connection waits in its shard's write list: everything
     /// queued for it during one pass of the I/O loop leaves in one write.
     pub dirty: Cell<bool>,
@@ -185,19 +118,25 @@ pub struct ConnCell {
     /// The access rules that can apply to this client (made at hello), with
     /// the settings generation they were made for.
     pub acl: RefCell<Option<(u64, std::rc::Rc<[u16]>)>>,
+    /// The slot of the connection's socket state in the runtime's I/O table
+    /// on this shard (`NO_SLOT` while it has none); the router never reads it.
+    pub io_slot: Cell<u32>,
 }
+
+/// `ConnCell::io_slot` of a connection without socket state on the shard.
+pub const NO_SLOT: u32 = u32::MAX;
 
 impl ConnCell {
     pub fn new(id: ConnId, conn: Connection, session: Session) -> ConnCell {
         ConnCell {
             id,
             conn: RefCell::new(conn),
-            io: RefCell::new(Io::default()),
             dirty: Cell::new(false),
             session: RefCell::new(session),
             owed: Cell::new(0),
             due: Cell::new(u32::MAX), // router::timers::NOT_DUE
             acl: RefCell::new(None),
+            io_slot: Cell::new(NO_SLOT),
         }
     }
 

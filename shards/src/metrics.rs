@@ -128,6 +128,17 @@ pub fn render(stats: &[Arc<ShardStats>], uptime_s: f64, extra: &[(&str, &str, u6
     }
     let _ = writeln!(
         out,
+        "# HELP relay_sockets Client sockets held by the shard's I/O loop.\n# TYPE relay_sockets gauge"
+    );
+    for (i, s) in stats.iter().enumerate() {
+        let _ = writeln!(
+            out,
+            "relay_sockets{{shard=\"{i}\"}} {}",
+            s.sockets.load(Relaxed)
+        );
+    }
+    let _ = writeln!(
+        out,
         "# HELP relay_dropped_frames_total Frames not delivered, by reason.\n# TYPE relay_dropped_frames_total counter"
     );
     for d in DropReason::ALL {
@@ -176,6 +187,7 @@ mod tests {
     fn renders_every_family_with_help_and_type() {
         let s = Arc::new(ShardStats::default());
         s.frames_in.store(7, Relaxed);
+        s.sockets.store(3, Relaxed);
         s.dropped(DropReason::NoRoute);
         let extra = [
             ("relay_rules_errors_total", "Script errors.", 3),
@@ -186,6 +198,7 @@ mod tests {
         assert!(text.contains("# TYPE relay_rules_errors_total counter\n"));
         assert!(text.contains("relay_frames_in_total{shard=\"0\"} 7\n"));
         assert!(text.contains("relay_frames_in_total{shard=\"1\"} 0\n"));
+        assert!(text.contains("relay_sockets{shard=\"0\"} 3\n"));
         assert!(text.contains("relay_dropped_frames_total{reason=\"no_route\"} 1\n"));
         assert!(text.contains("relay_connections{role=\"controller\",shard=\"0\"} 0\n"));
         assert!(text.contains("relay_rules_errors_total 3\n"));

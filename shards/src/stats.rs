@@ -28,6 +28,8 @@ pub struct ShardStats {
     pub handovers: AtomicU64,
     /// Bytes waiting in outbound queues, sampled by the shard's sweeper.
     pub queue_bytes: AtomicU64,
+    /// Client sockets the shard's I/O loop holds (entries of its I/O table).
+    pub sockets: AtomicU64,
     pub accepted_total: AtomicU64,
     pub closed_total: AtomicU64,
     /// Hellos refused with `busy` by `[admission]`.

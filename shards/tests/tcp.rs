@@ -734,3 +734,67 @@ fn a_reader_that_falls_behind_gets_every_frame_in_order_once_it_reads() {
     }
     assert_eq!(next, frames + 1, "every frame arrived");
 }
+
+/// Each shard's table of socket states (`relay_sockets`) follows its
+/// connections: a connection handed to its owner leaves nothing on the shard
+/// that accepted it, one closed by the relay (taken over) or by its client
+/// leaves nothing at all, and with every client gone both tables are empty.
+/// Browsers (sockets given to the loop after their upgrade) too.
+#[test]
+fn socket_states_leave_the_shards_with_their_connections() {
+    use std::sync::atomic::Ordering::Relaxed;
+    const N: u64 = 16;
+    let relay = start(|_| {});
+    let stats = relay.stats();
+    let sockets = || -> Vec<u64> { stats.iter().map(|s| s.sockets.load(Relaxed)).collect() };
+    let wait = |want: [u64; 2], why: &str| {
+        let until = Instant::now() + Duration::from_secs(15);
+        while sockets() != want {
+            assert!(
+                Instant::now() < until,
+                "{why}: {:?}, not {want:?}",
+                sockets()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    };
+    // SO_REUSEPORT spreads the accepts, so about half of these are accepted
+    // by the shard that does not own their address and handed over.
+    let mut clients: Vec<Client> = (0..2)
+        .flat_map(|s| addrs_on("sockets-", s, 2, N as usize))
+        .map(|a| Client::hello(relay.tcp_addr(), Form::Binary, &a))
+        .collect();
+    let handovers: u64 = stats.iter().map(|s| s.handovers.load(Relaxed)).sum();
+    assert!(handovers > 0, "no connection was handed over");
+    wait([N, N], "after hello, on the owners only");
+    let mut browsers: Vec<common::Browser> = addrs_on("sockets-web-", 1, 2, 2)
+        .iter()
+        .map(|a| {
+            let mut b = common::Browser::connect(&relay, &format!("addr={a}"));
+            assert_eq!(b.recv_json()["type"], "welcome");
+            b
+        })
+        .collect();
+    wait([N, N + 2], "with two browsers on shard 1");
+    // A second hello for the first address takes it over: the relay closes
+    // the old connection.
+    let first = addrs_on("sockets-", 0, 2, 1).remove(0);
+    let taker = Client::hello(relay.tcp_addr(), Form::Json, &first);
+    clients[0].expect_error(ErrorCode::Replaced);
+    let (_, closed) = clients[0].drain_until_closed(Duration::from_secs(5));
+    assert!(closed, "the replaced connection is closed");
+    wait([N, N + 2], "after the take-over");
+    // Shard 0's first clients leave, then everyone else.
+    let rest = clients.split_off(N as usize);
+    drop(clients);
+    wait([1, N + 2], "with shard 0's first clients gone");
+    for b in &mut browsers {
+        let _ = b.ws.close(None);
+        let _ = b.ws.flush();
+    }
+    drop((rest, taker, browsers));
+    wait([0, 0], "with every client gone");
+    for s in stats.iter() {
+        assert_eq!(s.conns(), 0);
+    }
+}

@@ -3,8 +3,11 @@
 //!
 //! It is a plain single-threaded struct with no sockets and no executor: the
 //! runtime (`rt`) feeds it events and cross-shard messages, writes what it
-//! queues, and ships its outboxes over the mesh. Everything that crosses
-//! shards is a [`Cross`] item, batched per destination shard.
+//! queues, and ships its outboxes over the mesh. The connection records it
+//! holds (`ConnCell`) carry no descriptor, TLS session or socket buffer:
+//! those live in the runtime's per-shard I/O table (`rt/io.rs`), which
+//! routing never reaches. Everything that crosses shards is a [`Cross`]
+//! item, batched per destination shard.
 //!
 //! Ownership: an address lives on `shard_of(address) % shards`. Groups and
 //! uids are both an [`Index`]: each shard holds its own members
@@ -19,8 +22,9 @@
 //! each other and the outboxes), `pending` (answers owed across shards),
 //! `calls` (API operations), `writes` (the write list) and `failure` (every
 //! failure the router reports, one constructor each). The router holds no
-//! executor types: it tells the runtime through [`Signals`] that a write
-//! pass or a flush is due, and the runtime takes the lists as values.
+//! executor types and no socket state: it tells the runtime through
+//! [`Signals`] that a write pass or a flush is due, and the runtime takes the
+//! lists as values and writes each listed connection from its own table.
 
 mod access;
 mod calls;

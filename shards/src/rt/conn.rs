@@ -13,6 +13,11 @@
 //! - The epoll set itself is awaited through glommio's ring, so timers, the
 //!   cross-shard mesh and the HTTP tasks share the thread fairly: after each
 //!   busy pass the loop yields its task queue and the executor polls its I/O.
+//! - Each socket's state (descriptor, TLS session, partial buffers, epoll
+//!   flags) lives in the shard's I/O table (`io.rs`), not in the router's
+//!   record: an event's token names its slot, and the loop works on the
+//!   state taken out of the slot (an `Entry`) while it reads, routes and
+//!   writes.
 
 use std::future::poll_fn;
 use std::io;
@@ -29,9 +34,10 @@ use relay_core::conn::{CloseReason, Event, Hello, Transport};
 use relay_core::frame::ErrorCode;
 
 use super::Handover;
+use super::io::{Entry, Io, Partial};
 use super::tls;
 use super::{Shard, now};
-use crate::cell::{ConnCell, ConnId, Io, Partial};
+use crate::cell::{ConnCell, ConnId};
 use crate::router::{Outcome, Router};
 use crate::stats::ShardStats;
 use crate::ws::{self, WsDecoder, WsMsg};
@@ -50,7 +56,8 @@ const FALLBACK_POLL: std::time::Duration = std::time::Duration::from_millis(2);
 /// owe it (an ERROR with a 64-byte address in the JSON form over WebSocket
 /// stays under this).
 const ANSWER_RESERVE: usize = 256;
-/// The listener's token in the epoll set (connection ids never reach it).
+/// The listener's token in the epoll set (connections' tokens never reach
+/// it, see `Entry::token`).
 const LISTENER: u64 = u64::MAX;
 /// The TLS listener's token.
 const TLS_LISTENER: u64 = u64::MAX - 1;
@@ -100,14 +107,14 @@ impl Poller {
         self.add(fd, TLS_LISTENER)
     }
 
-    /// Watches `fd` for what `io` needs: input unless it is paused, output
-    /// while a write waits for room.
-    fn rearm(&self, fd: RawFd, id: ConnId, io: &Io) -> io::Result<()> {
+    /// Watches `fd` (under `token`) for what `io` needs: input unless it is
+    /// paused, output while a write waits for room.
+    fn rearm(&self, fd: RawFd, token: u64, io: &Io) -> io::Result<()> {
         let mut events = if io.paused { 0 } else { IN };
         if io.want_out {
             events |= libc::EPOLLOUT as u32;
         }
-        self.ctl(libc::EPOLL_CTL_MOD, fd, events, id)
+        self.ctl(libc::EPOLL_CTL_MOD, fd, events, token)
     }
 
     fn remove(&self, fd: RawFd) {
@@ -190,15 +197,15 @@ pub(super) async fn run(
                         }
                         continue;
                     }
-                    let Some(cell) = router.cell(token) else {
+                    let Some(entry) = shard.sockets.by_token(token) else {
                         continue;
                     };
                     let e = ev.events;
-                    if e & (IN | (libc::EPOLLHUP | libc::EPOLLERR) as u32) != 0 {
-                        on_readable(&shard, &cell, t);
-                    }
                     if e & libc::EPOLLOUT as u32 != 0 {
-                        router.wake(&cell);
+                        router.wake(&entry.cell);
+                    }
+                    if e & (IN | (libc::EPOLLHUP | libc::EPOLLERR) as u32) != 0 {
+                        on_readable(&shard, entry, t);
                     }
                 }
                 // One write per listed connection; writes can list more
@@ -213,7 +220,9 @@ pub(super) async fn run(
                     for id in dirty.drain(..) {
                         if let Some(cell) = router.cell(id) {
                             cell.dirty.set(false);
-                            flush(&shard, &cell, t);
+                            if let Some(entry) = shard.sockets.of(&cell) {
+                                flush(&shard, entry, t);
+                            }
                         }
                     }
                 }
@@ -264,51 +273,49 @@ pub(super) async fn run(
     }
 }
 
-/// Gives a connection's socket to the shard's I/O loop: `rbuf` is input
-/// already read, `pending` output already taken off the queue, `first` an
+/// Gives a connection's socket to the shard's I/O loop: `io` is its state
+/// (with what was read or queued before, see `Io::carrying`), `first` an
 /// event to route before anything is read (a hello in the URL, or the hello
 /// of a connection handed over).
-pub(super) fn attach(
-    shard: &Rc<Shard>,
-    cell: Rc<ConnCell>,
-    fd: OwnedFd,
-    rbuf: BytesMut,
-    pending: bytes::Bytes,
-    ws: Option<WsDecoder>,
-    first: Option<Event>,
-) {
-    if let Err(e) = shard.poller.add(fd.as_raw_fd(), cell.id) {
+pub(super) fn attach(shard: &Rc<Shard>, cell: Rc<ConnCell>, io: Io, first: Option<Event>) {
+    let mut entry = match shard.sockets.insert(&cell, io) {
+        Ok(e) => e,
+        Err(io) => {
+            crate::warn_every!("cannot take a connection: the shard's socket table is full");
+            drop(io);
+            shard.router.on_closed(&cell, now());
+            shard.shared.release();
+            return;
+        }
+    };
+    drop(cell);
+    let watched = match entry.io.raw_fd() {
+        Some(fd) => shard.poller.add(fd, entry.token()),
+        None => Err(io::ErrorKind::NotFound.into()),
+    };
+    if let Err(e) = watched {
         crate::warn_every!("cannot watch a connection: {e}");
-        drop(fd);
+        let (cell, io) = entry.close();
+        drop(io);
         shard.router.on_closed(&cell, now());
         shard.shared.release();
         return;
     }
-    {
-        let mut io = cell.io.borrow_mut();
-        io.fd = Some(fd);
-        if !rbuf.is_empty() || !pending.is_empty() || ws.is_some() {
-            let p = io.part();
-            p.rbuf = rbuf;
-            p.writing = (!pending.is_empty()).then_some((pending, 0));
-            p.ws = ws;
-        }
-    }
     let t = now();
     if let Some(ev) = first
-        && let Outcome::Handover { owner, hello } = shard.router.on_event(&cell, ev, t)
+        && let Outcome::Handover { owner, hello } = shard.router.on_event(&entry.cell, ev, t)
     {
-        handover(shard, &cell, owner, hello);
+        handover(shard, entry, owner, hello);
         return;
     }
-    let rbuf = take_rbuf(&cell);
+    let rbuf = entry.io.take_rbuf();
     if !rbuf.is_empty()
-        && let Some((owner, hello)) = process_input(shard, &cell, t, rbuf)
+        && let Some((owner, hello)) = process_input(shard, &mut entry, t, rbuf)
     {
-        handover(shard, &cell, owner, hello);
+        handover(shard, entry, owner, hello);
         return;
     }
-    shard.router.wake(&cell);
+    shard.router.wake(&entry.cell);
 }
 
 /// Accepts what the listener holds, up to a budget per pass.
@@ -350,61 +357,56 @@ fn accept_ready(shard: &Rc<Shard>, listener: &socket2::Socket, tls: bool) {
         let fd = OwnedFd::from(sock);
         let conn = relay_core::Connection::new(&shard.router.cfg().conn, Transport::Tcp, now());
         let cell = shard.router.register(conn, Router::session(remote));
-        if tls {
+        let session = if tls {
             let Some(session) = shard.tls.accept(&shard.shared.tls, cell.id, now().mono_ms) else {
                 shard.router.on_closed(&cell, now());
                 shard.shared.release();
                 continue;
             };
-            cell.io.borrow_mut().tls = Some(session);
-        }
+            Some(session)
+        } else {
+            None
+        };
+        let mut io = Io::new(fd, session);
         if shard.shared.proxy.controllers(tls) {
             // Nothing is read before the balancer's PROXY header.
-            cell.io.borrow_mut().proxy = Some(Box::default());
+            io.part().proxy = Some(Vec::new());
             let deadline = now().mono_ms + shard.shared.proxy.timeout.as_millis() as u64;
             shard
                 .proxy_waits
                 .borrow_mut()
                 .push_back((deadline, cell.id));
         }
-        attach(
-            shard,
-            cell,
-            fd,
-            BytesMut::new(),
-            bytes::Bytes::new(),
-            None,
-            None,
-        );
+        attach(shard, cell, io, None);
     }
 }
 
 /// Reads what a readable socket holds and routes what it completes.
-fn on_readable(shard: &Rc<Shard>, cell: &Rc<ConnCell>, t: relay_core::Now) {
+fn on_readable(shard: &Rc<Shard>, mut entry: Entry<'_>, t: relay_core::Now) {
     let router = &shard.router;
-    let Some(fd) = cell.io.borrow().fd.as_ref().map(|f| f.as_raw_fd()) else {
+    let Some(fd) = entry.io.raw_fd() else {
         return;
     };
-    if cell.io.borrow().paused {
+    if entry.io.paused {
         // Only a hang-up or an error reaches a paused connection: let the
         // write pass find out.
-        router.wake(cell);
+        router.wake(&entry.cell);
         return;
     }
-    if cell.io.borrow().proxy.is_some() && !read_proxy_header(shard, cell, fd, t) {
-        router.wake(cell);
+    if entry.io.proxy().is_some() && !read_proxy_header(shard, &mut entry, fd, t) {
+        router.wake(&entry.cell);
         return;
     }
-    let is_tls = cell.io.borrow().tls.is_some();
+    let is_tls = entry.io.tls.is_some();
     let mut buf = shard.read_buf.borrow_mut();
     for _ in 0..READ_BUDGET {
-        let got = match cell.io.borrow_mut().tls.as_mut() {
+        let got = match entry.io.tls.as_mut() {
             Some(s) => tls::recv(s, fd, &mut buf, &router.stats),
             None => sys_recv(fd, &mut buf),
         };
         let n = match got {
             Ok(0) => {
-                peer_gone(cell, t);
+                peer_gone(&mut entry, t);
                 break;
             }
             Ok(n) => n,
@@ -413,57 +415,57 @@ fn on_readable(shard: &Rc<Shard>, cell: &Rc<ConnCell>, t: relay_core::Now) {
             Err(e) if is_tls && e.kind() == io::ErrorKind::InvalidData => {
                 // The alert rustls queued goes out before the close.
                 ShardStats::add(&router.stats.tls_errors, 1);
-                cell.closing(CloseReason::ProtocolError, t.mono_ms + TLS_ALERT_GRACE_MS);
+                entry
+                    .cell
+                    .closing(CloseReason::ProtocolError, t.mono_ms + TLS_ALERT_GRACE_MS);
                 break;
             }
             Err(_) => {
-                peer_gone(cell, t);
+                peer_gone(&mut entry, t);
                 break;
             }
         };
         if is_tls {
-            tls::certify(&shard.shared.tls, cell, t.mono_ms);
+            tls::certify(&shard.shared.tls, &entry.cell, &mut entry.io, t.mono_ms);
         } else {
             ShardStats::add(&router.stats.bytes_in, n as u64);
         }
         // A closing connection's input is read and dropped, so the socket
         // stops being readable and the close does not turn into a reset.
-        let closing = cell.conn.borrow().is_closing();
+        let closing = entry.cell.conn.borrow().is_closing();
         if !closing {
-            let mut rbuf = take_rbuf(cell);
+            let mut rbuf = entry.io.take_rbuf();
             rbuf.extend_from_slice(&buf[..n]);
-            if let Some((owner, hello)) = process_input(shard, cell, t, rbuf) {
+            if let Some((owner, hello)) = process_input(shard, &mut entry, t, rbuf) {
                 drop(buf);
-                handover(shard, cell, owner, hello);
+                handover(shard, entry, owner, hello);
                 return;
             }
         }
-        if (!is_tls && n < buf.len()) || cell.io.borrow().paused {
+        if (!is_tls && n < buf.len()) || entry.io.paused {
             break;
         }
     }
     // Replies (PONG, ACK, ERROR) and closes are carried out by the write pass.
-    router.wake(cell);
+    router.wake(&entry.cell);
 }
 
 /// Reads the PROXY header (exactly its bytes, so the connection's own stay
 /// in the socket); true once it is whole and the session has the client's
 /// address, false while it is not (more to come, or the connection is
 /// closing for a bad one).
-fn read_proxy_header(shard: &Shard, cell: &ConnCell, fd: RawFd, t: relay_core::Now) -> bool {
+fn read_proxy_header(shard: &Shard, entry: &mut Entry<'_>, fd: RawFd, t: relay_core::Now) -> bool {
     let mut tmp = [0u8; 512];
     loop {
-        let mut io = cell.io.borrow_mut();
-        let Some(buf) = io.proxy.as_mut() else {
+        let Some(buf) = entry.io.proxy() else {
             return true;
         };
         let need = match relay_core::proxy::needed(buf) {
             Ok(0) => match relay_core::proxy::parse(buf) {
                 Ok(h) => {
-                    io.proxy = None;
-                    drop(io);
+                    entry.io.proxy_done();
                     if let Some(remote) = h.source {
-                        cell.session.borrow_mut().remote = remote;
+                        entry.cell.session.borrow_mut().remote = remote;
                     }
                     return true;
                 }
@@ -474,29 +476,28 @@ fn read_proxy_header(shard: &Shard, cell: &ConnCell, fd: RawFd, t: relay_core::N
         let need = match need {
             Ok(n) => n,
             Err(e) => {
-                let peer = cell.session.borrow().remote;
+                let peer = entry.cell.session.borrow().remote;
                 crate::warn_every!("connection from {peer} closed: bad PROXY header: {e}");
-                drop(io);
-                peer_gone(cell, t);
+                peer_gone(entry, t);
                 return false;
             }
         };
         let take = need.min(tmp.len());
         match sys_recv(fd, &mut tmp[..take]) {
             Ok(0) => {
-                drop(io);
-                peer_gone(cell, t);
+                peer_gone(entry, t);
                 return false;
             }
             Ok(n) => {
-                buf.extend_from_slice(&tmp[..n]);
+                if let Some(buf) = entry.io.proxy() {
+                    buf.extend_from_slice(&tmp[..n]);
+                }
                 ShardStats::add(&shard.router.stats.bytes_in, n as u64);
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(_) => {
-                drop(io);
-                peer_gone(cell, t);
+                peer_gone(entry, t);
                 return false;
             }
         }
@@ -514,12 +515,13 @@ pub(super) fn sweep_proxy(shard: &Rc<Shard>, t: relay_core::Now) {
         }
         shard.proxy_waits.borrow_mut().pop_front();
         if let Some(cell) = shard.router.cell(id)
-            && cell.io.borrow().proxy.is_some()
+            && let Some(mut entry) = shard.sockets.of(&cell)
+            && entry.io.proxy().is_some()
         {
             crate::warn_every!("connection closed: no PROXY header in time");
-            cell.closing(CloseReason::HelloTimeout, t.mono_ms);
-            cell.io.borrow_mut().eof = true;
-            shard.router.wake(&cell);
+            entry.cell.closing(CloseReason::HelloTimeout, t.mono_ms);
+            entry.io.eof = true;
+            shard.router.wake(&entry.cell);
         }
     }
 }
@@ -557,38 +559,27 @@ fn sys_send(fd: RawFd, data: &[u8]) -> io::Result<usize> {
 }
 
 /// The peer closed or reset: close now, without waiting to flush.
-fn peer_gone(cell: &ConnCell, t: relay_core::Now) {
-    cell.closing(CloseReason::PeerClosed, t.mono_ms);
-    cell.io.borrow_mut().eof = true;
-}
-
-/// Takes the connection's unparsed input (to add a read to it).
-fn take_rbuf(cell: &ConnCell) -> BytesMut {
-    cell.io
-        .borrow_mut()
-        .part
-        .as_mut()
-        .map(|p| std::mem::take(&mut p.rbuf))
-        .unwrap_or_default()
+fn peer_gone(entry: &mut Entry<'_>, t: relay_core::Now) {
+    entry.cell.closing(CloseReason::PeerClosed, t.mono_ms);
+    entry.io.eof = true;
 }
 
 /// Feeds `rbuf` to the connection and routes each event; keeps what is left
 /// of it. Returns the owner shard when the connection must move there.
+/// Routing reaches other connections' records, never the I/O table, so the
+/// entry stays out of its slot meanwhile.
 fn process_input(
     shard: &Shard,
-    cell: &Rc<ConnCell>,
+    entry: &mut Entry<'_>,
     t: relay_core::Now,
     mut rbuf: BytesMut,
 ) -> Option<(usize, Hello)> {
     let router = &shard.router;
     let cfg = router.cfg();
     let cfg = &cfg.conn;
-    // Taken out while routing: routing may reach this same connection.
-    let (mut dec, mut close_sent) = {
-        let mut io = cell.io.borrow_mut();
-        let dec = io.part.as_mut().and_then(|p| p.ws.take());
-        (dec, io.close_sent)
-    };
+    let token = entry.token();
+    let Entry { cell, io, .. } = entry;
+    let mut dec = io.part.as_mut().and_then(|p| p.ws.take());
     let mut moving = None;
     let mut pause = false;
     loop {
@@ -608,7 +599,7 @@ fn process_input(
                 .borrow_mut()
                 .handle_input(cfg, t, &mut rbuf)
                 .map_or(Step::Stop, Step::Route),
-            Some(d) => ws_step(cell, d, &mut rbuf, cfg, t, &mut close_sent),
+            Some(d) => ws_step(cell, d, &mut rbuf, cfg, t, &mut io.close_sent),
         };
         let ev = match step {
             Step::Stop => break,
@@ -623,12 +614,10 @@ fn process_input(
     if let Some(d) = cell.conn.borrow_mut().take_drops() {
         router.stats.input_drops(d);
     }
-    let mut io = cell.io.borrow_mut();
-    io.close_sent = close_sent;
     if pause && !io.paused {
         io.paused = true;
-        if let Some(fd) = io.fd.as_ref().map(|f| f.as_raw_fd()) {
-            let _ = shard.poller.rearm(fd, cell.id, &io);
+        if let Some(fd) = io.raw_fd() {
+            let _ = shard.poller.rearm(fd, token, io);
         }
     }
     if !rbuf.is_empty() || dec.is_some() {
@@ -647,11 +636,12 @@ fn process_input(
 
 /// Writes what the connection has queued and carries out its close once
 /// everything is out (or its deadline passed).
-fn flush(shard: &Rc<Shard>, cell: &Rc<ConnCell>, t: relay_core::Now) {
-    let mut io = cell.io.borrow_mut();
-    let Some(fd) = io.fd.as_ref().map(|f| f.as_raw_fd()) else {
+fn flush(shard: &Rc<Shard>, mut entry: Entry<'_>, t: relay_core::Now) {
+    let Some(fd) = entry.io.raw_fd() else {
         return;
     };
+    let token = entry.token();
+    let Entry { cell, io, .. } = &mut entry;
     let gone = io.eof;
     let reason = cell.conn.borrow().close_reason();
     if io.is_ws()
@@ -667,10 +657,10 @@ fn flush(shard: &Rc<Shard>, cell: &Rc<ConnCell>, t: relay_core::Now) {
         }
         io.close_sent = true;
     }
-    let failed = !gone && write_out(shard, cell, &mut io, fd, t);
+    let failed = !gone && write_out(shard, cell, io, (fd, token), t);
     if io.want_out && !io.writing() {
         io.want_out = false;
-        if shard.poller.rearm(fd, cell.id, &io).is_err() {
+        if shard.poller.rearm(fd, token, io).is_err() {
             io.want_out = true;
         }
     }
@@ -686,8 +676,7 @@ fn flush(shard: &Rc<Shard>, cell: &Rc<ConnCell>, t: relay_core::Now) {
             .close_deadline()
             .is_some_and(|d| d <= t.mono_ms);
         if gone || failed || flushed || late {
-            drop(io);
-            close(shard, cell);
+            close(shard, entry);
         }
         return;
     }
@@ -698,23 +687,28 @@ fn flush(shard: &Rc<Shard>, cell: &Rc<ConnCell>, t: relay_core::Now) {
         if !cell.conn.borrow_mut().should_pause(cfg, t, owed) {
             // Drained: read again, starting with what is already buffered.
             io.paused = false;
-            let _ = shard.poller.rearm(fd, cell.id, &io);
-            drop(io);
-            let rbuf = take_rbuf(cell);
+            let _ = shard.poller.rearm(fd, token, io);
+            let rbuf = io.take_rbuf();
             if !rbuf.is_empty()
-                && let Some((owner, hello)) = process_input(shard, cell, t, rbuf)
+                && let Some((owner, hello)) = process_input(shard, &mut entry, t, rbuf)
             {
-                handover(shard, cell, owner, hello);
+                handover(shard, entry, owner, hello);
                 return;
             }
-            shard.router.wake(cell);
+            shard.router.wake(&entry.cell);
         }
     }
 }
 
-/// Writes the connection's queue until it is empty or the socket is full.
-/// Returns whether the socket failed.
-fn write_out(shard: &Shard, cell: &ConnCell, io: &mut Io, fd: RawFd, t: relay_core::Now) -> bool {
+/// Writes the connection's queue until it is empty or the socket is full
+/// (its descriptor and epoll token). Returns whether the socket failed.
+fn write_out(
+    shard: &Shard,
+    cell: &ConnCell,
+    io: &mut Io,
+    (fd, token): (RawFd, u64),
+    t: relay_core::Now,
+) -> bool {
     let router = &shard.router;
     let cfg = router.cfg();
     let cfg = &cfg.conn;
@@ -758,7 +752,7 @@ fn write_out(shard: &Shard, cell: &ConnCell, io: &mut Io, fd: RawFd, t: relay_co
                 // The peer is not reading: wait for room.
                 if !io.want_out {
                     io.want_out = true;
-                    if shard.poller.rearm(fd, cell.id, io).is_err() {
+                    if shard.poller.rearm(fd, token, io).is_err() {
                         io.want_out = false;
                     }
                 }
@@ -777,8 +771,8 @@ fn write_out(shard: &Shard, cell: &ConnCell, io: &mut Io, fd: RawFd, t: relay_co
 
 /// Closes the socket after letting the last bytes (an ERROR, a BYE) reach
 /// the peer, and tells the router the connection has gone.
-fn close(shard: &Rc<Shard>, cell: &Rc<ConnCell>) {
-    let io = std::mem::take(&mut *cell.io.borrow_mut());
+fn close(shard: &Rc<Shard>, entry: Entry<'_>) {
+    let (cell, io) = entry.close();
     if let Some(fd) = io.fd {
         shard.poller.remove(fd.as_raw_fd());
         if let Some(mut s) = io.tls
@@ -790,16 +784,18 @@ fn close(shard: &Rc<Shard>, cell: &Rc<ConnCell>) {
         // SAFETY: plain syscall on a socket we own.
         unsafe { libc::shutdown(fd.as_raw_fd(), libc::SHUT_WR) };
     }
-    shard.router.on_closed(cell, now());
+    shard.router.on_closed(&cell, now());
     shard.shared.release();
 }
 
 /// Moves the connection, with everything read or queued, to `owner`.
-fn handover(shard: &Rc<Shard>, cell: &Rc<ConnCell>, owner: usize, hello: Hello) {
+fn handover(shard: &Rc<Shard>, entry: Entry<'_>, owner: usize, hello: Hello) {
     let router = &shard.router;
-    router.forget(cell);
-    let Io { fd, part, tls, .. } = std::mem::take(&mut *cell.io.borrow_mut());
-    let Partial { rbuf, writing, ws } = part.map(|p| *p).unwrap_or_default();
+    let (cell, Io { fd, part, tls, .. }) = entry.close();
+    router.forget(&cell);
+    let Partial {
+        rbuf, writing, ws, ..
+    } = part.map(|p| *p).unwrap_or_default();
     let Some(fd) = fd else {
         shard.shared.release();
         return;
@@ -922,10 +918,11 @@ pub(super) fn sweep_tls(shard: &Rc<Shard>, t: relay_core::Now) {
     shard.tls.expired(t.mono_ms, &mut expired);
     for id in expired {
         if let Some(cell) = shard.router.cell(id)
-            && tls::handshake_expired(&cell, t.mono_ms)
+            && let Some(mut entry) = shard.sockets.of(&cell)
+            && tls::handshake_expired(&entry.cell, &mut entry.io, t.mono_ms)
         {
             ShardStats::add(&shard.router.stats.tls_handshake_timeouts, 1);
-            shard.router.wake(&cell);
+            shard.router.wake(&entry.cell);
         }
     }
 }

@@ -10,6 +10,7 @@ use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use relay_core::conn::{Connection, Transport};
 use serde_json::json;
 
+use super::io::Io;
 use super::tls::HttpStream;
 use super::{Shard, conn, now};
 use crate::api::{self, Api};
@@ -429,14 +430,10 @@ async fn upgrade(
         }
     };
     let cell = shard.router.register(c, Router::session(remote));
-    cell.io.borrow_mut().tls = tls;
-    conn::attach(
-        &shard,
-        cell,
-        fd,
+    let io = Io::new(fd, tls).carrying(
         leftover,
         bytes::Bytes::new(),
         Some(crate::ws::WsDecoder::default()),
-        first,
     );
+    conn::attach(&shard, cell, io, first);
 }

@@ -1,10 +1,13 @@
 //! The glommio runtime: one executor per shard, each with its own listener
-//! (SO_REUSEPORT), connection tasks, the cross-shard mesh, a flusher that
+//! (SO_REUSEPORT), its I/O loop (`conn`) over the client sockets whose state
+//! it keeps in its own table (`io`), the cross-shard mesh, a flusher that
 //! batches what crosses, and a sweeper that applies deadlines. Every
-//! `use glommio` of the relay lives under this module.
+//! `use glommio` of the relay, and every client socket, lives under this
+//! module.
 
 mod conn;
 mod http;
+mod io;
 mod proxy;
 mod reload;
 mod tls;
@@ -227,6 +230,9 @@ pub(crate) struct Shard {
     pub read_buf: RefCell<Vec<u8>>,
     /// The epoll set of every client socket on this shard.
     poller: conn::Poller,
+    /// The state of every client socket on this shard (descriptor, TLS
+    /// session, partial buffers), by slot; the router's records hold none.
+    sockets: io::IoTable,
     /// The controllers' listener, while it accepts.
     listen_fd: Cell<Option<RawFd>>,
     /// Accepts paused after running out of descriptors; the sweeper resumes.
@@ -796,6 +802,7 @@ async fn shard_main(
         wakers,
         read_buf: RefCell::new(vec![0; READ_BUF]),
         poller,
+        sockets: io::IoTable::new(shared.stats[id].clone()),
         listen_fd: Cell::new(None),
         accept_paused: Cell::new(false),
         tls: tls::ShardTls::default(),
@@ -1003,16 +1010,8 @@ async fn accept_http(shard: Rc<Shard>, listener: TcpListener, tls: bool) {
 /// Takes a connection handed over by another shard.
 fn adopt(shard: &Rc<Shard>, h: Handover) {
     let cell = shard.router.register(h.conn, h.session);
-    cell.io.borrow_mut().tls = h.tls;
-    conn::attach(
-        shard,
-        cell,
-        h.fd,
-        h.rbuf,
-        h.pending_out,
-        h.ws,
-        Some(Event::Hello(h.hello)),
-    );
+    let io = io::Io::new(h.fd, h.tls).carrying(h.rbuf, h.pending_out, h.ws);
+    conn::attach(shard, cell, io, Some(Event::Hello(h.hello)));
 }
 
 /// Routes what rules send (src `$rules`). Every shard pulls from the same

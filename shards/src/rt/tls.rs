@@ -33,6 +33,7 @@ use rustls::ServerConfig;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
 
+use super::io::Io;
 use crate::cell::{ConnCell, ConnId};
 use crate::stats::ShardStats;
 
@@ -293,47 +294,41 @@ impl ShardTls {
     }
 }
 
-/// Closes `cell` when its handshake is still under way (its deadline passed).
-pub(crate) fn handshake_expired(cell: &ConnCell, now_ms: u64) -> bool {
-    let io = cell.io.borrow();
-    let Some(tls) = io.tls.as_ref() else {
-        return false;
-    };
-    if !tls.is_handshaking() {
+/// Closes `cell` when its handshake (in `io`) is still under way (its
+/// deadline passed).
+pub(crate) fn handshake_expired(cell: &ConnCell, io: &mut Io, now_ms: u64) -> bool {
+    if !io.tls.as_ref().is_some_and(|t| t.is_handshaking()) {
         return false;
     }
-    drop(io);
     cell.closing(CloseReason::HelloTimeout, now_ms);
-    cell.io.borrow_mut().eof = true;
+    io.eof = true;
     true
 }
 
-/// Gives a connection that presented a verified client certificate the
-/// address the certificate names (before its hello). A certificate that
-/// names no valid address closes the connection.
-pub(crate) fn certify(shared: &TlsShared, cell: &ConnCell, now_ms: u64) {
+/// Gives a connection that presented a verified client certificate (in
+/// `io`'s session) the address the certificate names (before its hello). A
+/// certificate that names no valid address closes the connection.
+pub(crate) fn certify(shared: &TlsShared, cell: &ConnCell, io: &mut Io, now_ms: u64) {
     {
         let c = cell.conn.borrow();
         if c.is_open() || c.certified().is_some() {
             return;
         }
     }
-    let named = {
-        let io = cell.io.borrow();
-        let Some(tls) = io.tls.as_ref() else {
-            return;
-        };
-        let Some(leaf) = tls.peer_certificates().and_then(|c| c.first()) else {
-            return;
-        };
-        certificate_address(leaf, shared.address_from_san)
+    let Some(leaf) = io
+        .tls
+        .as_ref()
+        .and_then(|t| t.peer_certificates())
+        .and_then(|c| c.first())
+    else {
+        return;
     };
-    match named {
+    match certificate_address(leaf, shared.address_from_san) {
         Ok(addr) => cell.conn.borrow_mut().set_certified(addr),
         Err(why) => {
             crate::warn_every!("client certificate refused: {why}");
             cell.closing(CloseReason::Unauthorized, now_ms);
-            cell.io.borrow_mut().eof = true;
+            io.eof = true;
         }
     }
 }
