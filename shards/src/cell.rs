@@ -185,6 +185,8 @@ pub struct ConnCell {
     /// The access rules that can apply to this client (made at hello), with
     /// the settings generation they were made for.
     pub acl: RefCell<Option<(u64, std::rc::Rc<[u16]>)>>,
+    /// The MQTT session of a client on the MQTT listener (`None`: native).
+    pub mqtt: RefCell<Option<Box<crate::router::MqttConn>>>,
 }
 
 impl ConnCell {
@@ -198,6 +200,7 @@ impl ConnCell {
             owed: Cell::new(0),
             due: Cell::new(u32::MAX), // router::timers::NOT_DUE
             acl: RefCell::new(None),
+            mqtt: RefCell::new(None),
         }
     }
 

@@ -5,6 +5,7 @@
 
 mod conn;
 mod http;
+mod mqtt;
 mod proxy;
 mod reload;
 mod tls;
@@ -62,6 +63,8 @@ pub struct Handover {
     pub ws: Option<crate::ws::WsDecoder>,
     /// The TLS session, for connections on a TLS listener.
     pub tls: Option<Box<rustls::ServerConnection>>,
+    /// The MQTT session (with its CONNECT), for MQTT clients.
+    pub mqtt: Option<Box<crate::router::MqttConn>>,
 }
 
 /// The wakers behind the router's [`Signals`]: the I/O loop's (write list)
@@ -161,6 +164,8 @@ pub struct Shared {
     pub plugin_metrics: MetricsSource,
     /// The cluster link (`[cluster] enabled`).
     pub cluster: Option<Arc<crate::cluster::Cluster>>,
+    /// `[listeners] mqtt`, its port resolved.
+    pub mqtt_addr: Option<SocketAddr>,
     ready: AtomicUsize,
     /// Shards that have cut every tie to their peers (see `quiesce`).
     quiet: AtomicUsize,
@@ -350,6 +355,7 @@ impl Relay {
             (want, _) => reserve_optional(want)?,
         };
         let tls = tls::TlsShared::new(cfg, tls_addr, https_addr)?;
+        let (mqtt_reserve, mqtt_addr) = reserve_optional(cfg.listeners.mqtt)?;
         let stats: Vec<Arc<ShardStats>> = (0..shards)
             .map(|_| Arc::new(ShardStats::default()))
             .collect();
@@ -389,6 +395,7 @@ impl Relay {
             plugins: ext.plugins,
             plugin_metrics: ext.plugin_metrics,
             cluster,
+            mqtt_addr,
             ready: AtomicUsize::new(0),
             quiet: AtomicUsize::new(0),
             shards,
@@ -474,6 +481,10 @@ impl Relay {
         drop(http_reserve);
         drop(tls_reserve);
         drop(https_reserve);
+        drop(mqtt_reserve);
+        if let Some(a) = mqtt_addr {
+            tracing::info!("MQTT listening mqtt_addr={a}");
+        }
         match http_addr {
             Some(h) => {
                 tracing::info!("relay listening tcp_addr={tcp_addr} http_addr={h} shards={shards}")
@@ -508,6 +519,11 @@ impl Relay {
     /// `[listeners] http_tls` is set.
     pub fn http_tls_addr(&self) -> Option<SocketAddr> {
         self.shared.tls.http_addr
+    }
+
+    /// Where MQTT clients connect, when `[listeners] mqtt` is set.
+    pub fn mqtt_addr(&self) -> Option<SocketAddr> {
+        self.shared.mqtt_addr
     }
 
     /// Where the HTTP API, `/ws`, `/metrics` and the console are served.
@@ -726,6 +742,7 @@ pub fn router_config(cfg: &Config) -> RouterConfig {
         admission: cfg.admission.clone(),
         acl: Arc::new(crate::acl::AclRules::build(&cfg.acl, None)),
         cluster: cfg.cluster.enabled,
+        mqtt: Arc::new(crate::router::MqttSettings::from_config(&cfg.mqtt)),
     }
 }
 
@@ -847,10 +864,15 @@ async fn shard_main(
         }
         None => None,
     };
+    let mqtt_listener = match shared.mqtt_addr {
+        Some(a) => Some(mqtt::listen(&shard, a)?),
+        None => None,
+    };
     tasks.push(glommio::spawn_local(conn::run(
         shard.clone(),
         listener,
         tls_listener,
+        mqtt_listener,
     )));
     if let Some(l) = http_listener {
         tasks.push(glommio::spawn_local(accept_http(shard.clone(), l, false)));
@@ -1004,15 +1026,14 @@ async fn accept_http(shard: Rc<Shard>, listener: TcpListener, tls: bool) {
 fn adopt(shard: &Rc<Shard>, h: Handover) {
     let cell = shard.router.register(h.conn, h.session);
     cell.io.borrow_mut().tls = h.tls;
-    conn::attach(
-        shard,
-        cell,
-        h.fd,
-        h.rbuf,
-        h.pending_out,
-        h.ws,
-        Some(Event::Hello(h.hello)),
-    );
+    // An MQTT client's CONNECT is answered from its session (`mqtt::on_attach`).
+    let first = if h.mqtt.is_some() {
+        None
+    } else {
+        Some(Event::Hello(h.hello))
+    };
+    *cell.mqtt.borrow_mut() = h.mqtt;
+    conn::attach(shard, cell, h.fd, h.rbuf, h.pending_out, h.ws, first);
 }
 
 /// Routes what rules send (src `$rules`). Every shard pulls from the same
