@@ -460,3 +460,92 @@ fn bad_input_gets_the_spec_reaction_and_touches_nothing_else() {
     assert!(p.wait().success());
     assert_eq!(by.until("MSG"), "MSG t/ok 1 0 fine");
 }
+
+#[test]
+fn qos2_flows_end_to_end_across_shards_in_both_versions() {
+    let r = relay();
+    for version in ["3", "5"] {
+        let sub_id = addrs_on(&format!("q2s{version}-"), 0, SHARDS, 1).remove(0);
+        let pub_id = addrs_on(&format!("q2p{version}-"), 1, SHARDS, 1).remove(0);
+        let sub = paho(&r, &sub_id, version, &["sub", "q2/+", "2", "2"], None);
+        assert_eq!(sub.until("READY"), "READY 2");
+        for i in 0..2 {
+            let mut p = paho(
+                &r,
+                &pub_id,
+                version,
+                &["pub", "q2/x", "2", &format!("once-{i}")],
+                None,
+            );
+            assert_eq!(p.until("PUBLISHED"), "PUBLISHED");
+            assert!(p.wait().success());
+            assert_eq!(sub.until("MSG"), format!("MSG q2/x 2 0 once-{i}"));
+        }
+    }
+}
+
+#[test]
+fn retained_messages_reach_later_subscribers_on_any_shard_and_empty_deletes() {
+    let r = relay();
+    let pub_id = addrs_on("rp-", 0, SHARDS, 1).remove(0);
+    let s = Command::new("mosquitto_pub")
+        .args(["-h", "127.0.0.1", "-p", &mqtt_port(&r), "-i", &pub_id])
+        .args(["-t", "state/boiler", "-m", "on", "-q", "1", "-r"])
+        .status()
+        .unwrap();
+    assert!(s.success());
+    for shard_idx in 0..SHARDS {
+        let id = addrs_on(&format!("rs{shard_idx}-"), shard_idx, SHARDS, 1).remove(0);
+        let sub = paho(&r, &id, "5", &["sub", "state/#", "1", "1"], None);
+        assert_eq!(
+            sub.until("MSG"),
+            "MSG state/boiler 1 1 on",
+            "shard {shard_idx}"
+        );
+    }
+    // An empty retained payload deletes it: a new subscriber's first
+    // message is the live one that follows.
+    let s = Command::new("mosquitto_pub")
+        .args(["-h", "127.0.0.1", "-p", &mqtt_port(&r), "-i", &pub_id])
+        .args(["-t", "state/boiler", "-n", "-q", "1", "-r"])
+        .status()
+        .unwrap();
+    assert!(s.success());
+    let id = addrs_on("rs-late-", 1, SHARDS, 1).remove(0);
+    let sub = paho(&r, &id, "3", &["sub", "state/#", "1", "1"], None);
+    assert_eq!(sub.until("READY"), "READY 1");
+    mosquitto_pub(&r, &pub_id, "mqttv311", "state/boiler", "live", 1);
+    assert_eq!(sub.until("MSG"), "MSG state/boiler 1 0 live");
+}
+
+#[test]
+fn the_will_goes_out_when_the_client_is_killed() {
+    let r = relay();
+    let watcher = paho(&r, "will-watch", "5", &["sub", "wills/#", "1", "1"], None);
+    assert_eq!(watcher.until("READY"), "READY 1");
+    let id = addrs_on("doomed-", 1, SHARDS, 1).remove(0);
+    let mut holder = paho(&r, &id, "3", &["hold", "x", "1"], None);
+    assert_eq!(holder.until("READY"), "READY 1");
+    holder.kill();
+    assert_eq!(watcher.until("MSG"), format!("MSG wills/{id} 1 0 gone"));
+}
+
+#[test]
+fn a_persistent_session_gets_what_came_while_it_was_away() {
+    let r = relay();
+    for version in ["3", "5"] {
+        let id = addrs_on(&format!("persist{version}-"), 1, SHARDS, 1).remove(0);
+        // Subscribe with a persistent session, then go away (no DISCONNECT).
+        let mut first = paho(&r, &id, version, &["sub", "ps/#", "1", "0", "0"], None);
+        assert_eq!(first.until("CONNACK"), "CONNACK 0 0");
+        assert_eq!(first.until("READY"), "READY 1");
+        assert!(first.wait().success());
+        // Whether the relay has seen the close yet or not, a QoS 1 message
+        // is kept: queued offline, or in flight and sent again on resumption.
+        let pub_id = addrs_on(&format!("pspub{version}-"), 0, SHARDS, 1).remove(0);
+        mosquitto_pub(&r, &pub_id, "mqttv311", "ps/a", "while-away", 1);
+        let again = paho(&r, &id, version, &["sub", "ps/#", "1", "1", "0"], None);
+        assert_eq!(again.until("CONNACK"), "CONNACK 0 1", "session present");
+        assert_eq!(again.until("MSG"), "MSG ps/a 1 0 while-away");
+    }
+}
