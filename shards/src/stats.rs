@@ -25,6 +25,8 @@ pub struct ShardStats {
     pub mqtt_publishes_out: AtomicU64,
     /// Retained messages held (a gauge; every shard holds them all).
     pub mqtt_retained: AtomicU64,
+    /// MQTT packets received, by packet type (the fixed header's high nibble).
+    pub mqtt_packets_in: [AtomicU64; 16],
     pub frames_out: AtomicU64,
     pub bytes_in: AtomicU64,
     pub bytes_out: AtomicU64,

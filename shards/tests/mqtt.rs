@@ -549,3 +549,51 @@ fn a_persistent_session_gets_what_came_while_it_was_away() {
         assert_eq!(again.until("MSG"), "MSG ps/a 1 0 while-away");
     }
 }
+
+#[test]
+fn clients_api_shows_protocol_and_version_and_metrics_count_packets_by_type() {
+    let r = relay();
+    let _ctl = Client::hello(r.tcp_addr(), Form::Json, "ctl-native-1");
+    let v5_id = addrs_on("api5-", 0, SHARDS, 1).remove(0);
+    let v3_id = addrs_on("api3-", 1, SHARDS, 1).remove(0);
+    let a = paho(&r, &v5_id, "5", &["hold", "a/#", "1"], None);
+    assert_eq!(a.until("READY"), "READY 1");
+    let b = paho(&r, &v3_id, "3", &["hold", "b/#", "1"], None);
+    assert_eq!(b.until("READY"), "READY 1");
+    let find = |v: &serde_json::Value, addr: &str| -> serde_json::Value {
+        let items = v["items"].as_array().expect("items");
+        items
+            .iter()
+            .find(|c| c["addr"] == addr)
+            .cloned()
+            .unwrap_or_else(|| panic!("{addr} not listed: {v}"))
+    };
+    let v = common::wait_for(&r, "/api/v1/clients", |v| {
+        v["items"].as_array().is_some_and(|i| i.len() >= 3)
+    });
+    let c5 = find(&v, &v5_id);
+    assert_eq!(
+        (c5["protocol"].as_str(), c5["version"].as_str()),
+        (Some("mqtt"), Some("5.0"))
+    );
+    let c3 = find(&v, &v3_id);
+    assert_eq!(
+        (c3["protocol"].as_str(), c3["version"].as_str()),
+        (Some("mqtt"), Some("3.1.1"))
+    );
+    let n = find(&v, "ctl-native-1");
+    assert_eq!(n["protocol"], "relay");
+    assert!(n["version"].is_null());
+    // Two CONNECTs and two SUBSCRIBEs, on whichever shards they landed.
+    let (s, m) = http(&r, "GET", "/metrics", None, None);
+    assert_eq!(s, 200);
+    let text = m.as_str().expect("metrics text").to_owned();
+    let sum = |kind: &str| -> u64 {
+        text.lines()
+            .filter(|l| l.starts_with(&format!("relay_mqtt_packets_in_total{{type=\"{kind}\"")))
+            .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
+            .sum()
+    };
+    assert_eq!(sum("connect"), 2, "{text}");
+    assert_eq!(sum("subscribe"), 2, "{text}");
+}

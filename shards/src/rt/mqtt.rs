@@ -75,7 +75,11 @@ pub(super) fn process_input(
                 pause = true;
                 break;
             }
-            m.session.handle_input(&mcfg.session, t, &mut rbuf)
+            let whole = complete_packets(&rbuf, mcfg.session.max_packet_size as usize);
+            let before = rbuf.len();
+            let ev = m.session.handle_input(&mcfg.session, t, &mut rbuf);
+            count_packets(&router.stats, &whole, before - rbuf.len());
+            ev
         };
         let Some(ev) = ev else { break };
         if let Outcome::Handover { owner, hello } = router.on_mqtt_event(cell, ev, t) {
@@ -98,6 +102,38 @@ pub(super) fn process_input(
     }
     io.tidy();
     moving
+}
+
+/// Most packets looked ahead at for counting per session call.
+const COUNT_AHEAD: usize = 64;
+
+/// (end offset, packet type) of the whole packets at the head of `buf`.
+fn complete_packets(buf: &[u8], max: usize) -> Vec<(usize, u8)> {
+    let mut out = Vec::new();
+    let mut off = 0;
+    while out.len() < COUNT_AHEAD && off < buf.len() {
+        match relay_core::mqtt::check(&buf[off..], max) {
+            Ok(relay_core::mqtt::Check::Complete {
+                header_len,
+                body_len,
+            }) => {
+                off += header_len + body_len;
+                out.push((off, buf[off - header_len - body_len] >> 4));
+            }
+            _ => break,
+        }
+    }
+    out
+}
+
+/// Counts the packets among `whole` that the session consumed.
+fn count_packets(stats: &crate::stats::ShardStats, whole: &[(usize, u8)], consumed: usize) {
+    for &(end, kind) in whole {
+        if end > consumed {
+            break;
+        }
+        crate::stats::ShardStats::add(&stats.mqtt_packets_in[kind as usize & 15], 1);
+    }
 }
 
 /// The session's output is at its bound: do not read the client.
