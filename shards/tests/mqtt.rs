@@ -217,7 +217,7 @@ fn paho_clients_qos1_both_versions_with_a_wildcard_subscription() {
 
 /// rumqttc (sync client) from Rust, v5: CONNECT, SUBSCRIBE, PUBLISH QoS 1.
 #[test]
-fn rumqttc_v5_publishes_to_itself_and_to_a_311_client() {
+fn rumqttc_v5_subscribes_and_gets_its_own_qos1_publish_back() {
     use rumqttc::v5::mqttbytes::QoS;
     use rumqttc::v5::mqttbytes::v5::Packet;
     use rumqttc::v5::{Client as V5, Event, MqttOptions};
@@ -596,4 +596,71 @@ fn clients_api_shows_protocol_and_version_and_metrics_count_packets_by_type() {
     };
     assert_eq!(sum("connect"), 2, "{text}");
     assert_eq!(sum("subscribe"), 2, "{text}");
+}
+
+#[test]
+fn a_shared_subscription_across_shards_gets_each_message_once() {
+    let r = relay();
+    let a_id = addrs_on("share-a-", 0, SHARDS, 1).remove(0);
+    let b_id = addrs_on("share-b-", 1, SHARDS, 1).remove(0);
+    let a = paho(
+        &r,
+        &a_id,
+        "5",
+        &["hold", "$share/workers/jobs/+", "1"],
+        None,
+    );
+    assert_eq!(a.until("READY"), "READY 1");
+    let b = paho(
+        &r,
+        &b_id,
+        "5",
+        &["hold", "$share/workers/jobs/+", "1"],
+        None,
+    );
+    assert_eq!(b.until("READY"), "READY 1");
+    let pub_id = addrs_on("share-p-", 1, SHARDS, 1).remove(0);
+    for i in 0..6 {
+        mosquitto_pub(&r, &pub_id, "mqttv5", "jobs/x", &format!("job-{i}"), 1);
+    }
+    let mut got = Vec::new();
+    let end = Instant::now() + Duration::from_secs(10);
+    while got.len() < 6 && Instant::now() < end {
+        for p in [&a, &b] {
+            if let Some(l) = p.line(Duration::from_millis(50)) {
+                got.push(l);
+            }
+        }
+    }
+    // Nothing more comes: no message went to both members.
+    for p in [&a, &b] {
+        if let Some(l) = p.line(Duration::from_millis(500)) {
+            got.push(l);
+        }
+    }
+    got.sort();
+    let want: Vec<String> = (0..6).map(|i| format!("MSG jobs/x 1 0 job-{i}")).collect();
+    assert_eq!(got, want);
+}
+
+#[test]
+fn the_will_goes_out_when_keep_alive_expires() {
+    let r = relay();
+    let watcher = paho(&r, "ka-watch", "3", &["sub", "wills/#", "1", "1"], None);
+    assert_eq!(watcher.until("READY"), "READY 1");
+    let id = addrs_on("silent-", 0, SHARDS, 1).remove(0);
+    let mut cmd = Command::new("python3");
+    cmd.arg(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/mqtt/paho_client.py"
+    ))
+    .args(["127.0.0.1", &mqtt_port(&r), &id, "5", "hold", "x", "1"])
+    .env("MQTT_KEEPALIVE", "1");
+    let holder = Proc::spawn(&mut cmd);
+    assert_eq!(holder.until("READY"), "READY 1");
+    // Stopped, the client sends nothing (no PINGREQ) but its socket stays
+    // open: the relay ends it after 1.5 keep alive periods.
+    // SAFETY: a signal to the child this test started, by its pid.
+    unsafe { libc::kill(holder.child.id() as i32, libc::SIGSTOP) };
+    assert_eq!(watcher.until("MSG"), format!("MSG wills/{id} 1 0 gone"));
 }

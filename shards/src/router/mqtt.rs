@@ -514,7 +514,8 @@ impl Router {
         if let Some(f) = frame {
             let hooked = self.hooks.borrow().is_some().then(|| f.clone());
             let name = f.dst.clone();
-            self.fanout_native(Index::Group, &name, f, Vec::new(), None, false, now);
+            let cluster = self.clustered();
+            self.fanout_native(Index::Group, &name, f, Vec::new(), None, cluster, now);
             if let Some(f) = hooked {
                 self.hook_message(&f, true, now);
             }

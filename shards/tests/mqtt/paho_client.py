@@ -9,7 +9,7 @@ usage: paho_client.py HOST PORT CLIENT_ID VERSION(3|5) MODE [ARGS...]
   hold FILTER QOS                    subscribe, print READY, wait to be killed
                                      (a will is set: topic wills/<id>)
 
-Options come from the environment: MQTT_USER, MQTT_PASS. Every wait is bounded
+Options come from the environment: MQTT_USER, MQTT_PASS, MQTT_KEEPALIVE (s). Every wait is bounded
 (20 s); a timeout exits with status 3.
 """
 import os
@@ -89,15 +89,16 @@ c.on_subscribe = on_subscribe
 c.on_message = on_message
 c.on_publish = on_publish
 c.on_disconnect = on_disconnect
+keepalive = int(os.environ.get("MQTT_KEEPALIVE", "30"))
 if proto == mqtt.MQTTv5:
     from paho.mqtt.properties import Properties
     from paho.mqtt.packettypes import PacketTypes
     p = Properties(PacketTypes.CONNECT)
     if not clean:
         p.SessionExpiryInterval = 600
-    c.connect(host, port, keepalive=30, clean_start=clean, properties=p)
+    c.connect(host, port, keepalive=keepalive, clean_start=clean, properties=p)
 else:
-    c.connect(host, port, keepalive=30)
+    c.connect(host, port, keepalive=keepalive)
 c.loop_start()
 if mode == "hold":
     time.sleep(60)
