@@ -664,3 +664,38 @@ fn the_will_goes_out_when_keep_alive_expires() {
     unsafe { libc::kill(holder.child.id() as i32, libc::SIGSTOP) };
     assert_eq!(watcher.until("MSG"), format!("MSG wills/{id} 1 0 gone"));
 }
+
+#[test]
+fn an_empty_client_id_is_assigned_with_clean_start_and_refused_without() {
+    let r = relay();
+    let addr = r.mqtt_addr().unwrap();
+    // MQTT 5, clean start: CONNACK 0 with an Assigned Client Identifier
+    // (property 0x12) that is a relay address.
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.write_all(b"\x10\x0d\x00\x04MQTT\x05\x02\x00\x1e\x00\x00\x00")
+        .unwrap();
+    let ack = read_packet(&mut s).expect("CONNACK");
+    assert_eq!(&ack[..4], &[0x20, ack[1], 0x00, 0x00][..], "{ack:?}");
+    let at = ack.iter().position(|&b| b == 0x12).expect("assigned id");
+    let n = u16::from_be_bytes([ack[at + 1], ack[at + 2]]) as usize;
+    let id = std::str::from_utf8(&ack[at + 3..at + 3 + n])
+        .unwrap()
+        .to_owned();
+    assert!(relay_core::validate_name(id.as_bytes()).is_ok(), "{id}");
+    // The assigned id is its address: DATA to it arrives as a PUBLISH.
+    let mut ctl = Client::hello(r.tcp_addr(), Form::Json, "ctl-assign");
+    ctl.data(&id, 1, true, b"x");
+    assert_eq!(ctl.expect(FrameType::Ack).seq, 1);
+    let p = read_packet(&mut s).expect("PUBLISH");
+    assert_eq!(p[0] >> 4, 3);
+    assert!(p.windows(20).any(|w| w == b"relay/from/ctl-assig"), "{p:?}");
+    // 3.1.1 without clean session: CONNACK return code 2, closed.
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.write_all(b"\x10\x0c\x00\x04MQTT\x04\x00\x00\x1e\x00\x00")
+        .unwrap();
+    assert_eq!(
+        read_packet(&mut s).expect("CONNACK"),
+        vec![0x20, 0x02, 0x00, 0x02]
+    );
+    assert!(closed(&mut s));
+}
