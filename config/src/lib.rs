@@ -68,8 +68,8 @@ pub use rules::{
 };
 pub use sections::{
     AdmissionConfig, AuthConfig, AuthMode, ClusterConfig, HeartbeatConfig, HttpConfig,
-    LimitsConfig, ListenersConfig, LogConfig, LogFormat, NodeConfig, ShardsConfig, ShutdownConfig,
-    TlsConfig, UpgradeConfig,
+    LimitsConfig, ListenersConfig, LogConfig, LogFormat, MqttConfig, NodeConfig, ShardsConfig,
+    ShutdownConfig, TlsConfig, UpgradeConfig,
 };
 
 /// The embedded defaults: every key, commented, with its default value.
@@ -119,6 +119,8 @@ pub struct Config {
     pub notify: plugins::NotifyConfig,
     /// Several nodes as one relay, over NATS (off by default).
     pub cluster: ClusterConfig,
+    /// MQTT clients: mapping and session bounds.
+    pub mqtt: MqttConfig,
 }
 
 impl Config {

@@ -430,6 +430,89 @@ pub(crate) fn check(config: &Config) -> Vec<Problem> {
         " (ten minutes)",
     );
 
+    let m = &c.mqtt;
+    for (key, prefix) in [
+        ("mqtt.inbox_prefix", &m.inbox_prefix),
+        ("mqtt.outbox_prefix", &m.outbox_prefix),
+    ] {
+        let ok = !prefix.is_empty()
+            && prefix.len() <= 128
+            && !prefix.ends_with('/')
+            && relay_core::mqtt::validate_topic_name(prefix.as_bytes()).is_ok();
+        if !ok {
+            r.fail(
+                key,
+                "must be a topic name of 1 to 128 bytes without wildcards or a trailing /",
+            );
+        }
+    }
+    if m.inbox_prefix == m.outbox_prefix {
+        r.fail("mqtt.outbox_prefix", "must differ from mqtt.inbox_prefix");
+    }
+    r.range(
+        "mqtt.max_packet_size",
+        u64::from(m.max_packet_size),
+        64,
+        u64::from(MAX_FRAME_CEILING),
+        " (16 MiB)",
+    );
+    r.range(
+        "mqtt.max_inflight",
+        u64::from(m.max_inflight),
+        1,
+        65_535,
+        "",
+    );
+    r.range(
+        "mqtt.receive_maximum",
+        u64::from(m.receive_maximum),
+        1,
+        65_535,
+        "",
+    );
+    r.range(
+        "mqtt.max_queued_messages",
+        m.max_queued_messages as u64,
+        1,
+        1_000_000,
+        "",
+    );
+    r.range(
+        "mqtt.max_queued_bytes",
+        m.max_queued_bytes as u64,
+        1024,
+        1024 * MIB,
+        " (1 GiB)",
+    );
+    r.range(
+        "mqtt.max_session_expiry_s",
+        u64::from(m.max_session_expiry_s),
+        0,
+        30 * 86_400,
+        " (thirty days)",
+    );
+    r.range(
+        "mqtt.max_subscriptions",
+        m.max_subscriptions as u64,
+        1,
+        100_000,
+        "",
+    );
+    r.range(
+        "mqtt.connect_timeout_ms",
+        m.connect_timeout_ms,
+        100,
+        600_000,
+        " (ten minutes)",
+    );
+    r.range(
+        "mqtt.max_retained_bytes",
+        m.max_retained_bytes as u64,
+        0,
+        16 * 1024 * MIB,
+        " (16 GiB)",
+    );
+
     let sections = [
         c.plugins.check(),
         c.redis.check(),

@@ -40,6 +40,8 @@ pub struct ListenersConfig {
     /// `/api`, `/metrics`) inside TLS; off when absent. Needs `[tls] cert_file`
     /// and `key_file`, and `[http] enabled`.
     pub http_tls: Option<SocketAddr>,
+    /// MQTT 3.1.1/5.0 port (docs/mqtt.md); off when absent.
+    pub mqtt: Option<SocketAddr>,
     /// Listeners behind a load balancer that sends the PROXY protocol v2
     /// header (`tcp`, `tcp_tls`, `http`, `http_tls`): each connection on them
     /// must start with one, and the client address it names is the one the
@@ -57,6 +59,7 @@ impl Default for ListenersConfig {
             http: SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 8080)),
             tcp_tls: None,
             http_tls: None,
+            mqtt: None,
             proxy_protocol: Vec::new(),
             proxy_header_timeout_ms: 5000,
         }
@@ -462,6 +465,59 @@ impl Default for ClusterConfig {
             channel_capacity: 8192,
             cache_size: 1_000_000,
             reply_timeout_ms: 5000,
+        }
+    }
+}
+
+/// `[mqtt]`: how MQTT clients map onto addresses and groups, and the bounds
+/// of their sessions (docs/mqtt.md).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MqttConfig {
+    /// DATA sent to an MQTT client's address arrives as PUBLISH on
+    /// `<inbox_prefix>/<sender>`.
+    pub inbox_prefix: String,
+    /// An MQTT client sends DATA to address `<dst>` by publishing to
+    /// `<outbox_prefix>/<dst>`.
+    pub outbox_prefix: String,
+    /// Largest whole packet a client may send (bytes).
+    pub max_packet_size: u32,
+    /// QoS 1/2 messages in flight to one client.
+    pub max_inflight: u16,
+    /// QoS 2 publishes a client may leave waiting for PUBREL.
+    pub receive_maximum: u16,
+    /// Messages queued for one session (window full, or offline).
+    pub max_queued_messages: usize,
+    /// Bytes queued for one session.
+    pub max_queued_bytes: usize,
+    /// Longest session expiry granted (seconds); a 3.1.1 persistent session
+    /// gets exactly this.
+    pub max_session_expiry_s: u32,
+    /// Subscriptions one session may hold.
+    pub max_subscriptions: usize,
+    /// A socket that sends no CONNECT within this is closed.
+    pub connect_timeout_ms: u64,
+    /// Retained messages kept by each shard.
+    pub max_retained_messages: usize,
+    /// Bytes of retained messages kept by each shard.
+    pub max_retained_bytes: usize,
+}
+
+impl Default for MqttConfig {
+    fn default() -> Self {
+        Self {
+            inbox_prefix: "relay/from".into(),
+            outbox_prefix: "relay/to".into(),
+            max_packet_size: 256 * 1024,
+            max_inflight: 64,
+            receive_maximum: 64,
+            max_queued_messages: 1000,
+            max_queued_bytes: 1024 * 1024,
+            max_session_expiry_s: 86_400,
+            max_subscriptions: 256,
+            connect_timeout_ms: 10_000,
+            max_retained_messages: 100_000,
+            max_retained_bytes: 64 * 1024 * 1024,
         }
     }
 }

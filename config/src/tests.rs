@@ -981,3 +981,30 @@ fn a_cluster_needs_a_nats_url_a_subject_safe_prefix_and_node_name() {
         .expect("a valid cluster section");
     assert_eq!(c.cluster.prefix, "site_a");
 }
+
+#[test]
+fn mqtt_is_off_by_default_and_its_section_is_checked() {
+    let c = Config::default();
+    assert_eq!(c.listeners.mqtt, None);
+    assert_eq!(c.mqtt.inbox_prefix, "relay/from");
+    assert_eq!(c.mqtt.outbox_prefix, "relay/to");
+    let p = problems(
+        "[mqtt]\ninbox_prefix = \"a/#\"\noutbox_prefix = \"x/\"\nmax_inflight = 0\nmax_packet_size = 10\nconnect_timeout_ms = 1\n",
+    );
+    assert_eq!(
+        keys(&p),
+        set(&[
+            "mqtt.inbox_prefix",
+            "mqtt.outbox_prefix",
+            "mqtt.max_inflight",
+            "mqtt.max_packet_size",
+            "mqtt.connect_timeout_ms"
+        ])
+    );
+    let p = problems("[mqtt]\ninbox_prefix = \"same\"\noutbox_prefix = \"same\"\n");
+    assert_eq!(keys(&p), set(&["mqtt.outbox_prefix"]));
+    let c = load("[listeners]\nmqtt = \"127.0.0.1:1884\"\n[mqtt]\ninbox_prefix = \"dev/in\"\n")
+        .expect("a valid mqtt section");
+    assert_eq!(c.listeners.mqtt, Some("127.0.0.1:1884".parse().unwrap()));
+    assert_eq!(c.mqtt.inbox_prefix, "dev/in");
+}

@@ -275,6 +275,8 @@ fn view_json(v: &ClientView) -> Value {
         "uids": v.uids.iter().map(|u| name_str(u).into_owned()).collect::<Vec<_>>(),
         "groups": v.groups.iter().map(|g| name_str(g).into_owned()).collect::<Vec<_>>(),
         "meta": serde_json::from_slice::<Value>(&v.meta).unwrap_or(json!({})),
+        "protocol": v.protocol,
+        "version": v.version,
     })
 }
 

@@ -121,6 +121,8 @@ pub struct ConnCell {
     /// The slot of the connection's socket state in the runtime's I/O table
     /// on this shard (`NO_SLOT` while it has none); the router never reads it.
     pub io_slot: Cell<u32>,
+    /// The MQTT session of a client on the MQTT listener (`None`: native).
+    pub mqtt: RefCell<Option<Box<crate::router::MqttConn>>>,
 }
 
 /// `ConnCell::io_slot` of a connection without socket state on the shard.
@@ -137,6 +139,7 @@ impl ConnCell {
             due: Cell::new(u32::MAX), // router::timers::NOT_DUE
             acl: RefCell::new(None),
             io_slot: Cell::new(NO_SLOT),
+            mqtt: RefCell::new(None),
         }
     }
 

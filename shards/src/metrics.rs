@@ -26,6 +26,26 @@ pub fn process_usage() -> (u64, f64) {
     (rss, cpu)
 }
 
+/// MQTT packet type names by the fixed header's high nibble.
+const MQTT_TYPES: [&str; 16] = [
+    "",
+    "connect",
+    "connack",
+    "publish",
+    "puback",
+    "pubrec",
+    "pubrel",
+    "pubcomp",
+    "subscribe",
+    "suback",
+    "unsubscribe",
+    "unsuback",
+    "pingreq",
+    "pingresp",
+    "disconnect",
+    "auth",
+];
+
 /// Renders all metrics. `extra` holds (name, help, value) of other parts
 /// (the rules engine).
 pub fn render(stats: &[Arc<ShardStats>], uptime_s: f64, extra: &[(&str, &str, u64)]) -> String {
@@ -115,6 +135,59 @@ pub fn render(stats: &[Arc<ShardStats>], uptime_s: f64, extra: &[(&str, &str, u6
         }
     }
     out.push_str(&lines);
+    let _ = writeln!(
+        out,
+        "# HELP relay_mqtt_packets_in_total MQTT packets received from clients, by packet type.\n# TYPE relay_mqtt_packets_in_total counter"
+    );
+    for (i, s) in stats.iter().enumerate() {
+        for (t, name) in MQTT_TYPES.iter().enumerate() {
+            if !name.is_empty() {
+                let _ = writeln!(
+                    out,
+                    "relay_mqtt_packets_in_total{{type=\"{name}\",shard=\"{i}\"}} {}",
+                    s.mqtt_packets_in[t].load(Relaxed)
+                );
+            }
+        }
+    }
+    type Family = (
+        &'static str,
+        &'static str,
+        &'static str,
+        fn(&ShardStats) -> u64,
+    );
+    let mqtt: [Family; 4] = [
+        (
+            "relay_mqtt_connects_total",
+            "counter",
+            "MQTT CONNECTs accepted.",
+            |s| s.mqtt_connects.load(Relaxed),
+        ),
+        (
+            "relay_mqtt_publishes_in_total",
+            "counter",
+            "MQTT PUBLISH and wills received from clients.",
+            |s| s.mqtt_publishes_in.load(Relaxed),
+        ),
+        (
+            "relay_mqtt_publishes_out_total",
+            "counter",
+            "MQTT PUBLISH sent or queued to sessions.",
+            |s| s.mqtt_publishes_out.load(Relaxed),
+        ),
+        (
+            "relay_mqtt_retained",
+            "gauge",
+            "Retained MQTT messages held (every shard holds them all).",
+            |s| s.mqtt_retained.load(Relaxed),
+        ),
+    ];
+    for (name, kind, help, get) in mqtt {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for (i, s) in stats.iter().enumerate() {
+            let _ = writeln!(out, "{name}{{shard=\"{i}\"}} {}", get(s));
+        }
+    }
     let _ = writeln!(
         out,
         "# HELP relay_queue_bytes Bytes waiting in outbound queues.\n# TYPE relay_queue_bytes gauge"

@@ -17,6 +17,16 @@ pub struct ShardStats {
     /// Connections accepted and not yet past hello.
     pub conns_pending: AtomicU64,
     pub frames_in: AtomicU64,
+    /// MQTT CONNECTs accepted.
+    pub mqtt_connects: AtomicU64,
+    /// MQTT PUBLISH (and wills) received from clients.
+    pub mqtt_publishes_in: AtomicU64,
+    /// MQTT PUBLISH sent (or queued) to sessions.
+    pub mqtt_publishes_out: AtomicU64,
+    /// Retained messages held (a gauge; every shard holds them all).
+    pub mqtt_retained: AtomicU64,
+    /// MQTT packets received, by packet type (the fixed header's high nibble).
+    pub mqtt_packets_in: [AtomicU64; 16],
     pub frames_out: AtomicU64,
     pub bytes_in: AtomicU64,
     pub bytes_out: AtomicU64,

@@ -71,6 +71,10 @@ pub struct ClientView {
     pub uids: Vec<Bytes>,
     pub groups: Vec<Bytes>,
     pub meta: Bytes,
+    /// `"relay"` (the relay's own protocol) or `"mqtt"`.
+    pub protocol: &'static str,
+    /// The MQTT version (`"3.1.1"`, `"5.0"`); `None` for the relay protocol.
+    pub version: Option<&'static str>,
 }
 
 /// Called with the result of a [`Call`].
@@ -231,6 +235,15 @@ impl Router {
             uids: s.list(Membership::Uid).to_vec(),
             groups: s.list(Membership::Group).to_vec(),
             meta: s.meta(),
+            protocol: if c.mqtt.borrow().is_some() {
+                "mqtt"
+            } else {
+                "relay"
+            },
+            version: c.mqtt.borrow().as_ref().map(|m| match m.session.version() {
+                relay_core::mqtt::Version::V5 => "5.0",
+                _ => "3.1.1",
+            }),
         }
     }
 }

@@ -46,6 +46,23 @@ pub enum Cross {
         token: u64,
         result: CallResult,
     },
+    /// The sending shard now has (or no longer has) MQTT subscribers of
+    /// `filter` (as sent).
+    MqttFilter {
+        filter: Bytes,
+        has: bool,
+    },
+    /// An MQTT message for the receiving shard's matching subscriptions;
+    /// `shared`: the `$share` filters whose turn is this shard's.
+    MqttPublish {
+        src: Bytes,
+        msg: relay_core::mqtt::Message,
+        shared: Vec<Bytes>,
+    },
+    /// A retained message (an empty payload deletes the topic's).
+    MqttRetain {
+        msg: relay_core::mqtt::Message,
+    },
 }
 
 impl Router {
@@ -144,6 +161,11 @@ impl Router {
                         cb(result);
                     }
                 }
+                Cross::MqttFilter { filter, has } => self.mqtt_filter(from, filter, has),
+                Cross::MqttPublish { src, msg, shared } => {
+                    self.mqtt_deliver_matches(&src, &msg, &shared, now)
+                }
+                Cross::MqttRetain { msg } => self.mqtt_retain(msg, false),
             }
         }
         let done: Vec<_> = std::mem::take(&mut *self.completed.borrow_mut());
@@ -155,7 +177,10 @@ impl Router {
     pub(super) fn push(&self, peer: usize, item: Cross) {
         let mut outbox = self.outbox.borrow_mut();
         let q = &mut outbox[peer];
-        let droppable = matches!(item, Cross::Deliver { .. } | Cross::Fanout { .. });
+        let droppable = matches!(
+            item,
+            Cross::Deliver { .. } | Cross::Fanout { .. } | Cross::MqttPublish { .. }
+        );
         if droppable && q.len() >= self.cfg().outbox_limit {
             // The peer shard is not keeping up: refuse rather than grow.
             // Control items (masks, replies, calls) are never dropped; they

@@ -33,6 +33,7 @@ mod cluster_tests;
 mod cross;
 pub mod failure;
 mod index;
+mod mqtt;
 mod pending;
 pub mod remote;
 mod route;
@@ -47,6 +48,7 @@ mod writes;
 pub use calls::{Call, CallCallback, CallResult, ClientView};
 pub use cross::Cross;
 use index::Entry;
+pub use mqtt::{MqttConn, MqttSettings};
 use pending::Pending;
 pub use pending::{AckCallback, AckTarget};
 pub use remote::{Inbound, Remote, ReplyTo};
@@ -121,6 +123,8 @@ pub struct RouterConfig {
     /// `[cluster] enabled`: what no shard of this node holds goes to the
     /// cluster link instead of answering `no_route`.
     pub cluster: bool,
+    /// `[mqtt]`: the MQTT clients' mapping and session bounds.
+    pub mqtt: Arc<MqttSettings>,
 }
 
 /// One shard's routing state.
@@ -142,6 +146,8 @@ pub struct Router {
     conns: RefCell<HashMap<ConnId, Rc<ConnCell>>>,
     by_addr: RefCell<HashMap<Bytes, Rc<ConnCell>>>,
     indexes: [RefCell<HashMap<Bytes, Entry>>; 2],
+    /// MQTT subscriptions, retained messages and offline sessions.
+    mqtt: RefCell<mqtt::MqttIndex>,
     /// Addresses with a `watch:` group somewhere.
     watched: RefCell<HashSet<Bytes>>,
     /// The access-rule views handed to connections, one per distinct list,
@@ -225,6 +231,7 @@ impl Router {
             conns: RefCell::default(),
             by_addr: RefCell::default(),
             indexes: [RefCell::default(), RefCell::default()],
+            mqtt: RefCell::default(),
             watched: RefCell::default(),
             acl_views: RefCell::default(),
             outbox: RefCell::new((0..shards).map(|_| Vec::new()).collect()),

@@ -106,6 +106,9 @@ impl Router {
         frame: &Frame,
         now: Now,
     ) -> Result<(), Failure> {
+        if cell.mqtt.borrow().is_some() {
+            return self.mqtt_deliver_frame(cell, frame, now);
+        }
         // Once per recipient: borrow the settings rather than clone their handle
         // (a reload swaps them only from the sweeper, never inside a delivery).
         let r = cell
@@ -193,9 +196,28 @@ impl Router {
     }
 
     /// A fan-out over this node's shards and, when `cluster`, the other nodes
-    /// (the cluster link answers once for all of them).
+    /// (the cluster link answers once for all of them). A group publish
+    /// reaches the MQTT subscribers whose filters match the group too.
     #[allow(clippy::too_many_arguments)]
     fn fanout_to(
+        &self,
+        index: Index,
+        name: &Bytes,
+        frame: Frame,
+        exclude: Vec<Bytes>,
+        ack: Option<AckTarget>,
+        cluster: bool,
+        now: Now,
+    ) {
+        if index == Index::Group {
+            self.mqtt_from_group(name, &frame, now);
+        }
+        self.fanout_native(index, name, frame, exclude, ack, cluster, now);
+    }
+
+    /// The fan-out to the members of `name` (native clients).
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn fanout_native(
         &self,
         index: Index,
         name: &Bytes,

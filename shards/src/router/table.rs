@@ -183,6 +183,7 @@ impl Router {
         if self.conns.borrow_mut().remove(&cell.id).is_none() {
             return;
         }
+        self.mqtt_closed(cell, now);
         ShardStats::add(&self.stats.closed_total, 1);
         let conn = cell.conn.borrow();
         if conn.addr().is_empty() {

@@ -55,6 +55,10 @@ impl Router {
             // arms it properly.
             Err(_) => Some(0),
         };
+        let next = match (next, self.mqtt_timeout(cell)) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
         let Some(t) = next else { return };
         let mut d = self.deadlines.borrow_mut();
         let slot = slot_of(t).max(d.done + 1);
@@ -85,6 +89,7 @@ impl Router {
             d.ticks = d.ticks.wrapping_add(1);
             d.ticks.is_multiple_of(GAUGE_EVERY)
         };
+        self.mqtt_sweep_offline(now);
         for (slot, id) in due {
             let Some(cell) = self.cell(id) else {
                 continue;
@@ -95,6 +100,7 @@ impl Router {
             }
             cell.due.set(NOT_DUE);
             self.deadlines.borrow_mut().visits += 1;
+            self.mqtt_deadline(&cell, now);
             self.apply_deadline(&cell, now);
             self.arm(&cell);
         }

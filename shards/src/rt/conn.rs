@@ -61,6 +61,8 @@ const ANSWER_RESERVE: usize = 256;
 const LISTENER: u64 = u64::MAX;
 /// The TLS listener's token.
 const TLS_LISTENER: u64 = u64::MAX - 1;
+/// The MQTT listener's token.
+const MQTT_LISTENER: u64 = u64::MAX - 2;
 const IN: u32 = (libc::EPOLLIN | libc::EPOLLRDHUP) as u32;
 
 /// The shard's epoll set.
@@ -107,6 +109,11 @@ impl Poller {
         self.add(fd, TLS_LISTENER)
     }
 
+    /// Watches the MQTT listener.
+    pub(super) fn watch_mqtt_listener(&self, fd: RawFd) -> io::Result<()> {
+        self.add(fd, MQTT_LISTENER)
+    }
+
     /// Watches `fd` (under `token`) for what `io` needs: input unless it is
     /// paused, output while a write waits for room.
     fn rearm(&self, fd: RawFd, token: u64, io: &Io) -> io::Result<()> {
@@ -115,6 +122,11 @@ impl Poller {
             events |= libc::EPOLLOUT as u32;
         }
         self.ctl(libc::EPOLL_CTL_MOD, fd, events, token)
+    }
+
+    /// `rearm` for the other parts of the runtime.
+    pub(super) fn rearm_io(&self, fd: RawFd, token: u64, io: &Io) -> io::Result<()> {
+        self.rearm(fd, token, io)
     }
 
     fn remove(&self, fd: RawFd) {
@@ -158,6 +170,7 @@ pub(super) async fn run(
     shard: Rc<Shard>,
     listener: socket2::Socket,
     mut tls_listener: Option<socket2::Socket>,
+    mut mqtt_listener: Option<socket2::Socket>,
 ) {
     let mut listener = Some(listener);
     let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; EVENTS];
@@ -180,6 +193,9 @@ pub(super) async fn run(
                         shard.poller.remove(l.as_raw_fd());
                         shard.tls.listen_fd.set(None);
                     }
+                    if let Some(l) = mqtt_listener.take() {
+                        shard.poller.remove(l.as_raw_fd());
+                    }
                 }
                 let n = shard.poller.ready(&mut events);
                 let t = now();
@@ -187,13 +203,19 @@ pub(super) async fn run(
                     let token = ev.u64;
                     if token == LISTENER {
                         if let Some(l) = &listener {
-                            accept_ready(&shard, l, false);
+                            accept_ready(&shard, l, false, false);
                         }
                         continue;
                     }
                     if token == TLS_LISTENER {
                         if let Some(l) = &tls_listener {
-                            accept_ready(&shard, l, true);
+                            accept_ready(&shard, l, true, false);
+                        }
+                        continue;
+                    }
+                    if token == MQTT_LISTENER {
+                        if let Some(l) = &mqtt_listener {
+                            accept_ready(&shard, l, false, true);
                         }
                         continue;
                     }
@@ -308,6 +330,7 @@ pub(super) fn attach(shard: &Rc<Shard>, cell: Rc<ConnCell>, io: Io, first: Optio
         handover(shard, entry, owner, hello);
         return;
     }
+    super::mqtt::on_attach(shard, &entry.cell, t);
     let rbuf = entry.io.take_rbuf();
     if !rbuf.is_empty()
         && let Some((owner, hello)) = process_input(shard, &mut entry, t, rbuf)
@@ -319,8 +342,9 @@ pub(super) fn attach(shard: &Rc<Shard>, cell: Rc<ConnCell>, io: Io, first: Optio
 }
 
 /// Accepts what the listener holds, up to a budget per pass.
-/// (`tls`: the TLS listener's, whose connections start a handshake).
-fn accept_ready(shard: &Rc<Shard>, listener: &socket2::Socket, tls: bool) {
+/// (`tls`: the TLS listener's, whose connections start a handshake;
+/// `mqtt`: the MQTT listener's).
+fn accept_ready(shard: &Rc<Shard>, listener: &socket2::Socket, tls: bool, mqtt: bool) {
     for _ in 0..ACCEPT_BUDGET {
         let (sock, addr) = match listener.accept() {
             Ok(a) => a,
@@ -357,6 +381,9 @@ fn accept_ready(shard: &Rc<Shard>, listener: &socket2::Socket, tls: bool) {
         let fd = OwnedFd::from(sock);
         let conn = relay_core::Connection::new(&shard.router.cfg().conn, Transport::Tcp, now());
         let cell = shard.router.register(conn, Router::session(remote));
+        if mqtt {
+            super::mqtt::init(shard, &cell);
+        }
         let session = if tls {
             let Some(session) = shard.tls.accept(&shard.shared.tls, cell.id, now().mono_ms) else {
                 shard.router.on_closed(&cell, now());
@@ -368,7 +395,7 @@ fn accept_ready(shard: &Rc<Shard>, listener: &socket2::Socket, tls: bool) {
             None
         };
         let mut io = Io::new(fd, session);
-        if shard.shared.proxy.controllers(tls) {
+        if !mqtt && shard.shared.proxy.controllers(tls) {
             // Nothing is read before the balancer's PROXY header.
             io.part().proxy = Some(Vec::new());
             let deadline = now().mono_ms + shard.shared.proxy.timeout.as_millis() as u64;
@@ -574,6 +601,9 @@ fn process_input(
     t: relay_core::Now,
     mut rbuf: BytesMut,
 ) -> Option<(usize, Hello)> {
+    if entry.cell.mqtt.borrow().is_some() {
+        return super::mqtt::process_input(shard, entry, t, rbuf);
+    }
     let router = &shard.router;
     let cfg = router.cfg();
     let cfg = &cfg.conn;
@@ -684,7 +714,9 @@ fn flush(shard: &Rc<Shard>, mut entry: Entry<'_>, t: relay_core::Now) {
         let cfg = shard.router.cfg();
         let cfg = &cfg.conn;
         let owed = cell.owed.get() as usize * ANSWER_RESERVE;
-        if !cell.conn.borrow_mut().should_pause(cfg, t, owed) {
+        if !cell.conn.borrow_mut().should_pause(cfg, t, owed)
+            && !super::mqtt::should_pause(shard, cell)
+        {
             // Drained: read again, starting with what is already buffered.
             io.paused = false;
             let _ = shard.poller.rearm(fd, token, io);
@@ -715,10 +747,8 @@ fn write_out(
     let mut cur = io.part.as_mut().and_then(|p| p.writing.take());
     let failed = loop {
         if cur.is_none() {
-            cur = cell
-                .conn
-                .borrow_mut()
-                .poll_transmit(MAX_WRITE)
+            cur = super::mqtt::poll_transmit(cell, MAX_WRITE)
+                .unwrap_or_else(|| cell.conn.borrow_mut().poll_transmit(MAX_WRITE))
                 .map(|b| (b, 0));
         }
         let sent = match (cur.as_mut(), io.tls.as_mut()) {
@@ -741,7 +771,9 @@ fn write_out(
                 if *off == chunk.len() {
                     let len = chunk.len();
                     cur = None;
-                    cell.conn.borrow_mut().on_transmitted(cfg, t, len);
+                    if !super::mqtt::on_transmitted(shard, cell, t, len) {
+                        cell.conn.borrow_mut().on_transmitted(cfg, t, len);
+                    }
                 }
                 continue;
             }
@@ -816,6 +848,7 @@ fn handover(shard: &Rc<Shard>, entry: Entry<'_>, owner: usize, hello: Hello) {
         session,
         ws,
         tls,
+        mqtt: cell.mqtt.borrow_mut().take(),
     };
     ShardStats::add(&router.stats.handovers, 1);
     let shard = shard.clone();

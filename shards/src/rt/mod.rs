@@ -8,6 +8,7 @@
 mod conn;
 mod http;
 mod io;
+mod mqtt;
 mod proxy;
 mod reload;
 mod tls;
@@ -65,6 +66,8 @@ pub struct Handover {
     pub ws: Option<crate::ws::WsDecoder>,
     /// The TLS session, for connections on a TLS listener.
     pub tls: Option<Box<rustls::ServerConnection>>,
+    /// The MQTT session (with its CONNECT), for MQTT clients.
+    pub mqtt: Option<Box<crate::router::MqttConn>>,
 }
 
 /// The wakers behind the router's [`Signals`]: the I/O loop's (write list)
@@ -164,6 +167,8 @@ pub struct Shared {
     pub plugin_metrics: MetricsSource,
     /// The cluster link (`[cluster] enabled`).
     pub cluster: Option<Arc<crate::cluster::Cluster>>,
+    /// `[listeners] mqtt`, its port resolved.
+    pub mqtt_addr: Option<SocketAddr>,
     ready: AtomicUsize,
     /// Shards that have cut every tie to their peers (see `quiesce`).
     quiet: AtomicUsize,
@@ -356,6 +361,7 @@ impl Relay {
             (want, _) => reserve_optional(want)?,
         };
         let tls = tls::TlsShared::new(cfg, tls_addr, https_addr)?;
+        let (mqtt_reserve, mqtt_addr) = reserve_optional(cfg.listeners.mqtt)?;
         let stats: Vec<Arc<ShardStats>> = (0..shards)
             .map(|_| Arc::new(ShardStats::default()))
             .collect();
@@ -395,6 +401,7 @@ impl Relay {
             plugins: ext.plugins,
             plugin_metrics: ext.plugin_metrics,
             cluster,
+            mqtt_addr,
             ready: AtomicUsize::new(0),
             quiet: AtomicUsize::new(0),
             shards,
@@ -480,6 +487,10 @@ impl Relay {
         drop(http_reserve);
         drop(tls_reserve);
         drop(https_reserve);
+        drop(mqtt_reserve);
+        if let Some(a) = mqtt_addr {
+            tracing::info!("MQTT listening mqtt_addr={a}");
+        }
         match http_addr {
             Some(h) => {
                 tracing::info!("relay listening tcp_addr={tcp_addr} http_addr={h} shards={shards}")
@@ -514,6 +525,11 @@ impl Relay {
     /// `[listeners] http_tls` is set.
     pub fn http_tls_addr(&self) -> Option<SocketAddr> {
         self.shared.tls.http_addr
+    }
+
+    /// Where MQTT clients connect, when `[listeners] mqtt` is set.
+    pub fn mqtt_addr(&self) -> Option<SocketAddr> {
+        self.shared.mqtt_addr
     }
 
     /// Where the HTTP API, `/ws`, `/metrics` and the console are served.
@@ -732,6 +748,7 @@ pub fn router_config(cfg: &Config) -> RouterConfig {
         admission: cfg.admission.clone(),
         acl: Arc::new(crate::acl::AclRules::build(&cfg.acl, None)),
         cluster: cfg.cluster.enabled,
+        mqtt: Arc::new(crate::router::MqttSettings::from_config(&cfg.mqtt)),
     }
 }
 
@@ -854,10 +871,15 @@ async fn shard_main(
         }
         None => None,
     };
+    let mqtt_listener = match shared.mqtt_addr {
+        Some(a) => Some(mqtt::listen(&shard, a)?),
+        None => None,
+    };
     tasks.push(glommio::spawn_local(conn::run(
         shard.clone(),
         listener,
         tls_listener,
+        mqtt_listener,
     )));
     if let Some(l) = http_listener {
         tasks.push(glommio::spawn_local(accept_http(shard.clone(), l, false)));
@@ -1010,8 +1032,15 @@ async fn accept_http(shard: Rc<Shard>, listener: TcpListener, tls: bool) {
 /// Takes a connection handed over by another shard.
 fn adopt(shard: &Rc<Shard>, h: Handover) {
     let cell = shard.router.register(h.conn, h.session);
+    // An MQTT client's CONNECT is answered from its session (`mqtt::on_attach`).
+    let first = if h.mqtt.is_some() {
+        None
+    } else {
+        Some(Event::Hello(h.hello))
+    };
+    *cell.mqtt.borrow_mut() = h.mqtt;
     let io = io::Io::new(h.fd, h.tls).carrying(h.rbuf, h.pending_out, h.ws);
-    conn::attach(shard, cell, io, Some(Event::Hello(h.hello)));
+    conn::attach(shard, cell, io, first);
 }
 
 /// Routes what rules send (src `$rules`). Every shard pulls from the same

@@ -1,0 +1,710 @@
+//! MQTT clients end to end: real clients nobody here wrote (mosquitto_pub
+//! and mosquitto_sub, paho-mqtt, rumqttc) against a two-shard relay on
+//! port 0, talking to each other and to native controllers.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::process::{Child, ChildStdout, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::{Client, Form, addrs_on, http, start};
+use relay_core::frame::{Flags, Frame, FrameType};
+use relay_shards::Relay;
+
+const SHARDS: usize = 2;
+
+fn relay() -> Relay {
+    start(|c| c.listeners.mqtt = Some("127.0.0.1:0".parse().unwrap()))
+}
+
+fn mqtt_port(r: &Relay) -> String {
+    r.mqtt_addr().expect("mqtt listener").port().to_string()
+}
+
+/// A client process whose stdout lines arrive on a channel; killed (by its
+/// pid) when dropped.
+struct Proc {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+}
+
+impl Proc {
+    fn spawn(cmd: &mut Command) -> Proc {
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("client starts");
+        let out: ChildStdout = child.stdout.take().unwrap();
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Proc { child, lines }
+    }
+
+    /// The next line, within `t`.
+    fn line(&self, t: Duration) -> Option<String> {
+        self.lines.recv_timeout(t).ok()
+    }
+
+    /// Lines until one starts with `prefix` (at most 10 s); returns it.
+    fn until(&self, prefix: &str) -> String {
+        let end = Instant::now() + Duration::from_secs(10);
+        loop {
+            let left = end.saturating_duration_since(Instant::now());
+            match self.line(left) {
+                Some(l) if l.starts_with(prefix) => return l,
+                Some(_) => {}
+                None => panic!("no line starting with {prefix:?} within 10 s"),
+            }
+        }
+    }
+
+    /// Waits (at most 20 s) for the process to exit.
+    fn wait(&mut self) -> std::process::ExitStatus {
+        let end = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return s;
+            }
+            assert!(Instant::now() < end, "client did not exit");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn kill(&mut self) {
+        // SAFETY: a signal to the child this test started, by its pid.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGKILL) };
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            self.kill();
+        }
+    }
+}
+
+fn paho(r: &Relay, id: &str, version: &str, args: &[&str], auth: Option<(&str, &str)>) -> Proc {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/mqtt/paho_client.py");
+    let mut cmd = Command::new("python3");
+    cmd.arg(script)
+        .arg("127.0.0.1")
+        .arg(mqtt_port(r))
+        .arg(id)
+        .arg(version)
+        .args(args);
+    if let Some((u, p)) = auth {
+        cmd.env("MQTT_USER", u).env("MQTT_PASS", p);
+    }
+    Proc::spawn(&mut cmd)
+}
+
+/// mosquitto_sub printing `topic payload` lines, exiting after `count`.
+fn mosquitto_sub(r: &Relay, id: &str, version: &str, filter: &str, count: u32) -> Proc {
+    Proc::spawn(
+        Command::new("mosquitto_sub")
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &mqtt_port(r),
+                "-i",
+                id,
+                "-V",
+                version,
+            ])
+            .args(["-t", filter, "-q", "1", "-v", "-W", "20"])
+            .args(["-C", &count.to_string()]),
+    )
+}
+
+fn mosquitto_pub(r: &Relay, id: &str, version: &str, topic: &str, payload: &str, qos: u8) {
+    let s = Command::new("mosquitto_pub")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &mqtt_port(r),
+            "-i",
+            id,
+            "-V",
+            version,
+        ])
+        .args(["-t", topic, "-m", payload, "-q", &qos.to_string()])
+        .status()
+        .expect("mosquitto_pub runs");
+    assert!(s.success(), "mosquitto_pub {topic}: {s}");
+}
+
+/// Publishes with mosquitto_pub every 300 ms until `sub` prints a line (a
+/// mosquitto_sub has no "subscribed" signal): at most 20 tries.
+fn publish_until_seen(
+    r: &Relay,
+    sub: &Proc,
+    id: &str,
+    version: &str,
+    topic: &str,
+    payload: &str,
+    qos: u8,
+) -> String {
+    for _ in 0..20 {
+        mosquitto_pub(r, id, version, topic, payload, qos);
+        if let Some(l) = sub.line(Duration::from_millis(300)) {
+            return l;
+        }
+    }
+    panic!("the subscriber never got {topic}");
+}
+
+#[test]
+fn mosquitto_clients_publish_and_subscribe_across_shards_in_both_versions() {
+    let r = relay();
+    for (version, qos) in [
+        ("mqttv311", 0),
+        ("mqttv311", 1),
+        ("mqttv5", 0),
+        ("mqttv5", 1),
+    ] {
+        // Subscriber and publisher on each pair of shards.
+        for (ss, ps) in [(0, 0), (0, 1), (1, 0)] {
+            let sub_id =
+                addrs_on(&format!("sub-{version}-{qos}-{ss}{ps}-"), ss, SHARDS, 1).remove(0);
+            let pub_id =
+                addrs_on(&format!("pub-{version}-{qos}-{ss}{ps}-"), ps, SHARDS, 1).remove(0);
+            let mut sub = mosquitto_sub(&r, &sub_id, version, "sensors/+/temp", 1);
+            let l = publish_until_seen(&r, &sub, &pub_id, version, "sensors/k7/temp", "21.5", qos);
+            assert_eq!(l, "sensors/k7/temp 21.5", "{version} qos {qos} {ss}->{ps}");
+            assert!(sub.wait().success());
+        }
+    }
+}
+
+#[test]
+fn paho_clients_qos1_both_versions_with_a_wildcard_subscription() {
+    let r = relay();
+    for version in ["3", "5"] {
+        let sub_id = addrs_on(&format!("paho-s{version}-"), 1, SHARDS, 1).remove(0);
+        let pub_id = addrs_on(&format!("paho-p{version}-"), 0, SHARDS, 1).remove(0);
+        let sub = paho(&r, &sub_id, version, &["sub", "plant/#", "1", "2"], None);
+        assert_eq!(sub.until("CONNACK"), "CONNACK 0 0");
+        assert_eq!(sub.until("READY"), "READY 1");
+        for (i, topic) in ["plant/a", "plant/b/c"].iter().enumerate() {
+            let mut p = paho(
+                &r,
+                &pub_id,
+                version,
+                &["pub", topic, "1", &format!("m{i}")],
+                None,
+            );
+            assert_eq!(p.until("PUBLISHED"), "PUBLISHED");
+            assert!(p.wait().success());
+            assert_eq!(sub.until("MSG"), format!("MSG {topic} 1 0 m{i}"));
+        }
+    }
+}
+
+/// rumqttc (sync client) from Rust, v5: CONNECT, SUBSCRIBE, PUBLISH QoS 1.
+#[test]
+fn rumqttc_v5_subscribes_and_gets_its_own_qos1_publish_back() {
+    use rumqttc::v5::mqttbytes::QoS;
+    use rumqttc::v5::mqttbytes::v5::Packet;
+    use rumqttc::v5::{Client as V5, Event, MqttOptions};
+    let r = relay();
+    let port: u16 = mqtt_port(&r).parse().unwrap();
+    let id = addrs_on("rq-", 1, SHARDS, 1).remove(0);
+    let mut o = MqttOptions::new(id, "127.0.0.1", port);
+    o.set_keep_alive(Duration::from_secs(10));
+    let (client, mut conn) = V5::new(o, 16);
+    client.subscribe("rq/topic", QoS::AtLeastOnce).unwrap();
+    client
+        .publish("rq/topic", QoS::AtLeastOnce, false, "hello")
+        .unwrap();
+    let (mut acked, mut got) = (false, None);
+    for ev in conn.iter().take(20) {
+        match ev {
+            Ok(Event::Incoming(Packet::PubAck(_))) => acked = true,
+            Ok(Event::Incoming(Packet::Publish(p))) => {
+                got = Some((p.topic.clone(), p.payload.clone(), p.qos));
+            }
+            Ok(_) => {}
+            Err(e) => panic!("{e}"),
+        }
+        if acked && got.is_some() {
+            break;
+        }
+    }
+    assert!(acked, "PUBACK");
+    let (t, p, q) = got.expect("its own message back");
+    assert_eq!(&t[..], b"rq/topic");
+    assert_eq!(&p[..], b"hello");
+    assert_eq!(q, QoS::AtLeastOnce);
+}
+
+#[test]
+fn native_and_mqtt_clients_reach_each_other_both_ways() {
+    let r = relay();
+    let ctl_name = addrs_on("ctl-", 0, SHARDS, 1).remove(0);
+    let mq_id = addrs_on("mq-", 1, SHARDS, 1).remove(0);
+    let mut ctl = Client::hello(r.tcp_addr(), Form::Json, &ctl_name);
+    let sub = paho(&r, &mq_id, "5", &["sub", "relay/from/#", "1", "3"], None);
+    assert_eq!(sub.until("READY"), "READY 1");
+    // Native DATA to the MQTT client's address: PUBLISH on relay/from/<src>.
+    ctl.data(&mq_id, 1, true, b"\"ping-from-native\"");
+    assert_eq!(ctl.expect(FrameType::Ack).seq, 1);
+    assert_eq!(
+        sub.until("MSG"),
+        format!("MSG relay/from/{ctl_name} 1 0 \"ping-from-native\"")
+    );
+    // The HTTP API's send reaches it the same way.
+    let (s, v) = http(
+        &r,
+        "POST",
+        "/api/v1/send",
+        None,
+        Some(&serde_json::json!({"dst": mq_id, "payload": "from-api", "src": "backend"})),
+    );
+    assert_eq!(s, 200, "{v}");
+    // The API's JSON payload arrives as its JSON text.
+    assert_eq!(sub.until("MSG"), "MSG relay/from/backend 1 0 \"from-api\"");
+    // An MQTT client sends to an address by publishing to relay/to/<dst>.
+    let pub_id = addrs_on("mqp-", 0, SHARDS, 1).remove(0);
+    let mut p = paho(
+        &r,
+        &pub_id,
+        "3",
+        &["pub", &format!("relay/to/{ctl_name}"), "1", "to-native"],
+        None,
+    );
+    p.until("PUBLISHED");
+    assert!(p.wait().success());
+    let f = ctl.expect(FrameType::Data);
+    assert_eq!(&f.src[..], pub_id.as_bytes());
+    assert_eq!(&f.payload[..], b"to-native");
+    assert!(!f.flags.group());
+
+    // Groups are topics: an MQTT PUBLISH to T reaches native members of T...
+    let mut j = Frame::new(FrameType::Join);
+    j.dst = Bytes::from_static(b"alarms");
+    j.seq = 2;
+    j.flags = Flags(Flags::ACK_REQ);
+    ctl.send(&j);
+    assert_eq!(ctl.expect(FrameType::Ack).seq, 2);
+    let mut p = paho(&r, &pub_id, "5", &["pub", "alarms", "1", "smoke"], None);
+    p.until("PUBLISHED");
+    assert!(p.wait().success());
+    let f = ctl.expect(FrameType::Data);
+    assert!(f.flags.group());
+    assert_eq!(&f.dst[..], b"alarms");
+    assert_eq!(&f.src[..], pub_id.as_bytes());
+    assert_eq!(&f.payload[..], b"smoke");
+    // ...and a native PUBLISH to group G reaches MQTT filters matching G.
+    let sub2_id = addrs_on("mqs-", 0, SHARDS, 1).remove(0);
+    let sub2 = paho(&r, &sub2_id, "3", &["sub", "+", "1", "1"], None);
+    assert_eq!(sub2.until("READY"), "READY 1");
+    let mut pf = Frame::new(FrameType::Publish);
+    pf.dst = Bytes::from_static(b"alarms");
+    pf.payload = Bytes::from_static(b"\"fire\"");
+    pf.flags = Flags(Flags::ACK_REQ | Flags::JSON);
+    let mut ctl2 = Client::hello(r.tcp_addr(), Form::Json, "ctl-2");
+    // A new filter reaches the other shard over the mesh just after SUBACK
+    // (docs/mqtt.md): publish until it is seen, at most 20 times.
+    let mut seen = None;
+    for seq in 3..23 {
+        pf.seq = seq;
+        ctl2.send(&pf);
+        assert_eq!(ctl2.expect(FrameType::Ack).seq, seq);
+        seen = sub2.line(Duration::from_millis(300));
+        if seen.is_some() {
+            break;
+        }
+    }
+    assert_eq!(seen.as_deref(), Some("MSG alarms 1 0 \"fire\""));
+}
+
+#[test]
+fn a_second_connection_with_the_same_id_takes_over_with_0x8e() {
+    let r = relay();
+    let id = addrs_on("twin-", 1, SHARDS, 1).remove(0);
+    let first = paho(&r, &id, "5", &["hold", "x/#", "1"], None);
+    assert_eq!(first.until("READY"), "READY 1");
+    let second = paho(&r, &id, "5", &["sub", "x/#", "1", "0"], None);
+    assert_eq!(second.until("CONNACK"), "CONNACK 0 0");
+    // paho reports DISCONNECT's reason code 0x8E (142).
+    assert_eq!(first.until("DISCONNECTED"), "DISCONNECTED 142");
+}
+
+#[test]
+fn hmac_auth_takes_the_device_token_or_the_api_token_as_password() {
+    let secret = "0123456789abcdef0123456789abcdef";
+    let r = start(|c| {
+        c.listeners.mqtt = Some("127.0.0.1:0".parse().unwrap());
+        c.auth.mode = relay_config::AuthMode::Hmac;
+        c.auth.secret = secret.into();
+        c.http.api_token = Some("svc-token-0123456789".into());
+    });
+    let id = addrs_on("dev-", 0, SHARDS, 1).remove(0);
+    let token = relay_core::auth::token_for(secret.as_bytes(), id.as_bytes());
+    let ok = paho(&r, &id, "5", &["sub", "a", "1", "0"], Some(("any", &token)));
+    assert_eq!(ok.until("CONNACK"), "CONNACK 0 0");
+    let svc = paho(
+        &r,
+        "svc-1",
+        "3",
+        &["sub", "a", "1", "0"],
+        Some(("svc", "svc-token-0123456789")),
+    );
+    assert_eq!(svc.until("CONNACK"), "CONNACK 0 0");
+    // A wrong password: 0x86 (v5); 3.1.1 gets return code 4, which paho
+    // reports as the same reason (134).
+    let bad = paho(&r, &id, "5", &["sub", "a", "1", "0"], Some(("any", "nope")));
+    assert_eq!(bad.until("CONNACK"), "CONNACK 134 0");
+    let bad = paho(&r, &id, "3", &["sub", "a", "1", "0"], None);
+    assert_eq!(bad.until("CONNACK"), "CONNACK 134 0");
+}
+
+/// Reads one MQTT packet's bytes (fixed header and body) within 5 s, or
+/// `None` when the socket closed.
+fn read_packet(s: &mut TcpStream) -> Option<Vec<u8>> {
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut first = [0u8; 1];
+    if s.read_exact(&mut first).is_err() {
+        return None;
+    }
+    let mut out = vec![first[0]];
+    let (mut len, mut mult) = (0usize, 1usize);
+    loop {
+        let mut b = [0u8; 1];
+        s.read_exact(&mut b).ok()?;
+        out.push(b[0]);
+        len += (b[0] & 0x7f) as usize * mult;
+        mult *= 128;
+        if b[0] & 0x80 == 0 {
+            break;
+        }
+    }
+    let mut body = vec![0u8; len];
+    s.read_exact(&mut body).ok()?;
+    out.extend(body);
+    Some(out)
+}
+
+fn closed(s: &mut TcpStream) -> bool {
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut b = [0u8; 16];
+    matches!(s.read(&mut b), Ok(0) | Err(_))
+}
+
+fn raw_connect(addr: SocketAddr, id: &str, v5: bool) -> TcpStream {
+    let mut s = TcpStream::connect(addr).unwrap();
+    let mut p = Vec::new();
+    p.extend_from_slice(b"\x00\x04MQTT");
+    p.push(if v5 { 5 } else { 4 });
+    p.push(0x02);
+    p.extend_from_slice(&[0, 30]);
+    if v5 {
+        p.push(0);
+    }
+    p.extend_from_slice(&(id.len() as u16).to_be_bytes());
+    p.extend_from_slice(id.as_bytes());
+    let mut pkt = vec![0x10, p.len() as u8];
+    pkt.extend(p);
+    s.write_all(&pkt).unwrap();
+    let ack = read_packet(&mut s).expect("CONNACK");
+    assert_eq!(ack[0], 0x20);
+    s
+}
+
+#[test]
+fn bad_input_gets_the_spec_reaction_and_touches_nothing_else() {
+    let r = relay();
+    let addr = r.mqtt_addr().unwrap();
+    // A bystander subscribed throughout.
+    let by = paho(&r, "bystander-1", "5", &["sub", "t/#", "1", "1"], None);
+    assert_eq!(by.until("READY"), "READY 1");
+    // Wildcard in a PUBLISH topic, v5: DISCONNECT 0x90, then closed.
+    let mut s = raw_connect(addr, "bad-1", true);
+    s.write_all(b"\x30\x06\x00\x03t/#\x00").unwrap();
+    let d = read_packet(&mut s).expect("DISCONNECT");
+    assert_eq!(d[0], 0xe0);
+    assert_eq!(d[2], 0x90);
+    assert!(closed(&mut s));
+    // The same on 3.1.1: closed without a word.
+    let mut s = raw_connect(addr, "bad-2", false);
+    s.write_all(b"\x30\x05\x00\x03t/#").unwrap();
+    assert!(closed(&mut s));
+    // A remaining length of five bytes: malformed (0x81).
+    let mut s = raw_connect(addr, "bad-3", true);
+    s.write_all(b"\x30\xff\xff\xff\xff\x7f").unwrap();
+    let d = read_packet(&mut s).expect("DISCONNECT");
+    assert_eq!((d[0], d[2]), (0xe0, 0x81));
+    assert!(closed(&mut s));
+    // Over the maximum packet size, seen from the fixed header: 0x95.
+    let mut s = raw_connect(addr, "bad-4", true);
+    s.write_all(b"\x30\xff\xff\xff\x7f").unwrap();
+    let d = read_packet(&mut s).expect("DISCONNECT");
+    assert_eq!((d[0], d[2]), (0xe0, 0x95));
+    assert!(closed(&mut s));
+    // A malformed CONNECT (3.1.1 protocol level 3): CONNACK 0x01, closed.
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.write_all(b"\x10\x0e\x00\x06MQIsdp\x03\x02\x00\x1e\x00\x00")
+        .unwrap();
+    let ack = read_packet(&mut s).expect("CONNACK");
+    assert_eq!(ack, vec![0x20, 0x02, 0x00, 0x01]);
+    assert!(closed(&mut s));
+    // The bystander is unaffected and still served.
+    let mut p = paho(&r, "pub-ok-1", "5", &["pub", "t/ok", "1", "fine"], None);
+    p.until("PUBLISHED");
+    assert!(p.wait().success());
+    assert_eq!(by.until("MSG"), "MSG t/ok 1 0 fine");
+}
+
+#[test]
+fn qos2_flows_end_to_end_across_shards_in_both_versions() {
+    let r = relay();
+    for version in ["3", "5"] {
+        let sub_id = addrs_on(&format!("q2s{version}-"), 0, SHARDS, 1).remove(0);
+        let pub_id = addrs_on(&format!("q2p{version}-"), 1, SHARDS, 1).remove(0);
+        let sub = paho(&r, &sub_id, version, &["sub", "q2/+", "2", "2"], None);
+        assert_eq!(sub.until("READY"), "READY 2");
+        for i in 0..2 {
+            let mut p = paho(
+                &r,
+                &pub_id,
+                version,
+                &["pub", "q2/x", "2", &format!("once-{i}")],
+                None,
+            );
+            assert_eq!(p.until("PUBLISHED"), "PUBLISHED");
+            assert!(p.wait().success());
+            assert_eq!(sub.until("MSG"), format!("MSG q2/x 2 0 once-{i}"));
+        }
+    }
+}
+
+#[test]
+fn retained_messages_reach_later_subscribers_on_any_shard_and_empty_deletes() {
+    let r = relay();
+    let pub_id = addrs_on("rp-", 0, SHARDS, 1).remove(0);
+    let s = Command::new("mosquitto_pub")
+        .args(["-h", "127.0.0.1", "-p", &mqtt_port(&r), "-i", &pub_id])
+        .args(["-t", "state/boiler", "-m", "on", "-q", "1", "-r"])
+        .status()
+        .unwrap();
+    assert!(s.success());
+    for shard_idx in 0..SHARDS {
+        let id = addrs_on(&format!("rs{shard_idx}-"), shard_idx, SHARDS, 1).remove(0);
+        let sub = paho(&r, &id, "5", &["sub", "state/#", "1", "1"], None);
+        assert_eq!(
+            sub.until("MSG"),
+            "MSG state/boiler 1 1 on",
+            "shard {shard_idx}"
+        );
+    }
+    // An empty retained payload deletes it: a new subscriber's first
+    // message is the live one that follows.
+    let s = Command::new("mosquitto_pub")
+        .args(["-h", "127.0.0.1", "-p", &mqtt_port(&r), "-i", &pub_id])
+        .args(["-t", "state/boiler", "-n", "-q", "1", "-r"])
+        .status()
+        .unwrap();
+    assert!(s.success());
+    let id = addrs_on("rs-late-", 1, SHARDS, 1).remove(0);
+    let sub = paho(&r, &id, "3", &["sub", "state/#", "1", "1"], None);
+    assert_eq!(sub.until("READY"), "READY 1");
+    mosquitto_pub(&r, &pub_id, "mqttv311", "state/boiler", "live", 1);
+    assert_eq!(sub.until("MSG"), "MSG state/boiler 1 0 live");
+}
+
+#[test]
+fn the_will_goes_out_when_the_client_is_killed() {
+    let r = relay();
+    let watcher = paho(&r, "will-watch", "5", &["sub", "wills/#", "1", "1"], None);
+    assert_eq!(watcher.until("READY"), "READY 1");
+    let id = addrs_on("doomed-", 1, SHARDS, 1).remove(0);
+    let mut holder = paho(&r, &id, "3", &["hold", "x", "1"], None);
+    assert_eq!(holder.until("READY"), "READY 1");
+    holder.kill();
+    assert_eq!(watcher.until("MSG"), format!("MSG wills/{id} 1 0 gone"));
+}
+
+#[test]
+fn a_persistent_session_gets_what_came_while_it_was_away() {
+    let r = relay();
+    for version in ["3", "5"] {
+        let id = addrs_on(&format!("persist{version}-"), 1, SHARDS, 1).remove(0);
+        // Subscribe with a persistent session, then go away (no DISCONNECT).
+        let mut first = paho(&r, &id, version, &["sub", "ps/#", "1", "0", "0"], None);
+        assert_eq!(first.until("CONNACK"), "CONNACK 0 0");
+        assert_eq!(first.until("READY"), "READY 1");
+        assert!(first.wait().success());
+        // Whether the relay has seen the close yet or not, a QoS 1 message
+        // is kept: queued offline, or in flight and sent again on resumption.
+        let pub_id = addrs_on(&format!("pspub{version}-"), 0, SHARDS, 1).remove(0);
+        mosquitto_pub(&r, &pub_id, "mqttv311", "ps/a", "while-away", 1);
+        let again = paho(&r, &id, version, &["sub", "ps/#", "1", "1", "0"], None);
+        assert_eq!(again.until("CONNACK"), "CONNACK 0 1", "session present");
+        assert_eq!(again.until("MSG"), "MSG ps/a 1 0 while-away");
+    }
+}
+
+#[test]
+fn clients_api_shows_protocol_and_version_and_metrics_count_packets_by_type() {
+    let r = relay();
+    let _ctl = Client::hello(r.tcp_addr(), Form::Json, "ctl-native-1");
+    let v5_id = addrs_on("api5-", 0, SHARDS, 1).remove(0);
+    let v3_id = addrs_on("api3-", 1, SHARDS, 1).remove(0);
+    let a = paho(&r, &v5_id, "5", &["hold", "a/#", "1"], None);
+    assert_eq!(a.until("READY"), "READY 1");
+    let b = paho(&r, &v3_id, "3", &["hold", "b/#", "1"], None);
+    assert_eq!(b.until("READY"), "READY 1");
+    let find = |v: &serde_json::Value, addr: &str| -> serde_json::Value {
+        let items = v["items"].as_array().expect("items");
+        items
+            .iter()
+            .find(|c| c["addr"] == addr)
+            .cloned()
+            .unwrap_or_else(|| panic!("{addr} not listed: {v}"))
+    };
+    let v = common::wait_for(&r, "/api/v1/clients", |v| {
+        v["items"].as_array().is_some_and(|i| i.len() >= 3)
+    });
+    let c5 = find(&v, &v5_id);
+    assert_eq!(
+        (c5["protocol"].as_str(), c5["version"].as_str()),
+        (Some("mqtt"), Some("5.0"))
+    );
+    let c3 = find(&v, &v3_id);
+    assert_eq!(
+        (c3["protocol"].as_str(), c3["version"].as_str()),
+        (Some("mqtt"), Some("3.1.1"))
+    );
+    let n = find(&v, "ctl-native-1");
+    assert_eq!(n["protocol"], "relay");
+    assert!(n["version"].is_null());
+    // Two CONNECTs and two SUBSCRIBEs, on whichever shards they landed.
+    let (s, m) = http(&r, "GET", "/metrics", None, None);
+    assert_eq!(s, 200);
+    let text = m.as_str().expect("metrics text").to_owned();
+    let sum = |kind: &str| -> u64 {
+        text.lines()
+            .filter(|l| l.starts_with(&format!("relay_mqtt_packets_in_total{{type=\"{kind}\"")))
+            .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
+            .sum()
+    };
+    assert_eq!(sum("connect"), 2, "{text}");
+    assert_eq!(sum("subscribe"), 2, "{text}");
+}
+
+#[test]
+fn a_shared_subscription_across_shards_gets_each_message_once() {
+    let r = relay();
+    let a_id = addrs_on("share-a-", 0, SHARDS, 1).remove(0);
+    let b_id = addrs_on("share-b-", 1, SHARDS, 1).remove(0);
+    let a = paho(
+        &r,
+        &a_id,
+        "5",
+        &["hold", "$share/workers/jobs/+", "1"],
+        None,
+    );
+    assert_eq!(a.until("READY"), "READY 1");
+    let b = paho(
+        &r,
+        &b_id,
+        "5",
+        &["hold", "$share/workers/jobs/+", "1"],
+        None,
+    );
+    assert_eq!(b.until("READY"), "READY 1");
+    let pub_id = addrs_on("share-p-", 1, SHARDS, 1).remove(0);
+    for i in 0..6 {
+        mosquitto_pub(&r, &pub_id, "mqttv5", "jobs/x", &format!("job-{i}"), 1);
+    }
+    let mut got = Vec::new();
+    let end = Instant::now() + Duration::from_secs(10);
+    while got.len() < 6 && Instant::now() < end {
+        for p in [&a, &b] {
+            if let Some(l) = p.line(Duration::from_millis(50)) {
+                got.push(l);
+            }
+        }
+    }
+    // Nothing more comes: no message went to both members.
+    for p in [&a, &b] {
+        if let Some(l) = p.line(Duration::from_millis(500)) {
+            got.push(l);
+        }
+    }
+    got.sort();
+    let want: Vec<String> = (0..6).map(|i| format!("MSG jobs/x 1 0 job-{i}")).collect();
+    assert_eq!(got, want);
+}
+
+#[test]
+fn the_will_goes_out_when_keep_alive_expires() {
+    let r = relay();
+    let watcher = paho(&r, "ka-watch", "3", &["sub", "wills/#", "1", "1"], None);
+    assert_eq!(watcher.until("READY"), "READY 1");
+    let id = addrs_on("silent-", 0, SHARDS, 1).remove(0);
+    let mut cmd = Command::new("python3");
+    cmd.arg(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/mqtt/paho_client.py"
+    ))
+    .args(["127.0.0.1", &mqtt_port(&r), &id, "5", "hold", "x", "1"])
+    .env("MQTT_KEEPALIVE", "1");
+    let holder = Proc::spawn(&mut cmd);
+    assert_eq!(holder.until("READY"), "READY 1");
+    // Stopped, the client sends nothing (no PINGREQ) but its socket stays
+    // open: the relay ends it after 1.5 keep alive periods.
+    // SAFETY: a signal to the child this test started, by its pid.
+    unsafe { libc::kill(holder.child.id() as i32, libc::SIGSTOP) };
+    assert_eq!(watcher.until("MSG"), format!("MSG wills/{id} 1 0 gone"));
+}
+
+#[test]
+fn an_empty_client_id_is_assigned_with_clean_start_and_refused_without() {
+    let r = relay();
+    let addr = r.mqtt_addr().unwrap();
+    // MQTT 5, clean start: CONNACK 0 with an Assigned Client Identifier
+    // (property 0x12) that is a relay address.
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.write_all(b"\x10\x0d\x00\x04MQTT\x05\x02\x00\x1e\x00\x00\x00")
+        .unwrap();
+    let ack = read_packet(&mut s).expect("CONNACK");
+    assert_eq!(&ack[..4], &[0x20, ack[1], 0x00, 0x00][..], "{ack:?}");
+    let at = ack.iter().position(|&b| b == 0x12).expect("assigned id");
+    let n = u16::from_be_bytes([ack[at + 1], ack[at + 2]]) as usize;
+    let id = std::str::from_utf8(&ack[at + 3..at + 3 + n])
+        .unwrap()
+        .to_owned();
+    assert!(relay_core::validate_name(id.as_bytes()).is_ok(), "{id}");
+    // The assigned id is its address: DATA to it arrives as a PUBLISH.
+    let mut ctl = Client::hello(r.tcp_addr(), Form::Json, "ctl-assign");
+    ctl.data(&id, 1, true, b"x");
+    assert_eq!(ctl.expect(FrameType::Ack).seq, 1);
+    let p = read_packet(&mut s).expect("PUBLISH");
+    assert_eq!(p[0] >> 4, 3);
+    assert!(p.windows(20).any(|w| w == b"relay/from/ctl-assig"), "{p:?}");
+    // 3.1.1 without clean session: CONNACK return code 2, closed.
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.write_all(b"\x10\x0c\x00\x04MQTT\x04\x00\x00\x1e\x00\x00")
+        .unwrap();
+    assert_eq!(
+        read_packet(&mut s).expect("CONNACK"),
+        vec![0x20, 0x02, 0x00, 0x02]
+    );
+    assert!(closed(&mut s));
+}
