@@ -981,3 +981,17 @@ fn a_cluster_needs_a_nats_url_a_subject_safe_prefix_and_node_name() {
         .expect("a valid cluster section");
     assert_eq!(c.cluster.prefix, "site_a");
 }
+
+#[test]
+fn the_rules_lease_is_off_by_default_and_needs_the_plugins() {
+    assert!(!Config::default().cluster.rules_lease);
+    let p = problems(
+        "[node]\nname = \"edge-1\"\n[cluster]\nenabled = true\nrules_lease = true\n[plugins]\nenabled = false\n",
+    );
+    assert_eq!(keys(&p), set(&["cluster.rules_lease"]));
+    let c = load(
+        "[node]\nname = \"edge-1\"\n[cluster]\nenabled = true\nrules_lease = true\n[plugins]\nenabled = true\n",
+    )
+    .expect("a cluster running its rules behind the lease");
+    assert!(c.cluster.rules_lease);
+}
