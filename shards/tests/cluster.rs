@@ -759,6 +759,14 @@ fn rules_run_once_per_fleet_on_the_lease_holder_and_move_when_it_is_killed() {
             .contains(&"dev-1/hot".to_owned())
             .then_some(())
     });
+    // The devices on the surviving nodes are still connected: the new
+    // holder keeps their presence in Redis.
+    let present: bool = redis::cmd("HEXISTS")
+        .arg(format!("{}presence", keys.0))
+        .arg("dev-1")
+        .query(&mut redis())
+        .unwrap();
+    assert!(present, "dev-1's presence kept across the take-over");
     // The device reconnects to whichever node survives with its sink, and
     // a new message fires the rule once more, once.
     let dev_node = &f.nodes[(leader2 + 1) % f.nodes.len()];
