@@ -838,3 +838,50 @@ fn without_the_lease_every_node_runs_its_own_rules() {
         });
     }
 }
+
+#[test]
+fn with_no_live_lease_holder_rule_events_are_dropped_and_counted() {
+    // A node that cannot reach NATS never holds the lease: nothing runs its
+    // rules, and its events are counted as dropped, never queued forever.
+    let p = prefix("nolink");
+    let dir = std::env::temp_dir().join(&p);
+    std::fs::create_dir_all(dir.join("rules")).unwrap();
+    std::fs::write(dir.join("rules").join("fire.rhai"), LEASE_RULE).unwrap();
+    let closed = {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let sections = format!(
+        "[plugins]\nenabled = true\ndir = \"{}\"\nspool_dir = \"{}\"\n",
+        dir.join("rules").display(),
+        dir.join("spool").display(),
+    );
+    let node = spawn_node_with(
+        &dir,
+        &p,
+        "x1",
+        &format!("nats://{closed}"),
+        &sections,
+        "rules_lease = true\n",
+    );
+    let f = Fleet {
+        dir,
+        prefix: p,
+        nodes: vec![node],
+    };
+    let n = &f.nodes[0];
+    let mut dev = Client::hello(n.tcp, Form::Json, "dev-x");
+    let _sink = Client::hello(n.tcp, Form::Binary, "sink-x");
+    json_data(
+        &mut dev,
+        "sink-x",
+        serde_json::json!({"fire": true, "n": 1}),
+    );
+    eventually("the events counted as dropped", || {
+        // Two connects and the message.
+        (n.metric("relay_rules_forward_dropped_total").unwrap() >= 3.0).then_some(())
+    });
+    assert_eq!(n.metric("relay_rules_leader"), Some(0.0));
+    assert_eq!(n.metric("relay_rules_forwarded_total"), Some(0.0));
+    assert!(alarm_keys(n).is_empty(), "no engine runs without the lease");
+}
