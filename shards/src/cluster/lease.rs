@@ -185,23 +185,26 @@ pub fn event_of(v: &Value) -> Option<Event> {
 }
 
 /// Events as NATS messages of at most about `max_bytes` each (one event
-/// larger than that goes alone): a JSON array per message.
-pub fn encode(events: &[Event], max_bytes: usize) -> Vec<Vec<u8>> {
+/// larger than that goes alone): a JSON array per message, with the number
+/// of events it carries.
+pub fn encode(events: &[Event], max_bytes: usize) -> Vec<(Vec<u8>, u64)> {
     let mut out = Vec::new();
     let mut cur: Vec<u8> = Vec::new();
+    let mut n = 0;
     for ev in events {
         let Some(v) = event_json(ev) else { continue };
         let text = serde_json::to_vec(&v).unwrap_or_default();
         if !cur.is_empty() && cur.len() + text.len() + 2 > max_bytes {
             cur.push(b']');
-            out.push(std::mem::take(&mut cur));
+            out.push((std::mem::take(&mut cur), std::mem::take(&mut n)));
         }
         cur.push(if cur.is_empty() { b'[' } else { b',' });
         cur.extend_from_slice(&text);
+        n += 1;
     }
     if !cur.is_empty() {
         cur.push(b']');
-        out.push(cur);
+        out.push((cur, n));
     }
     out
 }
@@ -311,7 +314,8 @@ mod tests {
         let evs = events();
         let msgs = encode(&evs, 64 * 1024);
         assert_eq!(msgs.len(), 1);
-        assert_eq!(decode(&msgs[0]), evs);
+        assert_eq!(msgs[0].1, 3);
+        assert_eq!(decode(&msgs[0].0), evs);
     }
 
     #[test]
@@ -319,10 +323,11 @@ mod tests {
         let evs: Vec<Event> = (0..50).flat_map(|_| events()).collect();
         let msgs = encode(&evs, 1024);
         assert!(msgs.len() > 1);
-        for m in &msgs {
+        for (m, n) in &msgs {
             assert!(m.len() <= 1024, "a batch of {} bytes", m.len());
+            assert_eq!(decode(m).len() as u64, *n);
         }
-        let back: Vec<Event> = msgs.iter().flat_map(|m| decode(m)).collect();
+        let back: Vec<Event> = msgs.iter().flat_map(|(m, _)| decode(m)).collect();
         assert_eq!(back, evs);
         assert!(decode(b"not json").is_empty());
     }

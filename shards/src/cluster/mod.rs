@@ -749,12 +749,14 @@ impl Driver {
             return;
         };
         let subject = self.subject(&format!("rules.{holder}"));
-        for batch in lease::encode(&evs, self.cfg.batch_bytes) {
-            if client.publish(subject.clone(), batch.into()).await.is_err() {
+        for (batch, n) in lease::encode(&evs, self.cfg.batch_bytes) {
+            if client.publish(subject.clone(), batch.into()).await.is_ok() {
+                l.stats.forwarded.fetch_add(n, Ordering::Relaxed);
+            } else {
                 ClusterStats::count(&self.stats.nats_errors);
+                l.stats.forward_dropped.fetch_add(n, Ordering::Relaxed);
             }
         }
-        l.stats.forwarded.fetch_add(n, Ordering::Relaxed);
     }
 
     async fn carry_out(&self, client: &async_nats::Client, link: &mut Link, up: bool) {
