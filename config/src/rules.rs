@@ -422,6 +422,12 @@ pub(crate) fn check(config: &Config) -> Vec<Problem> {
         100_000_000,
         " (directory entries kept in memory, about 150 bytes each)",
     );
+    if c.cluster.enabled && k.rules_lease && !c.plugins.enabled {
+        r.fail(
+            "cluster.rules_lease",
+            "needs [plugins] enabled = true (the lease decides which node runs the rules)",
+        );
+    }
     r.range(
         "cluster.reply_timeout_ms",
         k.reply_timeout_ms,

@@ -1008,3 +1008,17 @@ fn mqtt_is_off_by_default_and_its_section_is_checked() {
     assert_eq!(c.listeners.mqtt, Some("127.0.0.1:1884".parse().unwrap()));
     assert_eq!(c.mqtt.inbox_prefix, "dev/in");
 }
+
+#[test]
+fn the_rules_lease_is_off_by_default_and_needs_the_plugins() {
+    assert!(!Config::default().cluster.rules_lease);
+    let p = problems(
+        "[node]\nname = \"edge-1\"\n[cluster]\nenabled = true\nrules_lease = true\n[plugins]\nenabled = false\n",
+    );
+    assert_eq!(keys(&p), set(&["cluster.rules_lease"]));
+    let c = load(
+        "[node]\nname = \"edge-1\"\n[cluster]\nenabled = true\nrules_lease = true\n[plugins]\nenabled = true\n",
+    )
+    .expect("a cluster running its rules behind the lease");
+    assert!(c.cluster.rules_lease);
+}

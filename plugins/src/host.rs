@@ -174,12 +174,24 @@ impl PluginHost {
 
     /// Starts the plugins with their four sections.
     pub fn start_with(cfg: HostConfig) -> Result<(PluginHost, ActionReceiver), PluginError> {
+        let (actions_tx, actions_rx) = async_channel::bounded(cfg.plugins.actions_queue);
+        let host = Self::start_with_actions(cfg, actions_tx)?;
+        Ok((host, actions_rx))
+    }
+
+    /// Starts the plugins with their four sections, sending the scripts'
+    /// actions on `actions_tx` (a channel that outlives this host: a relay
+    /// may start and stop its rules engine while its shards keep draining
+    /// one channel).
+    pub fn start_with_actions(
+        cfg: HostConfig,
+        actions_tx: async_channel::Sender<Action>,
+    ) -> Result<PluginHost, PluginError> {
         let problems = cfg.problems();
         if !problems.is_empty() {
             return Err(PluginError::Config(problems));
         }
         let shared = Shared::new(&cfg.plugins, &cfg.mysql, &cfg.notify);
-        let (actions_tx, actions_rx) = async_channel::bounded(cfg.plugins.actions_queue);
         let stop = Arc::new(AtomicBool::new(false));
         if !cfg.plugins.enabled {
             let host = PluginHost {
@@ -195,7 +207,7 @@ impl PluginHost {
                 stop,
                 sighup: None,
             };
-            return Ok((host, actions_rx));
+            return Ok(host);
         }
         let (sink, loaded) = sink::start(&cfg, shared.clone())?;
         sink::restore(&shared, loaded.snapshot);
@@ -276,7 +288,7 @@ impl PluginHost {
             stop,
             sighup,
         };
-        Ok((host, actions_rx))
+        Ok(host)
     }
 
     /// A handle for the shards to queue events.

@@ -10,6 +10,11 @@ pub struct HostConfig {
     pub redis: RedisConfig,
     pub mysql: MysqlConfig,
     pub notify: NotifyConfig,
+    /// The state in Redis belongs to a fleet that keeps running (a cluster
+    /// node taking over the rules lease): the presence hash, which the
+    /// devices still connected keep true, is kept at start instead of
+    /// being cleared as an earlier run's.
+    pub keep_presence: bool,
 }
 
 impl HostConfig {
@@ -20,6 +25,7 @@ impl HostConfig {
             redis: cfg.redis.clone(),
             mysql: cfg.mysql.clone(),
             notify: cfg.notify.clone(),
+            keep_presence: false,
         }
     }
 

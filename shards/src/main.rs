@@ -181,16 +181,25 @@ fn run(path: Option<PathBuf>) -> ExitCode {
     // package upgrade puts the new binary there).
     let exe = std::env::current_exe().ok();
     let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
-    let (mut ext, host) = if cfg.plugins.enabled {
+    let leased = cfg.plugins.enabled && cfg.cluster.enabled && cfg.cluster.rules_lease;
+    let (mut ext, host, leased) = if leased {
+        match relay_shards::rules::attach_leased(&cfg) {
+            Ok((ext, leased)) => (ext, None, Some(leased)),
+            Err(e) => {
+                tracing::error!("rules engine: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    } else if cfg.plugins.enabled {
         match relay_shards::rules::attach(&cfg) {
-            Ok((ext, host)) => (ext, Some(host)),
+            Ok((ext, host)) => (ext, Some(host), None),
             Err(e) => {
                 tracing::error!("rules engine: {e}");
                 return ExitCode::FAILURE;
             }
         }
     } else {
-        (relay_shards::Extensions::default(), None)
+        (relay_shards::Extensions::default(), None, None)
     };
     let (inherited, ready) = match handover {
         Some((inherited, sock)) => (Some(inherited), Some(sock)),
@@ -264,6 +273,9 @@ fn run(path: Option<PathBuf>) -> ExitCode {
         }
     }
     let joined = relay.join();
+    if let Some(leased) = leased {
+        leased.shutdown();
+    }
     if let Some(host) = host {
         // Every other handle went with the relay: flush sinks and stop.
         match std::sync::Arc::try_unwrap(host) {

@@ -8,26 +8,161 @@ use std::sync::Arc;
 use relay_core::conn::{CloseReason, Now};
 use relay_core::frame::Frame;
 use relay_core::name::name_str;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, RwLock};
+
 use relay_plugins::{ClientInfo, Event, EventSender, MessageEvent, PluginHost};
 use serde_json::{Value, json};
 
 use crate::api::{PluginApi, SeriesQuery};
 use crate::cell::ConnCell;
+use crate::cluster::RulesLease;
 use crate::router::Hooks;
 use crate::rt::{Extensions, HooksFactory, MetricsSource};
 use crate::stats::{DropReason, ShardStats};
 use relay_plugins::records::ReadError;
 
+/// Where one shard's events go.
+enum Target {
+    /// The engine of this relay.
+    Local(EventSender),
+    /// The engine of whichever node holds the rules lease.
+    Leased(Arc<Leased>),
+}
+
 /// Feeds one shard's events to the rules engine.
 pub struct RuleHooks {
-    events: EventSender,
+    target: Target,
     stats: Arc<ShardStats>,
 }
 
 impl RuleHooks {
     fn send(&self, ev: Event) {
-        if !self.events.try_send(ev) {
+        let taken = match &self.target {
+            Target::Local(events) => events.try_send(ev),
+            Target::Leased(l) => l.deliver(ev),
+        };
+        if !taken {
             self.stats.dropped(DropReason::PluginQueueFull);
+        }
+    }
+}
+
+/// The rules engine of a cluster node with `[cluster] rules_lease`: running
+/// while this node holds the lease (started when it takes it, so it loads
+/// the alarms, timers and state the previous holder left in Redis), stopped
+/// when it gives it up. Events of this node's shards go to it while it
+/// runs, to the holder on another node otherwise.
+pub struct Leased {
+    cfg: relay_plugins::HostConfig,
+    lease: Arc<RulesLease>,
+    running: RwLock<Option<(Arc<PluginHost>, EventSender)>>,
+    actions: async_channel::Sender<relay_plugins::Action>,
+    stop: AtomicBool,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl Leased {
+    /// The engine, while it runs on this node.
+    pub fn host(&self) -> Option<Arc<PluginHost>> {
+        self.running
+            .read()
+            .ok()
+            .and_then(|r| r.as_ref().map(|(h, _)| h.clone()))
+    }
+
+    /// The lease this engine follows.
+    pub fn lease(&self) -> &Arc<RulesLease> {
+        &self.lease
+    }
+
+    /// An event of this node's shards; `false`: dropped by a full queue.
+    fn deliver(&self, ev: Event) -> bool {
+        if self.lease.is_leader()
+            && let Ok(r) = self.running.read()
+            && let Some((_, events)) = r.as_ref()
+        {
+            return events.try_send(ev);
+        }
+        self.lease.forward(ev);
+        true
+    }
+
+    /// An event from another node, for the engine on this one.
+    fn deliver_local(&self, ev: Event) -> bool {
+        let Ok(r) = self.running.read() else {
+            return false;
+        };
+        match r.as_ref() {
+            Some((_, events)) => events.try_send(ev),
+            None => false,
+        }
+    }
+
+    /// Starts and stops the engine as the lease comes and goes.
+    fn follow(self: Arc<Self>) {
+        let mut retry_at = std::time::Instant::now();
+        while !self.stop.load(Ordering::Relaxed) {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            let want = self.lease.is_leader();
+            let have = self.running.read().is_ok_and(|r| r.is_some());
+            if want && !have && std::time::Instant::now() >= retry_at {
+                match PluginHost::start_with_actions(self.cfg.clone(), self.actions.clone()) {
+                    Ok(host) => {
+                        tracing::info!("rules engine started: this node holds the rules lease");
+                        let events = host.events();
+                        if let Ok(mut r) = self.running.write() {
+                            *r = Some((Arc::new(host), events));
+                        }
+                    }
+                    Err(e) => {
+                        tracing::error!("rules engine: {e}");
+                        retry_at = std::time::Instant::now() + std::time::Duration::from_secs(1);
+                    }
+                }
+            } else if !want && have {
+                self.stop_engine();
+                tracing::info!("rules engine stopped: the rules lease is held elsewhere");
+            }
+        }
+        self.stop_engine();
+    }
+
+    /// Stops the engine, flushing its sinks (the last handle to go does).
+    fn stop_engine(&self) {
+        let taken = self.running.write().ok().and_then(|mut r| r.take());
+        if let Some((host, _)) = taken {
+            match Arc::try_unwrap(host) {
+                Ok(host) => host.shutdown(),
+                // An API call holds it: it stops when that call drops it.
+                Err(host) => drop(host),
+            }
+        }
+    }
+
+    /// Stops following the lease and the engine (at the relay's exit).
+    pub fn shutdown(&self) {
+        self.stop.store(true, Ordering::Relaxed);
+        let t = self.thread.lock().ok().and_then(|mut t| t.take());
+        if let Some(t) = t {
+            let _ = t.join();
+        }
+        self.stop_engine();
+    }
+}
+
+/// Where the API finds the engine.
+#[derive(Clone)]
+enum HostRef {
+    Fixed(Arc<PluginHost>),
+    Leased(Arc<Leased>),
+}
+
+impl HostRef {
+    fn get(&self) -> Option<Arc<PluginHost>> {
+        match self {
+            HostRef::Fixed(h) => Some(h.clone()),
+            HostRef::Leased(l) => l.host(),
         }
     }
 }
@@ -89,7 +224,7 @@ impl Hooks for RuleHooks {
 
 /// Answers the API's alarm and shadow routes.
 pub struct RulesApi {
-    pub host: Arc<PluginHost>,
+    host: HostRef,
     pub mysql: relay_config::plugins::MysqlConfig,
     /// History queries running now (each on its own thread), bounded.
     running: Arc<std::sync::atomic::AtomicUsize>,
@@ -147,27 +282,35 @@ impl Drop for Running {
 
 impl PluginApi for RulesApi {
     fn alarms(&self, f: &relay_plugins::AlarmFilter, after: Option<&str>, limit: usize) -> Value {
-        serde_json::to_value(self.host.alarms_filtered(f, after, limit))
-            .unwrap_or(json!({"items": [], "next": null}))
+        self.host
+            .get()
+            .and_then(|h| serde_json::to_value(h.alarms_filtered(f, after, limit)).ok())
+            .unwrap_or(json!({"items": [], "next": null, "total": 0}))
     }
 
     fn clear(&self, key: &str, by: &str) -> bool {
-        self.host.clear(key, by)
+        self.host.get().is_some_and(|h| h.clear(key, by))
     }
 
     fn reload_notify(&self, notify: &relay_config::plugins::NotifyConfig) {
-        self.host.reload_notify(notify);
+        if let Some(h) = self.host.get() {
+            h.reload_notify(notify);
+        }
     }
 
     fn shelve(&self, key: &str, by: &str, for_ms: u64) -> Option<Value> {
         self.host
+            .get()?
             .shelve(key, by, for_ms)
             .ok()
             .and_then(|v| serde_json::to_value(v).ok())
     }
 
     fn ack_many(&self, keys: Option<&[String]>, f: &relay_plugins::AlarmFilter, by: &str) -> Value {
-        serde_json::to_value(self.host.ack_many(keys, f, by)).unwrap_or(json!({}))
+        self.host
+            .get()
+            .and_then(|h| serde_json::to_value(h.ack_many(keys, f, by)).ok())
+            .unwrap_or(json!({"acked": 0, "already": 0, "not_found": keys.unwrap_or_default()}))
     }
 
     fn notifications(
@@ -210,21 +353,26 @@ impl PluginApi for RulesApi {
 
     fn ack(&self, key: &str, by: &str) -> Option<Value> {
         self.host
+            .get()?
             .ack(key, by)
             .ok()
             .and_then(|v| serde_json::to_value(v).ok())
     }
 
     fn state(&self, addr: &str) -> Value {
-        Value::Object(self.host.state(addr))
+        Value::Object(self.host.get().map(|h| h.state(addr)).unwrap_or_default())
     }
 
     fn devices(&self, q: &relay_plugins::registry::DeviceQuery) -> Value {
-        serde_json::to_value(self.host.devices(q)).unwrap_or(json!({"items": []}))
+        self.host
+            .get()
+            .and_then(|h| serde_json::to_value(h.devices(q)).ok())
+            .unwrap_or(json!({"items": []}))
     }
 
     fn device(&self, addr: &str) -> Option<Value> {
         self.host
+            .get()?
             .device(addr)
             .and_then(|d| serde_json::to_value(d).ok())
     }
@@ -270,12 +418,73 @@ pub fn attach(
     let events = host.events();
     let hooks: HooksFactory = Some(Arc::new(move |_shard, stats| {
         Box::new(RuleHooks {
-            events: events.clone(),
+            target: Target::Local(events.clone()),
             stats,
         }) as Box<dyn Hooks>
     }));
-    let metrics_host = host.clone();
+    let ext = extensions(cfg, HostRef::Fixed(host.clone()), hooks, actions);
+    Ok((ext, host))
+}
+
+/// Starts a cluster node's rules engine behind the rules lease
+/// (`[cluster] rules_lease`): it runs while this node holds the lease.
+/// Returns the relay extensions (with the lease for the cluster link) and
+/// the handle to shut it down after the relay.
+pub fn attach_leased(
+    cfg: &relay_config::Config,
+) -> Result<(Extensions, Arc<Leased>), relay_plugins::PluginError> {
+    let mut host_cfg = relay_plugins::HostConfig::from_config(cfg);
+    let problems = host_cfg.problems();
+    if !problems.is_empty() {
+        return Err(relay_plugins::PluginError::Config(problems));
+    }
+    host_cfg.keep_presence = true;
+    let (actions_tx, actions) = async_channel::bounded(cfg.plugins.actions_queue);
+    let lease = Arc::new(RulesLease::new(cfg.cluster.channel_capacity));
+    let leased = Arc::new(Leased {
+        cfg: host_cfg,
+        lease: lease.clone(),
+        running: RwLock::new(None),
+        actions: actions_tx,
+        stop: AtomicBool::new(false),
+        thread: Mutex::new(None),
+    });
+    let weak = Arc::downgrade(&leased);
+    lease.set_feed(Box::new(move |ev| {
+        weak.upgrade().is_some_and(|l| l.deliver_local(ev))
+    }));
+    let follower = leased.clone();
+    let t = std::thread::Builder::new()
+        .name("relay-rules-lease".into())
+        .spawn(move || follower.follow())
+        .map_err(|e| relay_plugins::PluginError::Thread("rules lease", e.to_string()))?;
+    if let Ok(mut slot) = leased.thread.lock() {
+        *slot = Some(t);
+    }
+    let l = leased.clone();
+    let hooks: HooksFactory = Some(Arc::new(move |_shard, stats| {
+        Box::new(RuleHooks {
+            target: Target::Leased(l.clone()),
+            stats,
+        }) as Box<dyn Hooks>
+    }));
+    let mut ext = extensions(cfg, HostRef::Leased(leased.clone()), hooks, actions);
+    ext.rules_lease = Some(lease);
+    Ok((ext, leased))
+}
+
+fn extensions(
+    cfg: &relay_config::Config,
+    host: HostRef,
+    hooks: HooksFactory,
+    actions: relay_plugins::ActionReceiver,
+) -> Extensions {
+    let metrics_ref = host.clone();
     let metrics: MetricsSource = Some(Arc::new(move || {
+        // A node without the rules lease runs no engine: no engine counters.
+        let Some(metrics_host) = metrics_ref.get() else {
+            return Vec::new();
+        };
         let s = metrics_host.stats();
         vec![
             (
@@ -391,9 +600,9 @@ pub fn attach(
             ),
         ]
     }));
-    let ext = Extensions {
+    Extensions {
         plugins: Some(Arc::new(RulesApi {
-            host: host.clone(),
+            host,
             mysql: cfg.mysql.clone(),
             running: Arc::default(),
         })),
@@ -401,6 +610,6 @@ pub fn attach(
         plugin_metrics: metrics,
         actions: Some(actions),
         inherited: None,
-    };
-    Ok((ext, host))
+        rules_lease: None,
+    }
 }

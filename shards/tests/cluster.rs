@@ -82,6 +82,26 @@ fn drop_buckets(prefix: &str) {
 
 /// Writes the config of node `name` and starts it.
 fn spawn_node(dir: &std::path::Path, prefix: &str, name: &str, nats_url: &str) -> RelayProc {
+    spawn_node_with(
+        dir,
+        prefix,
+        name,
+        nats_url,
+        "[plugins]\nenabled = false\n",
+        "",
+    )
+}
+
+/// Writes the config of node `name`, with `sections` (TOML) and `cluster`
+/// (more keys of `[cluster]`), and starts it.
+fn spawn_node_with(
+    dir: &std::path::Path,
+    prefix: &str,
+    name: &str,
+    nats_url: &str,
+    sections: &str,
+    cluster: &str,
+) -> RelayProc {
     let cfg = dir.join(format!("{name}.toml"));
     std::fs::write(
         &cfg,
@@ -89,9 +109,9 @@ fn spawn_node(dir: &std::path::Path, prefix: &str, name: &str, nats_url: &str) -
             "[node]\nname = \"{name}\"\n\
              [listeners]\ntcp = \"127.0.0.1:0\"\nhttp = \"127.0.0.1:0\"\n\
              [shards]\ncount = 2\npin = false\nio_memory_kib = 256\n\
-             [plugins]\nenabled = false\n\
+             {sections}\
              [cluster]\nenabled = true\nnats_url = \"{nats_url}\"\nprefix = \"{prefix}\"\n\
-             heartbeat_ms = 1500\nreply_timeout_ms = 2000\n"
+             heartbeat_ms = 1500\nreply_timeout_ms = 2000\n{cluster}"
         ),
     )
     .unwrap();
@@ -496,4 +516,372 @@ fn a_killed_node_is_noticed_within_a_heartbeat_and_its_devices_come_back_elsewhe
     let p = send_until_acked(&mut a, "dev-3", "after");
     recv_payload(&mut dev, &p);
     fleet.nodes.push(k3);
+}
+
+const REDIS: &str = "127.0.0.1:6379";
+
+/// A Redis connection; fails loudly when Redis is not there.
+fn redis() -> redis::Connection {
+    redis::Client::open(format!("redis://{REDIS}/"))
+        .unwrap()
+        .get_connection()
+        .unwrap_or_else(|e| panic!("Redis is not running on {REDIS}; these tests need it: {e}"))
+}
+
+/// Deletes every Redis key under `prefix`.
+fn redis_clean(prefix: &str) {
+    let mut c = redis();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{prefix}*"))
+        .query(&mut c)
+        .unwrap();
+    if !keys.is_empty() {
+        let _: () = redis::cmd("DEL").arg(keys).query(&mut c).unwrap();
+    }
+}
+
+/// Counter `key` of the rules engine, as Redis holds it.
+fn redis_counter(prefix: &str, key: &str) -> i64 {
+    let v: Option<i64> = redis::cmd("HGET")
+        .arg(format!("{prefix}counters"))
+        .arg(key)
+        .query(&mut redis())
+        .unwrap();
+    v.unwrap_or(0)
+}
+
+/// Removes the test's Redis keys when the test ends, passed or not.
+struct RedisKeys(String);
+
+impl Drop for RedisKeys {
+    fn drop(&mut self) {
+        redis_clean(&self.0);
+    }
+}
+
+/// A rule counting `fire` messages in Redis, raising an alarm for each and
+/// starting a two-second `alarm_when` timer that only a clock can end.
+const LEASE_RULE: &str = r#"
+fn on_message(msg) {
+    let p = msg.payload;
+    if type_of(p) != "map" { return; }
+    if p.fire == true {
+        counter_add(`fired`, 1);
+        alarm_raise(`${msg.src}/fired-${p.n}`, "major", `fired ${p.n}`);
+    }
+    if p.hot == true {
+        alarm_when(`${msg.src}/hot`, true, 2, "critical", "hot for two seconds");
+    }
+}
+"#;
+
+/// Which nodes say `"rules": true` in `node`'s `/api/v1/nodes`.
+fn rules_holders(node: &RelayProc) -> Vec<String> {
+    let (_, body) = node.get("/api/v1/nodes");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+    v["items"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter(|n| n["rules"] == serde_json::json!(true))
+                .filter_map(|n| n["node"].as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Waits until every node of `nodes` names the same single holder of the
+/// rules lease, and returns its index in `nodes`.
+fn wait_one_holder(nodes: &[RelayProc], names: &[&str]) -> usize {
+    let mut holder = String::new();
+    eventually("one node holding the rules lease, seen by all", || {
+        let seen: Vec<Vec<String>> = nodes.iter().map(rules_holders).collect();
+        // A killed holder stays listed until its presence lapses.
+        let one = seen
+            .iter()
+            .all(|h| h.len() == 1 && h == &seen[0] && names.contains(&h[0].as_str()));
+        one.then(|| holder = seen[0][0].clone())
+    });
+    let i = names
+        .iter()
+        .position(|n| *n == holder)
+        .unwrap_or_else(|| panic!("holder {holder:?} not in {names:?}"));
+    let leaders: Vec<f64> = nodes
+        .iter()
+        .map(|n| {
+            n.metric("relay_rules_leader")
+                .unwrap_or_else(|| panic!("no relay_rules_leader: {:?}", n.get("/metrics")))
+        })
+        .collect();
+    let want: Vec<f64> = (0..nodes.len())
+        .map(|j| f64::from(u8::from(j == i)))
+        .collect();
+    assert_eq!(leaders, want, "relay_rules_leader is 1 on the holder only");
+    i
+}
+
+/// The keys of the active alarms `node` serves.
+fn alarm_keys(node: &RelayProc) -> Vec<String> {
+    let (status, body) = node.get("/api/v1/alarms");
+    assert_eq!(status, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    v["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["key"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// DATA with the JSON flag from `c` to `dst`, without an answer wanted.
+fn json_data(c: &mut Client, dst: &str, v: serde_json::Value) {
+    let mut f = relay_core::frame::Frame::data(
+        bytes::Bytes::new(),
+        dst.to_owned().into_bytes(),
+        v.to_string().into_bytes(),
+    );
+    f.flags = relay_core::frame::Flags(relay_core::frame::Flags::JSON);
+    c.send(&f);
+}
+
+#[test]
+fn rules_run_once_per_fleet_on_the_lease_holder_and_move_when_it_is_killed() {
+    nats_is_up();
+    let p = prefix("lease");
+    let keys = RedisKeys(format!("relay_{p}:"));
+    redis_clean(&keys.0);
+    let dir = std::env::temp_dir().join(&p);
+    std::fs::create_dir_all(&dir).unwrap();
+    let names = ["r1", "r2", "r3"];
+    let nodes: Vec<RelayProc> = names
+        .iter()
+        .map(|n| {
+            let node_dir = dir.join(n);
+            std::fs::create_dir_all(node_dir.join("rules")).unwrap();
+            std::fs::write(node_dir.join("rules").join("fire.rhai"), LEASE_RULE).unwrap();
+            let sections = format!(
+                "[plugins]\nenabled = true\ndir = \"{}\"\nspool_dir = \"{}\"\n\
+                 [redis]\nenabled = true\nurl = \"redis://{REDIS}/\"\nkey_prefix = \"{}\"\n",
+                node_dir.join("rules").display(),
+                node_dir.join("spool").display(),
+                keys.0,
+            );
+            spawn_node_with(
+                &dir,
+                &p,
+                n,
+                &format!("nats://{NATS}"),
+                &sections,
+                "rules_lease = true\n",
+            )
+        })
+        .collect();
+    let mut f = Fleet {
+        dir,
+        prefix: p,
+        nodes,
+    };
+    for n in &f.nodes {
+        wait_nodes(n, names.len());
+    }
+    let leader = wait_one_holder(&f.nodes, &names);
+    let other = (leader + 1) % names.len();
+    // A device on a node without the lease; its message reaches a device
+    // on the third node, and the rule runs once, on the holder.
+    let third = 3 - leader - other;
+    let mut dev = Client::hello(f.nodes[other].tcp, Form::Json, "dev-1");
+    let sink = Client::hello(f.nodes[third].tcp, Form::Binary, "sink-1");
+    let _ = send_until_acked(&mut dev, "sink-1", "warm-up");
+    json_data(
+        &mut dev,
+        "sink-1",
+        serde_json::json!({"fire": true, "n": 1}),
+    );
+    eventually("the rule fired for the first message", || {
+        (redis_counter(&keys.0, "fired") >= 1).then_some(())
+    });
+    eventually("the alarm on the holder", || {
+        alarm_keys(&f.nodes[leader])
+            .contains(&"dev-1/fired-1".to_owned())
+            .then_some(())
+    });
+    assert!(
+        alarm_keys(&f.nodes[other]).is_empty(),
+        "no engine without the lease"
+    );
+    assert!(
+        f.nodes[other]
+            .metric("relay_rules_forwarded_total")
+            .unwrap()
+            >= 1.0
+    );
+    assert!(
+        f.nodes[leader]
+            .metric("relay_rules_received_total")
+            .unwrap()
+            >= 1.0
+    );
+    // A timer the rule starts on the holder, kept in Redis.
+    json_data(&mut dev, "sink-1", serde_json::json!({"hot": true}));
+    eventually("the alarm timer written to Redis", || {
+        let n: usize = redis::cmd("HLEN")
+            .arg(format!("{}alarm_watch", keys.0))
+            .query(&mut redis())
+            .unwrap();
+        (n >= 1).then_some(())
+    });
+    // Settled: exactly once.
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        redis_counter(&keys.0, "fired"),
+        1,
+        "the rule ran once per message"
+    );
+
+    // The holder is killed: another node takes the lease after it expires,
+    // loads the alarms and the timer from Redis, and the timer raises its
+    // alarm there with no new message.
+    let mut dead = f.nodes.remove(leader);
+    let mut alive: Vec<&str> = names.to_vec();
+    alive.remove(leader);
+    dead.signal(libc::SIGKILL);
+    let _ = dead.child.wait();
+    let killed = Instant::now();
+    let leader2 = wait_one_holder(&f.nodes, &alive);
+    eprintln!("the rules lease moved after {:?}", killed.elapsed());
+    eventually("the first alarm restored on the new holder", || {
+        alarm_keys(&f.nodes[leader2])
+            .contains(&"dev-1/fired-1".to_owned())
+            .then_some(())
+    });
+    eventually("the timer's alarm raised on the new holder", || {
+        alarm_keys(&f.nodes[leader2])
+            .contains(&"dev-1/hot".to_owned())
+            .then_some(())
+    });
+    // The devices on the surviving nodes are still connected: the new
+    // holder keeps their presence in Redis.
+    let present: bool = redis::cmd("HEXISTS")
+        .arg(format!("{}presence", keys.0))
+        .arg("dev-1")
+        .query(&mut redis())
+        .unwrap();
+    assert!(present, "dev-1's presence kept across the take-over");
+    // The device reconnects to whichever node survives with its sink, and
+    // a new message fires the rule once more, once.
+    let dev_node = &f.nodes[(leader2 + 1) % f.nodes.len()];
+    let sink_node = &f.nodes[leader2];
+    drop(dev);
+    drop(sink);
+    let mut dev = Client::hello(dev_node.tcp, Form::Json, "dev-1");
+    let _sink = Client::hello(sink_node.tcp, Form::Binary, "sink-1");
+    let _ = send_until_acked(&mut dev, "sink-1", "again");
+    json_data(
+        &mut dev,
+        "sink-1",
+        serde_json::json!({"fire": true, "n": 2}),
+    );
+    eventually("the rule fired for the second message", || {
+        alarm_keys(&f.nodes[leader2])
+            .contains(&"dev-1/fired-2".to_owned())
+            .then_some(())
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(redis_counter(&keys.0, "fired"), 2, "once more, once");
+    f.nodes.push(dead);
+}
+
+#[test]
+fn without_the_lease_every_node_runs_its_own_rules() {
+    // The default with the cluster: the node a device is on runs the rule.
+    nats_is_up();
+    let p = prefix("nolease");
+    let dir = std::env::temp_dir().join(&p);
+    std::fs::create_dir_all(&dir).unwrap();
+    let names = ["s1", "s2"];
+    let nodes: Vec<RelayProc> = names
+        .iter()
+        .map(|n| {
+            let node_dir = dir.join(n);
+            std::fs::create_dir_all(node_dir.join("rules")).unwrap();
+            std::fs::write(node_dir.join("rules").join("fire.rhai"), LEASE_RULE).unwrap();
+            let sections = format!(
+                "[plugins]\nenabled = true\ndir = \"{}\"\nspool_dir = \"{}\"\n",
+                node_dir.join("rules").display(),
+                node_dir.join("spool").display(),
+            );
+            spawn_node_with(&dir, &p, n, &format!("nats://{NATS}"), &sections, "")
+        })
+        .collect();
+    let f = Fleet {
+        dir,
+        prefix: p,
+        nodes,
+    };
+    for n in &f.nodes {
+        wait_nodes(n, names.len());
+    }
+    assert!(rules_holders(&f.nodes[0]).is_empty());
+    assert_eq!(f.nodes[0].metric("relay_rules_leader"), None);
+    for (i, n) in f.nodes.iter().enumerate() {
+        let mut dev = Client::hello(n.tcp, Form::Json, &format!("dev-{i}"));
+        let _sink = Client::hello(n.tcp, Form::Binary, &format!("sink-{i}"));
+        json_data(
+            &mut dev,
+            &format!("sink-{i}"),
+            serde_json::json!({"fire": true, "n": i}),
+        );
+        eventually("the alarm on the device's own node", || {
+            alarm_keys(n)
+                .contains(&format!("dev-{i}/fired-{i}"))
+                .then_some(())
+        });
+    }
+}
+
+#[test]
+fn with_no_live_lease_holder_rule_events_are_dropped_and_counted() {
+    // A node that cannot reach NATS never holds the lease: nothing runs its
+    // rules, and its events are counted as dropped, never queued forever.
+    let p = prefix("nolink");
+    let dir = std::env::temp_dir().join(&p);
+    std::fs::create_dir_all(dir.join("rules")).unwrap();
+    std::fs::write(dir.join("rules").join("fire.rhai"), LEASE_RULE).unwrap();
+    let closed = {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let sections = format!(
+        "[plugins]\nenabled = true\ndir = \"{}\"\nspool_dir = \"{}\"\n",
+        dir.join("rules").display(),
+        dir.join("spool").display(),
+    );
+    let node = spawn_node_with(
+        &dir,
+        &p,
+        "x1",
+        &format!("nats://{closed}"),
+        &sections,
+        "rules_lease = true\n",
+    );
+    let f = Fleet {
+        dir,
+        prefix: p,
+        nodes: vec![node],
+    };
+    let n = &f.nodes[0];
+    let mut dev = Client::hello(n.tcp, Form::Json, "dev-x");
+    let _sink = Client::hello(n.tcp, Form::Binary, "sink-x");
+    json_data(
+        &mut dev,
+        "sink-x",
+        serde_json::json!({"fire": true, "n": 1}),
+    );
+    eventually("the events counted as dropped", || {
+        // Two connects and the message.
+        (n.metric("relay_rules_forward_dropped_total").unwrap() >= 3.0).then_some(())
+    });
+    assert_eq!(n.metric("relay_rules_leader"), Some(0.0));
+    assert_eq!(n.metric("relay_rules_forwarded_total"), Some(0.0));
+    assert!(alarm_keys(n).is_empty(), "no engine runs without the lease");
 }

@@ -620,8 +620,11 @@ async fn run(
                 Ok(s) => loaded.snapshot = s,
                 Err(e) => tracing::error!("reading state from redis: {e}"),
             }
-            // Presence of the previous run is stale: its connections are gone.
-            if let Err(e) = w.backend.clear_presence().await {
+            // Presence of the previous run is stale: its connections are gone
+            // (unless another node of a running fleet wrote it).
+            if !cfg.keep_presence
+                && let Err(e) = w.backend.clear_presence().await
+            {
                 tracing::warn!("clearing old presence: {e}");
             }
         } else {

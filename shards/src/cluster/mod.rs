@@ -23,10 +23,14 @@
 //!   elsewhere takes the address over: the older connection gets `replaced`.
 //! - bucket `<prefix>_interest`: `<g|u>.<name>.<node>` for each group or uid
 //!   with members on a node, kept alive the same way.
+//! - bucket `<prefix>_lease` and `<prefix>.rules.<name>` (`[cluster]
+//!   rules_lease`): the node running the rules engine, and the events the
+//!   others forward to it ([`lease`]).
 //!
 //! The state and every decision live in [`link::Link`], without IO; this
 //! module only carries bytes between it, NATS and the shards.
 
+pub mod lease;
 pub mod link;
 pub mod wire;
 
@@ -38,6 +42,7 @@ use async_nats::jetstream::{self, kv};
 use futures_util::StreamExt;
 use serde_json::{Value, json};
 
+pub use lease::RulesLease;
 pub use link::{ClusterStats, Effect, Link, LinkConfig};
 
 use crate::router::{Inbound, Remote};
@@ -63,6 +68,7 @@ pub struct NodeFacts {
 /// The running cluster link of one relay.
 pub struct Cluster {
     pub stats: Arc<ClusterStats>,
+    lease: Option<Arc<RulesLease>>,
     tx: LinkSender,
     receivers: Mutex<Vec<Option<ShardReceiver>>>,
     nodes: Arc<Mutex<Value>>,
@@ -96,6 +102,7 @@ impl Cluster {
         shards: usize,
         shard_stats: Vec<Arc<ShardStats>>,
         facts: NodeFacts,
+        lease: Option<Arc<RulesLease>>,
     ) -> anyhow::Result<Arc<Cluster>> {
         let c = cfg.cluster.clone();
         let cap = c.channel_capacity.max(1);
@@ -128,6 +135,7 @@ impl Cluster {
             shard_stats,
             facts,
             started_wall_ms: wall_ms(),
+            lease: lease.clone(),
         };
         let thread = std::thread::Builder::new()
             .name("relay-nats".into())
@@ -146,6 +154,7 @@ impl Cluster {
             })?;
         Ok(Arc::new(Cluster {
             stats,
+            lease,
             tx,
             receivers: Mutex::new(receivers),
             nodes,
@@ -179,7 +188,7 @@ impl Cluster {
         let m = |n: &str, h: &str, v: &std::sync::atomic::AtomicU64| {
             (n.to_owned(), h.to_owned(), v.load(Relaxed))
         };
-        vec![
+        let mut out = vec![
             m(
                 "relay_cluster_remote_frames_out_total",
                 "Frames sent to other nodes.",
@@ -240,7 +249,48 @@ impl Cluster {
                 "1 while connected to NATS.",
                 &s.connected,
             ),
-        ]
+        ];
+        if let Some(l) = &self.lease {
+            let s = &l.stats;
+            out.extend([
+                (
+                    "relay_rules_leader".to_owned(),
+                    "1 while this node holds the rules lease and runs the rules engine.".to_owned(),
+                    u64::from(l.is_leader()),
+                ),
+                m(
+                    "relay_rules_forwarded_total",
+                    "Rule events sent to the node holding the rules lease.",
+                    &s.forwarded,
+                ),
+                m(
+                    "relay_rules_forward_dropped_total",
+                    "Rule events dropped: no live node held the lease, or the channel was full.",
+                    &s.forward_dropped,
+                ),
+                m(
+                    "relay_rules_received_total",
+                    "Rule events received from other nodes and fed to this node's engine.",
+                    &s.received,
+                ),
+                m(
+                    "relay_rules_received_dropped_total",
+                    "Rule events that reached this node while it did not run the engine.",
+                    &s.received_dropped,
+                ),
+                m(
+                    "relay_rules_lease_acquired_total",
+                    "Times this node took the rules lease.",
+                    &s.acquired,
+                ),
+                m(
+                    "relay_rules_lease_lost_total",
+                    "Times this node gave the rules lease up.",
+                    &s.lost,
+                ),
+            ]);
+        }
+        out
     }
 
     /// Stops the NATS thread after it has sent what it holds (at most a
@@ -261,6 +311,10 @@ enum Ev {
     Presence(Option<async_nats::Message>),
     Dir(Option<Result<kv::Entry, kv::WatcherError>>),
     Interest(Option<Result<kv::Entry, kv::WatcherError>>),
+    /// A rule event of this node's shards, for the lease holder.
+    Rules(Option<relay_plugins::Event>),
+    /// Rule events another node forwarded here.
+    RulesIn(Option<async_nats::Message>),
     Tick,
 }
 
@@ -270,6 +324,8 @@ struct Wired {
     presence_sub: async_nats::Subscriber,
     dir: kv::Watch,
     interest: kv::Watch,
+    /// The lease bucket and this node's rules subject (`rules_lease`).
+    lease: Option<(kv::Store, async_nats::Subscriber)>,
 }
 
 struct Driver {
@@ -283,6 +339,7 @@ struct Driver {
     shard_stats: Vec<Arc<ShardStats>>,
     facts: NodeFacts,
     started_wall_ms: u64,
+    lease: Option<Arc<RulesLease>>,
 }
 
 /// The next item of an optional stream; pending forever when there is none.
@@ -302,7 +359,12 @@ impl Driver {
         format!("{}_{what}", self.cfg.prefix)
     }
 
-    async fn bucket_store(&self, js: &jetstream::Context, what: &str) -> anyhow::Result<kv::Store> {
+    async fn bucket_store(
+        &self,
+        js: &jetstream::Context,
+        what: &str,
+        max_age_ms: u64,
+    ) -> anyhow::Result<kv::Store> {
         let name = self.bucket(what);
         // The bucket's stream made directly, as a key-value bucket is laid
         // out: `create_key_value` asks for account details that older
@@ -312,7 +374,7 @@ impl Driver {
                 name: format!("KV_{name}"),
                 subjects: vec![format!("$KV.{name}.>")],
                 max_messages_per_subject: 1,
-                max_age: Duration::from_millis(self.cfg.heartbeat_ms),
+                max_age: Duration::from_millis(max_age_ms),
                 storage: jetstream::stream::StorageType::Memory,
                 allow_rollup: true,
                 deny_delete: true,
@@ -336,8 +398,18 @@ impl Driver {
 
     async fn wire(&self, client: &async_nats::Client) -> anyhow::Result<Wired> {
         let js = jetstream::new(client.clone());
-        let dir = self.bucket_store(&js, "dir").await?;
-        let interest = self.bucket_store(&js, "interest").await?;
+        let hb = self.cfg.heartbeat_ms;
+        let dir = self.bucket_store(&js, "dir", hb).await?;
+        let interest = self.bucket_store(&js, "interest", hb).await?;
+        let lease = match &self.lease {
+            Some(_) => Some((
+                self.bucket_store(&js, "lease", hb).await?,
+                client
+                    .subscribe(self.subject(&format!("rules.{}", self.link_cfg.node)))
+                    .await?,
+            )),
+            None => None,
+        };
         let node_sub = client
             .subscribe(self.subject(&format!("node.{}", self.link_cfg.node)))
             .await?;
@@ -349,6 +421,7 @@ impl Driver {
             presence_sub,
             dir,
             interest,
+            lease,
         })
     }
 
@@ -369,7 +442,7 @@ impl Driver {
             .zip(roles)
             .map(|(r, n)| (r.name().to_owned(), json!(n)))
             .collect();
-        json!({
+        let mut v = json!({
             "node": &*self.link_cfg.node,
             "clients": roles.iter().sum::<u64>(),
             "pending": pending,
@@ -384,7 +457,11 @@ impl Driver {
             "time_ms": wall_ms(),
             "tcp": self.facts.tcp.map(|a| a.to_string()),
             "http": self.facts.http.map(|a| a.to_string()),
-        })
+        });
+        if let (Some(l), Some(o)) = (&self.lease, v.as_object_mut()) {
+            o.insert("rules".into(), json!(l.is_leader()));
+        }
+        v
     }
 
     fn snapshot(&self, link: &Link) {
@@ -430,17 +507,22 @@ impl Driver {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_presence = 0u64;
         let mut stopping_since: Option<u64> = None;
+        let mut lease_clock = lease::LeaseClock::new(hb);
+        // Without the lease, a channel nobody sends on: its receive never ends.
+        let (_no_sender, no_events) = async_channel::bounded::<relay_plugins::Event>(1);
+        let events = self.lease.as_ref().map_or(&no_events, |l| l.receiver());
         loop {
             let now = mono_ms(start);
             let ev = {
-                let (node_sub, presence_sub, dir, interest) = match wired.as_mut() {
+                let (node_sub, presence_sub, dir, interest, rules_sub) = match wired.as_mut() {
                     Some(w) => (
                         Some(&mut w.node_sub),
                         Some(&mut w.presence_sub),
                         Some(&mut w.dir),
                         Some(&mut w.interest),
+                        w.lease.as_mut().map(|(_, s)| s),
                     ),
-                    None => (None, None, None, None),
+                    None => (None, None, None, None, None),
                 };
                 tokio::select! {
                     r = self.rx.recv() => Ev::Items(r.ok()),
@@ -448,6 +530,8 @@ impl Driver {
                     m = next_of(presence_sub) => Ev::Presence(m),
                     e = next_of(dir) => Ev::Dir(e),
                     e = next_of(interest) => Ev::Interest(e),
+                    r = events.recv() => Ev::Rules(r.ok()),
+                    m = next_of(rules_sub) => Ev::RulesIn(m),
                     _ = tick.tick() => Ev::Tick,
                 }
             };
@@ -484,7 +568,32 @@ impl Driver {
                     tracing::warn!("cluster: bucket watch: {e}");
                     wired = None;
                 }
-                Ev::Batch(None) | Ev::Presence(None) | Ev::Dir(None) | Ev::Interest(None) => {
+                Ev::Rules(None) => {}
+                Ev::Rules(Some(ev)) => {
+                    let mut evs = vec![ev];
+                    while evs.len() < PASS_ITEMS {
+                        match events.try_recv() {
+                            Ok(ev) => evs.push(ev),
+                            Err(_) => break,
+                        }
+                    }
+                    self.forward_rules(&client, &link, evs, wired.is_some())
+                        .await;
+                }
+                Ev::RulesIn(Some(m)) => {
+                    if let Some(l) = &self.lease {
+                        for ev in lease::decode(&m.payload) {
+                            if l.feed_local(ev) {
+                                ClusterStats::count(&l.stats.received);
+                            }
+                        }
+                    }
+                }
+                Ev::Batch(None)
+                | Ev::Presence(None)
+                | Ev::Dir(None)
+                | Ev::Interest(None)
+                | Ev::RulesIn(None) => {
                     wired = None;
                 }
                 Ev::Tick => {
@@ -512,6 +621,13 @@ impl Driver {
                     }
                     let now = mono_ms(start);
                     link.set_up(wired.is_some(), now);
+                    if let Some(l) = &self.lease {
+                        let kv = wired
+                            .as_ref()
+                            .and_then(|w| w.lease.as_ref())
+                            .map(|(k, _)| k);
+                        self.lease_step(l, kv, &mut lease_clock, now).await;
+                    }
                     if wired.is_some() && now.saturating_sub(last_presence) >= hb / 3 {
                         last_presence = now;
                         let p = self.presence(&link);
@@ -541,6 +657,106 @@ impl Driver {
         link.flush();
         self.carry_out(&client, &mut link, wired.is_some()).await;
         let _ = tokio::time::timeout(Duration::from_millis(500), client.flush()).await;
+    }
+
+    /// One step of the rules lease: take it when free, keep it while held,
+    /// give it up at once when a rewrite fails, is late, or NATS is gone.
+    async fn lease_step(
+        &self,
+        l: &RulesLease,
+        kv: Option<&kv::Store>,
+        clock: &mut lease::LeaseClock,
+        now: u64,
+    ) {
+        let node = &*self.link_cfg.node;
+        let Some(kv) = kv else {
+            if clock.revision.is_some() || l.is_leader() {
+                tracing::warn!("cluster: NATS lost; giving the rules lease up");
+                clock.failed(now);
+                l.set(false, None);
+            }
+            return;
+        };
+        let within = Duration::from_millis((clock.ttl_ms / 3).max(100));
+        let value = || bytes::Bytes::copy_from_slice(node.as_bytes());
+        match clock.step(now) {
+            lease::Step::Wait => {}
+            lease::Step::StepDown => {
+                tracing::warn!("cluster: the rules lease was not renewed in time; giving it up");
+                clock.failed(now);
+                l.set(false, None);
+            }
+            lease::Step::Renew(rev) => {
+                match tokio::time::timeout(within, kv.update(lease::LEASE_KEY, value(), rev)).await
+                {
+                    Ok(Ok(r)) => clock.written(now, r),
+                    failed => {
+                        let why = match failed {
+                            Ok(Err(e)) => e.to_string(),
+                            _ => "no answer in time".to_owned(),
+                        };
+                        tracing::warn!("cluster: renewing the rules lease: {why}; giving it up");
+                        ClusterStats::count(&self.stats.nats_errors);
+                        clock.failed(now);
+                        l.set(false, None);
+                    }
+                }
+            }
+            lease::Step::Acquire => {
+                match tokio::time::timeout(within, kv.create(lease::LEASE_KEY, value())).await {
+                    Ok(Ok(r)) => {
+                        clock.written(now, r);
+                        tracing::info!(node, "cluster: this node holds the rules lease");
+                        l.set(true, Some(node.to_owned()));
+                    }
+                    _ => {
+                        clock.failed(now);
+                        let holder =
+                            match tokio::time::timeout(within, kv.get(lease::LEASE_KEY)).await {
+                                Ok(Ok(Some(v))) => Some(String::from_utf8_lossy(&v).into_owned()),
+                                _ => None,
+                            };
+                        l.set(false, holder);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Rule events of this node's shards: to this node's engine when it holds
+    /// the lease, else in batches to the live node that holds it, else dropped
+    /// and counted.
+    async fn forward_rules(
+        &self,
+        client: &async_nats::Client,
+        link: &Link,
+        evs: Vec<relay_plugins::Event>,
+        up: bool,
+    ) {
+        let Some(l) = &self.lease else { return };
+        if l.is_leader() {
+            for ev in evs {
+                l.feed_local(ev);
+            }
+            return;
+        }
+        let n = evs.len() as u64;
+        let holder = l
+            .holder()
+            .filter(|h| up && *h != *self.link_cfg.node && link.nodes().contains_key(h.as_str()));
+        let Some(holder) = holder else {
+            l.stats.forward_dropped.fetch_add(n, Ordering::Relaxed);
+            return;
+        };
+        let subject = self.subject(&format!("rules.{holder}"));
+        for (batch, n) in lease::encode(&evs, self.cfg.batch_bytes) {
+            if client.publish(subject.clone(), batch.into()).await.is_ok() {
+                l.stats.forwarded.fetch_add(n, Ordering::Relaxed);
+            } else {
+                ClusterStats::count(&self.stats.nats_errors);
+                l.stats.forward_dropped.fetch_add(n, Ordering::Relaxed);
+            }
+        }
     }
 
     async fn carry_out(&self, client: &async_nats::Client, link: &mut Link, up: bool) {

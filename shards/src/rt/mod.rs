@@ -375,6 +375,7 @@ impl Relay {
                 shards,
                 stats.clone(),
                 facts,
+                ext.rules_lease.clone(),
             )?)
         } else {
             None
@@ -765,6 +766,8 @@ pub struct Extensions {
     pub actions: Option<relay_plugins::ActionReceiver>,
     /// Listening sockets handed over by a previous relay process (upgrade).
     pub inherited: Option<Arc<Inherited>>,
+    /// The rules lease the cluster link keeps (`[cluster] rules_lease`).
+    pub rules_lease: Option<Arc<crate::cluster::RulesLease>>,
 }
 
 impl std::fmt::Debug for Extensions {
