@@ -303,7 +303,7 @@ impl Endpoint {
             .map_err(|e| format!("`{url}`: cannot resolve `{with_port}`: {e}"))?
             .find(|a| a.is_ipv4())
             .ok_or_else(|| format!("`{url}`: `{with_port}` has no IPv4 address"))?;
-        let tls = scheme.ends_with('s').then(|| host_of(hostport).to_string());
+        let tls = matches!(scheme, "tcps" | "wss" | "mqtts").then(|| host_of(hostport).to_string());
         match scheme {
             "tcp" | "tcps" => Ok(Endpoint::RelayTcp { addr, tls }),
             "mqtt" | "mqtts" => Ok(Endpoint::Mqtt { addr, tls }),
@@ -1165,6 +1165,10 @@ mod tests {
         };
         assert_eq!(path, "/ws");
         assert_eq!(host, "localhost:8080");
+        assert_eq!(
+            Endpoint::parse("ws://localhost:8080").unwrap().tls_host(),
+            None
+        );
         assert!(Endpoint::parse("https://x:1").is_err());
         assert!(Endpoint::parse("nope").is_err());
     }
