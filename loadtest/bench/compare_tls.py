@@ -52,6 +52,10 @@ def make_pki(tmp):
     run("openssl", "req", "-new", "-key", str(key), "-subj", "/CN=localhost", "-out", str(csr))
     run("openssl", "x509", "-req", "-in", str(csr), "-CA", str(ca), "-CAkey", str(ca_key), "-CAcreateserial",
         "-days", "2", "-extfile", str(ext), "-out", str(cert))
+    # Mosquitto started as root drops to its own user, which must read them.
+    os.chmod(d, 0o755)
+    for f in (ca, cert, key):
+        os.chmod(f, 0o644)
     return {"ca": str(ca), "cert": str(cert), "key": str(key)}
 
 
