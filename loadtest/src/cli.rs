@@ -18,12 +18,26 @@ pub struct Cli {
     /// Traffic pattern: telemetry, command, fanout, fanin, idle, storm.
     #[arg(short, long)]
     pub pattern: Option<Pattern>,
-    /// Controllers' URL: tcp://host:port (relay) or mqtt://host:port (any MQTT broker).
+    /// Controllers' URL: tcp://host:port (relay), mqtt://host:port (any MQTT broker),
+    /// or over TLS tcps://host:port, mqtts://host:port.
     #[arg(short, long, value_name = "URL")]
     pub target: Option<String>,
-    /// Browsers' URL: ws://host:port/ws (relay only).
+    /// Browsers' URL: ws://host:port/ws or wss://host:port/ws (relay only).
     #[arg(long, value_name = "URL")]
     pub browsers: Option<String>,
+    /// CA certificates (PEM) TLS targets are verified against.
+    #[arg(long, value_name = "PEM")]
+    pub ca_file: Option<PathBuf>,
+    /// Client certificate chain (PEM) for mutual TLS; needs --client-key.
+    #[arg(long, value_name = "PEM")]
+    pub client_cert: Option<PathBuf>,
+    /// Private key (PEM) of --client-cert.
+    #[arg(long, value_name = "PEM")]
+    pub client_key: Option<PathBuf>,
+    /// Name the server's certificate is verified for and sent as SNI (default: the
+    /// URL's host).
+    #[arg(long, value_name = "NAME")]
+    pub tls_server_name: Option<String>,
     /// Form controllers speak: binary or json.
     #[arg(long)]
     pub controller_form: Option<Form>,
@@ -182,7 +196,7 @@ impl Cli {
         set(&mut s.pattern, &self.pattern);
         if let Some(t) = &self.target {
             s.target.controllers = t.clone();
-            if t.starts_with("mqtt://") && self.browsers.is_none() {
+            if (t.starts_with("mqtt://") || t.starts_with("mqtts://")) && self.browsers.is_none() {
                 s.target.browsers = String::new();
             }
         }
@@ -191,6 +205,18 @@ impl Cli {
         set(&mut s.target.browser_form, &self.browser_form);
         set(&mut s.target.prefix, &self.prefix);
         set(&mut s.target.server_pid, &self.server_pid);
+        for (dst, v) in [
+            (&mut s.target.ca_file, &self.ca_file),
+            (&mut s.target.client_cert, &self.client_cert),
+            (&mut s.target.client_key, &self.client_key),
+        ] {
+            if v.is_some() {
+                dst.clone_from(v);
+            }
+        }
+        if self.tls_server_name.is_some() {
+            s.target.tls_server_name.clone_from(&self.tls_server_name);
+        }
         if !self.watch.is_empty() {
             s.target.watch = self.watch.clone();
         }

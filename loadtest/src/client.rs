@@ -22,6 +22,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
+use rustls::ClientConnection;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
 use tokio::net::TcpStream;
@@ -33,6 +34,7 @@ use crate::payload::Stamp;
 use crate::plan::{ClientSpec, Side};
 use crate::scenario::{Endpoint, Form};
 use crate::stats::{ErrorKind, Recorder};
+use crate::tls::{self, TlsClient};
 use crate::wire::{Decoder, Dest, Encoder, Inbound, WireKind, ws};
 
 /// One step as every connection sees it.
@@ -77,6 +79,10 @@ pub struct Env {
     pub max_in: usize,
     /// JSON payload template of data messages, if any.
     pub template: Option<Arc<crate::payload::Template>>,
+    /// TLS of the controllers' connections (`tcps://`, `mqtts://`).
+    pub controller_tls: Option<TlsClient>,
+    /// TLS of the browsers' connections (`wss://`, `mqtts://`).
+    pub browser_tls: Option<TlsClient>,
 }
 
 impl Env {
@@ -88,10 +94,18 @@ impl Env {
         }
     }
 
-    fn side(&self, side: Side) -> (&Endpoint, &WireKind) {
+    fn side(&self, side: Side) -> (&Endpoint, &WireKind, Option<&TlsClient>) {
         match side {
-            Side::Controller => (&self.controllers, &self.controller_wire),
-            Side::Browser => (&self.browsers, &self.browser_wire),
+            Side::Controller => (
+                &self.controllers,
+                &self.controller_wire,
+                self.controller_tls.as_ref(),
+            ),
+            Side::Browser => (
+                &self.browsers,
+                &self.browser_wire,
+                self.browser_tls.as_ref(),
+            ),
         }
     }
 }
@@ -108,9 +122,18 @@ pub struct Session {
     rbuf: BytesMut,
     /// Its protocol.
     wire: WireKind,
+    /// Its TLS session (`tcps://`, `wss://`, `mqtts://`), handshake done.
+    tls: Option<ClientConnection>,
 }
 
-async fn read_more(stream: &mut TcpStream, rbuf: &mut BytesMut) -> Result<(), ErrorKind> {
+async fn read_more(
+    stream: &mut TcpStream,
+    tls: Option<&mut ClientConnection>,
+    rbuf: &mut BytesMut,
+) -> Result<(), ErrorKind> {
+    if let Some(tls) = tls {
+        return tls::read_more(stream, tls, rbuf).await;
+    }
     rbuf.reserve(4096);
     match stream.read_buf(rbuf).await {
         Ok(0) => Err(ErrorKind::HandshakeFailed),
@@ -162,8 +185,16 @@ fn failure(ev: &Inbound) -> Option<ErrorKind> {
 }
 
 async fn open_inner(env: &Env, spec: ClientSpec) -> Result<Session, ErrorKind> {
-    let (endpoint, wire) = env.side(spec.side);
-    let stream = net::connect(env.source(spec.index), endpoint.addr()).await?;
+    let (endpoint, wire, tls_client) = env.side(spec.side);
+    let mut stream = net::connect(env.source(spec.index), endpoint.addr()).await?;
+    let tls = match tls_client {
+        Some(c) => {
+            let mut conn = c.session()?;
+            tls::handshake(&mut stream, &mut conn).await?;
+            Some(conn)
+        }
+        None => None,
+    };
     let mut enc = wire.encoder(spec.index ^ mono_ns());
     if let Some(t) = &env.template {
         enc.set_template(t.clone());
@@ -175,6 +206,7 @@ async fn open_inner(env: &Env, spec: ClientSpec) -> Result<Session, ErrorKind> {
         dec: wire.decoder(env.max_in),
         rbuf: BytesMut::with_capacity(1024),
         wire: wire.clone(),
+        tls,
     };
     // An echo server has no handshake: the connection is ready once connected.
     if !endpoint.is_echo() {
@@ -220,7 +252,9 @@ impl Session {
                         self.rbuf.advance(n);
                         break;
                     }
-                    Ok(None) => read_more(&mut self.stream, &mut self.rbuf).await?,
+                    Ok(None) => {
+                        read_more(&mut self.stream, self.tls.as_mut(), &mut self.rbuf).await?
+                    }
                     Err(_) => return Err(ErrorKind::HandshakeFailed),
                 }
             }
@@ -267,8 +301,16 @@ impl Session {
         .await
     }
 
-    /// Writes handshake bytes whole.
+    /// Writes handshake bytes whole (sealed first over TLS).
     async fn write(&mut self, bytes: &[u8]) -> Result<(), ErrorKind> {
+        let mut sealed = Vec::new();
+        let bytes = match self.tls.as_mut() {
+            Some(t) => {
+                tls::seal(t, bytes, &mut sealed).map_err(|_| ErrorKind::HandshakeFailed)?;
+                &sealed[..]
+            }
+            None => bytes,
+        };
         self.stream
             .write_all(bytes)
             .await
@@ -290,7 +332,7 @@ impl Session {
                     return r;
                 }
             }
-            read_more(&mut self.stream, &mut self.rbuf).await?;
+            read_more(&mut self.stream, self.tls.as_mut(), &mut self.rbuf).await?;
         }
     }
 }
@@ -304,6 +346,25 @@ pub struct Outbox {
     buf: BytesMut,
     /// Bytes waiting for the socket to drain (empty almost always).
     pending: BytesMut,
+    /// The TLS session: plaintext is sealed under this lock, and the reader opens
+    /// records under it too.
+    tls: Option<ClientConnection>,
+    /// Scratch buffer the TLS records of one write are sealed into.
+    sealed: Vec<u8>,
+}
+
+impl Outbox {
+    /// The bytes of `buf` as they go on the wire: `buf` itself, or its TLS records.
+    fn wire_bytes(&mut self) -> std::io::Result<&[u8]> {
+        match self.tls.as_mut() {
+            None => Ok(&self.buf),
+            Some(t) => {
+                self.sealed.clear();
+                tls::seal(t, &self.buf, &mut self.sealed)?;
+                Ok(&self.sealed)
+            }
+        }
+    }
 }
 
 /// How a write went.
@@ -392,23 +453,60 @@ impl Link {
         if o.buf.is_empty() {
             return Wrote::Ok;
         }
-        if !o.pending.is_empty() {
-            o.pending.extend_from_slice(&o.buf);
-            return Wrote::Ok;
-        }
-        match send_now(&self.stream, &o.buf) {
-            Ok(n) if n == o.buf.len() => Wrote::Ok,
-            Ok(n) => {
-                o.pending.extend_from_slice(&o.buf[n..]);
-                drop(g);
-                self.flush.notify_one();
-                Wrote::Ok
-            }
-            Err(_) => {
+        let r = match o.wire_bytes() {
+            Ok(_) => self.send_or_queue(g),
+            Err(_) => Err(g),
+        };
+        match r {
+            Ok(()) => Wrote::Ok,
+            Err(g) => {
                 drop(g);
                 self.fail(&ErrorKind::WriteFailed);
                 Wrote::Closed
             }
+        }
+    }
+
+    /// Sends the wire bytes of the last encode (`sealed` over TLS, else `buf`) now,
+    /// or queues them behind pending bytes (and what the socket did not take).
+    /// Gives the guard back when the socket failed.
+    fn send_or_queue<'a>(
+        &'a self,
+        mut g: MutexGuard<'a, Outbox>,
+    ) -> Result<(), MutexGuard<'a, Outbox>> {
+        let o = &mut *g;
+        let bytes: &[u8] = if o.tls.is_some() { &o.sealed } else { &o.buf };
+        if bytes.is_empty() {
+            return Ok(());
+        }
+        if !o.pending.is_empty() {
+            o.pending.extend_from_slice(bytes);
+            return Ok(());
+        }
+        match send_now(&self.stream, bytes) {
+            Ok(n) if n == bytes.len() => Ok(()),
+            Ok(n) => {
+                o.pending.extend_from_slice(&bytes[n..]);
+                drop(g);
+                self.flush.notify_one();
+                Ok(())
+            }
+            Err(_) => Err(g),
+        }
+    }
+
+    /// Sends what the TLS session has to send on its own (an answer to a key
+    /// update, a close_notify).
+    fn send_tls_records(&self) {
+        let mut g = self.lock();
+        let o = &mut *g;
+        let Some(t) = o.tls.as_mut() else { return };
+        o.sealed.clear();
+        if tls::pending_records(t, &mut o.sealed).is_err() {
+            return;
+        }
+        if self.send_or_queue(g).is_err() {
+            self.fail(&ErrorKind::WriteFailed);
         }
     }
 
@@ -455,7 +553,17 @@ impl Session {
     pub async fn close(mut self) {
         let mut out = BytesMut::new();
         self.enc.bye(&mut out);
-        let _ = self.stream.write_all(&out).await;
+        let mut sealed = Vec::new();
+        let out: &[u8] = match self.tls.as_mut() {
+            Some(t) => {
+                let _ = tls::seal(t, &out, &mut sealed);
+                t.send_close_notify();
+                let _ = tls::pending_records(t, &mut sealed);
+                &sealed
+            }
+            None => &out,
+        };
+        let _ = self.stream.write_all(out).await;
         let _ = self.stream.shutdown().await;
     }
 
@@ -469,7 +577,9 @@ impl Session {
             dec,
             rbuf,
             wire,
+            tls,
         } = self;
+        let is_tls = tls.is_some();
         let dest = spec.send.as_ref().map(|s| wire.dest(&s.to, s.group));
         let echo = spec.echo_to.as_ref().map(|a| wire.dest(a, false));
         let link = Arc::new(Link {
@@ -480,6 +590,8 @@ impl Session {
                 enc,
                 buf: BytesMut::with_capacity(4096),
                 pending: BytesMut::new(),
+                tls,
+                sealed: Vec::new(),
             }),
             flush: Notify::new(),
             closing: AtomicBool::new(false),
@@ -491,7 +603,7 @@ impl Session {
             max_pending: env.max_pending.max(1),
             rec: env.recorder.clone(),
         });
-        let reader = tokio::spawn(read_loop(env.clone(), link.clone(), dec, rbuf));
+        let reader = tokio::spawn(read_loop(env.clone(), link.clone(), dec, rbuf, is_tls));
         let flusher = tokio::spawn(flush_loop(link.clone()));
         let task = tokio::spawn(async move {
             let _ = reader.await;
@@ -501,7 +613,39 @@ impl Session {
     }
 }
 
-async fn read_loop(env: Env, link: Arc<Link>, mut dec: Decoder, mut rbuf: BytesMut) {
+/// Reads what the socket has now: plaintext into `rbuf`, or over TLS records into
+/// `raw` that are opened (under the link's lock) into `rbuf`. `Ok(Some(0))`: the
+/// server closed the connection (or its TLS session); `Ok(None)`: nothing to read.
+fn try_read(
+    link: &Link,
+    raw: Option<&mut BytesMut>,
+    rbuf: &mut BytesMut,
+) -> Result<Option<usize>, ErrorKind> {
+    let read = |buf: &mut BytesMut| match link.stream.try_read_buf(buf) {
+        Ok(n) => Ok(Some(n)),
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(None),
+        Err(_) => Err(ErrorKind::ReadFailed),
+    };
+    let Some(raw) = raw else {
+        return read(rbuf);
+    };
+    raw.clear();
+    let n = match read(raw)? {
+        Some(0) => return Ok(Some(0)),
+        Some(n) => n,
+        None => return Ok(None),
+    };
+    let open = {
+        let mut g = link.lock();
+        let t = g.tls.as_mut().expect("a TLS link has its session");
+        tls::open_records(t, raw, rbuf)?
+    };
+    link.send_tls_records();
+    Ok(Some(if open { n } else { 0 }))
+}
+
+async fn read_loop(env: Env, link: Arc<Link>, mut dec: Decoder, mut rbuf: BytesMut, tls: bool) {
+    let mut raw = tls.then(|| BytesMut::with_capacity(16 * 1024 + 256));
     let key = link.key;
     let rec = &env.recorder;
     let how = link.spec.receipt;
@@ -568,11 +712,12 @@ async fn read_loop(env: Env, link: Arc<Link>, mut dec: Decoder, mut rbuf: BytesM
             rbuf.reserve(16 * 1024);
         }
         let r = match link.stream.readable().await {
-            Ok(()) => match link.stream.try_read_buf(&mut rbuf) {
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-                r => r,
+            Ok(()) => match try_read(&link, raw.as_mut(), &mut rbuf) {
+                Ok(None) => continue,
+                Ok(Some(n)) => Ok(n),
+                Err(e) => Err(e),
             },
-            Err(e) => Err(e),
+            Err(_) => Err(ErrorKind::ReadFailed),
         };
         match r {
             Ok(0) => {
@@ -582,9 +727,9 @@ async fn read_loop(env: Env, link: Arc<Link>, mut dec: Decoder, mut rbuf: BytesM
                 break;
             }
             Ok(_) => {}
-            Err(_) => {
+            Err(e) => {
                 if !link.closing.load(Ordering::Acquire) {
-                    rec.error(key, &ErrorKind::ReadFailed);
+                    rec.error(key, &e);
                 }
                 break;
             }
@@ -603,6 +748,10 @@ async fn flush_loop(link: Arc<Link>) {
         link.flush.notified().await;
         if link.closing.load(Ordering::Acquire) {
             let _ = link.write(|enc, buf| enc.bye(buf));
+            if let Some(t) = link.lock().tls.as_mut() {
+                t.send_close_notify();
+            }
+            link.send_tls_records();
             let _ = tokio::time::timeout(CLOSE_GRACE, drain(&link)).await;
             link.alive.store(false, Ordering::Release);
             let _ = socket2::SockRef::from(&link.stream).shutdown(std::net::Shutdown::Write);

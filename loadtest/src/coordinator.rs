@@ -523,6 +523,11 @@ fn connect_limit(c: &ConnectStats) -> Option<Note> {
             LimitKind::Ports,
             "the tool ran out of ephemeral ports (add --source-addrs)",
         )
+    } else if c.errors.keys().any(|k| k.starts_with("tls:")) {
+        (
+            LimitKind::Connections,
+            "their TLS handshakes failed (check --ca-file, --tls-server-name and the client certificate)",
+        )
     } else {
         (LimitKind::Connections, "the server did not take them")
     };
@@ -1117,11 +1122,25 @@ fn verdict(
         ));
     }
     if !fleet_ramp && connect.established < connect.planned {
-        broken.push(format!(
-            "{} of {} connections failed",
-            group(connect.planned - connect.established),
-            group(connect.planned)
-        ));
+        let why = connect
+            .errors
+            .iter()
+            .map(|(k, v)| format!("{k}={}", group(*v)))
+            .collect::<Vec<_>>()
+            .join(", ");
+        broken.push(if why.is_empty() {
+            format!(
+                "{} of {} connections failed",
+                group(connect.planned - connect.established),
+                group(connect.planned)
+            )
+        } else {
+            format!(
+                "{} of {} connections failed ({why})",
+                group(connect.planned - connect.established),
+                group(connect.planned)
+            )
+        });
     }
     match find_max {
         None => {

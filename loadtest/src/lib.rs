@@ -49,5 +49,6 @@ pub mod scenario;
 pub mod schedule;
 pub mod sender;
 pub mod stats;
+pub mod tls;
 pub mod wire;
 pub mod worker;

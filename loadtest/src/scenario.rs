@@ -232,40 +232,61 @@ impl FromStr for Form {
 /// Where a group of clients connects, parsed from a URL.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Endpoint {
-    /// `tcp://host:port`: relay controllers over TCP.
-    RelayTcp { addr: SocketAddr },
-    /// `ws://host:port/path`: relay browsers over WebSocket.
+    /// `tcp://host:port` (`tcps://`: over TLS): relay controllers over TCP.
+    RelayTcp {
+        addr: SocketAddr,
+        /// `Some(host of the URL)` over TLS.
+        tls: Option<String>,
+    },
+    /// `ws://host:port/path` (`wss://`: over TLS): relay browsers over WebSocket.
     RelayWs {
         addr: SocketAddr,
         host: String,
         path: String,
+        /// `Some(host of the URL)` over TLS.
+        tls: Option<String>,
     },
-    /// `mqtt://host:port`: an MQTT 3.1.1 broker.
-    Mqtt { addr: SocketAddr },
+    /// `mqtt://host:port` (`mqtts://`: over TLS): an MQTT 3.1.1 broker.
+    Mqtt {
+        addr: SocketAddr,
+        /// `Some(host of the URL)` over TLS.
+        tls: Option<String>,
+    },
     /// `echo://host:port`: a server that sends every byte back (calibration): no
     /// handshake, each controller receives its own binary DATA frames.
     Echo { addr: SocketAddr },
 }
 
+/// The host part of `host:port` (brackets of an IPv6 literal removed).
+fn host_of(hostport: &str) -> &str {
+    let host = match hostport.rsplit_once(':') {
+        Some((h, p)) if !p.contains(']') => h,
+        _ => hostport,
+    };
+    host.trim_start_matches('[').trim_end_matches(']')
+}
+
 impl Endpoint {
     /// Parses and resolves a URL of the forms above.
     pub fn parse(url: &str) -> Result<Self, String> {
-        let (scheme, rest) = url
-            .split_once("://")
-            .ok_or_else(|| format!("`{url}` is not a URL (tcp://, ws:// or mqtt://)"))?;
+        let (scheme, rest) = url.split_once("://").ok_or_else(|| {
+            format!("`{url}` is not a URL (tcp://, tcps://, ws://, wss://, mqtt:// or mqtts://)")
+        })?;
         let (hostport, path) = match rest.find('/') {
             Some(i) => (&rest[..i], &rest[i..]),
             None => (rest, ""),
         };
         let default_port = match scheme {
             "tcp" => 7000,
+            "tcps" => 7443,
             "ws" => 80,
+            "wss" => 443,
             "mqtt" => 1883,
+            "mqtts" => 8883,
             "echo" => 7,
-            "wss" | "mqtts" => return Err(format!("`{url}`: TLS targets are not supported")),
             _ => {
                 return Err(format!(
-                    "`{url}`: unknown scheme `{scheme}` (tcp, ws, mqtt, echo)"
+                    "`{url}`: unknown scheme `{scheme}` (tcp, tcps, ws, wss, mqtt, mqtts, echo)"
                 ));
             }
         };
@@ -282,9 +303,10 @@ impl Endpoint {
             .map_err(|e| format!("`{url}`: cannot resolve `{with_port}`: {e}"))?
             .find(|a| a.is_ipv4())
             .ok_or_else(|| format!("`{url}`: `{with_port}` has no IPv4 address"))?;
+        let tls = matches!(scheme, "tcps" | "wss" | "mqtts").then(|| host_of(hostport).to_string());
         match scheme {
-            "tcp" => Ok(Endpoint::RelayTcp { addr }),
-            "mqtt" => Ok(Endpoint::Mqtt { addr }),
+            "tcp" | "tcps" => Ok(Endpoint::RelayTcp { addr, tls }),
+            "mqtt" | "mqtts" => Ok(Endpoint::Mqtt { addr, tls }),
             "echo" => Ok(Endpoint::Echo { addr }),
             _ => Ok(Endpoint::RelayWs {
                 addr,
@@ -294,6 +316,7 @@ impl Endpoint {
                 } else {
                     path.into()
                 },
+                tls,
             }),
         }
     }
@@ -301,10 +324,20 @@ impl Endpoint {
     /// The socket address to connect to.
     pub fn addr(&self) -> SocketAddr {
         match self {
-            Endpoint::RelayTcp { addr } | Endpoint::Mqtt { addr } | Endpoint::Echo { addr } => {
-                *addr
-            }
-            Endpoint::RelayWs { addr, .. } => *addr,
+            Endpoint::RelayTcp { addr, .. }
+            | Endpoint::Mqtt { addr, .. }
+            | Endpoint::Echo { addr }
+            | Endpoint::RelayWs { addr, .. } => *addr,
+        }
+    }
+
+    /// The host name TLS verifies (the URL's host), `None` without TLS.
+    pub fn tls_host(&self) -> Option<&str> {
+        match self {
+            Endpoint::RelayTcp { tls, .. }
+            | Endpoint::Mqtt { tls, .. }
+            | Endpoint::RelayWs { tls, .. } => tls.as_deref(),
+            Endpoint::Echo { .. } => None,
         }
     }
 
@@ -342,6 +375,16 @@ pub struct TargetSpec {
     /// Other processes whose CPU every report gives, such as the relay's Redis and
     /// MySQL: `name=pid` or `name=:port` (the process listening on that port).
     pub watch: Vec<String>,
+    /// PEM file of the CA certificates that TLS targets (`tcps://`, `wss://`,
+    /// `mqtts://`) are verified against.
+    pub ca_file: Option<PathBuf>,
+    /// PEM certificate chain presented to the server (mutual TLS); needs `client_key`.
+    pub client_cert: Option<PathBuf>,
+    /// PEM private key of `client_cert`.
+    pub client_key: Option<PathBuf>,
+    /// Name the server's certificate is verified for and sent as SNI (default: the
+    /// host of the URL).
+    pub tls_server_name: Option<String>,
 }
 
 /// A process to watch: its name and how to find it.
@@ -400,6 +443,10 @@ impl Default for TargetSpec {
             prefix: String::new(),
             server_pid: 0,
             watch: Vec::new(),
+            ca_file: None,
+            client_cert: None,
+            client_key: None,
+            tls_server_name: None,
         }
     }
 }
@@ -764,7 +811,7 @@ impl Scenario {
         match &ctl {
             Err(e) => p.push(format!("target.controllers: {e}")),
             Ok(Endpoint::RelayWs { .. }) => p.push(
-                "target.controllers: controllers connect over tcp:// (relay) or mqtt://".into(),
+                "target.controllers: controllers connect over tcp:// or tcps:// (relay), or mqtt:// or mqtts://".into(),
             ),
             Ok(_) => {}
         }
@@ -783,10 +830,21 @@ impl Scenario {
                     if c.is_mqtt() != b.is_mqtt() {
                         p.push("target.browsers: controllers and browsers must both be MQTT or both be the relay".into());
                     } else if matches!(b, Endpoint::RelayTcp { .. }) {
-                        p.push("target.browsers: browsers connect over ws://host:port/ws".into());
+                        p.push("target.browsers: browsers connect over ws://host:port/ws or wss://host:port/ws".into());
                     }
                 }
             }
+        }
+        // TLS: the CA file (and client identity) must load, the server name parse.
+        let tls_hosts: Vec<String> = [ctl.clone().ok(), self.browser_endpoint().ok()]
+            .into_iter()
+            .flatten()
+            .filter_map(|e| e.tls_host().map(str::to_string))
+            .collect();
+        if let Some(host) = tls_hosts.first()
+            && let Err(e) = crate::tls::TlsClient::new(&self.target, host)
+        {
+            p.push(e);
         }
         let prefix = &self.target.prefix;
         if prefix.len() > MAX_PREFIX {
@@ -1070,8 +1128,32 @@ mod tests {
         assert_eq!(
             Endpoint::parse("tcp://127.0.0.1:7001").unwrap(),
             Endpoint::RelayTcp {
-                addr: "127.0.0.1:7001".parse().unwrap()
+                addr: "127.0.0.1:7001".parse().unwrap(),
+                tls: None
             }
+        );
+        assert_eq!(
+            Endpoint::parse("tcps://localhost").unwrap(),
+            Endpoint::RelayTcp {
+                addr: "127.0.0.1:7443".parse().unwrap(),
+                tls: Some("localhost".into())
+            }
+        );
+        let mqtts = Endpoint::parse("mqtts://127.0.0.1").unwrap();
+        assert_eq!(mqtts.addr(), "127.0.0.1:8883".parse().unwrap());
+        assert!(mqtts.is_mqtt());
+        assert_eq!(mqtts.tls_host(), Some("127.0.0.1"));
+        let Endpoint::RelayWs {
+            path, host, tls, ..
+        } = Endpoint::parse("wss://localhost:8443/ws").unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!((path.as_str(), host.as_str()), ("/ws", "localhost:8443"));
+        assert_eq!(tls.as_deref(), Some("localhost"));
+        assert_eq!(
+            Endpoint::parse("mqtt://127.0.0.1").unwrap().tls_host(),
+            None
         );
         assert_eq!(
             Endpoint::parse("mqtt://127.0.0.1").unwrap().addr(),
@@ -1083,8 +1165,25 @@ mod tests {
         };
         assert_eq!(path, "/ws");
         assert_eq!(host, "localhost:8080");
-        assert!(Endpoint::parse("wss://x:1").is_err());
+        assert_eq!(
+            Endpoint::parse("ws://localhost:8080").unwrap().tls_host(),
+            None
+        );
+        assert!(Endpoint::parse("https://x:1").is_err());
         assert!(Endpoint::parse("nope").is_err());
+    }
+
+    #[test]
+    fn tls_targets_need_a_ca_file() {
+        let mut s = Scenario::default();
+        s.target.controllers = "tcps://127.0.0.1:7443".into();
+        s.target.browsers = "wss://127.0.0.1:8443/ws".into();
+        s.load.rate = Some(1.0);
+        let e = s.validate("t").unwrap_err().to_string();
+        assert!(e.contains("target.ca_file"), "{e}");
+        s.target.ca_file = Some("/nonexistent/ca.pem".into());
+        let e = s.validate("t").unwrap_err().to_string();
+        assert!(e.contains("/nonexistent/ca.pem"), "{e}");
     }
 
     #[test]

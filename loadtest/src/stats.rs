@@ -77,6 +77,9 @@ pub enum ErrorKind {
     /// The server refused for now (`busy`) and said when to come back; the
     /// connect is retried then, up to `run.busy_retries` times.
     RetryLater { code: String, retry_after_ms: u64 },
+    /// The TLS handshake or session failed, with the reason (`unknown_issuer`,
+    /// `alert_handshake_failure`, ...).
+    Tls(String),
 }
 
 impl ErrorKind {
@@ -100,6 +103,7 @@ impl ErrorKind {
                 format!("server:{code}")
             }
             ErrorKind::Refused(why) => format!("refused:{why}"),
+            ErrorKind::Tls(why) => format!("tls:{why}"),
         }
     }
 }

@@ -133,7 +133,15 @@ fn run(
     let controllers = s.controller_endpoint()?;
     let browsers = s.browser_endpoint()?;
     let recorder = Arc::new(Recorder::new(threads * 8));
+    let tls_for = |e: &Endpoint| match e.tls_host() {
+        Some(host) => crate::tls::TlsClient::new(&s.target, host).map(Some),
+        None => Ok(None),
+    };
+    let controller_tls = tls_for(&controllers)?;
+    let browser_tls = tls_for(&browsers)?;
     let env = Env {
+        controller_tls,
+        browser_tls,
         controller_wire: wire_for(&controllers, s.target.controller_form, &setup.prefix),
         browser_wire: wire_for(&browsers, s.target.browser_form, &setup.prefix),
         controllers,
