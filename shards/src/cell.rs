@@ -115,14 +115,38 @@ pub struct ConnCell {
     /// The deadline slot the router will look at this connection in
     /// (`router::timers`; `NOT_DUE`: none).
     pub due: Cell<u32>,
-    /// The access rules that can apply to this client (made at hello), with
-    /// the settings generation they were made for.
-    pub acl: RefCell<Option<(u64, std::rc::Rc<[u16]>)>>,
+    /// The access rules that can apply to this client (made at hello)...
+    pub acl: AclView,
+    /// ...and the settings generation they were made for (its low 32 bits).
+    pub acl_generation: Cell<u32>,
     /// The slot of the connection's socket state in the runtime's I/O table
     /// on this shard (`NO_SLOT` while it has none); the router never reads it.
     pub io_slot: Cell<u32>,
     /// The MQTT session of a client on the MQTT listener (`None`: native).
     pub mqtt: RefCell<Option<Box<crate::router::MqttConn>>>,
+}
+
+/// The access-rule view a connection keeps: a `Cell`, not a `RefCell`, so it
+/// costs the record 16 bytes.
+#[derive(Default)]
+pub struct AclView(Cell<Option<std::rc::Rc<[u16]>>>);
+
+impl AclView {
+    pub fn get(&self) -> Option<std::rc::Rc<[u16]>> {
+        let v = self.0.take();
+        self.0.set(v.clone());
+        v
+    }
+
+    pub fn set(&self, v: std::rc::Rc<[u16]>) {
+        self.0.set(Some(v));
+    }
+}
+
+impl std::fmt::Debug for AclView {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("AclView").field(&self.get()).finish()
+    }
 }
 
 /// `ConnCell::io_slot` of a connection without socket state on the shard.
@@ -137,7 +161,8 @@ impl ConnCell {
             session: RefCell::new(session),
             owed: Cell::new(0),
             due: Cell::new(u32::MAX), // router::timers::NOT_DUE
-            acl: RefCell::new(None),
+            acl: AclView::default(),
+            acl_generation: Cell::new(0),
             io_slot: Cell::new(NO_SLOT),
             mqtt: RefCell::new(None),
         }
@@ -148,5 +173,16 @@ impl ConnCell {
     /// the first reason wins, the deadline only moves earlier).
     pub fn closing(&self, reason: CloseReason, deadline_ms: u64) {
         self.conn.borrow_mut().closing(reason, deadline_ms);
+    }
+}
+
+#[cfg(test)]
+mod size_tests {
+    /// The record is most of the relay's memory per idle connection: what
+    /// only some connections need stays out of line.
+    #[test]
+    fn the_connection_record_stays_small() {
+        let n = std::mem::size_of::<super::ConnCell>();
+        assert!(n <= 312, "{n}");
     }
 }

@@ -77,10 +77,10 @@ impl Router {
     /// again after a reload), then kept on the connection.
     pub(super) fn acl_view(&self, cell: &ConnCell, rules: &crate::acl::AclRules) -> Rc<[u16]> {
         let generation = self.cfg_generation.get();
-        if let Some((g, v)) = cell.acl.borrow().as_ref()
-            && *g == generation
+        if cell.acl_generation.get() == generation as u32
+            && let Some(v) = cell.acl.get()
         {
-            return v.clone();
+            return v;
         }
         let list = {
             let conn = cell.conn.borrow();
@@ -103,7 +103,8 @@ impl Router {
                 v
             }
         };
-        *cell.acl.borrow_mut() = Some((generation, view.clone()));
+        cell.acl.set(view.clone());
+        cell.acl_generation.set(generation as u32);
         view
     }
 }
