@@ -60,6 +60,9 @@ struct C {
     sent_in_gen: u32,
     next_send: Instant,
     reconnect_at: Instant,
+    /// Told `going_away` at least once (a reconnect that lands on the old
+    /// process while it drains is told again, and reconnects again).
+    told: bool,
 }
 
 #[derive(Default)]
@@ -174,7 +177,10 @@ fn drive(
                             let hint = f.retry_after_ms().expect("going_away carries a hint");
                             if c.st != St::Leaving {
                                 o.hints.push(hint);
-                                goaway_seen.fetch_add(1, Ordering::SeqCst);
+                                if !c.told {
+                                    c.told = true;
+                                    goaway_seen.fetch_add(1, Ordering::SeqCst);
+                                }
                                 c.reconnect_at = now + Duration::from_millis(hint);
                                 c.st = St::Leaving;
                             }
@@ -287,6 +293,7 @@ fn sigusr2_hands_over_2000_controllers_without_losing_an_ack() {
                         sent_in_gen: 0,
                         next_send: now,
                         reconnect_at: now,
+                        told: false,
                     }
                 })
                 .collect();
