@@ -156,7 +156,7 @@ pub fn render(stats: &[Arc<ShardStats>], uptime_s: f64, extra: &[(&str, &str, u6
         &'static str,
         fn(&ShardStats) -> u64,
     );
-    let mqtt: [Family; 4] = [
+    let per_shard: [Family; 6] = [
         (
             "relay_mqtt_connects_total",
             "counter",
@@ -181,34 +181,24 @@ pub fn render(stats: &[Arc<ShardStats>], uptime_s: f64, extra: &[(&str, &str, u6
             "Retained MQTT messages held (every shard holds them all).",
             |s| s.mqtt_retained.load(Relaxed),
         ),
+        (
+            "relay_queue_bytes",
+            "gauge",
+            "Bytes waiting in outbound queues.",
+            |s| s.queue_bytes.load(Relaxed),
+        ),
+        (
+            "relay_sockets",
+            "gauge",
+            "Client sockets held by the shard's I/O loop.",
+            |s| s.sockets.load(Relaxed),
+        ),
     ];
-    for (name, kind, help, get) in mqtt {
+    for (name, kind, help, get) in per_shard {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
         for (i, s) in stats.iter().enumerate() {
             let _ = writeln!(out, "{name}{{shard=\"{i}\"}} {}", get(s));
         }
-    }
-    let _ = writeln!(
-        out,
-        "# HELP relay_queue_bytes Bytes waiting in outbound queues.\n# TYPE relay_queue_bytes gauge"
-    );
-    for (i, s) in stats.iter().enumerate() {
-        let _ = writeln!(
-            out,
-            "relay_queue_bytes{{shard=\"{i}\"}} {}",
-            s.queue_bytes.load(Relaxed)
-        );
-    }
-    let _ = writeln!(
-        out,
-        "# HELP relay_sockets Client sockets held by the shard's I/O loop.\n# TYPE relay_sockets gauge"
-    );
-    for (i, s) in stats.iter().enumerate() {
-        let _ = writeln!(
-            out,
-            "relay_sockets{{shard=\"{i}\"}} {}",
-            s.sockets.load(Relaxed)
-        );
     }
     let _ = writeln!(
         out,

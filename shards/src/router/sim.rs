@@ -162,19 +162,7 @@ impl Sim {
 
     /// Opens a connection for `name` and says hello: the relay's first answer.
     pub fn hello(&mut self, name: &str) -> Frame {
-        let shard = shard_of(name.as_bytes(), self.routers.len());
-        let conn = Connection::new(&self.cfg.conn, Transport::Tcp, self.now);
-        let remote = "127.0.0.1:1".parse().expect("an address");
-        let cell = self.routers[shard].register(conn, Session::new(remote));
-        self.clients.insert(
-            name.to_owned(),
-            Client {
-                shard,
-                cell,
-                inbox: VecDeque::new(),
-                unread: BytesMut::new(),
-            },
-        );
+        self.open_silent(name);
         let mut hello = Frame::new(FrameType::Hello);
         hello.src = Bytes::copy_from_slice(name.as_bytes());
         self.send(name, hello);
