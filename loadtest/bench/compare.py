@@ -50,6 +50,8 @@ SCENARIOS = {
 }
 
 TARGETS = ["relay-1", "relay-2", "mosquitto"]
+# Also accepted: "relay-mqtt", the relay (one shard) with its MQTT listener, driven
+# by the same MQTT clients as Mosquitto.
 
 
 def free_port():
@@ -74,22 +76,25 @@ def start(target, tmp):
     tcp = free_port()
     if target.startswith("relay"):
         http = free_port()
+        mqtt = target == "relay-mqtt"
         env = dict(os.environ)
         env.update({
-            "RELAY__LISTENERS__TCP": f"127.0.0.1:{tcp}",
+            "RELAY__LISTENERS__TCP": f"127.0.0.1:{free_port() if mqtt else tcp}",
             "RELAY__LISTENERS__HTTP": f"127.0.0.1:{http}",
-            "RELAY__SHARDS__COUNT": target.split("-")[1],
+            "RELAY__SHARDS__COUNT": "1" if mqtt else target.split("-")[1],
             "RELAY__SHARDS__PIN": "true",
             "RELAY__PLUGINS__ENABLED": "false",
             "RELAY__LIMITS__MAX_CONNECTIONS": "19000",
             "RELAY_LOG": "warn",
         })
+        if mqtt:
+            env["RELAY__LISTENERS__MQTT"] = f"127.0.0.1:{tcp}"
         cmd = [str(RELAY)]
-        if PIN and target == "relay-1":
+        if PIN and target in ("relay-1", "relay-mqtt"):
             cmd = ["taskset", "-c", "0"] + cmd
         p = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_port(tcp)
-        return p, tcp, http
+        return p, tcp, None if mqtt else http
     conf = Path(tmp) / f"mosquitto-{tcp}.conf"
     conf.write_text(
         f"listener {tcp} 127.0.0.1\nallow_anonymous true\nmax_connections -1\npersistence false\nlog_type none\n"

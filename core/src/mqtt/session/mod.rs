@@ -63,7 +63,7 @@
 //! - this module: [`Session`] and the types it exchanges.
 //! - `tests`: every flow, on a simulated clock.
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 
 use bytes::{Bytes, BytesMut};
 
@@ -310,14 +310,16 @@ pub struct SessionState {
     client_id: Bytes,
     version: Version,
     /// Filter (as sent) → granted options and identifier.
-    subscriptions: BTreeMap<Bytes, (SubOptions, Option<u32>)>,
+    /// Sorted by filter; allocated to fit (most devices hold one or two).
+    subscriptions: Vec<(Bytes, SubOptions, Option<u32>)>,
     /// Outbound QoS 1/2 not completed, in the order sent.
     inflight: VecDeque<Inflight>,
     /// Waiting for the window, or for the client to come back.
     queue: VecDeque<Outgoing>,
     queue_bytes: usize,
     /// Inbound QoS 2 packet ids whose PUBREL has not come (deduplication).
-    awaiting_rel: HashSet<u16>,
+    /// (A few at most, bounded by the receive maximum.)
+    awaiting_rel: Vec<u16>,
     next_packet_id: u16,
     /// Seconds the session outlives its connection.
     expiry_s: u32,
@@ -329,7 +331,17 @@ impl SessionState {
     }
     /// The subscriptions, as (filter as sent, granted options, identifier).
     pub fn subscriptions(&self) -> impl Iterator<Item = (&Bytes, &SubOptions, Option<u32>)> {
-        self.subscriptions.iter().map(|(f, (o, id))| (f, o, *id))
+        self.subscriptions.iter().map(|(f, o, id)| (f, o, *id))
+    }
+    /// Removes the subscription to `filter` (as sent); whether there was one.
+    fn unsubscribe(&mut self, filter: &Bytes) -> bool {
+        match self.subscriptions.binary_search_by(|(x, ..)| x.cmp(filter)) {
+            Ok(i) => {
+                self.subscriptions.remove(i);
+                true
+            }
+            Err(_) => false,
+        }
     }
     /// Messages waiting (queued plus in flight).
     pub fn pending(&self) -> usize {
@@ -353,7 +365,19 @@ enum State {
     Ended,
 }
 
-/// One client's MQTT connection and session.
+/// The topic aliases of a connection (MQTT 5): most never set one, so they
+/// live out of line.
+#[derive(Debug, Default)]
+struct Aliases {
+    /// Set by the client.
+    inbound: HashMap<u16, Bytes>,
+    /// Set by the relay toward the client.
+    outbound: HashMap<Bytes, u16>,
+}
+
+/// One client's MQTT connection and session. Whatever an idle client does
+/// not use (will, aliases, flows) is out of line or unallocated, so an idle
+/// session stays near 300 bytes.
 #[derive(Debug)]
 pub struct Session {
     state: State,
@@ -368,13 +392,11 @@ pub struct Session {
     client_receive_max: u16,
     client_max_packet: usize,
     client_alias_max: u16,
-    /// Topic aliases the client set.
-    aliases_in: HashMap<u16, Bytes>,
-    /// Topic aliases the relay set toward the client.
-    aliases_out: HashMap<Bytes, u16>,
-    will: Option<Will>,
+    /// Topic aliases both ways, once either side uses one.
+    aliases: Option<Box<Aliases>>,
+    will: Option<Box<Will>>,
     /// When the will of a closed connection goes out.
-    will_due: Option<(u64, Will)>,
+    will_due: Option<Box<(u64, Will)>>,
     events: VecDeque<Event>,
     out: BytesMut,
     /// Bytes handed to the socket and not yet confirmed.
@@ -400,8 +422,7 @@ impl Session {
             client_receive_max: u16::MAX,
             client_max_packet: usize::MAX,
             client_alias_max: 0,
-            aliases_in: HashMap::new(),
-            aliases_out: HashMap::new(),
+            aliases: None,
             will: None,
             will_due: None,
             events: VecDeque::new(),
@@ -731,7 +752,7 @@ impl Session {
                 props.assigned_client_identifier = Some(self.st.client_id.clone());
             }
         }
-        self.will = c.will.clone();
+        self.will = c.will.clone().map(Box::new);
         self.state = State::Open;
         self.last_activity = now.mono_ms;
         self.write(&Packet::ConnAck(ConnAck {
@@ -835,7 +856,8 @@ impl Session {
                 }
             }
             Packet::PubRel(r) => {
-                let known = self.st.awaiting_rel.remove(&r.packet_id);
+                let at = self.st.awaiting_rel.iter().position(|&x| x == r.packet_id);
+                let known = at.map(|i| self.st.awaiting_rel.swap_remove(i)).is_some();
                 self.write(&Packet::PubComp(PubResp {
                     packet_id: r.packet_id,
                     code: if known || v == Version::V311 {
@@ -851,7 +873,7 @@ impl Session {
                 let mut gone = Vec::new();
                 let mut codes = Vec::new();
                 for f in u.filters {
-                    if self.st.subscriptions.remove(&f).is_some() {
+                    if self.st.unsubscribe(&f) {
                         codes.push(reason::SUCCESS);
                         gone.push(f);
                     } else {
@@ -905,12 +927,17 @@ impl Session {
                 Some(a) if a == 0 || a > cfg.topic_alias_maximum => {
                     return self.protocol_error(now, reason::TOPIC_ALIAS_INVALID);
                 }
-                Some(a) if p.topic.is_empty() => match self.aliases_in.get(&a) {
-                    Some(t) => p.topic = t.clone(),
-                    None => return self.protocol_error(now, reason::PROTOCOL_ERROR),
-                },
+                Some(a) if p.topic.is_empty() => {
+                    match self.aliases.as_ref().and_then(|x| x.inbound.get(&a)) {
+                        Some(t) => p.topic = t.clone(),
+                        None => return self.protocol_error(now, reason::PROTOCOL_ERROR),
+                    }
+                }
                 Some(a) => {
-                    self.aliases_in.insert(a, p.topic.clone());
+                    self.aliases
+                        .get_or_insert_with(Box::default)
+                        .inbound
+                        .insert(a, p.topic.clone());
                 }
                 None if p.topic.is_empty() => {
                     return self.protocol_error(now, reason::PROTOCOL_ERROR);
@@ -938,7 +965,7 @@ impl Session {
                 if self.st.awaiting_rel.len() >= usize::from(cfg.receive_maximum.max(1)) {
                     return self.protocol_error(now, reason::RECEIVE_MAXIMUM_EXCEEDED);
                 }
-                self.st.awaiting_rel.insert(id);
+                self.st.awaiting_rel.push(id);
                 self.write(&Packet::PubRec(PubResp {
                     packet_id: id,
                     ..PubResp::default()
@@ -981,7 +1008,11 @@ impl Session {
                 codes.push(fail(reason::SUBSCRIPTION_IDENTIFIERS_NOT_SUPPORTED));
                 continue;
             }
-            let is_new = !self.st.subscriptions.contains_key(&filter);
+            let at = self
+                .st
+                .subscriptions
+                .binary_search_by(|(x, ..)| x.cmp(&filter));
+            let is_new = at.is_err();
             if is_new && self.st.subscriptions.len() >= cfg.max_subscriptions {
                 codes.push(fail(reason::QUOTA_EXCEEDED));
                 continue;
@@ -990,9 +1021,15 @@ impl Session {
                 qos: opts.qos.min(cfg.maximum_qos),
                 ..opts
             };
-            self.st
-                .subscriptions
-                .insert(filter.clone(), (granted, sub_id));
+            match at {
+                Ok(i) => self.st.subscriptions[i] = (filter.clone(), granted, sub_id),
+                Err(i) => {
+                    self.st.subscriptions.reserve_exact(1);
+                    self.st
+                        .subscriptions
+                        .insert(i, (filter.clone(), granted, sub_id));
+                }
+            }
             codes.push(granted.qos as u8);
             made.push(Subscription {
                 filter,
@@ -1096,11 +1133,13 @@ impl Session {
         };
         let mut new_alias = false;
         if self.st.version == Version::V5 {
-            if let Some(&a) = self.aliases_out.get(&out.msg.topic) {
+            let outbound = self.aliases.as_ref().map(|x| &x.outbound);
+            let known = outbound.map_or(0, |o| o.len());
+            if let Some(&a) = outbound.and_then(|o| o.get(&out.msg.topic)) {
                 h.with_topic = false;
                 h.topic_alias = Some(a);
-            } else if self.aliases_out.len() < usize::from(cap) {
-                h.topic_alias = Some(self.aliases_out.len() as u16 + 1);
+            } else if known < usize::from(cap) {
+                h.topic_alias = Some(known as u16 + 1);
                 new_alias = true;
             }
         }
@@ -1115,10 +1154,17 @@ impl Session {
             return Err(DeliverError::TooLarge);
         }
         if new_alias && let Some(a) = h.topic_alias {
-            self.aliases_out.insert(out.msg.topic.clone(), a);
+            self.alias_out(&out.msg.topic, a);
         }
         write_publish(&out.msg, &h, v, &mut self.out);
         Ok(())
+    }
+
+    fn alias_out(&mut self, topic: &Bytes, a: u16) {
+        self.aliases
+            .get_or_insert_with(Box::default)
+            .outbound
+            .insert(topic.clone(), a);
     }
 
     fn next_packet_id(&mut self) -> u16 {
@@ -1150,7 +1196,7 @@ impl Session {
         let (h, _) = self.header(&out, now, packet_id);
         write_publish(&out.msg, &h, v, &mut self.out);
         if let Some(a) = new_alias_at {
-            self.aliases_out.insert(out.msg.topic.clone(), a);
+            self.alias_out(&out.msg.topic, a);
         }
         let stage = if out.qos == QoS::AtLeastOnce {
             Stage::Ack
@@ -1207,8 +1253,7 @@ impl Session {
             return;
         }
         self.events.push_back(Event::Closed(why));
-        self.aliases_in.clear();
-        self.aliases_out.clear();
+        self.aliases = None;
         let w = self.will.take();
         if let Some(w) = w.filter(|_| will) {
             let delay_s = w
@@ -1217,7 +1262,7 @@ impl Session {
                 .unwrap_or(0)
                 .min(self.st.expiry_s);
             let due = now.mono_ms.saturating_add(u64::from(delay_s) * 1000);
-            self.will_due = Some((due, w));
+            self.will_due = Some(Box::new((due, *w)));
         }
         if self.st.expiry_s == 0 {
             self.end_session(now);
@@ -1233,10 +1278,11 @@ impl Session {
 
     /// Publishes the will if it is due at `now` (or at once with `force`).
     fn fire_will(&mut self, now: Now, force: bool) {
-        if let Some((due, _)) = &self.will_due
-            && (force || now.mono_ms >= *due)
-            && let Some((_, w)) = self.will_due.take()
+        if let Some(d) = &self.will_due
+            && (force || now.mono_ms >= d.0)
+            && let Some(d) = self.will_due.take()
         {
+            let (_, w) = *d;
             self.events
                 .push_back(Event::Will(Message::from_will(&w, now.mono_ms)));
         }
@@ -1327,7 +1373,7 @@ impl Session {
             State::AwaitConnect { deadline } => Some(deadline),
             State::Open if self.keep_alive_s > 0 => Some(self.keep_alive_deadline()),
             State::Offline { expires_at } => Some(match &self.will_due {
-                Some((due, _)) => (*due).min(expires_at),
+                Some(d) => d.0.min(expires_at),
                 None => expires_at,
             }),
             _ => None,

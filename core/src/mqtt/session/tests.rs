@@ -1617,3 +1617,12 @@ fn many_packets_without_events_are_all_answered_in_one_call() {
     assert!(input.is_empty());
     assert_eq!(out(&mut s, &cfg, t(1)).len(), 5000);
 }
+
+/// An idle MQTT client's session is most of what it costs the relay beyond
+/// the connection record: the will, the topic aliases and the subscriptions
+/// stay out of line and sized to fit.
+#[test]
+fn an_idle_session_stays_small() {
+    let n = std::mem::size_of::<Session>();
+    assert!(n <= 320, "{n}");
+}
