@@ -183,6 +183,6 @@ mod size_tests {
     #[test]
     fn the_connection_record_stays_small() {
         let n = std::mem::size_of::<super::ConnCell>();
-        assert!(n <= 312, "{n}");
+        assert!(n <= 288, "{n}");
     }
 }

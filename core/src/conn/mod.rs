@@ -284,6 +284,20 @@ enum State {
     },
 }
 
+/// A monotonic time kept in 8 bytes as an `Option` (ms + 1, never 0).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Since(std::num::NonZeroU64);
+
+impl Since {
+    fn at(ms: u64) -> Since {
+        Since(std::num::NonZeroU64::new(ms.saturating_add(1)).unwrap_or(std::num::NonZeroU64::MAX))
+    }
+
+    fn ms(self) -> u64 {
+        self.0.get() - 1
+    }
+}
+
 /// Protocol state of one connection. About 180 bytes when idle: no read
 /// buffer (the runtime owns it) and an unallocated write queue.
 #[derive(Debug)]
@@ -297,14 +311,14 @@ pub struct Connection {
     heartbeat_s: u32,
     last_activity: u64,
     /// Queue full since (monotonic ms): the slow-consumer clock.
-    full_since: Option<u64>,
+    full_since: Option<Since>,
     out: BytesMut,
     /// Bytes handed to the socket and not yet confirmed written.
-    inflight: usize,
+    inflight: u32,
     /// The frame rate limit.
     rate: TokenBucket,
     /// Last time a rate_limited ERROR without ACK_REQ was sent (one a second).
-    limited_note_at: Option<u64>,
+    limited_note_at: Option<Since>,
     /// Where the JSON lines of a TCP stream stand between reads.
     lines: LineSplitter,
     /// A HELLO went out as an event and the router has not answered it yet.
@@ -422,7 +436,7 @@ impl Connection {
         let q = self.queued_bytes();
         if q >= cfg.queue_bytes {
             if self.state == State::Open {
-                self.full_since.get_or_insert(now.mono_ms);
+                self.full_since.get_or_insert(Since::at(now.mono_ms));
             }
             return true;
         }
@@ -430,7 +444,7 @@ impl Connection {
     }
     /// Bytes queued and in flight.
     pub fn queued_bytes(&self) -> usize {
-        self.out.len() + self.inflight
+        self.out.len() + self.inflight as usize
     }
     /// Sets the form of replies for a WebSocket whose hello came in the URL
     /// (JSON text), before any message arrived.
@@ -632,9 +646,9 @@ impl Connection {
                     );
                 } else if self
                     .limited_note_at
-                    .is_none_or(|t| now.mono_ms >= t.saturating_add(1000))
+                    .is_none_or(|t| now.mono_ms >= t.ms().saturating_add(1000))
                 {
-                    self.limited_note_at = Some(now.mono_ms);
+                    self.limited_note_at = Some(Since::at(now.mono_ms));
                     self.control(
                         cfg,
                         &Frame::error(
@@ -893,7 +907,7 @@ impl Connection {
         }
         let queued = self.queued_bytes();
         if queued >= cfg.queue_bytes {
-            self.full_since.get_or_insert(now.mono_ms);
+            self.full_since.get_or_insert(Since::at(now.mono_ms));
             return Err(SendError::Full);
         }
         let before = self.out.len();
@@ -907,7 +921,7 @@ impl Connection {
         if queued > 0 && self.queued_bytes() > cfg.queue_bytes {
             // Over the bound with this frame: undo and report full.
             self.out.truncate(before);
-            self.full_since.get_or_insert(now.mono_ms);
+            self.full_since.get_or_insert(Since::at(now.mono_ms));
             return Err(SendError::Full);
         }
         Ok(())
@@ -1015,9 +1029,9 @@ impl Connection {
         if self.out.is_empty() {
             return None;
         }
-        let n = self.out.len().min(max.max(1));
+        let n = self.out.len().min(max.max(1)).min(u32::MAX as usize);
         let chunk = self.out.split_to(n).freeze();
-        self.inflight += chunk.len();
+        self.inflight = self.inflight.saturating_add(chunk.len() as u32);
         if self.out.is_empty() && self.out.capacity() > 0 {
             // Give the allocation back: idle connections hold no buffer.
             self.out = BytesMut::new();
@@ -1027,7 +1041,9 @@ impl Connection {
 
     /// `n` bytes from `poll_transmit` reached the socket.
     pub fn on_transmitted(&mut self, cfg: &ConnConfig, _now: Now, n: usize) {
-        self.inflight = self.inflight.saturating_sub(n);
+        self.inflight = self
+            .inflight
+            .saturating_sub(u32::try_from(n).unwrap_or(u32::MAX));
         if self.queued_bytes() < cfg.queue_bytes {
             self.full_since = None;
         }
@@ -1040,7 +1056,7 @@ impl Connection {
             State::Open => {
                 let idle = self.last_activity.saturating_add(self.idle_timeout_ms(cfg));
                 Some(match self.full_since {
-                    Some(t) => idle.min(t.saturating_add(cfg.slow_consumer_timeout_ms)),
+                    Some(t) => idle.min(t.ms().saturating_add(cfg.slow_consumer_timeout_ms)),
                     None => idle,
                 })
             }
@@ -1067,7 +1083,7 @@ impl Connection {
             }
             State::Open => {
                 if let Some(t) = self.full_since
-                    && now.mono_ms >= t.saturating_add(cfg.slow_consumer_timeout_ms)
+                    && now.mono_ms >= t.ms().saturating_add(cfg.slow_consumer_timeout_ms)
                 {
                     self.control(
                         cfg,

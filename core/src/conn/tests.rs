@@ -1683,7 +1683,7 @@ fn a_hello_says_how_it_authenticated() {
 #[test]
 fn the_protocol_state_of_a_connection_stays_small() {
     assert!(
-        std::mem::size_of::<Connection>() <= 184,
+        std::mem::size_of::<Connection>() <= 160,
         "{}",
         std::mem::size_of::<Connection>()
     );
