@@ -285,7 +285,9 @@ impl Router {
             }
             return Outcome::Handover { owner, hello };
         }
-        let addr = c.client_id.clone();
+        // Its own allocation, not a slice of the read that carried the
+        // CONNECT (which it would keep alive).
+        let addr = Bytes::copy_from_slice(&c.client_id);
         self.mqtt_accept(cell, &hello, addr, None, c.clean_start, now, &mcfg);
         Outcome::Continue
     }

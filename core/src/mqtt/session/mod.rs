@@ -486,7 +486,12 @@ impl Session {
     /// The next event not tied to input (deadlines, the will, the end of
     /// the session, the close after a refusal).
     pub fn poll_event(&mut self) -> Option<Event> {
-        self.events.pop_front()
+        let ev = self.events.pop_front();
+        if ev.is_none() && self.events.capacity() > 0 {
+            // Give the room back: an idle client holds no event queue.
+            self.events = VecDeque::new();
+        }
+        ev
     }
 
     /// Takes packets off `input` until one yields an event. Call until it
@@ -694,9 +699,11 @@ impl Session {
             self.st.next_packet_id = s.next_packet_id.max(1);
         }
         let assigned = c.client_id.is_empty() && assigned_id.is_some();
+        // Its own allocation: a slice of the input would keep the whole
+        // read that carried the CONNECT alive for the session's life.
         self.st.client_id = match assigned_id {
             Some(id) if c.client_id.is_empty() => id,
-            _ => c.client_id.clone(),
+            _ => Bytes::copy_from_slice(&c.client_id),
         };
         self.clean_start = c.clean_start;
         let mut props = Properties::default();
@@ -1017,6 +1024,9 @@ impl Session {
                 codes.push(fail(reason::QUOTA_EXCEEDED));
                 continue;
             }
+            // Kept for the session's life: its own allocation, not a slice
+            // of the read that carried the SUBSCRIBE.
+            let filter = Bytes::copy_from_slice(&filter);
             let granted = SubOptions {
                 qos: opts.qos.min(cfg.maximum_qos),
                 ..opts
