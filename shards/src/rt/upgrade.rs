@@ -8,13 +8,14 @@
 //! (`drain_ms`), then closes what is left (WebSocket close 1012) and exits.
 //!
 //! The handshake on the unix socket: the old process sends one message
-//! `relay-upgrade tcp=<n> http=<m> tcp_tls=<a> http_tls=<b>` carrying
-//! n + m + a + b descriptors (the shards' controller listeners, their HTTP
-//! listeners, then their TLS and HTTPS listeners; `tcp_tls` and `http_tls`
-//! may be absent, meaning 0); the new process answers `ready\n` once every
-//! shard listens. The TLS listeners are plain listening TCP sockets like
-//! the others (TLS starts per connection), so the new process takes them as
-//! they are and loads its own certificate.
+//! `relay-upgrade tcp=<n> http=<m> tcp_tls=<a> http_tls=<b> mqtt=<c>
+//! mqtt_tls=<d>` carrying n + m + a + b + c + d descriptors (the shards'
+//! controller listeners, their HTTP listeners, their TLS and HTTPS
+//! listeners, then their MQTT and MQTT over TLS listeners; every field
+//! after `http` may be absent, meaning 0); the new process answers
+//! `ready\n` once every shard listens. The TLS listeners are plain
+//! listening TCP sockets like the others (TLS starts per connection), so
+//! the new process takes them as they are and loads its own certificate.
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::SocketAddr;
@@ -35,7 +36,7 @@ use super::{Relay, Shard};
 pub const UPGRADE_FD_ENV: &str = "RELAY_UPGRADE_FD";
 
 /// Most listening sockets one handover carries.
-const MAX_FDS: usize = 4 * crate::router::MAX_SHARDS;
+const MAX_FDS: usize = 6 * crate::router::MAX_SHARDS;
 
 /// Listening sockets handed over by the previous process, taken by the
 /// shards as they start.
@@ -45,11 +46,15 @@ pub struct Inherited {
     http: Mutex<Vec<OwnedFd>>,
     tcp_tls: Mutex<Vec<OwnedFd>>,
     http_tls: Mutex<Vec<OwnedFd>>,
+    mqtt: Mutex<Vec<OwnedFd>>,
+    mqtt_tls: Mutex<Vec<OwnedFd>>,
     /// Where they listen (from the first of each kind).
     tcp_addr: Option<SocketAddr>,
     http_addr: Option<SocketAddr>,
     tcp_tls_addr: Option<SocketAddr>,
     http_tls_addr: Option<SocketAddr>,
+    mqtt_addr: Option<SocketAddr>,
+    mqtt_tls_addr: Option<SocketAddr>,
 }
 
 impl Inherited {
@@ -65,6 +70,11 @@ impl Inherited {
     pub(super) fn tls_addrs(&self) -> (Option<SocketAddr>, Option<SocketAddr>) {
         (self.tcp_tls_addr, self.http_tls_addr)
     }
+
+    /// The addresses the inherited MQTT and MQTT over TLS sockets listen on.
+    pub(super) fn mqtt_addrs(&self) -> (Option<SocketAddr>, Option<SocketAddr>) {
+        (self.mqtt_addr, self.mqtt_tls_addr)
+    }
 }
 
 /// Which listener a descriptor is.
@@ -74,6 +84,8 @@ pub(super) enum Kind {
     Http,
     TcpTls,
     HttpTls,
+    Mqtt,
+    MqttTls,
 }
 
 /// Upgrade state shared by the shards and the main thread.
@@ -115,6 +127,17 @@ pub(super) fn tcp_tls_listener(
     addr: SocketAddr,
 ) -> std::io::Result<socket2::Socket> {
     controllers_listener(shared, addr, Kind::TcpTls)
+}
+
+/// A shard's MQTT listener (`tls`: MQTT over TLS): an inherited one, or a
+/// new socket.
+pub(super) fn mqtt_listener(
+    shared: &super::Shared,
+    addr: SocketAddr,
+    tls: bool,
+) -> std::io::Result<socket2::Socket> {
+    let kind = if tls { Kind::MqttTls } else { Kind::Mqtt };
+    controllers_listener(shared, addr, kind)
 }
 
 fn controllers_listener(
@@ -178,6 +201,8 @@ fn take(shared: &super::Shared, kind: Kind) -> Option<OwnedFd> {
         Kind::Http => &inh.http,
         Kind::TcpTls => &inh.tcp_tls,
         Kind::HttpTls => &inh.http_tls,
+        Kind::Mqtt => &inh.mqtt,
+        Kind::MqttTls => &inh.mqtt_tls,
     };
     list.lock().ok()?.pop()
 }
@@ -253,14 +278,17 @@ pub fn receive_from_env() -> anyhow::Result<Option<(Arc<Inherited>, UnixStream)>
         bail!("unexpected handover message {text:?}");
     }
     let (ntcp, nhttp) = (count("tcp=")?, count("http=")?);
-    // A previous relay without TLS listeners to pass says nothing of them.
+    // A previous relay without TLS or MQTT listeners to pass says nothing
+    // of them.
     let (ntls, nhttps) = (
         field("tcp_tls=").unwrap_or(0),
         field("http_tls=").unwrap_or(0),
     );
-    if ntcp + nhttp + ntls + nhttps != owned.len() || ntcp == 0 {
+    let (nmqtt, nmqtts) = (field("mqtt=").unwrap_or(0), field("mqtt_tls=").unwrap_or(0));
+    if ntcp + nhttp + ntls + nhttps + nmqtt + nmqtts != owned.len() || ntcp == 0 {
         bail!(
-            "handover announced {ntcp} + {nhttp} + {ntls} + {nhttps} sockets and carried {}",
+            "handover announced {ntcp} + {nhttp} + {ntls} + {nhttps} + {nmqtt} + {nmqtts} \
+             sockets and carried {}",
             owned.len()
         );
     }
@@ -268,7 +296,9 @@ pub fn receive_from_env() -> anyhow::Result<Option<(Arc<Inherited>, UnixStream)>
     let tcp: Vec<OwnedFd> = owned.by_ref().take(ntcp).collect();
     let http: Vec<OwnedFd> = owned.by_ref().take(nhttp).collect();
     let tcp_tls: Vec<OwnedFd> = owned.by_ref().take(ntls).collect();
-    let http_tls: Vec<OwnedFd> = owned.collect();
+    let http_tls: Vec<OwnedFd> = owned.by_ref().take(nhttps).collect();
+    let mqtt: Vec<OwnedFd> = owned.by_ref().take(nmqtt).collect();
+    let mqtt_tls: Vec<OwnedFd> = owned.collect();
     let addr_of = |fd: &OwnedFd| -> Option<SocketAddr> {
         socket2::SockRef::from(fd).local_addr().ok()?.as_socket()
     };
@@ -277,10 +307,14 @@ pub fn receive_from_env() -> anyhow::Result<Option<(Arc<Inherited>, UnixStream)>
         http_addr: http.first().and_then(addr_of),
         tcp_tls_addr: tcp_tls.first().and_then(addr_of),
         http_tls_addr: http_tls.first().and_then(addr_of),
+        mqtt_addr: mqtt.first().and_then(addr_of),
+        mqtt_tls_addr: mqtt_tls.first().and_then(addr_of),
         tcp: Mutex::new(tcp),
         http: Mutex::new(http),
         tcp_tls: Mutex::new(tcp_tls),
         http_tls: Mutex::new(http_tls),
+        mqtt: Mutex::new(mqtt),
+        mqtt_tls: Mutex::new(mqtt_tls),
     };
     Ok(Some((Arc::new(inherited), sock)))
 }
@@ -333,6 +367,7 @@ impl Relay {
         };
         let (tcp, http) = (of(Kind::Tcp), of(Kind::Http));
         let (tcp_tls, http_tls) = (of(Kind::TcpTls), of(Kind::HttpTls));
+        let (mqtt, mqtt_tls) = (of(Kind::Mqtt), of(Kind::MqttTls));
         let (ours, theirs) = UnixStream::pair().context("socketpair")?;
         let child_fd = theirs.as_raw_fd();
         let mut cmd = std::process::Command::new(exe);
@@ -358,14 +393,18 @@ impl Relay {
                 .chain(&http)
                 .chain(&tcp_tls)
                 .chain(&http_tls)
+                .chain(&mqtt)
+                .chain(&mqtt_tls)
                 .copied()
                 .collect();
             let msg = format!(
-                "relay-upgrade tcp={} http={} tcp_tls={} http_tls={}",
+                "relay-upgrade tcp={} http={} tcp_tls={} http_tls={} mqtt={} mqtt_tls={}",
                 tcp.len(),
                 http.len(),
                 tcp_tls.len(),
-                http_tls.len()
+                http_tls.len(),
+                mqtt.len(),
+                mqtt_tls.len()
             );
             ours.send_with_fd(msg.as_bytes(), &all)
                 .context("passing the listening sockets")?;
@@ -413,7 +452,14 @@ impl Relay {
             return 0;
         };
         let mut n = 0;
-        for list in [&inh.tcp, &inh.http, &inh.tcp_tls, &inh.http_tls] {
+        for list in [
+            &inh.tcp,
+            &inh.http,
+            &inh.tcp_tls,
+            &inh.http_tls,
+            &inh.mqtt,
+            &inh.mqtt_tls,
+        ] {
             if let Ok(mut l) = list.lock() {
                 n += l.len();
                 l.clear();
