@@ -1489,4 +1489,23 @@ fn mqtt_tls_takes_the_deadline_crl_fragment_size_and_tickets_of_tls() {
         ]
     );
     assert!(tls_errors(&relay) >= 1);
+
+    // A reload with a new server certificate reaches mqtt_tls too.
+    let renewed = Pki::new("mqtts-renewed");
+    let mut cfg = common::test_config();
+    cfg.listeners.mqtt_tls = Some(addr);
+    cfg.tls.cert_file = Some(renewed.cert_file.display().to_string());
+    cfg.tls.key_file = Some(renewed.key_file.display().to_string());
+    let report = relay.reload(&cfg);
+    assert_eq!(report.tls_refused, None, "{report:?}");
+    assert!(try_tls_connect(addr, server.client_config(&rustls::version::TLS13, &[])).is_err());
+    let mut tls = try_tls_connect(addr, renewed.client_config(&rustls::version::TLS13, &[]))
+        .expect("the renewed certificate is served");
+    tls.write_all(&mqtt_connect_packet("after-reload", false))
+        .unwrap();
+    tls.flush().unwrap();
+    assert_eq!(
+        mqtt_packet(&mut tls, &mut Vec::new()),
+        Some(vec![0x20, 0x02, 0x00, 0x00])
+    );
 }
