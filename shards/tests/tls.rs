@@ -1496,11 +1496,18 @@ fn mqtt_tls_takes_the_deadline_crl_fragment_size_and_tickets_of_tls() {
     cfg.listeners.mqtt_tls = Some(addr);
     cfg.tls.cert_file = Some(renewed.cert_file.display().to_string());
     cfg.tls.key_file = Some(renewed.key_file.display().to_string());
+    // The controllers' ALPN is not MQTT's: a client offering another
+    // protocol name is served all the same.
+    cfg.tls.alpn = vec!["relay".into()];
     let report = relay.reload(&cfg);
     assert_eq!(report.tls_refused, None, "{report:?}");
     assert!(try_tls_connect(addr, server.client_config(&rustls::version::TLS13, &[])).is_err());
-    let mut tls = try_tls_connect(addr, renewed.client_config(&rustls::version::TLS13, &[]))
-        .expect("the renewed certificate is served");
+    let mut tls = try_tls_connect(
+        addr,
+        renewed.client_config(&rustls::version::TLS13, &["x-amzn-mqtt-ca"]),
+    )
+    .expect("the renewed certificate is served");
+    assert_eq!(tls.conn.alpn_protocol(), None);
     tls.write_all(&mqtt_connect_packet("after-reload", false))
         .unwrap();
     tls.flush().unwrap();
