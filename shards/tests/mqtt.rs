@@ -1118,3 +1118,58 @@ fn a_plaintext_mqtt_client_on_the_tls_port_gets_nothing_and_the_relay_serves_on(
     assert!(p.wait().success());
     assert_eq!(sub.until("MSG"), "MSG t/x 1 0 ok");
 }
+
+/// The access rules see an MQTT client identified by its device certificate
+/// with `auth = "certificate"`: a rule denying sends to those without one
+/// stops a TLS client without a certificate and lets the device through.
+#[test]
+fn the_access_rules_see_a_device_certificate_as_auth_certificate() {
+    let pki = MqttPki::new("acl");
+    let r = start(|c| {
+        pki.apply(c);
+        c.tls.client_ca_file = Some(pki.ca_file());
+        c.tls.require_client_cert = false;
+        let deny = relay_config::acl::AclRuleConfig {
+            name: Some("sends-need-a-certificate".into()),
+            effect: "deny".into(),
+            actions: vec!["send".into()],
+            roles: Vec::new(),
+            auth: vec!["none".into(), "token".into()],
+            from: Vec::new(),
+            member_of: Vec::new(),
+            to: vec!["ctl-acl".into()],
+        };
+        c.acl.rule = vec![deny];
+    });
+    let mut ctl = Client::hello(r.tcp_addr(), Form::Json, "ctl-acl");
+    // First the client without a certificate: its message is dropped...
+    let mut p = paho_tls(
+        &r,
+        &pki,
+        "anon-1",
+        "5",
+        &["pub", "relay/to/ctl-acl", "1", "anon"],
+        None,
+    );
+    assert_eq!(p.until("CONNACK"), "CONNACK 0 0");
+    p.until("PUBLISHED");
+    assert!(p.wait().success());
+    // ...then the device's goes through: the first DATA is the device's.
+    let cert = pki.device("dev-acl");
+    let mut p = paho_tls(
+        &r,
+        &pki,
+        "dev-acl",
+        "5",
+        &["pub", "relay/to/ctl-acl", "1", "certified"],
+        Some(&cert),
+    );
+    p.until("PUBLISHED");
+    assert!(p.wait().success());
+    let f = ctl.expect(FrameType::Data);
+    assert_eq!(
+        (&f.src[..], &f.payload[..]),
+        (&b"dev-acl"[..], &b"certified"[..])
+    );
+    assert!(ctl.recv_timeout(Duration::from_millis(300)).is_none());
+}
