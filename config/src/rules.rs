@@ -621,18 +621,17 @@ fn check_log_filter(filter: &str) -> Result<(), String> {
 fn tls_rules(c: &Config, r: &mut Rules) {
     let t = &c.tls;
     let l = &c.listeners;
-    if l.tcp_tls.is_some() || l.http_tls.is_some() {
-        if t.cert_file.as_deref().unwrap_or("").is_empty() {
-            r.fail(
-                "tls.cert_file",
-                "is required when listeners.tcp_tls or listeners.http_tls is set",
-            );
-        }
-        if t.key_file.as_deref().unwrap_or("").is_empty() {
-            r.fail(
-                "tls.key_file",
-                "is required when listeners.tcp_tls or listeners.http_tls is set",
-            );
+    if l.tcp_tls.is_some() || l.http_tls.is_some() || l.mqtt_tls.is_some() {
+        for (key, v) in [
+            ("tls.cert_file", &t.cert_file),
+            ("tls.key_file", &t.key_file),
+        ] {
+            if v.as_deref().unwrap_or("").is_empty() {
+                r.fail(
+                    key,
+                    "is required when listeners.tcp_tls, listeners.http_tls or listeners.mqtt_tls is set",
+                );
+            }
         }
     }
     if let Some(addr) = l.http_tls {
@@ -663,6 +662,25 @@ fn tls_rules(c: &Config, r: &mut Rules) {
                 "listeners.tcp_tls",
                 format!("is the same address as listeners.http ({addr})"),
             );
+        }
+    }
+    if let Some(addr) = l.mqtt_tls {
+        let others = [
+            Some((l.tcp, "listeners.tcp")),
+            c.http.enabled.then_some((l.http, "listeners.http")),
+            l.tcp_tls.map(|a| (a, "listeners.tcp_tls")),
+            l.http_tls
+                .filter(|_| c.http.enabled)
+                .map(|a| (a, "listeners.http_tls")),
+            l.mqtt.map(|a| (a, "listeners.mqtt")),
+        ];
+        for (other, name) in others.into_iter().flatten() {
+            if addr == other && addr.port() != 0 {
+                r.fail(
+                    "listeners.mqtt_tls",
+                    format!("is the same address as {name} ({addr})"),
+                );
+            }
         }
     }
     r.range(

@@ -42,6 +42,11 @@ pub struct ListenersConfig {
     pub http_tls: Option<SocketAddr>,
     /// MQTT 3.1.1/5.0 port (docs/mqtt.md); off when absent.
     pub mqtt: Option<SocketAddr>,
+    /// MQTT over TLS (conventionally port 8883); off when absent. Uses the
+    /// `[tls]` certificate, client certificates, CRL, fragment size, tickets
+    /// and handshake deadline like `tcp_tls`; needs `[tls] cert_file` and
+    /// `key_file`.
+    pub mqtt_tls: Option<SocketAddr>,
     /// Listeners behind a load balancer that sends the PROXY protocol v2
     /// header (`tcp`, `tcp_tls`, `http`, `http_tls`): each connection on them
     /// must start with one, and the client address it names is the one the
@@ -60,6 +65,7 @@ impl Default for ListenersConfig {
             tcp_tls: None,
             http_tls: None,
             mqtt: None,
+            mqtt_tls: None,
             proxy_protocol: Vec::new(),
             proxy_header_timeout_ms: 5000,
         }
@@ -390,9 +396,10 @@ pub struct TlsConfig {
     /// Issue session tickets so reconnecting clients skip the full handshake.
     pub session_tickets: bool,
     /// CA certificates (PEM) that sign device certificates: when set,
-    /// controllers on `tcp_tls` present a client certificate verified
-    /// against them (mutual TLS), and the certificate names the device's
-    /// address (its hello needs no token and can claim no other address).
+    /// controllers on `tcp_tls` (and MQTT clients on `mqtt_tls`) present a
+    /// client certificate verified against them (mutual TLS), and the
+    /// certificate names the device's address (its hello or CONNECT needs
+    /// no token or password and can claim no other address or client id).
     pub client_ca_file: Option<String>,
     /// Certificate revocation lists (PEM, one or more CRLs) of the device
     /// CAs: a device certificate whose serial one of them lists is refused.

@@ -1022,3 +1022,22 @@ fn the_rules_lease_is_off_by_default_and_needs_the_plugins() {
     .expect("a cluster running its rules behind the lease");
     assert!(c.cluster.rules_lease);
 }
+
+#[test]
+fn mqtt_tls_needs_a_certificate_and_its_own_address() {
+    let p = problems("[listeners]\nmqtt = \"0.0.0.0:8883\"\nmqtt_tls = \"0.0.0.0:8883\"\n");
+    assert_eq!(
+        keys(&p),
+        set(&["tls.cert_file", "tls.key_file", "listeners.mqtt_tls"])
+    );
+    let cfg = load(
+        "[listeners]\nmqtt = \"0.0.0.0:1883\"\nmqtt_tls = \"0.0.0.0:8883\"\n\
+         [tls]\ncert_file = \"c.pem\"\nkey_file = \"k.pem\"\n",
+    )
+    .unwrap();
+    assert_eq!(
+        cfg.listeners.mqtt_tls,
+        Some("0.0.0.0:8883".parse().unwrap())
+    );
+    assert!(Config::default().listeners.mqtt_tls.is_none());
+}

@@ -708,3 +708,468 @@ fn an_empty_client_id_is_assigned_with_clean_start_and_refused_without() {
     );
     assert!(closed(&mut s));
 }
+
+// ---------------------------------------------------------------------------
+// MQTT over TLS (`[listeners] mqtt_tls`)
+// ---------------------------------------------------------------------------
+
+/// A CA, a server certificate for 127.0.0.1 and `localhost`, and device
+/// certificates it signs, as PEM files in a fresh directory (rcgen).
+struct MqttPki {
+    dir: std::path::PathBuf,
+    ca: rcgen::CertifiedIssuer<'static, rcgen::KeyPair>,
+}
+
+impl MqttPki {
+    fn new(tag: &str) -> MqttPki {
+        let dir = std::env::temp_dir().join(format!("relay-mqtt-tls-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        ca_params.distinguished_name.push(
+            rcgen::DnType::CommonName,
+            format!("relay MQTT test CA {tag}"),
+        );
+        let ca =
+            rcgen::CertifiedIssuer::self_signed(ca_params, rcgen::KeyPair::generate().unwrap())
+                .unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["localhost".into(), "127.0.0.1".into()])
+            .unwrap()
+            .signed_by(&key, &ca)
+            .unwrap();
+        std::fs::write(dir.join("cert.pem"), cert.pem()).unwrap();
+        std::fs::write(dir.join("key.pem"), key.serialize_pem()).unwrap();
+        std::fs::write(dir.join("ca.pem"), ca.pem()).unwrap();
+        MqttPki { dir, ca }
+    }
+
+    fn path(&self, name: &str) -> String {
+        self.dir.join(name).display().to_string()
+    }
+
+    fn ca_file(&self) -> String {
+        self.path("ca.pem")
+    }
+
+    /// Turns `mqtt_tls` on (and the plaintext `mqtt`), with this certificate.
+    fn apply(&self, c: &mut relay_config::Config) {
+        c.listeners.mqtt = Some("127.0.0.1:0".parse().unwrap());
+        c.listeners.mqtt_tls = Some("127.0.0.1:0".parse().unwrap());
+        c.tls.cert_file = Some(self.path("cert.pem"));
+        c.tls.key_file = Some(self.path("key.pem"));
+    }
+
+    /// A device certificate naming `cn`: (certificate file, key file).
+    fn device(&self, cn: &str) -> (String, String) {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, cn.to_owned());
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &self.ca).unwrap();
+        let (c, k) = (
+            self.path(&format!("{cn}.pem")),
+            self.path(&format!("{cn}.key")),
+        );
+        std::fs::write(&c, cert.pem()).unwrap();
+        std::fs::write(&k, key.serialize_pem()).unwrap();
+        (c, k)
+    }
+}
+
+impl Drop for MqttPki {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn mqtts_port(r: &Relay) -> String {
+    r.mqtt_tls_addr()
+        .expect("mqtt_tls listener")
+        .port()
+        .to_string()
+}
+
+fn tls_errors(r: &Relay) -> u64 {
+    r.stats()
+        .iter()
+        .map(|s| s.tls_errors.load(std::sync::atomic::Ordering::Relaxed))
+        .sum()
+}
+
+/// A mosquitto client (`bin`) on `mqtt_tls`, verifying the relay against
+/// the test CA; `device`: a client certificate to present.
+fn mosquitto_tls(
+    bin: &str,
+    r: &Relay,
+    pki: &MqttPki,
+    id: &str,
+    version: &str,
+    device: Option<&(String, String)>,
+) -> Command {
+    let mut cmd = Command::new(bin);
+    cmd.args(["-h", "127.0.0.1", "-p", &mqtts_port(r), "-V", version])
+        .args(["-i", id, "--cafile", &pki.ca_file()]);
+    if let Some((cert, key)) = device {
+        cmd.args(["--cert", cert, "--key", key]);
+    }
+    cmd
+}
+
+/// paho-mqtt on `mqtt_tls` (see `paho`), with `device` as its certificate.
+fn paho_tls(
+    r: &Relay,
+    pki: &MqttPki,
+    id: &str,
+    version: &str,
+    args: &[&str],
+    device: Option<&(String, String)>,
+) -> Proc {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/mqtt/paho_client.py");
+    let mut cmd = Command::new("python3");
+    cmd.arg(script)
+        .arg("127.0.0.1")
+        .arg(mqtts_port(r))
+        .arg(id)
+        .arg(version)
+        .args(args)
+        .env("MQTT_CAFILE", pki.ca_file());
+    if let Some((cert, key)) = device {
+        cmd.env("MQTT_CERTFILE", cert).env("MQTT_KEYFILE", key);
+    }
+    Proc::spawn(&mut cmd)
+}
+
+/// Sends DATA `payload` from `ctl` to `dst` (with ACK_REQ) until it is
+/// acknowledged, i.e. until `dst` is connected: at most 50 tries.
+fn data_when_connected(ctl: &mut Client, dst: &str, payload: &[u8]) {
+    for seq in 1..=50 {
+        ctl.data(dst, seq, true, payload);
+        let f = ctl.recv();
+        if f.kind == FrameType::Ack {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("{dst} never connected");
+}
+
+/// mosquitto_sub and mosquitto_pub over `mqtt_tls` (`--cafile`): DATA from
+/// a native controller reaches the subscriber, the publisher's message
+/// reaches the controller, in both MQTT versions.
+#[test]
+fn mosquitto_over_mqtt_tls_reaches_a_native_client_and_back() {
+    let pki = MqttPki::new("mosquitto");
+    let r = start(|c| pki.apply(c));
+    for (i, version) in ["mqttv311", "mqttv5"].into_iter().enumerate() {
+        let ctl_name = addrs_on(&format!("ctl-tls-{i}-"), i % SHARDS, SHARDS, 1).remove(0);
+        let sub_id = addrs_on(&format!("sub-tls-{i}-"), (i + 1) % SHARDS, SHARDS, 1).remove(0);
+        let mut ctl = Client::hello(r.tcp_addr(), Form::Json, &ctl_name);
+        let mut sub = Proc::spawn(
+            mosquitto_tls("mosquitto_sub", &r, &pki, &sub_id, version, None).args([
+                "-t",
+                "relay/from/#",
+                "-q",
+                "1",
+                "-v",
+                "-W",
+                "20",
+                "-C",
+                "1",
+            ]),
+        );
+        data_when_connected(&mut ctl, &sub_id, b"\"over-tls\"");
+        assert_eq!(
+            sub.until("relay/from/"),
+            format!("relay/from/{ctl_name} \"over-tls\""),
+            "{version}"
+        );
+        assert!(sub.wait().success());
+
+        let pub_id = addrs_on(&format!("pub-tls-{i}-"), i % SHARDS, SHARDS, 1).remove(0);
+        let s = mosquitto_tls("mosquitto_pub", &r, &pki, &pub_id, version, None)
+            .args([
+                "-t",
+                &format!("relay/to/{ctl_name}"),
+                "-m",
+                "back",
+                "-q",
+                "1",
+            ])
+            .status()
+            .expect("mosquitto_pub runs");
+        assert!(s.success(), "mosquitto_pub over TLS: {s}");
+        let f = ctl.expect(FrameType::Data);
+        assert_eq!(
+            (&f.src[..], &f.payload[..]),
+            (pub_id.as_bytes(), &b"back"[..])
+        );
+    }
+    assert_eq!(tls_errors(&r), 0);
+}
+
+/// paho-mqtt (Python's ssl) speaks MQTT 5 over `mqtt_tls`: QoS 1 both ways
+/// with a native controller, and with a plaintext MQTT client.
+#[test]
+fn paho_v5_over_mqtt_tls_exchanges_with_native_and_plaintext_clients() {
+    let pki = MqttPki::new("paho");
+    let r = start(|c| pki.apply(c));
+    let sub_id = addrs_on("paho-tls-", 1, SHARDS, 1).remove(0);
+    let sub = paho_tls(
+        &r,
+        &pki,
+        &sub_id,
+        "5",
+        &["sub", "relay/from/#", "1", "2"],
+        None,
+    );
+    assert_eq!(sub.until("CONNACK"), "CONNACK 0 0");
+    assert_eq!(sub.until("READY"), "READY 1");
+    let mut ctl = Client::hello(r.tcp_addr(), Form::Json, "ctl-paho-tls");
+    ctl.data(&sub_id, 1, true, b"\"native\"");
+    assert_eq!(ctl.expect(FrameType::Ack).seq, 1);
+    assert_eq!(
+        sub.until("MSG"),
+        "MSG relay/from/ctl-paho-tls 1 0 \"native\""
+    );
+    // A plaintext MQTT client on `mqtt` sends to it too.
+    let mut p = paho(
+        &r,
+        "plain-to-tls",
+        "5",
+        &["pub", &format!("relay/to/{sub_id}"), "1", "plain"],
+        None,
+    );
+    p.until("PUBLISHED");
+    assert!(p.wait().success());
+    assert_eq!(sub.until("MSG"), "MSG relay/from/plain-to-tls 1 0 plain");
+    // And the TLS client publishes to the controller.
+    let mut p = paho_tls(
+        &r,
+        &pki,
+        "paho-tls-pub",
+        "5",
+        &["pub", "relay/to/ctl-paho-tls", "1", "secure"],
+        None,
+    );
+    p.until("PUBLISHED");
+    assert!(p.wait().success());
+    let f = ctl.expect(FrameType::Data);
+    assert_eq!(
+        (&f.src[..], &f.payload[..]),
+        (&b"paho-tls-pub"[..], &b"secure"[..])
+    );
+    assert_eq!(tls_errors(&r), 0);
+}
+
+/// A device certificate is the MQTT identity on `mqtt_tls`: no password is
+/// needed under HMAC auth, an empty client id becomes the certificate's
+/// name, and a CONNECT naming another id is refused (0x87 on MQTT 5, return
+/// code 5 on 3.1.1); without a certificate there is no session at all.
+#[test]
+fn a_device_certificate_is_the_client_id_and_another_id_is_refused() {
+    let pki = MqttPki::new("devices");
+    let r = start(|c| {
+        pki.apply(c);
+        c.auth.mode = relay_config::AuthMode::Hmac;
+        c.auth.secret = "0123456789abcdef0123456789abcdef".into();
+        c.tls.client_ca_file = Some(pki.ca_file());
+        c.tls.require_client_cert = true;
+    });
+    let mut ctl = Client::hello_with(
+        r.tcp_addr(),
+        Form::Json,
+        "ctl-dev",
+        serde_json::json!({"token": relay_core::auth::token_for(
+            b"0123456789abcdef0123456789abcdef",
+            b"ctl-dev"
+        )}),
+    );
+    // Its own name as the client id, no password: accepted, and reachable.
+    let dev7 = addrs_on("dev7-", 1, SHARDS, 1).remove(0);
+    let cert7 = pki.device(&dev7);
+    let sub = paho_tls(
+        &r,
+        &pki,
+        &dev7,
+        "5",
+        &["sub", "relay/from/#", "1", "2"],
+        Some(&cert7),
+    );
+    assert_eq!(sub.until("CONNACK"), "CONNACK 0 0");
+    assert_eq!(sub.until("READY"), "READY 1");
+    ctl.data(&dev7, 1, true, b"\"to-dev7\"");
+    assert_eq!(ctl.expect(FrameType::Ack).seq, 1);
+    assert_eq!(sub.until("MSG"), "MSG relay/from/ctl-dev 1 0 \"to-dev7\"");
+    // An empty client id (3.1.1, clean session): the certificate names it.
+    let dev8 = addrs_on("dev8-", 0, SHARDS, 1).remove(0);
+    let cert8 = pki.device(&dev8);
+    let sub8 = paho_tls(
+        &r,
+        &pki,
+        "",
+        "3",
+        &["sub", "relay/from/#", "1", "1"],
+        Some(&cert8),
+    );
+    assert_eq!(sub8.until("CONNACK"), "CONNACK 0 0");
+    assert_eq!(sub8.until("READY"), "READY 1");
+    ctl.data(&dev8, 2, true, b"\"to-dev8\"");
+    assert_eq!(ctl.expect(FrameType::Ack).seq, 2);
+    assert_eq!(sub8.until("MSG"), "MSG relay/from/ctl-dev 1 0 \"to-dev8\"");
+    // The device publishes as its certificate's name.
+    let s = mosquitto_tls("mosquitto_pub", &r, &pki, &dev8, "mqttv311", Some(&cert8))
+        .args(["-t", "relay/to/ctl-dev", "-m", "from-dev8", "-q", "1"])
+        .status()
+        .unwrap();
+    assert!(s.success(), "{s}");
+    let f = ctl.expect(FrameType::Data);
+    assert_eq!(
+        (&f.src[..], &f.payload[..]),
+        (dev8.as_bytes(), &b"from-dev8"[..])
+    );
+
+    // Another client id with dev7's certificate: MQTT 5 gets 0x87 (135)...
+    let bad = paho_tls(
+        &r,
+        &pki,
+        "dev-other",
+        "5",
+        &["sub", "a", "1", "0"],
+        Some(&cert7),
+    );
+    assert_eq!(bad.until("CONNACK"), "CONNACK 135 0");
+    // ...and 3.1.1 return code 5, which mosquitto reports as "not authorised".
+    let out = mosquitto_tls(
+        "mosquitto_sub",
+        &r,
+        &pki,
+        "dev-other",
+        "mqttv311",
+        Some(&cert7),
+    )
+    .args(["-t", "a", "-W", "10", "-C", "1"])
+    .output()
+    .unwrap();
+    assert!(!out.status.success());
+    let text = String::from_utf8_lossy(&out.stderr).to_lowercase();
+    assert!(text.contains("not authori"), "{text}");
+    // The holder of the name was not disturbed.
+    ctl.data(&dev7, 3, true, b"\"still\"");
+    assert_eq!(ctl.expect(FrameType::Ack).seq, 3);
+    assert_eq!(sub.until("MSG"), "MSG relay/from/ctl-dev 1 0 \"still\"");
+    // No certificate: the handshake fails, nothing is published.
+    let s = mosquitto_tls("mosquitto_pub", &r, &pki, "no-cert", "mqttv5", None)
+        .args(["-t", "relay/to/ctl-dev", "-m", "x"])
+        .stderr(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(!s.success());
+    assert!(ctl.recv_timeout(Duration::from_millis(300)).is_none());
+}
+
+/// A plaintext MQTT CONNECT on the TLS port gets a TLS alert, never a
+/// CONNACK, and is closed; the relay goes on serving both MQTT ports.
+#[test]
+fn a_plaintext_mqtt_client_on_the_tls_port_gets_nothing_and_the_relay_serves_on() {
+    let pki = MqttPki::new("plaintext");
+    let r = start(|c| pki.apply(c));
+    let tls_addr = r.mqtt_tls_addr().unwrap();
+    for v5 in [false, true] {
+        let mut s = TcpStream::connect(tls_addr).unwrap();
+        let mut p = Vec::new();
+        p.extend_from_slice(b"\x00\x04MQTT");
+        p.extend_from_slice(&[if v5 { 5 } else { 4 }, 0x02, 0, 30]);
+        if v5 {
+            p.push(0);
+        }
+        p.extend_from_slice(b"\x00\x05plain");
+        let mut pkt = vec![0x10, p.len() as u8];
+        pkt.extend(p);
+        s.write_all(&pkt).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut got = Vec::new();
+        let mut tmp = [0u8; 1024];
+        loop {
+            match s.read(&mut tmp) {
+                Ok(0) => break,
+                Ok(n) => got.extend_from_slice(&tmp[..n]),
+                Err(e) => panic!("not closed cleanly within 5 s: {e}"),
+            }
+        }
+        // Content type 21: a TLS alert record, and nothing else.
+        assert_eq!(got.first(), Some(&21), "got {got:?}");
+        assert!(got.len() <= 7, "more than an alert: {got:?}");
+    }
+    assert_eq!(tls_errors(&r), 2);
+    // Both ports still serve.
+    let sub = paho_tls(
+        &r,
+        &pki,
+        "after-plain",
+        "5",
+        &["sub", "t/#", "1", "1"],
+        None,
+    );
+    assert_eq!(sub.until("READY"), "READY 1");
+    let mut p = paho(&r, "plain-pub", "3", &["pub", "t/x", "1", "ok"], None);
+    p.until("PUBLISHED");
+    assert!(p.wait().success());
+    assert_eq!(sub.until("MSG"), "MSG t/x 1 0 ok");
+}
+
+/// The access rules see an MQTT client identified by its device certificate
+/// with `auth = "certificate"`: a rule denying sends to those without one
+/// stops a TLS client without a certificate and lets the device through.
+#[test]
+fn the_access_rules_see_a_device_certificate_as_auth_certificate() {
+    let pki = MqttPki::new("acl");
+    let r = start(|c| {
+        pki.apply(c);
+        c.tls.client_ca_file = Some(pki.ca_file());
+        c.tls.require_client_cert = false;
+        let deny = relay_config::acl::AclRuleConfig {
+            name: Some("sends-need-a-certificate".into()),
+            effect: "deny".into(),
+            actions: vec!["send".into()],
+            roles: Vec::new(),
+            auth: vec!["none".into(), "token".into()],
+            from: Vec::new(),
+            member_of: Vec::new(),
+            to: vec!["ctl-acl".into()],
+        };
+        c.acl.rule = vec![deny];
+    });
+    let mut ctl = Client::hello(r.tcp_addr(), Form::Json, "ctl-acl");
+    // First the client without a certificate: its message is dropped...
+    let mut p = paho_tls(
+        &r,
+        &pki,
+        "anon-1",
+        "5",
+        &["pub", "relay/to/ctl-acl", "1", "anon"],
+        None,
+    );
+    assert_eq!(p.until("CONNACK"), "CONNACK 0 0");
+    p.until("PUBLISHED");
+    assert!(p.wait().success());
+    // ...then the device's goes through: the first DATA is the device's.
+    let cert = pki.device("dev-acl");
+    let mut p = paho_tls(
+        &r,
+        &pki,
+        "dev-acl",
+        "5",
+        &["pub", "relay/to/ctl-acl", "1", "certified"],
+        Some(&cert),
+    );
+    p.until("PUBLISHED");
+    assert!(p.wait().success());
+    let f = ctl.expect(FrameType::Data);
+    assert_eq!(
+        (&f.src[..], &f.payload[..]),
+        (&b"dev-acl"[..], &b"certified"[..])
+    );
+    assert!(ctl.recv_timeout(Duration::from_millis(300)).is_none());
+}

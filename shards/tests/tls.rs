@@ -1343,3 +1343,176 @@ fn a_proxy_header_before_the_handshake_names_the_client() {
     // Without the header, the TLS port closes the connection.
     assert!(try_tls_connect(addr, config).is_err());
 }
+
+/// An MQTT CONNECT (clean start, keep alive 30 s) for `id`: 3.1.1 or 5.
+fn mqtt_connect_packet(id: &str, v5: bool) -> Vec<u8> {
+    let mut p = b"\x00\x04MQTT".to_vec();
+    p.extend_from_slice(&[if v5 { 5 } else { 4 }, 0x02, 0, 30]);
+    if v5 {
+        p.push(0);
+    }
+    p.extend_from_slice(&(id.len() as u16).to_be_bytes());
+    p.extend_from_slice(id.as_bytes());
+    let mut pkt = vec![0x10, p.len() as u8];
+    pkt.extend(p);
+    pkt
+}
+
+/// Reads one MQTT packet (fixed header and body) off `s` within 5 s;
+/// `None` when the connection ends first.
+fn mqtt_packet(s: &mut impl Read, buf: &mut Vec<u8>) -> Option<Vec<u8>> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut tmp = [0u8; 8192];
+    loop {
+        if buf.len() >= 2 {
+            let (mut len, mut mult, mut at) = (0usize, 1usize, 1);
+            let mut whole = false;
+            while at < buf.len() && at < 5 {
+                len += (buf[at] & 0x7f) as usize * mult;
+                mult *= 128;
+                at += 1;
+                if buf[at - 1] & 0x80 == 0 {
+                    whole = true;
+                    break;
+                }
+            }
+            if whole && buf.len() >= at + len {
+                return Some(buf.drain(..at + len).collect());
+            }
+        }
+        assert!(Instant::now() < deadline, "no MQTT packet within 5 s");
+        match s.read(&mut tmp) {
+            Ok(0) => return None,
+            Ok(n) => buf.extend_from_slice(&tmp[..n]),
+            Err(e) if is_timeout(&e) => {}
+            Err(_) => return None,
+        }
+    }
+}
+
+/// `[listeners] mqtt_tls` alone (no other TLS listener) takes every `[tls]`
+/// setting of `tcp_tls`: a stalled handshake is closed at its deadline, a
+/// device certificate its CA's CRL lists gets no session while its sibling
+/// is welcomed as the client its certificate names (an empty client id
+/// becomes that name), every record the relay sends carries at most
+/// `max_fragment_size` bytes, and a reconnecting device resumes with a
+/// session ticket.
+#[test]
+fn mqtt_tls_takes_the_deadline_crl_fragment_size_and_tickets_of_tls() {
+    let server = Pki::new("mqtts-server");
+    let devices = Pki::new("mqtts-devices");
+    let crl_file = devices.dir.join("devices.crl.pem");
+    std::fs::write(&crl_file, devices.crl(1, &[1001])).unwrap();
+    let relay = start(|c| {
+        c.listeners.mqtt_tls = Some("127.0.0.1:0".parse().unwrap());
+        c.tls.cert_file = Some(server.cert_file.display().to_string());
+        c.tls.key_file = Some(server.key_file.display().to_string());
+        c.tls.handshake_timeout_ms = 300;
+        c.tls.max_fragment_size = 512;
+        c.tls.client_ca_file = Some(devices.dir.join("ca.pem").display().to_string());
+        c.tls.crl_file = Some(crl_file.display().to_string());
+    });
+    assert!(relay.tcp_tls_addr().is_none() && relay.mqtt_addr().is_none());
+    let addr = relay.mqtt_tls_addr().expect("mqtt_tls listener");
+
+    // A handshake that never starts: closed at the TLS deadline (300 ms),
+    // long before MQTT's connect timeout.
+    let started = Instant::now();
+    let mut idle = TcpStream::connect(addr).unwrap();
+    idle.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut b = [0u8; 64];
+    assert!(matches!(idle.read(&mut b), Ok(0) | Err(_)));
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+
+    // The revoked certificate: no CONNACK.
+    let revoked = device_config(&server, devices.serial_cert("dev-revoked", 1001));
+    if let Ok(mut tls) = try_tls_connect(addr, revoked) {
+        let _ = tls.write_all(&mqtt_connect_packet("dev-revoked", true));
+        let _ = tls.flush();
+        assert_eq!(mqtt_packet(&mut tls, &mut Vec::new()), None);
+    }
+
+    // Its sibling, with an empty client id, twice (the second resumes).
+    let good = device_config(&server, devices.serial_cert("dev-good", 1002));
+    let mut ctl = Client::hello(relay.tcp_addr(), Form::Binary, "ctl-mqtts");
+    let mut kinds = Vec::new();
+    for round in 0..2u8 {
+        let sock = TcpStream::connect(addr).unwrap();
+        sock.set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        let conn =
+            rustls::ClientConnection::new(good.clone(), ServerName::try_from("localhost").unwrap())
+                .unwrap();
+        let mut tls = rustls::StreamOwned::new(
+            conn,
+            Tap {
+                sock,
+                seen: Vec::new(),
+            },
+        );
+        tls.write_all(&mqtt_connect_packet("", true)).unwrap();
+        tls.flush().unwrap();
+        let mut buf = Vec::new();
+        let ack = mqtt_packet(&mut tls, &mut buf).expect("CONNACK");
+        assert_eq!(&ack[..4], &[0x20, ack[1], 0x00, 0x00], "{ack:?}");
+        // Assigned Client Identifier (0x12): the certificate's name.
+        assert!(
+            ack.windows(11).any(|w| w == b"\x12\x00\x08dev-good"),
+            "{ack:?}"
+        );
+        kinds.push(tls.conn.handshake_kind());
+        // A 4000-byte DATA to the certificate's name arrives as a PUBLISH.
+        ctl.data("dev-good", u32::from(round) + 1, true, &[7u8; 4000]);
+        assert_eq!(ctl.expect(FrameType::Ack).seq, u32::from(round) + 1);
+        let publish = mqtt_packet(&mut tls, &mut buf).expect("PUBLISH");
+        assert_eq!(publish[0] >> 4, 3);
+        assert!(publish.ends_with(&[7u8; 4000]));
+        let seen = &tls.sock.seen;
+        let (mut at, mut records) = (0, 0);
+        while at + 5 <= seen.len() {
+            let len = u16::from_be_bytes([seen[at + 3], seen[at + 4]]) as usize;
+            assert!(len <= 512 + 40, "a record of {len} bytes");
+            at += 5 + len;
+            records += 1;
+        }
+        assert!(records > 8, "{records} records");
+    }
+    assert_eq!(
+        kinds,
+        vec![
+            Some(rustls::HandshakeKind::Full),
+            Some(rustls::HandshakeKind::Resumed)
+        ]
+    );
+    assert!(tls_errors(&relay) >= 1);
+
+    // A reload with a new server certificate reaches mqtt_tls too.
+    let renewed = Pki::new("mqtts-renewed");
+    let mut cfg = common::test_config();
+    cfg.listeners.mqtt_tls = Some(addr);
+    cfg.tls.cert_file = Some(renewed.cert_file.display().to_string());
+    cfg.tls.key_file = Some(renewed.key_file.display().to_string());
+    // The controllers' ALPN is not MQTT's: a client offering another
+    // protocol name is served all the same.
+    cfg.tls.alpn = vec!["relay".into()];
+    let report = relay.reload(&cfg);
+    assert_eq!(report.tls_refused, None, "{report:?}");
+    assert!(try_tls_connect(addr, server.client_config(&rustls::version::TLS13, &[])).is_err());
+    let mut tls = try_tls_connect(
+        addr,
+        renewed.client_config(&rustls::version::TLS13, &["x-amzn-mqtt-ca"]),
+    )
+    .expect("the renewed certificate is served");
+    assert_eq!(tls.conn.alpn_protocol(), None);
+    tls.write_all(&mqtt_connect_packet("after-reload", false))
+        .unwrap();
+    tls.flush().unwrap();
+    assert_eq!(
+        mqtt_packet(&mut tls, &mut Vec::new()),
+        Some(vec![0x20, 0x02, 0x00, 0x00])
+    );
+}

@@ -619,3 +619,172 @@ fn sigusr2_hands_over_the_tls_listeners_too() {
     assert!(text.starts_with("HTTP/1.1 200"), "{text}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// An MQTT 3.1.1 CONNECT (clean session) for `id`.
+fn mqtt_connect(id: &str) -> Vec<u8> {
+    let mut p = b"\x00\x04MQTT\x04\x02\x00\x1e".to_vec();
+    p.extend_from_slice(&(id.len() as u16).to_be_bytes());
+    p.extend_from_slice(id.as_bytes());
+    let mut pkt = vec![0x10, p.len() as u8];
+    pkt.extend(p);
+    pkt
+}
+
+/// What one MQTT connection attempt during an upgrade met.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Attempt {
+    /// CONNACK with this return code.
+    ConnAck(u8),
+    /// The connection was refused: nobody listened on the port.
+    Refused,
+    /// Connected, but closed (or silent for 5 s) without a CONNACK.
+    NoAnswer,
+}
+
+fn mqtt_attempt(addr: SocketAddr, id: &str) -> Attempt {
+    let mut s = match TcpStream::connect(addr) {
+        Ok(s) => s,
+        Err(_) => return Attempt::Refused,
+    };
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    if s.write_all(&mqtt_connect(id)).is_err() {
+        return Attempt::NoAnswer;
+    }
+    let mut ack = [0u8; 4];
+    match s.read_exact(&mut ack) {
+        Ok(()) if ack[..2] == [0x20, 0x02] => Attempt::ConnAck(ack[3]),
+        _ => Attempt::NoAnswer,
+    }
+}
+
+/// The MQTT listeners (`mqtt` and `mqtt_tls`) go to the new process with the
+/// others. The new file names the MQTT port the old relay holds (so it must
+/// not be taken for "in use") and `mqtt_tls` as port 0 (so only the socket
+/// handed over can be the old port). An MQTT client connecting over and
+/// over throughout the switch is never refused and always answered, and
+/// once the old relay is gone both ports serve from the new process.
+#[test]
+fn sigusr2_hands_over_the_mqtt_listeners_and_the_port_never_closes() {
+    let dir = std::env::temp_dir().join(format!("relay-upgrade-mqtt-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["localhost".into()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    let (cert_file, key_file) = (dir.join("cert.pem"), dir.join("key.pem"));
+    std::fs::write(&cert_file, cert.pem()).unwrap();
+    std::fs::write(&key_file, key.serialize_pem()).unwrap();
+    let client = tls_client::config(cert.der());
+    let relay = common::start(|c| {
+        c.upgrade.reconnect_window_ms = 500;
+        c.listeners.mqtt = Some("127.0.0.1:0".parse().unwrap());
+        c.listeners.mqtt_tls = Some("127.0.0.1:0".parse().unwrap());
+        c.tls.cert_file = Some(cert_file.display().to_string());
+        c.tls.key_file = Some(key_file.display().to_string());
+    });
+    let (mqtt_addr, mqtts_addr) = (relay.mqtt_addr().unwrap(), relay.mqtt_tls_addr().unwrap());
+    assert_eq!(mqtt_attempt(mqtt_addr, "before"), Attempt::ConnAck(0));
+    let connack = [0x20, 0x02, 0x00, 0x00];
+    let got = tls_client::exchange(
+        mqtts_addr,
+        client.clone(),
+        &mqtt_connect("tls-before"),
+        &connack,
+    );
+    assert!(got.ends_with(&connack), "{got:?}");
+
+    // A client connecting again and again, paced, until told to stop.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let log = Arc::new(Mutex::new(Vec::<Attempt>::new()));
+    let connector = {
+        let (stop, log) = (stop.clone(), log.clone());
+        std::thread::spawn(move || {
+            let mut n = 0;
+            while !stop.load(Ordering::Relaxed) {
+                let a = mqtt_attempt(mqtt_addr, &format!("switch-{n}"));
+                log.lock().unwrap().push(a);
+                n += 1;
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        })
+    };
+    let attempts = || log.lock().unwrap().len();
+    let wait_for = |n: usize| {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while attempts() < n {
+            assert!(Instant::now() < deadline, "the connector stalled");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    };
+    wait_for(20);
+
+    let file = dir.join("relay.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "[listeners]\ntcp = \"127.0.0.1:0\"\nhttp = \"127.0.0.1:0\"\n\
+             mqtt = \"{mqtt_addr}\"\nmqtt_tls = \"127.0.0.1:0\"\n\
+             [shards]\ncount = 2\npin = false\nio_memory_kib = 256\n[plugins]\nenabled = false\n\
+             [tls]\ncert_file = {:?}\nkey_file = {:?}\n",
+            cert_file.display().to_string(),
+            key_file.display().to_string()
+        ),
+    )
+    .unwrap();
+    let exe = std::path::Path::new(env!("CARGO_BIN_EXE_relay"));
+    let args = ["--config".into(), file.into_os_string()];
+    let pid = relay
+        .hand_over(exe, &args, Duration::from_secs(20), 500)
+        .expect("the new process takes over (the MQTT port is not in use by it)");
+    let _guard = Pid(Some(pid as i32));
+    // The old relay stops accepting once it sees the handover: wait until
+    // its accept count stays put over 30 attempts, all answered by the new
+    // process, before it ends.
+    let accepted = || -> u64 {
+        relay
+            .stats()
+            .iter()
+            .map(|s| s.accepted_total.load(Ordering::Relaxed))
+            .sum()
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (before, at) = (accepted(), attempts());
+        wait_for(at + 30);
+        if accepted() == before {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the old relay kept accepting");
+    }
+    relay.end_drain();
+    relay.stop();
+    relay.join().unwrap();
+    // Only the new process is left; the client goes on a while longer.
+    let after = attempts();
+    wait_for(after + 30);
+    stop.store(true, Ordering::Relaxed);
+    connector.join().unwrap();
+
+    let log = log.lock().unwrap().clone();
+    let refused = log.iter().filter(|a| **a == Attempt::Refused).count();
+    let unanswered = log.iter().filter(|a| **a == Attempt::NoAnswer).count();
+    assert_eq!(
+        (refused, unanswered),
+        (0, 0),
+        "the MQTT port closed during the switch: {} attempts",
+        log.len()
+    );
+    assert!(
+        log[after..].iter().all(|a| *a == Attempt::ConnAck(0)),
+        "the new process refused MQTT clients: {:?}",
+        &log[after..]
+    );
+    // The TLS port (port 0 in the new file) is the old one, handed over.
+    let got = tls_client::exchange(mqtts_addr, client, &mqtt_connect("tls-after"), &connack);
+    assert!(
+        got.ends_with(&connack),
+        "no CONNACK over TLS from the new process: {got:?}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}

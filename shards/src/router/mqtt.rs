@@ -231,6 +231,17 @@ impl Router {
         if self.shutting_down.get() {
             return refuse(reason::SERVER_UNAVAILABLE);
         }
+        // A device certificate (`[listeners] mqtt_tls` with mutual TLS) is
+        // the identity: it names the client id (an empty one becomes it), a
+        // CONNECT naming another id is not authorized, and no password is
+        // needed. The certificate travels with the connection on a handover.
+        let cert = cell.conn.borrow().certified().cloned();
+        let (client_id, assigned) = match cert.as_ref() {
+            Some(name) if c.client_id.is_empty() => (name.clone(), Some(name.clone())),
+            Some(name) if *name == c.client_id => (name.clone(), None),
+            Some(_) => return refuse(reason::NOT_AUTHORIZED),
+            None => (c.client_id.clone(), None),
+        };
         let cfg = self.cfg();
         let password = c.password.as_deref().unwrap_or_default();
         let privileged = match (&cfg.conn.service_token, &cfg.conn.auth_secret) {
@@ -238,15 +249,18 @@ impl Router {
             (None, None) => true,
             (None, Some(_)) => false,
         };
-        let device = cfg.conn.auth_secret.as_ref().is_some_and(|secret| {
-            !c.client_id.is_empty()
-                && std::str::from_utf8(password)
-                    .is_ok_and(|p| relay_core::auth::verify_token(secret, &c.client_id, p))
-        });
+        let device = cert.is_some()
+            || cfg.conn.auth_secret.as_ref().is_some_and(|secret| {
+                !c.client_id.is_empty()
+                    && std::str::from_utf8(password)
+                        .is_ok_and(|p| relay_core::auth::verify_token(secret, &c.client_id, p))
+            });
         if cfg.conn.auth_secret.is_some() && !privileged && !device {
             return refuse(reason::BAD_USER_NAME_OR_PASSWORD);
         }
-        let auth = if privileged && cfg.conn.service_token.is_some() {
+        let auth = if cert.is_some() {
+            relay_core::acl::Auth::Certificate
+        } else if privileged && cfg.conn.service_token.is_some() {
             relay_core::acl::Auth::ServiceToken
         } else if device {
             relay_core::acl::Auth::Token
@@ -254,7 +268,7 @@ impl Router {
             relay_core::acl::Auth::None
         };
         let hello = Hello {
-            addr: c.client_id.clone(),
+            addr: client_id.clone(),
             role: if privileged && cfg.conn.service_token.is_some() {
                 Role::Service
             } else {
@@ -268,7 +282,7 @@ impl Router {
             privileged,
             auth,
         };
-        if c.client_id.is_empty() {
+        if client_id.is_empty() {
             // The session refuses an empty id without clean start itself.
             let mut counter = self.assign_counter.get();
             let prefix = format!("{}-mqtt-", cfg.node);
@@ -278,7 +292,7 @@ impl Router {
             self.mqtt_accept(cell, &hello, addr.clone(), Some(addr), true, now, &mcfg);
             return Outcome::Continue;
         }
-        let owner = shard_of(&c.client_id, self.shards);
+        let owner = shard_of(&client_id, self.shards);
         if owner != self.shard {
             if let Some(m) = cell.mqtt.borrow_mut().as_mut() {
                 m.connect = Some(c);
@@ -287,8 +301,8 @@ impl Router {
         }
         // Its own allocation, not a slice of the read that carried the
         // CONNECT (which it would keep alive).
-        let addr = Bytes::copy_from_slice(&c.client_id);
-        self.mqtt_accept(cell, &hello, addr, None, c.clean_start, now, &mcfg);
+        let client_id = Bytes::copy_from_slice(&client_id);
+        self.mqtt_accept(cell, &hello, client_id, assigned, c.clean_start, now, &mcfg);
         Outcome::Continue
     }
 

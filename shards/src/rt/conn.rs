@@ -63,6 +63,8 @@ const LISTENER: u64 = u64::MAX;
 const TLS_LISTENER: u64 = u64::MAX - 1;
 /// The MQTT listener's token.
 const MQTT_LISTENER: u64 = u64::MAX - 2;
+/// The MQTT over TLS listener's token.
+const MQTT_TLS_LISTENER: u64 = u64::MAX - 3;
 const IN: u32 = (libc::EPOLLIN | libc::EPOLLRDHUP) as u32;
 
 /// The shard's epoll set.
@@ -109,9 +111,16 @@ impl Poller {
         self.add(fd, TLS_LISTENER)
     }
 
-    /// Watches the MQTT listener.
-    pub(super) fn watch_mqtt_listener(&self, fd: RawFd) -> io::Result<()> {
-        self.add(fd, MQTT_LISTENER)
+    /// Watches an MQTT listener (`tls`: the MQTT over TLS one).
+    pub(super) fn watch_mqtt_listener(&self, fd: RawFd, tls: bool) -> io::Result<()> {
+        self.add(
+            fd,
+            if tls {
+                MQTT_TLS_LISTENER
+            } else {
+                MQTT_LISTENER
+            },
+        )
     }
 
     /// Watches `fd` (under `token`) for what `io` needs: input unless it is
@@ -170,7 +179,7 @@ pub(super) async fn run(
     shard: Rc<Shard>,
     listener: socket2::Socket,
     mut tls_listener: Option<socket2::Socket>,
-    mut mqtt_listener: Option<socket2::Socket>,
+    [mut mqtt_listener, mut mqtt_tls_listener]: [Option<socket2::Socket>; 2],
 ) {
     let mut listener = Some(listener);
     let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; EVENTS];
@@ -193,9 +202,14 @@ pub(super) async fn run(
                         shard.poller.remove(l.as_raw_fd());
                         shard.tls.listen_fd.set(None);
                     }
-                    if let Some(l) = mqtt_listener.take() {
+                    for l in [mqtt_listener.take(), mqtt_tls_listener.take()]
+                        .into_iter()
+                        .flatten()
+                    {
                         shard.poller.remove(l.as_raw_fd());
                     }
+                    // Nothing paused is resumed: those sockets close now.
+                    shard.mqtt_paused.borrow_mut().clear();
                 }
                 let n = shard.poller.ready(&mut events);
                 let t = now();
@@ -216,6 +230,12 @@ pub(super) async fn run(
                     if token == MQTT_LISTENER {
                         if let Some(l) = &mqtt_listener {
                             accept_ready(&shard, l, false, true);
+                        }
+                        continue;
+                    }
+                    if token == MQTT_TLS_LISTENER {
+                        if let Some(l) = &mqtt_tls_listener {
+                            accept_ready(&shard, l, true, true);
                         }
                         continue;
                     }
@@ -362,7 +382,17 @@ fn accept_ready(shard: &Rc<Shard>, listener: &socket2::Socket, tls: bool, mqtt: 
                     // the sweeper resumes it, instead of spinning on it.
                     crate::warn_every!("accept failed: {e}; pausing accepts");
                     shard.poller.remove(listener.as_raw_fd());
-                    if tls {
+                    if mqtt {
+                        let token = if tls {
+                            MQTT_TLS_LISTENER
+                        } else {
+                            MQTT_LISTENER
+                        };
+                        shard
+                            .mqtt_paused
+                            .borrow_mut()
+                            .push((listener.as_raw_fd(), token));
+                    } else if tls {
                         shard.tls.accept_paused.set(true);
                     } else {
                         shard.accept_paused.set(true);
@@ -390,7 +420,10 @@ fn accept_ready(shard: &Rc<Shard>, listener: &socket2::Socket, tls: bool, mqtt: 
             super::mqtt::init(shard, &cell);
         }
         let session = if tls {
-            let Some(session) = shard.tls.accept(&shard.shared.tls, cell.id, now().mono_ms) else {
+            let Some(session) = shard
+                .tls
+                .accept(&shard.shared.tls, cell.id, now().mono_ms, mqtt)
+            else {
                 shard.router.on_closed(&cell, now());
                 shard.shared.release();
                 continue;
@@ -948,6 +981,18 @@ pub(super) fn take_fd(stream: TcpStream) -> io::Result<OwnedFd> {
     }
     // SAFETY: a fresh duplicate, owned from here on.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Watches again the MQTT listeners whose accepts were paused (out of
+/// descriptors); one that still cannot be watched stays paused.
+pub(super) fn resume_mqtt_accepts(shard: &Shard) {
+    let paused = std::mem::take(&mut *shard.mqtt_paused.borrow_mut());
+    for (fd, token) in paused {
+        if let Err(e) = shard.poller.add(fd, token) {
+            crate::warn_every!("cannot resume MQTT accepts: {e}");
+            shard.mqtt_paused.borrow_mut().push((fd, token));
+        }
+    }
 }
 
 /// Closes the TLS connections whose handshake outlived its deadline.

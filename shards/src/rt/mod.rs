@@ -244,6 +244,9 @@ pub(crate) struct Shard {
     accept_paused: Cell<bool>,
     /// The TLS listener and the handshakes under way.
     tls: tls::ShardTls,
+    /// MQTT listeners whose accepts are paused (out of descriptors), with
+    /// their epoll tokens; the sweeper resumes them.
+    mqtt_paused: RefCell<Vec<(RawFd, u64)>>,
     /// Connections waiting for their PROXY header: (deadline, id), oldest first.
     proxy_waits: RefCell<std::collections::VecDeque<(u64, crate::cell::ConnId)>>,
     senders: Senders<MeshMsg>,
@@ -360,8 +363,20 @@ impl Relay {
             (Some(_), Some(a)) => (None, Some(a)),
             (want, _) => reserve_optional(want)?,
         };
-        let tls = tls::TlsShared::new(cfg, tls_addr, https_addr)?;
-        let (mqtt_reserve, mqtt_addr) = reserve_optional(cfg.listeners.mqtt)?;
+        // And its MQTT listeners, plain and TLS.
+        let (inh_mqtt, inh_mqtts) = ext
+            .inherited
+            .as_ref()
+            .map_or((None, None), |i| i.mqtt_addrs());
+        let (mqtt_reserve, mqtt_addr) = match (cfg.listeners.mqtt, inh_mqtt) {
+            (Some(_), Some(a)) => (None, Some(a)),
+            (want, _) => reserve_optional(want)?,
+        };
+        let (mqtts_reserve, mqtts_addr) = match (cfg.listeners.mqtt_tls, inh_mqtts) {
+            (Some(_), Some(a)) => (None, Some(a)),
+            (want, _) => reserve_optional(want)?,
+        };
+        let tls = tls::TlsShared::new(cfg, tls_addr, https_addr, mqtts_addr)?;
         let stats: Vec<Arc<ShardStats>> = (0..shards)
             .map(|_| Arc::new(ShardStats::default()))
             .collect();
@@ -489,8 +504,12 @@ impl Relay {
         drop(tls_reserve);
         drop(https_reserve);
         drop(mqtt_reserve);
+        drop(mqtts_reserve);
         if let Some(a) = mqtt_addr {
             tracing::info!("MQTT listening mqtt_addr={a}");
+        }
+        if let Some(a) = mqtts_addr {
+            tracing::info!("MQTT listening mqtt_tls_addr={a}");
         }
         match http_addr {
             Some(h) => {
@@ -531,6 +550,11 @@ impl Relay {
     /// Where MQTT clients connect, when `[listeners] mqtt` is set.
     pub fn mqtt_addr(&self) -> Option<SocketAddr> {
         self.shared.mqtt_addr
+    }
+
+    /// Where MQTT clients connect over TLS, when `[listeners] mqtt_tls` is set.
+    pub fn mqtt_tls_addr(&self) -> Option<SocketAddr> {
+        self.shared.tls.mqtt_addr
     }
 
     /// Where the HTTP API, `/ws`, `/metrics` and the console are served.
@@ -826,6 +850,7 @@ async fn shard_main(
         listen_fd: Cell::new(None),
         accept_paused: Cell::new(false),
         tls: tls::ShardTls::default(),
+        mqtt_paused: RefCell::default(),
         proxy_waits: RefCell::default(),
         senders,
         shared: shared.clone(),
@@ -875,14 +900,18 @@ async fn shard_main(
         None => None,
     };
     let mqtt_listener = match shared.mqtt_addr {
-        Some(a) => Some(mqtt::listen(&shard, a)?),
+        Some(a) => Some(mqtt::listen(&shard, a, false)?),
+        None => None,
+    };
+    let mqtt_tls_listener = match shared.tls.mqtt_addr {
+        Some(a) => Some(mqtt::listen(&shard, a, true)?),
         None => None,
     };
     tasks.push(glommio::spawn_local(conn::run(
         shard.clone(),
         listener,
         tls_listener,
-        mqtt_listener,
+        [mqtt_listener, mqtt_tls_listener],
     )));
     if let Some(l) = http_listener {
         tasks.push(glommio::spawn_local(accept_http(shard.clone(), l, false)));
@@ -918,6 +947,7 @@ async fn shard_main(
             crate::warn_every!("cannot resume TLS accepts: {e}");
             shard.tls.accept_paused.set(true);
         }
+        conn::resume_mqtt_accepts(&shard);
         if shared.stop.load(Ordering::Relaxed) && shutdown_deadline.is_none() {
             let deadline = t.mono_ms + grace_ms;
             shutdown_deadline = Some(deadline);

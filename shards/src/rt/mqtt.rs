@@ -14,14 +14,19 @@ use super::{Shard, now};
 use crate::cell::ConnCell;
 use crate::router::{MqttConn, Outcome};
 
-/// Binds this shard's MQTT listener (SO_REUSEPORT, like the controllers')
-/// and watches it.
-pub(super) fn listen(shard: &Shard, addr: SocketAddr) -> anyhow::Result<socket2::Socket> {
-    let l = super::bind_listener(addr)
+/// This shard's MQTT listener (`tls`: the MQTT over TLS one), inherited
+/// from the previous process on an upgrade or bound anew (SO_REUSEPORT,
+/// like the controllers'), and watched.
+pub(super) fn listen(
+    shard: &Shard,
+    addr: SocketAddr,
+    tls: bool,
+) -> anyhow::Result<socket2::Socket> {
+    let l = super::upgrade::mqtt_listener(&shard.shared, addr, tls)
         .map_err(|e| anyhow::anyhow!("shard {}: binding MQTT {addr}: {e}", shard.router.shard))?;
     shard
         .poller
-        .watch_mqtt_listener(l.as_raw_fd())
+        .watch_mqtt_listener(l.as_raw_fd(), tls)
         .map_err(|e| {
             anyhow::anyhow!(
                 "shard {}: watching the MQTT listener: {e}",

@@ -1,5 +1,6 @@
-//! TLS for controllers (`[listeners] tcp_tls`), driven inside the shard's
-//! I/O loop as a sans-IO `rustls::ServerConnection` per socket.
+//! TLS for controllers (`[listeners] tcp_tls`) and MQTT clients
+//! (`[listeners] mqtt_tls`), driven inside the shard's I/O loop as a
+//! sans-IO `rustls::ServerConnection` per socket.
 //!
 //! - The I/O loop reads ciphertext with `read_tls`, decrypts it with
 //!   `process_new_packets` and hands the plaintext to the connection exactly
@@ -44,8 +45,12 @@ pub(crate) struct TlsShared {
     pub(crate) tcp_addr: Option<std::net::SocketAddr>,
     /// Where HTTPS is served (resolved).
     pub(crate) http_addr: Option<std::net::SocketAddr>,
+    /// Where MQTT clients connect over TLS (resolved).
+    pub(crate) mqtt_addr: Option<std::net::SocketAddr>,
     generation: AtomicU64,
     config: Mutex<Option<Arc<ServerConfig>>>,
+    /// The MQTT listener's configuration (the controllers' without ALPN).
+    mqtt_config: Mutex<Option<Arc<ServerConfig>>>,
     /// The HTTPS listener's configuration (ALPN `http/1.1`).
     http_config: Mutex<Option<Arc<ServerConfig>>>,
     handshake_timeout_ms: u64,
@@ -61,18 +66,23 @@ impl TlsShared {
         cfg: &Config,
         tcp_addr: Option<std::net::SocketAddr>,
         http_addr: Option<std::net::SocketAddr>,
+        mqtt_addr: Option<std::net::SocketAddr>,
     ) -> anyhow::Result<TlsShared> {
-        let (config, http_config) = if tcp_addr.is_some() || http_addr.is_some() {
-            let (c, h) = server_configs(cfg)?;
-            (Some(c), Some(h))
-        } else {
-            (None, None)
-        };
+        let (config, http_config, mqtt_config) =
+            if tcp_addr.is_some() || http_addr.is_some() || mqtt_addr.is_some() {
+                let (c, h) = server_configs(cfg)?;
+                let m = mqtt_server_config(&c);
+                (Some(c), Some(h), Some(m))
+            } else {
+                (None, None, None)
+            };
         Ok(TlsShared {
             tcp_addr,
             http_addr,
+            mqtt_addr,
             generation: AtomicU64::new(0),
             config: Mutex::new(config),
+            mqtt_config: Mutex::new(mqtt_config),
             http_config: Mutex::new(http_config),
             handshake_timeout_ms: cfg.tls.handshake_timeout_ms,
             buffer_limit: cfg.tls.buffer_limit_bytes,
@@ -86,10 +96,13 @@ impl TlsShared {
     /// them, open connections keep theirs. On error nothing changes and the
     /// running certificate stays. `Ok(false)` when no TLS listener is on.
     pub(crate) fn reload(&self, cfg: &Config) -> anyhow::Result<bool> {
-        if self.tcp_addr.is_none() && self.http_addr.is_none() {
+        if self.tcp_addr.is_none() && self.http_addr.is_none() && self.mqtt_addr.is_none() {
             return Ok(false);
         }
         let (tcp, http) = server_configs(cfg)?;
+        if let Ok(mut c) = self.mqtt_config.lock() {
+            *c = Some(mqtt_server_config(&tcp));
+        }
         if let Ok(mut c) = self.config.lock() {
             *c = Some(tcp);
         }
@@ -120,6 +133,15 @@ pub(crate) fn server_configs(
     // Browsers send large records and headers; the fragment size is for devices.
     http.max_fragment_size = None;
     Ok((tcp, Arc::new(http)))
+}
+
+/// The MQTT listener's configuration: the controllers' (client
+/// certificates, CRL, fragment size, tickets) without ALPN, so a client
+/// offering any protocol name (or none) is served.
+fn mqtt_server_config(controllers: &Arc<ServerConfig>) -> Arc<ServerConfig> {
+    let mut m = (**controllers).clone();
+    m.alpn_protocols = Vec::new();
+    Arc::new(m)
 }
 
 /// The verifier of device certificates, when `[tls] client_ca_file` is set.
@@ -236,6 +258,8 @@ fn load_certs(path: &str) -> anyhow::Result<Vec<CertificateDer<'static>>> {
 #[derive(Default)]
 pub(crate) struct ShardTls {
     config: std::cell::RefCell<Option<(u64, Arc<ServerConfig>)>>,
+    /// The MQTT listener's configuration in force, with its generation.
+    mqtt_config: std::cell::RefCell<Option<(u64, Arc<ServerConfig>)>>,
     /// (deadline in monotonic ms, connection), in accept order, so
     /// deadlines come in order.
     handshakes: std::cell::RefCell<VecDeque<(u64, ConnId)>>,
@@ -246,25 +270,28 @@ pub(crate) struct ShardTls {
 }
 
 impl ShardTls {
-    /// A server connection for a socket just accepted, with its handshake
-    /// deadline recorded; `None` when TLS is off or rustls refused.
+    /// A server connection for a socket just accepted (`mqtt`: on the MQTT
+    /// listener), with its handshake deadline recorded; `None` when TLS is
+    /// off or rustls refused.
     pub(crate) fn accept(
         &self,
         shared: &TlsShared,
         id: ConnId,
         now_ms: u64,
+        mqtt: bool,
     ) -> Option<Box<rustls::ServerConnection>> {
         let generation = shared.generation.load(Ordering::Acquire);
-        let stale = self
-            .config
-            .borrow()
-            .as_ref()
-            .is_none_or(|(g, _)| *g != generation);
+        let (mine, theirs) = if mqtt {
+            (&self.mqtt_config, &shared.mqtt_config)
+        } else {
+            (&self.config, &shared.config)
+        };
+        let stale = mine.borrow().as_ref().is_none_or(|(g, _)| *g != generation);
         if stale {
-            let fresh = shared.config.lock().ok()?.clone()?;
-            *self.config.borrow_mut() = Some((generation, fresh));
+            let fresh = theirs.lock().ok()?.clone()?;
+            *mine.borrow_mut() = Some((generation, fresh));
         }
-        let config = self.config.borrow().as_ref()?.1.clone();
+        let config = mine.borrow().as_ref()?.1.clone();
         match rustls::ServerConnection::new(config) {
             Ok(mut c) => {
                 c.set_buffer_limit(Some(shared.buffer_limit));

@@ -8,13 +8,16 @@
 //! (`drain_ms`), then closes what is left (WebSocket close 1012) and exits.
 //!
 //! The handshake on the unix socket: the old process sends one message
-//! `relay-upgrade tcp=<n> http=<m> tcp_tls=<a> http_tls=<b>` carrying
-//! n + m + a + b descriptors (the shards' controller listeners, their HTTP
-//! listeners, then their TLS and HTTPS listeners; `tcp_tls` and `http_tls`
-//! may be absent, meaning 0); the new process answers `ready\n` once every
-//! shard listens. The TLS listeners are plain listening TCP sockets like
-//! the others (TLS starts per connection), so the new process takes them as
-//! they are and loads its own certificate.
+//! `relay-upgrade tcp=<n> http=<m> tcp_tls=<a> http_tls=<b> mqtt=<c>
+//! mqtt_tls=<d>` carrying n + m + a + b + c + d descriptors (the shards'
+//! controller listeners, their HTTP listeners, their TLS and HTTPS
+//! listeners, then their MQTT and MQTT over TLS listeners; every field
+//! after `http` may be absent, meaning 0; past 250 descriptors, the rest
+//! follow in one-byte messages of at most 250 each, as one message carries
+//! at most 253); the new process answers
+//! `ready\n` once every shard listens. The TLS listeners are plain
+//! listening TCP sockets like the others (TLS starts per connection), so
+//! the new process takes them as they are and loads its own certificate.
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::SocketAddr;
@@ -35,7 +38,10 @@ use super::{Relay, Shard};
 pub const UPGRADE_FD_ENV: &str = "RELAY_UPGRADE_FD";
 
 /// Most listening sockets one handover carries.
-const MAX_FDS: usize = 4 * crate::router::MAX_SHARDS;
+const MAX_FDS: usize = 6 * crate::router::MAX_SHARDS;
+/// Most descriptors one message carries (the kernel takes at most 253,
+/// SCM_MAX_FD): more go in further one-byte messages.
+const FDS_PER_MESSAGE: usize = 250;
 
 /// Listening sockets handed over by the previous process, taken by the
 /// shards as they start.
@@ -45,11 +51,15 @@ pub struct Inherited {
     http: Mutex<Vec<OwnedFd>>,
     tcp_tls: Mutex<Vec<OwnedFd>>,
     http_tls: Mutex<Vec<OwnedFd>>,
+    mqtt: Mutex<Vec<OwnedFd>>,
+    mqtt_tls: Mutex<Vec<OwnedFd>>,
     /// Where they listen (from the first of each kind).
     tcp_addr: Option<SocketAddr>,
     http_addr: Option<SocketAddr>,
     tcp_tls_addr: Option<SocketAddr>,
     http_tls_addr: Option<SocketAddr>,
+    mqtt_addr: Option<SocketAddr>,
+    mqtt_tls_addr: Option<SocketAddr>,
 }
 
 impl Inherited {
@@ -65,6 +75,11 @@ impl Inherited {
     pub(super) fn tls_addrs(&self) -> (Option<SocketAddr>, Option<SocketAddr>) {
         (self.tcp_tls_addr, self.http_tls_addr)
     }
+
+    /// The addresses the inherited MQTT and MQTT over TLS sockets listen on.
+    pub(super) fn mqtt_addrs(&self) -> (Option<SocketAddr>, Option<SocketAddr>) {
+        (self.mqtt_addr, self.mqtt_tls_addr)
+    }
 }
 
 /// Which listener a descriptor is.
@@ -74,6 +89,8 @@ pub(super) enum Kind {
     Http,
     TcpTls,
     HttpTls,
+    Mqtt,
+    MqttTls,
 }
 
 /// Upgrade state shared by the shards and the main thread.
@@ -115,6 +132,17 @@ pub(super) fn tcp_tls_listener(
     addr: SocketAddr,
 ) -> std::io::Result<socket2::Socket> {
     controllers_listener(shared, addr, Kind::TcpTls)
+}
+
+/// A shard's MQTT listener (`tls`: MQTT over TLS): an inherited one, or a
+/// new socket.
+pub(super) fn mqtt_listener(
+    shared: &super::Shared,
+    addr: SocketAddr,
+    tls: bool,
+) -> std::io::Result<socket2::Socket> {
+    let kind = if tls { Kind::MqttTls } else { Kind::Mqtt };
+    controllers_listener(shared, addr, kind)
 }
 
 fn controllers_listener(
@@ -178,6 +206,8 @@ fn take(shared: &super::Shared, kind: Kind) -> Option<OwnedFd> {
         Kind::Http => &inh.http,
         Kind::TcpTls => &inh.tcp_tls,
         Kind::HttpTls => &inh.http_tls,
+        Kind::Mqtt => &inh.mqtt,
+        Kind::MqttTls => &inh.mqtt_tls,
     };
     list.lock().ok()?.pop()
 }
@@ -230,16 +260,40 @@ pub fn receive_from_env() -> anyhow::Result<Option<(Arc<Inherited>, UnixStream)>
     // SAFETY: the previous process passed this descriptor for us to own.
     let sock = unsafe { UnixStream::from_raw_fd(fd) };
     sock.set_read_timeout(Some(Duration::from_secs(30)))?;
-    let mut buf = [0u8; 256];
-    let mut fds = vec![-1 as RawFd; MAX_FDS];
+    let inherited = receive_sockets(&sock)?;
+    Ok(Some((Arc::new(inherited), sock)))
+}
+
+/// Receives one message and the descriptors it carries (at most
+/// `FDS_PER_MESSAGE`; the kernel ends a read at a message with descriptors).
+fn recv_chunk(sock: &UnixStream, buf: &mut [u8]) -> anyhow::Result<(usize, Vec<OwnedFd>)> {
+    let mut fds = vec![-1 as RawFd; FDS_PER_MESSAGE + 3];
     let (n, nfds) = sock
-        .recv_with_fd(&mut buf, &mut fds)
+        .recv_with_fd(buf, &mut fds)
         .context("receiving the listening sockets")?;
     // SAFETY: every received descriptor is new in this process and ours.
-    let owned: Vec<OwnedFd> = fds[..nfds]
+    let owned = fds[..nfds]
         .iter()
         .map(|&fd| unsafe { OwnedFd::from_raw_fd(fd) })
         .collect();
+    Ok((n, owned))
+}
+
+/// Sends the handover message `msg` with the descriptors `fds`: the first
+/// `FDS_PER_MESSAGE` with it, the rest in further one-byte messages.
+fn send_sockets(sock: &UnixStream, msg: &str, fds: &[RawFd]) -> std::io::Result<()> {
+    let mut chunks = fds.chunks(FDS_PER_MESSAGE);
+    sock.send_with_fd(msg.as_bytes(), chunks.next().unwrap_or(&[]))?;
+    for chunk in chunks {
+        sock.send_with_fd(b"+", chunk)?;
+    }
+    Ok(())
+}
+
+/// The receiving side of [`send_sockets`]: the descriptors sorted by kind.
+fn receive_sockets(sock: &UnixStream) -> anyhow::Result<Inherited> {
+    let mut buf = [0u8; 256];
+    let (n, mut owned) = recv_chunk(sock, &mut buf)?;
     let text = std::str::from_utf8(&buf[..n]).context("handover message")?;
     let field = |key: &str| -> Option<usize> {
         text.split_whitespace()
@@ -253,14 +307,31 @@ pub fn receive_from_env() -> anyhow::Result<Option<(Arc<Inherited>, UnixStream)>
         bail!("unexpected handover message {text:?}");
     }
     let (ntcp, nhttp) = (count("tcp=")?, count("http=")?);
-    // A previous relay without TLS listeners to pass says nothing of them.
+    // A previous relay without TLS or MQTT listeners to pass says nothing
+    // of them.
     let (ntls, nhttps) = (
         field("tcp_tls=").unwrap_or(0),
         field("http_tls=").unwrap_or(0),
     );
-    if ntcp + nhttp + ntls + nhttps != owned.len() || ntcp == 0 {
+    let (nmqtt, nmqtts) = (field("mqtt=").unwrap_or(0), field("mqtt_tls=").unwrap_or(0));
+    let total = ntcp + nhttp + ntls + nhttps + nmqtt + nmqtts;
+    if total > MAX_FDS {
+        bail!("handover announced {total} sockets, more than {MAX_FDS}");
+    }
+    while owned.len() < total {
+        let (_, more) = recv_chunk(sock, &mut [0u8; 1])?;
+        if more.is_empty() {
+            bail!(
+                "handover ended after {} of the {total} sockets it announced",
+                owned.len()
+            );
+        }
+        owned.extend(more);
+    }
+    if ntcp + nhttp + ntls + nhttps + nmqtt + nmqtts != owned.len() || ntcp == 0 {
         bail!(
-            "handover announced {ntcp} + {nhttp} + {ntls} + {nhttps} sockets and carried {}",
+            "handover announced {ntcp} + {nhttp} + {ntls} + {nhttps} + {nmqtt} + {nmqtts} \
+             sockets and carried {}",
             owned.len()
         );
     }
@@ -268,7 +339,9 @@ pub fn receive_from_env() -> anyhow::Result<Option<(Arc<Inherited>, UnixStream)>
     let tcp: Vec<OwnedFd> = owned.by_ref().take(ntcp).collect();
     let http: Vec<OwnedFd> = owned.by_ref().take(nhttp).collect();
     let tcp_tls: Vec<OwnedFd> = owned.by_ref().take(ntls).collect();
-    let http_tls: Vec<OwnedFd> = owned.collect();
+    let http_tls: Vec<OwnedFd> = owned.by_ref().take(nhttps).collect();
+    let mqtt: Vec<OwnedFd> = owned.by_ref().take(nmqtt).collect();
+    let mqtt_tls: Vec<OwnedFd> = owned.collect();
     let addr_of = |fd: &OwnedFd| -> Option<SocketAddr> {
         socket2::SockRef::from(fd).local_addr().ok()?.as_socket()
     };
@@ -277,12 +350,16 @@ pub fn receive_from_env() -> anyhow::Result<Option<(Arc<Inherited>, UnixStream)>
         http_addr: http.first().and_then(addr_of),
         tcp_tls_addr: tcp_tls.first().and_then(addr_of),
         http_tls_addr: http_tls.first().and_then(addr_of),
+        mqtt_addr: mqtt.first().and_then(addr_of),
+        mqtt_tls_addr: mqtt_tls.first().and_then(addr_of),
         tcp: Mutex::new(tcp),
         http: Mutex::new(http),
         tcp_tls: Mutex::new(tcp_tls),
         http_tls: Mutex::new(http_tls),
+        mqtt: Mutex::new(mqtt),
+        mqtt_tls: Mutex::new(mqtt_tls),
     };
-    Ok(Some((Arc::new(inherited), sock)))
+    Ok(inherited)
 }
 
 /// Tells the previous process that this one listens (it then lets go), and
@@ -333,6 +410,7 @@ impl Relay {
         };
         let (tcp, http) = (of(Kind::Tcp), of(Kind::Http));
         let (tcp_tls, http_tls) = (of(Kind::TcpTls), of(Kind::HttpTls));
+        let (mqtt, mqtt_tls) = (of(Kind::Mqtt), of(Kind::MqttTls));
         let (ours, theirs) = UnixStream::pair().context("socketpair")?;
         let child_fd = theirs.as_raw_fd();
         let mut cmd = std::process::Command::new(exe);
@@ -358,17 +436,20 @@ impl Relay {
                 .chain(&http)
                 .chain(&tcp_tls)
                 .chain(&http_tls)
+                .chain(&mqtt)
+                .chain(&mqtt_tls)
                 .copied()
                 .collect();
             let msg = format!(
-                "relay-upgrade tcp={} http={} tcp_tls={} http_tls={}",
+                "relay-upgrade tcp={} http={} tcp_tls={} http_tls={} mqtt={} mqtt_tls={}",
                 tcp.len(),
                 http.len(),
                 tcp_tls.len(),
-                http_tls.len()
+                http_tls.len(),
+                mqtt.len(),
+                mqtt_tls.len()
             );
-            ours.send_with_fd(msg.as_bytes(), &all)
-                .context("passing the listening sockets")?;
+            send_sockets(&ours, &msg, &all).context("passing the listening sockets")?;
             ours.set_read_timeout(Some(ready_timeout))?;
             let mut line = String::new();
             let got = BufReader::new(&ours).read_line(&mut line);
@@ -413,7 +494,14 @@ impl Relay {
             return 0;
         };
         let mut n = 0;
-        for list in [&inh.tcp, &inh.http, &inh.tcp_tls, &inh.http_tls] {
+        for list in [
+            &inh.tcp,
+            &inh.http,
+            &inh.tcp_tls,
+            &inh.http_tls,
+            &inh.mqtt,
+            &inh.mqtt_tls,
+        ] {
             if let Ok(mut l) = list.lock() {
                 n += l.len();
                 l.clear();
@@ -426,5 +514,51 @@ impl Relay {
     /// (ERROR `going_away`, WebSocket close 1012) within `[shutdown] grace_ms`.
     pub fn end_drain(&self) {
         self.shared.handoff.end.store(true, Ordering::Release);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// More listening sockets than one message can carry (as many shards
+    /// times six listeners give) all arrive, each sorted to its kind.
+    #[test]
+    fn more_sockets_than_one_message_carries_all_arrive() {
+        let listen = || {
+            let s = super::super::bind_listener("127.0.0.1:0".parse().unwrap()).unwrap();
+            let a = s.local_addr().unwrap().as_socket().unwrap();
+            (s, a)
+        };
+        let (tcp, tcp_addr) = listen();
+        let (mqtt, mqtt_addr) = listen();
+        let (mqtts, mqtts_addr) = listen();
+        let per_kind = 60;
+        let mut fds = Vec::new();
+        for s in [&tcp, &tcp, &tcp, &tcp, &mqtt, &mqtts] {
+            fds.extend(std::iter::repeat_n(s.as_raw_fd(), per_kind));
+        }
+        assert!(fds.len() > 253);
+        let (a, b) = UnixStream::pair().unwrap();
+        b.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let msg = format!(
+            "relay-upgrade tcp={per_kind} http={per_kind} tcp_tls={per_kind} \
+             http_tls={per_kind} mqtt={per_kind} mqtt_tls={per_kind}"
+        );
+        send_sockets(&a, &msg, &fds).unwrap();
+        let inh = receive_sockets(&b).unwrap();
+        for list in [&inh.tcp, &inh.http, &inh.tcp_tls, &inh.http_tls] {
+            assert_eq!(list.lock().unwrap().len(), per_kind);
+        }
+        assert_eq!(inh.addrs().unwrap(), (tcp_addr, Some(tcp_addr)));
+        assert_eq!(inh.mqtt_addrs(), (Some(mqtt_addr), Some(mqtts_addr)));
+        assert_eq!(inh.mqtt.lock().unwrap().len(), per_kind);
+        assert_eq!(inh.mqtt_tls.lock().unwrap().len(), per_kind);
+
+        // Fewer sockets than announced: a clear error, not a hang.
+        send_sockets(&a, "relay-upgrade tcp=1 http=0 mqtt=300", &fds[..1]).unwrap();
+        drop(a);
+        let err = format!("{:#}", receive_sockets(&b).unwrap_err());
+        assert!(err.contains("301"), "{err}");
     }
 }

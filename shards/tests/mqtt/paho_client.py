@@ -9,8 +9,10 @@ usage: paho_client.py HOST PORT CLIENT_ID VERSION(3|5) MODE [ARGS...]
   hold FILTER QOS                    subscribe, print READY, wait to be killed
                                      (a will is set: topic wills/<id>)
 
-Options come from the environment: MQTT_USER, MQTT_PASS, MQTT_KEEPALIVE (s). Every wait is bounded
-(20 s); a timeout exits with status 3.
+Options come from the environment: MQTT_USER, MQTT_PASS, MQTT_KEEPALIVE (s); over TLS,
+MQTT_CAFILE (the CA to verify the server against, for host "localhost"), and MQTT_CERTFILE
+and MQTT_KEYFILE (a client certificate). Every wait is bounded (20 s); a timeout exits with
+status 3.
 """
 import os
 import sys
@@ -31,6 +33,12 @@ if proto == mqtt.MQTTv311:
 c = mqtt.Client(**kwargs)
 if os.environ.get("MQTT_USER") is not None or os.environ.get("MQTT_PASS") is not None:
     c.username_pw_set(os.environ.get("MQTT_USER", ""), os.environ.get("MQTT_PASS"))
+if os.environ.get("MQTT_CAFILE"):
+    c.tls_set(
+        ca_certs=os.environ["MQTT_CAFILE"],
+        certfile=os.environ.get("MQTT_CERTFILE"),
+        keyfile=os.environ.get("MQTT_KEYFILE"),
+    )
 if mode == "hold":
     c.will_set("wills/" + cid, b"gone", qos=1)
 
