@@ -337,7 +337,13 @@ pub async fn handle(
         && let Some(addr) = device_addr(method, &segs)
         && !held_here(api, &addr).await
     {
-        let rx = c.ask(crate::cluster::Target::Addr(addr), method, path, query, body);
+        let rx = c.ask(
+            crate::cluster::Target::Addr(addr),
+            method,
+            path,
+            query,
+            body,
+        );
         match rx.recv().await {
             Ok(crate::cluster::Answer::Reply { status, body, .. }) => {
                 return Reply { status, body };
@@ -397,7 +403,13 @@ pub async fn handle(
         && r.body["error"] == "no_route"
         && let Some(addr) = held_addr(method, &segs, body)
     {
-        let rx = c.ask(crate::cluster::Target::Addr(addr), method, path, query, body);
+        let rx = c.ask(
+            crate::cluster::Target::Addr(addr),
+            method,
+            path,
+            query,
+            body,
+        );
         return match rx.recv().await {
             Ok(crate::cluster::Answer::Reply { status, body, .. }) => Reply { status, body },
             Ok(crate::cluster::Answer::Unavailable(m)) => err(ErrorCode::Unavailable, m),
@@ -433,9 +445,9 @@ fn device_addr(method: &str, segs: &[&str]) -> Option<Bytes> {
 /// The address a route acts on, when its node must hold it.
 fn held_addr(method: &str, segs: &[&str], body: &[u8]) -> Option<Bytes> {
     match (method, segs) {
-        ("POST", ["uids", _, "bind"] | ["groups", _, "members"]) => {
-            body_json(body).ok().and_then(|m| body_addr(&m, "addr").ok())
-        }
+        ("POST", ["uids", _, "bind"] | ["groups", _, "members"]) => body_json(body)
+            .ok()
+            .and_then(|m| body_addr(&m, "addr").ok()),
         ("DELETE", ["uids", _, "bind", addr] | ["groups", _, "members", addr])
         | ("GET" | "DELETE", ["clients", addr]) => name(addr, "addr").ok(),
         _ => None,
@@ -647,7 +659,11 @@ async fn list(api: &Api<'_>, query: &str) -> Result<Reply, Reply> {
     let mut unreachable = Vec::new();
     for (n, rx) in asked {
         match rx.recv().await {
-            Ok(crate::cluster::Answer::Reply { status: 200, mut body, .. }) => {
+            Ok(crate::cluster::Answer::Reply {
+                status: 200,
+                mut body,
+                ..
+            }) => {
                 more |= !body["next"].is_null();
                 if let Value::Array(a) = body["items"].take() {
                     items.extend(a);
@@ -1101,16 +1117,39 @@ async fn device(api: &Api<'_>, raw: &str) -> Result<Reply, Reply> {
             body: json!({"error": "not_found", "message": format!("no device {text:?} was ever seen")}),
         });
     };
-    // An online device: its connection as the owner shard sees it now.
+    // An online device: its connection as the owner shard sees it now (on
+    // the node holding it, in a cluster).
     if d["online"] == json!(true) {
         let owner = shard_of(&addr, api.router.shards);
-        if let Some(CallResult::Client(Some(v))) = call(api.router, owner, Call::Client(addr)).await
-        {
-            let live = view_json(&v, &api.router.cfg().node);
-            d["groups"] = live["groups"].clone();
-            d["uids"] = live["uids"].clone();
-            d["shard"] = live["shard"].clone();
-            d["node"] = live["node"].clone();
+        let live = match call(api.router, owner, Call::Client(addr.clone())).await {
+            Some(CallResult::Client(Some(v))) => Some(view_json(&v, &api.router.cfg().node)),
+            _ => match api.cluster {
+                Some(c) => {
+                    let path = format!(
+                        "/api/v1/clients/{}",
+                        percent_encoding::utf8_percent_encode(
+                            &text,
+                            percent_encoding::NON_ALPHANUMERIC
+                        )
+                    );
+                    match c
+                        .ask(crate::cluster::Target::Addr(addr), "GET", &path, "", b"")
+                        .recv()
+                        .await
+                    {
+                        Ok(crate::cluster::Answer::Reply {
+                            status: 200, body, ..
+                        }) => Some(body),
+                        _ => None,
+                    }
+                }
+                None => None,
+            },
+        };
+        if let Some(live) = live {
+            for k in ["groups", "uids", "shard", "node"] {
+                d[k] = live[k].clone();
+            }
         }
     }
     d["state"] = p.state(&text);

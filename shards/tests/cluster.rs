@@ -751,7 +751,12 @@ fn wait_one_holder(nodes: &[RelayProc], names: &[&str]) -> usize {
 
 /// The keys of the active alarms `node` serves.
 fn alarm_keys(node: &RelayProc) -> Vec<String> {
-    let (status, body) = node.get("/api/v1/alarms");
+    alarm_keys_at(node, "/api/v1/alarms")
+}
+
+/// The keys of the active alarms of `node`'s answer to `path`.
+fn alarm_keys_at(node: &RelayProc, path: &str) -> Vec<String> {
+    let (status, body) = node.get(path);
     assert_eq!(status, 200, "{body}");
     let v: serde_json::Value = serde_json::from_str(&body).unwrap();
     v["items"]
@@ -835,8 +840,21 @@ fn rules_run_once_per_fleet_on_the_lease_holder_and_move_when_it_is_killed() {
             .then_some(())
     });
     assert!(
-        alarm_keys(&f.nodes[other]).is_empty(),
+        alarm_keys_at(&f.nodes[other], "/api/v1/alarms?local=true").is_empty(),
         "no engine without the lease"
+    );
+    // The alarm routes of any node answer from the holder's engine.
+    assert!(
+        alarm_keys(&f.nodes[other]).contains(&"dev-1/fired-1".to_owned()),
+        "the holder's alarms through another node"
+    );
+    let (s, body) = f.nodes[third].get("/api/v1/devices/dev-1");
+    assert_eq!(s, 200, "{body}");
+    let d: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        (d["online"].as_bool(), d["node"].as_str()),
+        (Some(true), Some(names[other])),
+        "the holder's registry, with the node holding the device: {d}"
     );
     assert!(
         f.nodes[other]
@@ -1012,5 +1030,12 @@ fn with_no_live_lease_holder_rule_events_are_dropped_and_counted() {
     });
     assert_eq!(n.metric("relay_rules_leader"), Some(0.0));
     assert_eq!(n.metric("relay_rules_forwarded_total"), Some(0.0));
-    assert!(alarm_keys(n).is_empty(), "no engine runs without the lease");
+    assert!(
+        alarm_keys_at(n, "/api/v1/alarms?local=true").is_empty(),
+        "no engine runs without the lease"
+    );
+    // With no holder to ask, the alarm routes say so.
+    let (s, body) = n.get("/api/v1/alarms");
+    assert_eq!(s, 503, "{body}");
+    assert!(body.contains("\"unavailable\""), "{body}");
 }
