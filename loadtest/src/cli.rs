@@ -337,6 +337,8 @@ mod tests {
             "ws://127.0.0.1:8001/ws,ws://127.0.0.1:8002/ws",
             "-n",
             "5",
+            "--rate",
+            "1",
         ]);
         cli.apply(&mut s);
         s.validate("t").unwrap();
