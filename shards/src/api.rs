@@ -316,7 +316,7 @@ pub async fn handle(
     // can: the rules lease holder, or the node holding the address.
     let cluster = api
         .cluster
-        .filter(|_| crate::http::query_param(query, crate::cluster::ask::LOCAL_PARAM).is_none());
+        .filter(|_| !crate::cluster::ask::is_local(query));
     if let Some(c) = cluster
         && c.rules_leader() == Some(false)
         && rules_route(method, &segs)
@@ -629,7 +629,7 @@ async fn list(api: &Api<'_>, query: &str) -> Result<Reply, Reply> {
     let want = crate::http::query_param(query, "node").filter(|n| !n.is_empty());
     let fleet = api
         .cluster
-        .filter(|_| crate::http::query_param(query, crate::cluster::ask::LOCAL_PARAM).is_none());
+        .filter(|_| !crate::cluster::ask::is_local(query));
     let asked: Vec<(String, async_channel::Receiver<crate::cluster::Answer>)> = match fleet {
         Some(c) => c
             .peers()

@@ -67,6 +67,12 @@ pub enum Answer {
     Unavailable(String),
 }
 
+/// The request is to stay on the node it reached (`local` given, and not
+/// `false`).
+pub fn is_local(query: &str) -> bool {
+    crate::http::query_param(query, LOCAL_PARAM).is_some_and(|v| v != "false")
+}
+
 /// The query with `local=true` added (and any `local` given replaced).
 pub fn local_query(query: &str) -> String {
     let mut parts: Vec<&str> = query
@@ -228,6 +234,15 @@ fn parse_head(got: &[u8]) -> Result<Option<(u16, usize, usize)>, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn local_is_any_value_but_false() {
+        assert!(is_local("local=true"));
+        assert!(is_local("a=1&local"));
+        assert!(!is_local("local=false"));
+        assert!(!is_local("localx=1"));
+        assert!(!is_local(""));
+    }
 
     #[test]
     fn the_local_marker_is_added_once() {

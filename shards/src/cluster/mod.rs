@@ -233,7 +233,6 @@ impl Cluster {
             answer: tx,
         };
         if let Err(e) = self.asks.try_send(a) {
-            ClusterStats::count(&self.stats.channel_full);
             let _ = e.into_inner().answer.try_send(Answer::Unavailable(
                 "too many API requests waiting for other nodes".into(),
             ));
@@ -849,7 +848,6 @@ impl Driver {
     /// it when that node does (or does not, within `reply_timeout_ms`).
     fn ask(&self, client: &async_nats::Client, link: &Link, a: Ask, up: bool, now: u64) {
         if !up {
-            ClusterStats::count(&self.stats.unavailable);
             let _ = a.answer.try_send(Answer::Unavailable(
                 "the cluster link is down (NATS unreachable)".into(),
             ));
@@ -870,7 +868,6 @@ impl Driver {
             return;
         };
         let Ok(permit) = self.inflight.clone().try_acquire_owned() else {
-            ClusterStats::count(&self.stats.unavailable);
             let _ = a.answer.try_send(Answer::Unavailable(
                 "too many API requests between nodes at once (cluster.api_inflight)".into(),
             ));
@@ -880,23 +877,18 @@ impl Driver {
         let payload = ask::encode_request(&a.method, &a.path, &a.query, &a.body);
         let client = client.clone();
         let wait = Duration::from_millis(self.cfg.reply_timeout_ms);
-        let stats = self.stats.clone();
         tokio::spawn(async move {
             let r = tokio::time::timeout(wait, client.request(subject, payload.into())).await;
             drop(permit);
             let answer = match r {
                 Ok(Ok(m)) => ask::decode_answer(&node, &m.payload),
                 Ok(Err(e)) => {
-                    ClusterStats::count(&stats.unavailable);
                     Answer::Unavailable(format!("node {node} did not take the request: {e}"))
                 }
-                Err(_) => {
-                    ClusterStats::count(&stats.unavailable);
-                    Answer::Unavailable(format!(
-                        "node {node} did not answer within {} ms",
-                        wait.as_millis()
-                    ))
-                }
+                Err(_) => Answer::Unavailable(format!(
+                    "node {node} did not answer within {} ms",
+                    wait.as_millis()
+                )),
             };
             let _ = a.answer.try_send(answer);
         });
