@@ -254,6 +254,7 @@ fn the_binary_takes_repeated_targets() {
     let dir = std::env::temp_dir().join(format!("{}-out", c.prefix));
     std::fs::create_dir_all(&dir).unwrap();
     let json = dir.join("r.json");
+    let html = dir.join("r.html");
     let out = common::loadtest()
         .args(["--pattern", "telemetry", "-n", "6", "--rate", "10"])
         .args(["--duration", "1s", "--no-progress"])
@@ -263,10 +264,17 @@ fn the_binary_takes_repeated_targets() {
         .args(["--browsers", &format!("ws://{}/ws", b.http)])
         .arg("--json")
         .arg(&json)
+        .arg("--html")
+        .arg(&html)
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout).to_string();
     let r = common::read_report(&json, &stdout);
+    let page = std::fs::read_to_string(&html).unwrap();
+    assert!(
+        page.contains("6 of 6 sender-recipient pairs cross targets"),
+        "the HTML report states the spread"
+    );
     let _ = std::fs::remove_dir_all(&dir);
     let sp = r
         .target
