@@ -435,6 +435,13 @@ pub(crate) fn check(config: &Config) -> Vec<Problem> {
         600_000,
         " (ten minutes)",
     );
+    r.range(
+        "cluster.api_inflight",
+        k.api_inflight as u64,
+        1,
+        10_000,
+        " (API requests under way between nodes)",
+    );
 
     let m = &c.mqtt;
     for (key, prefix) in [

@@ -459,6 +459,9 @@ pub struct ClusterConfig {
     /// How long a frame with ACK_REQ sent to another node waits for that
     /// node's answer before the sender gets `unavailable`.
     pub reply_timeout_ms: u64,
+    /// Most API requests under way between this node and the others at once
+    /// (each way); more are answered `unavailable` (or `busy`) at once.
+    pub api_inflight: usize,
     /// Run the rules engine (rules, alarms, notifiers) on one node of the
     /// cluster at a time: the node holding the rules lease. The others
     /// forward their clients' events to it. Needs `[plugins] enabled`.
@@ -476,6 +479,7 @@ impl Default for ClusterConfig {
             channel_capacity: 8192,
             cache_size: 1_000_000,
             reply_timeout_ms: 5000,
+            api_inflight: 64,
             rules_lease: false,
         }
     }

@@ -19,12 +19,14 @@ pub struct Cli {
     #[arg(short, long)]
     pub pattern: Option<Pattern>,
     /// Controllers' URL: tcp://host:port (relay), mqtt://host:port (any MQTT broker),
-    /// or over TLS tcps://host:port, mqtts://host:port.
+    /// or over TLS tcps://host:port, mqtts://host:port. Repeat it (or give a comma
+    /// list) for the nodes of a relay cluster: clients are placed on them round-robin.
     #[arg(short, long, value_name = "URL")]
-    pub target: Option<String>,
-    /// Browsers' URL: ws://host:port/ws or wss://host:port/ws (relay only).
+    pub target: Vec<String>,
+    /// Browsers' URL: ws://host:port/ws or wss://host:port/ws (relay only). With
+    /// several --target, one per target in the same order (repeat it or a comma list).
     #[arg(long, value_name = "URL")]
-    pub browsers: Option<String>,
+    pub browsers: Vec<String>,
     /// CA certificates (PEM) TLS targets are verified against.
     #[arg(long, value_name = "PEM")]
     pub ca_file: Option<PathBuf>,
@@ -194,13 +196,16 @@ impl Cli {
             }
         }
         set(&mut s.pattern, &self.pattern);
-        if let Some(t) = &self.target {
-            s.target.controllers = t.clone();
-            if (t.starts_with("mqtt://") || t.starts_with("mqtts://")) && self.browsers.is_none() {
+        if !self.target.is_empty() {
+            let t = self.target.join(",");
+            if (t.starts_with("mqtt://") || t.starts_with("mqtts://")) && self.browsers.is_empty() {
                 s.target.browsers = String::new();
             }
+            s.target.controllers = t;
         }
-        set(&mut s.target.browsers, &self.browsers);
+        if !self.browsers.is_empty() {
+            s.target.browsers = self.browsers.join(",");
+        }
         set(&mut s.target.controller_form, &self.controller_form);
         set(&mut s.target.browser_form, &self.browser_form);
         set(&mut s.target.prefix, &self.prefix);
@@ -317,6 +322,47 @@ mod tests {
         assert!(s.find_max.enabled);
         assert_eq!(s.find_max.slo_p99, Dur::millis(5));
         s.validate("t").unwrap();
+    }
+
+    #[test]
+    fn several_targets_spread_the_fleet_round_robin() {
+        let mut s = Scenario::from_toml("pattern = \"command\"\n", "t").unwrap();
+        let cli = Cli::parse_from([
+            "relay-loadtest",
+            "--target",
+            "tcp://127.0.0.1:7001",
+            "--target",
+            "tcp://127.0.0.1:7002",
+            "--browsers",
+            "ws://127.0.0.1:8001/ws,ws://127.0.0.1:8002/ws",
+            "-n",
+            "5",
+            "--rate",
+            "1",
+        ]);
+        cli.apply(&mut s);
+        s.validate("t").unwrap();
+        assert_eq!(s.targets(), 2);
+        assert_eq!(s.controller_endpoints().unwrap().len(), 2);
+        assert_eq!(
+            s.browser_endpoints().unwrap()[1].addr(),
+            "127.0.0.1:8002".parse().unwrap()
+        );
+        let plan = crate::plan::Plan::new(&s, "p");
+        let spread = plan.spread();
+        assert_eq!(spread.clients, [5, 5]);
+        // Each browser and its controller sit side by side: every pair crosses.
+        assert_eq!((spread.pairs, spread.cross), (10, 10));
+        assert_eq!(plan.client(0).target, 0);
+        assert_eq!(plan.client(1).target, 1);
+        // One browsers' URL for two nodes is refused, as is a mix of schemes.
+        s.target.browsers = "ws://127.0.0.1:8001/ws".into();
+        let e = s.validate("t").unwrap_err().to_string();
+        assert!(e.contains("as many browsers' URLs"), "{e}");
+        s.target.browsers = "ws://127.0.0.1:8001/ws,ws://127.0.0.1:8002/ws".into();
+        s.target.controllers = "tcp://127.0.0.1:7001,mqtt://127.0.0.1:1883".into();
+        let e = s.validate("t").unwrap_err().to_string();
+        assert!(e.contains("one scheme"), "{e}");
     }
 
     #[test]

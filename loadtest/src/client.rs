@@ -53,10 +53,11 @@ pub struct StepPlan {
 /// Everything a worker's connections share.
 #[derive(Debug, Clone)]
 pub struct Env {
-    /// Where controllers connect.
-    pub controllers: Endpoint,
-    /// Where browsers connect.
-    pub browsers: Endpoint,
+    /// Where controllers connect: one endpoint per target (node), used by
+    /// `ClientSpec::target`.
+    pub controllers: Vec<Endpoint>,
+    /// Where browsers connect, one endpoint per target.
+    pub browsers: Vec<Endpoint>,
     /// Controllers' protocol.
     pub controller_wire: WireKind,
     /// Browsers' protocol.
@@ -94,15 +95,16 @@ impl Env {
         }
     }
 
-    fn side(&self, side: Side) -> (&Endpoint, &WireKind, Option<&TlsClient>) {
+    fn side(&self, side: Side, target: usize) -> (&Endpoint, &WireKind, Option<&TlsClient>) {
+        let pick = |v: &'_ [Endpoint]| -> usize { target.min(v.len().saturating_sub(1)) };
         match side {
             Side::Controller => (
-                &self.controllers,
+                &self.controllers[pick(&self.controllers)],
                 &self.controller_wire,
                 self.controller_tls.as_ref(),
             ),
             Side::Browser => (
-                &self.browsers,
+                &self.browsers[pick(&self.browsers)],
                 &self.browser_wire,
                 self.browser_tls.as_ref(),
             ),
@@ -185,7 +187,7 @@ fn failure(ev: &Inbound) -> Option<ErrorKind> {
 }
 
 async fn open_inner(env: &Env, spec: ClientSpec) -> Result<Session, ErrorKind> {
-    let (endpoint, wire, tls_client) = env.side(spec.side);
+    let (endpoint, wire, tls_client) = env.side(spec.side, spec.target);
     let mut stream = net::connect(env.source(spec.index), endpoint.addr()).await?;
     let tls = match tls_client {
         Some(c) => {

@@ -1478,6 +1478,21 @@ fn target_report(p: &Prepared) -> TargetReport {
         controller_form: form(s.target.controller_form),
         browser_form: form(s.target.browser_form),
         prefix: s.target.prefix.clone(),
+        spread: (s.targets() > 1).then(|| {
+            let sp = p.plan.spread();
+            crate::report::SpreadReport {
+                targets: crate::scenario::split_urls(&s.target.controllers)
+                    .into_iter()
+                    .zip(sp.clients)
+                    .map(|(url, clients)| crate::report::TargetClients {
+                        url: url.to_owned(),
+                        clients,
+                    })
+                    .collect(),
+                pairs: sp.pairs,
+                cross_pairs: sp.cross,
+            }
+        }),
     }
 }
 

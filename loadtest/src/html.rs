@@ -365,6 +365,21 @@ pub fn render(r: &Report) -> Result<String, PlotError> {
         fmt_us(r.connect.time.p99_us),
         fmt_us(r.connect.time.max_us),
     );
+    if let Some(sp) = &t.spread {
+        let per: Vec<String> = sp
+            .targets
+            .iter()
+            .map(|c| format!("{} on {}", group(c.clients), esc(&c.url)))
+            .collect();
+        let _ = writeln!(
+            h,
+            "<p>targets: clients round-robin over {} targets ({}); {} of {} sender-recipient pairs cross targets</p>",
+            sp.targets.len(),
+            per.join(", "),
+            group(sp.cross_pairs),
+            group(sp.pairs)
+        );
+    }
     h.push_str(
         "<h2>Steps</h2><table><tr><th>step</th><th>rate msg/s</th><th>sent</th><th>received</th>\
          <th>loss</th><th>p50</th><th>p99</th><th>p99.9</th><th>max</th><th>tool send lag p99</th><th>server CPU-µs/msg</th><th>errors</th><th>SLO</th></tr>\n",

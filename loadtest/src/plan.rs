@@ -63,6 +63,20 @@ pub struct ClientSpec {
     pub receipt: Receipt,
     /// Receives messages sent to its address (MQTT subscribes to its inbox topic).
     pub inbox: bool,
+    /// Which target (node) it connects to: its position modulo the targets.
+    pub target: usize,
+}
+
+/// How a fleet lies over several targets.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Spread {
+    /// Clients per target, in the order of the targets.
+    pub clients: Vec<u64>,
+    /// Sender → recipient pairs of the fleet (a group message to `k` members is
+    /// `k` pairs).
+    pub pairs: u64,
+    /// Pairs whose sender and recipient are on different targets.
+    pub cross: u64,
 }
 
 /// A scenario's fleet under a name prefix.
@@ -77,6 +91,8 @@ pub struct Plan {
     dashboards: u64,
     /// The target echoes bytes back: every controller sends to itself.
     echo: bool,
+    /// Targets the clients are spread over, round-robin by position.
+    targets: u64,
 }
 
 impl Plan {
@@ -91,7 +107,65 @@ impl Plan {
             members: s.load.members as u64,
             dashboards: s.load.dashboards.max(1) as u64,
             echo: s.is_echo(),
+            targets: s.targets().max(1) as u64,
         }
+    }
+
+    /// The target client `i` connects to.
+    pub fn target_of(&self, i: u64) -> usize {
+        (i % self.targets) as usize
+    }
+
+    /// Clients per target and the pairs that cross targets, over the whole fleet.
+    pub fn spread(&self) -> Spread {
+        let n = self.count();
+        let mut s = Spread {
+            clients: vec![0; self.targets as usize],
+            ..Spread::default()
+        };
+        for i in 0..n {
+            s.clients[self.target_of(i)] += 1;
+        }
+        let mut pair = |from: u64, to: u64| {
+            s.pairs += 1;
+            if self.target_of(from) != self.target_of(to) {
+                s.cross += 1;
+            }
+        };
+        if self.echo {
+            for i in 0..n {
+                pair(i, i);
+            }
+            return s;
+        }
+        match self.pattern {
+            Pattern::Telemetry | Pattern::Fanout => {
+                let (units, per) = match self.pattern {
+                    Pattern::Telemetry => (self.controllers, self.browsers_per),
+                    _ => (self.groups, self.members),
+                };
+                for u in 0..units {
+                    let from = u * (1 + per);
+                    for j in 1..=per {
+                        pair(from, from + j);
+                    }
+                }
+            }
+            // A browser's command and the controller's reply.
+            Pattern::Command => {
+                for u in 0..self.controllers {
+                    pair(2 * u, 2 * u + 1);
+                    pair(2 * u + 1, 2 * u);
+                }
+            }
+            Pattern::Fanin => {
+                for c in 0..self.controllers {
+                    pair(self.dashboards + c, c % self.dashboards);
+                }
+            }
+            Pattern::Idle | Pattern::Storm => {}
+        }
+        s
     }
 
     /// Number of clients.
@@ -134,6 +208,7 @@ impl Plan {
             echo_to: None,
             receipt: Receipt::Measure,
             inbox: false,
+            target: self.target_of(index),
         }
     }
 

@@ -451,6 +451,28 @@ pub struct TargetReport {
     pub controller_form: String,
     pub browser_form: String,
     pub prefix: String,
+    /// Several targets (nodes of a cluster): clients per target and the pairs
+    /// crossing targets.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spread: Option<SpreadReport>,
+}
+
+/// How the fleet lay over several targets.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SpreadReport {
+    /// Each target (controllers' URL) with its clients.
+    pub targets: Vec<TargetClients>,
+    /// Sender → recipient pairs (a group message to `k` members is `k` pairs).
+    pub pairs: u64,
+    /// Pairs whose ends are on different targets.
+    pub cross_pairs: u64,
+}
+
+/// One target and the clients placed on it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TargetClients {
+    pub url: String,
+    pub clients: u64,
 }
 
 /// A whole run.
@@ -632,6 +654,22 @@ impl Report {
             "relay-loadtest {}: {} \"{}\" against {}",
             self.version, self.pattern, self.name, ends
         );
+        if let Some(sp) = &t.spread {
+            let per: Vec<String> = sp
+                .targets
+                .iter()
+                .map(|c| format!("{} on {}", group(c.clients), c.url))
+                .collect();
+            let _ = writeln!(
+                o,
+                "targets: {} clients round-robin over {} targets ({}); {} of {} sender-recipient pairs cross targets",
+                group(sp.targets.iter().map(|c| c.clients).sum()),
+                sp.targets.len(),
+                per.join(", "),
+                group(sp.cross_pairs),
+                group(sp.pairs)
+            );
+        }
         let f = &self.fleet;
         let _ = writeln!(
             o,
@@ -892,6 +930,7 @@ pub(crate) mod tests {
                 controller_form: "binary".into(),
                 browser_form: "json".into(),
                 prefix: "lt".into(),
+                spread: None,
             },
             fleet: FleetReport {
                 controllers: 10,

@@ -257,6 +257,14 @@ pub enum Endpoint {
     Echo { addr: SocketAddr },
 }
 
+/// The URLs of a comma-separated list (one URL: a list of one).
+pub fn split_urls(list: &str) -> Vec<&str> {
+    list.split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .collect()
+}
+
 /// The host part of `host:port` (brackets of an IPv6 literal removed).
 fn host_of(hostport: &str) -> &str {
     let host = match hostport.rsplit_once(':') {
@@ -358,9 +366,12 @@ impl Endpoint {
 pub struct TargetSpec {
     /// URL controllers connect to: `tcp://host:port` (relay), `mqtt://host:port`, or
     /// `echo://host:port` (a byte echo server: calibrates the generator itself).
+    /// Several URLs separated by commas (nodes of one relay cluster): clients are
+    /// placed on them round-robin by their position in the fleet.
     pub controllers: String,
     /// URL browsers connect to: `ws://host:port/ws` (relay); empty means the same
-    /// broker as `controllers` when that is MQTT.
+    /// broker as `controllers` when that is MQTT. With several controllers' URLs,
+    /// as many browsers' URLs, in the same order (one per node).
     pub browsers: String,
     /// Form controllers speak on TCP.
     pub controller_form: Form,
@@ -719,9 +730,53 @@ impl Scenario {
         })
     }
 
-    /// The controllers' endpoint.
+    /// The controllers' endpoint (the first one when there are several).
     pub fn controller_endpoint(&self) -> Result<Endpoint, String> {
-        Endpoint::parse(&self.target.controllers)
+        Endpoint::parse(
+            split_urls(&self.target.controllers)
+                .first()
+                .copied()
+                .unwrap_or(""),
+        )
+    }
+
+    /// Number of targets clients are spread over (the controllers' URLs).
+    pub fn targets(&self) -> usize {
+        split_urls(&self.target.controllers).len().max(1)
+    }
+
+    /// Every controllers' endpoint, in the order given.
+    pub fn controller_endpoints(&self) -> Result<Vec<Endpoint>, String> {
+        let urls = split_urls(&self.target.controllers);
+        if urls.is_empty() {
+            return Ok(vec![Endpoint::parse("")?]);
+        }
+        urls.into_iter().map(Endpoint::parse).collect()
+    }
+
+    /// Every browsers' endpoint: one per controllers' endpoint (the controllers'
+    /// again for MQTT or an echo server).
+    pub fn browser_endpoints(&self) -> Result<Vec<Endpoint>, String> {
+        let ctl = self.controller_endpoint()?;
+        if ctl.is_echo()
+            || (ctl.is_mqtt()
+                && (self.target.browsers.is_empty()
+                    || self.target.browsers == TargetSpec::default().browsers))
+        {
+            return self.controller_endpoints();
+        }
+        let urls = split_urls(&self.target.browsers);
+        if urls.len() > 1 || self.targets() > 1 {
+            if urls.len() != self.targets() {
+                return Err(format!(
+                    "{} controllers' URLs need as many browsers' URLs (one per node, same order), not {}",
+                    self.targets(),
+                    urls.len()
+                ));
+            }
+            return urls.into_iter().map(Endpoint::parse).collect();
+        }
+        Ok(vec![self.browser_endpoint()?])
     }
 
     /// The browsers' endpoint (the MQTT broker again when controllers use MQTT and no
@@ -737,7 +792,17 @@ impl Scenario {
         {
             return Ok(ctl);
         }
-        Endpoint::parse(&self.target.browsers)
+        Endpoint::parse(
+            split_urls(&self.target.browsers)
+                .first()
+                .copied()
+                .unwrap_or(""),
+        )
+    }
+
+    /// The pattern connects browsers.
+    pub fn plan_has_browsers(&self) -> bool {
+        !matches!(self.pattern, Pattern::Idle | Pattern::Storm) && !self.is_echo()
     }
 
     /// True when the controllers' target is an echo server.
@@ -833,6 +898,27 @@ impl Scenario {
                         p.push("target.browsers: browsers connect over ws://host:port/ws or wss://host:port/ws".into());
                     }
                 }
+            }
+        }
+        if self.targets() > 1 {
+            match self.controller_endpoints() {
+                Err(e) => p.push(format!("target.controllers: {e}")),
+                Ok(all) => {
+                    if all.iter().any(|e| e.is_echo()) {
+                        p.push("target.controllers: an echo:// target takes one URL".into());
+                    }
+                    if all.iter().any(|e| {
+                        std::mem::discriminant(e) != std::mem::discriminant(&all[0])
+                            || e.tls_host().is_some() != all[0].tls_host().is_some()
+                    }) {
+                        p.push("target.controllers: several URLs must all be of one scheme".into());
+                    }
+                }
+            }
+            if self.plan_has_browsers()
+                && let Err(e) = self.browser_endpoints()
+            {
+                p.push(format!("target.browsers: {e}"));
             }
         }
         // TLS: the CA file (and client identity) must load, the server name parse.

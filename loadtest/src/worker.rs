@@ -130,20 +130,20 @@ fn run(
         .enable_all()
         .build()
         .map_err(|e| format!("cannot start the runtime: {e}"))?;
-    let controllers = s.controller_endpoint()?;
-    let browsers = s.browser_endpoint()?;
+    let controllers = s.controller_endpoints()?;
+    let browsers = s.browser_endpoints()?;
     let recorder = Arc::new(Recorder::new(threads * 8));
     let tls_for = |e: &Endpoint| match e.tls_host() {
         Some(host) => crate::tls::TlsClient::new(&s.target, host).map(Some),
         None => Ok(None),
     };
-    let controller_tls = tls_for(&controllers)?;
-    let browser_tls = tls_for(&browsers)?;
+    let controller_tls = tls_for(&controllers[0])?;
+    let browser_tls = tls_for(&browsers[0])?;
     let env = Env {
         controller_tls,
         browser_tls,
-        controller_wire: wire_for(&controllers, s.target.controller_form, &setup.prefix),
-        browser_wire: wire_for(&browsers, s.target.browser_form, &setup.prefix),
+        controller_wire: wire_for(&controllers[0], s.target.controller_form, &setup.prefix),
+        browser_wire: wire_for(&browsers[0], s.target.browser_form, &setup.prefix),
         controllers,
         browsers,
         sources: Arc::new(setup.sources.clone()),

@@ -96,9 +96,18 @@ export class Api {
     return this.get("/api/v1/stats");
   }
 
-  /** One page of online clients: `{items, next}`. */
-  async clients({ role, prefix, limit = 100, after } = {}) {
-    return list(await this.get(`/api/v1/clients${query({ role, prefix, limit, after })}`));
+  /**
+   * One page of online clients, each with the `node` holding it: `{items, next,
+   * unreachable}` (in a cluster, the whole fleet; `node` keeps one node's).
+   */
+  async clients({ role, prefix, node, limit = 100, after } = {}) {
+    const body = await this.get(`/api/v1/clients${query({ role, prefix, node, limit, after })}`);
+    return { ...list(body), unreachable: Array.isArray(body?.unreachable) ? body.unreachable : [] };
+  }
+
+  /** The nodes of the cluster (one, outside a cluster): `{items, clustered}`. */
+  nodes() {
+    return this.get("/api/v1/nodes");
   }
 
   /** Session of one address (`online`, `role`, `shard`, `connected_at_ms`, ...). */

@@ -281,6 +281,7 @@ export function deviceView(root, ctx, addr) {
         ],
         ["Connects", typeof d.connects === "number" ? num(d.connects) : null],
         ["Role", d.role],
+        ["Node", d.node],
         ["Shard", d.shard],
         ["Remote", d.remote],
         ["Groups", Array.isArray(d.groups) && d.groups.length ? d.groups.join(", ") : null],
@@ -319,6 +320,7 @@ export function deviceView(root, ctx, addr) {
       badge.className = `pill ${online ? "ok" : "bad"}`;
       const rows = [
         ["Role", c.role],
+        ["Node", c.node],
         ["Shard", c.shard],
         [
           "Connected",

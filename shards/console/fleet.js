@@ -24,7 +24,7 @@ const STATUSES = [
 ];
 
 /** The view's position survives a visit to a device and back. */
-const memory = { prefix: "", group: "", role: "controller", status: "", offset: 0, cursors: [null] };
+const memory = { prefix: "", group: "", role: "controller", node: "", status: "", offset: 0, cursors: [null] };
 
 export function fleetView(root, ctx) {
   const { api } = ctx;
@@ -71,6 +71,12 @@ export function fleetView(root, ctx) {
       h("option", { value: r, selected: r === memory.role, text: r ? `${r}s` : "all roles" }),
     ),
   );
+  /** Which node holds the clients listed (a cluster's nodes; hidden outside one). */
+  const nodeSel = h(
+    "select",
+    { id: "node", "aria-label": "Node", hidden: true },
+    h("option", { value: "", text: "all nodes" }),
+  );
   const statusTabs = h(
     "div",
     { class: "chips", id: "status-filter", role: "group", "aria-label": "Status" },
@@ -108,7 +114,7 @@ export function fleetView(root, ctx) {
     h("h1", { class: "title", text: "Fleet" }),
     fleetCounts,
     counts,
-    h("div", { class: "toolbar" }, search, groupInput, role, statusTabs),
+    h("div", { class: "toolbar" }, search, groupInput, role, nodeSel, statusTabs),
     status,
     h("div", { class: "table-wrap" }, table),
     h("nav", { class: "pager", "aria-label": "Pages" }, prevBtn, pageLabel, nextBtn),
@@ -208,7 +214,14 @@ export function fleetView(root, ctx) {
       }
       if (noRegistry) {
         const cursor = memory.cursors[memory.cursors.length - 1];
-        res = await api.clients({ role: memory.role, prefix: memory.prefix, limit: PAGE, after: cursor });
+        res = await api.clients({
+          role: memory.role,
+          prefix: memory.prefix,
+          node: memory.node,
+          limit: PAGE,
+          after: cursor,
+        });
+        refreshNodes();
       }
       if (!alive || seq !== listSeq) return;
       page = res;
@@ -227,6 +240,7 @@ export function fleetView(root, ctx) {
     const what = memory.role ? `${memory.role}s` : "devices";
     let filter = memory.prefix ? ` whose address starts with “${memory.prefix}”` : "";
     if (memory.group && !noRegistry) filter += ` in group ${memory.group}`;
+    if (memory.node && noRegistry) filter += ` on node ${memory.node}`;
     return { what, filter };
   }
 
@@ -237,14 +251,16 @@ export function fleetView(root, ctx) {
     if (noRegistry) {
       replace(
         head,
-        ["Address", "Role", "Connected", "Shard", "Last state"].map((t) => h("th", { scope: "col", text: t })),
+        ["Address", "Node", "Role", "Connected", "Shard", "Last state"].map((t) => h("th", { scope: "col", text: t })),
       );
       const one = items.length === 1 && !page.next;
-      status.textContent = items.length
-        ? `${items.length} online ${one ? what.replace(/s$/, "") : what}${filter}${page.next ? " on this page; more on the next" : ""}. Offline devices need rules ([plugins] enabled).`
-        : memory.cursors.length > 1
-          ? "No more clients."
-          : `No online ${what}${filter}.`;
+      const missing = (page?.unreachable ?? []).map((u) => u.node).filter(Boolean);
+      status.textContent =
+        (items.length
+          ? `${items.length} online ${one ? what.replace(/s$/, "") : what}${filter}${page.next ? " on this page; more on the next" : ""}. Offline devices need rules ([plugins] enabled).`
+          : memory.cursors.length > 1
+            ? "No more clients."
+            : `No online ${what}${filter}.`) + (missing.length ? ` Not listed: node ${missing.join(", ")} did not answer.` : "");
       replace(tbody, items.map(liveRow));
       prevBtn.disabled = memory.cursors.length <= 1;
       nextBtn.disabled = !(page && page.next !== null && page.next !== undefined && page.next !== "");
@@ -315,11 +331,34 @@ export function fleetView(root, ctx) {
       "tr",
       { dataset: { addr }, class: "row-link", onclick: (ev) => ev.target.tagName !== "A" && ctx.go(href) },
       cell,
+      h("td", { "data-label": "Node", class: "node", text: c.node ?? "—" }),
       h("td", { "data-label": "Role", text: c.role ?? "—" }),
       h("td", { "data-label": "Connected" }, when(c.connected_at_ms)),
       h("td", { "data-label": "Shard", text: c.shard ?? "—" }),
       h("td", { "data-label": "Last state", class: "state", text: stateText(states.get(addr)) }),
     );
+  }
+
+  /** The node filter lists the cluster's live nodes (shown in a cluster only). */
+  let nodesAt = 0;
+  async function refreshNodes() {
+    if (Date.now() - nodesAt < LIST_EVERY_MS * 3) return;
+    nodesAt = Date.now();
+    try {
+      const v = await api.nodes();
+      if (!alive) return;
+      const names = (Array.isArray(v?.items) ? v.items : []).map((n) => String(n.node ?? "")).filter(Boolean);
+      if (memory.node && !names.includes(memory.node)) names.push(memory.node);
+      nodeSel.hidden = !v?.clustered;
+      replace(
+        nodeSel,
+        [h("option", { value: "", text: "all nodes", selected: memory.node === "" })].concat(
+          names.map((n) => h("option", { value: n, text: `node ${n}`, selected: n === memory.node })),
+        ),
+      );
+    } catch {
+      nodesAt = 0;
+    }
   }
 
   function when(ms) {
@@ -402,6 +441,10 @@ export function fleetView(root, ctx) {
   );
   role.addEventListener("change", () => {
     memory.role = role.value;
+    restart();
+  });
+  nodeSel.addEventListener("change", () => {
+    memory.node = nodeSel.value;
     restart();
   });
 

@@ -264,9 +264,10 @@ fn page(query: &str) -> Result<Page, Reply> {
     Ok(Page { limit, after })
 }
 
-fn view_json(v: &ClientView) -> Value {
+fn view_json(v: &ClientView, node: &str) -> Value {
     json!({
         "addr": name_str(&v.addr),
+        "node": node,
         "online": true,
         "role": v.role.name(),
         "shard": v.shard,
@@ -311,6 +312,49 @@ pub async fn handle(
         return err(ErrorCode::ShuttingDown, "relay is shutting down");
     }
     let segs: Vec<&str> = path.trim_start_matches("/api/v1/").split('/').collect();
+    // In a cluster, a request this node cannot settle goes to the node that
+    // can: the rules lease holder, or the node holding the address.
+    let cluster = api
+        .cluster
+        .filter(|_| !crate::cluster::ask::is_local(query));
+    if let Some(c) = cluster
+        && c.rules_leader() == Some(false)
+        && rules_route(method, &segs)
+    {
+        let rx = c.ask(crate::cluster::Target::Rules, method, path, query, body);
+        return match rx.recv().await {
+            Ok(crate::cluster::Answer::Reply { status, body, .. }) => Reply { status, body },
+            Ok(crate::cluster::Answer::Nobody) => err(
+                ErrorCode::Unavailable,
+                "no live node holds the rules lease now; try again",
+            ),
+            Ok(crate::cluster::Answer::Unavailable(m)) => err(ErrorCode::Unavailable, m),
+            Err(_) => err(ErrorCode::Internal, "the cluster link did not answer"),
+        };
+    }
+    if let Some(c) = cluster
+        && c.rules_leader().is_none()
+        && let Some(addr) = device_addr(method, &segs)
+        && !held_here(api, &addr).await
+    {
+        let rx = c.ask(
+            crate::cluster::Target::Addr(addr),
+            method,
+            path,
+            query,
+            body,
+        );
+        match rx.recv().await {
+            Ok(crate::cluster::Answer::Reply { status, body, .. }) => {
+                return Reply { status, body };
+            }
+            Ok(crate::cluster::Answer::Unavailable(m)) => {
+                return err(ErrorCode::Unavailable, m);
+            }
+            // Held by no other node: this node's registry answers.
+            _ => {}
+        }
+    }
     let r = match (method, segs.as_slice()) {
         ("POST", ["send"]) => send(api, body).await,
         ("POST", ["uids", uid, "send"]) => fan(api, Index::Uid, uid, body).await,
@@ -352,7 +396,71 @@ pub async fn handle(
         ("GET", ["devices", addr, "history"]) => series(api, addr, query).await,
         (_, _) => Err(not_found(&format!("{method} {path}"))),
     };
-    r.unwrap_or_else(|e| e)
+    let r = r.unwrap_or_else(|e| e);
+    // Not held on this node: the node that holds the address acts.
+    if let Some(c) = cluster
+        && r.status == 404
+        && r.body["error"] == "no_route"
+        && let Some(addr) = held_addr(method, &segs, body)
+    {
+        let rx = c.ask(
+            crate::cluster::Target::Addr(addr),
+            method,
+            path,
+            query,
+            body,
+        );
+        return match rx.recv().await {
+            Ok(crate::cluster::Answer::Reply { status, body, .. }) => Reply { status, body },
+            Ok(crate::cluster::Answer::Unavailable(m)) => err(ErrorCode::Unavailable, m),
+            Ok(crate::cluster::Answer::Nobody) => r,
+            Err(_) => err(ErrorCode::Internal, "the cluster link did not answer"),
+        };
+    }
+    r
+}
+
+/// The routes answered by the rules engine: with `rules_lease`, the lease
+/// holder's.
+fn rules_route(method: &str, segs: &[&str]) -> bool {
+    matches!(
+        (method, segs),
+        (_, ["alarms", ..])
+            | ("GET", ["devices", ..])
+            | ("GET", ["notifications"])
+            | ("GET", ["clients", _, "state"])
+    )
+}
+
+/// The address of a device route, answered by the node holding it.
+fn device_addr(method: &str, segs: &[&str]) -> Option<Bytes> {
+    match (method, segs) {
+        ("GET", ["devices", addr] | ["devices", addr, "history"] | ["clients", addr, "state"]) => {
+            name(addr, "addr").ok()
+        }
+        _ => None,
+    }
+}
+
+/// The address a route acts on, when its node must hold it.
+fn held_addr(method: &str, segs: &[&str], body: &[u8]) -> Option<Bytes> {
+    match (method, segs) {
+        ("POST", ["uids", _, "bind"] | ["groups", _, "members"]) => body_json(body)
+            .ok()
+            .and_then(|m| body_addr(&m, "addr").ok()),
+        ("DELETE", ["uids", _, "bind", addr] | ["groups", _, "members", addr])
+        | ("GET" | "DELETE", ["clients", addr]) => name(addr, "addr").ok(),
+        _ => None,
+    }
+}
+
+/// A shard of this node holds `addr` now.
+async fn held_here(api: &Api<'_>, addr: &Bytes) -> bool {
+    let owner = shard_of(addr, api.router.shards);
+    matches!(
+        call(api.router, owner, Call::Client(addr.clone())).await,
+        Some(CallResult::Client(Some(_)))
+    )
 }
 
 async fn send(api: &Api<'_>, body: &[u8]) -> Result<Reply, Reply> {
@@ -466,7 +574,7 @@ async fn client(api: &Api<'_>, raw: &str) -> Result<Reply, Reply> {
     let addr = name(raw, "addr")?;
     let owner = shard_of(&addr, api.router.shards);
     match call(api.router, owner, Call::Client(addr.clone())).await {
-        Some(CallResult::Client(Some(v))) => Ok(ok(view_json(&v))),
+        Some(CallResult::Client(Some(v))) => Ok(ok(view_json(&v, &api.router.cfg().node))),
         _ => Err(failure(crate::router::failure::offline(&addr))),
     }
 }
@@ -515,16 +623,71 @@ async fn list(api: &Api<'_>, query: &str) -> Result<Reply, Reply> {
             all.extend(v);
         }
     }
-    all.sort_by(|a, b| a.addr.cmp(&b.addr));
-    let more = all.len() > p.limit;
-    all.truncate(p.limit);
-    let items: Vec<Value> = all.iter().map(view_json).collect();
-    Ok(ok(paged(
-        items,
-        p.limit,
-        |v| v["addr"].as_str().unwrap_or("").to_owned(),
-        more,
-    )))
+    let me = api.router.cfg().node.clone();
+    // In a cluster, each node lists its own clients and this one merges
+    // them (or asks only the node named by `node`).
+    let want = crate::http::query_param(query, "node").filter(|n| !n.is_empty());
+    let fleet = api
+        .cluster
+        .filter(|_| !crate::cluster::ask::is_local(query));
+    let asked: Vec<(String, async_channel::Receiver<crate::cluster::Answer>)> = match fleet {
+        Some(c) => c
+            .peers()
+            .into_iter()
+            .filter(|n| want.as_ref().is_none_or(|w| w == n))
+            .map(|n| {
+                let rx = c.ask(
+                    crate::cluster::Target::Node(n.clone()),
+                    "GET",
+                    "/api/v1/clients",
+                    query,
+                    b"",
+                );
+                (n, rx)
+            })
+            .collect(),
+        None => Vec::new(),
+    };
+    let mut items: Vec<Value> = Vec::new();
+    let mut more = false;
+    if want.as_ref().is_none_or(|w| *w == me) {
+        all.sort_by(|a, b| a.addr.cmp(&b.addr));
+        more = all.len() > p.limit;
+        all.truncate(p.limit);
+        items.extend(all.iter().map(|v| view_json(v, &me)));
+    }
+    let mut unreachable = Vec::new();
+    for (n, rx) in asked {
+        match rx.recv().await {
+            Ok(crate::cluster::Answer::Reply {
+                status: 200,
+                mut body,
+                ..
+            }) => {
+                more |= !body["next"].is_null();
+                if let Value::Array(a) = body["items"].take() {
+                    items.extend(a);
+                }
+            }
+            Ok(crate::cluster::Answer::Reply { body, .. }) => {
+                unreachable.push(json!({"node": n, "message": body["message"].clone()}));
+            }
+            Ok(crate::cluster::Answer::Unavailable(m)) => {
+                unreachable.push(json!({"node": n, "message": m}));
+            }
+            // Gone since the list of nodes was read: it holds nothing.
+            Ok(crate::cluster::Answer::Nobody) | Err(_) => {}
+        }
+    }
+    let key = |v: &Value| v["addr"].as_str().unwrap_or("").to_owned();
+    items.sort_by_key(key);
+    more |= items.len() > p.limit;
+    items.truncate(p.limit);
+    let mut body = paged(items, p.limit, key, more);
+    if fleet.is_some() {
+        body["unreachable"] = Value::Array(unreachable);
+    }
+    Ok(ok(body))
 }
 
 async fn members(api: &Api<'_>, index: Index, raw: &str, query: &str) -> Result<Reply, Reply> {
@@ -954,15 +1117,39 @@ async fn device(api: &Api<'_>, raw: &str) -> Result<Reply, Reply> {
             body: json!({"error": "not_found", "message": format!("no device {text:?} was ever seen")}),
         });
     };
-    // An online device: its connection as the owner shard sees it now.
+    // An online device: its connection as the owner shard sees it now (on
+    // the node holding it, in a cluster).
     if d["online"] == json!(true) {
         let owner = shard_of(&addr, api.router.shards);
-        if let Some(CallResult::Client(Some(v))) = call(api.router, owner, Call::Client(addr)).await
-        {
-            let live = view_json(&v);
-            d["groups"] = live["groups"].clone();
-            d["uids"] = live["uids"].clone();
-            d["shard"] = live["shard"].clone();
+        let live = match call(api.router, owner, Call::Client(addr.clone())).await {
+            Some(CallResult::Client(Some(v))) => Some(view_json(&v, &api.router.cfg().node)),
+            _ => match api.cluster {
+                Some(c) => {
+                    let path = format!(
+                        "/api/v1/clients/{}",
+                        percent_encoding::utf8_percent_encode(
+                            &text,
+                            percent_encoding::NON_ALPHANUMERIC
+                        )
+                    );
+                    match c
+                        .ask(crate::cluster::Target::Addr(addr), "GET", &path, "", b"")
+                        .recv()
+                        .await
+                    {
+                        Ok(crate::cluster::Answer::Reply {
+                            status: 200, body, ..
+                        }) => Some(body),
+                        _ => None,
+                    }
+                }
+                None => None,
+            },
+        };
+        if let Some(live) = live {
+            for k in ["groups", "uids", "shard", "node"] {
+                d[k] = live[k].clone();
+            }
         }
     }
     d["state"] = p.state(&text);

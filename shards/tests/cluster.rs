@@ -354,6 +354,12 @@ fn a_node_cut_off_from_nats_answers_unavailable_delivers_locally_and_comes_back(
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+    // The API of the cut-off node answers `unavailable` for what another
+    // node would settle, and goes on for its own clients.
+    let (s, v) = common::http_at(m2.http, "GET", "/api/v1/clients/far-1", None, None);
+    assert_eq!((s, v["error"].as_str()), (503, Some("unavailable")), "{v}");
+    let (s, v) = common::http_at(m2.http, "GET", "/api/v1/clients/near-1", None, None);
+    assert_eq!((s, v["node"].as_str()), (200, Some("m2")), "{v}");
     // Local delivery goes on.
     near.data("near-2", 99, true, b"local");
     assert_eq!(near.expect(FrameType::Ack).seq, 99);
@@ -477,6 +483,129 @@ fn groups_and_uids_span_nodes_and_the_api_of_any_node_reaches_the_fleet() {
     });
     assert!(g3_info["frames_in"].as_u64().is_some());
     assert!(g3_info["tcp"].as_str().is_some());
+}
+
+fn get_at(node: &RelayProc, path: &str) -> (u16, serde_json::Value) {
+    common::http_at(node.http, "GET", path, None, None)
+}
+
+#[test]
+fn the_api_of_any_node_acts_on_the_node_that_holds_the_address() {
+    let f = fleet("api", &["a1", "b1", "c1"], &nats_urls(3));
+    let (na, nb, nc) = (&f.nodes[0], &f.nodes[1], &f.nodes[2]);
+    let mut dev = Client::hello(na.tcp, Form::Binary, "dev-a");
+    let mut pc = Client::hello(nc.tcp, Form::Binary, "pub-c");
+
+    // GET clients/{addr} on b1 answers for the client on a1, with its node.
+    let v = eventually("b1 answers for dev-a", || {
+        let (s, v) = get_at(nb, "/api/v1/clients/dev-a");
+        assert!(s == 200 || s == 404, "{s} {v}");
+        (s == 200).then_some(v)
+    });
+    assert_eq!(v["addr"], "dev-a");
+    assert_eq!(v["node"], "a1", "{v}");
+    assert_eq!(v["online"], true);
+    let (s, v) = get_at(nc, "/api/v1/clients/pub-c");
+    assert_eq!((s, v["node"].as_str()), (200, Some("c1")), "{v}");
+    // No node holds it: not found, as on one node.
+    let (s, v) = get_at(nb, "/api/v1/clients/nobody-1");
+    assert_eq!((s, v["error"].as_str()), (404, Some("no_route")), "{v}");
+    // `local` keeps the request on the node asked.
+    let (s, v) = get_at(nb, "/api/v1/clients/dev-a?local=true");
+    assert_eq!((s, v["error"].as_str()), (404, Some("no_route")), "{v}");
+
+    // A bind on b1 for the address held on a1 takes effect there: a group
+    // publish from c1 reaches it.
+    let (s, v) = post(
+        nb,
+        "/api/v1/groups/room-b/members",
+        serde_json::json!({"addr": "dev-a"}),
+    );
+    assert_eq!(s, 200, "{v}");
+    let (s, v) = get_at(na, "/api/v1/groups/room-b?local=true");
+    assert_eq!((s, &v["count"]), (200, &serde_json::json!(1)), "{v}");
+    let mut n = 0;
+    eventually("a publish on c1 reaches dev-a on a1", || {
+        n += 1;
+        let payload = format!("grp-{n}");
+        let mut fr = relay_core::Frame::new(FrameType::Publish);
+        fr.dst = bytes::Bytes::from_static(b"room-b");
+        fr.seq = n;
+        fr.flags = relay_core::frame::Flags(relay_core::frame::Flags::ACK_REQ);
+        fr.payload = payload.clone().into_bytes().into();
+        pc.send(&fr);
+        let ack = pc.recv();
+        assert_eq!(ack.seq, n, "{ack:?}");
+        let got = dev.recv_timeout(Duration::from_millis(300))?;
+        assert_eq!(got.kind, FrameType::Data);
+        assert_eq!(&got.src[..], b"pub-c");
+        (got.payload[..] == *payload.as_bytes()).then_some(())
+    });
+    // A uid bound through c1 for dev-a: a uid send from b1 counts it.
+    let (s, v) = post(
+        nc,
+        "/api/v1/uids/owner-9/bind",
+        serde_json::json!({"addr": "dev-a"}),
+    );
+    assert_eq!(s, 200, "{v}");
+    let (s, v) = get_at(na, "/api/v1/uids/owner-9?local=true");
+    assert_eq!((s, &v["count"]), (200, &serde_json::json!(1)), "{v}");
+    // Unbinding through c1 acts on a1 too.
+    let (s, v) = common::http_at(
+        nc.http,
+        "DELETE",
+        "/api/v1/groups/room-b/members/dev-a",
+        None,
+        None,
+    );
+    assert_eq!(s, 200, "{v}");
+    let (s, v) = get_at(na, "/api/v1/groups/room-b?local=true");
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["count"], 0, "{v}");
+
+    // The listing of any node covers the fleet, each client with its node.
+    let v = eventually("b1 lists the fleet", || {
+        let (s, v) = get_at(nb, "/api/v1/clients?role=");
+        assert_eq!(s, 200, "{v}");
+        (v["items"].as_array().unwrap().len() == 2).then_some(v)
+    });
+    let items: Vec<(&str, &str)> = v["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| (i["addr"].as_str().unwrap(), i["node"].as_str().unwrap()))
+        .collect();
+    assert_eq!(items, [("dev-a", "a1"), ("pub-c", "c1")], "{v}");
+    assert_eq!(v["unreachable"], serde_json::json!([]));
+    // Pages cross nodes: one client a page, in address order.
+    let (_, p1) = get_at(nc, "/api/v1/clients?limit=1");
+    assert_eq!(
+        (p1["items"][0]["addr"].as_str(), p1["next"].as_str()),
+        (Some("dev-a"), Some("dev-a")),
+        "{p1}"
+    );
+    let (_, p2) = get_at(nc, "/api/v1/clients?limit=1&after=dev-a");
+    assert_eq!(p2["items"][0]["addr"], "pub-c", "{p2}");
+    assert!(p2["next"].is_null(), "{p2}");
+    // `node` keeps one node's clients.
+    let (_, v) = get_at(nb, "/api/v1/clients?node=c1");
+    let addrs: Vec<&str> = v["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["addr"].as_str().unwrap())
+        .collect();
+    assert_eq!(addrs, ["pub-c"], "{v}");
+
+    // A kick on c1 closes the client on a1.
+    let (s, v) = common::http_at(nc.http, "DELETE", "/api/v1/clients/dev-a", None, None);
+    assert_eq!(s, 200, "{v}");
+    let (_, closed) = dev.drain_until_closed(Duration::from_secs(5));
+    assert!(closed, "dev-a on a1 was not closed by the kick on c1");
+    eventually("dev-a is gone from a1", || {
+        let (s, _) = get_at(na, "/api/v1/clients/dev-a?local=true");
+        (s == 404).then_some(())
+    });
 }
 
 #[test]
@@ -622,7 +751,12 @@ fn wait_one_holder(nodes: &[RelayProc], names: &[&str]) -> usize {
 
 /// The keys of the active alarms `node` serves.
 fn alarm_keys(node: &RelayProc) -> Vec<String> {
-    let (status, body) = node.get("/api/v1/alarms");
+    alarm_keys_at(node, "/api/v1/alarms")
+}
+
+/// The keys of the active alarms of `node`'s answer to `path`.
+fn alarm_keys_at(node: &RelayProc, path: &str) -> Vec<String> {
+    let (status, body) = node.get(path);
     assert_eq!(status, 200, "{body}");
     let v: serde_json::Value = serde_json::from_str(&body).unwrap();
     v["items"]
@@ -706,8 +840,21 @@ fn rules_run_once_per_fleet_on_the_lease_holder_and_move_when_it_is_killed() {
             .then_some(())
     });
     assert!(
-        alarm_keys(&f.nodes[other]).is_empty(),
+        alarm_keys_at(&f.nodes[other], "/api/v1/alarms?local=true").is_empty(),
         "no engine without the lease"
+    );
+    // The alarm routes of any node answer from the holder's engine.
+    assert!(
+        alarm_keys(&f.nodes[other]).contains(&"dev-1/fired-1".to_owned()),
+        "the holder's alarms through another node"
+    );
+    let (s, body) = f.nodes[third].get("/api/v1/devices/dev-1");
+    assert_eq!(s, 200, "{body}");
+    let d: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        (d["online"].as_bool(), d["node"].as_str()),
+        (Some(true), Some(names[other])),
+        "the holder's registry, with the node holding the device: {d}"
     );
     assert!(
         f.nodes[other]
@@ -883,5 +1030,12 @@ fn with_no_live_lease_holder_rule_events_are_dropped_and_counted() {
     });
     assert_eq!(n.metric("relay_rules_leader"), Some(0.0));
     assert_eq!(n.metric("relay_rules_forwarded_total"), Some(0.0));
-    assert!(alarm_keys(n).is_empty(), "no engine runs without the lease");
+    assert!(
+        alarm_keys_at(n, "/api/v1/alarms?local=true").is_empty(),
+        "no engine runs without the lease"
+    );
+    // With no holder to ask, the alarm routes say so.
+    let (s, body) = n.get("/api/v1/alarms");
+    assert_eq!(s, 503, "{body}");
+    assert!(body.contains("\"unavailable\""), "{body}");
 }

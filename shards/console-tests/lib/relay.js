@@ -78,6 +78,8 @@ const plain = (line) => line.replace(/\x1b\[[0-9;]*m/g, "");
  * @param {string} [o.extraConfig] TOML appended to the config (notifiers, routes)
  * @param {{cert: string, key: string}} [o.tls] serve HTTPS too (`[listeners] http_tls`) with this
  *   certificate and key (PEM files); its address is then `https`
+ * @param {boolean} [o.rules] run the rules engine (`[plugins] enabled`; default true)
+ * @param {string} [o.name] the node's name (`[node] name`)
  * @returns {Promise<{http: string, https?: string, tcp: string, token: string, dir: string, logs: string[], stop: () => Promise<void>}>}
  */
 export async function startRelay({
@@ -87,6 +89,8 @@ export async function startRelay({
   maxConnections = 1000,
   extraConfig = "",
   tls = null,
+  rules: rulesOn = true,
+  name = "console-test",
 } = {}) {
   if (!existsSync(RELAY_BIN)) {
     throw new Error(
@@ -101,7 +105,7 @@ export async function startRelay({
   const token = `console-test-${randomBytes(8).toString("hex")}`;
   const config = [
     "[node]",
-    'name = "console-test"',
+    `name = ${toml(name)}`,
     "[listeners]",
     'tcp = "127.0.0.1:0"',
     'http = "127.0.0.1:0"',
@@ -119,7 +123,7 @@ export async function startRelay({
     `api_token = ${toml(token)}`,
     "console = true",
     "[plugins]",
-    "enabled = true",
+    `enabled = ${rulesOn}`,
     `dir = ${toml(rules)}`,
     `spool_dir = ${toml(join(dir, "spool"))}`,
     "reload = false",

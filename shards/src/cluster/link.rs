@@ -235,6 +235,16 @@ impl Link {
     }
 
     /// The node holding `addr`, if another live node does.
+    pub fn holder_of(&self, addr: &[u8], now_ms: u64) -> Option<Arc<str>> {
+        self.holder(addr, now_ms)
+    }
+
+    /// `node` has been heard of within the last heartbeat period.
+    pub fn is_live(&self, node: &str, now_ms: u64) -> bool {
+        self.nodes.contains_key(node) && self.alive(node, now_ms)
+    }
+
+    /// The node holding `addr`, if another live node does.
     fn holder(&self, addr: &[u8], now_ms: u64) -> Option<Arc<str>> {
         let e = self.dir.get(addr)?;
         let fresh = now_ms.saturating_sub(e.seen_ms) <= self.cfg.heartbeat_ms;

@@ -26,10 +26,13 @@
 //! - bucket `<prefix>_lease` and `<prefix>.rules.<name>` (`[cluster]
 //!   rules_lease`): the node running the rules engine, and the events the
 //!   others forward to it ([`lease`]).
+//! - `<prefix>.api.<name>`: API requests other nodes hand to this one
+//!   (NATS request/reply, [`ask`]).
 //!
 //! The state and every decision live in [`link::Link`], without IO; this
 //! module only carries bytes between it, NATS and the shards.
 
+pub mod ask;
 pub mod lease;
 pub mod link;
 pub mod wire;
@@ -42,6 +45,7 @@ use async_nats::jetstream::{self, kv};
 use futures_util::StreamExt;
 use serde_json::{Value, json};
 
+pub use ask::{Answer, Ask, Target};
 pub use lease::RulesLease;
 pub use link::{ClusterStats, Effect, Link, LinkConfig};
 
@@ -68,8 +72,10 @@ pub struct NodeFacts {
 /// The running cluster link of one relay.
 pub struct Cluster {
     pub stats: Arc<ClusterStats>,
+    node: String,
     lease: Option<Arc<RulesLease>>,
     tx: LinkSender,
+    asks: async_channel::Sender<Ask>,
     receivers: Mutex<Vec<Option<ShardReceiver>>>,
     nodes: Arc<Mutex<Value>>,
     stop: Arc<AtomicBool>,
@@ -117,7 +123,11 @@ impl Cluster {
         let stats = Arc::new(ClusterStats::default());
         let nodes = Arc::new(Mutex::new(json!([])));
         let stop = Arc::new(AtomicBool::new(false));
+        let (asks, ask_rx) = async_channel::bounded(cap);
         let driver = Driver {
+            asks: ask_rx,
+            api_token: cfg.http.api_token.clone(),
+            inflight: Arc::new(tokio::sync::Semaphore::new(c.api_inflight.max(1))),
             cfg: c,
             link_cfg: LinkConfig {
                 node: cfg.node.name.as_str().into(),
@@ -154,8 +164,10 @@ impl Cluster {
             })?;
         Ok(Arc::new(Cluster {
             stats,
+            node: cfg.node.name.clone(),
             lease,
             tx,
+            asks,
             receivers: Mutex::new(receivers),
             nodes,
             stop,
@@ -174,6 +186,58 @@ impl Cluster {
             .lock()
             .ok()
             .and_then(|mut v| v.get_mut(shard).and_then(Option::take))
+    }
+
+    /// This node's name.
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    /// With `rules_lease`: whether this node holds the lease now.
+    pub fn rules_leader(&self) -> Option<bool> {
+        self.lease.as_ref().map(|l| l.is_leader())
+    }
+
+    /// The other live nodes, by name.
+    pub fn peers(&self) -> Vec<String> {
+        let nodes = self.nodes();
+        nodes
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter(|n| n["self"] != json!(true))
+                    .filter_map(|n| n["node"].as_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Hands an API request to the node `to` names (over NATS); the answer
+    /// comes on the returned channel. Never waits: a full channel answers
+    /// `unavailable` at once.
+    pub fn ask(
+        &self,
+        to: Target,
+        method: &str,
+        path: &str,
+        query: &str,
+        body: &[u8],
+    ) -> async_channel::Receiver<Answer> {
+        let (tx, rx) = async_channel::bounded(1);
+        let a = Ask {
+            to,
+            method: method.to_owned(),
+            path: path.to_owned(),
+            query: query.to_owned(),
+            body: body.to_vec(),
+            answer: tx,
+        };
+        if let Err(e) = self.asks.try_send(a) {
+            let _ = e.into_inner().answer.try_send(Answer::Unavailable(
+                "too many API requests waiting for other nodes".into(),
+            ));
+        }
+        rx
     }
 
     /// The nodes alive now, as `/api/v1/nodes` lists them.
@@ -315,6 +379,10 @@ enum Ev {
     Rules(Option<relay_plugins::Event>),
     /// Rule events another node forwarded here.
     RulesIn(Option<async_nats::Message>),
+    /// An API request of this node's API for another node.
+    Ask(Option<Ask>),
+    /// An API request from another node.
+    ApiIn(Option<async_nats::Message>),
     Tick,
 }
 
@@ -322,6 +390,7 @@ enum Ev {
 struct Wired {
     node_sub: async_nats::Subscriber,
     presence_sub: async_nats::Subscriber,
+    api_sub: async_nats::Subscriber,
     dir: kv::Watch,
     interest: kv::Watch,
     /// The lease bucket and this node's rules subject (`rules_lease`).
@@ -340,6 +409,10 @@ struct Driver {
     facts: NodeFacts,
     started_wall_ms: u64,
     lease: Option<Arc<RulesLease>>,
+    asks: async_channel::Receiver<Ask>,
+    api_token: Option<String>,
+    /// API requests to and from other nodes under way (`api_inflight`).
+    inflight: Arc<tokio::sync::Semaphore>,
 }
 
 /// The next item of an optional stream; pending forever when there is none.
@@ -414,11 +487,15 @@ impl Driver {
             .subscribe(self.subject(&format!("node.{}", self.link_cfg.node)))
             .await?;
         let presence_sub = client.subscribe(self.subject("presence")).await?;
+        let api_sub = client
+            .subscribe(self.subject(&format!("api.{}", self.link_cfg.node)))
+            .await?;
         let dir = dir.watch_with_history(">").await?;
         let interest = interest.watch_with_history(">").await?;
         Ok(Wired {
             node_sub,
             presence_sub,
+            api_sub,
             dir,
             interest,
             lease,
@@ -514,16 +591,18 @@ impl Driver {
         loop {
             let now = mono_ms(start);
             let ev = {
-                let (node_sub, presence_sub, dir, interest, rules_sub) = match wired.as_mut() {
-                    Some(w) => (
-                        Some(&mut w.node_sub),
-                        Some(&mut w.presence_sub),
-                        Some(&mut w.dir),
-                        Some(&mut w.interest),
-                        w.lease.as_mut().map(|(_, s)| s),
-                    ),
-                    None => (None, None, None, None, None),
-                };
+                let (node_sub, presence_sub, dir, interest, rules_sub, api_sub) =
+                    match wired.as_mut() {
+                        Some(w) => (
+                            Some(&mut w.node_sub),
+                            Some(&mut w.presence_sub),
+                            Some(&mut w.dir),
+                            Some(&mut w.interest),
+                            w.lease.as_mut().map(|(_, s)| s),
+                            Some(&mut w.api_sub),
+                        ),
+                        None => (None, None, None, None, None, None),
+                    };
                 tokio::select! {
                     r = self.rx.recv() => Ev::Items(r.ok()),
                     m = next_of(node_sub) => Ev::Batch(m),
@@ -532,6 +611,8 @@ impl Driver {
                     e = next_of(interest) => Ev::Interest(e),
                     r = events.recv() => Ev::Rules(r.ok()),
                     m = next_of(rules_sub) => Ev::RulesIn(m),
+                    a = self.asks.recv() => Ev::Ask(a.ok()),
+                    m = next_of(api_sub) => Ev::ApiIn(m),
                     _ = tick.tick() => Ev::Tick,
                 }
             };
@@ -589,7 +670,11 @@ impl Driver {
                         }
                     }
                 }
+                Ev::Ask(None) => {}
+                Ev::Ask(Some(a)) => self.ask(&client, &link, a, wired.is_some(), now),
+                Ev::ApiIn(Some(m)) => self.answer_api(&client, m),
                 Ev::Batch(None)
+                | Ev::ApiIn(None)
                 | Ev::Presence(None)
                 | Ev::Dir(None)
                 | Ev::Interest(None)
@@ -757,6 +842,108 @@ impl Driver {
                 l.stats.forward_dropped.fetch_add(n, Ordering::Relaxed);
             }
         }
+    }
+
+    /// Sends an API request of this node to the node it is for, and answers
+    /// it when that node does (or does not, within `reply_timeout_ms`).
+    fn ask(&self, client: &async_nats::Client, link: &Link, a: Ask, up: bool, now: u64) {
+        if !up {
+            let _ = a.answer.try_send(Answer::Unavailable(
+                "the cluster link is down (NATS unreachable)".into(),
+            ));
+            return;
+        }
+        let me = &*self.link_cfg.node;
+        let node = match &a.to {
+            Target::Addr(addr) => link.holder_of(addr, now).map(|n| n.to_string()),
+            Target::Rules => self
+                .lease
+                .as_ref()
+                .and_then(|l| l.holder())
+                .filter(|h| h != me && link.is_live(h, now)),
+            Target::Node(n) => (n != me && link.is_live(n, now)).then(|| n.clone()),
+        };
+        let Some(node) = node else {
+            let _ = a.answer.try_send(Answer::Nobody);
+            return;
+        };
+        let Ok(permit) = self.inflight.clone().try_acquire_owned() else {
+            let _ = a.answer.try_send(Answer::Unavailable(
+                "too many API requests between nodes at once (cluster.api_inflight)".into(),
+            ));
+            return;
+        };
+        let subject = self.subject(&format!("api.{node}"));
+        let payload = ask::encode_request(&a.method, &a.path, &a.query, &a.body);
+        let client = client.clone();
+        let wait = Duration::from_millis(self.cfg.reply_timeout_ms);
+        tokio::spawn(async move {
+            let r = tokio::time::timeout(wait, client.request(subject, payload.into())).await;
+            drop(permit);
+            let answer = match r {
+                Ok(Ok(m)) => ask::decode_answer(&node, &m.payload),
+                Ok(Err(e)) => {
+                    Answer::Unavailable(format!("node {node} did not take the request: {e}"))
+                }
+                Err(_) => Answer::Unavailable(format!(
+                    "node {node} did not answer within {} ms",
+                    wait.as_millis()
+                )),
+            };
+            let _ = a.answer.try_send(answer);
+        });
+    }
+
+    /// Runs an API request from another node through this node's own API
+    /// (this node only) and answers it.
+    fn answer_api(&self, client: &async_nats::Client, m: async_nats::Message) {
+        let Some(reply) = m.reply.clone() else { return };
+        let client = client.clone();
+        let refuse = |status: u16, error: &str, message: String| {
+            let body = json!({"error": error, "message": message});
+            let client = client.clone();
+            let reply = reply.clone();
+            tokio::spawn(async move {
+                let _ = client
+                    .publish(reply, ask::encode_answer(status, &body).into())
+                    .await;
+            });
+        };
+        let Some(req) = ask::decode_request(&m.payload) else {
+            refuse(400, "bad_frame", "not an API request".into());
+            return;
+        };
+        let Some(http) = self.facts.http else {
+            refuse(
+                503,
+                "unavailable",
+                format!(
+                    "node {} has no plain HTTP listener to run the request on",
+                    self.link_cfg.node
+                ),
+            );
+            return;
+        };
+        let Ok(permit) = self.inflight.clone().try_acquire_owned() else {
+            refuse(
+                503,
+                "busy",
+                "too many API requests between nodes at once (cluster.api_inflight)".into(),
+            );
+            return;
+        };
+        let token = self.api_token.clone();
+        let wait = Duration::from_millis(self.cfg.reply_timeout_ms);
+        tokio::spawn(async move {
+            let (status, body) = match ask::run_local(http, token.as_deref(), req, wait).await {
+                Ok(r) => r,
+                Err(e) => (503, json!({"error": "unavailable", "message": e})),
+            };
+            drop(permit);
+            let _ = client
+                .publish(reply, ask::encode_answer(status, &body).into())
+                .await;
+        });
     }
 
     async fn carry_out(&self, client: &async_nats::Client, link: &mut Link, up: bool) {
