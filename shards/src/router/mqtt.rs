@@ -236,11 +236,10 @@ impl Router {
         // CONNECT naming another id is not authorized, and no password is
         // needed. The certificate travels with the connection on a handover.
         let cert = cell.conn.borrow().certified().cloned();
-        let (client_id, assigned) = match cert.as_ref() {
-            Some(name) if c.client_id.is_empty() => (name.clone(), Some(name.clone())),
-            Some(name) if *name == c.client_id => (name.clone(), None),
+        let client_id = match cert.as_ref() {
+            Some(name) if c.client_id.is_empty() || *name == c.client_id => name.clone(),
             Some(_) => return refuse(reason::NOT_AUTHORIZED),
-            None => (c.client_id.clone(), None),
+            None => c.client_id.clone(),
         };
         let cfg = self.cfg();
         let password = c.password.as_deref().unwrap_or_default();
@@ -289,7 +288,7 @@ impl Router {
             let addr = assign_address(&prefix, self.shard, self.shards, &mut counter);
             self.assign_counter.set(counter);
             let addr = Bytes::from(addr);
-            self.mqtt_accept(cell, &hello, addr.clone(), Some(addr), true, now, &mcfg);
+            self.mqtt_accept(cell, &hello, addr, true, now, &mcfg);
             return Outcome::Continue;
         }
         let owner = shard_of(&client_id, self.shards);
@@ -302,7 +301,7 @@ impl Router {
         // Its own allocation, not a slice of the read that carried the
         // CONNECT (which it would keep alive).
         let client_id = Bytes::copy_from_slice(&client_id);
-        self.mqtt_accept(cell, &hello, client_id, assigned, c.clean_start, now, &mcfg);
+        self.mqtt_accept(cell, &hello, client_id, c.clean_start, now, &mcfg);
         Outcome::Continue
     }
 
@@ -314,7 +313,6 @@ impl Router {
         cell: &Rc<ConnCell>,
         hello: &Hello,
         addr: Bytes,
-        assigned: Option<Bytes>,
         clean: bool,
         now: Now,
         mcfg: &MqttSettings,
@@ -345,11 +343,13 @@ impl Router {
         if let Some(mut old) = offline {
             resumed = self.mqtt_resume(&addr, &mut old.session, clean, now);
         }
-        self.accept_hello(cell, hello, addr, now);
+        self.accept_hello(cell, hello, addr.clone(), now);
         ShardStats::add(&self.stats.mqtt_connects, 1);
         if let Some(m) = cell.mqtt.borrow_mut().as_mut() {
             m.connect = None;
-            m.session.accept(&mcfg.session, now, resumed, assigned);
+            // The session's client id shares the address's allocation; a
+            // client that sent none is told the one it was given.
+            m.session.accept(&mcfg.session, now, resumed, Some(addr));
         }
         self.mqtt_poll_events(cell, now);
         self.wake(cell);

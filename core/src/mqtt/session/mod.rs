@@ -63,7 +63,11 @@
 //! - this module: [`Session`] and the types it exchanges.
 //! - `tests`: every flow, on a simulated clock.
 
-use std::collections::{HashMap, VecDeque};
+mod thin;
+
+use std::collections::HashMap;
+
+use thin::ThinDeque;
 
 use bytes::{Bytes, BytesMut};
 
@@ -313,13 +317,13 @@ pub struct SessionState {
     /// Sorted by filter; allocated to fit (most devices hold one or two).
     subscriptions: Vec<(Bytes, SubOptions, Option<u32>)>,
     /// Outbound QoS 1/2 not completed, in the order sent.
-    inflight: VecDeque<Inflight>,
+    inflight: ThinDeque<Inflight>,
     /// Waiting for the window, or for the client to come back.
-    queue: VecDeque<Outgoing>,
+    queue: ThinDeque<Outgoing>,
     queue_bytes: usize,
     /// Inbound QoS 2 packet ids whose PUBREL has not come (deduplication).
     /// (A few at most, bounded by the receive maximum.)
-    awaiting_rel: Vec<u16>,
+    awaiting_rel: ThinDeque<u16>,
     next_packet_id: u16,
     /// Seconds the session outlives its connection.
     expiry_s: u32,
@@ -397,7 +401,7 @@ pub struct Session {
     will: Option<Box<Will>>,
     /// When the will of a closed connection goes out.
     will_due: Option<Box<(u64, Will)>>,
-    events: VecDeque<Event>,
+    events: ThinDeque<Event>,
     out: BytesMut,
     /// Bytes handed to the socket and not yet confirmed.
     out_inflight: usize,
@@ -425,7 +429,7 @@ impl Session {
             aliases: None,
             will: None,
             will_due: None,
-            events: VecDeque::new(),
+            events: ThinDeque::default(),
             out: BytesMut::new(),
             out_inflight: 0,
             drops: Drops::default(),
@@ -486,12 +490,7 @@ impl Session {
     /// The next event not tied to input (deadlines, the will, the end of
     /// the session, the close after a refusal).
     pub fn poll_event(&mut self) -> Option<Event> {
-        let ev = self.events.pop_front();
-        if ev.is_none() && self.events.capacity() > 0 {
-            // Give the room back: an idle client holds no event queue.
-            self.events = VecDeque::new();
-        }
-        ev
+        self.events.pop_front()
     }
 
     /// Takes packets off `input` until one yields an event. Call until it
@@ -673,7 +672,9 @@ impl Session {
     /// Accepts the pending CONNECT: CONNACK goes out and the session is
     /// open. `resumed`: the state of this client id's earlier session
     /// ([`Session::take_state`]), used unless the client asked for a clean
-    /// start. `assigned_id`: the id given to a client that sent none.
+    /// start. `assigned_id`: the id the client goes by, when the caller has
+    /// it (the one given to a client that sent none, who is told it in
+    /// CONNACK; or the caller's copy of the id sent, to share it).
     pub fn accept(
         &mut self,
         cfg: &SessionConfig,
@@ -702,8 +703,8 @@ impl Session {
         // Its own allocation: a slice of the input would keep the whole
         // read that carried the CONNECT alive for the session's life.
         self.st.client_id = match assigned_id {
-            Some(id) if c.client_id.is_empty() => id,
-            _ => Bytes::copy_from_slice(&c.client_id),
+            Some(id) => id,
+            None => Bytes::copy_from_slice(&c.client_id),
         };
         self.clean_start = c.clean_start;
         let mut props = Properties::default();
@@ -837,7 +838,9 @@ impl Session {
                     self.drain(cfg, now);
                 }
                 Some(i) => {
-                    self.st.inflight[i].stage = Stage::Comp;
+                    if let Some(f) = self.st.inflight.get_mut(i) {
+                        f.stage = Stage::Comp;
+                    }
                     self.write(&Packet::PubRel(PubResp {
                         packet_id: r.packet_id,
                         ..PubResp::default()
@@ -864,7 +867,7 @@ impl Session {
             }
             Packet::PubRel(r) => {
                 let at = self.st.awaiting_rel.iter().position(|&x| x == r.packet_id);
-                let known = at.map(|i| self.st.awaiting_rel.swap_remove(i)).is_some();
+                let known = at.and_then(|i| self.st.awaiting_rel.remove(i)).is_some();
                 self.write(&Packet::PubComp(PubResp {
                     packet_id: r.packet_id,
                     code: if known || v == Version::V311 {
@@ -960,7 +963,7 @@ impl Session {
                 ..PubResp::default()
             })),
             QoS::ExactlyOnce => {
-                if self.st.awaiting_rel.contains(&id) {
+                if self.st.awaiting_rel.iter().any(|&x| x == id) {
                     // A resend of a message already routed: acknowledge it
                     // again, route it once.
                     self.write(&Packet::PubRec(PubResp {
@@ -972,7 +975,7 @@ impl Session {
                 if self.st.awaiting_rel.len() >= usize::from(cfg.receive_maximum.max(1)) {
                     return self.protocol_error(now, reason::RECEIVE_MAXIMUM_EXCEEDED);
                 }
-                self.st.awaiting_rel.push(id);
+                self.st.awaiting_rel.push_back(id);
                 self.write(&Packet::PubRec(PubResp {
                     packet_id: id,
                     ..PubResp::default()
