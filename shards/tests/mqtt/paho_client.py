@@ -9,8 +9,9 @@ usage: paho_client.py HOST PORT CLIENT_ID VERSION(3|5) MODE [ARGS...]
   hold FILTER QOS                    subscribe, print READY, wait to be killed
                                      (a will is set: topic wills/<id>)
 
-Options come from the environment: MQTT_USER, MQTT_PASS, MQTT_KEEPALIVE (s). Every wait is bounded
-(20 s); a timeout exits with status 3.
+Options come from the environment: MQTT_USER, MQTT_PASS, MQTT_KEEPALIVE (s),
+MQTT_TRANSPORT ("websockets": MQTT over WebSocket on PORT, path MQTT_WS_PATH,
+default /mqtt). Every wait is bounded (20 s); a timeout exits with status 3.
 """
 import os
 import sys
@@ -28,7 +29,11 @@ if mode == "sub" and len(args) > 3:
 kwargs = dict(callback_api_version=mqtt.CallbackAPIVersion.VERSION2, client_id=cid, protocol=proto)
 if proto == mqtt.MQTTv311:
     kwargs["clean_session"] = clean
+transport = os.environ.get("MQTT_TRANSPORT", "tcp")
+kwargs["transport"] = transport
 c = mqtt.Client(**kwargs)
+if transport == "websockets":
+    c.ws_set_options(path=os.environ.get("MQTT_WS_PATH", "/mqtt"))
 if os.environ.get("MQTT_USER") is not None or os.environ.get("MQTT_PASS") is not None:
     c.username_pw_set(os.environ.get("MQTT_USER", ""), os.environ.get("MQTT_PASS"))
 if mode == "hold":
