@@ -277,6 +277,7 @@ fn view_json(v: &ClientView) -> Value {
         "meta": serde_json::from_slice::<Value>(&v.meta).unwrap_or(json!({})),
         "protocol": v.protocol,
         "version": v.version,
+        "transport": v.transport,
     })
 }
 
