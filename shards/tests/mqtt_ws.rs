@@ -100,12 +100,25 @@ enum Via {
 
 /// paho-mqtt (tests/mqtt/paho_client.py) over TCP or over WebSocket.
 fn paho(r: &Relay, via: Via, id: &str, version: &str, args: &[&str]) -> Proc {
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/mqtt/paho_client.py");
     let port = match via {
         Via::Tcp => r.mqtt_addr().expect("mqtt listener").port(),
         Via::Ws => r.http_addr().expect("http listener").port(),
     };
+    paho_at(port, via, id, version, args, &[])
+}
+
+/// paho-mqtt on `port`, with more of its options in `env`.
+fn paho_at(
+    port: u16,
+    via: Via,
+    id: &str,
+    version: &str,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> Proc {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/mqtt/paho_client.py");
     let mut cmd = Command::new("python3");
+    cmd.envs(env.iter().copied());
     cmd.arg(script)
         .arg("127.0.0.1")
         .arg(port.to_string())
@@ -263,18 +276,22 @@ fn a_websocket_client_on_the_wrong_shard_is_handed_to_its_owner() {
     let r = relay();
     // The kernel spreads connections over the shards' listeners: connect
     // until one landed on the other shard and moved (at most 20 tries).
-    let before = metric(&r, "relay_handovers_total");
     let mut moved = false;
     for i in 0..20 {
+        let before = metric(&r, "relay_handovers_total");
         let id = addrs_on(&format!("mv{i}-"), i % SHARDS, SHARDS, 1).remove(0);
         let sub = paho(&r, Via::Ws, &id, "5", &["sub", &format!("mv/{i}"), "1", "1"]);
         assert_eq!(sub.until("READY"), "READY 1");
+        if metric(&r, "relay_handovers_total") == before {
+            continue;
+        }
+        // Moved: served from its owner shard from then on.
+        moved = true;
+        let (_, v) = http(&r, "GET", &format!("/api/v1/clients/{id}"), None, None);
+        assert_eq!(v["shard"], i % SHARDS);
         let l = until_seen(&sub, || mosquitto_pub(&r, "mv-pub", &format!("mv/{i}"), "x"));
         assert_eq!(l, format!("MSG mv/{i} 1 0 x"));
-        if metric(&r, "relay_handovers_total") > before {
-            moved = true;
-            break;
-        }
+        break;
     }
     assert!(moved, "no WebSocket connection was ever handed over");
 }
@@ -641,4 +658,59 @@ fn the_relay_ends_mqtt_connections_with_the_reason_code_3_1_1_without_one() {
     assert_eq!(ws.closed(), Some(1001));
     assert_eq!(paho5.until("DISCONNECTED"), "DISCONNECTED 139");
     r.join().unwrap();
+}
+
+#[test]
+fn paho_over_wss_on_the_https_port() {
+    // A CA and a server certificate for 127.0.0.1 it signed.
+    let dir = std::env::temp_dir().join(format!("relay-mqtt-wss-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "relay test CA mqtt-wss");
+    let ca = rcgen::CertifiedIssuer::self_signed(ca_params, rcgen::KeyPair::generate().unwrap())
+        .unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["localhost".into(), "127.0.0.1".into()])
+        .unwrap()
+        .signed_by(&key, &ca)
+        .unwrap();
+    let (cert_file, key_file, ca_file) =
+        (dir.join("cert.pem"), dir.join("key.pem"), dir.join("ca.pem"));
+    std::fs::write(&cert_file, cert.pem()).unwrap();
+    std::fs::write(&key_file, key.serialize_pem()).unwrap();
+    std::fs::write(&ca_file, ca.pem()).unwrap();
+    let r = start(|c| {
+        c.listeners.mqtt = Some("127.0.0.1:0".parse().unwrap());
+        c.listeners.http_tls = Some("127.0.0.1:0".parse().unwrap());
+        c.tls.cert_file = Some(cert_file.display().to_string());
+        c.tls.key_file = Some(key_file.display().to_string());
+    });
+    let https = r.http_tls_addr().expect("HTTPS listener").port();
+    let ca_env = [
+        ("MQTT_TRANSPORT", "websockets"),
+        ("MQTT_CA", ca_file.to_str().unwrap()),
+    ];
+    for version in ["3", "5"] {
+        let id = format!("wss-sub-{version}");
+        let sub = paho_at(https, Via::Ws, &id, version, &["sub", "secure/#", "1", "2"], &ca_env);
+        assert_eq!(sub.until("READY"), "READY 1");
+        let l = until_seen(&sub, || mosquitto_pub(&r, "wss-tcp-pub", "secure/a", "over-tls"));
+        assert_eq!(l, "MSG secure/a 1 0 over-tls");
+        let topic = format!("secure/{version}");
+        let mut p = paho_at(
+            https,
+            Via::Ws,
+            &format!("wss-pub-{version}"),
+            version,
+            &["pub", &topic, "1", "from-wss"],
+            &ca_env,
+        );
+        p.until("PUBLISHED");
+        assert!(p.wait().success());
+        assert_eq!(sub.until("MSG"), format!("MSG {topic} 1 0 from-wss"));
+    }
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -11,7 +11,7 @@ usage: paho_client.py HOST PORT CLIENT_ID VERSION(3|5) MODE [ARGS...]
 
 Options come from the environment: MQTT_USER, MQTT_PASS, MQTT_KEEPALIVE (s),
 MQTT_TRANSPORT ("websockets": MQTT over WebSocket on PORT, path MQTT_WS_PATH,
-default /mqtt). Every wait is bounded (20 s); a timeout exits with status 3.
+default /mqtt), MQTT_CA (TLS, trusting that CA file). Every wait is bounded (20 s); a timeout exits with status 3.
 """
 import os
 import sys
@@ -34,6 +34,8 @@ kwargs["transport"] = transport
 c = mqtt.Client(**kwargs)
 if transport == "websockets":
     c.ws_set_options(path=os.environ.get("MQTT_WS_PATH", "/mqtt"))
+if os.environ.get("MQTT_CA"):
+    c.tls_set(ca_certs=os.environ["MQTT_CA"])
 if os.environ.get("MQTT_USER") is not None or os.environ.get("MQTT_PASS") is not None:
     c.username_pw_set(os.environ.get("MQTT_USER", ""), os.environ.get("MQTT_PASS"))
 if mode == "hold":
