@@ -395,9 +395,11 @@ mod tests {
         ))
         .unwrap();
         assert!(resp.contains("\r\nsec-websocket-protocol: mqtt\r\n\r\n"));
-        assert!(!String::from_utf8(switching_protocols("dGhlIHNhbXBsZSBub25jZQ=="))
-            .unwrap()
-            .contains("protocol"));
+        assert!(
+            !String::from_utf8(switching_protocols("dGhlIHNhbXBsZSBub25jZQ=="))
+                .unwrap()
+                .contains("protocol")
+        );
         let many = format!(
             "GET /mqtt HTTP/1.1\r\nSec-WebSocket-Protocol: {}\r\n\r\n",
             vec!["p"; MAX_WS_PROTOCOLS + 1].join(",")

@@ -335,10 +335,20 @@ fn dollar_rules_without_rules_is_an_error_for_the_sender() {
 }
 
 /// Polls the device shadow of `addr` until `ok` holds (at most 10 s).
-fn state_until(relay: &Relay, addr: &str, ok: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+fn state_until(
+    relay: &Relay,
+    addr: &str,
+    ok: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let (_, state) = http(relay, "GET", &format!("/api/v1/clients/{addr}/state"), None, None);
+        let (_, state) = http(
+            relay,
+            "GET",
+            &format!("/api/v1/clients/{addr}/state"),
+            None,
+            None,
+        );
         if ok(&state) {
             return state;
         }
@@ -388,7 +398,10 @@ fn mqtt_publishes_reach_the_rules_as_native_messages_do_and_rule_sends_reach_mqt
     let mut group = json_data("plant", json!({"kind": "group", "temp": 21.5}));
     group.kind = FrameType::Publish;
     ctl.send(&group);
-    ctl.send(&json_data("ctl-sink", json!({"kind": "data", "temp": 21.5})));
+    ctl.send(&json_data(
+        "ctl-sink",
+        json!({"kind": "data", "temp": 21.5}),
+    ));
     ctl.send(&json_data("$rules", json!({"kind": "rules", "temp": 21.5})));
     let m = |kind: &str| json!({"kind": kind, "temp": 21.5});
     mosquitto_pub(relay, "mq-r1", "plant", &m("group"));

@@ -558,7 +558,11 @@ impl Router {
                 self.hook_message(&for_rules(frame), false, now);
                 return;
             }
-            let hooked = self.hooks.borrow().is_some().then(|| for_rules(frame.clone()));
+            let hooked = self
+                .hooks
+                .borrow()
+                .is_some()
+                .then(|| for_rules(frame.clone()));
             self.unicast(frame, None, now);
             if let Some(f) = hooked {
                 self.hook_message(&f, false, now);

@@ -426,14 +426,14 @@ async fn upgrade(
     let cfg = &cfg.conn;
     let t = now();
     let mut c = Connection::new(cfg, Transport::WebSocket, t);
-    let first =
-        if !mqtt && req.query.split('&').any(|kv| {
+    let first = if !mqtt
+        && req.query.split('&').any(|kv| {
             kv.starts_with("addr=") || kv.starts_with("role=") || kv.starts_with("token=")
         }) {
-            c.handle_url_hello(cfg, t, &req.query)
-        } else {
-            None
-        };
+        c.handle_url_hello(cfg, t, &req.query)
+    } else {
+        None
+    };
     // The request is not needed past this point; don't carry it for the
     // life of the connection.
     drop(req);
