@@ -473,6 +473,26 @@ fn packets_may_span_websocket_messages_and_messages_may_hold_several() {
         assert_eq!(ack[0], 0x20, "CONNACK {ack:?}");
         // The return code (3.1.1) or reason code (5) is the fourth byte.
         assert_eq!(ack[3], 0, "accepted: {ack:?}");
+        // A WebSocket ping is answered with a pong of its payload.
+        c.ws.send(tungstenite::Message::Ping(b"hi".to_vec().into()))
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            match c.ws.read() {
+                Ok(tungstenite::Message::Pong(p)) => {
+                    assert_eq!(&p[..], b"hi");
+                    break;
+                }
+                Ok(m) => panic!("unexpected {m:?}"),
+                Err(tungstenite::Error::Io(e)) if Instant::now() < deadline => {
+                    assert!(matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ));
+                }
+                Err(e) => panic!("no pong: {e}"),
+            }
+        }
         // SUBSCRIBE and PINGREQ in one message, with the head of a PUBLISH
         // (QoS 0 to the subscribed topic) whose rest comes next.
         let mut sub = vec![0x82];

@@ -98,8 +98,11 @@ pub struct MqttWs {
     /// MQTT bytes taken out of binary messages and not yet a whole packet
     /// (a packet may span messages, a message may hold several).
     pub input: BytesMut,
-    /// WebSocket control frames to write (pongs, the close), after what
-    /// the session has queued.
+    /// The pong owed for the latest ping, not yet written (one at most: a
+    /// newer ping replaces it, RFC 6455 5.5.3), so pings cannot pile up
+    /// output.
+    pub pong: Option<Bytes>,
+    /// The close frame to write after what the session has queued.
     pub control: BytesMut,
     /// Session bytes in the frame being written: confirmed to the session
     /// once the frame is out.

@@ -180,7 +180,9 @@ fn ws_input(
                 }
             }
             Ok(Some(WsMsg::Ping(p))) => {
-                send_ws_raw(&cell, &ws::pong_frame(&p));
+                if let Some(w) = cell.mqtt.borrow_mut().as_mut().and_then(|m| m.ws.as_mut()) {
+                    w.pong = Some(Bytes::from(ws::pong_frame(&p)));
+                }
             }
             Ok(Some(WsMsg::Pong)) => {}
             Ok(Some(WsMsg::Close(_))) => {
@@ -237,8 +239,8 @@ pub(super) fn has_input(cell: &ConnCell) -> bool {
         .is_some_and(|w| !w.input.is_empty())
 }
 
-/// Queues a WebSocket control frame (a pong, a close) for an MQTT client
-/// over WebSocket; false when the connection is not one.
+/// Queues a WebSocket close frame for an MQTT client over WebSocket (after
+/// what its session has queued); false when the connection is not one.
 pub(super) fn send_ws_raw(cell: &ConnCell, frame: &[u8]) -> bool {
     match cell.mqtt.borrow_mut().as_mut().and_then(|m| m.ws.as_mut()) {
         Some(w) => {
@@ -292,7 +294,7 @@ pub(super) fn should_pause(shard: &Shard, cell: &ConnCell) -> bool {
 
 /// The next chunk of an MQTT connection's output (`None`: not MQTT). Over
 /// WebSocket each chunk of the session's output goes in one binary message,
-/// and the control frames follow what the session queued.
+/// then the pong owed, then the close.
 pub(super) fn poll_transmit(cell: &ConnCell, max: usize) -> Option<Option<Bytes>> {
     let mut m = cell.mqtt.borrow_mut();
     let MqttConn { session, ws, .. } = &mut **m.as_mut()?;
@@ -307,6 +309,9 @@ pub(super) fn poll_transmit(cell: &ConnCell, max: usize) -> Option<Option<Bytes>
         return Some(Some(out.freeze()));
     }
     w.sent = 0;
+    if let Some(pong) = w.pong.take() {
+        return Some(Some(pong));
+    }
     if w.control.is_empty() {
         return Some(None);
     }
