@@ -78,7 +78,9 @@ const plain = (line) => line.replace(/\x1b\[[0-9;]*m/g, "");
  * @param {string} [o.extraConfig] TOML appended to the config (notifiers, routes)
  * @param {{cert: string, key: string}} [o.tls] serve HTTPS too (`[listeners] http_tls`) with this
  *   certificate and key (PEM files); its address is then `https`
- * @returns {Promise<{http: string, https?: string, tcp: string, token: string, dir: string, logs: string[], stop: () => Promise<void>}>}
+ * @param {boolean} [o.mqtt] turn MQTT on (`[listeners] mqtt`, and with it `/mqtt` on the
+ *   HTTP port); its address is then `mqtt`
+ * @returns {Promise<{http: string, https?: string, mqtt?: string, tcp: string, token: string, dir: string, logs: string[], stop: () => Promise<void>}>}
  */
 export async function startRelay({
   mysql = false,
@@ -87,6 +89,7 @@ export async function startRelay({
   maxConnections = 1000,
   extraConfig = "",
   tls = null,
+  mqtt = false,
 } = {}) {
   if (!existsSync(RELAY_BIN)) {
     throw new Error(
@@ -106,6 +109,7 @@ export async function startRelay({
     'tcp = "127.0.0.1:0"',
     'http = "127.0.0.1:0"',
     ...(tls ? ['http_tls = "127.0.0.1:0"'] : []),
+    ...(mqtt ? ['mqtt = "127.0.0.1:0"'] : []),
     "[shards]",
     "count = 2",
     "pin = false",
@@ -184,7 +188,9 @@ export async function startRelay({
         // With TLS, the HTTPS address comes on a line of its own, right after.
         const https = /http_tls_addr=(\S+)/.exec(line);
         if (https) found.https = https[1];
-        if (found.tcp && found.http && (!tls || found.https)) {
+        const mqttAddr = /mqtt_addr=(\S+)/.exec(line);
+        if (mqttAddr) found.mqtt = mqttAddr[1];
+        if (found.tcp && found.http && (!tls || found.https) && (!mqtt || found.mqtt)) {
           clearTimeout(timer);
           res({ ...found });
         }
