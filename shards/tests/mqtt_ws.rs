@@ -770,3 +770,36 @@ fn paho_over_wss_on_the_https_port() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn a_websocket_close_without_disconnect_sends_the_will() {
+    let r = relay();
+    let watcher = paho(
+        &r,
+        Via::Tcp,
+        "wsclose-watch",
+        "5",
+        &["sub", "wills/#", "1", "1"],
+    );
+    assert_eq!(watcher.until("READY"), "READY 1");
+    // CONNECT (v5, clean start, will QoS 0 on wills/ws-closer "bye").
+    let id = "ws-closer";
+    let mut p = b"\x00\x04MQTT\x05\x06\x00\x1e\x00".to_vec();
+    p.extend_from_slice(&(id.len() as u16).to_be_bytes());
+    p.extend_from_slice(id.as_bytes());
+    p.push(0); // will properties
+    for field in [&b"wills/ws-closer"[..], b"bye"] {
+        p.extend_from_slice(&(field.len() as u16).to_be_bytes());
+        p.extend_from_slice(field);
+    }
+    let mut connect = vec![0x10, p.len() as u8];
+    connect.extend(p);
+    let mut c = RawWs::connect(&r);
+    c.send(&connect);
+    let ack = c.packet();
+    assert_eq!((ack[0], ack[3]), (0x20, 0), "{ack:?}");
+    // The browser tab goes away: a WebSocket close, no DISCONNECT.
+    c.ws.close(None).unwrap();
+    assert_eq!(c.closed(), Some(1000), "the close is answered");
+    assert_eq!(watcher.until("MSG"), "MSG wills/ws-closer 0 0 bye");
+}
