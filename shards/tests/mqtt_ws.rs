@@ -803,3 +803,23 @@ fn a_websocket_close_without_disconnect_sends_the_will() {
     assert_eq!(c.closed(), Some(1000), "the close is answered");
     assert_eq!(watcher.until("MSG"), "MSG wills/ws-closer 0 0 bye");
 }
+
+#[test]
+fn a_persistent_session_moves_between_websocket_and_tcp() {
+    let r = relay();
+    for version in ["3", "5"] {
+        for (away, back) in [(Via::Ws, Via::Tcp), (Via::Tcp, Via::Ws)] {
+            let id = addrs_on(&format!("ps{version}{away:?}-"), 1, SHARDS, 1).remove(0);
+            let topic = format!("ps/{version}/{away:?}");
+            // Subscribe with a persistent session, then go away (no DISCONNECT).
+            let mut first = paho(&r, away, &id, version, &["sub", "ps/#", "1", "0", "0"]);
+            assert_eq!(first.until("CONNACK"), "CONNACK 0 0");
+            assert_eq!(first.until("READY"), "READY 1");
+            assert!(first.wait().success());
+            mosquitto_pub(&r, "ps-pub", &topic, "while-away");
+            let again = paho(&r, back, &id, version, &["sub", "ps/#", "1", "1", "0"]);
+            assert_eq!(again.until("CONNACK"), "CONNACK 0 1", "session present");
+            assert_eq!(again.until("MSG"), format!("MSG {topic} 1 0 while-away"));
+        }
+    }
+}
