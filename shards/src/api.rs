@@ -278,6 +278,7 @@ fn view_json(v: &ClientView, node: &str) -> Value {
         "meta": serde_json::from_slice::<Value>(&v.meta).unwrap_or(json!({})),
         "protocol": v.protocol,
         "version": v.version,
+        "transport": v.transport,
     })
 }
 

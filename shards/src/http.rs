@@ -8,6 +8,8 @@ use thiserror::Error;
 /// Largest request head accepted.
 pub const MAX_HEAD: usize = 16 * 1024;
 const MAX_HEADERS: usize = 48;
+/// Most subprotocols one WebSocket upgrade may offer.
+const MAX_WS_PROTOCOLS: usize = 16;
 
 /// One parsed request.
 #[derive(Debug, Clone, Default)]
@@ -20,6 +22,9 @@ pub struct Request {
     pub upgrade_websocket: bool,
     pub ws_key: Option<String>,
     pub ws_version: Option<String>,
+    /// The subprotocols the client offers (`Sec-WebSocket-Protocol`, every
+    /// header and every comma-separated item, in order).
+    pub ws_protocols: Vec<String>,
     pub keep_alive: bool,
     pub body: Bytes,
 }
@@ -128,6 +133,16 @@ pub fn parse_head(buf: &[u8], max_body: usize) -> Result<Option<Head>, HttpError
             }
             "sec-websocket-key" => r.ws_key = Some(value.trim().to_owned()),
             "sec-websocket-version" => r.ws_version = Some(value.trim().to_owned()),
+            "sec-websocket-protocol" => {
+                for p in value.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+                    if r.ws_protocols.len() >= MAX_WS_PROTOCOLS {
+                        return Err(HttpError::Malformed(
+                            "too many WebSocket subprotocols offered".into(),
+                        ));
+                    }
+                    r.ws_protocols.push(p.to_owned());
+                }
+            }
             _ => {}
         }
     }
@@ -236,9 +251,18 @@ pub fn json(status: u16, value: &serde_json::Value, keep_alive: bool) -> Vec<u8>
 
 /// The 101 answer to a WebSocket upgrade.
 pub fn switching_protocols(key: &str) -> Vec<u8> {
+    switching_protocols_with(key, None)
+}
+
+/// The 101 answer to a WebSocket upgrade, naming the chosen subprotocol
+/// when there is one.
+pub fn switching_protocols_with(key: &str, protocol: Option<&str>) -> Vec<u8> {
     let accept = tungstenite::handshake::derive_accept_key(key.as_bytes());
+    let protocol = protocol
+        .map(|p| format!("sec-websocket-protocol: {p}\r\n"))
+        .unwrap_or_default();
     format!(
-        "HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: Upgrade\r\nsec-websocket-accept: {accept}\r\n\r\n"
+        "HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: Upgrade\r\nsec-websocket-accept: {accept}\r\n{protocol}\r\n"
     )
     .into_bytes()
 }
@@ -356,6 +380,32 @@ mod tests {
         // RFC 6455 1.3 example.
         assert!(resp.contains("sec-websocket-accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo="));
         assert_eq!(query_param(&r.query, "addr").as_deref(), Some("web-1"));
+    }
+
+    #[test]
+    fn websocket_subprotocols_are_listed_and_the_chosen_one_answered() {
+        let mut b = BytesMut::from(
+            &b"GET /mqtt HTTP/1.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Protocol: mqttv3.1, mqtt\r\nSec-WebSocket-Protocol: x\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"[..],
+        );
+        let r = parse_request(&mut b, 0).unwrap().unwrap();
+        assert_eq!(r.ws_protocols, ["mqttv3.1", "mqtt", "x"]);
+        let resp = String::from_utf8(switching_protocols_with(
+            r.ws_key.as_deref().unwrap(),
+            Some("mqtt"),
+        ))
+        .unwrap();
+        assert!(resp.contains("\r\nsec-websocket-protocol: mqtt\r\n\r\n"));
+        assert!(
+            !String::from_utf8(switching_protocols("dGhlIHNhbXBsZSBub25jZQ=="))
+                .unwrap()
+                .contains("protocol")
+        );
+        let many = format!(
+            "GET /mqtt HTTP/1.1\r\nSec-WebSocket-Protocol: {}\r\n\r\n",
+            vec!["p"; MAX_WS_PROTOCOLS + 1].join(",")
+        );
+        let mut b = BytesMut::from(many.as_bytes());
+        assert_eq!(parse_request(&mut b, 0).unwrap_err().status(), 400);
     }
 
     #[test]

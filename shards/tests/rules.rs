@@ -333,3 +333,148 @@ fn dollar_rules_without_rules_is_an_error_for_the_sender() {
     c.send(&f);
     assert_eq!(c.expect_error(relay_core::ErrorCode::NoRoute), 3);
 }
+
+/// Polls the device shadow of `addr` until `ok` holds (at most 10 s).
+fn state_until(
+    relay: &Relay,
+    addr: &str,
+    ok: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, state) = http(
+            relay,
+            "GET",
+            &format!("/api/v1/clients/{addr}/state"),
+            None,
+            None,
+        );
+        if ok(&state) {
+            return state;
+        }
+        assert!(Instant::now() < deadline, "rules never saw it: {state}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn mosquitto_pub(relay: &Relay, id: &str, topic: &str, payload: &serde_json::Value) {
+    let s = std::process::Command::new("mosquitto_pub")
+        .args(["-h", "127.0.0.1", "-p"])
+        .arg(relay.mqtt_addr().unwrap().port().to_string())
+        .args(["-i", id, "-V", "mqttv5", "-q", "1", "-t", topic, "-m"])
+        .arg(payload.to_string())
+        .status()
+        .expect("mosquitto_pub runs");
+    assert!(s.success(), "mosquitto_pub {topic}: {s}");
+}
+
+#[test]
+fn mqtt_publishes_reach_the_rules_as_native_messages_do_and_rule_sends_reach_mqtt_clients() {
+    let r = start_with_rules_and(
+        "mqtt",
+        &[(
+            "mqtt.rhai",
+            r#"
+            fn on_message(msg) {
+                let p = msg.payload;
+                if type_of(p) == "f64" { state_set(msg.src, "scalar", p); }
+                if type_of(p) != "map" { return; }
+                let g = msg.group;
+                if g == () { g = ""; }
+                state_set(msg.src, p.kind, #{ dst: msg.dst, group: g, temp: p.temp });
+                if p.temp > 80.0 {
+                    send(msg.src, #{ alarm: "hot", temp: p.temp });
+                    publish("alerts", #{ from: msg.src });
+                }
+            }
+            "#,
+        )],
+        |c| c.listeners.mqtt = Some("127.0.0.1:0".parse().unwrap()),
+    );
+    let relay = r.relay.as_ref().unwrap();
+    let _sink = Client::hello(relay.tcp_addr(), Form::Binary, "ctl-sink");
+    // The same three messages from a native controller and an MQTT client.
+    let mut ctl = Client::hello(relay.tcp_addr(), Form::Binary, "ctl-r1");
+    let mut group = json_data("plant", json!({"kind": "group", "temp": 21.5}));
+    group.kind = FrameType::Publish;
+    ctl.send(&group);
+    ctl.send(&json_data(
+        "ctl-sink",
+        json!({"kind": "data", "temp": 21.5}),
+    ));
+    ctl.send(&json_data("$rules", json!({"kind": "rules", "temp": 21.5})));
+    let m = |kind: &str| json!({"kind": kind, "temp": 21.5});
+    mosquitto_pub(relay, "mq-r1", "plant", &m("group"));
+    mosquitto_pub(relay, "mq-r1", "relay/to/ctl-sink", &m("data"));
+    mosquitto_pub(relay, "mq-r1", "relay/to/$rules", &m("rules"));
+    // A topic that is no group name reaches the rules too, as the group.
+    mosquitto_pub(relay, "mq-r1", "plant/boiler-7/temp", &m("topic"));
+    // MQTT has no JSON flag: a payload that is JSON text is JSON, as a
+    // native JSON payload is.
+    ctl.send(&json_data("ctl-sink", json!(20.5)));
+    mosquitto_pub(relay, "mq-r1", "plant/raw", &json!(20.5));
+    let kinds = ["group", "data", "rules"];
+    let native = state_until(relay, "ctl-r1", |s| {
+        kinds.iter().all(|k| s[k].is_object()) && s["scalar"] == 20.5
+    });
+    let mqtt = state_until(relay, "mq-r1", |s| {
+        kinds.iter().chain(&["topic"]).all(|k| s[k].is_object()) && s["scalar"] == 20.5
+    });
+    assert_eq!(
+        native["group"],
+        json!({"dst": "", "group": "plant", "temp": 21.5})
+    );
+    assert_eq!(
+        native["data"],
+        json!({"dst": "ctl-sink", "group": "", "temp": 21.5})
+    );
+    assert_eq!(
+        native["rules"],
+        json!({"dst": "$rules", "group": "", "temp": 21.5})
+    );
+    for k in kinds {
+        assert_eq!(mqtt[k], native[k], "{k}");
+    }
+    assert_eq!(
+        mqtt["topic"],
+        json!({"dst": "", "group": "plant/boiler-7/temp", "temp": 21.5})
+    );
+
+    // A rule's reactions reach an MQTT client: its send on relay/from/$rules,
+    // its publish to group "alerts" on topic "alerts".
+    use rumqttc::{Event, MqttOptions, Packet, QoS};
+    let mut o = MqttOptions::new("mq-hot", "127.0.0.1", relay.mqtt_addr().unwrap().port());
+    o.set_keep_alive(Duration::from_secs(10));
+    let (client, mut conn) = rumqttc::Client::new(o, 16);
+    client.subscribe("relay/from/#", QoS::AtLeastOnce).unwrap();
+    client.subscribe("alerts", QoS::AtLeastOnce).unwrap();
+    let hot = json!({"kind": "hot", "temp": 91.5}).to_string();
+    let (mut subacks, mut publish_due, mut got_send, mut got_alert) = (0, true, None, None);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while (got_send.is_none() || got_alert.is_none()) && Instant::now() < deadline {
+        match conn.recv_timeout(Duration::from_secs(2)) {
+            Ok(Ok(Event::Incoming(Packet::SubAck(_)))) => subacks += 1,
+            Ok(Ok(Event::Incoming(Packet::Publish(p)))) => {
+                let v: serde_json::Value = serde_json::from_slice(&p.payload).unwrap();
+                match p.topic.as_str() {
+                    "relay/from/$rules" => got_send = Some(v),
+                    "alerts" => got_alert = Some(v),
+                    t => panic!("unexpected topic {t}"),
+                }
+            }
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => panic!("{e}"),
+            // Nothing for 2 s: a subscription may have reached the other
+            // shard only after the rule's publish (docs/mqtt.md); again.
+            Err(_) => publish_due = true,
+        }
+        if subacks == 2 && publish_due {
+            publish_due = false;
+            client
+                .publish("plant/hot", QoS::AtLeastOnce, false, hot.clone())
+                .unwrap();
+        }
+    }
+    assert_eq!(got_send, Some(json!({"alarm": "hot", "temp": 91.5})));
+    assert_eq!(got_alert, Some(json!({"from": "mq-hot"})));
+}

@@ -80,7 +80,9 @@ const plain = (line) => line.replace(/\x1b\[[0-9;]*m/g, "");
  *   certificate and key (PEM files); its address is then `https`
  * @param {boolean} [o.rules] run the rules engine (`[plugins] enabled`; default true)
  * @param {string} [o.name] the node's name (`[node] name`)
- * @returns {Promise<{http: string, https?: string, tcp: string, token: string, dir: string, logs: string[], stop: () => Promise<void>}>}
+ * @param {boolean} [o.mqtt] turn MQTT on (`[listeners] mqtt`, and with it `/mqtt` on the
+ *   HTTP port); its address is then `mqtt`
+ * @returns {Promise<{http: string, https?: string, mqtt?: string, tcp: string, token: string, dir: string, logs: string[], stop: () => Promise<void>}>}
  */
 export async function startRelay({
   mysql = false,
@@ -91,6 +93,7 @@ export async function startRelay({
   tls = null,
   rules: rulesOn = true,
   name = "console-test",
+  mqtt = false,
 } = {}) {
   if (!existsSync(RELAY_BIN)) {
     throw new Error(
@@ -110,6 +113,7 @@ export async function startRelay({
     'tcp = "127.0.0.1:0"',
     'http = "127.0.0.1:0"',
     ...(tls ? ['http_tls = "127.0.0.1:0"'] : []),
+    ...(mqtt ? ['mqtt = "127.0.0.1:0"'] : []),
     "[shards]",
     "count = 2",
     "pin = false",
@@ -188,7 +192,9 @@ export async function startRelay({
         // With TLS, the HTTPS address comes on a line of its own, right after.
         const https = /http_tls_addr=(\S+)/.exec(line);
         if (https) found.https = https[1];
-        if (found.tcp && found.http && (!tls || found.https)) {
+        const mqttAddr = /mqtt_addr=(\S+)/.exec(line);
+        if (mqttAddr) found.mqtt = mqttAddr[1];
+        if (found.tcp && found.http && (!tls || found.https) && (!mqtt || found.mqtt)) {
           clearTimeout(timer);
           res({ ...found });
         }

@@ -75,6 +75,8 @@ pub struct ClientView {
     pub protocol: &'static str,
     /// The MQTT version (`"3.1.1"`, `"5.0"`); `None` for the relay protocol.
     pub version: Option<&'static str>,
+    /// `"tcp"` or `"websocket"`.
+    pub transport: &'static str,
 }
 
 /// Called with the result of a [`Call`].
@@ -244,6 +246,10 @@ impl Router {
                 relay_core::mqtt::Version::V5 => "5.0",
                 _ => "3.1.1",
             }),
+            transport: match conn.transport() {
+                relay_core::conn::Transport::Tcp => "tcp",
+                relay_core::conn::Transport::WebSocket => "websocket",
+            },
         }
     }
 }

@@ -48,7 +48,7 @@ mod writes;
 pub use calls::{Call, CallCallback, CallResult, ClientView};
 pub use cross::Cross;
 use index::Entry;
-pub use mqtt::{MqttConn, MqttSettings};
+pub use mqtt::{MqttConn, MqttSettings, MqttWs};
 use pending::Pending;
 pub use pending::{AckCallback, AckTarget};
 pub use remote::{Inbound, Remote, ReplyTo};

@@ -86,6 +86,27 @@ pub struct MqttConn {
     /// Another connection took the session over: this one only flushes its
     /// last bytes and closes; its close touches nothing.
     pub detached: bool,
+    /// The client came over WebSocket (`/mqtt`): the runtime's framing
+    /// state, which travels with the session on a handover.
+    pub ws: Option<Box<MqttWs>>,
+}
+
+/// What the runtime keeps for an MQTT client over WebSocket, between the
+/// WebSocket messages and the session's byte stream.
+#[derive(Debug, Default)]
+pub struct MqttWs {
+    /// MQTT bytes taken out of binary messages and not yet a whole packet
+    /// (a packet may span messages, a message may hold several).
+    pub input: BytesMut,
+    /// The pong owed for the latest ping, not yet written (one at most: a
+    /// newer ping replaces it, RFC 6455 5.5.3), so pings cannot pile up
+    /// output.
+    pub pong: Option<Bytes>,
+    /// The close frame to write after what the session has queued.
+    pub control: BytesMut,
+    /// Session bytes in the frame being written: confirmed to the session
+    /// once the frame is out.
+    pub sent: usize,
 }
 
 impl MqttConn {
@@ -94,6 +115,7 @@ impl MqttConn {
             session: Session::new(cfg, now),
             connect: None,
             detached: false,
+            ws: None,
         }
     }
 }
@@ -152,9 +174,56 @@ fn close_reason(r: MqttClose) -> CloseReason {
     }
 }
 
+/// A message from an MQTT client as the rules see it: MQTT has no JSON
+/// flag, so a payload that is JSON text is marked JSON (the rules get it
+/// parsed, as from a native client that sent JSON).
+fn for_rules(mut f: Frame) -> Frame {
+    let json = serde_json::from_slice::<serde::de::IgnoredAny>(&f.payload).is_ok();
+    f.flags = f.flags.with(Flags::JSON, json);
+    f
+}
+
+/// The DISCONNECT reason code for a connection the relay ends.
+fn disconnect_code(r: CloseReason) -> u8 {
+    match r {
+        CloseReason::Replaced => reason::SESSION_TAKEN_OVER,
+        CloseReason::Shutdown | CloseReason::GoingAway => reason::SERVER_SHUTTING_DOWN,
+        CloseReason::Busy => reason::SERVER_BUSY,
+        CloseReason::Unauthorized => reason::NOT_AUTHORIZED,
+        CloseReason::IdleTimeout => reason::KEEP_ALIVE_TIMEOUT,
+        _ => reason::ADMINISTRATIVE_ACTION,
+    }
+}
+
 impl Router {
     fn mqtt_cfg(&self) -> Arc<MqttSettings> {
         self.cfg.borrow().mqtt.clone()
+    }
+
+    /// The relay ends an MQTT connection (kick, takeover, shutdown,
+    /// upgrade): an MQTT 5 client gets DISCONNECT with the reason code of
+    /// `reason` (a connection already told, taken over, only closes); 3.1.1
+    /// is just closed. The will goes out, as on any close the client did not
+    /// ask for. False when the connection is not MQTT.
+    pub(super) fn mqtt_end(
+        &self,
+        cell: &Rc<ConnCell>,
+        reason: CloseReason,
+        deadline_ms: u64,
+    ) -> bool {
+        if cell.mqtt.borrow().is_none() {
+            return false;
+        }
+        // The relay's reason first: the session's own (`close_reason`) is
+        // coarser and must not win.
+        cell.closing(reason, deadline_ms);
+        let now = crate::rt::now();
+        if let Some(m) = cell.mqtt.borrow_mut().as_mut().filter(|m| !m.detached) {
+            m.session.disconnect(now, disconnect_code(reason));
+        }
+        self.mqtt_poll_events(cell, now);
+        self.wake(cell);
+        true
     }
 
     /// Routes one event of an MQTT connection's session.
@@ -485,7 +554,8 @@ impl Router {
             .strip_prefix(&mcfg.outbox[..])
             .and_then(|r| r.strip_prefix(b"/"))
         {
-            if relay_core::validate_name(dst).is_err() {
+            let to_rules = dst == relay_core::name::RULES_DST;
+            if !to_rules && relay_core::validate_name(dst).is_err() {
                 self.stats.dropped(DropReason::NoRoute);
                 return;
             }
@@ -498,7 +568,20 @@ impl Router {
             }
             let frame = Frame::data(src.clone(), dst, msg.payload.clone());
             self.tap(&frame, now);
-            let hooked = self.hooks.borrow().is_some().then(|| frame.clone());
+            if to_rules {
+                // Meant for the rules only, as from a native client.
+                if self.hooks.borrow().is_none() {
+                    self.stats.dropped(DropReason::NoRoute);
+                    return;
+                }
+                self.hook_message(&for_rules(frame), false, now);
+                return;
+            }
+            let hooked = self
+                .hooks
+                .borrow()
+                .is_some()
+                .then(|| for_rules(frame.clone()));
             self.unicast(frame, None, now);
             if let Some(f) = hooked {
                 self.hook_message(&f, false, now);
@@ -516,25 +599,27 @@ impl Router {
         if msg.retain {
             self.mqtt_retain(msg.clone(), true);
         }
-        let native =
-            !msg.topic.starts_with(WATCH_PREFIX) && relay_core::validate_name(&msg.topic).is_ok();
-        let frame = native.then(|| {
+        let watch = msg.topic.starts_with(WATCH_PREFIX);
+        let native = !watch && relay_core::validate_name(&msg.topic).is_ok();
+        let as_group = || {
             let mut f = Frame::data(src.clone(), msg.topic.clone(), msg.payload.clone());
             f.flags = f.flags.with(Flags::GROUP, true);
             f
-        });
+        };
+        let frame = native.then(as_group);
         if let Some(f) = &frame {
             self.tap(f, now);
         }
+        // The rules see every topic, `/` and all, as the group.
+        let hooked = (!watch && self.hooks.borrow().is_some()).then(|| for_rules(as_group()));
         self.mqtt_route(src, msg, now);
         if let Some(f) = frame {
-            let hooked = self.hooks.borrow().is_some().then(|| f.clone());
             let name = f.dst.clone();
             let cluster = self.clustered();
             self.fanout_native(Index::Group, &name, f, Vec::new(), None, cluster, now);
-            if let Some(f) = hooked {
-                self.hook_message(&f, true, now);
-            }
+        }
+        if let Some(f) = hooked {
+            self.hook_message(&f, true, now);
         }
     }
 

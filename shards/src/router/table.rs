@@ -293,16 +293,20 @@ impl Router {
         }
     }
 
-    /// Ends a connection: ERROR `code` after what is queued, then close by
-    /// `deadline_ms` at the latest.
+    /// Ends a connection: ERROR `code` after what is queued (an MQTT
+    /// client: DISCONNECT, see `mqtt_end`), then close by `deadline_ms` at
+    /// the latest.
     pub(super) fn end(
         &self,
-        cell: &ConnCell,
+        cell: &Rc<ConnCell>,
         code: ErrorCode,
         why: &str,
         reason: CloseReason,
         deadline_ms: u64,
     ) {
+        if self.mqtt_end(cell, reason, deadline_ms) {
+            return;
+        }
         let _ = cell
             .conn
             .borrow_mut()

@@ -357,7 +357,7 @@ pub(super) fn attach(shard: &Rc<Shard>, cell: Rc<ConnCell>, io: Io, first: Optio
     }
     super::mqtt::on_attach(shard, &entry.cell, t);
     let rbuf = entry.io.take_rbuf();
-    if !rbuf.is_empty()
+    if (!rbuf.is_empty() || super::mqtt::has_input(&entry.cell))
         && let Some((owner, hello)) = process_input(shard, &mut entry, t, rbuf)
     {
         handover(shard, entry, owner, hello);
@@ -719,9 +719,11 @@ fn flush(shard: &Rc<Shard>, mut entry: Entry<'_>, t: relay_core::Now) {
     {
         // A browser learns why in the close frame too.
         if reason != CloseReason::PeerClosed {
-            cell.conn
-                .borrow_mut()
-                .send_raw(&ws::close_frame(ws::close_code(reason), reason.name()));
+            let frame = ws::close_frame(ws::close_code(reason), reason.name());
+            // An MQTT client's close follows its session's last packets.
+            if !super::mqtt::send_ws_raw(cell, &frame) {
+                cell.conn.borrow_mut().send_raw(&frame);
+            }
         }
         io.close_sent = true;
     }
@@ -759,7 +761,7 @@ fn flush(shard: &Rc<Shard>, mut entry: Entry<'_>, t: relay_core::Now) {
             io.paused = false;
             let _ = shard.poller.rearm(fd, token, io);
             let rbuf = io.take_rbuf();
-            if !rbuf.is_empty()
+            if (!rbuf.is_empty() || super::mqtt::has_input(cell))
                 && let Some((owner, hello)) = process_input(shard, &mut entry, t, rbuf)
             {
                 handover(shard, entry, owner, hello);

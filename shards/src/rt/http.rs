@@ -223,8 +223,11 @@ async fn requests(
             break None;
         }
         req.body = buf.split_to(len).freeze();
-        if req.path == "/ws" {
-            if let Some(resp) = websocket(shard, &req) {
+        // `/mqtt` is MQTT over WebSocket while MQTT is on; otherwise it is
+        // no route (404 below).
+        let mqtt = req.path == "/mqtt" && shared.mqtt_addr.is_some();
+        if req.path == "/ws" || mqtt {
+            if let Some(resp) = websocket(shard, &req, mqtt) {
                 let _ = stream.write_all(&resp).await;
                 break None;
             }
@@ -354,8 +357,12 @@ async fn respond(shard: &Rc<Shard>, req: &Request, keep_alive: bool) -> Vec<u8> 
     }
 }
 
-/// Checks an upgrade request; `Some(response)` refuses it.
-fn websocket(shard: &Shard, req: &Request) -> Option<Vec<u8>> {
+/// The WebSocket subprotocol of MQTT (MQTT 5.0 section 6, 3.1.1 section 6).
+const MQTT_SUBPROTOCOL: &str = "mqtt";
+
+/// Checks an upgrade request (`mqtt`: to `/mqtt`, which must offer the
+/// `mqtt` subprotocol); `Some(response)` refuses it.
+fn websocket(shard: &Shard, req: &Request, mqtt: bool) -> Option<Vec<u8>> {
     if shard.router.is_shutting_down() {
         return Some(error_json(503, "shutting_down", "relay is shutting down"));
     }
@@ -380,10 +387,18 @@ fn websocket(shard: &Shard, req: &Request) -> Option<Vec<u8>> {
             "Sec-WebSocket-Version must be 13",
         ));
     }
+    if mqtt && !req.ws_protocols.iter().any(|p| p == MQTT_SUBPROTOCOL) {
+        return Some(error_json(
+            400,
+            "bad_frame",
+            "MQTT over WebSocket needs the subprotocol mqtt (Sec-WebSocket-Protocol: mqtt)",
+        ));
+    }
     None
 }
 
-/// Answers 101 and gives the connection to the I/O loop as a browser client.
+/// Answers 101 and gives the connection to the I/O loop as a browser
+/// client, or (`/mqtt`) as an MQTT client.
 async fn upgrade(
     shard: Rc<Shard>,
     mut stream: HttpStream,
@@ -391,9 +406,11 @@ async fn upgrade(
     mut leftover: BytesMut,
     remote: Option<std::net::SocketAddr>,
 ) {
+    let mqtt = req.path == "/mqtt";
     let key = req.ws_key.as_deref().unwrap_or_default();
+    let protocol = mqtt.then_some(MQTT_SUBPROTOCOL);
     if stream
-        .write_all(&http::switching_protocols(key))
+        .write_all(&http::switching_protocols_with(key, protocol))
         .await
         .is_err()
     {
@@ -409,14 +426,14 @@ async fn upgrade(
     let cfg = &cfg.conn;
     let t = now();
     let mut c = Connection::new(cfg, Transport::WebSocket, t);
-    let first =
-        if req.query.split('&').any(|kv| {
+    let first = if !mqtt
+        && req.query.split('&').any(|kv| {
             kv.starts_with("addr=") || kv.starts_with("role=") || kv.starts_with("token=")
         }) {
-            c.handle_url_hello(cfg, t, &req.query)
-        } else {
-            None
-        };
+        c.handle_url_hello(cfg, t, &req.query)
+    } else {
+        None
+    };
     // The request is not needed past this point; don't carry it for the
     // life of the connection.
     drop(req);
@@ -430,6 +447,9 @@ async fn upgrade(
         }
     };
     let cell = shard.router.register(c, Router::session(remote));
+    if mqtt {
+        super::mqtt::init_ws(&shard, &cell);
+    }
     let io = Io::new(fd, tls).carrying(
         leftover,
         bytes::Bytes::new(),

@@ -9,10 +9,11 @@ usage: paho_client.py HOST PORT CLIENT_ID VERSION(3|5) MODE [ARGS...]
   hold FILTER QOS                    subscribe, print READY, wait to be killed
                                      (a will is set: topic wills/<id>)
 
-Options come from the environment: MQTT_USER, MQTT_PASS, MQTT_KEEPALIVE (s); over TLS,
-MQTT_CAFILE (the CA to verify the server against, for host "localhost"), and MQTT_CERTFILE
-and MQTT_KEYFILE (a client certificate). Every wait is bounded (20 s); a timeout exits with
-status 3.
+Options come from the environment: MQTT_USER, MQTT_PASS, MQTT_KEEPALIVE (s),
+MQTT_TRANSPORT ("websockets": MQTT over WebSocket on PORT, path MQTT_WS_PATH, default
+/mqtt); over TLS, MQTT_CAFILE (or MQTT_CA: the CA to verify the server against, for host
+"localhost"), and MQTT_CERTFILE and MQTT_KEYFILE (a client certificate). Every wait is
+bounded (20 s); a timeout exits with status 3.
 """
 import os
 import sys
@@ -30,12 +31,16 @@ if mode == "sub" and len(args) > 3:
 kwargs = dict(callback_api_version=mqtt.CallbackAPIVersion.VERSION2, client_id=cid, protocol=proto)
 if proto == mqtt.MQTTv311:
     kwargs["clean_session"] = clean
+transport = os.environ.get("MQTT_TRANSPORT", "tcp")
+kwargs["transport"] = transport
 c = mqtt.Client(**kwargs)
+if transport == "websockets":
+    c.ws_set_options(path=os.environ.get("MQTT_WS_PATH", "/mqtt"))
 if os.environ.get("MQTT_USER") is not None or os.environ.get("MQTT_PASS") is not None:
     c.username_pw_set(os.environ.get("MQTT_USER", ""), os.environ.get("MQTT_PASS"))
-if os.environ.get("MQTT_CAFILE"):
+if os.environ.get("MQTT_CAFILE") or os.environ.get("MQTT_CA"):
     c.tls_set(
-        ca_certs=os.environ["MQTT_CAFILE"],
+        ca_certs=os.environ.get("MQTT_CAFILE") or os.environ["MQTT_CA"],
         certfile=os.environ.get("MQTT_CERTFILE"),
         keyfile=os.environ.get("MQTT_KEYFILE"),
     )
