@@ -4,6 +4,9 @@
 
 use std::collections::VecDeque;
 
+// The box is the point: an empty deque is one null pointer, not the 32
+// bytes of an unallocated `VecDeque`.
+#[allow(clippy::box_collection)]
 #[derive(Debug, Clone)]
 pub(super) struct ThinDeque<T>(Option<Box<VecDeque<T>>>);
 
