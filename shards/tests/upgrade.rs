@@ -462,7 +462,8 @@ fn browsers_get_going_away_then_close_1012_and_a_failed_upgrade_changes_nothing(
     assert_eq!(b.recv_json()["type"], "pong");
 
     // The new process answers on the same port.
-    let mut c = common::Client::hello(relay.tcp_addr(), common::Form::Json, "ctl-up-2");
+    let mut c =
+        common::Client::hello_through_upgrade(relay.tcp_addr(), common::Form::Json, "ctl-up-2");
     c.expect_silence(Duration::from_millis(200));
 
     relay.end_drain();

@@ -112,6 +112,37 @@ impl Client {
         c
     }
 
+    /// `hello` as a client does during an upgrade: a hello the draining
+    /// process still took (its shards stop accepting within one sweep) is
+    /// answered `going_away`; connect again, as the retry hint says, until
+    /// the new process welcomes it (at most 20 tries).
+    pub fn hello_through_upgrade(relay: SocketAddr, form: Form, addr: &str) -> Client {
+        for _ in 0..20 {
+            let mut c = Client::connect(relay, form);
+            let mut f = Frame::new(FrameType::Hello);
+            f.src = Bytes::copy_from_slice(addr.as_bytes());
+            f.payload = b"{}".as_slice().into();
+            f.flags = Flags(Flags::JSON);
+            c.send(&f);
+            let w = c.recv();
+            match w.kind {
+                FrameType::Welcome => {
+                    c.addr = addr.to_owned();
+                    return c;
+                }
+                FrameType::Error
+                    if w.error_parts().is_some_and(|(code, _)| {
+                        code == relay_core::ErrorCode::GoingAway as u16
+                    }) =>
+                {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                _ => panic!("{addr}: expected Welcome or going_away, got {w:?}"),
+            }
+        }
+        panic!("{addr}: still told going_away after 20 tries");
+    }
+
     pub fn send(&mut self, f: &Frame) {
         let mut out = BytesMut::new();
         match self.form {
