@@ -208,27 +208,28 @@ async fn run_local_inner(
     }
 }
 
-/// Status, content length and where the body starts, once the head is in.
+/// Status, content length and where the body starts, once the head is in
+/// (parsed by `httparse`).
 fn parse_head(got: &[u8]) -> Result<Option<(u16, usize, usize)>, String> {
-    let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") else {
-        return Ok(None);
+    let mut headers = [httparse::EMPTY_HEADER; 32];
+    let mut r = httparse::Response::new(&mut headers);
+    let at = match r.parse(got) {
+        Ok(httparse::Status::Complete(at)) => at,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(e) => return Err(format!("the node's API answered no HTTP: {e}")),
     };
-    let head = String::from_utf8_lossy(&got[..end]);
-    let mut lines = head.split("\r\n");
-    let status = lines
-        .next()
-        .and_then(|l| l.split(' ').nth(1))
-        .and_then(|s| s.parse::<u16>().ok())
-        .ok_or("the node's API gave no status")?;
-    let len = lines
-        .filter_map(|l| l.split_once(':'))
-        .find(|(k, _)| k.trim().eq_ignore_ascii_case("content-length"))
-        .and_then(|(_, v)| v.trim().parse::<usize>().ok())
+    let status = r.code.ok_or("the node's API gave no status")?;
+    let len = r
+        .headers
+        .iter()
+        .find(|h| h.name.eq_ignore_ascii_case("content-length"))
+        .and_then(|h| std::str::from_utf8(h.value).ok())
+        .and_then(|v| v.trim().parse::<usize>().ok())
         .ok_or("the node's API gave no content-length")?;
     if len > MAX_ANSWER {
         return Err("the node's answer is too large".into());
     }
-    Ok(Some((status, len, end + 4)))
+    Ok(Some((status, len, at)))
 }
 
 #[cfg(test)]
