@@ -1,6 +1,7 @@
 //! Test helpers: a relay on port 0 and blocking clients in both wire forms.
 #![allow(dead_code)]
 
+pub mod proc;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
