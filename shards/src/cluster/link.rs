@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 use base64::Engine as _;
 use bytes::Bytes;
+use relay_core::mqtt::SubscriptionTrie;
 use relay_core::route::shard_of;
 
 use super::wire::{self, Item, Writer};
@@ -30,8 +31,9 @@ pub enum Effect {
     DirPut { key: String, value: String },
     /// Directory bucket: delete `key`.
     DirDelete { key: String },
-    /// Interest bucket: this node has members of the name in `key`.
-    InterestPut { key: String },
+    /// Interest bucket: this node has members of the name in `key` (or
+    /// MQTT subscribers of the filter `value`, for an `m.` key).
+    InterestPut { key: String, value: Bytes },
     /// Interest bucket: no more.
     InterestDelete { key: String },
 }
@@ -64,6 +66,11 @@ pub struct ClusterStats {
     pub channel_full: AtomicU64,
     /// 1 while connected to NATS.
     pub connected: AtomicU64,
+    /// MQTT publishes sent to other nodes for their subscriptions (one per
+    /// node; group publishes that carry them included).
+    pub mqtt_out: AtomicU64,
+    /// MQTT publishes received from other nodes.
+    pub mqtt_in: AtomicU64,
 }
 
 impl ClusterStats {
@@ -135,6 +142,12 @@ pub struct Link {
     interest: HashMap<(Index, Bytes), HashMap<Arc<str>, u64>>,
     /// (index, name) → the shards of this node with members (bit mask).
     own_interest: HashMap<(Index, Bytes), u64>,
+    /// MQTT filter → the shards of this node with subscribers (bit mask).
+    own_mqtt: HashMap<Bytes, u64>,
+    /// Other nodes' MQTT filters by interest key: (filter, node, last
+    /// heard of), and the same as a trie (filter → nodes) for matching.
+    mqtt: HashMap<String, (Bytes, Arc<str>, u64)>,
+    mqtt_trie: SubscriptionTrie<Arc<str>, ()>,
     nodes: HashMap<Arc<str>, NodeSeen>,
     waiting: HashMap<u64, Waiting>,
     next_token: u64,
@@ -166,6 +179,24 @@ pub fn interest_key(index: Index, name: &[u8], node: &str) -> String {
     format!("{i}.{}.{node}", dir_key(name))
 }
 
+/// Filters longer than this are keyed by a hash (bucket keys are subject
+/// tokens, and NATS bounds a subject's length); the value always holds the
+/// filter.
+const MQTT_KEY_MAX: usize = 192;
+
+/// The interest key of MQTT topic filter `filter` on `node`:
+/// `m.<filter b64>.<node>`, or `m.=<hash>.<node>` for a long filter
+/// (`=` never appears in unpadded base64).
+pub fn mqtt_key(filter: &[u8], node: &str) -> String {
+    if filter.len() <= MQTT_KEY_MAX {
+        return format!("m.{}.{node}", dir_key(filter));
+    }
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    filter.hash(&mut h);
+    format!("m.={:016x}{:08x}.{node}", h.finish(), filter.len())
+}
+
 fn unkey(key: &str) -> Option<Bytes> {
     base64::engine::general_purpose::URL_SAFE_NO_PAD
         .decode(key)
@@ -186,6 +217,9 @@ impl Link {
             own: HashMap::new(),
             interest: HashMap::new(),
             own_interest: HashMap::new(),
+            own_mqtt: HashMap::new(),
+            mqtt: HashMap::new(),
+            mqtt_trie: SubscriptionTrie::new(),
             nodes: HashMap::new(),
             waiting: HashMap::new(),
             next_token: 1,
@@ -336,12 +370,13 @@ impl Link {
                 frame,
                 exclude,
                 reply,
+                mqtt,
             } => {
                 if !self.up {
                     ClusterStats::inc(&self.stats.unavailable);
                     return self.answer(shard, reply, 0, Some(unavailable()));
                 }
-                let nodes: Vec<Arc<str>> = match self.interest.get(&(index, name.clone())) {
+                let mut nodes: Vec<Arc<str>> = match self.interest.get(&(index, name.clone())) {
                     Some(m) => m
                         .iter()
                         .filter(|(n, seen)| {
@@ -353,6 +388,19 @@ impl Link {
                         .collect(),
                     None => Vec::new(),
                 };
+                if index == Index::Group {
+                    // A group is a topic: the nodes whose MQTT subscribers
+                    // match it get the same item (one per node).
+                    let retain = mqtt.as_ref().is_some_and(|m| m.msg.retain);
+                    let before = nodes.len();
+                    self.mqtt_nodes(&name, retain, now_ms, &mut nodes);
+                    let n = if mqtt.is_some() {
+                        nodes.len()
+                    } else {
+                        nodes.len() - before
+                    };
+                    self.stats.mqtt_out.fetch_add(n as u64, Relaxed);
+                }
                 if nodes.is_empty() {
                     return self.answer(shard, reply, 0, None);
                 }
@@ -367,8 +415,48 @@ impl Link {
                             exclude: exclude.clone(),
                             token,
                             frame: frame.clone(),
+                            mqtt: mqtt.clone(),
                         },
                     );
+                }
+            }
+            Remote::MqttPublish { src, msg } => {
+                if !self.up {
+                    ClusterStats::inc(&self.stats.unavailable);
+                    return;
+                }
+                let mut nodes = Vec::new();
+                self.mqtt_nodes(&msg.msg.topic, msg.msg.retain, now_ms, &mut nodes);
+                for n in &nodes {
+                    ClusterStats::inc(&self.stats.remote_frames_out);
+                    ClusterStats::inc(&self.stats.mqtt_out);
+                    self.send(
+                        n,
+                        &Item::MqttPublish {
+                            src: src.clone(),
+                            msg: msg.clone(),
+                        },
+                    );
+                }
+            }
+            Remote::MqttFilter { filter, has } => {
+                let mask = self.own_mqtt.entry(filter.clone()).or_default();
+                let before = *mask != 0;
+                if has {
+                    *mask |= 1 << shard;
+                } else {
+                    *mask &= !(1 << shard);
+                }
+                let after = *mask != 0;
+                if !after {
+                    self.own_mqtt.remove(&filter);
+                }
+                let key = mqtt_key(&filter, &self.cfg.node);
+                if after && !before && self.up {
+                    self.effects
+                        .push(Effect::InterestPut { key, value: filter });
+                } else if before && !after && self.up {
+                    self.effects.push(Effect::InterestDelete { key });
                 }
             }
             Remote::Interest { index, name, has } => {
@@ -386,7 +474,10 @@ impl Link {
                 }
                 let k = interest_key(index, &key.1, &self.cfg.node);
                 if after && !before && self.up {
-                    self.effects.push(Effect::InterestPut { key: k });
+                    self.effects.push(Effect::InterestPut {
+                        key: k,
+                        value: Bytes::from_static(b"1"),
+                    });
                 } else if before && !after && self.up {
                     self.effects.push(Effect::InterestDelete { key: k });
                 }
@@ -474,8 +565,12 @@ impl Link {
                     exclude,
                     token,
                     frame,
+                    mqtt,
                 } => {
                     ClusterStats::inc(&self.stats.remote_frames_in);
+                    if mqtt.is_some() {
+                        ClusterStats::inc(&self.stats.mqtt_in);
+                    }
                     let shard = shard_of(&name, self.cfg.shards);
                     let reply = (token != 0).then(|| ReplyTo {
                         node: from.clone(),
@@ -489,8 +584,15 @@ impl Link {
                             frame,
                             exclude,
                             reply,
+                            mqtt,
                         },
                     );
+                }
+                Item::MqttPublish { src, msg } => {
+                    ClusterStats::inc(&self.stats.remote_frames_in);
+                    ClusterStats::inc(&self.stats.mqtt_in);
+                    let shard = shard_of(&msg.msg.topic, self.cfg.shards);
+                    self.for_shard(shard, Inbound::MqttPublish { src, msg });
                 }
                 Item::Reply {
                     token,
@@ -592,8 +694,78 @@ impl Link {
         );
     }
 
-    /// An interest change seen on its bucket's watch.
-    pub fn handle_interest(&mut self, key: &str, present: bool, now_ms: u64) {
+    /// The live nodes other than this one whose MQTT filters match `topic`
+    /// (every live node when `all`), added to `nodes` once each.
+    fn mqtt_nodes(&self, topic: &[u8], all: bool, now_ms: u64, nodes: &mut Vec<Arc<str>>) {
+        let me = &*self.cfg.node;
+        let mut add = |n: &Arc<str>| {
+            if **n != *me && self.alive(n, now_ms) && !nodes.contains(n) {
+                nodes.push(n.clone());
+            }
+        };
+        if all {
+            self.nodes.keys().for_each(&mut add);
+        } else if !self.mqtt_trie.is_empty() {
+            self.mqtt_trie.for_each_match(topic, |m| {
+                if m.group.is_none() {
+                    add(m.id);
+                }
+            });
+        }
+    }
+
+    /// An `m.` interest entry: another node has MQTT subscribers of the
+    /// filter `value` (`None`: no more).
+    fn handle_mqtt_interest(&mut self, key: &str, node: &str, value: Option<&[u8]>, now_ms: u64) {
+        if *node == *self.cfg.node {
+            if value.is_none() && self.up {
+                let mine = self
+                    .own_mqtt
+                    .keys()
+                    .find(|f| mqtt_key(f, node) == key)
+                    .cloned();
+                if let Some(filter) = mine {
+                    self.effects.push(Effect::InterestPut {
+                        key: key.to_owned(),
+                        value: filter,
+                    });
+                }
+            }
+            return;
+        }
+        match value {
+            Some(filter) => {
+                if let Some(e) = self.mqtt.get_mut(key) {
+                    e.2 = now_ms;
+                    return;
+                }
+                let node: Arc<str> = match self.nodes.get_key_value(node) {
+                    Some((k, _)) => k.clone(),
+                    None => node.into(),
+                };
+                let filter = Bytes::copy_from_slice(filter);
+                if self.mqtt_trie.insert(&filter, node.clone(), ()).is_ok() {
+                    self.mqtt.insert(key.to_owned(), (filter, node, now_ms));
+                }
+            }
+            None => {
+                if let Some((filter, node, _)) = self.mqtt.remove(key) {
+                    self.mqtt_trie.remove(&filter, &node);
+                }
+            }
+        }
+    }
+
+    /// An interest change seen on its bucket's watch: `value` is the
+    /// entry's value, `None` for a delete.
+    pub fn handle_interest(&mut self, key: &str, value: Option<&[u8]>, now_ms: u64) {
+        let present = value.is_some();
+        if let Some(rest) = key.strip_prefix("m.") {
+            if let Some((_, node)) = rest.split_once('.') {
+                self.handle_mqtt_interest(key, node, value, now_ms);
+            }
+            return;
+        }
         let mut parts = key.splitn(3, '.');
         let (Some(i), Some(name), Some(node)) = (parts.next(), parts.next(), parts.next()) else {
             return;
@@ -609,6 +781,7 @@ impl Link {
             if !present && self.own_interest.contains_key(&k) && self.up {
                 self.effects.push(Effect::InterestPut {
                     key: key.to_owned(),
+                    value: Bytes::from_static(b"1"),
                 });
             }
             return;
@@ -670,6 +843,14 @@ impl Link {
             m.retain(|_, seen| now_ms.saturating_sub(*seen) <= hb);
             !m.is_empty()
         });
+        let trie = &mut self.mqtt_trie;
+        self.mqtt.retain(|_, (filter, node, seen)| {
+            let keep = now_ms.saturating_sub(*seen) <= hb;
+            if !keep {
+                trie.remove(filter, node);
+            }
+            keep
+        });
         let late: Vec<u64> = self
             .waiting
             .iter()
@@ -699,6 +880,13 @@ impl Link {
         for (index, name) in self.own_interest.keys() {
             self.effects.push(Effect::InterestPut {
                 key: interest_key(*index, name, &node),
+                value: Bytes::from_static(b"1"),
+            });
+        }
+        for filter in self.own_mqtt.keys() {
+            self.effects.push(Effect::InterestPut {
+                key: mqtt_key(filter, &node),
+                value: filter.clone(),
             });
         }
     }

@@ -11,19 +11,28 @@
 //! | 1 | deliver | `u64` token (0: no answer wanted), frame |
 //! | 2 | fanout | `u8` index (0 group, 1 uid), name, `u16` n + n names (exclude), `u64` token, frame |
 //! | 3 | reply | `u64` token, `u32` delivered, `u16` error code (0: none), `u16` len + message |
+//! | 4 | group fanout with its MQTT message | the fields of 2, then an MQTT message |
+//! | 5 | MQTT publish | name (the publisher), MQTT message |
 //!
-//! A name is `u8 len` + bytes.
+//! A name is `u8 len` + bytes. An MQTT message is `u8` flags (bits 0-1
+//! QoS, bit 2 RETAIN, bit 3 expiry present), `u64` ms left before it
+//! expires (when present), `u16` len + topic, `u32` len + properties,
+//! `u32` len + payload.
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use relay_core::codec::{self, Decoder};
 use relay_core::frame::{ErrorCode, Frame};
 
-use crate::router::{Failure, Index};
+use relay_core::mqtt::{Message, QoS};
+
+use crate::router::{Failure, Index, MqttMsg};
 
 const VERSION: u8 = 1;
 const DELIVER: u8 = 1;
 const FANOUT: u8 = 2;
 const REPLY: u8 = 3;
+const FANOUT_MQTT: u8 = 4;
+const MQTT_PUBLISH: u8 = 5;
 /// Largest frame a batch may carry (the relay's own `max_frame` ceiling).
 const MAX_FRAME: usize = 16 * 1024 * 1024;
 
@@ -40,6 +49,13 @@ pub enum Item {
         exclude: Vec<Bytes>,
         token: u64,
         frame: Frame,
+        /// With a group publish an MQTT client made: its MQTT message.
+        mqtt: Option<Box<MqttMsg>>,
+    },
+    /// An MQTT publish for the receiving node's matching subscriptions.
+    MqttPublish {
+        src: Bytes,
+        msg: Box<MqttMsg>,
     },
     Reply {
         token: u64,
@@ -100,8 +116,9 @@ impl Writer {
                 exclude,
                 token,
                 frame,
+                mqtt,
             } => {
-                b.put_u8(FANOUT);
+                b.put_u8(if mqtt.is_some() { FANOUT_MQTT } else { FANOUT });
                 b.put_u8(*index as u8);
                 put_name(b, name);
                 b.put_u16(exclude.len().min(u16::MAX as usize) as u16);
@@ -110,6 +127,14 @@ impl Writer {
                 }
                 b.put_u64(*token);
                 codec::encode(frame, b);
+                if let Some(m) = mqtt {
+                    put_msg(b, m);
+                }
+            }
+            Item::MqttPublish { src, msg } => {
+                b.put_u8(MQTT_PUBLISH);
+                put_name(b, src);
+                put_msg(b, msg);
             }
             Item::Reply {
                 token,
@@ -142,6 +167,53 @@ fn put_name(b: &mut BytesMut, name: &[u8]) {
     let n = &name[..name.len().min(255)];
     b.put_u8(n.len() as u8);
     b.put_slice(n);
+}
+
+fn put_msg(b: &mut BytesMut, m: &MqttMsg) {
+    let msg = &m.msg;
+    let flags = msg.qos as u8 | u8::from(msg.retain) << 2 | u8::from(m.ttl_ms.is_some()) << 3;
+    b.put_u8(flags);
+    if let Some(t) = m.ttl_ms {
+        b.put_u64(t);
+    }
+    let topic = &msg.topic[..msg.topic.len().min(u16::MAX as usize)];
+    b.put_u16(topic.len() as u16);
+    b.put_slice(topic);
+    b.put_u32(msg.props.len() as u32);
+    b.put_slice(&msg.props);
+    b.put_u32(msg.payload.len() as u32);
+    b.put_slice(&msg.payload);
+}
+
+fn get_msg(b: &mut BytesMut) -> Result<MqttMsg, WireError> {
+    need(b, 1)?;
+    let flags = b.get_u8();
+    let qos = QoS::from_u8(flags & 3).map_err(|_| WireError::Frame)?;
+    let ttl_ms = if flags & 8 != 0 {
+        need(b, 8)?;
+        Some(b.get_u64())
+    } else {
+        None
+    };
+    need(b, 2)?;
+    let n = b.get_u16() as usize;
+    need(b, n)?;
+    let topic = b.split_to(n).freeze();
+    need(b, 4)?;
+    let n = b.get_u32() as usize;
+    need(b, n)?;
+    let props = b.split_to(n).freeze();
+    need(b, 4)?;
+    let n = b.get_u32() as usize;
+    if n > MAX_FRAME {
+        return Err(WireError::Frame);
+    }
+    need(b, n)?;
+    let payload = b.split_to(n).freeze();
+    let mut msg = Message::new(topic, payload, qos);
+    msg.retain = flags & 4 != 0;
+    msg.props = props;
+    Ok(MqttMsg { msg, ttl_ms })
 }
 
 fn get_name(b: &mut BytesMut) -> Result<Bytes, WireError> {
@@ -191,7 +263,7 @@ pub fn read(payload: &[u8]) -> Result<(String, Vec<Item>), WireError> {
                     frame: get_frame(&mut b)?,
                 }
             }
-            FANOUT => {
+            FANOUT | FANOUT_MQTT => {
                 need(&b, 1)?;
                 let index = if b.get_u8() == 0 {
                     Index::Group
@@ -207,12 +279,26 @@ pub fn read(payload: &[u8]) -> Result<(String, Vec<Item>), WireError> {
                 }
                 need(&b, 8)?;
                 let token = b.get_u64();
+                let frame = get_frame(&mut b)?;
+                let mqtt = if tag == FANOUT_MQTT {
+                    Some(Box::new(get_msg(&mut b)?))
+                } else {
+                    None
+                };
                 Item::Fanout {
                     index,
                     name,
                     exclude,
                     token,
-                    frame: get_frame(&mut b)?,
+                    frame,
+                    mqtt,
+                }
+            }
+            MQTT_PUBLISH => {
+                let src = get_name(&mut b)?;
+                Item::MqttPublish {
+                    src,
+                    msg: Box::new(get_msg(&mut b)?),
                 }
             }
             REPLY => {
@@ -276,7 +362,31 @@ mod tests {
                 name: Bytes::from_static(b"user-9"),
                 exclude: vec![Bytes::from_static(b"web-1"), Bytes::from_static(b"web:2")],
                 token: 42,
+                frame: group.clone(),
+                mqtt: None,
+            },
+            Item::Fanout {
+                index: Index::Group,
+                name: Bytes::from_static(b"room"),
+                exclude: vec![],
+                token: 0,
                 frame: group,
+                mqtt: Some(Box::new(MqttMsg {
+                    msg: {
+                        let mut m = Message::new(&b"room"[..], &b"{}"[..], QoS::ExactlyOnce);
+                        m.retain = true;
+                        m.props = Bytes::from_static(&[0x03, 0, 1, b'x']);
+                        m
+                    },
+                    ttl_ms: Some(9000),
+                })),
+            },
+            Item::MqttPublish {
+                src: Bytes::from_static(b"mqtt-cli"),
+                msg: Box::new(MqttMsg {
+                    msg: Message::new(&b"a/b/c"[..], &b"21.5"[..], QoS::AtMostOnce),
+                    ttl_ms: None,
+                }),
             },
             Item::Reply {
                 token: 9,

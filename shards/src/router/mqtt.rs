@@ -612,15 +612,44 @@ impl Router {
         }
         // The rules see every topic, `/` and all, as the group.
         let hooked = (!watch && self.hooks.borrow().is_some()).then(|| for_rules(as_group()));
+        let cluster = self.clustered();
+        // Other nodes get the message once each: with the group publish when
+        // the topic is a group name, else on its own.
+        let remote = cluster.then(|| Box::new(MqttMsg::leaving(msg.clone(), now.mono_ms)));
         self.mqtt_route(src, msg, now);
-        if let Some(f) = frame {
-            let name = f.dst.clone();
-            let cluster = self.clustered();
-            self.fanout_native(Index::Group, &name, f, Vec::new(), None, cluster, now);
+        match (frame, remote) {
+            (Some(f), remote) => {
+                let name = f.dst.clone();
+                self.fanout_native(
+                    Index::Group,
+                    &name,
+                    f,
+                    Vec::new(),
+                    None,
+                    cluster,
+                    remote,
+                    now,
+                );
+            }
+            (None, Some(msg)) => self.push_remote(Remote::MqttPublish {
+                src: src.clone(),
+                msg,
+            }),
+            (None, None) => {}
         }
         if let Some(f) = hooked {
             self.hook_message(&f, true, now);
         }
+    }
+
+    /// An MQTT message from another node: kept when retained, and delivered
+    /// to this node's matching subscriptions (never forwarded again).
+    pub(super) fn mqtt_from_node(&self, src: &Bytes, m: MqttMsg, now: Now) {
+        let msg = m.arrived(now.mono_ms);
+        if msg.retain {
+            self.mqtt_retain(msg.clone(), true);
+        }
+        self.mqtt_route(src, msg, now);
     }
 
     /// A native group publish seen by the MQTT subscribers of topic `name`.
@@ -858,6 +887,16 @@ impl Router {
         };
         if !changed {
             return;
+        }
+        // Other nodes learn of plain filters; a shared subscription sees the
+        // messages published on its own node only (docs/mqtt.md).
+        if self.clustered()
+            && relay_core::mqtt::parse_filter(filter).is_ok_and(|f| f.group.is_none())
+        {
+            self.push_remote(Remote::MqttFilter {
+                filter: filter.clone(),
+                has: add,
+            });
         }
         self.mqtt_filter(self.shard, filter.clone(), add);
         for s in 0..self.shards {

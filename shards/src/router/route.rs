@@ -212,10 +212,13 @@ impl Router {
         if index == Index::Group {
             self.mqtt_from_group(name, &frame, now);
         }
-        self.fanout_native(index, name, frame, exclude, ack, cluster, now);
+        self.fanout_native(index, name, frame, exclude, ack, cluster, None, now);
     }
 
-    /// The fan-out to the members of `name` (native clients).
+    /// The fan-out to the members of `name` (native clients). With
+    /// `cluster`, the other nodes get it too; `mqtt`: the MQTT message the
+    /// other nodes' MQTT subscriptions get, when an MQTT client published it
+    /// (else they make one of the frame, as this node does).
     #[allow(clippy::too_many_arguments)]
     pub(super) fn fanout_native(
         &self,
@@ -225,6 +228,7 @@ impl Router {
         exclude: Vec<Bytes>,
         ack: Option<AckTarget>,
         cluster: bool,
+        mqtt: Option<Box<MqttMsg>>,
         now: Now,
     ) {
         frame.dst = name.clone();
@@ -265,6 +269,7 @@ impl Router {
                 frame: frame.clone(),
                 exclude: exclude.clone(),
                 reply: token,
+                mqtt,
             });
         }
         for s in remote {
