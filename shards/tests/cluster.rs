@@ -1095,10 +1095,15 @@ impl Drop for Mosq {
 /// mosquitto_pub on `node` (QoS 1, MQTT 5): returns once the relay has
 /// acknowledged the message.
 fn mqtt_pub(node: &RelayProc, id: &str, topic: &str, payload: &str) {
+    mqtt_pub_with(node, id, topic, payload, &[]);
+}
+
+fn mqtt_pub_with(node: &RelayProc, id: &str, topic: &str, payload: &str, more: &[&str]) {
     let port = node.mqtt.expect("mqtt listener").port().to_string();
     let s = std::process::Command::new("mosquitto_pub")
         .args(["-h", "127.0.0.1", "-p", &port, "-i", id, "-V", "mqttv5"])
         .args(["-t", topic, "-m", payload, "-q", "1"])
+        .args(more)
         .status()
         .expect("mosquitto_pub runs");
     assert!(s.success(), "mosquitto_pub {topic}: {s}");
@@ -1233,4 +1238,28 @@ fn a_topic_subscriber_and_a_group_member_on_other_nodes_each_get_a_publish_once(
         payloads.push(String::from_utf8_lossy(&f.payload).into_owned());
     }
     assert_eq!(payloads, ["native-3", "mqtt-3"], "native member on r1");
+}
+
+#[test]
+fn a_retained_publish_on_one_node_is_retained_on_every_node() {
+    let f = fleet("mqttret", &["s1", "s2", "s3"], &nats_urls(3));
+    let (b, c) = (&f.nodes[1], &f.nodes[2]);
+    mqtt_pub_with(b, "pub-b", "tank/t1/level", "73", &["-r"]);
+    // A subscriber arriving later on s3 gets it from s3's own store (the
+    // publish reaches s3 within milliseconds; a subscriber too early
+    // retries).
+    let line = eventually(
+        "s3 answers a new subscription with s2's retained message",
+        || {
+            let sub = Mosq::sub(c, "sub-c", "tank/+/level");
+            sub.line(Duration::from_millis(1000))
+        },
+    );
+    assert_eq!(line, "tank/t1/level 73");
+    // An empty retained publish on s2 clears it on s3 too.
+    mqtt_pub_with(b, "pub-b", "tank/t1/level", "", &["-r"]);
+    eventually("the cleared message is gone on s3", || {
+        let sub = Mosq::sub(c, "sub-c2", "tank/+/level");
+        sub.line(Duration::from_millis(500)).is_none().then_some(())
+    });
 }
