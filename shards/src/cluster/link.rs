@@ -915,3 +915,197 @@ impl Link {
         std::mem::take(&mut self.effects)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::router::MqttMsg;
+    use relay_core::mqtt::{Message, QoS};
+
+    fn link(node: &str) -> Link {
+        let cfg = LinkConfig {
+            node: node.into(),
+            shards: 2,
+            heartbeat_ms: 3000,
+            reply_timeout_ms: 1000,
+            batch_bytes: 64 * 1024,
+            cache_size: 100,
+        };
+        let mut l = Link::new(cfg, Arc::new(ClusterStats::default()), 1);
+        l.set_up(true, 1);
+        for n in ["n1", "n2", "n3"] {
+            l.handle_presence(n, serde_json::json!({}), 1);
+        }
+        l.take_effects();
+        l
+    }
+
+    fn publish(topic: &str, retain: bool) -> Remote {
+        let mut msg = Message::new(topic.as_bytes().to_vec(), &b"x"[..], QoS::AtLeastOnce);
+        msg.retain = retain;
+        Remote::MqttPublish {
+            src: Bytes::from_static(b"pub-1"),
+            msg: Box::new(MqttMsg { msg, ttl_ms: None }),
+        }
+    }
+
+    /// The nodes the pass's batches go to, sorted.
+    fn sent_to(l: &mut Link) -> Vec<String> {
+        l.flush();
+        let mut to: Vec<String> = l
+            .take_effects()
+            .into_iter()
+            .filter_map(|e| match e {
+                Effect::Publish { node, .. } => Some(node.to_string()),
+                _ => None,
+            })
+            .collect();
+        to.sort();
+        to
+    }
+
+    fn filter(f: &str, has: bool) -> Remote {
+        Remote::MqttFilter {
+            filter: Bytes::copy_from_slice(f.as_bytes()),
+            has,
+        }
+    }
+
+    #[test]
+    fn a_filter_is_announced_once_per_node_while_a_shard_has_subscribers() {
+        let mut l = link("n1");
+        l.handle_items(0, vec![filter("a/+", true)], 5);
+        let e = l.take_effects();
+        assert!(
+            matches!(&e[..], [Effect::InterestPut { key, value }]
+                if *key == mqtt_key(b"a/+", "n1") && &value[..] == b"a/+"),
+            "{e:?}"
+        );
+        l.handle_items(1, vec![filter("a/+", true)], 5);
+        l.handle_items(0, vec![filter("a/+", false)], 5);
+        assert!(l.take_effects().is_empty(), "shard 1 still has subscribers");
+        l.handle_items(1, vec![filter("a/+", false)], 5);
+        let e = l.take_effects();
+        assert!(
+            matches!(&e[..], [Effect::InterestDelete { key }] if *key == mqtt_key(b"a/+", "n1")),
+            "{e:?}"
+        );
+        // Refreshes write the filters held, with their value.
+        l.handle_items(0, vec![filter("b/#", true)], 5);
+        l.take_effects();
+        l.handle_tick(2000);
+        let puts: Vec<_> = l
+            .take_effects()
+            .into_iter()
+            .filter_map(|e| match e {
+                Effect::InterestPut { key, value } if key.starts_with("m.") => Some(value),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(puts, [Bytes::from_static(b"b/#")]);
+    }
+
+    #[test]
+    fn a_publish_goes_once_to_each_node_with_a_matching_filter_until_it_goes() {
+        let mut l = link("n1");
+        let long = format!("long/{}/+", "x".repeat(300));
+        for (f, n) in [
+            ("a/+/c", "n2"),
+            ("a/#", "n2"),
+            ("#", "n3"),
+            (&long[..], "n3"),
+        ] {
+            l.handle_interest(&mqtt_key(f.as_bytes(), n), Some(f.as_bytes()), 10);
+        }
+        assert!(
+            mqtt_key(long.as_bytes(), "n3").len() < 64,
+            "a long filter gets a short key"
+        );
+        l.handle_items(0, vec![publish("a/b/c", false)], 20);
+        assert_eq!(sent_to(&mut l), ["n2", "n3"], "once per node");
+        // `#` does not match a `$` topic; the long filter matches.
+        l.handle_items(0, vec![publish("$sys/x", false)], 20);
+        assert!(sent_to(&mut l).is_empty());
+        l.handle_items(
+            0,
+            vec![publish(&format!("long/{}/z", "x".repeat(300)), false)],
+            20,
+        );
+        assert_eq!(sent_to(&mut l), ["n3"]);
+        // A retained publish goes to every live node.
+        l.handle_items(0, vec![publish("$sys/x", true)], 20);
+        assert_eq!(sent_to(&mut l), ["n2", "n3"]);
+        // Deleted entries, then expired ones, are no longer matched.
+        l.handle_interest(&mqtt_key(b"#", "n3"), None, 30);
+        l.handle_items(0, vec![publish("z", false)], 30);
+        assert!(sent_to(&mut l).is_empty());
+        l.handle_items(0, vec![publish("a/b/c", false)], 30);
+        assert_eq!(sent_to(&mut l), ["n2"]);
+        for n in ["n1", "n2", "n3"] {
+            l.handle_presence(n, serde_json::json!({}), 3500);
+        }
+        l.handle_interest(&mqtt_key(b"a/#", "n2"), Some(b"a/#"), 3500);
+        l.handle_tick(3500);
+        l.take_effects();
+        l.handle_items(0, vec![publish("a/b/c", false)], 3500);
+        assert_eq!(sent_to(&mut l), ["n2"], "the refreshed entry stays");
+        l.handle_items(0, vec![publish("a/b", false)], 3500);
+        assert_eq!(sent_to(&mut l), ["n2"]);
+        l.handle_interest(&mqtt_key(b"a/#", "n2"), None, 3500);
+        l.handle_items(0, vec![publish("a/b/c", false)], 3500);
+        assert!(sent_to(&mut l).is_empty(), "a/+/c expired, a/# deleted");
+    }
+
+    #[test]
+    fn a_group_publish_goes_once_to_nodes_with_members_or_subscribers() {
+        let mut l = link("n1");
+        l.handle_interest(&interest_key(Index::Group, b"room", "n2"), Some(b"1"), 10);
+        l.handle_interest(&mqtt_key(b"room", "n2"), Some(b"room"), 10);
+        l.handle_interest(&mqtt_key(b"+", "n3"), Some(b"+"), 10);
+        let frame = relay_core::Frame::data(
+            Bytes::from_static(b"ctl"),
+            Bytes::from_static(b"room"),
+            Bytes::from_static(b"p"),
+        );
+        l.handle_items(
+            0,
+            vec![Remote::Fanout {
+                index: Index::Group,
+                name: Bytes::from_static(b"room"),
+                frame,
+                exclude: vec![],
+                reply: None,
+                mqtt: None,
+            }],
+            20,
+        );
+        l.flush();
+        let batches: Vec<(String, Vec<Item>)> = l
+            .take_effects()
+            .into_iter()
+            .filter_map(|e| match e {
+                Effect::Publish { node, payload } => {
+                    Some((node.to_string(), wire::read(&payload).unwrap().1))
+                }
+                _ => None,
+            })
+            .collect();
+        assert_eq!(batches.len(), 2, "{batches:?}");
+        for (node, items) in &batches {
+            assert_eq!(items.len(), 1, "one item for {node}: {items:?}");
+        }
+    }
+
+    #[test]
+    fn own_mqtt_entries_deleted_by_others_are_written_again() {
+        let mut l = link("n1");
+        l.handle_items(0, vec![filter("a/b", true)], 5);
+        l.take_effects();
+        l.handle_interest(&mqtt_key(b"a/b", "n1"), None, 6);
+        let e = l.take_effects();
+        assert!(
+            matches!(&e[..], [Effect::InterestPut { value, .. }] if &value[..] == b"a/b"),
+            "{e:?}"
+        );
+    }
+}

@@ -420,6 +420,18 @@ mod tests {
         for cut in (0..4).chain(5..full.len()) {
             assert!(read(&full[..cut]).is_err(), "cut at {cut}");
         }
+        let mut w = Writer::new("n1");
+        w.push(&Item::MqttPublish {
+            src: Bytes::from_static(b"c1"),
+            msg: Box::new(MqttMsg {
+                msg: Message::new(&b"t/1"[..], &b"payload"[..], QoS::AtLeastOnce),
+                ttl_ms: Some(5),
+            }),
+        });
+        let full = w.finish();
+        for cut in (0..4).chain(5..full.len()) {
+            assert!(read(&full[..cut]).is_err(), "mqtt item cut at {cut}");
+        }
         assert_eq!(read(&[2, 0]), Err(WireError::Version(2)));
         assert_eq!(read(&[1, 0, 99]), Err(WireError::Tag(99)));
     }
