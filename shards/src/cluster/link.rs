@@ -392,13 +392,16 @@ impl Link {
                     // A group is a topic: the nodes whose MQTT subscribers
                     // match it get the same item (one per node).
                     let retain = mqtt.as_ref().is_some_and(|m| m.msg.retain);
-                    let before = nodes.len();
-                    self.mqtt_nodes(&name, retain, now_ms, &mut nodes);
-                    let n = if mqtt.is_some() {
-                        nodes.len()
-                    } else {
-                        nodes.len() - before
-                    };
+                    let mut subscribed = Vec::new();
+                    self.mqtt_nodes(&name, retain, now_ms, &mut subscribed);
+                    let n = subscribed.len();
+                    for s in subscribed {
+                        if !nodes.contains(&s) {
+                            nodes.push(s);
+                        }
+                    }
+                    // With an MQTT client's message, every node gets it.
+                    let n = if mqtt.is_some() { nodes.len() } else { n };
                     self.stats.mqtt_out.fetch_add(n as u64, Relaxed);
                 }
                 if nodes.is_empty() {
@@ -743,6 +746,10 @@ impl Link {
                     Some((k, _)) => k.clone(),
                     None => node.into(),
                 };
+                if self.mqtt.len() >= self.cfg.cache_size {
+                    ClusterStats::inc(&self.stats.cache_full);
+                    return;
+                }
                 let filter = Bytes::copy_from_slice(filter);
                 if self.mqtt_trie.insert(&filter, node.clone(), ()).is_ok() {
                     self.mqtt.insert(key.to_owned(), (filter, node, now_ms));
@@ -1094,6 +1101,20 @@ mod tests {
         for (node, items) in &batches {
             assert_eq!(items.len(), 1, "one item for {node}: {items:?}");
         }
+    }
+
+    #[test]
+    fn other_nodes_filters_past_cache_size_are_not_kept_and_counted() {
+        let mut l = link("n1");
+        l.cfg.cache_size = 2;
+        for f in ["a", "b", "c"] {
+            l.handle_interest(&mqtt_key(f.as_bytes(), "n2"), Some(f.as_bytes()), 10);
+        }
+        assert_eq!(l.stats.cache_full.load(Relaxed), 1);
+        l.handle_items(0, vec![publish("c", false)], 20);
+        assert!(sent_to(&mut l).is_empty());
+        l.handle_items(0, vec![publish("b", false)], 20);
+        assert_eq!(sent_to(&mut l), ["n2"]);
     }
 
     #[test]

@@ -302,7 +302,7 @@ impl Cluster {
             ),
             m(
                 "relay_cluster_cache_full_total",
-                "Directory entries not kept: cluster.cache_size reached.",
+                "Directory entries or other nodes' MQTT filters not kept: cluster.cache_size reached.",
                 &s.cache_full,
             ),
             m(
