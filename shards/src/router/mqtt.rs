@@ -14,6 +14,15 @@
 //!   (`Cross::MqttRetain`), so a new subscription is answered locally;
 //! - `offline`: the persistent sessions whose client is away, kept until
 //!   their expiry, receiving (queueing) what their subscriptions match.
+//!
+//! In a cluster, a shard also tells the link when it gets its first (or
+//! loses its last) subscriber of a plain filter (`Remote::MqttFilter`); the
+//! link announces the node's filters and sends each publish once to each
+//! node with a matching filter: with the group fan-out when the topic is a
+//! group (`Remote::Fanout`, carrying the MQTT message when an MQTT client
+//! published it), else on its own (`Remote::MqttPublish`). What arrives is
+//! routed here as a local publish ([`Router::mqtt_from_node`]) and never
+//! forwarded again. Shared subscriptions stay node-local.
 
 use std::collections::HashMap;
 use std::rc::Rc;
