@@ -4,7 +4,8 @@
 //!
 //! A shard gives an item to the link only where a single relay would have
 //! answered `no_route` (no shard of this node holds the address), or where a
-//! fan-out may have members on other nodes, so the local path is unchanged.
+//! fan-out or an MQTT publish may have recipients on other nodes, so the
+//! local path is unchanged.
 
 use std::sync::Arc;
 
