@@ -1263,3 +1263,50 @@ fn a_retained_publish_on_one_node_is_retained_on_every_node() {
         sub.line(Duration::from_millis(500)).is_none().then_some(())
     });
 }
+
+#[test]
+fn a_shared_subscription_spread_over_nodes_gets_each_message_once() {
+    let f = fleet("mqttshare", &["h1", "h2", "h3"], &nats_urls(3));
+    let (a, b, c) = (&f.nodes[0], &f.nodes[1], &f.nodes[2]);
+    let sa = Mosq::sub(a, "share-a", "$share/workers/job/#");
+    let sb = Mosq::sub(b, "share-b", "$share/workers/job/#");
+    // Publishes on h3 (no member there) until each member has had one:
+    // h3 hands each message to one of h1 and h2, in turn.
+    let mut seen = [false, false];
+    for n in 0..60 {
+        mqtt_pub(c, "pub-c", "job/x", &format!("warmup-{n}"));
+        seen[0] |= sa.line(Duration::from_millis(150)).is_some();
+        seen[1] |= sb.line(Duration::from_millis(150)).is_some();
+        if seen == [true, true] {
+            break;
+        }
+    }
+    assert_eq!(seen, [true, true], "both members were reached from h3");
+    sa.lines_for(Duration::from_millis(300));
+    sb.lines_for(Duration::from_millis(300));
+
+    for i in 0..6 {
+        mqtt_pub(c, "pub-c", "job/x", &format!("m{i}"));
+    }
+    let (ga, gb) = (
+        sa.lines_for(Duration::from_millis(1500)),
+        sb.lines_for(Duration::from_millis(1500)),
+    );
+    let mut all: Vec<&String> = ga.iter().chain(&gb).collect();
+    all.sort();
+    let want: Vec<String> = (0..6).map(|i| format!("job/x m{i}")).collect();
+    assert_eq!(
+        all,
+        want.iter().collect::<Vec<_>>(),
+        "each once: {ga:?} {gb:?}"
+    );
+    assert!(!ga.is_empty() && !gb.is_empty(), "in turn: {ga:?} {gb:?}");
+
+    // Published on h1, which has a member: that member gets each, h2's none.
+    for i in 0..3 {
+        mqtt_pub(a, "pub-a", "job/y", &format!("l{i}"));
+    }
+    let ga = sa.lines_for(Duration::from_millis(1000));
+    assert_eq!(ga, ["job/y l0", "job/y l1", "job/y l2"]);
+    assert!(sb.lines_for(Duration::from_millis(300)).is_empty());
+}

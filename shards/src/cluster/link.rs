@@ -147,7 +147,7 @@ pub struct Link {
     /// Other nodes' MQTT filters by interest key: (filter, node, last
     /// heard of), and the same as a trie (filter → nodes) for matching.
     mqtt: HashMap<String, (Bytes, Arc<str>, u64)>,
-    mqtt_trie: SubscriptionTrie<Arc<str>, ()>,
+    mqtt_trie: SubscriptionTrie<Arc<str>, Bytes>,
     nodes: HashMap<Arc<str>, NodeSeen>,
     waiting: HashMap<u64, Waiting>,
     next_token: u64,
@@ -371,47 +371,47 @@ impl Link {
                 exclude,
                 reply,
                 mqtt,
+                shared,
             } => {
                 if !self.up {
                     ClusterStats::inc(&self.stats.unavailable);
                     return self.answer(shard, reply, 0, Some(unavailable()));
                 }
-                let mut nodes: Vec<Arc<str>> = match self.interest.get(&(index, name.clone())) {
-                    Some(m) => m
-                        .iter()
-                        .filter(|(n, seen)| {
-                            ***n != *self.cfg.node
-                                && now_ms.saturating_sub(**seen) <= self.cfg.heartbeat_ms
-                                && self.alive(n, now_ms)
-                        })
-                        .map(|(n, _)| n.clone())
-                        .collect(),
-                    None => Vec::new(),
-                };
+                let mut nodes: Vec<(Arc<str>, Vec<Bytes>)> =
+                    match self.interest.get(&(index, name.clone())) {
+                        Some(m) => m
+                            .iter()
+                            .filter(|(n, seen)| {
+                                ***n != *self.cfg.node
+                                    && now_ms.saturating_sub(**seen) <= self.cfg.heartbeat_ms
+                                    && self.alive(n, now_ms)
+                            })
+                            .map(|(n, _)| (n.clone(), Vec::new()))
+                            .collect(),
+                        None => Vec::new(),
+                    };
                 if index == Index::Group {
                     // A group is a topic: the nodes whose MQTT subscribers
                     // match it get the same item (one per node).
                     let retain = mqtt.as_ref().is_some_and(|m| m.msg.retain);
-                    let mut subscribed = Vec::new();
-                    self.mqtt_nodes(&name, retain, now_ms, &mut subscribed);
-                    let n = subscribed.len();
-                    for s in subscribed {
-                        if !nodes.contains(&s) {
-                            nodes.push(s);
-                        }
-                    }
+                    let native = nodes.len();
+                    self.mqtt_nodes(&name, retain, &shared, now_ms, &mut nodes);
                     // With an MQTT client's message, every node gets it.
-                    let n = if mqtt.is_some() { nodes.len() } else { n };
+                    let n = if mqtt.is_some() {
+                        nodes.len()
+                    } else {
+                        nodes.len() - native
+                    };
                     self.stats.mqtt_out.fetch_add(n as u64, Relaxed);
                 }
                 if nodes.is_empty() {
                     return self.answer(shard, reply, 0, None);
                 }
                 let token = reply.map_or(0, |t| self.wait(shard, t, nodes.len(), now_ms));
-                for n in &nodes {
+                for (n, shared) in nodes {
                     ClusterStats::inc(&self.stats.remote_frames_out);
                     self.send(
-                        n,
+                        &n,
                         &Item::Fanout {
                             index,
                             name: name.clone(),
@@ -419,25 +419,28 @@ impl Link {
                             token,
                             frame: frame.clone(),
                             mqtt: mqtt.clone(),
+                            shared,
                         },
                     );
                 }
             }
-            Remote::MqttPublish { src, msg } => {
+            Remote::MqttPublish { src, msg, shared } => {
                 if !self.up {
                     ClusterStats::inc(&self.stats.unavailable);
                     return;
                 }
                 let mut nodes = Vec::new();
-                self.mqtt_nodes(&msg.msg.topic, msg.msg.retain, now_ms, &mut nodes);
-                for n in &nodes {
+                let (topic, retain) = (&msg.msg.topic, msg.msg.retain);
+                self.mqtt_nodes(topic, retain, &shared, now_ms, &mut nodes);
+                for (n, shared) in nodes {
                     ClusterStats::inc(&self.stats.remote_frames_out);
                     ClusterStats::inc(&self.stats.mqtt_out);
                     self.send(
-                        n,
+                        &n,
                         &Item::MqttPublish {
                             src: src.clone(),
                             msg: msg.clone(),
+                            shared,
                         },
                     );
                 }
@@ -569,6 +572,7 @@ impl Link {
                     token,
                     frame,
                     mqtt,
+                    shared,
                 } => {
                     ClusterStats::inc(&self.stats.remote_frames_in);
                     if mqtt.is_some() {
@@ -588,14 +592,15 @@ impl Link {
                             exclude,
                             reply,
                             mqtt,
+                            shared,
                         },
                     );
                 }
-                Item::MqttPublish { src, msg } => {
+                Item::MqttPublish { src, msg, shared } => {
                     ClusterStats::inc(&self.stats.remote_frames_in);
                     ClusterStats::inc(&self.stats.mqtt_in);
                     let shard = shard_of(&msg.msg.topic, self.cfg.shards);
-                    self.for_shard(shard, Inbound::MqttPublish { src, msg });
+                    self.for_shard(shard, Inbound::MqttPublish { src, msg, shared });
                 }
                 Item::Reply {
                     token,
@@ -698,23 +703,54 @@ impl Link {
     }
 
     /// The live nodes other than this one whose MQTT filters match `topic`
-    /// (every live node when `all`), added to `nodes` once each.
-    fn mqtt_nodes(&self, topic: &[u8], all: bool, now_ms: u64, nodes: &mut Vec<Arc<str>>) {
+    /// (every live node when `all`), added to `nodes` once each, each with
+    /// the `$share` filters whose group it serves: for each matching share
+    /// group not in `done` (served on this node), one node with members, in
+    /// turn.
+    fn mqtt_nodes(
+        &self,
+        topic: &[u8],
+        all: bool,
+        done: &[Bytes],
+        now_ms: u64,
+        nodes: &mut Vec<(Arc<str>, Vec<Bytes>)>,
+    ) {
         let me = &*self.cfg.node;
-        let mut add = |n: &Arc<str>| {
-            if **n != *me && self.alive(n, now_ms) && !nodes.contains(n) {
-                nodes.push(n.clone());
-            }
-        };
-        if all {
-            self.nodes.keys().for_each(&mut add);
-        } else if !self.mqtt_trie.is_empty() {
-            self.mqtt_trie.for_each_match(topic, |m| {
-                if m.group.is_none() {
-                    add(m.id);
+        fn slot<'a>(
+            nodes: &'a mut Vec<(Arc<str>, Vec<Bytes>)>,
+            n: &Arc<str>,
+        ) -> &'a mut Vec<Bytes> {
+            let i = match nodes.iter().position(|(m, _)| m == n) {
+                Some(i) => i,
+                None => {
+                    nodes.push((n.clone(), Vec::new()));
+                    nodes.len() - 1
                 }
-            });
+            };
+            &mut nodes[i].1
         }
+        if all {
+            for n in self.nodes.keys() {
+                if **n != *me && self.alive(n, now_ms) {
+                    slot(nodes, n);
+                }
+            }
+        }
+        if self.mqtt_trie.is_empty() {
+            return;
+        }
+        self.mqtt_trie.for_each_match(topic, |m| {
+            if **m.id == *me || !self.alive(m.id, now_ms) {
+                return;
+            }
+            match m.group {
+                None => {
+                    slot(nodes, m.id);
+                }
+                Some(_) if done.contains(m.options) => {}
+                Some(_) => slot(nodes, m.id).push(m.options.clone()),
+            }
+        });
     }
 
     /// An `m.` interest entry: another node has MQTT subscribers of the
@@ -751,7 +787,11 @@ impl Link {
                     return;
                 }
                 let filter = Bytes::copy_from_slice(filter);
-                if self.mqtt_trie.insert(&filter, node.clone(), ()).is_ok() {
+                if self
+                    .mqtt_trie
+                    .insert(&filter, node.clone(), filter.clone())
+                    .is_ok()
+                {
                     self.mqtt.insert(key.to_owned(), (filter, node, now_ms));
                 }
             }
@@ -953,6 +993,7 @@ mod tests {
         Remote::MqttPublish {
             src: Bytes::from_static(b"pub-1"),
             msg: Box::new(MqttMsg { msg, ttl_ms: None }),
+            shared: vec![],
         }
     }
 
@@ -1083,6 +1124,7 @@ mod tests {
                 exclude: vec![],
                 reply: None,
                 mqtt: None,
+                shared: vec![],
             }],
             20,
         );
@@ -1115,6 +1157,51 @@ mod tests {
         assert!(sent_to(&mut l).is_empty());
         l.handle_items(0, vec![publish("b", false)], 20);
         assert_eq!(sent_to(&mut l), ["n2"]);
+    }
+
+    #[test]
+    fn a_share_group_gets_each_message_on_one_node_in_turn_unless_served_here() {
+        let mut l = link("n1");
+        let f = b"$share/g/job/#";
+        for n in ["n2", "n3"] {
+            l.handle_interest(&mqtt_key(f, n), Some(f), 10);
+        }
+        let mut served = Vec::new();
+        for _ in 0..4 {
+            l.handle_items(0, vec![publish("job/1", false)], 20);
+            l.flush();
+            for e in l.take_effects() {
+                if let Effect::Publish { node, payload } = e {
+                    let (_, items) = wire::read(&payload).unwrap();
+                    assert!(
+                        matches!(&items[..], [Item::MqttPublish { shared, .. }]
+                            if shared[..] == [Bytes::from_static(f)]),
+                        "{items:?}"
+                    );
+                    served.push(node.to_string());
+                }
+            }
+        }
+        served.sort();
+        assert_eq!(
+            served,
+            ["n2", "n2", "n3", "n3"],
+            "one node per message, in turn"
+        );
+        // Served here already: no other node gets it.
+        l.handle_items(
+            0,
+            vec![Remote::MqttPublish {
+                src: Bytes::from_static(b"p"),
+                msg: Box::new(MqttMsg {
+                    msg: Message::new(&b"job/1"[..], &b"x"[..], QoS::AtLeastOnce),
+                    ttl_ms: None,
+                }),
+                shared: vec![Bytes::from_static(f)],
+            }],
+            20,
+        );
+        assert!(sent_to(&mut l).is_empty());
     }
 
     #[test]

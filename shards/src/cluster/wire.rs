@@ -11,13 +11,14 @@
 //! | 1 | deliver | `u64` token (0: no answer wanted), frame |
 //! | 2 | fanout | `u8` index (0 group, 1 uid), name, `u16` n + n names (exclude), `u64` token, frame |
 //! | 3 | reply | `u64` token, `u32` delivered, `u16` error code (0: none), `u16` len + message |
-//! | 4 | group fanout with its MQTT message | the fields of 2, then an MQTT message |
-//! | 5 | MQTT publish | name (the publisher), MQTT message |
+//! | 4 | group fanout with MQTT fields | the fields of 2, `u8` 1 + an MQTT message or 0, share filters |
+//! | 5 | MQTT publish | name (the publisher), MQTT message, share filters |
 //!
 //! A name is `u8 len` + bytes. An MQTT message is `u8` flags (bits 0-1
 //! QoS, bit 2 RETAIN, bit 3 expiry present), `u64` ms left before it
 //! expires (when present), `u16` len + topic, `u32` len + properties,
-//! `u32` len + payload.
+//! `u32` len + payload. Share filters (the `$share` groups the receiving
+//! node serves this time) are `u16` n, then n times `u16` len + filter.
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use relay_core::codec::{self, Decoder};
@@ -51,11 +52,15 @@ pub enum Item {
         frame: Frame,
         /// With a group publish an MQTT client made: its MQTT message.
         mqtt: Option<Box<MqttMsg>>,
+        /// The `$share` filters whose group the receiving node serves.
+        shared: Vec<Bytes>,
     },
-    /// An MQTT publish for the receiving node's matching subscriptions.
+    /// An MQTT publish for the receiving node's matching subscriptions and
+    /// the share groups of `shared`.
     MqttPublish {
         src: Bytes,
         msg: Box<MqttMsg>,
+        shared: Vec<Bytes>,
     },
     Reply {
         token: u64,
@@ -117,8 +122,10 @@ impl Writer {
                 token,
                 frame,
                 mqtt,
+                shared,
             } => {
-                b.put_u8(if mqtt.is_some() { FANOUT_MQTT } else { FANOUT });
+                let plain = mqtt.is_none() && shared.is_empty();
+                b.put_u8(if plain { FANOUT } else { FANOUT_MQTT });
                 b.put_u8(*index as u8);
                 put_name(b, name);
                 b.put_u16(exclude.len().min(u16::MAX as usize) as u16);
@@ -127,14 +134,22 @@ impl Writer {
                 }
                 b.put_u64(*token);
                 codec::encode(frame, b);
-                if let Some(m) = mqtt {
-                    put_msg(b, m);
+                if !plain {
+                    match mqtt {
+                        Some(m) => {
+                            b.put_u8(1);
+                            put_msg(b, m);
+                        }
+                        None => b.put_u8(0),
+                    }
+                    put_filters(b, shared);
                 }
             }
-            Item::MqttPublish { src, msg } => {
+            Item::MqttPublish { src, msg, shared } => {
                 b.put_u8(MQTT_PUBLISH);
                 put_name(b, src);
                 put_msg(b, msg);
+                put_filters(b, shared);
             }
             Item::Reply {
                 token,
@@ -183,6 +198,29 @@ fn put_msg(b: &mut BytesMut, m: &MqttMsg) {
     b.put_slice(&msg.props);
     b.put_u32(msg.payload.len() as u32);
     b.put_slice(&msg.payload);
+}
+
+fn put_filters(b: &mut BytesMut, filters: &[Bytes]) {
+    let n = filters.len().min(u16::MAX as usize);
+    b.put_u16(n as u16);
+    for f in &filters[..n] {
+        let f = &f[..f.len().min(u16::MAX as usize)];
+        b.put_u16(f.len() as u16);
+        b.put_slice(f);
+    }
+}
+
+fn get_filters(b: &mut BytesMut) -> Result<Vec<Bytes>, WireError> {
+    need(b, 2)?;
+    let n = b.get_u16() as usize;
+    let mut out = Vec::with_capacity(n.min(64));
+    for _ in 0..n {
+        need(b, 2)?;
+        let len = b.get_u16() as usize;
+        need(b, len)?;
+        out.push(b.split_to(len).freeze());
+    }
+    Ok(out)
 }
 
 fn get_msg(b: &mut BytesMut) -> Result<MqttMsg, WireError> {
@@ -280,11 +318,14 @@ pub fn read(payload: &[u8]) -> Result<(String, Vec<Item>), WireError> {
                 need(&b, 8)?;
                 let token = b.get_u64();
                 let frame = get_frame(&mut b)?;
-                let mqtt = if tag == FANOUT_MQTT {
-                    Some(Box::new(get_msg(&mut b)?))
-                } else {
-                    None
-                };
+                let (mut mqtt, mut shared) = (None, Vec::new());
+                if tag == FANOUT_MQTT {
+                    need(&b, 1)?;
+                    if b.get_u8() == 1 {
+                        mqtt = Some(Box::new(get_msg(&mut b)?));
+                    }
+                    shared = get_filters(&mut b)?;
+                }
                 Item::Fanout {
                     index,
                     name,
@@ -292,13 +333,16 @@ pub fn read(payload: &[u8]) -> Result<(String, Vec<Item>), WireError> {
                     token,
                     frame,
                     mqtt,
+                    shared,
                 }
             }
             MQTT_PUBLISH => {
                 let src = get_name(&mut b)?;
+                let msg = Box::new(get_msg(&mut b)?);
                 Item::MqttPublish {
                     src,
-                    msg: Box::new(get_msg(&mut b)?),
+                    msg,
+                    shared: get_filters(&mut b)?,
                 }
             }
             REPLY => {
@@ -364,6 +408,16 @@ mod tests {
                 token: 42,
                 frame: group.clone(),
                 mqtt: None,
+                shared: vec![],
+            },
+            Item::Fanout {
+                index: Index::Group,
+                name: Bytes::from_static(b"room"),
+                exclude: vec![],
+                token: 3,
+                frame: group.clone(),
+                mqtt: None,
+                shared: vec![Bytes::from_static(b"$share/g/room")],
             },
             Item::Fanout {
                 index: Index::Group,
@@ -380,6 +434,7 @@ mod tests {
                     },
                     ttl_ms: Some(9000),
                 })),
+                shared: vec![],
             },
             Item::MqttPublish {
                 src: Bytes::from_static(b"mqtt-cli"),
@@ -387,6 +442,10 @@ mod tests {
                     msg: Message::new(&b"a/b/c"[..], &b"21.5"[..], QoS::AtMostOnce),
                     ttl_ms: None,
                 }),
+                shared: vec![
+                    Bytes::from_static(b"$share/a/a/+/c"),
+                    Bytes::from_static(b"$share/b/#"),
+                ],
             },
             Item::Reply {
                 token: 9,
@@ -427,6 +486,7 @@ mod tests {
                 msg: Message::new(&b"t/1"[..], &b"payload"[..], QoS::AtLeastOnce),
                 ttl_ms: Some(5),
             }),
+            shared: vec![Bytes::from_static(b"$share/x/t/#")],
         });
         let full = w.finish();
         for cut in (0..4).chain(5..full.len()) {

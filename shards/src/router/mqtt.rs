@@ -16,13 +16,16 @@
 //!   their expiry, receiving (queueing) what their subscriptions match.
 //!
 //! In a cluster, a shard also tells the link when it gets its first (or
-//! loses its last) subscriber of a plain filter (`Remote::MqttFilter`); the
+//! loses its last) subscriber of a filter (`Remote::MqttFilter`); the
 //! link announces the node's filters and sends each publish once to each
 //! node with a matching filter: with the group fan-out when the topic is a
 //! group (`Remote::Fanout`, carrying the MQTT message when an MQTT client
 //! published it), else on its own (`Remote::MqttPublish`). What arrives is
 //! routed here as a local publish ([`Router::mqtt_from_node`]) and never
-//! forwarded again. Shared subscriptions stay node-local.
+//! forwarded again. A share group is served here when this node has
+//! members (the filters served travel with the item, so the link skips
+//! them), else the link picks one node with members, and only that node
+//! serves it.
 
 use std::collections::HashMap;
 use std::rc::Rc;
@@ -625,7 +628,7 @@ impl Router {
         // Other nodes get the message once each: with the group publish when
         // the topic is a group name, else on its own.
         let remote = cluster.then(|| Box::new(MqttMsg::leaving(msg.clone(), now.mono_ms)));
-        self.mqtt_route(src, msg, now);
+        let shared = self.mqtt_route(src, msg, None, now);
         match (frame, remote) {
             (Some(f), remote) => {
                 let name = f.dst.clone();
@@ -637,12 +640,14 @@ impl Router {
                     None,
                     cluster,
                     remote,
+                    shared,
                     now,
                 );
             }
             (None, Some(msg)) => self.push_remote(Remote::MqttPublish {
                 src: src.clone(),
                 msg,
+                shared,
             }),
             (None, None) => {}
         }
@@ -652,30 +657,53 @@ impl Router {
     }
 
     /// An MQTT message from another node: kept when retained, and delivered
-    /// to this node's matching subscriptions (never forwarded again).
-    pub(super) fn mqtt_from_node(&self, src: &Bytes, m: MqttMsg, now: Now) {
+    /// to this node's matching subscriptions and the share groups of
+    /// `shared` (never forwarded again).
+    pub(super) fn mqtt_from_node(&self, src: &Bytes, m: MqttMsg, shared: &[Bytes], now: Now) {
         let msg = m.arrived(now.mono_ms);
         if msg.retain {
             self.mqtt_retain(msg.clone(), true);
         }
-        self.mqtt_route(src, msg, now);
+        self.mqtt_route(src, msg, Some(shared), now);
     }
 
-    /// A native group publish seen by the MQTT subscribers of topic `name`.
-    pub(super) fn mqtt_from_group(&self, name: &Bytes, frame: &Frame, now: Now) {
+    /// A native group publish seen by the MQTT subscribers of topic `name`
+    /// (`only`: see [`Router::mqtt_route`]); returns the `$share` filters
+    /// whose group got it.
+    pub(super) fn mqtt_from_group(
+        &self,
+        name: &Bytes,
+        frame: &Frame,
+        only: Option<&[Bytes]>,
+        now: Now,
+    ) -> Vec<Bytes> {
         if name.starts_with(WATCH_PREFIX) || self.mqtt.borrow().remote.is_empty() {
-            return;
+            return Vec::new();
         }
         let msg = Message::new(name.clone(), frame.payload.clone(), QoS::AtLeastOnce);
-        self.mqtt_route(&frame.src, msg, now);
+        self.mqtt_route(&frame.src, msg, only, now)
     }
 
-    /// Sends `msg` to the shards whose subscriptions match its topic.
-    fn mqtt_route(&self, src: &Bytes, msg: Message, now: Now) {
+    /// Sends `msg` to the shards whose subscriptions match its topic: every
+    /// plain subscription, and one member of each matching share group (of
+    /// the groups whose filter is in `only`, when given: a message from
+    /// another node). Returns the `$share` filters whose group got it.
+    fn mqtt_route(
+        &self,
+        src: &Bytes,
+        msg: Message,
+        only: Option<&[Bytes]>,
+        now: Now,
+    ) -> Vec<Bytes> {
         let mut mask: u64 = 0;
         let mut shared: HashMap<u16, Vec<Bytes>> = HashMap::new();
+        let mut served = Vec::new();
         self.mqtt.borrow().remote.for_each_match(&msg.topic, |m| {
             if m.group.is_some() {
+                if only.is_some_and(|o| !o.contains(m.options)) {
+                    return;
+                }
+                served.push(m.options.clone());
                 shared.entry(*m.id).or_default().push(m.options.clone());
             } else {
                 mask |= 1 << *m.id;
@@ -702,6 +730,7 @@ impl Router {
             let mine = shared.remove(&(self.shard as u16)).unwrap_or_default();
             self.mqtt_deliver_matches(src, &msg, &mine, now);
         }
+        served
     }
 
     /// Delivers `msg` to this shard's matching subscriptions: every plain
@@ -897,11 +926,8 @@ impl Router {
         if !changed {
             return;
         }
-        // Other nodes learn of plain filters; a shared subscription sees the
-        // messages published on its own node only (docs/mqtt.md).
-        if self.clustered()
-            && relay_core::mqtt::parse_filter(filter).is_ok_and(|f| f.group.is_none())
-        {
+        // Other nodes learn of every filter, `$share` ones included.
+        if self.clustered() {
             self.push_remote(Remote::MqttFilter {
                 filter: filter.clone(),
                 has: add,

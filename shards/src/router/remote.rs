@@ -66,12 +66,19 @@ pub enum Remote {
         exclude: Vec<Bytes>,
         reply: Option<u64>,
         mqtt: Option<Box<MqttMsg>>,
+        /// The `$share` filters whose group got the message on this node.
+        shared: Vec<Bytes>,
     },
     /// An MQTT publish whose topic is no group name: to the nodes whose MQTT
-    /// subscriptions match it (to every node when retained).
-    MqttPublish { src: Bytes, msg: Box<MqttMsg> },
-    /// This shard now has (or no longer has) MQTT subscribers of the plain
-    /// (not shared) topic filter `filter`.
+    /// subscriptions match it (to every node when retained). `shared`: the
+    /// `$share` filters whose group got it on this node.
+    MqttPublish {
+        src: Bytes,
+        msg: Box<MqttMsg>,
+        shared: Vec<Bytes>,
+    },
+    /// This shard now has (or no longer has) MQTT subscribers of the topic
+    /// filter `filter` (as sent: `$share/<g>/<f>` for a shared one).
     MqttFilter { filter: Bytes, has: bool },
     /// This shard now has (or no longer has) members of `name`.
     Interest {
@@ -113,10 +120,17 @@ pub enum Inbound {
         exclude: Vec<Bytes>,
         reply: Option<ReplyTo>,
         mqtt: Option<Box<MqttMsg>>,
+        /// The `$share` filters whose group this node serves this time.
+        shared: Vec<Bytes>,
     },
     /// An MQTT publish from another node, for this node's matching MQTT
-    /// subscriptions (not forwarded again).
-    MqttPublish { src: Bytes, msg: Box<MqttMsg> },
+    /// subscriptions (not forwarded again) and the share groups of the
+    /// `$share` filters in `shared`.
+    MqttPublish {
+        src: Bytes,
+        msg: Box<MqttMsg>,
+        shared: Vec<Bytes>,
+    },
     /// The answer to a [`Remote`] item that carried `reply: Some(token)`.
     Reply {
         token: u64,
@@ -195,17 +209,23 @@ impl Router {
                 exclude,
                 reply,
                 mqtt,
+                shared,
             } => {
                 let ack = reply.map(AckTarget::Remote);
-                match mqtt {
-                    Some(m) if index == Index::Group => {
-                        self.mqtt_from_node(&frame.src, *m, now);
-                        self.fanout_native(index, &name, frame, exclude, ack, false, None, now);
+                if index == Index::Group {
+                    match mqtt {
+                        Some(m) => self.mqtt_from_node(&frame.src, *m, &shared, now),
+                        None => {
+                            self.mqtt_from_group(&name, &frame, Some(&shared), now);
+                        }
                     }
-                    _ => self.fanout_node(index, &name, frame, exclude, ack, now),
                 }
+                let none = Vec::new();
+                self.fanout_native(index, &name, frame, exclude, ack, false, None, none, now);
             }
-            Inbound::MqttPublish { src, msg } => self.mqtt_from_node(&src, *msg, now),
+            Inbound::MqttPublish { src, msg, shared } => {
+                self.mqtt_from_node(&src, *msg, &shared, now)
+            }
             Inbound::Reply {
                 token,
                 delivered,
