@@ -1074,6 +1074,21 @@ impl Mosq {
         self.lines.recv_timeout(t).ok()
     }
 
+    /// The next `n` lines (at most 10 s), then whatever else comes within
+    /// `more`.
+    fn lines(&self, n: usize, more: Duration) -> Vec<String> {
+        let end = Instant::now() + Duration::from_secs(10);
+        let mut out = Vec::new();
+        while out.len() < n {
+            match self.line(end.saturating_duration_since(Instant::now())) {
+                Some(l) => out.push(l),
+                None => break,
+            }
+        }
+        out.extend(self.lines_for(more));
+        out
+    }
+
     /// Every line printed within `t`.
     fn lines_for(&self, t: Duration) -> Vec<String> {
         let end = Instant::now() + t;
@@ -1164,7 +1179,7 @@ fn an_mqtt_subscription_sees_publishes_of_every_node_once_until_it_goes() {
     // topic `plant`, which `plant/#` matches).
     let mut ctl = Client::hello(c.tcp, Form::Binary, "ctl-3");
     native_publish(&mut ctl, "plant", 1, "from-q3");
-    let got = sub.lines_for(Duration::from_millis(1500));
+    let got = sub.lines(2, Duration::from_millis(500));
     let n = |want: &str| got.iter().filter(|l| *l == want).count();
     assert_eq!(n("plant/k1/temp from-q2"), 1, "{got:?}");
     assert_eq!(n("plant from-q3"), 1, "{got:?}");
@@ -1225,13 +1240,20 @@ fn a_topic_subscriber_and_a_group_member_on_other_nodes_each_get_a_publish_once(
     // A native publish and an MQTT publish on r3: each reaches both once.
     native_publish(&mut ctl, "room-9", 100, "native-3");
     mqtt_pub(c, "pub-c", "room-9", "mqtt-3");
-    let got = sub.lines_for(Duration::from_millis(1500));
+    let got = sub.lines(2, Duration::from_millis(500));
     assert_eq!(
         got,
         ["room-9 native-3", "room-9 mqtt-3"],
         "MQTT subscriber on r2"
     );
     let mut payloads = Vec::new();
+    let end = Instant::now() + Duration::from_secs(10);
+    while payloads.len() < 2 && Instant::now() < end {
+        if let Some(f) = member.recv_timeout(Duration::from_millis(200)) {
+            assert_eq!(f.kind, FrameType::Data, "{f:?}");
+            payloads.push(String::from_utf8_lossy(&f.payload).into_owned());
+        }
+    }
     while let Some(f) = member.recv_timeout(Duration::from_millis(500)) {
         assert_eq!(f.kind, FrameType::Data, "{f:?}");
         assert_eq!(&f.dst[..], b"room-9");
@@ -1288,10 +1310,15 @@ fn a_shared_subscription_spread_over_nodes_gets_each_message_once() {
     for i in 0..6 {
         mqtt_pub(c, "pub-c", "job/x", &format!("m{i}"));
     }
-    let (ga, gb) = (
-        sa.lines_for(Duration::from_millis(1500)),
-        sb.lines_for(Duration::from_millis(1500)),
-    );
+    // Six lines between the two (at most 10 s), then nothing more.
+    let (mut ga, mut gb) = (Vec::new(), Vec::new());
+    let end = Instant::now() + Duration::from_secs(10);
+    while ga.len() + gb.len() < 6 && Instant::now() < end {
+        ga.extend(sa.line(Duration::from_millis(50)));
+        gb.extend(sb.line(Duration::from_millis(50)));
+    }
+    ga.extend(sa.lines_for(Duration::from_millis(300)));
+    gb.extend(sb.lines_for(Duration::from_millis(300)));
     let mut all: Vec<&String> = ga.iter().chain(&gb).collect();
     all.sort();
     let want: Vec<String> = (0..6).map(|i| format!("job/x m{i}")).collect();
@@ -1306,7 +1333,7 @@ fn a_shared_subscription_spread_over_nodes_gets_each_message_once() {
     for i in 0..3 {
         mqtt_pub(a, "pub-a", "job/y", &format!("l{i}"));
     }
-    let ga = sa.lines_for(Duration::from_millis(1000));
+    let ga = sa.lines(3, Duration::from_millis(300));
     assert_eq!(ga, ["job/y l0", "job/y l1", "job/y l2"]);
     assert!(sb.lines_for(Duration::from_millis(300)).is_empty());
 }
