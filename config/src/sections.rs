@@ -454,7 +454,8 @@ pub struct ClusterConfig {
     /// Messages each channel between the shards and the NATS thread holds;
     /// a full channel drops the message and counts it (a shard never waits).
     pub channel_capacity: usize,
-    /// Most directory entries (address → node) a node keeps in memory.
+    /// Most directory entries (address → node) a node keeps in memory, and
+    /// most MQTT topic filters of other nodes (filter, node) it keeps.
     pub cache_size: usize,
     /// How long a frame with ACK_REQ sent to another node waits for that
     /// node's answer before the sender gets `unavailable`.

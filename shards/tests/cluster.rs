@@ -107,7 +107,7 @@ fn spawn_node_with(
         &cfg,
         format!(
             "[node]\nname = \"{name}\"\n\
-             [listeners]\ntcp = \"127.0.0.1:0\"\nhttp = \"127.0.0.1:0\"\n\
+             [listeners]\ntcp = \"127.0.0.1:0\"\nhttp = \"127.0.0.1:0\"\nmqtt = \"127.0.0.1:0\"\n\
              [shards]\ncount = 2\npin = false\nio_memory_kib = 256\n\
              {sections}\
              [cluster]\nenabled = true\nnats_url = \"{nats_url}\"\nprefix = \"{prefix}\"\n\
@@ -1038,4 +1038,302 @@ fn with_no_live_lease_holder_rule_events_are_dropped_and_counted() {
     let (s, body) = n.get("/api/v1/alarms");
     assert_eq!(s, 503, "{body}");
     assert!(body.contains("\"unavailable\""), "{body}");
+}
+
+/// A mosquitto client process whose stdout lines arrive on a channel;
+/// killed (by its pid) when dropped.
+struct Mosq {
+    child: std::process::Child,
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl Mosq {
+    /// mosquitto_sub on `node` printing `topic payload` lines (QoS 1).
+    fn sub(node: &RelayProc, id: &str, filter: &str) -> Mosq {
+        use std::io::BufRead;
+        let port = node.mqtt.expect("mqtt listener").port().to_string();
+        let mut child = std::process::Command::new("mosquitto_sub")
+            .args(["-h", "127.0.0.1", "-p", &port, "-i", id, "-V", "mqttv5"])
+            .args(["-t", filter, "-q", "1", "-v"])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("mosquitto_sub runs");
+        let out = child.stdout.take().unwrap();
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Mosq { child, lines }
+    }
+
+    fn line(&self, t: Duration) -> Option<String> {
+        self.lines.recv_timeout(t).ok()
+    }
+
+    /// The next `n` lines (at most 10 s), then whatever else comes within
+    /// `more`.
+    fn lines(&self, n: usize, more: Duration) -> Vec<String> {
+        let end = Instant::now() + Duration::from_secs(10);
+        let mut out = Vec::new();
+        while out.len() < n {
+            match self.line(end.saturating_duration_since(Instant::now())) {
+                Some(l) => out.push(l),
+                None => break,
+            }
+        }
+        out.extend(self.lines_for(more));
+        out
+    }
+
+    /// Every line printed within `t`.
+    fn lines_for(&self, t: Duration) -> Vec<String> {
+        let end = Instant::now() + t;
+        let mut out = Vec::new();
+        while let Some(l) = self.line(end.saturating_duration_since(Instant::now())) {
+            out.push(l);
+        }
+        out
+    }
+}
+
+impl Drop for Mosq {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// mosquitto_pub on `node` (QoS 1, MQTT 5): returns once the relay has
+/// acknowledged the message.
+fn mqtt_pub(node: &RelayProc, id: &str, topic: &str, payload: &str) {
+    mqtt_pub_with(node, id, topic, payload, &[]);
+}
+
+fn mqtt_pub_with(node: &RelayProc, id: &str, topic: &str, payload: &str, more: &[&str]) {
+    let port = node.mqtt.expect("mqtt listener").port().to_string();
+    let s = std::process::Command::new("mosquitto_pub")
+        .args(["-h", "127.0.0.1", "-p", &port, "-i", id, "-V", "mqttv5"])
+        .args(["-t", topic, "-m", payload, "-q", "1"])
+        .args(more)
+        .status()
+        .expect("mosquitto_pub runs");
+    assert!(s.success(), "mosquitto_pub {topic}: {s}");
+}
+
+/// A native group publish from `c` (acknowledged by the relay).
+fn native_publish(c: &mut Client, group: &str, seq: u32, payload: &str) {
+    let mut f = relay_core::Frame::new(FrameType::Publish);
+    f.dst = bytes::Bytes::copy_from_slice(group.as_bytes());
+    f.seq = seq;
+    f.flags = relay_core::frame::Flags(relay_core::frame::Flags::ACK_REQ);
+    f.payload = bytes::Bytes::copy_from_slice(payload.as_bytes());
+    c.send(&f);
+    loop {
+        let got = c.recv();
+        if got.seq == seq && got.kind == FrameType::Ack {
+            return;
+        }
+        assert_ne!(got.kind, FrameType::Error, "{:?}", got.error_parts());
+    }
+}
+
+/// Publishes (with `publish(n)`) until `sub` prints a line, then returns
+/// the line (the subscription reaches the other nodes within
+/// milliseconds, but not at once).
+fn publish_until_line(sub: &Mosq, what: &str, mut publish: impl FnMut(u32)) -> String {
+    for n in 0..40 {
+        publish(n);
+        if let Some(l) = sub.line(Duration::from_millis(300)) {
+            return l;
+        }
+    }
+    panic!("{what}: the subscriber never got a message");
+}
+
+/// A counter of `/metrics` on `node`.
+fn metric(node: &RelayProc, name: &str) -> u64 {
+    let (_, body) = node.get("/metrics");
+    body.lines()
+        .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in /metrics"))
+}
+
+#[test]
+fn an_mqtt_subscription_sees_publishes_of_every_node_once_until_it_goes() {
+    let f = fleet("mqtt", &["q1", "q2", "q3"], &nats_urls(3));
+    let (a, b, c) = (&f.nodes[0], &f.nodes[1], &f.nodes[2]);
+    let sub = Mosq::sub(a, "sub-a", "plant/#");
+
+    // An MQTT client on q2: the wildcard subscriber on q1 gets it.
+    let first = publish_until_line(&sub, "mqtt from q2", |n| {
+        mqtt_pub(b, "pub-b", "plant/k1/temp", &format!("warmup-{n}"));
+    });
+    assert!(first.starts_with("plant/k1/temp warmup-"), "{first}");
+    sub.lines_for(Duration::from_millis(300));
+    mqtt_pub(b, "pub-b", "plant/k1/temp", "from-q2");
+    // A native controller's group publish on q3 (group `plant` is the
+    // topic `plant`, which `plant/#` matches).
+    let mut ctl = Client::hello(c.tcp, Form::Binary, "ctl-3");
+    native_publish(&mut ctl, "plant", 1, "from-q3");
+    let got = sub.lines(2, Duration::from_millis(500));
+    let n = |want: &str| got.iter().filter(|l| *l == want).count();
+    assert_eq!(n("plant/k1/temp from-q2"), 1, "{got:?}");
+    assert_eq!(n("plant from-q3"), 1, "{got:?}");
+    assert_eq!(got.len(), 2, "nothing else, nothing twice: {got:?}");
+
+    // While q1 has the subscriber, q2 sends each publish to it.
+    let out = "relay_cluster_mqtt_publishes_out_total";
+    let before = metric(b, out);
+    mqtt_pub(b, "pub-b", "plant/k1/temp", "counted");
+    eventually("q2 counts the publish it sends to q1", || {
+        (metric(b, out) > before).then_some(())
+    });
+    assert_eq!(
+        sub.line(Duration::from_secs(5)).as_deref(),
+        Some("plant/k1/temp counted")
+    );
+
+    // The last subscriber on q1 goes: within the interest refresh period
+    // q2 sends nothing more there.
+    drop(sub);
+    eventually("q2 stops sending to q1", || {
+        let before = metric(b, out);
+        mqtt_pub(b, "pub-b", "plant/k1/temp", "after");
+        let end = Instant::now() + Duration::from_millis(500);
+        while Instant::now() < end {
+            if metric(b, out) > before {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Some(())
+    });
+}
+
+#[test]
+fn a_topic_subscriber_and_a_group_member_on_other_nodes_each_get_a_publish_once() {
+    let f = fleet("mqttgrp", &["r1", "r2", "r3"], &nats_urls(3));
+    let (a, b, c) = (&f.nodes[0], &f.nodes[1], &f.nodes[2]);
+    // A native member of group `room-9` on r1, an MQTT subscriber of topic
+    // `room-9` on r2, publishers on r3.
+    let mut member = Client::hello(a.tcp, Form::Binary, "member-1");
+    let mut j = relay_core::Frame::new(FrameType::Join);
+    j.dst = bytes::Bytes::from_static(b"room-9");
+    j.seq = 1;
+    j.flags = relay_core::frame::Flags(relay_core::frame::Flags::ACK_REQ);
+    member.send(&j);
+    assert_eq!(member.expect(FrameType::Ack).seq, 1);
+    let sub = Mosq::sub(b, "sub-b", "room-9");
+    let mut ctl = Client::hello(c.tcp, Form::Binary, "ctl-9");
+    let mut seq = 10;
+    publish_until_line(&sub, "native publish on r3", |n| {
+        seq += 1;
+        native_publish(&mut ctl, "room-9", seq, &format!("warmup-{n}"));
+    });
+    sub.lines_for(Duration::from_millis(300));
+    while member.recv_timeout(Duration::from_millis(300)).is_some() {}
+
+    // A native publish and an MQTT publish on r3: each reaches both once.
+    native_publish(&mut ctl, "room-9", 100, "native-3");
+    mqtt_pub(c, "pub-c", "room-9", "mqtt-3");
+    let got = sub.lines(2, Duration::from_millis(500));
+    assert_eq!(
+        got,
+        ["room-9 native-3", "room-9 mqtt-3"],
+        "MQTT subscriber on r2"
+    );
+    let mut payloads = Vec::new();
+    let end = Instant::now() + Duration::from_secs(10);
+    while payloads.len() < 2 && Instant::now() < end {
+        if let Some(f) = member.recv_timeout(Duration::from_millis(200)) {
+            assert_eq!(f.kind, FrameType::Data, "{f:?}");
+            payloads.push(String::from_utf8_lossy(&f.payload).into_owned());
+        }
+    }
+    while let Some(f) = member.recv_timeout(Duration::from_millis(500)) {
+        assert_eq!(f.kind, FrameType::Data, "{f:?}");
+        assert_eq!(&f.dst[..], b"room-9");
+        payloads.push(String::from_utf8_lossy(&f.payload).into_owned());
+    }
+    assert_eq!(payloads, ["native-3", "mqtt-3"], "native member on r1");
+}
+
+#[test]
+fn a_retained_publish_on_one_node_is_retained_on_every_node() {
+    let f = fleet("mqttret", &["s1", "s2", "s3"], &nats_urls(3));
+    let (b, c) = (&f.nodes[1], &f.nodes[2]);
+    mqtt_pub_with(b, "pub-b", "tank/t1/level", "73", &["-r"]);
+    // A subscriber arriving later on s3 gets it from s3's own store (the
+    // publish reaches s3 within milliseconds; a subscriber too early
+    // retries).
+    let line = eventually(
+        "s3 answers a new subscription with s2's retained message",
+        || {
+            let sub = Mosq::sub(c, "sub-c", "tank/+/level");
+            sub.line(Duration::from_millis(1000))
+        },
+    );
+    assert_eq!(line, "tank/t1/level 73");
+    // An empty retained publish on s2 clears it on s3 too.
+    mqtt_pub_with(b, "pub-b", "tank/t1/level", "", &["-r"]);
+    eventually("the cleared message is gone on s3", || {
+        let sub = Mosq::sub(c, "sub-c2", "tank/+/level");
+        sub.line(Duration::from_millis(500)).is_none().then_some(())
+    });
+}
+
+#[test]
+fn a_shared_subscription_spread_over_nodes_gets_each_message_once() {
+    let f = fleet("mqttshare", &["h1", "h2", "h3"], &nats_urls(3));
+    let (a, b, c) = (&f.nodes[0], &f.nodes[1], &f.nodes[2]);
+    let sa = Mosq::sub(a, "share-a", "$share/workers/job/#");
+    let sb = Mosq::sub(b, "share-b", "$share/workers/job/#");
+    // Publishes on h3 (no member there) until each member has had one:
+    // h3 hands each message to one of h1 and h2, in turn.
+    let mut seen = [false, false];
+    for n in 0..60 {
+        mqtt_pub(c, "pub-c", "job/x", &format!("warmup-{n}"));
+        seen[0] |= sa.line(Duration::from_millis(150)).is_some();
+        seen[1] |= sb.line(Duration::from_millis(150)).is_some();
+        if seen == [true, true] {
+            break;
+        }
+    }
+    assert_eq!(seen, [true, true], "both members were reached from h3");
+    sa.lines_for(Duration::from_millis(300));
+    sb.lines_for(Duration::from_millis(300));
+
+    for i in 0..6 {
+        mqtt_pub(c, "pub-c", "job/x", &format!("m{i}"));
+    }
+    // Six lines between the two (at most 10 s), then nothing more.
+    let (mut ga, mut gb) = (Vec::new(), Vec::new());
+    let end = Instant::now() + Duration::from_secs(10);
+    while ga.len() + gb.len() < 6 && Instant::now() < end {
+        ga.extend(sa.line(Duration::from_millis(50)));
+        gb.extend(sb.line(Duration::from_millis(50)));
+    }
+    ga.extend(sa.lines_for(Duration::from_millis(300)));
+    gb.extend(sb.lines_for(Duration::from_millis(300)));
+    let mut all: Vec<&String> = ga.iter().chain(&gb).collect();
+    all.sort();
+    let want: Vec<String> = (0..6).map(|i| format!("job/x m{i}")).collect();
+    assert_eq!(
+        all,
+        want.iter().collect::<Vec<_>>(),
+        "each once: {ga:?} {gb:?}"
+    );
+    assert!(!ga.is_empty() && !gb.is_empty(), "in turn: {ga:?} {gb:?}");
+
+    // Published on h1, which has a member: that member gets each, h2's none.
+    for i in 0..3 {
+        mqtt_pub(a, "pub-a", "job/y", &format!("l{i}"));
+    }
+    let ga = sa.lines(3, Duration::from_millis(300));
+    assert_eq!(ga, ["job/y l0", "job/y l1", "job/y l2"]);
+    assert!(sb.lines_for(Duration::from_millis(300)).is_empty());
 }

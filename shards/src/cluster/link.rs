@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 use base64::Engine as _;
 use bytes::Bytes;
+use relay_core::mqtt::SubscriptionTrie;
 use relay_core::route::shard_of;
 
 use super::wire::{self, Item, Writer};
@@ -30,8 +31,9 @@ pub enum Effect {
     DirPut { key: String, value: String },
     /// Directory bucket: delete `key`.
     DirDelete { key: String },
-    /// Interest bucket: this node has members of the name in `key`.
-    InterestPut { key: String },
+    /// Interest bucket: this node has members of the name in `key` (or
+    /// MQTT subscribers of the filter `value`, for an `m.` key).
+    InterestPut { key: String, value: Bytes },
     /// Interest bucket: no more.
     InterestDelete { key: String },
 }
@@ -64,6 +66,11 @@ pub struct ClusterStats {
     pub channel_full: AtomicU64,
     /// 1 while connected to NATS.
     pub connected: AtomicU64,
+    /// MQTT publishes sent to other nodes for their subscriptions (one per
+    /// node; group publishes that carry them included).
+    pub mqtt_out: AtomicU64,
+    /// MQTT publishes received from other nodes.
+    pub mqtt_in: AtomicU64,
 }
 
 impl ClusterStats {
@@ -135,6 +142,12 @@ pub struct Link {
     interest: HashMap<(Index, Bytes), HashMap<Arc<str>, u64>>,
     /// (index, name) → the shards of this node with members (bit mask).
     own_interest: HashMap<(Index, Bytes), u64>,
+    /// MQTT filter → the shards of this node with subscribers (bit mask).
+    own_mqtt: HashMap<Bytes, u64>,
+    /// Other nodes' MQTT filters by interest key: (filter, node, last
+    /// heard of), and the same as a trie (filter → nodes) for matching.
+    mqtt: HashMap<String, (Bytes, Arc<str>, u64)>,
+    mqtt_trie: SubscriptionTrie<Arc<str>, Bytes>,
     nodes: HashMap<Arc<str>, NodeSeen>,
     waiting: HashMap<u64, Waiting>,
     next_token: u64,
@@ -166,6 +179,24 @@ pub fn interest_key(index: Index, name: &[u8], node: &str) -> String {
     format!("{i}.{}.{node}", dir_key(name))
 }
 
+/// Filters longer than this are keyed by a hash (bucket keys are subject
+/// tokens, and NATS bounds a subject's length); the value always holds the
+/// filter.
+const MQTT_KEY_MAX: usize = 192;
+
+/// The interest key of MQTT topic filter `filter` on `node`:
+/// `m.<filter b64>.<node>`, or `m.=<hash>.<node>` for a long filter
+/// (`=` never appears in unpadded base64).
+pub fn mqtt_key(filter: &[u8], node: &str) -> String {
+    if filter.len() <= MQTT_KEY_MAX {
+        return format!("m.{}.{node}", dir_key(filter));
+    }
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    filter.hash(&mut h);
+    format!("m.={:016x}{:08x}.{node}", h.finish(), filter.len())
+}
+
 fn unkey(key: &str) -> Option<Bytes> {
     base64::engine::general_purpose::URL_SAFE_NO_PAD
         .decode(key)
@@ -186,6 +217,9 @@ impl Link {
             own: HashMap::new(),
             interest: HashMap::new(),
             own_interest: HashMap::new(),
+            own_mqtt: HashMap::new(),
+            mqtt: HashMap::new(),
+            mqtt_trie: SubscriptionTrie::new(),
             nodes: HashMap::new(),
             waiting: HashMap::new(),
             next_token: 1,
@@ -336,39 +370,99 @@ impl Link {
                 frame,
                 exclude,
                 reply,
+                mqtt,
+                shared,
             } => {
                 if !self.up {
                     ClusterStats::inc(&self.stats.unavailable);
                     return self.answer(shard, reply, 0, Some(unavailable()));
                 }
-                let nodes: Vec<Arc<str>> = match self.interest.get(&(index, name.clone())) {
-                    Some(m) => m
-                        .iter()
-                        .filter(|(n, seen)| {
-                            ***n != *self.cfg.node
-                                && now_ms.saturating_sub(**seen) <= self.cfg.heartbeat_ms
-                                && self.alive(n, now_ms)
-                        })
-                        .map(|(n, _)| n.clone())
-                        .collect(),
-                    None => Vec::new(),
-                };
+                let mut nodes: Vec<(Arc<str>, Vec<Bytes>)> =
+                    match self.interest.get(&(index, name.clone())) {
+                        Some(m) => m
+                            .iter()
+                            .filter(|(n, seen)| {
+                                ***n != *self.cfg.node
+                                    && now_ms.saturating_sub(**seen) <= self.cfg.heartbeat_ms
+                                    && self.alive(n, now_ms)
+                            })
+                            .map(|(n, _)| (n.clone(), Vec::new()))
+                            .collect(),
+                        None => Vec::new(),
+                    };
+                if index == Index::Group {
+                    // A group is a topic: the nodes whose MQTT subscribers
+                    // match it get the same item (one per node).
+                    let retain = mqtt.as_ref().is_some_and(|m| m.msg.retain);
+                    let native = nodes.len();
+                    self.mqtt_nodes(&name, retain, &shared, now_ms, &mut nodes);
+                    // With an MQTT client's message, every node gets it.
+                    let n = if mqtt.is_some() {
+                        nodes.len()
+                    } else {
+                        nodes.len() - native
+                    };
+                    self.stats.mqtt_out.fetch_add(n as u64, Relaxed);
+                }
                 if nodes.is_empty() {
                     return self.answer(shard, reply, 0, None);
                 }
                 let token = reply.map_or(0, |t| self.wait(shard, t, nodes.len(), now_ms));
-                for n in &nodes {
+                for (n, shared) in nodes {
                     ClusterStats::inc(&self.stats.remote_frames_out);
                     self.send(
-                        n,
+                        &n,
                         &Item::Fanout {
                             index,
                             name: name.clone(),
                             exclude: exclude.clone(),
                             token,
                             frame: frame.clone(),
+                            mqtt: mqtt.clone(),
+                            shared,
                         },
                     );
+                }
+            }
+            Remote::MqttPublish { src, msg, shared } => {
+                if !self.up {
+                    ClusterStats::inc(&self.stats.unavailable);
+                    return;
+                }
+                let mut nodes = Vec::new();
+                let (topic, retain) = (&msg.msg.topic, msg.msg.retain);
+                self.mqtt_nodes(topic, retain, &shared, now_ms, &mut nodes);
+                for (n, shared) in nodes {
+                    ClusterStats::inc(&self.stats.remote_frames_out);
+                    ClusterStats::inc(&self.stats.mqtt_out);
+                    self.send(
+                        &n,
+                        &Item::MqttPublish {
+                            src: src.clone(),
+                            msg: msg.clone(),
+                            shared,
+                        },
+                    );
+                }
+            }
+            Remote::MqttFilter { filter, has } => {
+                let mask = self.own_mqtt.entry(filter.clone()).or_default();
+                let before = *mask != 0;
+                if has {
+                    *mask |= 1 << shard;
+                } else {
+                    *mask &= !(1 << shard);
+                }
+                let after = *mask != 0;
+                if !after {
+                    self.own_mqtt.remove(&filter);
+                }
+                let key = mqtt_key(&filter, &self.cfg.node);
+                if after && !before && self.up {
+                    self.effects
+                        .push(Effect::InterestPut { key, value: filter });
+                } else if before && !after && self.up {
+                    self.effects.push(Effect::InterestDelete { key });
                 }
             }
             Remote::Interest { index, name, has } => {
@@ -386,7 +480,10 @@ impl Link {
                 }
                 let k = interest_key(index, &key.1, &self.cfg.node);
                 if after && !before && self.up {
-                    self.effects.push(Effect::InterestPut { key: k });
+                    self.effects.push(Effect::InterestPut {
+                        key: k,
+                        value: Bytes::from_static(b"1"),
+                    });
                 } else if before && !after && self.up {
                     self.effects.push(Effect::InterestDelete { key: k });
                 }
@@ -474,8 +571,13 @@ impl Link {
                     exclude,
                     token,
                     frame,
+                    mqtt,
+                    shared,
                 } => {
                     ClusterStats::inc(&self.stats.remote_frames_in);
+                    if mqtt.is_some() {
+                        ClusterStats::inc(&self.stats.mqtt_in);
+                    }
                     let shard = shard_of(&name, self.cfg.shards);
                     let reply = (token != 0).then(|| ReplyTo {
                         node: from.clone(),
@@ -489,8 +591,16 @@ impl Link {
                             frame,
                             exclude,
                             reply,
+                            mqtt,
+                            shared,
                         },
                     );
+                }
+                Item::MqttPublish { src, msg, shared } => {
+                    ClusterStats::inc(&self.stats.remote_frames_in);
+                    ClusterStats::inc(&self.stats.mqtt_in);
+                    let shard = shard_of(&msg.msg.topic, self.cfg.shards);
+                    self.for_shard(shard, Inbound::MqttPublish { src, msg, shared });
                 }
                 Item::Reply {
                     token,
@@ -592,8 +702,117 @@ impl Link {
         );
     }
 
-    /// An interest change seen on its bucket's watch.
-    pub fn handle_interest(&mut self, key: &str, present: bool, now_ms: u64) {
+    /// The live nodes other than this one whose MQTT filters match `topic`
+    /// (every live node when `all`), added to `nodes` once each, each with
+    /// the `$share` filters whose group it serves: for each matching share
+    /// group not in `done` (served on this node), one node with members, in
+    /// turn.
+    fn mqtt_nodes(
+        &self,
+        topic: &[u8],
+        all: bool,
+        done: &[Bytes],
+        now_ms: u64,
+        nodes: &mut Vec<(Arc<str>, Vec<Bytes>)>,
+    ) {
+        let me = &*self.cfg.node;
+        fn slot<'a>(
+            nodes: &'a mut Vec<(Arc<str>, Vec<Bytes>)>,
+            n: &Arc<str>,
+        ) -> &'a mut Vec<Bytes> {
+            let i = match nodes.iter().position(|(m, _)| m == n) {
+                Some(i) => i,
+                None => {
+                    nodes.push((n.clone(), Vec::new()));
+                    nodes.len() - 1
+                }
+            };
+            &mut nodes[i].1
+        }
+        if all {
+            for n in self.nodes.keys() {
+                if **n != *me && self.alive(n, now_ms) {
+                    slot(nodes, n);
+                }
+            }
+        }
+        if self.mqtt_trie.is_empty() {
+            return;
+        }
+        self.mqtt_trie.for_each_match(topic, |m| {
+            if **m.id == *me || !self.alive(m.id, now_ms) {
+                return;
+            }
+            match m.group {
+                None => {
+                    slot(nodes, m.id);
+                }
+                Some(_) if done.contains(m.options) => {}
+                Some(_) => slot(nodes, m.id).push(m.options.clone()),
+            }
+        });
+    }
+
+    /// An `m.` interest entry: another node has MQTT subscribers of the
+    /// filter `value` (`None`: no more).
+    fn handle_mqtt_interest(&mut self, key: &str, node: &str, value: Option<&[u8]>, now_ms: u64) {
+        if *node == *self.cfg.node {
+            if value.is_none() && self.up {
+                let mine = self
+                    .own_mqtt
+                    .keys()
+                    .find(|f| mqtt_key(f, node) == key)
+                    .cloned();
+                if let Some(filter) = mine {
+                    self.effects.push(Effect::InterestPut {
+                        key: key.to_owned(),
+                        value: filter,
+                    });
+                }
+            }
+            return;
+        }
+        match value {
+            Some(filter) => {
+                if let Some(e) = self.mqtt.get_mut(key) {
+                    e.2 = now_ms;
+                    return;
+                }
+                let node: Arc<str> = match self.nodes.get_key_value(node) {
+                    Some((k, _)) => k.clone(),
+                    None => node.into(),
+                };
+                if self.mqtt.len() >= self.cfg.cache_size {
+                    ClusterStats::inc(&self.stats.cache_full);
+                    return;
+                }
+                let filter = Bytes::copy_from_slice(filter);
+                if self
+                    .mqtt_trie
+                    .insert(&filter, node.clone(), filter.clone())
+                    .is_ok()
+                {
+                    self.mqtt.insert(key.to_owned(), (filter, node, now_ms));
+                }
+            }
+            None => {
+                if let Some((filter, node, _)) = self.mqtt.remove(key) {
+                    self.mqtt_trie.remove(&filter, &node);
+                }
+            }
+        }
+    }
+
+    /// An interest change seen on its bucket's watch: `value` is the
+    /// entry's value, `None` for a delete.
+    pub fn handle_interest(&mut self, key: &str, value: Option<&[u8]>, now_ms: u64) {
+        let present = value.is_some();
+        if let Some(rest) = key.strip_prefix("m.") {
+            if let Some((_, node)) = rest.split_once('.') {
+                self.handle_mqtt_interest(key, node, value, now_ms);
+            }
+            return;
+        }
         let mut parts = key.splitn(3, '.');
         let (Some(i), Some(name), Some(node)) = (parts.next(), parts.next(), parts.next()) else {
             return;
@@ -609,6 +828,7 @@ impl Link {
             if !present && self.own_interest.contains_key(&k) && self.up {
                 self.effects.push(Effect::InterestPut {
                     key: key.to_owned(),
+                    value: Bytes::from_static(b"1"),
                 });
             }
             return;
@@ -670,6 +890,14 @@ impl Link {
             m.retain(|_, seen| now_ms.saturating_sub(*seen) <= hb);
             !m.is_empty()
         });
+        let trie = &mut self.mqtt_trie;
+        self.mqtt.retain(|_, (filter, node, seen)| {
+            let keep = now_ms.saturating_sub(*seen) <= hb;
+            if !keep {
+                trie.remove(filter, node);
+            }
+            keep
+        });
         let late: Vec<u64> = self
             .waiting
             .iter()
@@ -699,6 +927,13 @@ impl Link {
         for (index, name) in self.own_interest.keys() {
             self.effects.push(Effect::InterestPut {
                 key: interest_key(*index, name, &node),
+                value: Bytes::from_static(b"1"),
+            });
+        }
+        for filter in self.own_mqtt.keys() {
+            self.effects.push(Effect::InterestPut {
+                key: mqtt_key(filter, &node),
+                value: filter.clone(),
             });
         }
     }
@@ -725,5 +960,260 @@ impl Link {
     /// What the driver must do now (call after `flush`).
     pub fn take_effects(&mut self) -> Vec<Effect> {
         std::mem::take(&mut self.effects)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::router::MqttMsg;
+    use relay_core::mqtt::{Message, QoS};
+
+    fn link(node: &str) -> Link {
+        let cfg = LinkConfig {
+            node: node.into(),
+            shards: 2,
+            heartbeat_ms: 3000,
+            reply_timeout_ms: 1000,
+            batch_bytes: 64 * 1024,
+            cache_size: 100,
+        };
+        let mut l = Link::new(cfg, Arc::new(ClusterStats::default()), 1);
+        l.set_up(true, 1);
+        for n in ["n1", "n2", "n3"] {
+            l.handle_presence(n, serde_json::json!({}), 1);
+        }
+        l.take_effects();
+        l
+    }
+
+    fn publish(topic: &str, retain: bool) -> Remote {
+        let mut msg = Message::new(topic.as_bytes().to_vec(), &b"x"[..], QoS::AtLeastOnce);
+        msg.retain = retain;
+        Remote::MqttPublish {
+            src: Bytes::from_static(b"pub-1"),
+            msg: Box::new(MqttMsg { msg, ttl_ms: None }),
+            shared: vec![],
+        }
+    }
+
+    /// The nodes the pass's batches go to, sorted.
+    fn sent_to(l: &mut Link) -> Vec<String> {
+        l.flush();
+        let mut to: Vec<String> = l
+            .take_effects()
+            .into_iter()
+            .filter_map(|e| match e {
+                Effect::Publish { node, .. } => Some(node.to_string()),
+                _ => None,
+            })
+            .collect();
+        to.sort();
+        to
+    }
+
+    fn filter(f: &str, has: bool) -> Remote {
+        Remote::MqttFilter {
+            filter: Bytes::copy_from_slice(f.as_bytes()),
+            has,
+        }
+    }
+
+    #[test]
+    fn a_filter_is_announced_once_per_node_while_a_shard_has_subscribers() {
+        let mut l = link("n1");
+        l.handle_items(0, vec![filter("a/+", true)], 5);
+        let e = l.take_effects();
+        assert!(
+            matches!(&e[..], [Effect::InterestPut { key, value }]
+                if *key == mqtt_key(b"a/+", "n1") && &value[..] == b"a/+"),
+            "{e:?}"
+        );
+        l.handle_items(1, vec![filter("a/+", true)], 5);
+        l.handle_items(0, vec![filter("a/+", false)], 5);
+        assert!(l.take_effects().is_empty(), "shard 1 still has subscribers");
+        l.handle_items(1, vec![filter("a/+", false)], 5);
+        let e = l.take_effects();
+        assert!(
+            matches!(&e[..], [Effect::InterestDelete { key }] if *key == mqtt_key(b"a/+", "n1")),
+            "{e:?}"
+        );
+        // Refreshes write the filters held, with their value.
+        l.handle_items(0, vec![filter("b/#", true)], 5);
+        l.take_effects();
+        l.handle_tick(2000);
+        let puts: Vec<_> = l
+            .take_effects()
+            .into_iter()
+            .filter_map(|e| match e {
+                Effect::InterestPut { key, value } if key.starts_with("m.") => Some(value),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(puts, [Bytes::from_static(b"b/#")]);
+    }
+
+    #[test]
+    fn a_publish_goes_once_to_each_node_with_a_matching_filter_until_it_goes() {
+        let mut l = link("n1");
+        let long = format!("long/{}/+", "x".repeat(300));
+        for (f, n) in [
+            ("a/+/c", "n2"),
+            ("a/#", "n2"),
+            ("#", "n3"),
+            (&long[..], "n3"),
+        ] {
+            l.handle_interest(&mqtt_key(f.as_bytes(), n), Some(f.as_bytes()), 10);
+        }
+        assert!(
+            mqtt_key(long.as_bytes(), "n3").len() < 64,
+            "a long filter gets a short key"
+        );
+        l.handle_items(0, vec![publish("a/b/c", false)], 20);
+        assert_eq!(sent_to(&mut l), ["n2", "n3"], "once per node");
+        // `#` does not match a `$` topic; the long filter matches.
+        l.handle_items(0, vec![publish("$sys/x", false)], 20);
+        assert!(sent_to(&mut l).is_empty());
+        l.handle_items(
+            0,
+            vec![publish(&format!("long/{}/z", "x".repeat(300)), false)],
+            20,
+        );
+        assert_eq!(sent_to(&mut l), ["n3"]);
+        // A retained publish goes to every live node.
+        l.handle_items(0, vec![publish("$sys/x", true)], 20);
+        assert_eq!(sent_to(&mut l), ["n2", "n3"]);
+        // Deleted entries, then expired ones, are no longer matched.
+        l.handle_interest(&mqtt_key(b"#", "n3"), None, 30);
+        l.handle_items(0, vec![publish("z", false)], 30);
+        assert!(sent_to(&mut l).is_empty());
+        l.handle_items(0, vec![publish("a/b/c", false)], 30);
+        assert_eq!(sent_to(&mut l), ["n2"]);
+        for n in ["n1", "n2", "n3"] {
+            l.handle_presence(n, serde_json::json!({}), 3500);
+        }
+        l.handle_interest(&mqtt_key(b"a/#", "n2"), Some(b"a/#"), 3500);
+        l.handle_tick(3500);
+        l.take_effects();
+        l.handle_items(0, vec![publish("a/b/c", false)], 3500);
+        assert_eq!(sent_to(&mut l), ["n2"], "the refreshed entry stays");
+        l.handle_items(0, vec![publish("a/b", false)], 3500);
+        assert_eq!(sent_to(&mut l), ["n2"]);
+        l.handle_interest(&mqtt_key(b"a/#", "n2"), None, 3500);
+        l.handle_items(0, vec![publish("a/b/c", false)], 3500);
+        assert!(sent_to(&mut l).is_empty(), "a/+/c expired, a/# deleted");
+    }
+
+    #[test]
+    fn a_group_publish_goes_once_to_nodes_with_members_or_subscribers() {
+        let mut l = link("n1");
+        l.handle_interest(&interest_key(Index::Group, b"room", "n2"), Some(b"1"), 10);
+        l.handle_interest(&mqtt_key(b"room", "n2"), Some(b"room"), 10);
+        l.handle_interest(&mqtt_key(b"+", "n3"), Some(b"+"), 10);
+        let frame = relay_core::Frame::data(
+            Bytes::from_static(b"ctl"),
+            Bytes::from_static(b"room"),
+            Bytes::from_static(b"p"),
+        );
+        l.handle_items(
+            0,
+            vec![Remote::Fanout {
+                index: Index::Group,
+                name: Bytes::from_static(b"room"),
+                frame,
+                exclude: vec![],
+                reply: None,
+                mqtt: None,
+                shared: vec![],
+            }],
+            20,
+        );
+        l.flush();
+        let batches: Vec<(String, Vec<Item>)> = l
+            .take_effects()
+            .into_iter()
+            .filter_map(|e| match e {
+                Effect::Publish { node, payload } => {
+                    Some((node.to_string(), wire::read(&payload).unwrap().1))
+                }
+                _ => None,
+            })
+            .collect();
+        assert_eq!(batches.len(), 2, "{batches:?}");
+        for (node, items) in &batches {
+            assert_eq!(items.len(), 1, "one item for {node}: {items:?}");
+        }
+    }
+
+    #[test]
+    fn other_nodes_filters_past_cache_size_are_not_kept_and_counted() {
+        let mut l = link("n1");
+        l.cfg.cache_size = 2;
+        for f in ["a", "b", "c"] {
+            l.handle_interest(&mqtt_key(f.as_bytes(), "n2"), Some(f.as_bytes()), 10);
+        }
+        assert_eq!(l.stats.cache_full.load(Relaxed), 1);
+        l.handle_items(0, vec![publish("c", false)], 20);
+        assert!(sent_to(&mut l).is_empty());
+        l.handle_items(0, vec![publish("b", false)], 20);
+        assert_eq!(sent_to(&mut l), ["n2"]);
+    }
+
+    #[test]
+    fn a_share_group_gets_each_message_on_one_node_in_turn_unless_served_here() {
+        let mut l = link("n1");
+        let f = b"$share/g/job/#";
+        for n in ["n2", "n3"] {
+            l.handle_interest(&mqtt_key(f, n), Some(f), 10);
+        }
+        let mut served = Vec::new();
+        for _ in 0..4 {
+            l.handle_items(0, vec![publish("job/1", false)], 20);
+            l.flush();
+            for e in l.take_effects() {
+                if let Effect::Publish { node, payload } = e {
+                    let (_, items) = wire::read(&payload).unwrap();
+                    assert!(
+                        matches!(&items[..], [Item::MqttPublish { shared, .. }]
+                            if shared[..] == [Bytes::from_static(f)]),
+                        "{items:?}"
+                    );
+                    served.push(node.to_string());
+                }
+            }
+        }
+        served.sort();
+        assert_eq!(
+            served,
+            ["n2", "n2", "n3", "n3"],
+            "one node per message, in turn"
+        );
+        // Served here already: no other node gets it.
+        l.handle_items(
+            0,
+            vec![Remote::MqttPublish {
+                src: Bytes::from_static(b"p"),
+                msg: Box::new(MqttMsg {
+                    msg: Message::new(&b"job/1"[..], &b"x"[..], QoS::AtLeastOnce),
+                    ttl_ms: None,
+                }),
+                shared: vec![Bytes::from_static(f)],
+            }],
+            20,
+        );
+        assert!(sent_to(&mut l).is_empty());
+    }
+
+    #[test]
+    fn own_mqtt_entries_deleted_by_others_are_written_again() {
+        let mut l = link("n1");
+        l.handle_items(0, vec![filter("a/b", true)], 5);
+        l.take_effects();
+        l.handle_interest(&mqtt_key(b"a/b", "n1"), None, 6);
+        let e = l.take_effects();
+        assert!(
+            matches!(&e[..], [Effect::InterestPut { value, .. }] if &value[..] == b"a/b"),
+            "{e:?}"
+        );
     }
 }

@@ -22,7 +22,9 @@
 //!   their node; watched by every node (its directory cache). A newer hello
 //!   elsewhere takes the address over: the older connection gets `replaced`.
 //! - bucket `<prefix>_interest`: `<g|u>.<name>.<node>` for each group or uid
-//!   with members on a node, kept alive the same way.
+//!   with members on a node, and `m.<filter>.<node>` (value: the filter)
+//!   for each MQTT topic filter with subscribers on a node, kept alive the
+//!   same way.
 //! - bucket `<prefix>_lease` and `<prefix>.rules.<name>` (`[cluster]
 //!   rules_lease`): the node running the rules engine, and the events the
 //!   others forward to it ([`lease`]).
@@ -300,13 +302,23 @@ impl Cluster {
             ),
             m(
                 "relay_cluster_cache_full_total",
-                "Directory entries not kept: cluster.cache_size reached.",
+                "Directory entries or other nodes' MQTT filters not kept: cluster.cache_size reached.",
                 &s.cache_full,
             ),
             m(
                 "relay_cluster_channel_full_total",
                 "Shard messages dropped: the channel to the NATS thread was full.",
                 &s.channel_full,
+            ),
+            m(
+                "relay_cluster_mqtt_publishes_out_total",
+                "MQTT publishes sent to other nodes for their subscriptions (one per node).",
+                &s.mqtt_out,
+            ),
+            m(
+                "relay_cluster_mqtt_publishes_in_total",
+                "MQTT publishes received from other nodes for this node's subscriptions.",
+                &s.mqtt_in,
             ),
             m(
                 "relay_cluster_connected",
@@ -642,7 +654,8 @@ impl Driver {
                     link.handle_dir(&e.key, value.as_deref(), now);
                 }
                 Ev::Interest(Some(Ok(e))) => {
-                    link.handle_interest(&e.key, e.operation == kv::Operation::Put, now);
+                    let value = (e.operation == kv::Operation::Put).then_some(&e.value[..]);
+                    link.handle_interest(&e.key, value, now);
                 }
                 Ev::Dir(Some(Err(e))) | Ev::Interest(Some(Err(e))) => {
                     ClusterStats::count(&self.stats.nats_errors);
@@ -968,9 +981,8 @@ impl Driver {
                         .await
                 }
                 Effect::DirDelete { key } => self.kv_delete("dir", &key, client).await,
-                Effect::InterestPut { key } => {
-                    self.kv_put("interest", &key, bytes::Bytes::from_static(b"1"), client)
-                        .await
+                Effect::InterestPut { key, value } => {
+                    self.kv_put("interest", &key, value, client).await
                 }
                 Effect::InterestDelete { key } => self.kv_delete("interest", &key, client).await,
             }

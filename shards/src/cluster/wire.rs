@@ -11,19 +11,29 @@
 //! | 1 | deliver | `u64` token (0: no answer wanted), frame |
 //! | 2 | fanout | `u8` index (0 group, 1 uid), name, `u16` n + n names (exclude), `u64` token, frame |
 //! | 3 | reply | `u64` token, `u32` delivered, `u16` error code (0: none), `u16` len + message |
+//! | 4 | group fanout with MQTT fields | the fields of 2, `u8` 1 + an MQTT message or 0, share filters |
+//! | 5 | MQTT publish | name (the publisher), MQTT message, share filters |
 //!
-//! A name is `u8 len` + bytes.
+//! A name is `u8 len` + bytes. An MQTT message is `u8` flags (bits 0-1
+//! QoS, bit 2 RETAIN, bit 3 expiry present), `u64` ms left before it
+//! expires (when present), `u16` len + topic, `u32` len + properties,
+//! `u32` len + payload. Share filters (the `$share` groups the receiving
+//! node serves this time) are `u16` n, then n times `u16` len + filter.
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use relay_core::codec::{self, Decoder};
 use relay_core::frame::{ErrorCode, Frame};
 
-use crate::router::{Failure, Index};
+use relay_core::mqtt::{Message, QoS};
+
+use crate::router::{Failure, Index, MqttMsg};
 
 const VERSION: u8 = 1;
 const DELIVER: u8 = 1;
 const FANOUT: u8 = 2;
 const REPLY: u8 = 3;
+const FANOUT_MQTT: u8 = 4;
+const MQTT_PUBLISH: u8 = 5;
 /// Largest frame a batch may carry (the relay's own `max_frame` ceiling).
 const MAX_FRAME: usize = 16 * 1024 * 1024;
 
@@ -40,6 +50,17 @@ pub enum Item {
         exclude: Vec<Bytes>,
         token: u64,
         frame: Frame,
+        /// With a group publish an MQTT client made: its MQTT message.
+        mqtt: Option<Box<MqttMsg>>,
+        /// The `$share` filters whose group the receiving node serves.
+        shared: Vec<Bytes>,
+    },
+    /// An MQTT publish for the receiving node's matching subscriptions and
+    /// the share groups of `shared`.
+    MqttPublish {
+        src: Bytes,
+        msg: Box<MqttMsg>,
+        shared: Vec<Bytes>,
     },
     Reply {
         token: u64,
@@ -100,8 +121,11 @@ impl Writer {
                 exclude,
                 token,
                 frame,
+                mqtt,
+                shared,
             } => {
-                b.put_u8(FANOUT);
+                let plain = mqtt.is_none() && shared.is_empty();
+                b.put_u8(if plain { FANOUT } else { FANOUT_MQTT });
                 b.put_u8(*index as u8);
                 put_name(b, name);
                 b.put_u16(exclude.len().min(u16::MAX as usize) as u16);
@@ -110,6 +134,22 @@ impl Writer {
                 }
                 b.put_u64(*token);
                 codec::encode(frame, b);
+                if !plain {
+                    match mqtt {
+                        Some(m) => {
+                            b.put_u8(1);
+                            put_msg(b, m);
+                        }
+                        None => b.put_u8(0),
+                    }
+                    put_filters(b, shared);
+                }
+            }
+            Item::MqttPublish { src, msg, shared } => {
+                b.put_u8(MQTT_PUBLISH);
+                put_name(b, src);
+                put_msg(b, msg);
+                put_filters(b, shared);
             }
             Item::Reply {
                 token,
@@ -142,6 +182,76 @@ fn put_name(b: &mut BytesMut, name: &[u8]) {
     let n = &name[..name.len().min(255)];
     b.put_u8(n.len() as u8);
     b.put_slice(n);
+}
+
+fn put_msg(b: &mut BytesMut, m: &MqttMsg) {
+    let msg = &m.msg;
+    let flags = msg.qos as u8 | u8::from(msg.retain) << 2 | u8::from(m.ttl_ms.is_some()) << 3;
+    b.put_u8(flags);
+    if let Some(t) = m.ttl_ms {
+        b.put_u64(t);
+    }
+    let topic = &msg.topic[..msg.topic.len().min(u16::MAX as usize)];
+    b.put_u16(topic.len() as u16);
+    b.put_slice(topic);
+    b.put_u32(msg.props.len() as u32);
+    b.put_slice(&msg.props);
+    b.put_u32(msg.payload.len() as u32);
+    b.put_slice(&msg.payload);
+}
+
+fn put_filters(b: &mut BytesMut, filters: &[Bytes]) {
+    let n = filters.len().min(u16::MAX as usize);
+    b.put_u16(n as u16);
+    for f in &filters[..n] {
+        let f = &f[..f.len().min(u16::MAX as usize)];
+        b.put_u16(f.len() as u16);
+        b.put_slice(f);
+    }
+}
+
+fn get_filters(b: &mut BytesMut) -> Result<Vec<Bytes>, WireError> {
+    need(b, 2)?;
+    let n = b.get_u16() as usize;
+    let mut out = Vec::with_capacity(n.min(64));
+    for _ in 0..n {
+        need(b, 2)?;
+        let len = b.get_u16() as usize;
+        need(b, len)?;
+        out.push(b.split_to(len).freeze());
+    }
+    Ok(out)
+}
+
+fn get_msg(b: &mut BytesMut) -> Result<MqttMsg, WireError> {
+    need(b, 1)?;
+    let flags = b.get_u8();
+    let qos = QoS::from_u8(flags & 3).map_err(|_| WireError::Frame)?;
+    let ttl_ms = if flags & 8 != 0 {
+        need(b, 8)?;
+        Some(b.get_u64())
+    } else {
+        None
+    };
+    need(b, 2)?;
+    let n = b.get_u16() as usize;
+    need(b, n)?;
+    let topic = b.split_to(n).freeze();
+    need(b, 4)?;
+    let n = b.get_u32() as usize;
+    need(b, n)?;
+    let props = b.split_to(n).freeze();
+    need(b, 4)?;
+    let n = b.get_u32() as usize;
+    if n > MAX_FRAME {
+        return Err(WireError::Frame);
+    }
+    need(b, n)?;
+    let payload = b.split_to(n).freeze();
+    let mut msg = Message::new(topic, payload, qos);
+    msg.retain = flags & 4 != 0;
+    msg.props = props;
+    Ok(MqttMsg { msg, ttl_ms })
 }
 
 fn get_name(b: &mut BytesMut) -> Result<Bytes, WireError> {
@@ -191,7 +301,7 @@ pub fn read(payload: &[u8]) -> Result<(String, Vec<Item>), WireError> {
                     frame: get_frame(&mut b)?,
                 }
             }
-            FANOUT => {
+            FANOUT | FANOUT_MQTT => {
                 need(&b, 1)?;
                 let index = if b.get_u8() == 0 {
                     Index::Group
@@ -207,12 +317,32 @@ pub fn read(payload: &[u8]) -> Result<(String, Vec<Item>), WireError> {
                 }
                 need(&b, 8)?;
                 let token = b.get_u64();
+                let frame = get_frame(&mut b)?;
+                let (mut mqtt, mut shared) = (None, Vec::new());
+                if tag == FANOUT_MQTT {
+                    need(&b, 1)?;
+                    if b.get_u8() == 1 {
+                        mqtt = Some(Box::new(get_msg(&mut b)?));
+                    }
+                    shared = get_filters(&mut b)?;
+                }
                 Item::Fanout {
                     index,
                     name,
                     exclude,
                     token,
-                    frame: get_frame(&mut b)?,
+                    frame,
+                    mqtt,
+                    shared,
+                }
+            }
+            MQTT_PUBLISH => {
+                let src = get_name(&mut b)?;
+                let msg = Box::new(get_msg(&mut b)?);
+                Item::MqttPublish {
+                    src,
+                    msg,
+                    shared: get_filters(&mut b)?,
                 }
             }
             REPLY => {
@@ -276,7 +406,46 @@ mod tests {
                 name: Bytes::from_static(b"user-9"),
                 exclude: vec![Bytes::from_static(b"web-1"), Bytes::from_static(b"web:2")],
                 token: 42,
+                frame: group.clone(),
+                mqtt: None,
+                shared: vec![],
+            },
+            Item::Fanout {
+                index: Index::Group,
+                name: Bytes::from_static(b"room"),
+                exclude: vec![],
+                token: 3,
+                frame: group.clone(),
+                mqtt: None,
+                shared: vec![Bytes::from_static(b"$share/g/room")],
+            },
+            Item::Fanout {
+                index: Index::Group,
+                name: Bytes::from_static(b"room"),
+                exclude: vec![],
+                token: 0,
                 frame: group,
+                mqtt: Some(Box::new(MqttMsg {
+                    msg: {
+                        let mut m = Message::new(&b"room"[..], &b"{}"[..], QoS::ExactlyOnce);
+                        m.retain = true;
+                        m.props = Bytes::from_static(&[0x03, 0, 1, b'x']);
+                        m
+                    },
+                    ttl_ms: Some(9000),
+                })),
+                shared: vec![],
+            },
+            Item::MqttPublish {
+                src: Bytes::from_static(b"mqtt-cli"),
+                msg: Box::new(MqttMsg {
+                    msg: Message::new(&b"a/b/c"[..], &b"21.5"[..], QoS::AtMostOnce),
+                    ttl_ms: None,
+                }),
+                shared: vec![
+                    Bytes::from_static(b"$share/a/a/+/c"),
+                    Bytes::from_static(b"$share/b/#"),
+                ],
             },
             Item::Reply {
                 token: 9,
@@ -309,6 +478,19 @@ mod tests {
         // Four bytes are the header alone: an empty batch, which is valid.
         for cut in (0..4).chain(5..full.len()) {
             assert!(read(&full[..cut]).is_err(), "cut at {cut}");
+        }
+        let mut w = Writer::new("n1");
+        w.push(&Item::MqttPublish {
+            src: Bytes::from_static(b"c1"),
+            msg: Box::new(MqttMsg {
+                msg: Message::new(&b"t/1"[..], &b"payload"[..], QoS::AtLeastOnce),
+                ttl_ms: Some(5),
+            }),
+            shared: vec![Bytes::from_static(b"$share/x/t/#")],
+        });
+        let full = w.finish();
+        for cut in (0..4).chain(5..full.len()) {
+            assert!(read(&full[..cut]).is_err(), "mqtt item cut at {cut}");
         }
         assert_eq!(read(&[2, 0]), Err(WireError::Version(2)));
         assert_eq!(read(&[1, 0, 99]), Err(WireError::Tag(99)));

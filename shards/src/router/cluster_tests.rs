@@ -118,11 +118,11 @@ impl Net {
                             node.link.handle_dir(key, Some(value), self.ms)
                         }
                         Effect::DirDelete { key } => node.link.handle_dir(key, None, self.ms),
-                        Effect::InterestPut { key } => {
-                            node.link.handle_interest(key, true, self.ms)
+                        Effect::InterestPut { key, value } => {
+                            node.link.handle_interest(key, Some(value), self.ms)
                         }
                         Effect::InterestDelete { key } => {
-                            node.link.handle_interest(key, false, self.ms)
+                            node.link.handle_interest(key, None, self.ms)
                         }
                         _ => {}
                     }

@@ -51,7 +51,7 @@ use index::Entry;
 pub use mqtt::{MqttConn, MqttSettings, MqttWs};
 use pending::Pending;
 pub use pending::{AckCallback, AckTarget};
-pub use remote::{Inbound, Remote, ReplyTo};
+pub use remote::{Inbound, MqttMsg, Remote, ReplyTo};
 
 use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, HashSet};

@@ -14,6 +14,18 @@
 //!   (`Cross::MqttRetain`), so a new subscription is answered locally;
 //! - `offline`: the persistent sessions whose client is away, kept until
 //!   their expiry, receiving (queueing) what their subscriptions match.
+//!
+//! In a cluster, a shard also tells the link when it gets its first (or
+//! loses its last) subscriber of a filter (`Remote::MqttFilter`); the
+//! link announces the node's filters and sends each publish once to each
+//! node with a matching filter: with the group fan-out when the topic is a
+//! group (`Remote::Fanout`, carrying the MQTT message when an MQTT client
+//! published it), else on its own (`Remote::MqttPublish`). What arrives is
+//! routed here as a local publish ([`Router::mqtt_from_node`]) and never
+//! forwarded again. A share group is served here when this node has
+//! members (the filters served travel with the item, so the link skips
+//! them), else the link picks one node with members, and only that node
+//! serves it.
 
 use std::collections::HashMap;
 use std::rc::Rc;
@@ -612,32 +624,86 @@ impl Router {
         }
         // The rules see every topic, `/` and all, as the group.
         let hooked = (!watch && self.hooks.borrow().is_some()).then(|| for_rules(as_group()));
-        self.mqtt_route(src, msg, now);
-        if let Some(f) = frame {
-            let name = f.dst.clone();
-            let cluster = self.clustered();
-            self.fanout_native(Index::Group, &name, f, Vec::new(), None, cluster, now);
+        let cluster = self.clustered();
+        // Other nodes get the message once each: with the group publish when
+        // the topic is a group name, else on its own.
+        let remote = cluster.then(|| Box::new(MqttMsg::leaving(msg.clone(), now.mono_ms)));
+        let shared = self.mqtt_route(src, msg, None, now);
+        match (frame, remote) {
+            (Some(f), remote) => {
+                let name = f.dst.clone();
+                self.fanout_native(
+                    Index::Group,
+                    &name,
+                    f,
+                    Vec::new(),
+                    None,
+                    cluster,
+                    remote,
+                    shared,
+                    now,
+                );
+            }
+            (None, Some(msg)) => self.push_remote(Remote::MqttPublish {
+                src: src.clone(),
+                msg,
+                shared,
+            }),
+            (None, None) => {}
         }
         if let Some(f) = hooked {
             self.hook_message(&f, true, now);
         }
     }
 
-    /// A native group publish seen by the MQTT subscribers of topic `name`.
-    pub(super) fn mqtt_from_group(&self, name: &Bytes, frame: &Frame, now: Now) {
-        if name.starts_with(WATCH_PREFIX) || self.mqtt.borrow().remote.is_empty() {
-            return;
+    /// An MQTT message from another node: kept when retained, and delivered
+    /// to this node's matching subscriptions and the share groups of
+    /// `shared` (never forwarded again).
+    pub(super) fn mqtt_from_node(&self, src: &Bytes, m: MqttMsg, shared: &[Bytes], now: Now) {
+        let msg = m.arrived(now.mono_ms);
+        if msg.retain {
+            self.mqtt_retain(msg.clone(), true);
         }
-        let msg = Message::new(name.clone(), frame.payload.clone(), QoS::AtLeastOnce);
-        self.mqtt_route(&frame.src, msg, now);
+        self.mqtt_route(src, msg, Some(shared), now);
     }
 
-    /// Sends `msg` to the shards whose subscriptions match its topic.
-    fn mqtt_route(&self, src: &Bytes, msg: Message, now: Now) {
+    /// A native group publish seen by the MQTT subscribers of topic `name`
+    /// (`only`: see [`Router::mqtt_route`]); returns the `$share` filters
+    /// whose group got it.
+    pub(super) fn mqtt_from_group(
+        &self,
+        name: &Bytes,
+        frame: &Frame,
+        only: Option<&[Bytes]>,
+        now: Now,
+    ) -> Vec<Bytes> {
+        if name.starts_with(WATCH_PREFIX) || self.mqtt.borrow().remote.is_empty() {
+            return Vec::new();
+        }
+        let msg = Message::new(name.clone(), frame.payload.clone(), QoS::AtLeastOnce);
+        self.mqtt_route(&frame.src, msg, only, now)
+    }
+
+    /// Sends `msg` to the shards whose subscriptions match its topic: every
+    /// plain subscription, and one member of each matching share group (of
+    /// the groups whose filter is in `only`, when given: a message from
+    /// another node). Returns the `$share` filters whose group got it.
+    fn mqtt_route(
+        &self,
+        src: &Bytes,
+        msg: Message,
+        only: Option<&[Bytes]>,
+        now: Now,
+    ) -> Vec<Bytes> {
         let mut mask: u64 = 0;
         let mut shared: HashMap<u16, Vec<Bytes>> = HashMap::new();
+        let mut served = Vec::new();
         self.mqtt.borrow().remote.for_each_match(&msg.topic, |m| {
             if m.group.is_some() {
+                if only.is_some_and(|o| !o.contains(m.options)) {
+                    return;
+                }
+                served.push(m.options.clone());
                 shared.entry(*m.id).or_default().push(m.options.clone());
             } else {
                 mask |= 1 << *m.id;
@@ -664,6 +730,7 @@ impl Router {
             let mine = shared.remove(&(self.shard as u16)).unwrap_or_default();
             self.mqtt_deliver_matches(src, &msg, &mine, now);
         }
+        served
     }
 
     /// Delivers `msg` to this shard's matching subscriptions: every plain
@@ -858,6 +925,13 @@ impl Router {
         };
         if !changed {
             return;
+        }
+        // Other nodes learn of every filter, `$share` ones included.
+        if self.clustered() {
+            self.push_remote(Remote::MqttFilter {
+                filter: filter.clone(),
+                has: add,
+            });
         }
         self.mqtt_filter(self.shard, filter.clone(), add);
         for s in 0..self.shards {

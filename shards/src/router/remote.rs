@@ -4,7 +4,8 @@
 //!
 //! A shard gives an item to the link only where a single relay would have
 //! answered `no_route` (no shard of this node holds the address), or where a
-//! fan-out may have members on other nodes, so the local path is unchanged.
+//! fan-out or an MQTT publish may have recipients on other nodes, so the
+//! local path is unchanged.
 
 use std::sync::Arc;
 
@@ -24,20 +25,61 @@ pub struct ReplyTo {
     pub token: u64,
 }
 
+/// An MQTT message crossing nodes: the message with its QoS, RETAIN flag
+/// and properties, and what is left of its expiry (`ttl_ms`), since
+/// monotonic clocks differ between nodes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MqttMsg {
+    pub msg: relay_core::mqtt::Message,
+    pub ttl_ms: Option<u64>,
+}
+
+impl MqttMsg {
+    /// `msg` as it leaves this node at `now_ms` (monotonic).
+    pub fn leaving(mut msg: relay_core::mqtt::Message, now_ms: u64) -> MqttMsg {
+        let ttl_ms = msg.expires_at.take().map(|t| t.saturating_sub(now_ms));
+        MqttMsg { msg, ttl_ms }
+    }
+
+    /// The message as it arrives on this node at `now_ms` (monotonic).
+    pub fn arrived(self, now_ms: u64) -> relay_core::mqtt::Message {
+        let mut msg = self.msg;
+        msg.expires_at = self.ttl_ms.map(|t| now_ms + t);
+        msg
+    }
+}
+
 /// What a shard asks of the cluster link.
 #[derive(Debug)]
 pub enum Remote {
     /// DATA for an address no shard of this node holds: to the node that
     /// does, or `no_route`. `reply`: the router's pending token.
     Deliver { frame: Frame, reply: Option<u64> },
-    /// A group publish or uid send, for the members on other nodes.
+    /// A group publish or uid send, for the members on other nodes. A
+    /// group publish also goes to the nodes whose MQTT subscriptions match
+    /// the group (a topic); `mqtt`: the MQTT message when an MQTT client
+    /// published it (its QoS and properties travel with it).
     Fanout {
         index: Index,
         name: Bytes,
         frame: Frame,
         exclude: Vec<Bytes>,
         reply: Option<u64>,
+        mqtt: Option<Box<MqttMsg>>,
+        /// The `$share` filters whose group got the message on this node.
+        shared: Vec<Bytes>,
     },
+    /// An MQTT publish whose topic is no group name: to the nodes whose MQTT
+    /// subscriptions match it (to every node when retained). `shared`: the
+    /// `$share` filters whose group got it on this node.
+    MqttPublish {
+        src: Bytes,
+        msg: Box<MqttMsg>,
+        shared: Vec<Bytes>,
+    },
+    /// This shard now has (or no longer has) MQTT subscribers of the topic
+    /// filter `filter` (as sent: `$share/<g>/<f>` for a shared one).
+    MqttFilter { filter: Bytes, has: bool },
     /// This shard now has (or no longer has) members of `name`.
     Interest {
         index: Index,
@@ -69,13 +111,25 @@ pub enum Inbound {
         frame: Frame,
         reply: Option<ReplyTo>,
     },
-    /// A publish or uid send from another node, for this node's members.
+    /// A publish or uid send from another node, for this node's members
+    /// (and, for a group, this node's matching MQTT subscriptions).
     Fanout {
         index: Index,
         name: Bytes,
         frame: Frame,
         exclude: Vec<Bytes>,
         reply: Option<ReplyTo>,
+        mqtt: Option<Box<MqttMsg>>,
+        /// The `$share` filters whose group this node serves this time.
+        shared: Vec<Bytes>,
+    },
+    /// An MQTT publish from another node, for this node's matching MQTT
+    /// subscriptions (not forwarded again) and the share groups of the
+    /// `$share` filters in `shared`.
+    MqttPublish {
+        src: Bytes,
+        msg: Box<MqttMsg>,
+        shared: Vec<Bytes>,
     },
     /// The answer to a [`Remote`] item that carried `reply: Some(token)`.
     Reply {
@@ -154,9 +208,23 @@ impl Router {
                 frame,
                 exclude,
                 reply,
+                mqtt,
+                shared,
             } => {
                 let ack = reply.map(AckTarget::Remote);
-                self.fanout_node(index, &name, frame, exclude, ack, now);
+                if index == Index::Group {
+                    match mqtt {
+                        Some(m) => self.mqtt_from_node(&frame.src, *m, &shared, now),
+                        None => {
+                            self.mqtt_from_group(&name, &frame, Some(&shared), now);
+                        }
+                    }
+                }
+                let none = Vec::new();
+                self.fanout_native(index, &name, frame, exclude, ack, false, None, none, now);
+            }
+            Inbound::MqttPublish { src, msg, shared } => {
+                self.mqtt_from_node(&src, *msg, &shared, now)
             }
             Inbound::Reply {
                 token,

@@ -182,19 +182,6 @@ impl Router {
         self.fanout_to(index, name, frame, exclude, ack, cluster, now);
     }
 
-    /// A fan-out to this node's members only (one that came from another node).
-    pub(super) fn fanout_node(
-        &self,
-        index: Index,
-        name: &Bytes,
-        frame: Frame,
-        exclude: Vec<Bytes>,
-        ack: Option<AckTarget>,
-        now: Now,
-    ) {
-        self.fanout_to(index, name, frame, exclude, ack, false, now);
-    }
-
     /// A fan-out over this node's shards and, when `cluster`, the other nodes
     /// (the cluster link answers once for all of them). A group publish
     /// reaches the MQTT subscribers whose filters match the group too.
@@ -209,13 +196,19 @@ impl Router {
         cluster: bool,
         now: Now,
     ) {
-        if index == Index::Group {
-            self.mqtt_from_group(name, &frame, now);
-        }
-        self.fanout_native(index, name, frame, exclude, ack, cluster, now);
+        let shared = if index == Index::Group {
+            self.mqtt_from_group(name, &frame, None, now)
+        } else {
+            Vec::new()
+        };
+        self.fanout_native(index, name, frame, exclude, ack, cluster, None, shared, now);
     }
 
-    /// The fan-out to the members of `name` (native clients).
+    /// The fan-out to the members of `name` (native clients). With
+    /// `cluster`, the other nodes get it too; `mqtt`: the MQTT message the
+    /// other nodes' MQTT subscriptions get, when an MQTT client published it
+    /// (else they make one of the frame, as this node does); `shared`: the
+    /// `$share` filters whose group got the message on this node.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn fanout_native(
         &self,
@@ -225,6 +218,8 @@ impl Router {
         exclude: Vec<Bytes>,
         ack: Option<AckTarget>,
         cluster: bool,
+        mqtt: Option<Box<MqttMsg>>,
+        shared: Vec<Bytes>,
         now: Now,
     ) {
         frame.dst = name.clone();
@@ -265,6 +260,8 @@ impl Router {
                 frame: frame.clone(),
                 exclude: exclude.clone(),
                 reply: token,
+                mqtt,
+                shared,
             });
         }
         for s in remote {

@@ -450,6 +450,8 @@ pub struct RelayProc {
     pub log: std::sync::mpsc::Receiver<String>,
     pub tcp: SocketAddr,
     pub http: SocketAddr,
+    /// The MQTT listener, when `[listeners] mqtt` is set.
+    pub mqtt: Option<SocketAddr>,
 }
 
 impl RelayProc {
@@ -480,8 +482,25 @@ impl RelayProc {
             log,
             tcp: "0.0.0.0:0".parse().unwrap(),
             http: "0.0.0.0:0".parse().unwrap(),
+            mqtt: None,
         };
-        let line = p.wait_log("relay listening", Duration::from_secs(20));
+        // The MQTT listener is logged before the others.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let line = loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match p.log.recv_timeout(left) {
+                Ok(l) if l.contains("relay listening") => break l,
+                Ok(l) if l.contains("mqtt_addr=") => {
+                    p.mqtt = l
+                        .split("mqtt_addr=")
+                        .nth(1)
+                        .and_then(|r| r.split(|c: char| c.is_whitespace() || c == '"').next())
+                        .and_then(|a| a.parse().ok());
+                }
+                Ok(_) => {}
+                Err(_) => panic!("the relay did not log \"relay listening\" within 20 s"),
+            }
+        };
         let field = |key: &str| -> SocketAddr {
             line.split(key)
                 .nth(1)
