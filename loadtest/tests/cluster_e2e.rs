@@ -19,6 +19,8 @@ use std::time::{Duration, Instant};
 
 mod common;
 
+use common::{field, relay_bin};
+
 use relay_loadtest::scenario::Pattern;
 
 const NATS: &str = "127.0.0.1:4222";
@@ -70,34 +72,6 @@ impl Drop for Cluster {
             }
         }
     }
-}
-
-fn relay_bin() -> PathBuf {
-    if let Some(p) = std::env::var_os("RELAY_BIN") {
-        return PathBuf::from(p);
-    }
-    let exe = std::env::current_exe().expect("test executable path");
-    let bin = exe
-        .parent()
-        .and_then(|deps| deps.parent())
-        .map(|dir| dir.join("relay"))
-        .expect("target directory");
-    assert!(
-        bin.exists(),
-        "no relay binary at {}: build it with `cargo build -p relay-shards --bin relay` or set RELAY_BIN",
-        bin.display()
-    );
-    bin
-}
-
-/// Value of `key=` in a log line.
-fn field(line: &str, key: &str) -> Option<String> {
-    let at = line.find(key)? + key.len();
-    let v: String = line[at..]
-        .chars()
-        .take_while(|c| c.is_ascii_digit() || *c == '.' || *c == ':')
-        .collect();
-    (!v.is_empty()).then_some(v)
 }
 
 fn start_node(dir: &std::path::Path, prefix: &str, name: &str) -> Node {

@@ -20,7 +20,7 @@ use std::time::Duration;
 
 mod common;
 
-use common::run_ok;
+use common::{field, relay_bin, run_ok};
 use relay_loadtest::report::Report;
 use relay_loadtest::scenario::{Form, Pattern, Scenario};
 
@@ -45,35 +45,6 @@ impl Drop for TempDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
     }
-}
-
-fn relay_bin() -> PathBuf {
-    if let Some(p) = std::env::var_os("RELAY_BIN") {
-        return PathBuf::from(p);
-    }
-    // target/<profile>/deps/relay_e2e-… → target/<profile>/relay
-    let exe = std::env::current_exe().expect("test executable path");
-    let bin = exe
-        .parent()
-        .and_then(|deps| deps.parent())
-        .map(|dir| dir.join("relay"))
-        .expect("target directory");
-    assert!(
-        bin.exists(),
-        "no relay binary at {}: build it with `cargo build -p relay-shards --bin relay` or set RELAY_BIN",
-        bin.display()
-    );
-    bin
-}
-
-/// Value of `key=` in a log line (ANSI colour codes are skipped).
-fn field(line: &str, key: &str) -> Option<String> {
-    let at = line.find(key)? + key.len();
-    let v: String = line[at..]
-        .chars()
-        .take_while(|c| c.is_ascii_digit() || *c == '.' || *c == ':')
-        .collect();
-    (!v.is_empty()).then_some(v)
 }
 
 fn start_relay() -> Relay {

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 mod common;
 
-use common::{assert_no_loss, run_binary, run_ok};
+use common::{assert_no_loss, field, relay_bin, run_binary, run_ok};
 use relay_loadtest::scenario::{Form, Pattern, Scenario};
 
 /// A fresh directory, removed when dropped.
@@ -99,34 +99,6 @@ impl Drop for Proc {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
-}
-
-fn relay_bin() -> PathBuf {
-    if let Some(p) = std::env::var_os("RELAY_BIN") {
-        return PathBuf::from(p);
-    }
-    let exe = std::env::current_exe().expect("test executable path");
-    let bin = exe
-        .parent()
-        .and_then(|deps| deps.parent())
-        .map(|dir| dir.join("relay"))
-        .expect("target directory");
-    assert!(
-        bin.exists(),
-        "no relay binary at {}: build it with `cargo build -p relay-shards --bin relay` or set RELAY_BIN",
-        bin.display()
-    );
-    bin
-}
-
-/// Value of `key=` in a log line.
-fn field(line: &str, key: &str) -> Option<String> {
-    let at = line.find(key)? + key.len();
-    let v: String = line[at..]
-        .chars()
-        .take_while(|c| c.is_ascii_digit() || *c == '.' || *c == ':')
-        .collect();
-    (!v.is_empty()).then_some(v)
 }
 
 /// A relay with its TLS listeners on port 0; returns it and its `tcp_tls` and

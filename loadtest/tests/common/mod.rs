@@ -184,3 +184,35 @@ impl Drop for EchoServer {
         let _ = TcpStream::connect(("127.0.0.1", self.port));
     }
 }
+
+/// The relay binary the end-to-end suites start: `RELAY_BIN`, or the one
+/// built beside the test executable (target/<profile>/relay).
+pub fn relay_bin() -> std::path::PathBuf {
+    if let Some(p) = std::env::var_os("RELAY_BIN") {
+        return std::path::PathBuf::from(p);
+    }
+    // target/<profile>/deps/<test>-… → target/<profile>/relay
+    let exe = std::env::current_exe().expect("test executable path");
+    let bin = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .map(|dir| dir.join("relay"))
+        .expect("target directory");
+    assert!(
+        bin.exists(),
+        "no relay binary at {}: build it with `cargo build -p relay-shards --bin relay` or set RELAY_BIN",
+        bin.display()
+    );
+    bin
+}
+
+/// Value of `key=` in a relay log line (digits, dots and colons: a port, an
+/// address; ANSI colour codes before it are skipped).
+pub fn field(line: &str, key: &str) -> Option<String> {
+    let at = line.find(key)? + key.len();
+    let v: String = line[at..]
+        .chars()
+        .take_while(|c| c.is_ascii_digit() || *c == '.' || *c == ':')
+        .collect();
+    (!v.is_empty()).then_some(v)
+}
