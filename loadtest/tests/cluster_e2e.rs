@@ -10,16 +10,15 @@
 // Scenarios are built field by field from the defaults, which reads clearer here.
 #![allow(clippy::field_reassign_with_default)]
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::process::Child;
 use std::time::{Duration, Instant};
 
 mod common;
 
-use common::{field, relay_bin};
+use common::spawn_relay;
 
 use relay_loadtest::scenario::Pattern;
 
@@ -88,25 +87,7 @@ fn start_node(dir: &std::path::Path, prefix: &str, name: &str) -> Node {
         ),
     )
     .unwrap();
-    let mut child = Command::new(relay_bin())
-        .arg("--config")
-        .arg(&cfg)
-        .env("RELAY_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start relay");
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines() {
-            let Ok(line) = line else { break };
-            if line.contains("relay listening") {
-                let _ = tx.send((field(&line, "tcp_addr="), field(&line, "http_addr=")));
-            }
-        }
-    });
+    let (child, rx) = spawn_relay(&cfg);
     let mut node = Node {
         child,
         tcp: String::new(),

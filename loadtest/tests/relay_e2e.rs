@@ -11,16 +11,14 @@
 // Scenarios are built field by field from the defaults, which reads clearer here.
 #![allow(clippy::field_reassign_with_default)]
 
-use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::mpsc;
 use std::time::Duration;
 
 mod common;
 
-use common::{field, relay_bin, run_ok};
+use common::{run_ok, spawn_relay};
 use relay_loadtest::report::Report;
 use relay_loadtest::scenario::{Form, Pattern, Scenario};
 
@@ -70,25 +68,7 @@ fn start_relay_with(extra: &str) -> Relay {
         ),
     )
     .unwrap();
-    let mut child = Command::new(relay_bin())
-        .arg("--config")
-        .arg(&cfg)
-        .env("RELAY_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start relay");
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines() {
-            let Ok(line) = line else { break };
-            if line.contains("relay listening") {
-                let _ = tx.send((field(&line, "tcp_addr="), field(&line, "http_addr=")));
-            }
-        }
-    });
+    let (child, rx) = spawn_relay(&cfg);
     let mut relay = Relay {
         child,
         tcp: String::new(),

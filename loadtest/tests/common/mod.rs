@@ -216,3 +216,32 @@ pub fn field(line: &str, key: &str) -> Option<String> {
         .collect();
     (!v.is_empty()).then_some(v)
 }
+
+/// A started relay's `tcp_addr` and `http_addr`, once it says it listens.
+pub type Listening = std::sync::mpsc::Receiver<(Option<String>, Option<String>)>;
+
+/// Starts the relay with the config file `cfg` (logging at info).
+pub fn spawn_relay(cfg: &Path) -> (std::process::Child, Listening) {
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+    let mut child = Command::new(relay_bin())
+        .arg("--config")
+        .arg(cfg)
+        .env("RELAY_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start relay");
+    let stderr = child.stderr.take().expect("piped stderr");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            if line.contains("relay listening") {
+                let _ = tx.send((field(&line, "tcp_addr="), field(&line, "http_addr=")));
+            }
+        }
+    });
+    (child, rx)
+}
