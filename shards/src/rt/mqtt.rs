@@ -99,6 +99,9 @@ pub(super) fn process_input(
         io.part().rbuf = rbuf;
     }
     io.tidy();
+    if let Some(m) = entry.cell.mqtt.borrow_mut().as_mut() {
+        m.session.tidy();
+    }
     moving
 }
 

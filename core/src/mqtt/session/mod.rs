@@ -489,6 +489,17 @@ impl Session {
 
     /// The next event not tied to input (deadlines, the will, the end of
     /// the session, the close after a refusal).
+    /// Gives back the room of the queues that are empty (events, in
+    /// flight, waiting, QoS 2 ids): call once per read pass, after the
+    /// events are taken, so an idle client holds none and a busy one does
+    /// not allocate them per packet.
+    pub fn tidy(&mut self) {
+        self.events.release_if_empty();
+        self.st.inflight.release_if_empty();
+        self.st.queue.release_if_empty();
+        self.st.awaiting_rel.release_if_empty();
+    }
+
     pub fn poll_event(&mut self) -> Option<Event> {
         self.events.pop_front()
     }

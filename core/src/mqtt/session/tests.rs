@@ -1626,3 +1626,21 @@ fn an_idle_session_stays_small() {
     let n = std::mem::size_of::<Session>();
     assert!(n <= 232, "{n}");
 }
+
+/// The event queue keeps its room while a client is busy (no allocation
+/// per packet) and gives it back at `tidy`, once per read pass: an idle
+/// client holds none.
+#[test]
+fn the_event_queue_is_kept_across_packets_and_released_by_tidy() {
+    let cfg = SessionConfig::default();
+    let mut s = open(&cfg, Version::V311);
+    s.tidy();
+    assert!(!s.events.is_allocated());
+    let evs = feed(&mut s, &cfg, t(1), &[publish("a", QoS::AtMostOnce, 0, "1")]);
+    assert_eq!(evs.len(), 1);
+    assert!(s.events.is_allocated(), "room kept for the next packet");
+    let evs = feed(&mut s, &cfg, t(2), &[publish("a", QoS::AtMostOnce, 0, "2")]);
+    assert_eq!(evs.len(), 1);
+    s.tidy();
+    assert!(!s.events.is_allocated());
+}
