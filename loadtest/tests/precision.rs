@@ -13,8 +13,25 @@ mod common;
 use common::EchoServer;
 use relay_loadtest::scenario::{Dur, Pattern};
 
+/// The VM this runs on stalls in bursts of tens of ms, which can move a
+/// two-second run's median by itself: the run is measured up to three
+/// times and the best median counts. A 1 ms timer fails every attempt.
 #[test]
 fn messages_leave_at_their_intended_time() {
+    let mut best = u64::MAX;
+    for _ in 0..3 {
+        best = best.min(send_lag_p50_us());
+        if best <= 300 {
+            break;
+        }
+    }
+    // A 1 ms timer puts the median error at 0.5 ms or more (intended times fall
+    // anywhere between its ticks); the tail is left to the machine's load.
+    assert!(best <= 300, "send lag p50 {best} µs at best");
+}
+
+/// One run against the echo server; its checks, and the median send lag.
+fn send_lag_p50_us() -> u64 {
     let server = EchoServer::start(usize::MAX, true);
     let mut s = common::small_scenario(
         "precision",
@@ -45,10 +62,8 @@ fn messages_leave_at_their_intended_time() {
         g.machine_percent,
         g.cpu_us_per_msg
     );
-    // A 1 ms timer puts the median error at 0.5 ms or more (intended times fall
-    // anywhere between its ticks); the tail is left to the machine's load.
-    assert!(lag.p50_us <= 300, "send lag p50 {} µs", lag.p50_us);
     // The latency from the actual send is the latency from the intended time less
     // each message's own lag.
     assert!(st.latency_from_sent.p50_us <= st.latency.p50_us);
+    lag.p50_us
 }
