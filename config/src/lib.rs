@@ -67,7 +67,7 @@ pub use rules::{
     MIN_SECRET_BYTES, OPEN_FILES_LIMIT, RESERVED_FILES,
 };
 pub use sections::{
-    AdmissionConfig, AuthConfig, AuthMode, ClusterConfig, HeartbeatConfig, HttpConfig,
+    AdmissionConfig, AuthConfig, AuthMode, ClusterConfig, HeartbeatConfig, HttpConfig, IoBackend,
     LimitsConfig, ListenersConfig, LogConfig, LogFormat, MqttConfig, NodeConfig, ShardsConfig,
     ShutdownConfig, TlsConfig, UpgradeConfig,
 };

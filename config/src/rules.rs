@@ -121,6 +121,20 @@ pub(crate) fn check(config: &Config) -> Vec<Problem> {
         " (io_uring allows up to 32768 entries)",
     );
     r.range(
+        "shards.uring_buffers",
+        u64::from(s.uring_buffers),
+        1,
+        32_768,
+        " (buffers of the provided-buffer ring; the kernel allows up to 32768)",
+    );
+    r.range(
+        "shards.uring_buffer_size",
+        u64::from(s.uring_buffer_size),
+        64,
+        1 << 20,
+        " (bytes per provided buffer)",
+    );
+    r.range(
         "shards.mesh_capacity",
         s.mesh_capacity as u64,
         1,

@@ -89,6 +89,23 @@ pub struct ShardsConfig {
     pub mesh_capacity: usize,
     /// Most frames carried by one cross-shard message (batching cuts wakeups).
     pub max_batch: usize,
+    /// How each shard drives its client sockets: `uring` (a ring of its own:
+    /// multishot receives into provided buffers, batched sends, multishot
+    /// accepts) or `epoll` (readiness, then `recv`/`send` calls).
+    pub io: IoBackend,
+    /// Buffers in each shard's provided-buffer ring (`io = "uring"`).
+    pub uring_buffers: u16,
+    /// Size of each of those buffers, in bytes.
+    pub uring_buffer_size: u32,
+}
+
+/// `[shards] io`: the I/O backend of the shards' client sockets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum IoBackend {
+    #[default]
+    Epoll,
+    Uring,
 }
 
 impl Default for ShardsConfig {
@@ -100,6 +117,9 @@ impl Default for ShardsConfig {
             ring_depth: 512,
             mesh_capacity: 1024,
             max_batch: 256,
+            io: IoBackend::default(),
+            uring_buffers: 256,
+            uring_buffer_size: 2048,
         }
     }
 }

@@ -76,7 +76,7 @@ pub fn render(stats: &[Arc<ShardStats>], uptime_s: f64, extra: &[(&str, &str, u6
     }
     out.push_str(&lines);
     type Counter = (&'static str, &'static str, fn(&ShardStats) -> u64);
-    let counters: [Counter; 11] = [
+    let counters: [Counter; 12] = [
         (
             "relay_frames_in_total",
             "Frames received from clients.",
@@ -116,6 +116,11 @@ pub fn render(stats: &[Arc<ShardStats>], uptime_s: f64, extra: &[(&str, &str, u6
         ("relay_closed_total", "Connections closed.", |s| {
             s.closed_total.load(Relaxed)
         }),
+        (
+            "relay_uring_enobufs_total",
+            "Receives ended because the shard's io_uring buffer ring ran dry (armed again at once).",
+            |s| s.uring_enobufs.load(Relaxed),
+        ),
         (
             "relay_tls_errors_total",
             "TLS connections closed for a TLS error.",

@@ -48,6 +48,9 @@ pub struct ShardStats {
     pub tls_errors: AtomicU64,
     /// TLS connections closed because their handshake outlived its deadline.
     pub tls_handshake_timeouts: AtomicU64,
+    /// io_uring: receives the kernel ended because the provided-buffer ring
+    /// was empty (each is armed again once buffers are back).
+    pub uring_enobufs: AtomicU64,
 }
 
 impl ShardStats {

@@ -34,8 +34,9 @@ use relay_core::conn::{CloseReason, Event, Hello, Transport};
 use relay_core::frame::ErrorCode;
 
 use super::Handover;
-use super::io::{Entry, Io, Partial};
+use super::io::{ARMED, CANCELLING, CLOSE_SENT, Entry, Io, MULTI, Partial};
 use super::tls;
+use super::uring::{self, Ring};
 use super::{Shard, now};
 use crate::cell::{ConnCell, ConnId};
 use crate::router::{Outcome, Router};
@@ -67,14 +68,25 @@ const MQTT_LISTENER: u64 = u64::MAX - 2;
 const MQTT_TLS_LISTENER: u64 = u64::MAX - 3;
 const IN: u32 = (libc::EPOLLIN | libc::EPOLLRDHUP) as u32;
 
-/// The shard's epoll set.
+#[path = "conn_uring.rs"]
+mod on_ring;
+pub(super) use on_ring::run as run_uring;
+
+/// The shard's epoll set, or its io_uring ring (`[shards] io`).
 #[derive(Debug)]
 pub(super) struct Poller {
     epfd: OwnedFd,
+    ring: Option<Ring>,
+}
+
+/// The listener kind a listener token names (the ring's accept slots).
+fn listener_kind(token: u64) -> usize {
+    (u64::MAX - token) as usize
 }
 
 impl Poller {
-    pub(super) fn new() -> io::Result<Poller> {
+    /// The epoll set, and the ring when `ring` is given.
+    pub(super) fn new(ring: Option<Ring>) -> io::Result<Poller> {
         // SAFETY: plain syscall; the returned fd is checked and then owned.
         let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
         if fd < 0 {
@@ -83,7 +95,25 @@ impl Poller {
         // SAFETY: a fresh fd that nothing else owns.
         Ok(Poller {
             epfd: unsafe { OwnedFd::from_raw_fd(fd) },
+            ring,
         })
+    }
+
+    /// The ring, on the io_uring backend.
+    pub(super) fn ring(&self) -> Option<&Ring> {
+        self.ring.as_ref()
+    }
+
+    /// Watches a listener (its token names which): an epoll entry, or a
+    /// multishot accept on the ring.
+    fn watch(&self, fd: RawFd, token: u64) -> io::Result<()> {
+        match &self.ring {
+            Some(r) => {
+                r.accept(fd, listener_kind(token));
+                Ok(())
+            }
+            None => self.add(fd, token),
+        }
     }
 
     fn ctl(&self, op: libc::c_int, fd: RawFd, events: u32, token: u64) -> io::Result<()> {
@@ -103,17 +133,17 @@ impl Poller {
 
     /// Watches the controllers' listener (again, after a pause).
     pub(super) fn watch_listener(&self, fd: RawFd) -> io::Result<()> {
-        self.add(fd, LISTENER)
+        self.watch(fd, LISTENER)
     }
 
     /// Watches the controllers' TLS listener (again, after a pause).
     pub(super) fn watch_tls_listener(&self, fd: RawFd) -> io::Result<()> {
-        self.add(fd, TLS_LISTENER)
+        self.watch(fd, TLS_LISTENER)
     }
 
     /// Watches an MQTT listener (`tls`: the MQTT over TLS one).
     pub(super) fn watch_mqtt_listener(&self, fd: RawFd, tls: bool) -> io::Result<()> {
-        self.add(
+        self.watch(
             fd,
             if tls {
                 MQTT_TLS_LISTENER
@@ -124,8 +154,13 @@ impl Poller {
     }
 
     /// Watches `fd` (under `token`) for what `io` needs: input unless it is
-    /// paused, output while a write waits for room.
-    fn rearm(&self, fd: RawFd, token: u64, io: &Io) -> io::Result<()> {
+    /// paused, output while a write waits for room. On the ring: arms the
+    /// receive, or cancels it while the connection is paused.
+    fn rearm(&self, fd: RawFd, token: u64, io: &mut Io, cell: &ConnCell) -> io::Result<()> {
+        if let Some(ring) = &self.ring {
+            sync_recv(ring, fd, token, io, cell);
+            return Ok(());
+        }
         let mut events = if io.paused { 0 } else { IN };
         if io.want_out {
             events |= libc::EPOLLOUT as u32;
@@ -134,12 +169,24 @@ impl Poller {
     }
 
     /// `rearm` for the other parts of the runtime.
-    pub(super) fn rearm_io(&self, fd: RawFd, token: u64, io: &Io) -> io::Result<()> {
-        self.rearm(fd, token, io)
+    pub(super) fn rearm_io(
+        &self,
+        fd: RawFd,
+        token: u64,
+        io: &mut Io,
+        cell: &ConnCell,
+    ) -> io::Result<()> {
+        self.rearm(fd, token, io, cell)
     }
 
+    /// Stops watching `fd` (a listener's accept on the ring).
     fn remove(&self, fd: RawFd) {
-        let _ = self.ctl(libc::EPOLL_CTL_DEL, fd, 0, 0);
+        match &self.ring {
+            Some(r) => r.stop_accept(fd),
+            None => {
+                let _ = self.ctl(libc::EPOLL_CTL_DEL, fd, 0, 0);
+            }
+        }
     }
 
     /// Takes what is ready without blocking.
@@ -169,6 +216,24 @@ impl Poller {
         }
         // SAFETY: the duplicate is ours alone and closes with the stream.
         Ok(unsafe { TcpStream::from_raw_fd(fd) })
+    }
+}
+
+/// Brings the ring's receive for a connection in line with what it needs:
+/// one in flight unless it is paused or at its end (multishot once its
+/// hello is accepted, see `uring`), none while paused (a multishot one is
+/// cancelled; what it still delivers waits in the connection's buffer).
+fn sync_recv(ring: &Ring, fd: RawFd, token: u64, io: &mut Io, cell: &ConnCell) {
+    let want = !io.paused && !io.eof;
+    if want && !io.has(ARMED) {
+        let multishot = cell.conn.borrow().is_open();
+        ring.recv(fd, token, multishot);
+        io.mark(ARMED, true);
+        io.mark(MULTI, multishot);
+        io.mark(CANCELLING, false);
+    } else if !want && io.has(ARMED) && io.has(MULTI) && !io.has(CANCELLING) {
+        ring.cancel(uring::OP_RECV, token);
+        io.mark(CANCELLING, true);
     }
 }
 
@@ -336,9 +401,17 @@ pub(super) fn attach(shard: &Rc<Shard>, cell: Rc<ConnCell>, io: Io, first: Optio
         }
     };
     drop(cell);
-    let watched = match entry.io.raw_fd() {
-        Some(fd) => shard.poller.add(fd, entry.token()),
-        None => Err(io::ErrorKind::NotFound.into()),
+    let ring = shard.poller.ring();
+    let watched = match (entry.io.raw_fd(), ring) {
+        (Some(_), Some(_)) if entry.token() as u32 >= uring::MAX_SLOT => {
+            Err(io::ErrorKind::OutOfMemory.into())
+        }
+        (Some(fd), Some(r)) => {
+            r.register(entry.token() as u32, fd);
+            Ok(())
+        }
+        (Some(fd), None) => shard.poller.add(fd, entry.token()),
+        (None, _) => Err(io::ErrorKind::NotFound.into()),
     };
     if let Err(e) = watched {
         crate::warn_every!("cannot watch a connection: {e}");
@@ -362,6 +435,13 @@ pub(super) fn attach(shard: &Rc<Shard>, cell: Rc<ConnCell>, io: Io, first: Optio
     {
         handover(shard, entry, owner, hello);
         return;
+    }
+    if let (Some(ring), Some(fd)) = (ring, entry.io.raw_fd()) {
+        // Input is received only now: a connection handed over above never
+        // had a receive in flight on this ring.
+        let token = entry.token();
+        let Entry { cell, io, .. } = &mut entry;
+        sync_recv(ring, fd, token, io, cell);
     }
     shard.router.wake(&entry.cell);
 }
@@ -405,45 +485,56 @@ fn accept_ready(shard: &Rc<Shard>, listener: &socket2::Socket, tls: bool, mqtt: 
                 }
             },
         };
-        if !shard.shared.admit() {
-            continue;
-        }
-        let _ = sock.set_tcp_nodelay(true);
-        ShardStats::add(&shard.router.stats.accepted_total, 1);
         let remote = addr
             .as_socket()
             .unwrap_or_else(|| std::net::SocketAddr::from(([0, 0, 0, 0], 0)));
-        let fd = OwnedFd::from(sock);
-        let conn = relay_core::Connection::new(&shard.router.cfg().conn, Transport::Tcp, now());
-        let cell = shard.router.register(conn, Router::session(remote));
-        if mqtt {
-            super::mqtt::init(shard, &cell);
-        }
-        let session = if tls {
-            let Some(session) = shard
-                .tls
-                .accept(&shard.shared.tls, cell.id, now().mono_ms, mqtt)
-            else {
-                shard.router.on_closed(&cell, now());
-                shard.shared.release();
-                continue;
-            };
-            Some(session)
-        } else {
-            None
-        };
-        let mut io = Io::new(fd, session);
-        if !mqtt && shard.shared.proxy.controllers(tls) {
-            // Nothing is read before the balancer's PROXY header.
-            io.part().proxy = Some(Vec::new());
-            let deadline = now().mono_ms + shard.shared.proxy.timeout.as_millis() as u64;
-            shard
-                .proxy_waits
-                .borrow_mut()
-                .push_back((deadline, cell.id));
-        }
-        attach(shard, cell, io, None);
+        accepted(shard, sock, remote, tls, mqtt);
     }
+}
+
+/// Takes a connection a listener accepted (`tls`, `mqtt`: which listener).
+fn accepted(
+    shard: &Rc<Shard>,
+    sock: socket2::Socket,
+    remote: std::net::SocketAddr,
+    tls: bool,
+    mqtt: bool,
+) {
+    if !shard.shared.admit() {
+        return;
+    }
+    let _ = sock.set_tcp_nodelay(true);
+    ShardStats::add(&shard.router.stats.accepted_total, 1);
+    let fd = OwnedFd::from(sock);
+    let conn = relay_core::Connection::new(&shard.router.cfg().conn, Transport::Tcp, now());
+    let cell = shard.router.register(conn, Router::session(remote));
+    if mqtt {
+        super::mqtt::init(shard, &cell);
+    }
+    let session = if tls {
+        let Some(session) = shard
+            .tls
+            .accept(&shard.shared.tls, cell.id, now().mono_ms, mqtt)
+        else {
+            shard.router.on_closed(&cell, now());
+            shard.shared.release();
+            return;
+        };
+        Some(session)
+    } else {
+        None
+    };
+    let mut io = Io::new(fd, session);
+    if !mqtt && shard.shared.proxy.controllers(tls) {
+        // Nothing is read before the balancer's PROXY header.
+        io.part().proxy = Some(Vec::new());
+        let deadline = now().mono_ms + shard.shared.proxy.timeout.as_millis() as u64;
+        shard
+            .proxy_waits
+            .borrow_mut()
+            .push_back((deadline, cell.id));
+    }
+    attach(shard, cell, io, None);
 }
 
 /// Reads what a readable socket holds and routes what it completes.
@@ -458,7 +549,9 @@ fn on_readable(shard: &Rc<Shard>, mut entry: Entry<'_>, t: relay_core::Now) {
         router.wake(&entry.cell);
         return;
     }
-    if entry.io.proxy().is_some() && !read_proxy_header(shard, &mut entry, fd, t) {
+    if entry.io.proxy().is_some()
+        && !read_proxy_header(shard, &mut entry, &mut |b| sys_recv(fd, b), t)
+    {
         router.wake(&entry.cell);
         return;
     }
@@ -519,7 +612,12 @@ fn on_readable(shard: &Rc<Shard>, mut entry: Entry<'_>, t: relay_core::Now) {
 /// in the socket); true once it is whole and the session has the client's
 /// address, false while it is not (more to come, or the connection is
 /// closing for a bad one).
-fn read_proxy_header(shard: &Shard, entry: &mut Entry<'_>, fd: RawFd, t: relay_core::Now) -> bool {
+fn read_proxy_header(
+    shard: &Shard,
+    entry: &mut Entry<'_>,
+    recv: &mut dyn FnMut(&mut [u8]) -> io::Result<usize>,
+    t: relay_core::Now,
+) -> bool {
     let mut tmp = [0u8; 512];
     loop {
         let Some(buf) = entry.io.proxy() else {
@@ -548,7 +646,7 @@ fn read_proxy_header(shard: &Shard, entry: &mut Entry<'_>, fd: RawFd, t: relay_c
             }
         };
         let take = need.min(tmp.len());
-        match sys_recv(fd, &mut tmp[..take]) {
+        match recv(&mut tmp[..take]) {
             Ok(0) => {
                 peer_gone(entry, t);
                 return false;
@@ -667,7 +765,12 @@ fn process_input(
                 .borrow_mut()
                 .handle_input(cfg, t, &mut rbuf)
                 .map_or(Step::Stop, Step::Route),
-            Some(d) => ws_step(cell, d, &mut rbuf, cfg, t, &mut io.close_sent),
+            Some(d) => {
+                let mut close_sent = io.has(CLOSE_SENT);
+                let step = ws_step(cell, d, &mut rbuf, cfg, t, &mut close_sent);
+                io.mark(CLOSE_SENT, close_sent);
+                step
+            }
         };
         let ev = match step {
             Step::Stop => break,
@@ -685,7 +788,7 @@ fn process_input(
     if pause && !io.paused {
         io.paused = true;
         if let Some(fd) = io.raw_fd() {
-            let _ = shard.poller.rearm(fd, token, io);
+            let _ = shard.poller.rearm(fd, token, io, cell);
         }
     }
     if !rbuf.is_empty() || dec.is_some() {
@@ -713,7 +816,7 @@ fn flush(shard: &Rc<Shard>, mut entry: Entry<'_>, t: relay_core::Now) {
     let gone = io.eof;
     let reason = cell.conn.borrow().close_reason();
     if io.is_ws()
-        && !io.close_sent
+        && !io.has(CLOSE_SENT)
         && !gone
         && let Some(reason) = reason
     {
@@ -725,12 +828,17 @@ fn flush(shard: &Rc<Shard>, mut entry: Entry<'_>, t: relay_core::Now) {
                 cell.conn.borrow_mut().send_raw(&frame);
             }
         }
-        io.close_sent = true;
+        io.mark(CLOSE_SENT, true);
     }
-    let failed = !gone && write_out(shard, cell, io, (fd, token), t);
-    if io.want_out && !io.writing() {
+    let ring = shard.poller.ring();
+    let failed = !gone
+        && match ring {
+            Some(r) => on_ring::write_out(shard, r, cell, io, (fd, token), t),
+            None => write_out(shard, cell, io, (fd, token), t),
+        };
+    if ring.is_none() && io.want_out && !io.writing() {
         io.want_out = false;
-        if shard.poller.rearm(fd, token, io).is_err() {
+        if shard.poller.rearm(fd, token, io, cell).is_err() {
             io.want_out = true;
         }
     }
@@ -739,7 +847,8 @@ fn flush(shard: &Rc<Shard>, mut entry: Entry<'_>, t: relay_core::Now) {
     }
     let closing = cell.conn.borrow().is_closing();
     if gone || failed || closing {
-        let flushed = !io.writing();
+        // On the ring, a send in flight is not out yet.
+        let flushed = !io.writing() && !(ring.is_some() && io.want_out);
         let late = cell
             .conn
             .borrow()
@@ -759,7 +868,7 @@ fn flush(shard: &Rc<Shard>, mut entry: Entry<'_>, t: relay_core::Now) {
         {
             // Drained: read again, starting with what is already buffered.
             io.paused = false;
-            let _ = shard.poller.rearm(fd, token, io);
+            let _ = shard.poller.rearm(fd, token, io, cell);
             let rbuf = io.take_rbuf();
             if (!rbuf.is_empty() || super::mqtt::has_input(cell))
                 && let Some((owner, hello)) = process_input(shard, &mut entry, t, rbuf)
@@ -824,7 +933,7 @@ fn write_out(
                 // The peer is not reading: wait for room.
                 if !io.want_out {
                     io.want_out = true;
-                    if shard.poller.rearm(fd, token, io).is_err() {
+                    if shard.poller.rearm(fd, token, io, cell).is_err() {
                         io.want_out = false;
                     }
                 }
@@ -844,9 +953,24 @@ fn write_out(
 /// Closes the socket after letting the last bytes (an ERROR, a BYE) reach
 /// the peer, and tells the router the connection has gone.
 fn close(shard: &Rc<Shard>, entry: Entry<'_>) {
+    let token = entry.token();
     let (cell, io) = entry.close();
+    let (armed, sending) = (io.has(ARMED), io.want_out);
     if let Some(fd) = io.fd {
-        shard.poller.remove(fd.as_raw_fd());
+        match shard.poller.ring() {
+            Some(r) => {
+                // The kernel holds the socket while an operation is in
+                // flight: end them, so it closes now.
+                if armed {
+                    r.cancel(uring::OP_RECV, token);
+                }
+                if sending {
+                    r.cancel(uring::OP_SEND, token);
+                }
+                r.unregister(token as u32);
+            }
+            None => shard.poller.remove(fd.as_raw_fd()),
+        }
         if let Some(mut s) = io.tls
             && !io.eof
         {
@@ -863,6 +987,9 @@ fn close(shard: &Rc<Shard>, entry: Entry<'_>) {
 /// Moves the connection, with everything read or queued, to `owner`.
 fn handover(shard: &Rc<Shard>, entry: Entry<'_>, owner: usize, hello: Hello) {
     let router = &shard.router;
+    if let Some(r) = shard.poller.ring() {
+        r.forget(entry.token(), entry.io.has(ARMED));
+    }
     let (cell, Io { fd, part, tls, .. }) = entry.close();
     router.forget(&cell);
     let Partial {
@@ -990,7 +1117,7 @@ pub(super) fn take_fd(stream: TcpStream) -> io::Result<OwnedFd> {
 pub(super) fn resume_mqtt_accepts(shard: &Shard) {
     let paused = std::mem::take(&mut *shard.mqtt_paused.borrow_mut());
     for (fd, token) in paused {
-        if let Err(e) = shard.poller.add(fd, token) {
+        if let Err(e) = shard.poller.watch(fd, token) {
             crate::warn_every!("cannot resume MQTT accepts: {e}");
             shard.mqtt_paused.borrow_mut().push((fd, token));
         }

@@ -64,9 +64,11 @@ pub(super) struct Io {
     /// The socket (`None` only in the empty value an [`Entry`] leaves behind
     /// once it is closed).
     pub fd: Option<OwnedFd>,
-    /// A WebSocket close frame has been queued.
-    pub close_sent: bool,
-    /// The socket is registered for writability (its send buffer was full).
+    /// [`CLOSE_SENT`], and the io_uring backend's marks ([`ARMED`],
+    /// [`MULTI`], [`CANCELLING`]).
+    pub marks: u8,
+    /// epoll: the socket is registered for writability (its send buffer was
+    /// full). io_uring: a send is in flight.
     pub want_out: bool,
     /// The peer closed or reset the connection: close without flushing.
     pub eof: bool,
@@ -77,6 +79,15 @@ pub(super) struct Io {
     /// The TLS session of a connection on a TLS listener.
     pub tls: Option<Box<rustls::ServerConnection>>,
 }
+
+/// A WebSocket close frame has been queued.
+pub(super) const CLOSE_SENT: u8 = 1;
+/// io_uring: a receive is in flight.
+pub(super) const ARMED: u8 = 2;
+/// io_uring: the receive in flight is multishot.
+pub(super) const MULTI: u8 = 4;
+/// io_uring: its cancellation has been asked for.
+pub(super) const CANCELLING: u8 = 8;
 
 /// What a connection holds between passes of the I/O loop, when anything.
 #[derive(Debug, Default)]
@@ -114,6 +125,20 @@ impl Io {
             p.ws = ws;
         }
         self
+    }
+
+    /// Whether mark `m` is set.
+    pub fn has(&self, m: u8) -> bool {
+        self.marks & m != 0
+    }
+
+    /// Sets or clears mark `m`.
+    pub fn mark(&mut self, m: u8, on: bool) {
+        if on {
+            self.marks |= m;
+        } else {
+            self.marks &= !m;
+        }
     }
 
     /// The socket's descriptor.

@@ -13,6 +13,7 @@ mod proxy;
 mod reload;
 mod tls;
 mod upgrade;
+mod uring;
 
 pub use reload::ReloadReport;
 pub use upgrade::{Inherited, UPGRADE_FD_ENV, notify_main_pid, ready, receive_from_env};
@@ -169,6 +170,8 @@ pub struct Shared {
     pub cluster: Option<Arc<crate::cluster::Cluster>>,
     /// `[listeners] mqtt`, its port resolved.
     pub mqtt_addr: Option<SocketAddr>,
+    /// `[shards] io = "uring"`: each shard's ring.
+    pub(crate) ring: Option<uring::RingSettings>,
     ready: AtomicUsize,
     /// Shards that have cut every tie to their peers (see `quiesce`).
     quiet: AtomicUsize,
@@ -418,6 +421,13 @@ impl Relay {
             plugin_metrics: ext.plugin_metrics,
             cluster,
             mqtt_addr,
+            ring: (cfg.shards.io == relay_config::IoBackend::Uring).then_some(
+                uring::RingSettings {
+                    entries: cfg.shards.ring_depth,
+                    buffers: cfg.shards.uring_buffers,
+                    buffer_size: cfg.shards.uring_buffer_size,
+                },
+            ),
             ready: AtomicUsize::new(0),
             quiet: AtomicUsize::new(0),
             shards,
@@ -840,7 +850,13 @@ async fn shard_main(
         ),
         None => None,
     };
-    let poller = conn::Poller::new().map_err(|e| anyhow::anyhow!("shard {id}: epoll: {e}"))?;
+    let ring = match shared.ring {
+        Some(s) => Some(
+            uring::Ring::new(s).map_err(|e| anyhow::anyhow!("shard {id}: io_uring: {e}"))?,
+        ),
+        None => None,
+    };
+    let poller = conn::Poller::new(ring).map_err(|e| anyhow::anyhow!("shard {id}: epoll: {e}"))?;
     let shard = Rc::new(Shard {
         router,
         wakers,
@@ -907,12 +923,22 @@ async fn shard_main(
         Some(a) => Some(mqtt::listen(&shard, a, true)?),
         None => None,
     };
-    tasks.push(glommio::spawn_local(conn::run(
-        shard.clone(),
-        listener,
-        tls_listener,
-        [mqtt_listener, mqtt_tls_listener],
-    )));
+    let listeners = [mqtt_listener, mqtt_tls_listener];
+    tasks.push(if shard.poller.ring().is_some() {
+        glommio::spawn_local(conn::run_uring(
+            shard.clone(),
+            listener,
+            tls_listener,
+            listeners,
+        ))
+    } else {
+        glommio::spawn_local(conn::run(
+            shard.clone(),
+            listener,
+            tls_listener,
+            listeners,
+        ))
+    });
     if let Some(l) = http_listener {
         tasks.push(glommio::spawn_local(accept_http(shard.clone(), l, false)));
     }

@@ -92,7 +92,7 @@ pub(super) fn process_input(
     if pause && !io.paused {
         io.paused = true;
         if let Some(fd) = io.raw_fd() {
-            let _ = shard.poller.rearm_io(fd, token, io);
+            let _ = shard.poller.rearm_io(fd, token, io, &entry.cell);
         }
     }
     if !rbuf.is_empty() {
@@ -202,13 +202,13 @@ fn ws_input(
             Ok(Some(WsMsg::Text(_))) => {
                 let why = "MQTT over WebSocket takes binary messages only";
                 send_ws_raw(&cell, &ws::close_frame(1003, why));
-                entry.io.close_sent = true;
+                entry.io.mark(super::io::CLOSE_SENT, true);
                 cell.closing(CloseReason::ProtocolError, close_at);
                 break;
             }
             Err(e) => {
                 send_ws_raw(&cell, &ws::close_frame(e.close_code(), &e.to_string()));
-                entry.io.close_sent = true;
+                entry.io.mark(super::io::CLOSE_SENT, true);
                 cell.closing(CloseReason::ProtocolError, close_at);
                 break;
             }

@@ -22,7 +22,19 @@ pub fn test_config() -> Config {
     cfg.shards.pin = false;
     cfg.plugins.enabled = false;
     cfg.shards.io_memory_kib = 256;
+    cfg.shards.io = io_backend();
     cfg
+}
+
+/// The I/O backend the suite runs on: `RELAY__SHARDS__IO` (the variable a
+/// relay process reads too), else the built-in default.
+pub fn io_backend() -> relay_config::IoBackend {
+    match std::env::var("RELAY__SHARDS__IO").as_deref() {
+        Ok("uring") => relay_config::IoBackend::Uring,
+        Ok("epoll") => relay_config::IoBackend::Epoll,
+        Ok(other) => panic!("RELAY__SHARDS__IO={other}: expected uring or epoll"),
+        Err(_) => relay_config::IoBackend::default(),
+    }
 }
 
 /// Starts a relay with `tweak` applied to the test config.
