@@ -51,7 +51,17 @@ SCENARIOS = {
 
 TARGETS = ["relay-1", "relay-2", "mosquitto"]
 # Also accepted: "relay-mqtt", the relay (one shard) with its MQTT listener, driven
-# by the same MQTT clients as Mosquitto.
+# by the same MQTT clients as Mosquitto. A relay target ending in "-uring" or
+# "-epoll" (relay-1-uring, relay-2-epoll, relay-mqtt-uring) runs that I/O backend
+# ([shards] io); without the suffix the relay runs its default.
+
+
+def backend(target):
+    """The relay target without its I/O backend suffix, and the backend (or None)."""
+    for io in ("uring", "epoll"):
+        if target.endswith("-" + io):
+            return target[: -len(io) - 1], io
+    return target, None
 
 
 def free_port():
@@ -75,9 +85,12 @@ def start(target, tmp):
     """Starts a fresh server; returns (process, tcp port, http port or None)."""
     tcp = free_port()
     if target.startswith("relay"):
+        target, io = backend(target)
         http = free_port()
         mqtt = target == "relay-mqtt"
         env = dict(os.environ)
+        if io:
+            env["RELAY__SHARDS__IO"] = io
         env.update({
             "RELAY__LISTENERS__TCP": f"127.0.0.1:{free_port() if mqtt else tcp}",
             "RELAY__LISTENERS__HTTP": f"127.0.0.1:{http}",
@@ -120,7 +133,7 @@ def run_one(key, target, out_dir, run, tmp):
     _, file, extra = SCENARIOS[key]
     p, tcp, http = start(target, tmp)
     report = out_dir / f"{key}-{target}-{run}.json"
-    pin = ["taskset", "-c", "1"] if PIN and target != "relay-2" else []
+    pin = ["taskset", "-c", "1"] if PIN and backend(target)[0] != "relay-2" else []
     cmd = pin + [str(LOADTEST), "-s", str(ROOT / "config" / "loadtest" / file), "--no-progress",
            "--json", str(report), "--html", str(report.with_suffix(".html")), "--server-pid", str(p.pid)] + extra
     if http is None:

@@ -46,7 +46,10 @@ pub(in crate::rt) async fn run(
             Rc::new(unsafe { BufferedFile::from_raw_fd(fd.into_raw_fd()) })
         }
         other => {
-            tracing::error!("shard {}: no io_uring eventfd: {other:?}", shard.router.shard);
+            tracing::error!(
+                "shard {}: no io_uring eventfd: {other:?}",
+                shard.router.shard
+            );
             return;
         }
     };

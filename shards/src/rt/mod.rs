@@ -851,9 +851,9 @@ async fn shard_main(
         None => None,
     };
     let ring = match shared.ring {
-        Some(s) => Some(
-            uring::Ring::new(s).map_err(|e| anyhow::anyhow!("shard {id}: io_uring: {e}"))?,
-        ),
+        Some(s) => {
+            Some(uring::Ring::new(s).map_err(|e| anyhow::anyhow!("shard {id}: io_uring: {e}"))?)
+        }
         None => None,
     };
     let poller = conn::Poller::new(ring).map_err(|e| anyhow::anyhow!("shard {id}: epoll: {e}"))?;
@@ -932,12 +932,7 @@ async fn shard_main(
             listeners,
         ))
     } else {
-        glommio::spawn_local(conn::run(
-            shard.clone(),
-            listener,
-            tls_listener,
-            listeners,
-        ))
+        glommio::spawn_local(conn::run(shard.clone(), listener, tls_listener, listeners))
     });
     if let Some(l) = http_listener {
         tasks.push(glommio::spawn_local(accept_http(shard.clone(), l, false)));

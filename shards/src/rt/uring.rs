@@ -67,7 +67,10 @@ pub(super) fn user_data(op: u64, token: u64) -> u64 {
 
 /// The operation and the token of a completion's user data.
 pub(super) fn split(data: u64) -> (u64, u64) {
-    ((data >> SLOT_BITS) & 0xF, (data & !0xFFFF_FFFF) | (data & SLOT_MASK))
+    (
+        (data >> SLOT_BITS) & 0xF,
+        (data & !0xFFFF_FFFF) | (data & SLOT_MASK),
+    )
 }
 
 /// The sizes of a shard's ring (`[shards]`).
