@@ -848,7 +848,8 @@ fn flush(shard: &Rc<Shard>, mut entry: Entry<'_>, t: relay_core::Now) {
     let closing = cell.conn.borrow().is_closing();
     if gone || failed || closing {
         // On the ring, a send in flight is not out yet.
-        let flushed = !io.writing() && !(ring.is_some() && io.want_out);
+        let in_flight = ring.is_some() && io.want_out;
+        let flushed = !io.writing() && !in_flight;
         let late = cell
             .conn
             .borrow()

@@ -150,8 +150,19 @@ impl Ring {
         // SAFETY: a fresh fd that nothing else owns.
         let event = unsafe { OwnedFd::from_raw_fd(efd) };
         ring.submitter().register_eventfd(event.as_raw_fd())?;
-        let files = match ring.submitter().register_files_sparse(FIXED_FILES) {
-            Ok(()) => FIXED_FILES,
+        // The kernel refuses a table larger than the open-file limit.
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit writes into the struct we pass.
+        let nofile = if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0 {
+            lim.rlim_cur.min(u64::from(FIXED_FILES)) as u32
+        } else {
+            0
+        };
+        let files = match ring.submitter().register_files_sparse(nofile) {
+            Ok(()) => nofile,
             Err(e) => {
                 tracing::info!("io_uring without registered files ({e})");
                 0
