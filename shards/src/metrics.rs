@@ -76,7 +76,7 @@ pub fn render(stats: &[Arc<ShardStats>], uptime_s: f64, extra: &[(&str, &str, u6
     }
     out.push_str(&lines);
     type Counter = (&'static str, &'static str, fn(&ShardStats) -> u64);
-    let counters: [Counter; 12] = [
+    let counters: [Counter; 13] = [
         (
             "relay_frames_in_total",
             "Frames received from clients.",
@@ -120,6 +120,11 @@ pub fn render(stats: &[Arc<ShardStats>], uptime_s: f64, extra: &[(&str, &str, u6
             "relay_uring_enobufs_total",
             "Receives ended because the shard's io_uring buffer ring ran dry (armed again at once).",
             |s| s.uring_enobufs.load(Relaxed),
+        ),
+        (
+            "relay_uring_fallback",
+            "1 when the shard was to use io_uring but could not make its ring and uses epoll.",
+            |s| s.uring_fallbacks.load(Relaxed),
         ),
         (
             "relay_tls_errors_total",

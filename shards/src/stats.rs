@@ -51,6 +51,9 @@ pub struct ShardStats {
     /// io_uring: receives the kernel ended because the provided-buffer ring
     /// was empty (each is armed again once buffers are back).
     pub uring_enobufs: AtomicU64,
+    /// 1 when `[shards] io = "uring"` was asked for and this shard could not
+    /// make its ring, so it runs on epoll.
+    pub uring_fallbacks: AtomicU64,
 }
 
 impl ShardStats {

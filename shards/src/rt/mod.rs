@@ -850,9 +850,15 @@ async fn shard_main(
         ),
         None => None,
     };
-    let ring = match shared.ring {
-        Some(s) => {
-            Some(uring::Ring::new(s).map_err(|e| anyhow::anyhow!("shard {id}: io_uring: {e}"))?)
+    let ring = match shared.ring.map(uring::Ring::new) {
+        Some(Ok(r)) => Some(r),
+        Some(Err(e)) => {
+            tracing::warn!(
+                "shard {id}: no io_uring ring ({e}; it needs Linux 6.1 and io_uring enabled): \
+                 this shard uses epoll"
+            );
+            ShardStats::add(&shared.stats[id].uring_fallbacks, 1);
+            None
         }
         None => None,
     };

@@ -7,7 +7,8 @@
 //!   shard asks for them, never by interrupting it), `TASKRUN_FLAG` (the
 //!   ring says when deferred work waits, so an idle pass makes no syscall),
 //!   and a sparse table of registered files indexed by the I/O table's slot.
-//!   Where the kernel refuses these flags, a plain ring is made instead.
+//!   Where the kernel refuses these flags (before Linux 6.1) or io_uring is
+//!   disabled, no ring is made and the shard runs on epoll.
 //! - **Input.** Each connection has one receive in flight, into a provided
 //!   buffer ring (`[shards] uring_buffers` buffers of `uring_buffer_size`
 //!   bytes): multishot once the connection's hello is accepted, one-shot
@@ -102,15 +103,12 @@ pub(super) struct Ring {
     event: OwnedFd,
     /// The listeners with an accept armed, by kind.
     listeners: RefCell<[Option<RawFd>; 4]>,
-    /// `DEFER_TASKRUN` is on.
-    pub(super) deferred: bool,
 }
 
 impl std::fmt::Debug for Ring {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Ring")
             .field("files", &self.files)
-            .field("deferred", &self.deferred)
             .field("sends", &self.sends.borrow().len())
             .finish()
     }
@@ -121,26 +119,14 @@ impl Ring {
     pub(super) fn new(s: RingSettings) -> io::Result<Ring> {
         let entries = s.entries.clamp(8, 32_768);
         let cq = (entries * 8).min(65_536);
-        let (ring, deferred) = match IoUring::builder()
+        // Without DEFER_TASKRUN (Linux 6.1) the ring is not made and the
+        // shard uses epoll: every feature used here is older than it.
+        let ring = IoUring::builder()
             .setup_single_issuer()
             .setup_defer_taskrun()
             .setup_taskrun_flag()
             .setup_cqsize(cq)
-            .build(entries)
-        {
-            Ok(r) => (r, true),
-            Err(e) => {
-                tracing::info!("io_uring without DEFER_TASKRUN ({e})");
-                (
-                    IoUring::builder()
-                        .setup_coop_taskrun()
-                        .setup_taskrun_flag()
-                        .setup_cqsize(cq)
-                        .build(entries)?,
-                    false,
-                )
-            }
-        };
+            .build(entries)?;
         // A blocking eventfd: glommio's read of it waits in its ring.
         // SAFETY: plain syscall; the result is checked and then owned.
         let efd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
@@ -189,7 +175,6 @@ impl Ring {
             files,
             event,
             listeners: RefCell::new([None; 4]),
-            deferred,
         })
     }
 
@@ -225,7 +210,7 @@ impl Ring {
         let mut ring = self.ring.borrow_mut();
         let queued = !ring.submission().is_empty();
         let work = ring.submission().taskrun() || ring.submission().cq_overflow();
-        if !queued && !work && self.deferred {
+        if !queued && !work {
             return;
         }
         loop {
