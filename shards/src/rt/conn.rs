@@ -244,7 +244,7 @@ pub(super) async fn run(
     shard: Rc<Shard>,
     listener: socket2::Socket,
     mut tls_listener: Option<socket2::Socket>,
-    [mut mqtt_listener, mut mqtt_tls_listener]: [Option<socket2::Socket>; 2],
+    mut mqtt: [Option<socket2::Socket>; 2],
 ) {
     let mut listener = Some(listener);
     let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; EVENTS];
@@ -255,27 +255,7 @@ pub(super) async fn run(
         let busy = poll_fn(|cx| {
             loop {
                 let router = &shard.router;
-                if listener.is_some()
-                    && (router.is_shutting_down() || shard.shared.stop.load(Ordering::Relaxed))
-                {
-                    // Shutting down: no more accepts.
-                    if let Some(l) = listener.take() {
-                        shard.poller.remove(l.as_raw_fd());
-                        shard.listen_fd.set(None);
-                    }
-                    if let Some(l) = tls_listener.take() {
-                        shard.poller.remove(l.as_raw_fd());
-                        shard.tls.listen_fd.set(None);
-                    }
-                    for l in [mqtt_listener.take(), mqtt_tls_listener.take()]
-                        .into_iter()
-                        .flatten()
-                    {
-                        shard.poller.remove(l.as_raw_fd());
-                    }
-                    // Nothing paused is resumed: those sockets close now.
-                    shard.mqtt_paused.borrow_mut().clear();
-                }
+                stop_accepting(&shard, &mut listener, &mut tls_listener, &mut mqtt);
                 let n = shard.poller.ready(&mut events);
                 let t = now();
                 for ev in &events[..n] {
@@ -293,13 +273,13 @@ pub(super) async fn run(
                         continue;
                     }
                     if token == MQTT_LISTENER {
-                        if let Some(l) = &mqtt_listener {
+                        if let Some(l) = &mqtt[0] {
                             accept_ready(&shard, l, false, true);
                         }
                         continue;
                     }
                     if token == MQTT_TLS_LISTENER {
-                        if let Some(l) = &mqtt_tls_listener {
+                        if let Some(l) = &mqtt[1] {
                             accept_ready(&shard, l, true, true);
                         }
                         continue;
@@ -315,24 +295,7 @@ pub(super) async fn run(
                         on_readable(&shard, entry, t);
                     }
                 }
-                // One write per listed connection; writes can list more
-                // (a close routes a last frame), so go until none is left.
-                loop {
-                    shard.wakers.io(cx.waker());
-                    router.take_dirty(&mut dirty);
-                    if dirty.is_empty() {
-                        break;
-                    }
-                    let t = now();
-                    for id in dirty.drain(..) {
-                        if let Some(cell) = router.cell(id) {
-                            cell.dirty.set(false);
-                            if let Some(entry) = shard.sockets.of(&cell) {
-                                flush(&shard, entry, t);
-                            }
-                        }
-                    }
-                }
+                write_pass(&shard, cx.waker(), &mut dirty);
                 if n == events.len() {
                     // More may be ready: let the executor poll its ring
                     // before the next pass.
@@ -381,6 +344,57 @@ pub(super) async fn run(
             glommio::executor().yield_task_queue_now().await;
         } else {
             glommio::timer::sleep(FALLBACK_POLL).await;
+        }
+    }
+}
+
+/// Once the shard is shutting down, stops accepting: the listeners are no
+/// longer watched and close (`None` from then on).
+fn stop_accepting(
+    shard: &Rc<Shard>,
+    listener: &mut Option<socket2::Socket>,
+    tls_listener: &mut Option<socket2::Socket>,
+    mqtt: &mut [Option<socket2::Socket>; 2],
+) {
+    if listener.is_none()
+        || !(shard.router.is_shutting_down() || shard.shared.stop.load(Ordering::Relaxed))
+    {
+        return;
+    }
+    if let Some(l) = listener.take() {
+        shard.poller.remove(l.as_raw_fd());
+        shard.listen_fd.set(None);
+    }
+    if let Some(l) = tls_listener.take() {
+        shard.poller.remove(l.as_raw_fd());
+        shard.tls.listen_fd.set(None);
+    }
+    for l in mqtt.iter_mut().filter_map(Option::take) {
+        shard.poller.remove(l.as_raw_fd());
+    }
+    // Nothing paused is resumed: those sockets close now.
+    shard.mqtt_paused.borrow_mut().clear();
+}
+
+/// Writes every connection the router listed, once each; writes can list
+/// more (a close routes a last frame), so it goes until none is left. The
+/// loop's `waker` is registered first, so a listing after the take wakes it.
+fn write_pass(shard: &Rc<Shard>, waker: &std::task::Waker, dirty: &mut Vec<ConnId>) {
+    let router = &shard.router;
+    loop {
+        shard.wakers.io(waker);
+        router.take_dirty(dirty);
+        if dirty.is_empty() {
+            return;
+        }
+        let t = now();
+        for id in dirty.drain(..) {
+            if let Some(cell) = router.cell(id) {
+                cell.dirty.set(false);
+                if let Some(entry) = shard.sockets.of(&cell) {
+                    flush(shard, entry, t);
+                }
+            }
         }
     }
 }

@@ -37,7 +37,7 @@ pub(in crate::rt) async fn run(
     shard: Rc<Shard>,
     listener: socket2::Socket,
     mut tls_listener: Option<socket2::Socket>,
-    [mut mqtt_listener, mut mqtt_tls_listener]: [Option<socket2::Socket>; 2],
+    mut mqtt: [Option<socket2::Socket>; 2],
 ) {
     let mut listener = Some(listener);
     let file = match shard.poller.ring().map(Ring::event_fd) {
@@ -65,25 +65,7 @@ pub(in crate::rt) async fn run(
                 };
                 ring.awake();
                 let router = &shard.router;
-                if listener.is_some()
-                    && (router.is_shutting_down() || shard.shared.stop.load(Ordering::Relaxed))
-                {
-                    if let Some(l) = listener.take() {
-                        shard.poller.remove(l.as_raw_fd());
-                        shard.listen_fd.set(None);
-                    }
-                    if let Some(l) = tls_listener.take() {
-                        shard.poller.remove(l.as_raw_fd());
-                        shard.tls.listen_fd.set(None);
-                    }
-                    for l in [mqtt_listener.take(), mqtt_tls_listener.take()]
-                        .into_iter()
-                        .flatten()
-                    {
-                        shard.poller.remove(l.as_raw_fd());
-                    }
-                    shard.mqtt_paused.borrow_mut().clear();
-                }
+                stop_accepting(&shard, &mut listener, &mut tls_listener, &mut mqtt);
                 ring.submit();
                 done.clear();
                 ring.reap(&mut done, REAP);
@@ -110,22 +92,7 @@ pub(in crate::rt) async fn run(
                         sync_recv(ring, fd, token, io, cell);
                     }
                 }
-                loop {
-                    shard.wakers.io(cx.waker());
-                    router.take_dirty(&mut dirty);
-                    if dirty.is_empty() {
-                        break;
-                    }
-                    let t = now();
-                    for id in dirty.drain(..) {
-                        if let Some(cell) = router.cell(id) {
-                            cell.dirty.set(false);
-                            if let Some(entry) = shard.sockets.of(&cell) {
-                                flush(&shard, entry, t);
-                            }
-                        }
-                    }
-                }
+                write_pass(&shard, cx.waker(), &mut dirty);
                 ring.submit();
                 if done.len() == REAP {
                     return Poll::Ready(true);
