@@ -121,7 +121,7 @@ impl Default for ShardsConfig {
             max_batch: 256,
             io: IoBackend::default(),
             uring_buffers: 256,
-            uring_buffer_size: 2048,
+            uring_buffer_size: 1024,
         }
     }
 }
