@@ -149,10 +149,11 @@ impl Router {
                         {
                             continue;
                         }
+                        // A full page takes only an address below its last.
                         if page.len() >= limit
-                            && !page
+                            && page
                                 .peek()
-                                .is_some_and(|top| a < top.0.conn.borrow().addr())
+                                .is_none_or(|top| a >= top.0.conn.borrow().addr())
                         {
                             continue;
                         }
