@@ -298,8 +298,10 @@ impl Since {
     }
 }
 
-/// Protocol state of one connection. About 180 bytes when idle: no read
-/// buffer (the runtime owns it) and an unallocated write queue.
+/// Protocol state of one connection, 112 bytes: no read buffer (the runtime
+/// owns it), no write queue while nothing is queued, and what few
+/// connections ever have (a full queue, dropped frames, a client
+/// certificate) out of line in [`Rare`].
 #[derive(Debug)]
 pub struct Connection {
     transport: Transport,
@@ -310,29 +312,47 @@ pub struct Connection {
     role: Role,
     heartbeat_s: u32,
     last_activity: u64,
-    /// Queue full since (monotonic ms): the slow-consumer clock.
-    full_since: Option<Since>,
-    out: BytesMut,
+    /// What is queued for the client; `None` while nothing is.
+    out: Option<Box<BytesMut>>,
     /// Bytes handed to the socket and not yet confirmed written.
     inflight: u32,
     /// The frame rate limit.
     rate: TokenBucket,
-    /// Last time a rate_limited ERROR without ACK_REQ was sent (one a second).
-    limited_note_at: Option<Since>,
     /// Where the JSON lines of a TCP stream stand between reads.
     lines: LineSplitter,
     /// A HELLO went out as an event and the router has not answered it yet.
     hello_pending: bool,
     /// Admitted with the service token (see [`Hello::privileged`]).
     privileged: bool,
-    /// The address a verified client certificate names (mutual TLS): the
-    /// hello needs no token and may claim no other address.
-    certified: Option<Box<Bytes>>,
     /// How the hello authenticated (see [`Hello::auth`]).
     auth: crate::acl::Auth,
+    /// The slow-consumer clock, the rate-limit note, drop counts and the
+    /// certificate's address, once any is set (most connections never).
+    rare: Option<Box<Rare>>,
+}
+
+/// The parts of a [`Connection`] that most connections never have.
+#[derive(Debug, Default)]
+struct Rare {
+    /// Queue full since (monotonic ms): the slow-consumer clock.
+    full_since: Option<Since>,
+    /// Last time a rate_limited ERROR without ACK_REQ was sent (one a second).
+    limited_note_at: Option<Since>,
+    /// The address a verified client certificate names (mutual TLS): the
+    /// hello needs no token and may claim no other address.
+    certified: Option<Bytes>,
     /// Frames dropped since the runtime last took the counts, by
-    /// [`DropReason`].
-    drops: Option<Box<[u16; DropReason::COUNT]>>,
+    /// [`DropReason`] (all 0: none).
+    drops: [u16; DropReason::COUNT],
+}
+
+impl Rare {
+    fn is_empty(&self) -> bool {
+        self.full_since.is_none()
+            && self.limited_note_at.is_none()
+            && self.certified.is_none()
+            && self.drops.iter().all(|&n| n == 0)
+    }
 }
 
 impl Connection {
@@ -351,18 +371,44 @@ impl Connection {
             },
             heartbeat_s: cfg.heartbeat_default_s,
             last_activity: now.mono_ms,
-            full_since: None,
-            out: BytesMut::new(),
+            out: None,
             inflight: 0,
             rate: TokenBucket::new(cfg.burst, now.mono_ms),
-            limited_note_at: None,
             lines: LineSplitter::default(),
             hello_pending: false,
             privileged: false,
-            certified: None,
             auth: crate::acl::Auth::None,
-            drops: None,
+            rare: None,
         }
+    }
+
+    fn rare(&mut self) -> &mut Rare {
+        self.rare.get_or_insert_with(Box::default)
+    }
+
+    /// Frees the rare parts once nothing is left in them.
+    fn tidy_rare(&mut self) {
+        if self.rare.as_ref().is_some_and(|r| r.is_empty()) {
+            self.rare = None;
+        }
+    }
+
+    fn full_since(&self) -> Option<Since> {
+        self.rare.as_ref().and_then(|r| r.full_since)
+    }
+
+    /// Starts the slow-consumer clock unless it runs.
+    fn set_full(&mut self, now: Now) {
+        self.rare().full_since.get_or_insert(Since::at(now.mono_ms));
+    }
+
+    /// The write queue, allocated on first use.
+    fn out(&mut self) -> &mut BytesMut {
+        self.out.get_or_insert_with(Box::default)
+    }
+
+    fn out_len(&self) -> usize {
+        self.out.as_ref().map_or(0, |o| o.len())
     }
 
     pub fn addr(&self) -> &Bytes {
@@ -373,12 +419,12 @@ impl Connection {
     /// then needs no token, may omit its address (this one is taken) and
     /// cannot claim another.
     pub fn set_certified(&mut self, addr: Bytes) {
-        self.certified = Some(Box::new(addr));
+        self.rare().certified = Some(addr);
     }
 
     /// The address of the client certificate, if one was verified.
     pub fn certified(&self) -> Option<&Bytes> {
-        self.certified.as_deref()
+        self.rare.as_ref().and_then(|r| r.certified.as_ref())
     }
     /// How the accepted hello authenticated.
     pub fn auth(&self) -> crate::acl::Auth {
@@ -410,14 +456,17 @@ impl Connection {
     /// Frames this connection dropped since the last call, by
     /// [`DropReason`] (index = `DropReason as usize`); the counts restart at 0.
     pub fn take_drops(&mut self) -> Option<[u16; DropReason::COUNT]> {
-        self.drops.take().map(|d| *d)
+        let r = self.rare.as_mut()?;
+        if r.drops.iter().all(|&n| n == 0) {
+            return None;
+        }
+        let d = std::mem::replace(&mut r.drops, [0; DropReason::COUNT]);
+        self.tidy_rare();
+        Some(d)
     }
 
     fn count_drop(&mut self, why: DropReason) {
-        let d = self
-            .drops
-            .get_or_insert_with(|| Box::new([0; DropReason::COUNT]));
-        let n = &mut d[why as usize];
+        let n = &mut self.rare().drops[why as usize];
         *n = n.saturating_add(1);
     }
 
@@ -436,7 +485,7 @@ impl Connection {
         let q = self.queued_bytes();
         if q >= cfg.queue_bytes {
             if self.state == State::Open {
-                self.full_since.get_or_insert(Since::at(now.mono_ms));
+                self.set_full(now);
             }
             return true;
         }
@@ -444,7 +493,7 @@ impl Connection {
     }
     /// Bytes queued and in flight.
     pub fn queued_bytes(&self) -> usize {
-        self.out.len() + self.inflight as usize
+        self.out_len() + self.inflight as usize
     }
     /// Sets the form of replies for a WebSocket whose hello came in the URL
     /// (JSON text), before any message arrived.
@@ -645,10 +694,12 @@ impl Connection {
                         &Frame::error(f.seq, ErrorCode::RateLimited, "frame rate limit exceeded"),
                     );
                 } else if self
-                    .limited_note_at
+                    .rare
+                    .as_ref()
+                    .and_then(|r| r.limited_note_at)
                     .is_none_or(|t| now.mono_ms >= t.ms().saturating_add(1000))
                 {
-                    self.limited_note_at = Some(Since::at(now.mono_ms));
+                    self.rare().limited_note_at = Some(Since::at(now.mono_ms));
                     self.control(
                         cfg,
                         &Frame::error(
@@ -716,8 +767,8 @@ impl Connection {
 
     fn hello(&mut self, cfg: &ConnConfig, mut f: Frame) -> Option<Event> {
         let seq = f.seq;
-        if let Some(cert) = self.certified.as_deref() {
-            if !f.src.is_empty() && f.src != *cert {
+        if let Some(cert) = self.certified().cloned() {
+            if !f.src.is_empty() && f.src != cert {
                 self.control(
                     cfg,
                     &Frame::error(
@@ -728,7 +779,7 @@ impl Connection {
                 );
                 return Some(self.close(CloseReason::Unauthorized));
             }
-            f.src = cert.clone();
+            f.src = cert;
         }
         if !f.src.is_empty()
             && let Err(e) = validate_name(&f.src)
@@ -754,7 +805,7 @@ impl Connection {
         let device_token = cfg.auth_secret.as_ref().is_some_and(|secret| {
             !f.src.is_empty() && token.is_some_and(|t| auth::verify_token(secret, &f.src, t))
         });
-        let how = if self.certified.is_some() {
+        let how = if self.certified().is_some() {
             crate::acl::Auth::Certificate
         } else if privileged && cfg.service_token.is_some() {
             crate::acl::Auth::ServiceToken
@@ -764,7 +815,7 @@ impl Connection {
             crate::acl::Auth::None
         };
         if cfg.auth_secret.is_some() {
-            let ok = privileged || self.certified.is_some() || device_token;
+            let ok = privileged || self.certified().is_some() || device_token;
             if !ok {
                 self.control(
                     cfg,
@@ -837,7 +888,9 @@ impl Connection {
         })
         .to_string();
         let welcome = Frame {
-            dst: self.addr.clone(),
+            // A copy, freed once encoded: a clone would give the address
+            // a shared header (32 bytes) for the connection's life.
+            dst: Bytes::copy_from_slice(&self.addr),
             flags: Flags(Flags::JSON),
             payload: payload.into(),
             ..Frame::new(FrameType::Welcome)
@@ -907,10 +960,10 @@ impl Connection {
         }
         let queued = self.queued_bytes();
         if queued >= cfg.queue_bytes {
-            self.full_since.get_or_insert(Since::at(now.mono_ms));
+            self.set_full(now);
             return Err(SendError::Full);
         }
-        let before = self.out.len();
+        let before = self.out_len();
         if frame.kind == FrameType::Data && frame.flags.ack_req() {
             let mut f = frame.clone();
             f.flags = f.flags.with(Flags::ACK_REQ, false);
@@ -920,8 +973,12 @@ impl Connection {
         }
         if queued > 0 && self.queued_bytes() > cfg.queue_bytes {
             // Over the bound with this frame: undo and report full.
-            self.out.truncate(before);
-            self.full_since.get_or_insert(Since::at(now.mono_ms));
+            if before == 0 {
+                self.out = None;
+            } else {
+                self.out().truncate(before);
+            }
+            self.set_full(now);
             return Err(SendError::Full);
         }
         Ok(())
@@ -943,30 +1000,38 @@ impl Connection {
     }
 
     fn encode(&mut self, frame: &Frame) {
-        match (self.transport, self.wire.unwrap_or(Wire::Binary)) {
-            (Transport::Tcp, Wire::Binary) => codec::encode(frame, &mut self.out),
+        let form = (self.transport, self.wire.unwrap_or(Wire::Binary));
+        let out = self.out();
+        match form {
+            (Transport::Tcp, Wire::Binary) => codec::encode(frame, out),
             (Transport::Tcp, Wire::Json) => {
-                json::write_json(frame, &mut self.out);
-                self.out.extend_from_slice(b"\n");
+                json::write_json(frame, out);
+                out.extend_from_slice(b"\n");
             }
             (Transport::WebSocket, Wire::Binary) => {
                 let len = codec::body_len(frame);
-                self.out.reserve(ws::MAX_HEADER + len);
-                ws::put_header(Opcode::Binary, len, &mut self.out);
-                codec::encode_body(frame, &mut self.out);
+                out.reserve(ws::MAX_HEADER + len);
+                ws::put_header(Opcode::Binary, len, out);
+                codec::encode_body(frame, out);
             }
             (Transport::WebSocket, Wire::Json) => {
-                ws::put_frame_with(Opcode::Text, &mut self.out, |out| {
-                    json::write_json(frame, out)
-                });
+                ws::put_frame_with(Opcode::Text, out, |out| json::write_json(frame, out));
             }
         }
+    }
+
+    /// Drops what is queued and not yet taken by `poll_transmit`: for a
+    /// connection whose bytes another protocol's state writes (an MQTT
+    /// client, whose session answers CONNECT), the WELCOME `accept` queued
+    /// would never go out, only be held.
+    pub fn discard_output(&mut self) {
+        self.out = None;
     }
 
     /// Queues raw bytes already framed for this transport (a WebSocket
     /// close or pong built by the runtime).
     pub fn send_raw(&mut self, bytes: &[u8]) {
-        self.out.extend_from_slice(bytes);
+        self.out().extend_from_slice(bytes);
     }
 
     /// Ends the connection with an ERROR first (`replaced`, `forbidden`,
@@ -1026,16 +1091,14 @@ impl Connection {
     /// The next chunk to write, at most `max` bytes. It counts as in flight
     /// until `on_transmitted`.
     pub fn poll_transmit(&mut self, max: usize) -> Option<Bytes> {
-        if self.out.is_empty() {
-            return None;
-        }
-        let n = self.out.len().min(max.max(1)).min(u32::MAX as usize);
-        let chunk = self.out.split_to(n).freeze();
-        self.inflight = self.inflight.saturating_add(chunk.len() as u32);
-        if self.out.is_empty() && self.out.capacity() > 0 {
+        let out = self.out.as_mut().filter(|o| !o.is_empty())?;
+        let n = out.len().min(max.max(1)).min(u32::MAX as usize);
+        let chunk = out.split_to(n).freeze();
+        if out.is_empty() {
             // Give the allocation back: idle connections hold no buffer.
-            self.out = BytesMut::new();
+            self.out = None;
         }
+        self.inflight = self.inflight.saturating_add(chunk.len() as u32);
         Some(chunk)
     }
 
@@ -1044,8 +1107,12 @@ impl Connection {
         self.inflight = self
             .inflight
             .saturating_sub(u32::try_from(n).unwrap_or(u32::MAX));
-        if self.queued_bytes() < cfg.queue_bytes {
-            self.full_since = None;
+        if self.queued_bytes() < cfg.queue_bytes
+            && let Some(r) = self.rare.as_mut()
+            && r.full_since.is_some()
+        {
+            r.full_since = None;
+            self.tidy_rare();
         }
     }
 
@@ -1055,7 +1122,7 @@ impl Connection {
             State::AwaitHello { deadline_ms } => Some(deadline_ms),
             State::Open => {
                 let idle = self.last_activity.saturating_add(self.idle_timeout_ms(cfg));
-                Some(match self.full_since {
+                Some(match self.full_since() {
                     Some(t) => idle.min(t.ms().saturating_add(cfg.slow_consumer_timeout_ms)),
                     None => idle,
                 })
@@ -1082,7 +1149,7 @@ impl Connection {
                 Some(self.close(CloseReason::HelloTimeout))
             }
             State::Open => {
-                if let Some(t) = self.full_since
+                if let Some(t) = self.full_since()
                     && now.mono_ms >= t.ms().saturating_add(cfg.slow_consumer_timeout_ms)
                 {
                     self.control(

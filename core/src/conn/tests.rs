@@ -1506,7 +1506,7 @@ fn poll_transmit_chunks_and_gives_the_buffer_back() {
     assert_eq!(got, expected);
     assert_eq!(chunks, expected.len().div_ceil(16));
     assert_eq!(c.queued_bytes(), 0);
-    assert_eq!(c.out.capacity(), 0, "a drained queue holds no buffer");
+    assert!(c.out.is_none(), "a drained queue holds no buffer");
     // max 0 still makes progress.
     c.send(&cfg, t(1), &frames[0]).unwrap();
     assert_eq!(c.poll_transmit(0).map(|b| b.len()), Some(1));
@@ -1678,13 +1678,43 @@ fn a_hello_says_how_it_authenticated() {
 }
 
 /// An idle connection's protocol state is part of the relay's memory per
-/// connection: the hello deadline lives in the state it belongs to, drop
-/// counts are allocated only when a frame is dropped.
+/// connection: the hello deadline lives in the state it belongs to, the
+/// write queue is a pointer (allocated while something is queued), and the
+/// slow-consumer clock, the rate-limit note, drop counts and a certificate's
+/// address share one box that most connections never allocate.
 #[test]
 fn the_protocol_state_of_a_connection_stays_small() {
     assert!(
-        std::mem::size_of::<Connection>() <= 160,
+        std::mem::size_of::<Connection>() <= 112,
         "{}",
         std::mem::size_of::<Connection>()
     );
+}
+
+/// The rare parts come and go: a slow consumer's clock, dropped frames
+/// and the rate-limit note allocate them, and they are freed once cleared.
+#[test]
+fn the_rare_parts_are_freed_once_cleared() {
+    let cfg = ConnConfig {
+        queue_bytes: 64,
+        ..ConnConfig::default()
+    };
+    let mut c = Connection::new(&cfg, Transport::Tcp, t(0));
+    assert!(c.rare.is_none());
+    assert!(!c.should_pause(&cfg, t(0), 0));
+    assert!(c.rare.is_none(), "a connection that is not full has none");
+    c.send_raw(&[0; 64]);
+    assert!(c.should_pause(&cfg, t(0), 0));
+    // Not open: the slow-consumer clock does not start.
+    assert!(c.rare.is_none());
+    c.count_drop(DropReason::RateLimited);
+    assert!(c.rare.is_some());
+    let d = c.take_drops().unwrap();
+    assert_eq!(d[DropReason::RateLimited as usize], 1);
+    assert!(c.take_drops().is_none());
+    assert!(c.rare.is_none(), "freed once the counts are taken");
+    while let Some(chunk) = c.poll_transmit(1024) {
+        c.on_transmitted(&cfg, t(0), chunk.len());
+    }
+    assert!(c.out.is_none());
 }

@@ -7,7 +7,31 @@ use std::rc::Rc;
 use relay_core::acl::{Action, Auth, Subject, Verdict, Who};
 
 use super::*;
-use crate::cell::{ConnCell, Membership};
+use crate::cell::{AclList, ConnCell, Membership};
+
+/// A view in the router's set of views, found by its rules.
+#[derive(Debug, Clone)]
+pub(super) struct SharedView(AclList);
+
+impl PartialEq for SharedView {
+    fn eq(&self, other: &Self) -> bool {
+        self.0[..] == other.0[..]
+    }
+}
+
+impl Eq for SharedView {}
+
+impl std::hash::Hash for SharedView {
+    fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
+        self.0[..].hash(h);
+    }
+}
+
+impl std::borrow::Borrow<[u16]> for SharedView {
+    fn borrow(&self) -> &[u16] {
+        &self.0[..]
+    }
+}
 
 impl Router {
     /// Whether `cell` may do `action` on `target`: `Ok(true)` when a rule
@@ -34,7 +58,7 @@ impl Router {
         };
         verdict(
             rules,
-            rules.acl.check(&view, action, target, groups),
+            rules.acl.check(&view[..], action, target, groups),
             action,
             target,
         )
@@ -75,7 +99,7 @@ impl Router {
 
     /// The rules that can apply to `cell`: computed once (at hello, and
     /// again after a reload), then kept on the connection.
-    pub(super) fn acl_view(&self, cell: &ConnCell, rules: &crate::acl::AclRules) -> Rc<[u16]> {
+    pub(super) fn acl_view(&self, cell: &ConnCell, rules: &crate::acl::AclRules) -> AclList {
         let generation = self.cfg_generation.get();
         if cell.acl_generation.get() == generation as u32
             && let Some(v) = cell.acl.get()
@@ -96,10 +120,10 @@ impl Router {
             views.0 = generation;
         }
         let view = match views.1.get(&list[..]) {
-            Some(v) => v.clone(),
+            Some(v) => v.0.clone(),
             None => {
-                let v: Rc<[u16]> = list.into();
-                views.1.insert(v.clone());
+                let v: AclList = Rc::new(list.into_boxed_slice());
+                views.1.insert(SharedView(v.clone()));
                 v
             }
         };

@@ -12,6 +12,33 @@ use relay_core::frame::{ErrorCode, Frame};
 use super::*;
 use crate::cell::{ConnCell, Membership};
 
+/// A record ordered by its connection's address (a page of `List`).
+struct ByAddress(Rc<ConnCell>);
+
+impl PartialEq for ByAddress {
+    fn eq(&self, other: &Self) -> bool {
+        self.cmp(other) == std::cmp::Ordering::Equal
+    }
+}
+
+impl Eq for ByAddress {}
+
+impl PartialOrd for ByAddress {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for ByAddress {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.0
+            .conn
+            .borrow()
+            .addr()
+            .cmp(other.0.conn.borrow().addr())
+    }
+}
+
 /// API operations that run on a given shard.
 #[derive(Debug, Clone)]
 pub enum Call {
@@ -110,25 +137,36 @@ impl Router {
                 // asks for now and then): one pass over the table keeps the
                 // `limit` smallest addresses after `after`.
                 let by_addr = self.by_addr.borrow();
-                let mut page: BinaryHeap<&Bytes> = BinaryHeap::with_capacity(limit.min(1024) + 1);
-                for (a, c) in by_addr.iter() {
-                    if !a.starts_with(prefix.as_bytes())
-                        || after.as_ref().is_some_and(|x| a <= x)
-                        || role.is_some_and(|r| c.conn.borrow().role() != r)
+                let mut page: BinaryHeap<ByAddress> =
+                    BinaryHeap::with_capacity(limit.min(1024) + 1);
+                for c in by_addr.values() {
                     {
-                        continue;
+                        let conn = c.conn.borrow();
+                        let a = conn.addr();
+                        if !a.starts_with(prefix.as_bytes())
+                            || after.as_ref().is_some_and(|x| a <= x)
+                            || role.is_some_and(|r| conn.role() != r)
+                        {
+                            continue;
+                        }
+                        // A full page takes only an address below its last.
+                        if page.len() >= limit
+                            && page
+                                .peek()
+                                .is_none_or(|top| a >= top.0.conn.borrow().addr())
+                        {
+                            continue;
+                        }
                     }
-                    if page.len() < limit {
-                        page.push(a);
-                    } else if page.peek().is_some_and(|top| a < *top) {
+                    if page.len() >= limit {
                         page.pop();
-                        page.push(a);
                     }
+                    page.push(ByAddress(c.clone()));
                 }
                 let out = page
                     .into_sorted_vec()
                     .into_iter()
-                    .filter_map(|a| by_addr.get(a).map(|c| self.view(c)))
+                    .map(|c| self.view(&c.0))
                     .collect();
                 done(CallResult::List(out))
             }

@@ -30,6 +30,7 @@ mod access;
 mod calls;
 #[cfg(test)]
 mod cluster_tests;
+mod conns;
 mod cross;
 pub mod failure;
 mod index;
@@ -143,8 +144,10 @@ pub struct Router {
     /// The upgrade's drain is over and the last connections are closing.
     going_away_ended: Cell<bool>,
     pub stats: Arc<ShardStats>,
-    conns: RefCell<HashMap<ConnId, Rc<ConnCell>>>,
-    by_addr: RefCell<HashMap<Bytes, Rc<ConnCell>>>,
+    /// The connections on this shard, any state, by id...
+    conns: RefCell<conns::ById>,
+    /// ...and those open, by address (see `conns`).
+    by_addr: RefCell<conns::ByAddr>,
     indexes: [RefCell<HashMap<Bytes, Entry>>; 2],
     /// MQTT subscriptions, retained messages and offline sessions.
     mqtt: RefCell<mqtt::MqttIndex>,
@@ -152,7 +155,7 @@ pub struct Router {
     watched: RefCell<HashSet<Bytes>>,
     /// The access-rule views handed to connections, one per distinct list,
     /// for the settings of generation `.0` (connections share them).
-    acl_views: RefCell<(u64, HashSet<Rc<[u16]>>)>,
+    acl_views: RefCell<(u64, HashSet<access::SharedView>)>,
     outbox: RefCell<Vec<Vec<Cross>>>,
     /// Items for the cluster link (only ever filled when `cfg.cluster`).
     remote: RefCell<Vec<Remote>>,

@@ -424,7 +424,11 @@ impl Router {
         if let Some(mut old) = offline {
             resumed = self.mqtt_resume(&addr, &mut old.session, clean, now);
         }
-        self.accept_hello(cell, hello, addr.clone(), now);
+        // The connection and the session share the address's allocation.
+        self.accept_hello_owned(cell, hello, addr.clone(), now);
+        // The session writes this client's bytes: the WELCOME the native
+        // protocol state queued would be held, never sent.
+        cell.conn.borrow_mut().discard_output();
         ShardStats::add(&self.stats.mqtt_connects, 1);
         if let Some(m) = cell.mqtt.borrow_mut().as_mut() {
             m.connect = None;

@@ -74,7 +74,7 @@ impl Router {
 
     pub(super) fn pending_for(&self, target: AckTarget, remaining: usize) -> u64 {
         if let AckTarget::Conn { id, .. } = &target
-            && let Some(c) = self.conns.borrow().get(id)
+            && let Some(c) = self.conns.borrow().get(*id)
         {
             // Room for the answer counts against the sender's queue.
             c.owed.set(c.owed.get().saturating_add(1));
@@ -95,7 +95,7 @@ impl Router {
     /// A pending answer is about to be queued: it is owed no more.
     pub(super) fn settle(&self, target: &AckTarget) {
         if let AckTarget::Conn { id, .. } = target
-            && let Some(c) = self.conns.borrow().get(id)
+            && let Some(c) = self.conns.borrow().get(*id)
         {
             c.owed.set(c.owed.get().saturating_sub(1));
         }
@@ -114,7 +114,7 @@ impl Router {
     pub(super) fn finish(&self, target: AckTarget, delivered: u32, error: Option<Failure>) {
         match target {
             AckTarget::Conn { id, seq } => {
-                let Some(cell) = self.conns.borrow().get(&id).cloned() else {
+                let Some(cell) = self.conns.borrow().get(id).cloned() else {
                     return;
                 };
                 let frame = match error {

@@ -244,7 +244,7 @@ impl Router {
         if cell.id != conn {
             return;
         }
-        self.by_addr.borrow_mut().remove(addr);
+        self.by_addr.borrow_mut().remove(&cell);
         let why = "address taken over by a new connection on another node";
         self.end(
             &cell,

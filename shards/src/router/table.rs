@@ -11,7 +11,7 @@ use relay_core::frame::ErrorCode;
 use relay_core::route::{assign_address, shard_of};
 
 use super::*;
-use crate::cell::{ConnCell, ConnId, Session, conn_id};
+use crate::cell::{ConnCell, ConnId, Session};
 use crate::stats::ShardStats;
 
 impl Router {
@@ -19,8 +19,10 @@ impl Router {
     pub fn register(&self, conn: Connection, session: Session) -> Rc<ConnCell> {
         let n = self.next_conn.get();
         self.next_conn.set(n + 1);
-        let cell = Rc::new(ConnCell::new(conn_id(self.shard, n), conn, session));
-        self.conns.borrow_mut().insert(cell.id, cell.clone());
+        let cell = self
+            .conns
+            .borrow_mut()
+            .insert(self.shard, n, |id| ConnCell::new(id, conn, session));
         ShardStats::add(&self.stats.conns_pending, 1);
         self.arm(&cell);
         cell
@@ -38,7 +40,7 @@ impl Router {
 
     /// The connection with id `id`, if it is still on this shard.
     pub fn cell(&self, id: ConnId) -> Option<Rc<ConnCell>> {
-        self.conns.borrow().get(&id).cloned()
+        self.conns.borrow().get(id).cloned()
     }
 
     pub(super) fn on_hello(&self, cell: &Rc<ConnCell>, hello: Hello, now: Now) -> Outcome {
@@ -125,8 +127,29 @@ impl Router {
     pub fn accept_hello(&self, cell: &Rc<ConnCell>, hello: &Hello, addr: Bytes, now: Now) {
         // Its own allocation: a slice of the read buffer would keep that
         // whole chunk alive for as long as the client is online.
-        let addr = Bytes::copy_from_slice(&addr);
-        let old = self.by_addr.borrow_mut().insert(addr.clone(), cell.clone());
+        self.accept_hello_owned(cell, hello, Bytes::copy_from_slice(&addr), now);
+    }
+
+    /// [`accept_hello`](Self::accept_hello) with an address that already
+    /// has its own allocation (kept as it is, and shared with its caller).
+    pub(super) fn accept_hello_owned(
+        &self,
+        cell: &Rc<ConnCell>,
+        hello: &Hello,
+        addr: Bytes,
+        now: Now,
+    ) {
+        // The index by address reads the address from the connection: it
+        // holds it first. (One no longer waiting for its hello does not
+        // take it, and is not indexed under it.)
+        cell.conn
+            .borrow_mut()
+            .accept(&self.cfg().conn, now, hello, addr, &self.cfg().node);
+        let old = if cell.conn.borrow().addr().is_empty() {
+            None
+        } else {
+            self.by_addr.borrow_mut().insert(cell)
+        };
         if let Some(old) = old
             && old.id != cell.id
         {
@@ -140,9 +163,6 @@ impl Router {
             );
             self.drop_memberships(&old);
         }
-        cell.conn
-            .borrow_mut()
-            .accept(&self.cfg().conn, now, hello, addr, &self.cfg().node);
         // The access rules that can apply to this client, once.
         {
             let cfg = self.cfg();
@@ -174,13 +194,13 @@ impl Router {
 
     /// Removes a connection that is handed to another shard.
     pub fn forget(&self, cell: &Rc<ConnCell>) {
-        self.conns.borrow_mut().remove(&cell.id);
+        self.conns.borrow_mut().remove(cell.id);
         self.stats.conns_pending.fetch_sub(1, Relaxed);
     }
 
     /// Cleans up after a connection's socket closed.
     pub fn on_closed(&self, cell: &Rc<ConnCell>, now: Now) {
-        if self.conns.borrow_mut().remove(&cell.id).is_none() {
+        if !self.conns.borrow_mut().remove(cell.id) {
             return;
         }
         self.mqtt_closed(cell, now);
@@ -193,17 +213,13 @@ impl Router {
         self.stats.conns_by_role[ShardStats::role_index(conn.role())].fetch_sub(1, Relaxed);
         let addr = conn.addr().clone();
         drop(conn);
-        let mut by_addr = self.by_addr.borrow_mut();
-        if by_addr.get(&addr).is_some_and(|c| c.id == cell.id) {
-            by_addr.remove(&addr);
-            if self.clustered() {
-                self.push_remote(Remote::Release {
-                    addr: addr.clone(),
-                    conn: cell.id,
-                });
-            }
+        let held = self.by_addr.borrow_mut().remove(cell);
+        if held && self.clustered() {
+            self.push_remote(Remote::Release {
+                addr: addr.clone(),
+                conn: cell.id,
+            });
         }
-        drop(by_addr);
         // The hook sees the groups the connection was in, before it leaves them.
         if let Some(h) = self.hooks.borrow().as_ref() {
             h.disconnected(

@@ -314,8 +314,9 @@ pub struct SessionState {
     client_id: Bytes,
     version: Version,
     /// Filter (as sent) → granted options and identifier.
-    /// Sorted by filter; allocated to fit (most devices hold one or two).
-    subscriptions: Vec<(Bytes, SubOptions, Option<u32>)>,
+    /// Sorted by filter; allocated to fit (most devices hold one or two),
+    /// so a boxed slice: 16 bytes, not a vector's 24.
+    subscriptions: Box<[(Bytes, SubOptions, Option<u32>)]>,
     /// Outbound QoS 1/2 not completed, in the order sent.
     inflight: ThinDeque<Inflight>,
     /// Waiting for the window, or for the client to come back.
@@ -341,7 +342,9 @@ impl SessionState {
     fn unsubscribe(&mut self, filter: &Bytes) -> bool {
         match self.subscriptions.binary_search_by(|(x, ..)| x.cmp(filter)) {
             Ok(i) => {
-                self.subscriptions.remove(i);
+                let mut v = std::mem::take(&mut self.subscriptions).into_vec();
+                v.remove(i);
+                self.subscriptions = v.into_boxed_slice();
                 true
             }
             Err(_) => false,
@@ -353,18 +356,19 @@ impl SessionState {
     }
 }
 
+/// Where the session stands. The one time each state needs is
+/// [`Session::at`] (one field for all three, not one per state plus the
+/// keep-alive clock).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
-    AwaitConnect {
-        deadline: u64,
-    },
+    /// Closed at `at` (monotonic ms) without a CONNECT.
+    AwaitConnect,
     /// A `Connect` event is out; the router has not answered.
     AwaitAccept,
+    /// The last packet came at `at` (the keep-alive clock).
     Open,
-    /// The connection is over, the session lives on until `expires_at`.
-    Offline {
-        expires_at: u64,
-    },
+    /// The connection is over, the session lives on until `at`.
+    Offline,
     /// Nothing left: refused, expired, discarded or taken.
     Ended,
 }
@@ -379,42 +383,58 @@ struct Aliases {
     outbound: HashMap<Bytes, u16>,
 }
 
+/// A will: held while the connection is open (`due` None), then, once
+/// the connection closed, waiting for its delay (`due`: monotonic ms).
+#[derive(Debug)]
+struct PendingWill {
+    due: Option<u64>,
+    will: Will,
+}
+
+/// What few sessions have: topic aliases (MQTT 5, once either side uses
+/// one) and counts of dropped messages (once one is dropped).
+#[derive(Debug, Default)]
+struct Rare {
+    aliases: Option<Box<Aliases>>,
+    drops: Drops,
+}
+
 /// One client's MQTT connection and session. Whatever an idle client does
-/// not use (will, aliases, flows) is out of line or unallocated, so an idle
-/// session stays near 300 bytes.
+/// not use (will, aliases, drop counts, flows, the write queue) is out of
+/// line or unallocated, so an idle session stays near 150 bytes.
 #[derive(Debug)]
 pub struct Session {
     state: State,
+    /// The time the state needs: the CONNECT deadline (`AwaitConnect`),
+    /// the last packet (`Open`), the session's expiry (`Offline`).
+    at: u64,
     st: SessionState,
     /// The CONNECT being answered, then `None`.
     pending_connect: Option<Box<Connect>>,
     clean_start: bool,
     /// Keep alive in force, seconds (0: none).
     keep_alive_s: u16,
-    last_activity: u64,
-    /// Client limits (MQTT 5 CONNECT properties).
+    /// Client limits (MQTT 5 CONNECT properties); `client_max_packet`
+    /// `u32::MAX`: none.
     client_receive_max: u16,
-    client_max_packet: usize,
+    client_max_packet: u32,
     client_alias_max: u16,
-    /// Topic aliases both ways, once either side uses one.
-    aliases: Option<Box<Aliases>>,
-    will: Option<Box<Will>>,
-    /// When the will of a closed connection goes out.
-    will_due: Option<Box<(u64, Will)>>,
+    /// The will, while the connection is open or until it is due.
+    will: Option<Box<PendingWill>>,
+    rare: Option<Box<Rare>>,
     events: ThinDeque<Event>,
-    out: BytesMut,
+    /// What is queued for the client; `None` while nothing is.
+    out: Option<Box<BytesMut>>,
     /// Bytes handed to the socket and not yet confirmed.
-    out_inflight: usize,
-    drops: Drops,
+    out_inflight: u32,
 }
 
 impl Session {
     /// A socket accepted at `now`, waiting for CONNECT.
     pub fn new(cfg: &SessionConfig, now: Now) -> Session {
         Session {
-            state: State::AwaitConnect {
-                deadline: now.mono_ms.saturating_add(cfg.connect_timeout_ms),
-            },
+            state: State::AwaitConnect,
+            at: now.mono_ms.saturating_add(cfg.connect_timeout_ms),
             st: SessionState {
                 next_packet_id: 1,
                 ..SessionState::default()
@@ -422,18 +442,43 @@ impl Session {
             pending_connect: None,
             clean_start: true,
             keep_alive_s: 0,
-            last_activity: now.mono_ms,
             client_receive_max: u16::MAX,
-            client_max_packet: usize::MAX,
+            client_max_packet: u32::MAX,
             client_alias_max: 0,
-            aliases: None,
             will: None,
-            will_due: None,
+            rare: None,
             events: ThinDeque::default(),
-            out: BytesMut::new(),
+            out: None,
             out_inflight: 0,
-            drops: Drops::default(),
         }
+    }
+
+    /// The client's Maximum Packet Size (`usize::MAX`: none).
+    fn max_packet(&self) -> usize {
+        match self.client_max_packet {
+            u32::MAX => usize::MAX,
+            n => n as usize,
+        }
+    }
+
+    fn drops_mut(&mut self) -> &mut Drops {
+        &mut self.rare.get_or_insert_with(Box::default).drops
+    }
+
+    fn aliases(&self) -> Option<&Aliases> {
+        self.rare.as_ref().and_then(|r| r.aliases.as_deref())
+    }
+
+    fn aliases_mut(&mut self) -> &mut Aliases {
+        self.rare
+            .get_or_insert_with(Box::default)
+            .aliases
+            .get_or_insert_with(Box::default)
+    }
+
+    /// The write queue, allocated on first use.
+    fn out(&mut self) -> &mut BytesMut {
+        self.out.get_or_insert_with(Box::default)
     }
 
     pub fn client_id(&self) -> &Bytes {
@@ -447,7 +492,7 @@ impl Session {
     }
     /// The connection is over and the session waits for its client.
     pub fn is_offline(&self) -> bool {
-        matches!(self.state, State::Offline { .. })
+        self.state == State::Offline
     }
     pub fn is_ended(&self) -> bool {
         self.state == State::Ended
@@ -475,11 +520,11 @@ impl Session {
         self.st.subscriptions()
     }
     pub fn drops(&self) -> Drops {
-        self.drops
+        self.rare.as_ref().map(|r| r.drops).unwrap_or_default()
     }
     /// Bytes written and not yet confirmed by the socket.
     pub fn out_bytes(&self) -> usize {
-        self.out.len() + self.out_inflight
+        self.out.as_ref().map_or(0, |o| o.len()) + self.out_inflight as usize
     }
     /// Whether the runtime must stop reading this client: its output is at
     /// the bound (every packet it sends may owe an answer).
@@ -518,7 +563,7 @@ impl Session {
             if let Some(ev) = self.events.pop_front() {
                 return Some(ev);
             }
-            if !matches!(self.state, State::AwaitConnect { .. } | State::Open) || input.is_empty() {
+            if !matches!(self.state, State::AwaitConnect | State::Open) || input.is_empty() {
                 return None;
             }
             let max = cfg.max_packet_size as usize;
@@ -539,7 +584,10 @@ impl Session {
                 }
                 Err(e) => Err(e),
             };
-            self.last_activity = now.mono_ms;
+            // The keep-alive clock (before the CONNECT, `at` is its deadline).
+            if self.state == State::Open {
+                self.at = now.mono_ms;
+            }
             match packet {
                 Ok(p) => self.handle_packet(cfg, now, p),
                 Err(e) => self.decode_failed(now, e, v5_connect),
@@ -551,7 +599,7 @@ impl Session {
     pub fn handle_closed(&mut self, now: Now) {
         match self.state {
             State::Open => self.close(now, CloseReason::PeerClosed, true),
-            State::AwaitConnect { .. } | State::AwaitAccept => {
+            State::AwaitConnect | State::AwaitAccept => {
                 self.state = State::Ended;
                 self.events
                     .push_back(Event::Closed(CloseReason::PeerClosed));
@@ -562,7 +610,7 @@ impl Session {
 
     fn decode_failed(&mut self, now: Now, e: DecodeError, v5_connect: bool) {
         let code = e.reason_code();
-        if matches!(self.state, State::AwaitConnect { .. }) {
+        if self.state == State::AwaitConnect {
             // A CONNECT of MQTT 5 that breaks the rules gets a CONNACK
             // with the reason code; an unsupported version the CONNACK of
             // 3.1.1 (0x01), which older clients read; anything else is
@@ -605,8 +653,8 @@ impl Session {
 
     fn handle_packet(&mut self, cfg: &SessionConfig, now: Now, p: Packet) {
         match (self.state, p) {
-            (State::AwaitConnect { .. }, Packet::Connect(c)) => self.connect(cfg, now, c),
-            (State::AwaitConnect { .. }, _) => {
+            (State::AwaitConnect, Packet::Connect(c)) => self.connect(cfg, now, c),
+            (State::AwaitConnect, _) => {
                 // Anything before CONNECT: close without a word.
                 self.state = State::Ended;
                 self.events
@@ -674,7 +722,7 @@ impl Session {
             }
         }
         self.st.version = v;
-        self.last_activity = now.mono_ms;
+        self.at = now.mono_ms;
         self.state = State::AwaitAccept;
         self.events.push_back(Event::Connect(c.clone()));
         self.pending_connect = Some(c);
@@ -740,10 +788,7 @@ impl Session {
         }
         if v == Version::V5 {
             self.client_receive_max = c.props.receive_maximum.unwrap_or(u16::MAX);
-            self.client_max_packet = c
-                .props
-                .maximum_packet_size
-                .map_or(usize::MAX, |m| m as usize);
+            self.client_max_packet = c.props.maximum_packet_size.unwrap_or(u32::MAX);
             self.client_alias_max = c
                 .props
                 .topic_alias_maximum
@@ -771,9 +816,12 @@ impl Session {
                 props.assigned_client_identifier = Some(self.st.client_id.clone());
             }
         }
-        self.will = c.will.clone().map(Box::new);
+        self.will = c
+            .will
+            .clone()
+            .map(|will| Box::new(PendingWill { due: None, will }));
         self.state = State::Open;
-        self.last_activity = now.mono_ms;
+        self.at = now.mono_ms;
         self.write(&Packet::ConnAck(ConnAck {
             session_present,
             code: reason::SUCCESS,
@@ -802,11 +850,11 @@ impl Session {
                         expiry_s: f.out.msg.expiry_left_s(now.mono_ms),
                         subscription_ids: f.out.sub_id.as_slice(),
                     };
-                    if publish_len(&f.out.msg, &h, v) > self.client_max_packet {
-                        self.drops.too_large += 1;
+                    if publish_len(&f.out.msg, &h, v) > self.max_packet() {
+                        self.drops_mut().too_large += 1;
                         continue;
                     }
-                    write_publish(&f.out.msg, &h, v, &mut self.out);
+                    write_publish(&f.out.msg, &h, v, self.out());
                     f.stage = if f.out.qos == QoS::AtLeastOnce {
                         Stage::Ack
                     } else {
@@ -949,16 +997,13 @@ impl Session {
                     return self.protocol_error(now, reason::TOPIC_ALIAS_INVALID);
                 }
                 Some(a) if p.topic.is_empty() => {
-                    match self.aliases.as_ref().and_then(|x| x.inbound.get(&a)) {
+                    match self.aliases().and_then(|x| x.inbound.get(&a)) {
                         Some(t) => p.topic = t.clone(),
                         None => return self.protocol_error(now, reason::PROTOCOL_ERROR),
                     }
                 }
                 Some(a) => {
-                    self.aliases
-                        .get_or_insert_with(Box::default)
-                        .inbound
-                        .insert(a, p.topic.clone());
+                    self.aliases_mut().inbound.insert(a, p.topic.clone());
                 }
                 None if p.topic.is_empty() => {
                     return self.protocol_error(now, reason::PROTOCOL_ERROR);
@@ -1048,10 +1093,10 @@ impl Session {
             match at {
                 Ok(i) => self.st.subscriptions[i] = (filter.clone(), granted, sub_id),
                 Err(i) => {
-                    self.st.subscriptions.reserve_exact(1);
-                    self.st
-                        .subscriptions
-                        .insert(i, (filter.clone(), granted, sub_id));
+                    let mut v = std::mem::take(&mut self.st.subscriptions).into_vec();
+                    v.reserve_exact(1);
+                    v.insert(i, (filter.clone(), granted, sub_id));
+                    self.st.subscriptions = v.into_boxed_slice();
                 }
             }
             codes.push(granted.qos as u8);
@@ -1090,11 +1135,11 @@ impl Session {
         msg: &Message,
         d: &Delivery,
     ) -> Result<(), DeliverError> {
-        if !matches!(self.state, State::Open | State::Offline { .. }) {
+        if !matches!(self.state, State::Open | State::Offline) {
             return Err(DeliverError::NoSession);
         }
         if msg.is_expired(now.mono_ms) {
-            self.drops.expired += 1;
+            self.drops_mut().expired += 1;
             return Err(DeliverError::Expired);
         }
         let out = Outgoing {
@@ -1109,7 +1154,7 @@ impl Session {
                 return self.send_qos0(now, &out);
             }
             if open || !cfg.queue_qos0_offline {
-                self.drops.qos0 += 1;
+                self.drops_mut().qos0 += 1;
                 return Err(DeliverError::Qos0Dropped);
             }
         } else if open
@@ -1127,7 +1172,7 @@ impl Session {
         if self.st.queue.len() >= cfg.max_queued_messages
             || self.st.queue_bytes + size > cfg.max_queued_bytes
         {
-            self.drops.queue_full += 1;
+            self.drops_mut().queue_full += 1;
             return Err(DeliverError::QueueFull);
         }
         self.st.queue_bytes += size;
@@ -1157,7 +1202,7 @@ impl Session {
         };
         let mut new_alias = false;
         if self.st.version == Version::V5 {
-            let outbound = self.aliases.as_ref().map(|x| &x.outbound);
+            let outbound = self.aliases().map(|x| &x.outbound);
             let known = outbound.map_or(0, |o| o.len());
             if let Some(&a) = outbound.and_then(|o| o.get(&out.msg.topic)) {
                 h.with_topic = false;
@@ -1173,22 +1218,19 @@ impl Session {
     fn send_qos0(&mut self, now: Now, out: &Outgoing) -> Result<(), DeliverError> {
         let (h, new_alias) = self.header(out, now, 0);
         let v = self.st.version;
-        if publish_len(&out.msg, &h, v) > self.client_max_packet {
-            self.drops.too_large += 1;
+        if publish_len(&out.msg, &h, v) > self.max_packet() {
+            self.drops_mut().too_large += 1;
             return Err(DeliverError::TooLarge);
         }
         if new_alias && let Some(a) = h.topic_alias {
             self.alias_out(&out.msg.topic, a);
         }
-        write_publish(&out.msg, &h, v, &mut self.out);
+        write_publish(&out.msg, &h, v, self.out());
         Ok(())
     }
 
     fn alias_out(&mut self, topic: &Bytes, a: u16) {
-        self.aliases
-            .get_or_insert_with(Box::default)
-            .outbound
-            .insert(topic.clone(), a);
+        self.aliases_mut().outbound.insert(topic.clone(), a);
     }
 
     fn next_packet_id(&mut self) -> u16 {
@@ -1212,13 +1254,13 @@ impl Session {
                 new_alias.then_some(h.topic_alias).flatten(),
             )
         };
-        if size > self.client_max_packet {
-            self.drops.too_large += 1;
+        if size > self.max_packet() {
+            self.drops_mut().too_large += 1;
             return Err(DeliverError::TooLarge);
         }
         let packet_id = self.next_packet_id();
         let (h, _) = self.header(&out, now, packet_id);
-        write_publish(&out.msg, &h, v, &mut self.out);
+        write_publish(&out.msg, &h, v, self.out());
         if let Some(a) = new_alias_at {
             self.alias_out(&out.msg.topic, a);
         }
@@ -1253,7 +1295,7 @@ impl Session {
             };
             self.st.queue_bytes -= out.msg.size();
             if out.msg.is_expired(now.mono_ms) {
-                self.drops.expired += 1;
+                self.drops_mut().expired += 1;
                 continue;
             }
             let _ = if tracked {
@@ -1267,7 +1309,8 @@ impl Session {
     fn write(&mut self, p: &Packet) {
         // Packets the session builds are far below the MQTT size limit and
         // never AUTH in 3.1.1: encoding does not fail.
-        let _ = codec::encode(p, self.st.version, &mut self.out);
+        let v = self.st.version;
+        let _ = codec::encode(p, v, self.out());
     }
 
     /// Ends the connection; the session lives on if it is persistent.
@@ -1277,39 +1320,45 @@ impl Session {
             return;
         }
         self.events.push_back(Event::Closed(why));
-        self.aliases = None;
+        if let Some(r) = self.rare.as_mut() {
+            r.aliases = None;
+        }
         let w = self.will.take();
-        if let Some(w) = w.filter(|_| will) {
+        if let Some(mut w) = w.filter(|_| will) {
             let delay_s = w
+                .will
                 .props
                 .will_delay_interval
                 .unwrap_or(0)
                 .min(self.st.expiry_s);
-            let due = now.mono_ms.saturating_add(u64::from(delay_s) * 1000);
-            self.will_due = Some(Box::new((due, *w)));
+            w.due = Some(now.mono_ms.saturating_add(u64::from(delay_s) * 1000));
+            self.will = Some(w);
         }
         if self.st.expiry_s == 0 {
             self.end_session(now);
             return;
         }
-        self.state = State::Offline {
-            expires_at: now
-                .mono_ms
-                .saturating_add(u64::from(self.st.expiry_s) * 1000),
-        };
+        self.state = State::Offline;
+        self.at = now
+            .mono_ms
+            .saturating_add(u64::from(self.st.expiry_s) * 1000);
         self.fire_will(now, false);
     }
 
     /// Publishes the will if it is due at `now` (or at once with `force`).
     fn fire_will(&mut self, now: Now, force: bool) {
-        if let Some(d) = &self.will_due
-            && (force || now.mono_ms >= d.0)
-            && let Some(d) = self.will_due.take()
+        if let Some(due) = self.will_due()
+            && (force || now.mono_ms >= due)
+            && let Some(w) = self.will.take()
         {
-            let (_, w) = *d;
             self.events
-                .push_back(Event::Will(Message::from_will(&w, now.mono_ms)));
+                .push_back(Event::Will(Message::from_will(&w.will, now.mono_ms)));
         }
+    }
+
+    /// When the will of a closed connection goes out, if it waits.
+    fn will_due(&self) -> Option<u64> {
+        self.will.as_ref().and_then(|w| w.due)
     }
 
     fn end_session(&mut self, now: Now) {
@@ -1355,7 +1404,7 @@ impl Session {
         if !self.is_offline() {
             return None;
         }
-        self.will_due = None;
+        self.will = None;
         self.state = State::Ended;
         Some(std::mem::take(&mut self.st))
     }
@@ -1371,22 +1420,24 @@ impl Session {
     /// The next chunk to write, at most `max` bytes; in flight until
     /// [`on_transmitted`](Self::on_transmitted).
     pub fn poll_transmit(&mut self, max: usize) -> Option<Bytes> {
-        if self.out.is_empty() {
-            return None;
+        let out = self.out.as_mut().filter(|o| !o.is_empty())?;
+        let n = out.len().min(max.max(1));
+        let chunk = out.split_to(n).freeze();
+        if out.is_empty() {
+            // Give the allocation back: an idle client holds no buffer.
+            self.out = None;
         }
-        let n = self.out.len().min(max.max(1));
-        let chunk = self.out.split_to(n).freeze();
-        self.out_inflight += chunk.len();
-        if self.out.is_empty() && self.out.capacity() > 0 {
-            self.out = BytesMut::new();
-        }
+        let n = u32::try_from(chunk.len()).unwrap_or(u32::MAX);
+        self.out_inflight = self.out_inflight.saturating_add(n);
         Some(chunk)
     }
 
     /// `n` bytes from `poll_transmit` reached the socket: queued messages
     /// may follow.
     pub fn on_transmitted(&mut self, cfg: &SessionConfig, now: Now, n: usize) {
-        self.out_inflight = self.out_inflight.saturating_sub(n);
+        self.out_inflight = self
+            .out_inflight
+            .saturating_sub(u32::try_from(n).unwrap_or(u32::MAX));
         self.drain(cfg, now);
     }
 
@@ -1394,11 +1445,11 @@ impl Session {
     /// has work.
     pub fn poll_timeout(&self) -> Option<u64> {
         match self.state {
-            State::AwaitConnect { deadline } => Some(deadline),
+            State::AwaitConnect => Some(self.at),
             State::Open if self.keep_alive_s > 0 => Some(self.keep_alive_deadline()),
-            State::Offline { expires_at } => Some(match &self.will_due {
-                Some(d) => d.0.min(expires_at),
-                None => expires_at,
+            State::Offline => Some(match self.will_due() {
+                Some(d) => d.min(self.at),
+                None => self.at,
             }),
             _ => None,
         }
@@ -1406,15 +1457,14 @@ impl Session {
 
     fn keep_alive_deadline(&self) -> u64 {
         // One and a half keep alive periods (spec 3.1.2.10).
-        self.last_activity
-            .saturating_add(u64::from(self.keep_alive_s) * 1500)
+        self.at.saturating_add(u64::from(self.keep_alive_s) * 1500)
     }
 
     /// Applies the deadlines passed at `now`; events come from
     /// [`poll_event`](Self::poll_event).
     pub fn handle_timeout(&mut self, now: Now) {
         match self.state {
-            State::AwaitConnect { deadline } if now.mono_ms >= deadline => {
+            State::AwaitConnect if now.mono_ms >= self.at => {
                 self.state = State::Ended;
                 self.events
                     .push_back(Event::Closed(CloseReason::ConnectTimeout));
@@ -1423,8 +1473,8 @@ impl Session {
                 self.send_disconnect(reason::KEEP_ALIVE_TIMEOUT);
                 self.close(now, CloseReason::KeepAliveTimeout, true);
             }
-            State::Offline { expires_at } => {
-                if now.mono_ms >= expires_at {
+            State::Offline => {
+                if now.mono_ms >= self.at {
                     self.end_session(now);
                 } else {
                     self.fire_will(now, false);

@@ -1619,12 +1619,26 @@ fn many_packets_without_events_are_all_answered_in_one_call() {
 }
 
 /// An idle MQTT client's session is most of what it costs the relay beyond
-/// the connection record: the will, the topic aliases and the subscriptions
-/// stay out of line and sized to fit.
+/// the connection record: the will, the topic aliases, the drop counts and
+/// the write queue stay out of line (or unallocated), the subscriptions
+/// sized to fit, and one time field serves the CONNECT deadline, the
+/// keep-alive clock and the expiry.
 #[test]
 fn an_idle_session_stays_small() {
     let n = std::mem::size_of::<Session>();
-    assert!(n <= 232, "{n}");
+    assert!(n <= 152, "{n}");
+}
+
+/// An idle session holds no write queue and no drop counts; they come with
+/// use and the queue goes once written.
+#[test]
+fn an_idle_session_allocates_no_queue_or_counts() {
+    let cfg = SessionConfig::default();
+    let mut s = open(&cfg, Version::V311);
+    let _ = out(&mut s, &cfg, t(1));
+    assert!(s.out.is_none(), "CONNACK written: no buffer left");
+    assert!(s.rare.is_none());
+    assert_eq!(s.drops(), Drops::default());
 }
 
 /// The event queue keeps its room while a client is busy (no allocation
