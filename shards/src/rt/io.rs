@@ -22,22 +22,12 @@
 //!
 //! Memory per connection (x86_64, glibc malloc; `a_slot_is_32_bytes`
 //! holds the slot to it): a slot is 32 B (the record's `Rc` 8 B, `Io`
-//! 24 B), as much as the `RefCell<Io>` the record carried before. The record
-//! went from 320 to 296 B, its allocation (with the `Rc` counts and malloc's
-//! header) from 352 to 320 B; the slot number it keeps (4 B) costs nothing
-//! there. The vector's pages are touched only up to its highest slot in use,
-//! so its spare capacity costs address space, not resident memory; a hash
-//! map by id would touch every bucket, and at 18,000 connections on one
-//! shard (32,768 buckets of 33 B) it would cost 60 B per connection instead
-//! of 32. Measured with 18,000 idle controllers on one shard
-//! (`config/loadtest/bench-idle-18000.toml`, release build): RSS per
-//! connection, median of 6 runs, 715 B before the table and 723 B with it;
-//! anonymous RSS 714 B (mean of 8) and 723 B (mean of 4). So about 8 B more
-//! per connection than the sizes predict (the runs spread over ±15 B);
-//! growing the table by fixed chunks instead of a doubling vector measured
-//! the same. A slot without the record's `Rc` (24 B, events found through
-//! the router by id as before) would take 8 B off. The table keeps its
-//! highest size after connections close and reuses the free slots first.
+//! 24 B). The vector's pages are touched only up to its highest slot in
+//! use, so its spare capacity costs address space, not resident memory; a
+//! hash map by id would touch every bucket. The table keeps its highest size
+//! after connections close and reuses the free slots first. What else an
+//! idle connection holds is in BENCHMARKS.md ("Memory per idle connection
+//! after the router's indexes and the smaller session").
 
 use std::cell::{Cell, RefCell};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
