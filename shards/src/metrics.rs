@@ -76,7 +76,7 @@ pub fn render(stats: &[Arc<ShardStats>], uptime_s: f64, extra: &[(&str, &str, u6
     }
     out.push_str(&lines);
     type Counter = (&'static str, &'static str, fn(&ShardStats) -> u64);
-    let counters: [Counter; 13] = [
+    let counters: [Counter; 12] = [
         (
             "relay_frames_in_total",
             "Frames received from clients.",
@@ -122,11 +122,6 @@ pub fn render(stats: &[Arc<ShardStats>], uptime_s: f64, extra: &[(&str, &str, u6
             |s| s.uring_enobufs.load(Relaxed),
         ),
         (
-            "relay_uring_fallback",
-            "1 when the shard was to use io_uring but could not make its ring and uses epoll.",
-            |s| s.uring_fallbacks.load(Relaxed),
-        ),
-        (
             "relay_tls_errors_total",
             "TLS connections closed for a TLS error.",
             |s| s.tls_errors.load(Relaxed),
@@ -166,7 +161,7 @@ pub fn render(stats: &[Arc<ShardStats>], uptime_s: f64, extra: &[(&str, &str, u6
         &'static str,
         fn(&ShardStats) -> u64,
     );
-    let per_shard: [Family; 6] = [
+    let per_shard: [Family; 7] = [
         (
             "relay_mqtt_connects_total",
             "counter",
@@ -202,6 +197,12 @@ pub fn render(stats: &[Arc<ShardStats>], uptime_s: f64, extra: &[(&str, &str, u6
             "gauge",
             "Client sockets held by the shard's I/O loop.",
             |s| s.sockets.load(Relaxed),
+        ),
+        (
+            "relay_uring_fallback",
+            "gauge",
+            "1 when the shard was to use io_uring but could not make its ring and uses epoll.",
+            |s| s.uring_fallbacks.load(Relaxed),
         ),
     ];
     for (name, kind, help, get) in per_shard {

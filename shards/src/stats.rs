@@ -52,7 +52,7 @@ pub struct ShardStats {
     /// was empty (each is armed again once buffers are back).
     pub uring_enobufs: AtomicU64,
     /// 1 when `[shards] io = "uring"` was asked for and this shard could not
-    /// make its ring, so it runs on epoll.
+    /// make its ring, so it runs on epoll (a gauge).
     pub uring_fallbacks: AtomicU64,
 }
 

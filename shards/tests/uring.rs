@@ -84,6 +84,44 @@ fn a_dry_buffer_ring_loses_nothing_and_keeps_order() {
     assert!(dry > 0, "the ring never ran dry: the test proves nothing");
 }
 
+/// Every pair sends at once through a submission ring of 8 entries: the
+/// shard's pass queues more receives and sends than the ring holds, so it
+/// submits as it goes (or keeps entries for the next pass) and loses none.
+#[test]
+fn a_submission_ring_smaller_than_a_pass_loses_nothing() {
+    let relay = common::start(|c| {
+        c.shards.io = IoBackend::Uring;
+        c.shards.ring_depth = 8;
+    });
+    const PAIRS: usize = 40;
+    const FRAMES: u32 = 20;
+    let mut pairs: Vec<_> = (0..PAIRS)
+        .map(|i| {
+            let rx = Client::hello(relay.tcp_addr(), Form::Binary, &format!("sq-rx-{i}"));
+            let tx = Client::hello(relay.tcp_addr(), Form::Binary, &format!("sq-tx-{i}"));
+            (tx, rx)
+        })
+        .collect();
+    for n in 0..FRAMES {
+        for (i, (tx, _)) in pairs.iter_mut().enumerate() {
+            tx.data(
+                &format!("sq-rx-{i}"),
+                n,
+                false,
+                format!("{i}:{n}").as_bytes(),
+            );
+        }
+    }
+    for (i, (_, rx)) in pairs.iter_mut().enumerate() {
+        for n in 0..FRAMES {
+            let f = rx
+                .recv_timeout(Duration::from_secs(20))
+                .unwrap_or_else(|| panic!("pair {i}: frame {n} never came"));
+            assert_eq!(f.payload.as_ref(), format!("{i}:{n}").as_bytes());
+        }
+    }
+}
+
 #[test]
 fn the_epoll_backend_never_counts_a_dry_ring() {
     let relay = common::start(|c| c.shards.io = IoBackend::Epoll);

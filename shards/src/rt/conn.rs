@@ -156,7 +156,13 @@ impl Poller {
     /// Watches `fd` (under `token`) for what `io` needs: input unless it is
     /// paused, output while a write waits for room. On the ring: arms the
     /// receive, or cancels it while the connection is paused.
-    fn rearm(&self, fd: RawFd, token: u64, io: &mut Io, cell: &ConnCell) -> io::Result<()> {
+    pub(super) fn rearm(
+        &self,
+        fd: RawFd,
+        token: u64,
+        io: &mut Io,
+        cell: &ConnCell,
+    ) -> io::Result<()> {
         if let Some(ring) = &self.ring {
             sync_recv(ring, fd, token, io, cell);
             return Ok(());
@@ -166,17 +172,6 @@ impl Poller {
             events |= libc::EPOLLOUT as u32;
         }
         self.ctl(libc::EPOLL_CTL_MOD, fd, events, token)
-    }
-
-    /// `rearm` for the other parts of the runtime.
-    pub(super) fn rearm_io(
-        &self,
-        fd: RawFd,
-        token: u64,
-        io: &mut Io,
-        cell: &ConnCell,
-    ) -> io::Result<()> {
-        self.rearm(fd, token, io, cell)
     }
 
     /// Stops watching `fd` (a listener's accept on the ring).

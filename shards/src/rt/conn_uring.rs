@@ -109,6 +109,7 @@ pub(in crate::rt) async fn run(
                         if router.has_dirty() {
                             continue;
                         }
+                        ring.sleeping(cx.waker());
                         return Poll::Pending;
                     }
                     Poll::Ready(ok) => {
@@ -264,11 +265,9 @@ fn feed_tls<'s>(
                     peer_gone(&mut entry, t);
                     return Some(entry);
                 }
-                Ok(n) => {
-                    let plain = buf[..n].to_vec();
-                    drop(buf);
-                    entry = take(shard, entry, &plain, t)?;
-                }
+                // Parsed (and copied where a frame is incomplete) while the
+                // shared buffer is held: routing never reads it.
+                Ok(n) => entry = take(shard, entry, &buf[..n], t)?,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(_) => {
                     drop(buf);

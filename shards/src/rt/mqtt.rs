@@ -92,7 +92,7 @@ pub(super) fn process_input(
     if pause && !io.paused {
         io.paused = true;
         if let Some(fd) = io.raw_fd() {
-            let _ = shard.poller.rearm_io(fd, token, io, &entry.cell);
+            let _ = shard.poller.rearm(fd, token, io, &entry.cell);
         }
     }
     if !rbuf.is_empty() {

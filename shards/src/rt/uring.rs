@@ -82,6 +82,23 @@ pub(crate) struct RingSettings {
     pub buffer_size: u32,
 }
 
+/// Builds an operation on `$target`: `$t` is the slot's registered file or
+/// the descriptor (two types, hence a macro rather than a function).
+macro_rules! on_target {
+    ($target:expr, |$t:ident| $build:expr) => {
+        match $target {
+            Target::Fixed(i) => {
+                let $t = types::Fixed(i);
+                $build
+            }
+            Target::Fd(f) => {
+                let $t = types::Fd(f);
+                $build
+            }
+        }
+    };
+}
+
 /// One completion, copied out of the ring so it can be handled while the
 /// ring takes new submissions.
 #[derive(Debug, Clone, Copy)]
@@ -103,6 +120,15 @@ pub(super) struct Ring {
     event: OwnedFd,
     /// The listeners with an accept armed, by kind.
     listeners: RefCell<[Option<RawFd>; 4]>,
+    /// Entries that found the submission ring full while the kernel could
+    /// not take more (it answers EBUSY until completions are taken); queued
+    /// at the next `submit`. At most the operations the connections have in
+    /// flight (a receive, a send and their cancellations each).
+    backlog: RefCell<Vec<squeue::Entry>>,
+    /// The I/O loop's waker while it sleeps: an entry queued from another
+    /// task (the sweeper resuming accepts, a connection handed over) wakes
+    /// it, since only the loop submits.
+    sleeper: RefCell<Option<std::task::Waker>>,
 }
 
 impl std::fmt::Debug for Ring {
@@ -175,6 +201,8 @@ impl Ring {
             files,
             event,
             listeners: RefCell::new([None; 4]),
+            backlog: RefCell::default(),
+            sleeper: RefCell::default(),
         })
     }
 
@@ -183,31 +211,55 @@ impl Ring {
         self.event.try_clone()
     }
 
-    /// Queues `sqe`, submitting what is queued first when the ring is full.
+    /// Queues `sqe`, submitting what is queued first when the ring is full
+    /// (or keeping it in the backlog when the kernel takes nothing now).
     fn push(&self, sqe: squeue::Entry) {
+        if let Some(w) = self.sleeper.borrow_mut().take() {
+            w.wake();
+        }
         let mut ring = self.ring.borrow_mut();
+        if !self.backlog.borrow().is_empty() {
+            self.backlog.borrow_mut().push(sqe);
+            return;
+        }
         loop {
             // SAFETY: every buffer an entry names outlives its operation:
             // sends keep theirs in `sends`, receives use the buffer ring.
             if unsafe { ring.submission().push(&sqe) }.is_ok() {
                 return;
             }
-            if let Err(e) = ring.submit() {
-                if e.raw_os_error() == Some(libc::EINTR) {
-                    continue;
+            match ring.submit() {
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
+                Ok(n) if n > 0 => {}
+                // EBUSY, or nothing taken: the entry waits for the next
+                // pass, after its completions are taken.
+                _ => {
+                    self.backlog.borrow_mut().push(sqe);
+                    return;
                 }
-                // EBUSY: completions must be taken first; the entry is
-                // queued at the next pass.
-                crate::warn_every!("io_uring submit: {e}");
-                return;
             }
         }
+    }
+
+    /// Moves what the backlog holds into the submission ring, as room allows.
+    fn drain_backlog(&self, ring: &mut IoUring) {
+        let mut backlog = self.backlog.borrow_mut();
+        let mut taken = 0;
+        for sqe in backlog.iter() {
+            // SAFETY: as in `push`.
+            if unsafe { ring.submission().push(sqe) }.is_err() {
+                break;
+            }
+            taken += 1;
+        }
+        backlog.drain(..taken);
     }
 
     /// Submits what is queued and runs the deferred work (input that
     /// arrived), without waiting. No syscall when there is nothing to do.
     pub(super) fn submit(&self) {
         let mut ring = self.ring.borrow_mut();
+        self.drain_backlog(&mut ring);
         let queued = !ring.submission().is_empty();
         let work = ring.submission().taskrun() || ring.submission().cq_overflow();
         if !queued && !work {
@@ -246,16 +298,23 @@ impl Ring {
         std::sync::atomic::fence(Ordering::SeqCst);
         let idle = ring.completion().is_empty()
             && !ring.submission().taskrun()
-            && ring.submission().is_empty();
+            && ring.submission().is_empty()
+            && self.backlog.borrow().is_empty();
         if !idle {
             ring.completion().disable_eventfd();
         }
         idle
     }
 
-    /// The loop runs: the kernel need not signal.
+    /// The loop runs: the kernel need not signal, nor a new entry wake it.
     pub(super) fn awake(&self) {
+        self.sleeper.borrow_mut().take();
         self.ring.borrow_mut().completion().disable_eventfd();
+    }
+
+    /// The loop sleeps: an entry queued meanwhile wakes `waker`.
+    pub(super) fn sleeping(&self, waker: &std::task::Waker) {
+        *self.sleeper.borrow_mut() = Some(waker.clone());
     }
 
     /// Completions or deferred work wait.
@@ -303,21 +362,18 @@ impl Ring {
     pub(super) fn recv(&self, fd: RawFd, token: u64, multishot: bool) {
         let slot = (token & SLOT_MASK) as u32;
         let data = user_data(OP_RECV, token);
-        let sqe = match (self.target(fd, slot), multishot) {
-            (Target::Fixed(i), true) => opcode::RecvMulti::new(types::Fixed(i), BGID).build(),
-            (Target::Fd(f), true) => opcode::RecvMulti::new(types::Fd(f), BGID).build(),
-            (Target::Fixed(i), false) => {
-                opcode::Recv::new(types::Fixed(i), std::ptr::null_mut(), self.bufs.size)
-                    .buf_group(BGID)
-                    .build()
-                    .flags(squeue::Flags::BUFFER_SELECT)
-            }
-            (Target::Fd(f), false) => {
-                opcode::Recv::new(types::Fd(f), std::ptr::null_mut(), self.bufs.size)
-                    .buf_group(BGID)
-                    .build()
-                    .flags(squeue::Flags::BUFFER_SELECT)
-            }
+        let target = self.target(fd, slot);
+        let sqe = if multishot {
+            on_target!(target, |t| opcode::RecvMulti::new(t, BGID).build())
+        } else {
+            on_target!(target, |t| opcode::Recv::new(
+                t,
+                std::ptr::null_mut(),
+                self.bufs.size
+            )
+            .buf_group(BGID)
+            .build()
+            .flags(squeue::Flags::BUFFER_SELECT))
         };
         self.push(sqe.user_data(data));
     }
@@ -329,14 +385,9 @@ impl Ring {
         let data = user_data(OP_SEND, token);
         let (ptr, len) = (bytes.as_ptr(), bytes.len() as u32);
         let flags = libc::MSG_NOSIGNAL;
-        let sqe = match self.target(fd, slot) {
-            Target::Fixed(i) => opcode::Send::new(types::Fixed(i), ptr, len)
-                .flags(flags)
-                .build(),
-            Target::Fd(f) => opcode::Send::new(types::Fd(f), ptr, len)
-                .flags(flags)
-                .build(),
-        };
+        let sqe = on_target!(self.target(fd, slot), |t| opcode::Send::new(t, ptr, len)
+            .flags(flags)
+            .build());
         if let Some(old) = self.sends.borrow_mut().insert(data, bytes) {
             // Never two sends in flight for one connection; keep the old
             // bytes alive rather than free what the kernel may still read.
