@@ -370,6 +370,15 @@ fn a_client_that_never_reads_is_bounded_and_disconnected() {
     let mut out = bytes::BytesMut::new();
     relay_core::codec::encode(&h, &mut out);
     stuck.write_all(&out).unwrap();
+    // Its WELCOME is the last thing it reads: the flood must not start
+    // before the owner shard holds the address (a connection that landed on
+    // the other shard is handed over first), or it is answered no_route.
+    stuck
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut welcome = [0u8; 512];
+    let n = std::io::Read::read(&mut stuck, &mut welcome).unwrap();
+    assert!(n > 0, "the stuck client got its WELCOME");
 
     let sender_name = addrs_on("flood-", 1, 2, 1).remove(0);
     let mut sender = Client::hello(relay.tcp_addr(), Form::Binary, &sender_name);
