@@ -854,7 +854,7 @@ async fn shard_main(
         Some(Ok(r)) => Some(r),
         Some(Err(e)) => {
             tracing::warn!(
-                "shard {id}: no io_uring ring ({e}; it needs Linux 6.1 and io_uring enabled): \
+                "shard {id}: no io_uring ring ({e}; it needs Linux 6.0 and io_uring enabled): \
                  this shard uses epoll"
             );
             ShardStats::add(&shared.stats[id].uring_fallbacks, 1);

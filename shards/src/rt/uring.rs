@@ -3,12 +3,15 @@
 //! accepts for the shard's client sockets.
 //!
 //! - **Set-up.** One ring per shard thread, made on that thread with
-//!   `SINGLE_ISSUER` and `DEFER_TASKRUN` (completions are produced when the
-//!   shard asks for them, never by interrupting it), `TASKRUN_FLAG` (the
-//!   ring says when deferred work waits, so an idle pass makes no syscall),
-//!   and a sparse table of registered files indexed by the I/O table's slot.
-//!   Where the kernel refuses these flags (before Linux 6.1) or io_uring is
-//!   disabled, no ring is made and the shard runs on epoll.
+//!   `SINGLE_ISSUER`, `COOP_TASKRUN` (completing work never interrupts the
+//!   running shard; it runs at the shard's next entry into the kernel),
+//!   `TASKRUN_FLAG` (the ring says when such work waits, so an idle pass
+//!   makes no syscall), and a sparse table of registered files indexed by
+//!   the I/O table's slot. Not `DEFER_TASKRUN`: with it the kernel signals
+//!   the ring's eventfd from an RCU callback when input arrives for a
+//!   sleeping ring, 10-20 ms late, and the sleeping shard is woken only by
+//!   that eventfd. Where the kernel refuses these flags (before Linux 6.0)
+//!   or io_uring is disabled, no ring is made and the shard runs on epoll.
 //! - **Input.** Each connection has one receive in flight, into a provided
 //!   buffer ring (`[shards] uring_buffers` buffers of `uring_buffer_size`
 //!   bytes): multishot once the connection's hello is accepted, one-shot
@@ -145,11 +148,12 @@ impl Ring {
     pub(super) fn new(s: RingSettings) -> io::Result<Ring> {
         let entries = s.entries.clamp(8, 32_768);
         let cq = (entries * 8).min(65_536);
-        // Without DEFER_TASKRUN (Linux 6.1) the ring is not made and the
-        // shard uses epoll: every feature used here is older than it.
+        // Without SINGLE_ISSUER (Linux 6.0) the ring is not made and the
+        // shard uses epoll: multishot receives are as old. No
+        // DEFER_TASKRUN: see the module's comment (Waking).
         let ring = IoUring::builder()
             .setup_single_issuer()
-            .setup_defer_taskrun()
+            .setup_coop_taskrun()
             .setup_taskrun_flag()
             .setup_cqsize(cq)
             .build(entries)?;
@@ -603,6 +607,69 @@ mod tests {
         let token = 12_345u64 | (0xDEAD_BEEFu64 << 32);
         for op in [OP_RECV, OP_SEND, OP_ACCEPT, OP_CANCEL] {
             assert_eq!(split(user_data(op, token)), (op, token));
+        }
+    }
+
+    /// Whether `fd` is readable now (poll with no wait).
+    fn readable(fd: RawFd) -> bool {
+        let mut p = libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd, no timeout.
+        unsafe { libc::poll(&mut p, 1, 0) == 1 }
+    }
+
+    /// A receive that completes while the loop sleeps must signal the
+    /// eventfd at once: the sleeping shard is woken only by it. (With
+    /// DEFER_TASKRUN the kernel defers that signal to an RCU callback,
+    /// which left an idle shard asleep for 10-20 ms after input arrived.)
+    #[test]
+    fn input_for_a_sleeping_ring_signals_its_eventfd_at_once() {
+        use std::io::Write;
+        use std::os::unix::net::UnixStream;
+        let ring = Ring::new(RingSettings {
+            entries: 16,
+            buffers: 4,
+            buffer_size: 256,
+        })
+        .expect("an io_uring");
+        let event = ring.event_fd().unwrap();
+        let (ours, mut peer) = UnixStream::pair().unwrap();
+        // A slot past the registered table: the descriptor itself is used.
+        let token = u64::from(MAX_SLOT) | (7 << 32);
+        for round in 0..20u8 {
+            ring.recv(ours.as_raw_fd(), token, false);
+            ring.submit();
+            assert!(ring.may_sleep(), "round {round}: nothing is ready yet");
+            assert!(
+                !readable(event.as_raw_fd()),
+                "round {round}: no signal before input"
+            );
+            peer.write_all(&[round; 8]).unwrap();
+            // The receive completed during the write (same thread): the
+            // eventfd is readable now, not after a grace period.
+            assert!(
+                readable(event.as_raw_fd()),
+                "round {round}: input did not signal"
+            );
+            let mut n = [0u8; 8];
+            // SAFETY: reads 8 bytes into a local buffer.
+            assert_eq!(
+                unsafe { libc::read(event.as_raw_fd(), n.as_mut_ptr().cast(), 8) },
+                8
+            );
+            ring.awake();
+            ring.submit();
+            let mut done = Vec::new();
+            ring.reap(&mut done, 8);
+            assert_eq!(done.len(), 1, "round {round}: one receive completed");
+            assert_eq!(done[0].result, 8);
+            let (bid, got) = ring.buffer(done[0].flags, 8).expect("a provided buffer");
+            assert_eq!(got, &[round; 8]);
+            ring.recycle(bid);
+            ring.publish();
         }
     }
 }
