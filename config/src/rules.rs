@@ -135,6 +135,13 @@ pub(crate) fn check(config: &Config) -> Vec<Problem> {
         " (bytes per provided buffer)",
     );
     r.range(
+        "shards.coalesce_us",
+        u64::from(s.coalesce_us),
+        0,
+        100_000,
+        " (µs a shard may let steady input wait to batch it; 0 wakes for each input)",
+    );
+    r.range(
         "shards.mesh_capacity",
         s.mesh_capacity as u64,
         1,

@@ -97,6 +97,10 @@ pub struct ShardsConfig {
     pub uring_buffers: u16,
     /// Size of each of those buffers, in bytes.
     pub uring_buffer_size: u32,
+    /// Longest time, in µs, a shard lets input wait so that one wake-up
+    /// handles the input of many connections, while input arrives steadily
+    /// (the pause shrinks as the rate grows). 0: wake for every input.
+    pub coalesce_us: u32,
 }
 
 /// `[shards] io`: the I/O backend of the shards' client sockets.
@@ -122,6 +126,7 @@ impl Default for ShardsConfig {
             io: IoBackend::default(),
             uring_buffers: 256,
             uring_buffer_size: 1024,
+            coalesce_us: 5000,
         }
     }
 }

@@ -236,6 +236,11 @@ fn each_rule_reports_its_key() {
             "at least 1",
         ),
         ("[shards]\nmax_batch = 0", "shards.max_batch", "at least 1"),
+        (
+            "[shards]\ncoalesce_us = 100001",
+            "shards.coalesce_us",
+            "at most 100000",
+        ),
         ("[limits]\nmax_frame = 8", "limits.max_frame", "at least 9"),
         (
             "[limits]\nmax_frame = 16777217\nqueue_bytes = 33554432",

@@ -53,11 +53,21 @@ TARGETS = ["relay-1", "relay-2", "mosquitto"]
 # Also accepted: "relay-mqtt", the relay (one shard) with its MQTT listener, driven
 # by the same MQTT clients as Mosquitto. A relay target ending in "-uring" or
 # "-epoll" (relay-1-uring, relay-2-epoll, relay-mqtt-uring) runs that I/O backend
-# ([shards] io); without the suffix the relay runs its default.
+# ([shards] io); without the suffix the relay runs its default. A further
+# "-c<us>" sets [shards] coalesce_us (relay-1-c0, relay-1-uring-c2000).
+
+
+def coalesce(target):
+    """The relay target without a "-c<us>" suffix, and that [shards] coalesce_us (or None)."""
+    head, _, tail = target.rpartition("-c")
+    if head.startswith("relay") and tail.isdigit():
+        return head, tail
+    return target, None
 
 
 def backend(target):
-    """The relay target without its I/O backend suffix, and the backend (or None)."""
+    """The relay target without its I/O backend and coalesce suffixes, and the backend (or None)."""
+    target, _ = coalesce(target)
     for io in ("uring", "epoll"):
         if target.endswith("-" + io):
             return target[: -len(io) - 1], io
@@ -85,12 +95,15 @@ def start(target, tmp):
     """Starts a fresh server; returns (process, tcp port, http port or None)."""
     tcp = free_port()
     if target.startswith("relay"):
+        _, us = coalesce(target)
         target, io = backend(target)
         http = free_port()
         mqtt = target == "relay-mqtt"
         env = dict(os.environ)
         if io:
             env["RELAY__SHARDS__IO"] = io
+        if us is not None:
+            env["RELAY__SHARDS__COALESCE_US"] = us
         env.update({
             "RELAY__LISTENERS__TCP": f"127.0.0.1:{free_port() if mqtt else tcp}",
             "RELAY__LISTENERS__HTTP": f"127.0.0.1:{http}",

@@ -34,6 +34,7 @@ use relay_core::conn::{CloseReason, Event, Hello, Transport};
 use relay_core::frame::ErrorCode;
 
 use super::Handover;
+use super::pace::Pacer;
 use super::io::{ARMED, CANCELLING, CLOSE_SENT, Entry, Io, MULTI, Partial};
 use super::tls;
 use super::uring::{self, Ring};
@@ -53,6 +54,23 @@ const ACCEPT_BUDGET: u32 = 64;
 const EVENTS: usize = 256;
 /// How often the loop polls when it cannot arm its wait (no descriptor free).
 const FALLBACK_POLL: std::time::Duration = std::time::Duration::from_millis(2);
+
+/// What the I/O loop does after the passes of one wake-up.
+enum Next {
+    /// More is ready: let the executor run its other tasks, then go on.
+    Busy,
+    /// Take the next pass after this long (batching steady input, or no
+    /// way to wait on input).
+    Pause(std::time::Duration),
+}
+
+/// Runs what `next` asks for.
+async fn after(next: Next) {
+    match next {
+        Next::Busy => glommio::executor().yield_task_queue_now().await,
+        Next::Pause(d) => glommio::timer::sleep(d).await,
+    }
+}
 /// Room counted against a sender's queue for each answer other shards still
 /// owe it (an ERROR with a 64-byte address in the JSON form over WebSocket
 /// stays under this).
@@ -246,12 +264,16 @@ pub(super) async fn run(
     let mut dirty: Vec<ConnId> = Vec::new();
     let mut waiter: Option<TcpStream> = None;
     let mut degraded = false;
+    let mut pacer = Pacer::new(shard.shared.coalesce);
     loop {
-        let busy = poll_fn(|cx| {
+        let next = poll_fn(|cx| {
+            let mut handled = 0;
             loop {
                 let router = &shard.router;
                 stop_accepting(&shard, &mut listener, &mut tls_listener, &mut mqtt);
+                let began = std::time::Instant::now();
                 let n = shard.poller.ready(&mut events);
+                handled += n;
                 let t = now();
                 for ev in &events[..n] {
                     let token = ev.u64;
@@ -294,7 +316,10 @@ pub(super) async fn run(
                 if n == events.len() {
                     // More may be ready: let the executor poll its ring
                     // before the next pass.
-                    return Poll::Ready(true);
+                    return Poll::Ready(Next::Busy);
+                }
+                if let Some(d) = pacer.after_pass(std::mem::take(&mut handled), began) {
+                    return Poll::Ready(Next::Pause(d));
                 }
                 // Everything ready was taken: arm the wait now rather than
                 // yield and ask the set again (one syscall and one executor
@@ -314,13 +339,13 @@ pub(super) async fn run(
                                 );
                                 degraded = true;
                             }
-                            return Poll::Ready(false);
+                            return Poll::Ready(Next::Pause(FALLBACK_POLL));
                         }
                     }
                 }
                 degraded = false;
                 let Some(w) = waiter.as_mut() else {
-                    return Poll::Ready(false);
+                    return Poll::Ready(Next::Pause(FALLBACK_POLL));
                 };
                 match Pin::new(w).poll_read(cx, &mut []) {
                     Poll::Pending => {
@@ -335,11 +360,7 @@ pub(super) async fn run(
             }
         })
         .await;
-        if busy {
-            glommio::executor().yield_task_queue_now().await;
-        } else {
-            glommio::timer::sleep(FALLBACK_POLL).await;
-        }
+        after(next).await;
     }
 }
 

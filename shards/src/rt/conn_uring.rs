@@ -57,18 +57,22 @@ pub(in crate::rt) async fn run(
     let mut rearm: Vec<u64> = Vec::new();
     let mut dirty: Vec<ConnId> = Vec::new();
     let mut wait: Option<Wait> = None;
+    let mut pacer = Pacer::new(shard.shared.coalesce);
     loop {
-        let busy = poll_fn(|cx| {
+        let next = poll_fn(|cx| {
+            let mut handled = 0;
             loop {
                 let Some(ring) = shard.poller.ring() else {
-                    return Poll::Ready(false);
+                    return Poll::Ready(Next::Pause(FALLBACK_POLL));
                 };
                 ring.awake();
                 let router = &shard.router;
                 stop_accepting(&shard, &mut listener, &mut tls_listener, &mut mqtt);
+                let began = std::time::Instant::now();
                 ring.submit();
                 done.clear();
                 ring.reap(&mut done, REAP);
+                handled += done.len();
                 let t = now();
                 for d in &done {
                     let (op, token) = split(d.data);
@@ -95,10 +99,15 @@ pub(in crate::rt) async fn run(
                 write_pass(&shard, cx.waker(), &mut dirty);
                 ring.submit();
                 if done.len() == REAP {
-                    return Poll::Ready(true);
+                    return Poll::Ready(Next::Busy);
                 }
                 if ring.has_work() {
                     continue;
+                }
+                if let Some(d) = pacer.after_pass(std::mem::take(&mut handled), began) {
+                    // The eventfd stays disabled: what arrives meanwhile
+                    // waits for the pass after the pause.
+                    return Poll::Ready(Next::Pause(d));
                 }
                 let w = wait.get_or_insert_with(|| wait_on(&file));
                 if !ring.may_sleep() {
@@ -116,18 +125,14 @@ pub(in crate::rt) async fn run(
                         wait = None;
                         if !ok {
                             crate::warn_every!("io_uring: reading the eventfd failed");
-                            return Poll::Ready(false);
+                            return Poll::Ready(Next::Pause(FALLBACK_POLL));
                         }
                     }
                 }
             }
         })
         .await;
-        if busy {
-            glommio::executor().yield_task_queue_now().await;
-        } else {
-            glommio::timer::sleep(FALLBACK_POLL).await;
-        }
+        after(next).await;
     }
 }
 

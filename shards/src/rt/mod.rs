@@ -9,6 +9,7 @@ mod conn;
 mod http;
 mod io;
 mod mqtt;
+mod pace;
 mod proxy;
 mod reload;
 mod tls;
@@ -172,6 +173,8 @@ pub struct Shared {
     pub mqtt_addr: Option<SocketAddr>,
     /// `[shards] io = "uring"`: each shard's ring.
     pub(crate) ring: Option<uring::RingSettings>,
+    /// `[shards] coalesce_us`: the I/O loop's longest pause (`pace.rs`).
+    coalesce: Duration,
     ready: AtomicUsize,
     /// Shards that have cut every tie to their peers (see `quiesce`).
     quiet: AtomicUsize,
@@ -428,6 +431,7 @@ impl Relay {
                     buffer_size: cfg.shards.uring_buffer_size,
                 },
             ),
+            coalesce: Duration::from_micros(u64::from(cfg.shards.coalesce_us)),
             ready: AtomicUsize::new(0),
             quiet: AtomicUsize::new(0),
             shards,
