@@ -107,10 +107,10 @@ pub struct ShardsConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum IoBackend {
-    Epoll,
-    /// The default: less CPU per message than epoll in every measured
-    /// pattern, and a third less on an idle fleet (BENCHMARKS.md).
+    /// The default: with wake-up batching (`coalesce_us`) it used less CPU
+    /// than io_uring in every measured pattern (BENCHMARKS.md).
     #[default]
+    Epoll,
     Uring,
 }
 

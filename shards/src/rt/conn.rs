@@ -34,8 +34,8 @@ use relay_core::conn::{CloseReason, Event, Hello, Transport};
 use relay_core::frame::ErrorCode;
 
 use super::Handover;
-use super::pace::Pacer;
 use super::io::{ARMED, CANCELLING, CLOSE_SENT, Entry, Io, MULTI, Partial};
+use super::pace::Pacer;
 use super::tls;
 use super::uring::{self, Ring};
 use super::{Shard, now};
@@ -315,7 +315,8 @@ pub(super) async fn run(
                 write_pass(&shard, cx.waker(), &mut dirty);
                 if n == events.len() {
                     // More may be ready: let the executor poll its ring
-                    // before the next pass.
+                    // before the next pass (counted in the rate all the same).
+                    pacer.after_pass(std::mem::take(&mut handled), began);
                     return Poll::Ready(Next::Busy);
                 }
                 if let Some(d) = pacer.after_pass(std::mem::take(&mut handled), began) {

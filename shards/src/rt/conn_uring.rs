@@ -99,6 +99,9 @@ pub(in crate::rt) async fn run(
                 write_pass(&shard, cx.waker(), &mut dirty);
                 ring.submit();
                 if done.len() == REAP {
+                    // Counted, so a saturated loop's rate is not
+                    // underestimated (a long pause after the burst).
+                    pacer.after_pass(std::mem::take(&mut handled), began);
                     return Poll::Ready(Next::Busy);
                 }
                 if ring.has_work() {

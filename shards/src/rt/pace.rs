@@ -47,7 +47,10 @@ impl Pacer {
     /// sockets): how long the loop should pause before its next pass, or
     /// `None` to sleep until input arrives.
     pub(super) fn after_pass(&mut self, events: usize, now: Instant) -> Option<Duration> {
-        let since = self.last.replace(now).map(|t| now.saturating_duration_since(t));
+        let since = self
+            .last
+            .replace(now)
+            .map(|t| now.saturating_duration_since(t));
         if self.max.is_zero() {
             return None;
         }
