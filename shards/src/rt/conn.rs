@@ -602,11 +602,15 @@ fn on_readable(shard: &Rc<Shard>, mut entry: Entry<'_>, t: relay_core::Now) {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) if is_tls && e.kind() == io::ErrorKind::InvalidData => {
-                // The alert rustls queued goes out before the close.
-                ShardStats::add(&router.stats.tls_errors, 1);
-                entry
-                    .cell
-                    .closing(CloseReason::ProtocolError, t.mono_ms + TLS_ALERT_GRACE_MS);
+                // The alert rustls queued goes out before the close. A failed
+                // session answers every later record with its error again:
+                // counted once.
+                if !entry.cell.conn.borrow().is_closing() {
+                    ShardStats::add(&router.stats.tls_errors, 1);
+                    entry
+                        .cell
+                        .closing(CloseReason::ProtocolError, t.mono_ms + TLS_ALERT_GRACE_MS);
+                }
                 break;
             }
             Err(_) => {

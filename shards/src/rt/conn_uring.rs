@@ -244,6 +244,11 @@ fn feed_tls<'s>(
 ) -> Option<Entry<'s>> {
     let stats = &shard.router.stats;
     ShardStats::add(&stats.bytes_in, data.len() as u64);
+    if entry.cell.conn.borrow().is_closing() {
+        // A failed session answers every record with its error again, and
+        // a closing connection's input is dropped anyway: one error counted.
+        return Some(entry);
+    }
     while !data.is_empty() {
         let Some(s) = entry.io.tls.as_mut() else {
             return Some(entry);
