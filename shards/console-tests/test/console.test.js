@@ -297,7 +297,12 @@ describe("relay web console in Chromium", { timeout: 180000 }, () => {
     assert.equal((await card.locator(".sev").textContent()).trim(), "critical");
     assert.match(await card.textContent(), /not acknowledged/);
     assert.match(await card.textContent(), /reads 90/);
-    assert.equal(await page.locator("#alarm-badge").textContent(), "1");
+    // The badge follows the totals, which the page fetches apart from the list.
+    await until(
+      page,
+      "the alarm badge counts the alarm",
+      () => document.querySelector("#alarm-badge")?.textContent === "1",
+    );
 
     await card.locator("button.ack").click();
     await card.locator(".acked", { hasText: `acknowledged by ${OPERATOR}` }).waitFor({ timeout: UI_MS });
