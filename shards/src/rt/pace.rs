@@ -17,7 +17,7 @@
 use std::time::{Duration, Instant};
 
 /// Events a pause aims to collect.
-pub(super) const BATCH: f64 = 8.0;
+const BATCH: f64 = 8.0;
 /// The rate estimate forgets with this time constant (seconds): a count of
 /// events decaying exponentially, so passes close together (one wake-up
 /// often takes two) weigh by the time they cover, not by their number.
