@@ -142,6 +142,13 @@ pub(crate) fn check(config: &Config) -> Vec<Problem> {
         " (µs a shard may let steady input wait to batch it; 0 wakes for each input)",
     );
     r.range(
+        "shards.slice_us",
+        u64::from(s.slice_us),
+        0,
+        20_000,
+        " (µs a busy shard's I/O loop may keep the thread from the executor; 0 = never)",
+    );
+    r.range(
         "shards.mesh_capacity",
         s.mesh_capacity as u64,
         1,

@@ -101,6 +101,11 @@ pub struct ShardsConfig {
     /// handles the input of many connections, while input arrives steadily
     /// (the pause shrinks as the rate grows). 0: wake for every input.
     pub coalesce_us: u32,
+    /// While input is steady (two events or more expected per slice), the
+    /// longest time, in µs, a shard's epoll loop keeps the thread waiting on
+    /// its sockets itself before it gives the thread back to the executor
+    /// (HTTP, timers, rules). 0: every wait goes through the executor.
+    pub slice_us: u32,
 }
 
 /// `[shards] io`: the I/O backend of the shards' client sockets.
@@ -127,6 +132,7 @@ impl Default for ShardsConfig {
             uring_buffers: 256,
             uring_buffer_size: 1024,
             coalesce_us: 5000,
+            slice_us: 5000,
         }
     }
 }

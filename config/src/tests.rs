@@ -241,6 +241,11 @@ fn each_rule_reports_its_key() {
             "shards.coalesce_us",
             "at most 100000",
         ),
+        (
+            "[shards]\nslice_us = 20001",
+            "shards.slice_us",
+            "at most 20000",
+        ),
         ("[limits]\nmax_frame = 8", "limits.max_frame", "at least 9"),
         (
             "[limits]\nmax_frame = 16777217\nqueue_bytes = 33554432",

@@ -76,7 +76,7 @@ pub fn render(stats: &[Arc<ShardStats>], uptime_s: f64, extra: &[(&str, &str, u6
     }
     out.push_str(&lines);
     type Counter = (&'static str, &'static str, fn(&ShardStats) -> u64);
-    let counters: [Counter; 12] = [
+    let counters: [Counter; 14] = [
         (
             "relay_frames_in_total",
             "Frames received from clients.",
@@ -116,6 +116,16 @@ pub fn render(stats: &[Arc<ShardStats>], uptime_s: f64, extra: &[(&str, &str, u6
         ("relay_closed_total", "Connections closed.", |s| {
             s.closed_total.load(Relaxed)
         }),
+        (
+            "relay_busy_waits_total",
+            "Waits the shard's epoll loop took on its sockets itself while input was steady ([shards] slice_us).",
+            |s| s.busy_waits.load(Relaxed),
+        ),
+        (
+            "relay_busy_waits_kicked_total",
+            "Of those waits, the ones another shard ended early with a batch for this one.",
+            |s| s.kicked_waits.load(Relaxed),
+        ),
         (
             "relay_uring_enobufs_total",
             "Receives ended because the shard's io_uring buffer ring ran dry (armed again at once).",

@@ -54,6 +54,11 @@ pub struct ShardStats {
     /// 1 when `[shards] io = "uring"` was asked for and this shard could not
     /// make its ring, so it runs on epoll (a gauge).
     pub uring_fallbacks: AtomicU64,
+    /// Waits the epoll loop took on its sockets itself, input being steady
+    /// (`[shards] slice_us`), rather than sleeping through the executor.
+    pub busy_waits: AtomicU64,
+    /// Those waits another shard ended early with a batch for this one.
+    pub kicked_waits: AtomicU64,
 }
 
 impl ShardStats {

@@ -59,6 +59,13 @@ const FALLBACK_POLL: std::time::Duration = std::time::Duration::from_millis(2);
 enum Next {
     /// More is ready: let the executor run its other tasks, then go on.
     Busy,
+    /// Let the executor look at its ring, its timers and other threads'
+    /// wake-ups, run what they woke, then go on (the end of a busy slice).
+    /// A task that merely yields would be run again at once: glommio polls
+    /// its ring only when no task is runnable, or when its preemption timer
+    /// (100 ms) fires. A timer already due makes the loop not runnable until
+    /// that poll, without the executor going to sleep.
+    Look,
     /// Take the next pass after this long (batching steady input, or no
     /// way to wait on input).
     Pause(std::time::Duration),
@@ -68,6 +75,9 @@ enum Next {
 async fn after(next: Next) {
     match next {
         Next::Busy => glommio::executor().yield_task_queue_now().await,
+        Next::Look => {
+            glommio::timer::sleep(std::time::Duration::from_micros(1)).await;
+        }
         Next::Pause(d) => glommio::timer::sleep(d).await,
     }
 }
@@ -84,6 +94,8 @@ const TLS_LISTENER: u64 = u64::MAX - 1;
 const MQTT_LISTENER: u64 = u64::MAX - 2;
 /// The MQTT over TLS listener's token.
 const MQTT_TLS_LISTENER: u64 = u64::MAX - 3;
+/// The token of the shard's [`Kick`](super::kick::Kick) eventfd.
+const KICK: u64 = u64::MAX - 4;
 const IN: u32 = (libc::EPOLLIN | libc::EPOLLRDHUP) as u32;
 
 #[path = "conn_uring.rs"]
@@ -103,18 +115,21 @@ fn listener_kind(token: u64) -> usize {
 }
 
 impl Poller {
-    /// The epoll set, and the ring when `ring` is given.
-    pub(super) fn new(ring: Option<Ring>) -> io::Result<Poller> {
+    /// The epoll set, watching the shard's `kick` eventfd, and the ring
+    /// when `ring` is given.
+    pub(super) fn new(ring: Option<Ring>, kick: RawFd) -> io::Result<Poller> {
         // SAFETY: plain syscall; the returned fd is checked and then owned.
         let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
         if fd < 0 {
             return Err(io::Error::last_os_error());
         }
         // SAFETY: a fresh fd that nothing else owns.
-        Ok(Poller {
+        let poller = Poller {
             epfd: unsafe { OwnedFd::from_raw_fd(fd) },
             ring,
-        })
+        };
+        poller.add(kick, KICK)?;
+        Ok(poller)
     }
 
     /// The ring, on the io_uring backend.
@@ -204,15 +219,44 @@ impl Poller {
 
     /// Takes what is ready without blocking.
     fn ready(&self, events: &mut [libc::epoll_event]) -> usize {
+        self.ready_within(events, 0)
+    }
+
+    fn ready_within(&self, events: &mut [libc::epoll_event], ms: libc::c_int) -> usize {
         // SAFETY: the kernel writes at most `events.len()` entries.
         let n = unsafe {
             libc::epoll_wait(
                 self.epfd.as_raw_fd(),
                 events.as_mut_ptr(),
                 events.len() as libc::c_int,
-                0,
+                ms,
             )
         };
+        n.max(0) as usize
+    }
+
+    /// Waits up to `timeout` for something to be ready (the busy loop).
+    fn wait(&self, events: &mut [libc::epoll_event], timeout: std::time::Duration) -> usize {
+        let ts = libc::timespec {
+            tv_sec: timeout.as_secs() as libc::time_t,
+            tv_nsec: libc::c_long::from(timeout.subsec_nanos() as i32),
+        };
+        // SAFETY: the kernel writes at most `events.len()` entries and only
+        // reads `ts`; no signal mask.
+        let n = unsafe {
+            libc::epoll_pwait2(
+                self.epfd.as_raw_fd(),
+                events.as_mut_ptr(),
+                events.len() as libc::c_int,
+                &ts,
+                std::ptr::null(),
+            )
+        };
+        if n < 0 && io::Error::last_os_error().raw_os_error() == Some(libc::ENOSYS) {
+            // Before Linux 5.11: whole milliseconds, rounded up.
+            let ms = timeout.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32;
+            return self.ready_within(events, ms);
+        }
         n.max(0) as usize
     }
 
@@ -253,6 +297,21 @@ fn sync_recv(ring: &Ring, fd: RawFd, token: u64, io: &mut Io, cell: &ConnCell) {
 /// Runs the shard's I/O loop: accepts controllers on `listener` (already
 /// watched, see `Poller::watch_listener`) and drives every client connection
 /// of the shard. Ends when the shard drops it.
+///
+/// Waiting for input, two ways:
+/// - Sparse input (heartbeats): the loop arms a poll of its epoll set on
+///   glommio's ring and returns; the executor sleeps until something is
+///   ready, whatever it is (sockets, HTTP, timers, other threads).
+/// - Steady input (two events or more expected per `[shards] slice_us`, see
+///   [`Pacer::steady`]): going to sleep through glommio and waking from it
+///   takes several io_uring submissions, timer arms and cancellations, which
+///   cost more than the one message each wake-up handles. The loop then
+///   blocks in `epoll_wait` itself, for what is left of its slice, and gives
+///   the thread back to the executor when the slice ends, when it woke
+///   another of the shard's tasks (the flusher), or when another shard kicks
+///   it (its eventfd is in the set, see `kick.rs`). Its pauses
+///   (`coalesce_us`) that fit the slice are taken in place too. What else
+///   the shard runs (HTTP, timers, rule actions) waits at most one slice.
 pub(super) async fn run(
     shard: Rc<Shard>,
     listener: socket2::Socket,
@@ -265,18 +324,38 @@ pub(super) async fn run(
     let mut waiter: Option<TcpStream> = None;
     let mut degraded = false;
     let mut pacer = Pacer::new(shard.shared.coalesce);
+    let slice = shard.shared.slice;
+    let kick = &shard.shared.kicks[shard.router.shard];
     loop {
         let next = poll_fn(|cx| {
             let mut handled = 0;
+            // The executor handed the thread over: a slice begins.
+            let slice_began = std::time::Instant::now();
+            let mut block = None;
             loop {
                 let router = &shard.router;
                 stop_accepting(&shard, &mut listener, &mut tls_listener, &mut mqtt);
+                let n = match block.take() {
+                    Some(d) => {
+                        let n = shard.poller.wait(&mut events, d);
+                        kick.end_wait();
+                        n
+                    }
+                    None => shard.poller.ready(&mut events),
+                };
                 let began = std::time::Instant::now();
-                let n = shard.poller.ready(&mut events);
+                let mut kicked = false;
                 handled += n;
                 let t = now();
                 for ev in &events[..n] {
                     let token = ev.u64;
+                    if token == KICK {
+                        kick.drain();
+                        ShardStats::add(&router.stats.kicked_waits, 1);
+                        kicked = true;
+                        handled -= 1;
+                        continue;
+                    }
                     if token == LISTENER {
                         if let Some(l) = &listener {
                             accept_ready(&shard, l, false, false);
@@ -319,8 +398,38 @@ pub(super) async fn run(
                     pacer.after_pass(std::mem::take(&mut handled), began);
                     return Poll::Ready(Next::Busy);
                 }
-                if let Some(d) = pacer.after_pass(std::mem::take(&mut handled), began) {
+                let pause = pacer.after_pass(std::mem::take(&mut handled), began);
+                // The busy loop (see above): while input is steady, and
+                // nothing else of the shard waits for the thread, stay.
+                let steady = pacer.steady(slice);
+                let left = slice.saturating_sub(slice_began.elapsed());
+                let other = shard.wakers.take_other();
+                let stay = steady
+                    && !other
+                    && !kicked
+                    && !left.is_zero()
+                    && !glommio::executor().need_preempt();
+                if let Some(d) = pause {
+                    if stay && d < left {
+                        std::thread::sleep(d);
+                        continue;
+                    }
                     return Poll::Ready(Next::Pause(d));
+                }
+                if stay && kick.begin_wait() {
+                    ShardStats::add(&router.stats.busy_waits, 1);
+                    block = Some(left);
+                    continue;
+                }
+                if steady && other && !kicked && !left.is_zero() {
+                    // Another of the shard's tasks (the flusher) was woken:
+                    // it runs, then the loop goes on.
+                    return Poll::Ready(Next::Busy);
+                }
+                if steady || kicked {
+                    // The slice is over, or another shard's batch waits
+                    // behind a wake-up that glommio takes from its ring.
+                    return Poll::Ready(Next::Look);
                 }
                 // Everything ready was taken: arm the wait now rather than
                 // yield and ask the set again (one syscall and one executor
@@ -1055,6 +1164,7 @@ fn handover(shard: &Rc<Shard>, entry: Entry<'_>, owner: usize, hello: Hello) {
     };
     ShardStats::add(&router.stats.handovers, 1);
     let shard = shard.clone();
+    shard.wakers.woke_other();
     glommio::spawn_local(async move { shard.send_handover(owner, h).await }).detach();
 }
 

@@ -8,6 +8,7 @@
 mod conn;
 mod http;
 mod io;
+mod kick;
 mod mqtt;
 mod pace;
 mod proxy;
@@ -79,6 +80,10 @@ pub struct Handover {
 pub(crate) struct Wakers {
     io: RefCell<Option<std::task::Waker>>,
     flush: RefCell<Option<std::task::Waker>>,
+    /// Another task of the shard was woken since the I/O loop last looked:
+    /// the loop must let the executor run it before it blocks on its
+    /// sockets.
+    local: Cell<bool>,
 }
 
 impl Wakers {
@@ -98,6 +103,17 @@ impl Wakers {
     pub(crate) fn flush(&self, waker: &std::task::Waker) {
         Self::register(&self.flush, waker);
     }
+
+    /// A task other than the I/O loop has work (the loop yields before it
+    /// blocks on its sockets).
+    pub(crate) fn woke_other(&self) {
+        self.local.set(true);
+    }
+
+    /// Whether another task was woken since the last call.
+    pub(crate) fn take_other(&self) -> bool {
+        self.local.replace(false)
+    }
 }
 
 impl Signals for Wakers {
@@ -110,6 +126,7 @@ impl Signals for Wakers {
     fn outbox_ready(&self) {
         if let Some(w) = self.flush.borrow().as_ref() {
             w.wake_by_ref();
+            self.woke_other();
         }
     }
 }
@@ -175,6 +192,12 @@ pub struct Shared {
     pub(crate) ring: Option<uring::RingSettings>,
     /// `[shards] coalesce_us`: the I/O loop's longest pause (`pace.rs`).
     coalesce: Duration,
+    /// `[shards] slice_us`: how long the busy epoll loop may keep the thread
+    /// (`conn.rs`).
+    slice: Duration,
+    /// Each shard's wake-up for its peers while its loop waits on its
+    /// sockets itself, by shard id.
+    kicks: Vec<kick::Kick>,
     ready: AtomicUsize,
     /// Shards that have cut every tie to their peers (see `quiesce`).
     quiet: AtomicUsize,
@@ -269,16 +292,20 @@ pub(crate) struct Shard {
 
 impl Shard {
     async fn send_handover(&self, owner: usize, h: Handover) {
-        if let Err(glommio::GlommioError::Closed(glommio::ResourceType::Channel(
-            MeshMsg::Handover(h),
-        ))) = self
+        match self
             .senders
             .send_to(owner, MeshMsg::Handover(Box::new(h)))
             .await
         {
-            // The owner is gone (shutdown): close the connection here.
-            drop(h);
-            self.shared.release();
+            Ok(()) => self.shared.kicks[owner].kick(),
+            Err(glommio::GlommioError::Closed(glommio::ResourceType::Channel(
+                MeshMsg::Handover(h),
+            ))) => {
+                // The owner is gone (shutdown): close the connection here.
+                drop(h);
+                self.shared.release();
+            }
+            Err(_) => {}
         }
     }
 }
@@ -432,6 +459,11 @@ impl Relay {
                 },
             ),
             coalesce: Duration::from_micros(u64::from(cfg.shards.coalesce_us)),
+            slice: Duration::from_micros(u64::from(cfg.shards.slice_us)),
+            kicks: (0..shards)
+                .map(|_| kick::Kick::new())
+                .collect::<std::io::Result<_>>()
+                .map_err(|e| anyhow::anyhow!("eventfd: {e}"))?,
             ready: AtomicUsize::new(0),
             quiet: AtomicUsize::new(0),
             shards,
@@ -866,7 +898,8 @@ async fn shard_main(
         }
         None => None,
     };
-    let poller = conn::Poller::new(ring).map_err(|e| anyhow::anyhow!("shard {id}: epoll: {e}"))?;
+    let poller = conn::Poller::new(ring, shared.kicks[id].fd())
+        .map_err(|e| anyhow::anyhow!("shard {id}: epoll: {e}"))?;
     let shard = Rc::new(Shard {
         router,
         wakers,
@@ -1197,6 +1230,7 @@ async fn flusher(shard: Rc<Shard>) {
                     // The peer has stopped; nothing more can reach it.
                     break;
                 }
+                shard.shared.kicks[peer].kick();
             }
         }
     }

@@ -51,12 +51,9 @@ impl Pacer {
             .last
             .replace(now)
             .map(|t| now.saturating_duration_since(t));
-        if self.max.is_zero() {
-            return None;
-        }
         let dt = since.map_or(TAU, |d| d.as_secs_f64());
         self.rate = self.rate * (-dt / TAU).exp() + events as f64 / TAU;
-        if events == 0 {
+        if events == 0 || self.max.is_zero() {
             return None;
         }
         let max = self.max.as_secs_f64();
@@ -66,6 +63,13 @@ impl Pacer {
             return None;
         }
         Some(Duration::from_secs_f64((BATCH / self.rate).min(max)))
+    }
+
+    /// Whether input is steady enough that two events or more are expected
+    /// within `window` (the busy loop's slice, see `conn.rs`). Never with a
+    /// zero window.
+    pub(super) fn steady(&self, window: Duration) -> bool {
+        self.rate * window.as_secs_f64() >= 2.0
     }
 }
 
@@ -87,6 +91,34 @@ mod tests {
     fn zero_never_pauses() {
         let mut p = Pacer::new(Duration::ZERO);
         assert_eq!(steady(&mut p, Duration::from_micros(50), 20, 50), None);
+        // The rate is still estimated: the busy loop decides on it.
+        assert!(p.steady(Duration::from_millis(1)));
+    }
+
+    #[test]
+    fn steady_input_is_told_from_sparse_input() {
+        let slice = Duration::from_millis(1);
+        // 20,000 events a second: 20 expected per slice.
+        let mut p = Pacer::new(Duration::from_millis(5));
+        steady(&mut p, Duration::from_micros(100), 2, 2000);
+        assert!(p.steady(slice));
+        assert!(!p.steady(Duration::ZERO));
+        // 600 heartbeats a second: under one per slice.
+        let mut p = Pacer::new(Duration::from_millis(5));
+        steady(&mut p, Duration::from_millis(5), 3, 200);
+        assert!(!p.steady(slice));
+    }
+
+    #[test]
+    fn input_that_stops_is_no_longer_steady() {
+        let slice = Duration::from_millis(1);
+        let mut p = Pacer::new(Duration::ZERO);
+        let t = Instant::now();
+        steady(&mut p, Duration::from_micros(100), 2, 2000);
+        assert!(p.steady(slice));
+        // 200 ms later with nothing: the estimate has decayed by e^-4.
+        p.after_pass(0, t + Duration::from_millis(400));
+        assert!(!p.steady(slice));
     }
 
     #[test]
