@@ -101,7 +101,7 @@ pub struct ShardsConfig {
     /// handles the input of many connections, while input arrives steadily
     /// (the pause shrinks as the rate grows). 0: wake for every input.
     pub coalesce_us: u32,
-    /// While input is steady (two events or more expected per slice), the
+    /// While input is steady (two events or more a millisecond), the
     /// longest time, in µs, a shard's epoll loop keeps the thread waiting on
     /// its sockets itself before it gives the thread back to the executor
     /// (HTTP, timers, rules). 0: every wait goes through the executor.

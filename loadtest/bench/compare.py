@@ -54,15 +54,25 @@ TARGETS = ["relay-1", "relay-2", "mosquitto"]
 # by the same MQTT clients as Mosquitto. A relay target ending in "-uring" or
 # "-epoll" (relay-1-uring, relay-2-epoll, relay-mqtt-uring) runs that I/O backend
 # ([shards] io); without the suffix the relay runs its default. A further
-# "-c<us>" sets [shards] coalesce_us (relay-1-c0, relay-1-uring-c2000).
+# "-c<us>" sets [shards] coalesce_us (relay-1-c0, relay-1-uring-c2000), and
+# "-s<us>" sets [shards] slice_us (relay-1-s0-c0).
+
+
+def knob(target, letter):
+    """The relay target without its "-<letter><us>" suffix, and that number (or None)."""
+    parts = target.split("-")
+    if not target.startswith("relay"):
+        return target, None
+    for i, part in enumerate(parts[1:], 1):
+        if part[:1] == letter and part[1:].isdigit():
+            return "-".join(parts[:i] + parts[i + 1:]), part[1:]
+    return target, None
 
 
 def coalesce(target):
-    """The relay target without a "-c<us>" suffix, and that [shards] coalesce_us (or None)."""
-    head, _, tail = target.rpartition("-c")
-    if head.startswith("relay") and tail.isdigit():
-        return head, tail
-    return target, None
+    """The relay target without a "-c<us>" or "-s<us>" suffix, and its [shards] coalesce_us (or None)."""
+    target, _ = knob(target, "s")
+    return knob(target, "c")
 
 
 def backend(target):
@@ -96,6 +106,7 @@ def start(target, tmp):
     tcp = free_port()
     if target.startswith("relay"):
         _, us = coalesce(target)
+        _, slice_us = knob(target, "s")
         target, io = backend(target)
         http = free_port()
         mqtt = target == "relay-mqtt"
@@ -104,6 +115,8 @@ def start(target, tmp):
             env["RELAY__SHARDS__IO"] = io
         if us is not None:
             env["RELAY__SHARDS__COALESCE_US"] = us
+        if slice_us is not None:
+            env["RELAY__SHARDS__SLICE_US"] = slice_us
         env.update({
             "RELAY__LISTENERS__TCP": f"127.0.0.1:{free_port() if mqtt else tcp}",
             "RELAY__LISTENERS__HTTP": f"127.0.0.1:{http}",

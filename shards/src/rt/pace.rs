@@ -98,12 +98,12 @@ mod tests {
     #[test]
     fn steady_input_is_told_from_sparse_input() {
         let slice = Duration::from_millis(1);
-        // 20,000 events a second: 20 expected per slice.
+        // 20,000 events a second: 20 expected per millisecond.
         let mut p = Pacer::new(Duration::from_millis(5));
         steady(&mut p, Duration::from_micros(100), 2, 2000);
         assert!(p.steady(slice));
         assert!(!p.steady(Duration::ZERO));
-        // 600 heartbeats a second: under one per slice.
+        // 600 heartbeats a second: under one per millisecond.
         let mut p = Pacer::new(Duration::from_millis(5));
         steady(&mut p, Duration::from_millis(5), 3, 200);
         assert!(!p.steady(slice));
