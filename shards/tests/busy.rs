@@ -7,18 +7,9 @@ mod common;
 use std::thread;
 use std::time::Duration;
 
-use common::{Client, Form, addrs_on, start};
+use common::{Client, Form, addrs_on, counter, start};
 use relay_config::IoBackend;
 use relay_core::frame::FrameType;
-
-fn counter(relay: &relay_shards::Relay, name: &str) -> u64 {
-    let (_, body) = common::get(relay, "/metrics");
-    let text = body.as_str().unwrap_or_default().to_owned();
-    text.lines()
-        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-        .sum()
-}
 
 const PAIRS: usize = 4;
 const FRAMES: u32 = 3000;

@@ -7,20 +7,11 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Client, Form};
+use common::{Client, Form, counter};
 use relay_config::IoBackend;
 use relay_core::frame::FrameType;
 
 /// The value of the per-shard counter `name`, summed over shards.
-fn counter(relay: &relay_shards::Relay, name: &str) -> u64 {
-    let (_, body) = common::get(relay, "/metrics");
-    let text = body.as_str().unwrap_or_default().to_owned();
-    text.lines()
-        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-        .sum()
-}
-
 #[test]
 fn a_dry_buffer_ring_loses_nothing_and_keeps_order() {
     let relay = common::start(|c| {

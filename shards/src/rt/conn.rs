@@ -242,7 +242,7 @@ impl Poller {
     fn wait(&self, events: &mut [libc::epoll_event], timeout: std::time::Duration) -> usize {
         let ts = libc::timespec {
             tv_sec: timeout.as_secs() as libc::time_t,
-            tv_nsec: libc::c_long::from(timeout.subsec_nanos() as i32),
+            tv_nsec: timeout.subsec_nanos() as libc::c_long,
         };
         // SAFETY: the kernel writes at most `events.len()` entries and only
         // reads `ts`; no signal mask.
@@ -309,7 +309,7 @@ fn sync_recv(ring: &Ring, fd: RawFd, token: u64, io: &mut Io, cell: &ConnCell) {
 ///   [`Pacer::steady`]): going to sleep through glommio and waking from it
 ///   takes several io_uring submissions, timer arms and cancellations, which
 ///   cost more than the one message each wake-up handles. The loop then
-///   blocks in `epoll_wait` itself, for what is left of its slice, and gives
+///   blocks in `epoll_pwait2` itself, for what is left of its slice, and gives
 ///   the thread back to the executor when the slice ends, when it woke
 ///   another of the shard's tasks (the flusher), or when another shard kicks
 ///   it (its eventfd is in the set, see `kick.rs`). Its pauses

@@ -41,9 +41,10 @@ use crate::cell::{ConnCell, ConnId, NO_SLOT};
 use crate::stats::ShardStats;
 use crate::ws::WsDecoder;
 
-/// Slots stop here: the listeners' tokens (`u64::MAX`, `u64::MAX - 1`) name
-/// slots beyond it, and so does `NO_SLOT`.
-const MAX_SLOTS: usize = (u32::MAX - 2) as usize;
+/// Slots stop here: the reserved epoll tokens (the listeners' and the
+/// kick's, `u64::MAX - 4..=u64::MAX`, see `conn.rs`) name slots beyond it,
+/// and so does `NO_SLOT`.
+const MAX_SLOTS: usize = (u32::MAX - 8) as usize;
 
 /// A connection's socket state: a descriptor and four flags while nothing
 /// is pending. Input is read into the shard's shared buffer; what must

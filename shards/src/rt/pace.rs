@@ -66,7 +66,7 @@ impl Pacer {
     }
 
     /// Whether input is steady enough that two events or more are expected
-    /// within `window` (the busy loop's slice, see `conn.rs`). Never with a
+    /// within `window` (the busy loop's threshold, see `conn.rs`). Never with a
     /// zero window.
     pub(super) fn steady(&self, window: Duration) -> bool {
         self.rate * window.as_secs_f64() >= 2.0

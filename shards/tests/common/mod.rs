@@ -294,6 +294,16 @@ impl Client {
 }
 
 /// GET `path` without a token: (status, body as JSON or text).
+/// The sum over shards of counter `name` in the relay's `/metrics`.
+pub fn counter(relay: &Relay, name: &str) -> u64 {
+    let (_, body) = get(relay, "/metrics");
+    let text = body.as_str().unwrap_or_default().to_owned();
+    text.lines()
+        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
 pub fn get(relay: &Relay, path: &str) -> (u16, serde_json::Value) {
     http(relay, "GET", path, None, None)
 }
