@@ -10,9 +10,10 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Sender, TrySendError};
 use serde_json::{Map, Value};
 
+use crate::actions::{ActionReceiver, ActionSender};
 use crate::alarm::{AckError, AlarmView};
 use crate::clock::now_ms;
-use crate::event::{Action, Event};
+use crate::event::Event;
 use crate::host_config::HostConfig;
 use crate::script;
 use crate::shared::{PluginStats, Shared};
@@ -99,9 +100,6 @@ pub struct BulkAck {
     pub not_found: Vec<String>,
 }
 
-/// Actions from scripts for the shards (any shard may pull; executor-agnostic).
-pub type ActionReceiver = async_channel::Receiver<Action>;
-
 /// Hands events to the workers without ever blocking.
 #[derive(Debug, Clone)]
 pub struct EventSender {
@@ -174,7 +172,7 @@ impl PluginHost {
 
     /// Starts the plugins with their four sections.
     pub fn start_with(cfg: HostConfig) -> Result<(PluginHost, ActionReceiver), PluginError> {
-        let (actions_tx, actions_rx) = async_channel::bounded(cfg.plugins.actions_queue);
+        let (actions_tx, actions_rx) = crate::actions::channel(cfg.plugins.actions_queue);
         let host = Self::start_with_actions(cfg, actions_tx)?;
         Ok((host, actions_rx))
     }
@@ -185,7 +183,7 @@ impl PluginHost {
     /// one channel).
     pub fn start_with_actions(
         cfg: HostConfig,
-        actions_tx: async_channel::Sender<Action>,
+        actions_tx: ActionSender,
     ) -> Result<PluginHost, PluginError> {
         let problems = cfg.problems();
         if !problems.is_empty() {

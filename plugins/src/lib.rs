@@ -27,6 +27,7 @@
 //! - `cli`: `relay rules check` and `relay rules test`.
 //! - `lint`: what `rules check` finds besides compile errors (unknown functions,
 //!   variables functions cannot see, endless loops), and argument types in words.
+pub mod actions;
 pub mod alarm;
 pub mod api;
 pub mod cli;
@@ -47,12 +48,12 @@ pub mod sink;
 pub mod spool;
 pub mod worker;
 
+pub use actions::{ActionReceiver, ActionSender};
 pub use alarm::{AckError, AlarmView};
 pub use effect::{AlarmEvent, Effect, NotifyJob, Transition};
 pub use event::{Action, ClientInfo, Event, MessageEvent, RULES_SRC};
 pub use host::{
-    ActionReceiver, AlarmFilter, AlarmPage, AlarmTotals, BulkAck, EventSender, PluginError,
-    PluginHost,
+    AlarmFilter, AlarmPage, AlarmTotals, BulkAck, EventSender, PluginError, PluginHost,
 };
 pub use host_config::HostConfig;
 pub use shared::PluginStats;

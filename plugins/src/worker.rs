@@ -14,9 +14,10 @@ use crossbeam_channel::{Receiver, RecvTimeoutError};
 use relay_config::plugins::PluginsConfig;
 use serde_json::json;
 
+use crate::actions::ActionSender;
 use crate::clock::now_ms;
 use crate::effect::Effect;
-use crate::event::{Action, Event};
+use crate::event::Event;
 use crate::rules::{Outcome, Rules};
 use crate::script::{self, Source};
 use crate::shared::Shared;
@@ -71,7 +72,7 @@ pub struct Worker {
     /// Writes for the sink thread.
     pub sink: SinkSender,
     /// Actions for the shards.
-    pub actions: async_channel::Sender<Action>,
+    pub actions: ActionSender,
     /// Current scripts.
     pub sources: Arc<SourceBox>,
     /// Limits and tick period.
@@ -81,12 +82,7 @@ pub struct Worker {
 }
 
 /// Hands the effects of one call to the shards, the log and the sink thread.
-pub fn dispatch(
-    shared: &Shared,
-    sink: &SinkSender,
-    actions: &async_channel::Sender<Action>,
-    out: Outcome,
-) {
+pub fn dispatch(shared: &Shared, sink: &SinkSender, actions: &ActionSender, out: Outcome) {
     for e in out.effects {
         match e {
             Effect::Action(a) => match actions.try_send(a) {

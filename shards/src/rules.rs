@@ -57,7 +57,7 @@ pub struct Leased {
     cfg: relay_plugins::HostConfig,
     lease: Arc<RulesLease>,
     running: RwLock<Option<(Arc<PluginHost>, EventSender)>>,
-    actions: async_channel::Sender<relay_plugins::Action>,
+    actions: relay_plugins::ActionSender,
     stop: AtomicBool,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
@@ -439,7 +439,7 @@ pub fn attach_leased(
         return Err(relay_plugins::PluginError::Config(problems));
     }
     host_cfg.keep_presence = true;
-    let (actions_tx, actions) = async_channel::bounded(cfg.plugins.actions_queue);
+    let (actions_tx, actions) = relay_plugins::actions::channel(cfg.plugins.actions_queue);
     let lease = Arc::new(RulesLease::new(cfg.cluster.channel_capacity));
     let leased = Arc::new(Leased {
         cfg: host_cfg,

@@ -102,6 +102,19 @@ fn spawn_node_with(
     sections: &str,
     cluster: &str,
 ) -> RelayProc {
+    spawn_node_env(dir, prefix, name, nats_url, sections, cluster, &[])
+}
+
+/// The same, with environment overrides (`RELAY__...`).
+fn spawn_node_env(
+    dir: &std::path::Path,
+    prefix: &str,
+    name: &str,
+    nats_url: &str,
+    sections: &str,
+    cluster: &str,
+    env: &[(&str, &str)],
+) -> RelayProc {
     let cfg = dir.join(format!("{name}.toml"));
     std::fs::write(
         &cfg,
@@ -115,7 +128,7 @@ fn spawn_node_with(
         ),
     )
     .unwrap();
-    RelayProc::spawn(&cfg, &[])
+    RelayProc::spawn(&cfg, env)
 }
 
 /// Starts `names` as one cluster (NATS at `urls[i]`) and waits until every
@@ -1336,4 +1349,65 @@ fn a_shared_subscription_spread_over_nodes_gets_each_message_once() {
     let ga = sa.lines(3, Duration::from_millis(300));
     assert_eq!(ga, ["job/y l0", "job/y l1", "job/y l2"]);
     assert!(sb.lines_for(Duration::from_millis(300)).is_empty());
+}
+
+/// A shard whose input is steady waits on its sockets itself (the busy
+/// loop), not on the channel from the cluster link: frames from another node
+/// ring its kick, so they are delivered at once rather than at the end of the
+/// loop's slice. One shard per node: no other shard kicks it, so every kicked
+/// wait is the link's.
+#[test]
+fn frames_from_another_node_wake_a_shard_that_waits_on_its_sockets() {
+    nats_is_up();
+    let p = prefix("kick");
+    let dir = std::env::temp_dir().join(&p);
+    std::fs::create_dir_all(&dir).unwrap();
+    let url = format!("nats://{NATS}");
+    let env = [
+        ("RELAY__SHARDS__COUNT", "1"),
+        ("RELAY__SHARDS__IO", "epoll"),
+        ("RELAY__SHARDS__SLICE_US", "20000"),
+        ("RELAY__SHARDS__COALESCE_US", "0"),
+    ];
+    let plugins = "[plugins]\nenabled = false\n";
+    let nodes = vec![
+        spawn_node_env(&dir, &p, "ka", &url, plugins, "", &env),
+        spawn_node_env(&dir, &p, "kb", &url, plugins, "", &env),
+    ];
+    let f = Fleet {
+        dir,
+        prefix: p,
+        nodes,
+    };
+    for n in &f.nodes {
+        wait_nodes(n, 2);
+    }
+    let (a, b) = (&f.nodes[0], &f.nodes[1]);
+    let mut far = Client::hello(b.tcp, Form::Binary, "kick-far");
+    let mut near = Client::hello(a.tcp, Form::Binary, "kick-near");
+    send_until_acked(&mut near, "kick-far", "first");
+    let steady = common::Steady::start(b.tcp, &common::names("kick-tx-", 4), "kick-rx");
+    std::thread::sleep(Duration::from_millis(200));
+    // A frame wakes the loop only if it comes while the loop waits: on a
+    // loaded machine that can take more frames (at most 400).
+    let kicked = || common::counter_at(b.http, "relay_busy_waits_kicked_total");
+    for n in 0..400u32 {
+        let payload = format!("cross-{n}").into_bytes();
+        near.data("kick-far", n, false, &payload);
+        recv_payload(&mut far, &payload);
+        std::thread::sleep(Duration::from_millis(5));
+        if n % 20 == 19 && kicked() > 0 {
+            break;
+        }
+    }
+    let (sent, _) = steady.stop();
+    assert!(sent > 1000, "the stream ran: {sent} frames");
+    assert!(
+        common::counter_at(b.http, "relay_busy_waits_total") > 0,
+        "the stream kept the loop busy"
+    );
+    assert!(
+        kicked() > 0,
+        "no frame from the other node woke the waiting loop"
+    );
 }

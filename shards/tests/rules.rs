@@ -478,3 +478,60 @@ fn mqtt_publishes_reach_the_rules_as_native_messages_do_and_rule_sends_reach_mqt
     assert_eq!(got_send, Some(json!({"alarm": "hot", "temp": 91.5})));
     assert_eq!(got_alert, Some(json!({"from": "mq-hot"})));
 }
+
+/// A shard whose input is steady waits on its sockets itself (the busy
+/// loop), not on the rules' channel: a rule's send rings its kick, so the
+/// action is routed at once rather than at the end of the loop's slice.
+/// One shard: no other shard kicks it, so every kicked wait is the rules'.
+#[test]
+fn a_rule_action_wakes_a_shard_that_waits_on_its_sockets() {
+    let r = start_with_rules_and(
+        "kick",
+        &[(
+            "kick.rhai",
+            r#"
+            fn on_message(msg) {
+                if msg.dst != "$rules" { return; }
+                send("kick-out", msg.payload);
+            }
+            "#,
+        )],
+        |c| {
+            c.shards.count = 1;
+            c.shards.io = relay_config::IoBackend::Epoll;
+            c.shards.slice_us = 20_000;
+            c.shards.coalesce_us = 0;
+        },
+    );
+    let relay = r.relay.as_ref().unwrap();
+    let mut out = Client::hello(relay.tcp_addr(), Form::Json, "kick-out");
+    let mut c = Client::hello(relay.tcp_addr(), Form::Json, "kick-in");
+    let steady = common::Steady::start(relay.tcp_addr(), &common::names("kick-tx-", 4), "kick-rx");
+    std::thread::sleep(Duration::from_millis(200));
+    // An action wakes the loop only if it comes while the loop waits: on a
+    // loaded machine that can take more actions (at most 400).
+    let kicked = || common::counter(relay, "relay_busy_waits_kicked_total");
+    for n in 0..400u64 {
+        c.send(&json_data("$rules", json!({"n": n})));
+        let f = out
+            .recv_timeout(Duration::from_secs(5))
+            .expect("the rule's frame");
+        assert_eq!(&f.src[..], b"$rules");
+        assert_eq!(
+            serde_json::from_slice::<serde_json::Value>(&f.payload).unwrap(),
+            json!({"n": n})
+        );
+        std::thread::sleep(Duration::from_millis(5));
+        if n % 20 == 19 && kicked() > 0 {
+            break;
+        }
+    }
+    let (sent, received) = steady.stop();
+    assert!(sent > 1000, "the stream ran: {sent} frames");
+    assert!(received > 0);
+    assert!(
+        common::counter(relay, "relay_busy_waits_total") > 0,
+        "the stream kept the loop busy"
+    );
+    assert!(kicked() > 0, "no rule action woke the waiting loop");
+}

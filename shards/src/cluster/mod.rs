@@ -105,12 +105,13 @@ impl Cluster {
     /// Starts the NATS thread. It connects in the background and keeps
     /// reconnecting; until it is connected, frames for other nodes are
     /// answered `unavailable`.
-    pub fn start(
+    pub(crate) fn start(
         cfg: &relay_config::Config,
         shards: usize,
         shard_stats: Vec<Arc<ShardStats>>,
         facts: NodeFacts,
         lease: Option<Arc<RulesLease>>,
+        kicks: crate::rt::kick::Kicks,
     ) -> anyhow::Result<Arc<Cluster>> {
         let c = cfg.cluster.clone();
         let cap = c.channel_capacity.max(1);
@@ -142,6 +143,7 @@ impl Cluster {
             stats: stats.clone(),
             rx,
             to_shards,
+            kicks,
             nodes: nodes.clone(),
             stop: stop.clone(),
             shard_stats,
@@ -415,6 +417,8 @@ struct Driver {
     stats: Arc<ClusterStats>,
     rx: async_channel::Receiver<(usize, Vec<Remote>)>,
     to_shards: Vec<async_channel::Sender<Vec<Inbound>>>,
+    /// Wakes a shard whose loop waits on its sockets, not on its channel.
+    kicks: crate::rt::kick::Kicks,
     nodes: Arc<Mutex<Value>>,
     stop: Arc<AtomicBool>,
     shard_stats: Vec<Arc<ShardStats>>,
@@ -966,7 +970,9 @@ impl Driver {
                     if let Some(tx) = self.to_shards.get(shard) {
                         // Waits for room (a shard drains its channel at once);
                         // only this thread waits, never a shard.
-                        let _ = tx.send(items).await;
+                        if tx.send(items).await.is_ok() {
+                            self.kicks[shard].kick();
+                        }
                     }
                 }
                 _ if !up => {}

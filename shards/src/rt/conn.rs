@@ -311,10 +311,11 @@ fn sync_recv(ring: &Ring, fd: RawFd, token: u64, io: &mut Io, cell: &ConnCell) {
 ///   cost more than the one message each wake-up handles. The loop then
 ///   blocks in `epoll_pwait2` itself, for what is left of its slice, and gives
 ///   the thread back to the executor when the slice ends, when it woke
-///   another of the shard's tasks (the flusher), or when another shard kicks
-///   it (its eventfd is in the set, see `kick.rs`). Its pauses
-///   (`coalesce_us`) that fit the slice are taken in place too. What else
-///   the shard runs (HTTP, timers, rule actions) waits at most one slice.
+///   another of the shard's tasks (the flusher), or when it is kicked (its
+///   eventfd is in the set, see `kick.rs`) by another shard, the cluster link
+///   or a rules worker. Its pauses (`coalesce_us`) that fit the slice are
+///   taken in place too. What else the shard runs (HTTP, timers) waits at
+///   most one slice.
 pub(super) async fn run(
     shard: Rc<Shard>,
     listener: socket2::Socket,

@@ -1,5 +1,6 @@
 //! Waking a shard whose I/O loop waits on its sockets itself (the busy
-//! loop of `conn.rs`), from another shard.
+//! loop of `conn.rs`), from another shard or another thread (the cluster
+//! link, the rules' workers).
 //!
 //! While its input is steady, a shard's epoll loop blocks in `epoll_wait`
 //! instead of going to sleep through glommio, whose own wake-up mechanism
@@ -16,7 +17,9 @@
 //! behind a wait that started after it was queued.
 
 use std::io;
+use std::ops::Index;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::sync::atomic::Ordering::SeqCst;
 
@@ -85,6 +88,36 @@ impl Kick {
         // SAFETY: reads at most 8 bytes into a live u64; non-blocking.
         unsafe { libc::read(self.fd(), (&raw mut n).cast(), 8) };
         self.pending.store(false, SeqCst);
+    }
+}
+
+/// Every shard's [`Kick`], by shard id; shared with the threads that queue
+/// work for the shards.
+#[derive(Debug, Clone)]
+pub(crate) struct Kicks(Arc<[Kick]>);
+
+impl Kicks {
+    pub(crate) fn new(shards: usize) -> io::Result<Kicks> {
+        Ok(Kicks(
+            (0..shards)
+                .map(|_| Kick::new())
+                .collect::<io::Result<_>>()?,
+        ))
+    }
+
+    /// After something was queued that any shard may take.
+    pub(crate) fn kick_all(&self) {
+        for k in self.0.iter() {
+            k.kick();
+        }
+    }
+}
+
+impl Index<usize> for Kicks {
+    type Output = Kick;
+
+    fn index(&self, shard: usize) -> &Kick {
+        &self.0[shard]
     }
 }
 

@@ -8,7 +8,7 @@
 mod conn;
 mod http;
 mod io;
-mod kick;
+pub(crate) mod kick;
 mod mqtt;
 mod pace;
 mod proxy;
@@ -197,7 +197,7 @@ pub struct Shared {
     slice: Duration,
     /// Each shard's wake-up for its peers while its loop waits on its
     /// sockets itself, by shard id.
-    kicks: Vec<kick::Kick>,
+    kicks: kick::Kicks,
     ready: AtomicUsize,
     /// Shards that have cut every tie to their peers (see `quiesce`).
     quiet: AtomicUsize,
@@ -413,6 +413,7 @@ impl Relay {
         let stats: Vec<Arc<ShardStats>> = (0..shards)
             .map(|_| Arc::new(ShardStats::default()))
             .collect();
+        let kicks = kick::Kicks::new(shards).map_err(|e| anyhow::anyhow!("eventfd: {e}"))?;
         let cluster = if cfg.cluster.enabled {
             let facts = crate::cluster::NodeFacts {
                 tcp: Some(tcp_addr),
@@ -424,6 +425,7 @@ impl Relay {
                 stats.clone(),
                 facts,
                 ext.rules_lease.clone(),
+                kicks.clone(),
             )?)
         } else {
             None
@@ -460,10 +462,7 @@ impl Relay {
             ),
             coalesce: Duration::from_micros(u64::from(cfg.shards.coalesce_us)),
             slice: Duration::from_micros(u64::from(cfg.shards.slice_us)),
-            kicks: (0..shards)
-                .map(|_| kick::Kick::new())
-                .collect::<std::io::Result<_>>()
-                .map_err(|e| anyhow::anyhow!("eventfd: {e}"))?,
+            kicks: kicks.clone(),
             ready: AtomicUsize::new(0),
             quiet: AtomicUsize::new(0),
             shards,
@@ -495,6 +494,12 @@ impl Relay {
         let sh = shared.clone();
         let hooks = ext.hooks;
         let actions = ext.actions;
+        if let Some(a) = &actions {
+            // A shard in its busy loop is not polling the channel: wake them
+            // all (any of them may take the action).
+            let kicks = kicks.clone();
+            a.on_send(Some(Arc::new(move || kicks.kick_all())));
+        }
         let handles = LocalExecutorPoolBuilder::new(placement)
             .name("relay-shard")
             .io_memory(cfg.shards.io_memory_kib.max(64) * 1024)

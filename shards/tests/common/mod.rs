@@ -58,6 +58,11 @@ pub fn addrs_on(prefix: &str, shard_idx: usize, shards: usize, n: usize) -> Vec<
         .collect()
 }
 
+/// `n` addresses `<prefix>0`, `<prefix>1`, ...
+pub fn names(prefix: &str, n: usize) -> Vec<String> {
+    (0..n).map(|i| format!("{prefix}{i}")).collect()
+}
+
 /// What one read gave.
 enum Got {
     Some,
@@ -296,7 +301,12 @@ impl Client {
 /// GET `path` without a token: (status, body as JSON or text).
 /// The sum over shards of counter `name` in the relay's `/metrics`.
 pub fn counter(relay: &Relay, name: &str) -> u64 {
-    let (_, body) = get(relay, "/metrics");
+    counter_at(relay.http_addr().expect("an HTTP listener"), name)
+}
+
+/// The same, from the relay (or relay process) whose HTTP listener is `http`.
+pub fn counter_at(http: SocketAddr, name: &str) -> u64 {
+    let (_, body) = http_at(http, "GET", "/metrics", None, None);
     let text = body.as_str().unwrap_or_default().to_owned();
     text.lines()
         .filter(|l| l.starts_with(name) && !l.starts_with('#'))
@@ -608,6 +618,70 @@ impl Drop for RelayProc {
         if let Ok(None) = self.child.try_wait() {
             let _ = self.child.kill();
             let _ = self.child.wait();
+        }
+    }
+}
+
+/// Keeps a shard's input steady (the busy loop's regime: two readiness
+/// events a millisecond or more): the controllers `tx` take turns sending
+/// one binary DATA frame each to `rx`, 100 µs apart, until dropped (or for
+/// 60 s); `rx` is drained.
+pub struct Steady {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<u64>>,
+}
+
+impl Steady {
+    pub fn start(relay: SocketAddr, tx: &[String], rx: &str) -> Steady {
+        use std::sync::atomic::Ordering::Relaxed;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let mut sink = Client::hello(relay, Form::Binary, rx);
+        let mut sources: Vec<Client> = tx
+            .iter()
+            .map(|a| Client::hello(relay, Form::Binary, a))
+            .collect();
+        let dst = rx.to_owned();
+        let until = Instant::now() + Duration::from_secs(60);
+        let s = stop.clone();
+        let reader = std::thread::spawn(move || {
+            let mut n = 0;
+            while !s.load(Relaxed) && Instant::now() < until {
+                if sink.recv_timeout(Duration::from_millis(100)).is_some() {
+                    n += 1;
+                }
+            }
+            n
+        });
+        let s = stop.clone();
+        let writer = std::thread::spawn(move || {
+            let mut n = 0u64;
+            while !s.load(Relaxed) && Instant::now() < until {
+                let i = n as usize % sources.len();
+                let c = &mut sources[i];
+                c.data(&dst, n as u32, false, &[7u8; 32]);
+                n += 1;
+                std::thread::sleep(Duration::from_micros(100));
+            }
+            n
+        });
+        Steady {
+            stop,
+            threads: vec![writer, reader],
+        }
+    }
+    /// Stops the stream: (frames sent, frames received).
+    pub fn stop(mut self) -> (u64, u64) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let mut t = self.threads.drain(..).map(|t| t.join().unwrap_or(0));
+        (t.next().unwrap_or(0), t.next().unwrap_or(0))
+    }
+}
+
+impl Drop for Steady {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
         }
     }
 }
