@@ -92,8 +92,9 @@ fn spawn_node(dir: &std::path::Path, prefix: &str, name: &str, nats_url: &str) -
     )
 }
 
-/// Writes the config of node `name`, with `sections` (TOML) and `cluster`
-/// (more keys of `[cluster]`), and starts it.
+/// Writes the config of node `name`, with `sections` (TOML; two unpinned
+/// shards unless they have a `[shards]` of their own) and `cluster` (more keys
+/// of `[cluster]`), and starts it.
 fn spawn_node_with(
     dir: &std::path::Path,
     prefix: &str,
@@ -102,33 +103,24 @@ fn spawn_node_with(
     sections: &str,
     cluster: &str,
 ) -> RelayProc {
-    spawn_node_env(dir, prefix, name, nats_url, sections, cluster, &[])
-}
-
-/// The same, with environment overrides (`RELAY__...`).
-fn spawn_node_env(
-    dir: &std::path::Path,
-    prefix: &str,
-    name: &str,
-    nats_url: &str,
-    sections: &str,
-    cluster: &str,
-    env: &[(&str, &str)],
-) -> RelayProc {
     let cfg = dir.join(format!("{name}.toml"));
+    let shards = if sections.contains("[shards]") {
+        ""
+    } else {
+        "[shards]\ncount = 2\npin = false\nio_memory_kib = 256\n"
+    };
     std::fs::write(
         &cfg,
         format!(
             "[node]\nname = \"{name}\"\n\
              [listeners]\ntcp = \"127.0.0.1:0\"\nhttp = \"127.0.0.1:0\"\nmqtt = \"127.0.0.1:0\"\n\
-             [shards]\ncount = 2\npin = false\nio_memory_kib = 256\n\
-             {sections}\
+             {shards}{sections}\
              [cluster]\nenabled = true\nnats_url = \"{nats_url}\"\nprefix = \"{prefix}\"\n\
              heartbeat_ms = 1500\nreply_timeout_ms = 2000\n{cluster}"
         ),
     )
     .unwrap();
-    RelayProc::spawn(&cfg, env)
+    RelayProc::spawn(&cfg, &[])
 }
 
 /// Starts `names` as one cluster (NATS at `urls[i]`) and waits until every
@@ -1363,16 +1355,13 @@ fn frames_from_another_node_wake_a_shard_that_waits_on_its_sockets() {
     let dir = std::env::temp_dir().join(&p);
     std::fs::create_dir_all(&dir).unwrap();
     let url = format!("nats://{NATS}");
-    let env = [
-        ("RELAY__SHARDS__COUNT", "1"),
-        ("RELAY__SHARDS__IO", "epoll"),
-        ("RELAY__SHARDS__SLICE_US", "20000"),
-        ("RELAY__SHARDS__COALESCE_US", "0"),
-    ];
-    let plugins = "[plugins]\nenabled = false\n";
+    // One shard each, waiting on its sockets up to 20 ms at a time.
+    let sections = "[plugins]\nenabled = false\n\
+                    [shards]\ncount = 1\npin = false\nio_memory_kib = 256\nio = \"epoll\"\n\
+                    slice_us = 20000\ncoalesce_us = 0\n";
     let nodes = vec![
-        spawn_node_env(&dir, &p, "ka", &url, plugins, "", &env),
-        spawn_node_env(&dir, &p, "kb", &url, plugins, "", &env),
+        spawn_node_with(&dir, &p, "ka", &url, sections, ""),
+        spawn_node_with(&dir, &p, "kb", &url, sections, ""),
     ];
     let f = Fleet {
         dir,
