@@ -123,7 +123,7 @@ pub fn render(stats: &[Arc<ShardStats>], uptime_s: f64, extra: &[(&str, &str, u6
         ),
         (
             "relay_busy_waits_kicked_total",
-            "Of those waits, the ones another shard ended early with a batch for this one.",
+            "Of those waits, the ones ended early for work queued elsewhere: another shard's batch, frames from another node, a rule's action, an HTTP request.",
             |s| s.kicked_waits.load(Relaxed),
         ),
         (

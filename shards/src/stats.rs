@@ -57,7 +57,8 @@ pub struct ShardStats {
     /// Waits the epoll loop took on its sockets itself, input being steady
     /// (`[shards] slice_us`), rather than sleeping through the executor.
     pub busy_waits: AtomicU64,
-    /// Those waits another shard ended early with a batch for this one.
+    /// Those waits ended early for work queued elsewhere (a peer's batch,
+    /// another node's frames, a rule's action, an HTTP request).
     pub kicked_waits: AtomicU64,
 }
 

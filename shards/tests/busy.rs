@@ -145,3 +145,87 @@ fn frames_from_another_shard_wake_a_shard_that_waits_on_its_sockets() {
         "no batch from shard 0 woke shard 1's waiting loop"
     );
 }
+
+/// GET `path` on the kept-alive connection `s`: the status line and the
+/// body.
+fn get_on(s: &mut std::net::TcpStream, path: &str) -> (String, String) {
+    use std::io::{BufRead, BufReader, Read, Write};
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: relay\r\n\r\n").as_bytes())
+        .unwrap();
+    let mut r = BufReader::new(s);
+    let mut status = String::new();
+    r.read_line(&mut status).unwrap();
+    let mut len = 0;
+    loop {
+        let mut line = String::new();
+        r.read_line(&mut line).unwrap();
+        if line == "\r\n" {
+            break;
+        }
+        if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+            len = v.trim().parse().unwrap();
+        }
+    }
+    let mut body = vec![0; len];
+    r.read_exact(&mut body).unwrap();
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+/// The shard's HTTP side is driven by the executor, not by the loop's epoll
+/// set: a request (on a new connection or a kept-alive one) ends the busy
+/// loop's wait, so it is answered at once rather than at the end of the
+/// slice. One shard, no rules, no cluster: nothing else ends its waits.
+#[test]
+fn http_requests_end_the_wait_of_a_busy_shard() {
+    let _one = serial();
+    let relay = start(|c| {
+        c.shards.count = 1;
+        c.shards.slice_us = 20_000;
+        c.shards.io = IoBackend::Epoll;
+        c.shards.coalesce_us = 0;
+    });
+    let names = common::names("http-tx-", 4);
+    let steady = common::Steady::start(relay.tcp_addr(), &names, "http-rx");
+    thread::sleep(Duration::from_millis(200));
+    const ENDED: &str = "relay_busy_waits_kicked_total";
+    // Each `counter` is a GET on a connection of its own: the listener's
+    // input.
+    let mut on_new = 0;
+    for _ in 0..200 {
+        thread::sleep(Duration::from_millis(5));
+        on_new = counter(&relay, ENDED);
+        if on_new > 0 {
+            break;
+        }
+    }
+    assert!(on_new > 0, "no new HTTP connection ended a busy wait");
+    // Requests on one kept-alive connection only.
+    let mut s = std::net::TcpStream::connect(relay.http_addr().unwrap()).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let ended = |s: &mut std::net::TcpStream| -> u64 {
+        let (status, body) = get_on(s, "/metrics");
+        assert!(status.starts_with("HTTP/1.1 200"), "{status}");
+        body.lines()
+            .filter(|l| l.starts_with(ENDED))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum()
+    };
+    let before = ended(&mut s);
+    let mut grew = false;
+    for n in 0..400 {
+        thread::sleep(Duration::from_millis(5));
+        let (status, _) = get_on(&mut s, "/healthz");
+        assert!(status.starts_with("HTTP/1.1 200"), "{status}");
+        if n % 20 == 19 && ended(&mut s) > before {
+            grew = true;
+            break;
+        }
+    }
+    let (sent, _) = steady.stop();
+    assert!(sent > 1000, "the stream ran: {sent} frames");
+    assert!(counter(&relay, "relay_busy_waits_total") > 0);
+    assert!(
+        grew,
+        "no request on a kept-alive connection ended a busy wait"
+    );
+}

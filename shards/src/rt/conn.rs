@@ -99,6 +99,9 @@ const MQTT_TLS_LISTENER: u64 = u64::MAX - 3;
 const STEADY_WINDOW: std::time::Duration = std::time::Duration::from_millis(1);
 /// The token of the shard's [`Kick`](super::kick::Kick) eventfd.
 const KICK: u64 = u64::MAX - 4;
+/// The token of the sockets the executor drives (HTTP), watched only so
+/// that their input ends the busy loop's wait (see `Poller::watch_executor`).
+const EXECUTOR: u64 = u64::MAX - 5;
 const IN: u32 = (libc::EPOLLIN | libc::EPOLLRDHUP) as u32;
 
 #[path = "conn_uring.rs"]
@@ -165,6 +168,28 @@ impl Poller {
 
     fn add(&self, fd: RawFd, token: u64) -> io::Result<()> {
         self.ctl(libc::EPOLL_CTL_ADD, fd, IN, token)
+    }
+
+    /// Watches `fd`, a socket that the executor drives (the HTTP listener,
+    /// an HTTP connection), so that new input ends the busy loop's wait:
+    /// the executor, not this set, sees to it. Edge-triggered, each arrival
+    /// is reported once. Epoll only (the ring's loop does not block outside
+    /// the executor). Nothing is lost when it cannot be watched: the input
+    /// then waits for the end of the slice.
+    pub(super) fn watch_executor(&self, fd: RawFd) {
+        if self.ring.is_none() {
+            let events = IN | libc::EPOLLET as u32;
+            let _ = self.ctl(libc::EPOLL_CTL_ADD, fd, events, EXECUTOR);
+        }
+    }
+
+    /// Stops watching `fd` for the executor; called while `fd` is open
+    /// (epoll drops an entry by itself only when the socket's last
+    /// descriptor closes, and a duplicate would keep it).
+    pub(super) fn unwatch_executor(&self, fd: RawFd) {
+        if self.ring.is_none() {
+            let _ = self.ctl(libc::EPOLL_CTL_DEL, fd, 0, 0);
+        }
     }
 
     /// Watches the controllers' listener (again, after a pause).
@@ -313,9 +338,9 @@ fn sync_recv(ring: &Ring, fd: RawFd, token: u64, io: &mut Io, cell: &ConnCell) {
 ///   the thread back to the executor when the slice ends, when it woke
 ///   another of the shard's tasks (the flusher), or when it is kicked (its
 ///   eventfd is in the set, see `kick.rs`) by another shard, the cluster link
-///   or a rules worker. Its pauses (`coalesce_us`) that fit the slice are
-///   taken in place too. What else the shard runs (HTTP, timers) waits at
-///   most one slice.
+///   or a rules worker, or when an HTTP socket (driven by the executor) has
+///   input. Its pauses (`coalesce_us`) that fit the slice are taken in
+///   place too. The shard's timers wait at most one slice.
 pub(super) async fn run(
     shard: Rc<Shard>,
     listener: socket2::Socket,
@@ -339,6 +364,7 @@ pub(super) async fn run(
             loop {
                 let router = &shard.router;
                 stop_accepting(&shard, &mut listener, &mut tls_listener, &mut mqtt);
+                let waited = block.is_some();
                 let n = match block.take() {
                     Some(d) => {
                         let n = shard.poller.wait(&mut events, d);
@@ -356,6 +382,16 @@ pub(super) async fn run(
                     if token == KICK {
                         kick.drain();
                         ShardStats::add(&router.stats.kicked_waits, 1);
+                        kicked = true;
+                        handled -= 1;
+                        continue;
+                    }
+                    if token == EXECUTOR {
+                        // Input for the executor's sockets (HTTP): it is
+                        // the executor's to read; let it run.
+                        if waited {
+                            ShardStats::add(&router.stats.kicked_waits, 1);
+                        }
                         kicked = true;
                         handled -= 1;
                         continue;

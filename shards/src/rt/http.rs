@@ -438,6 +438,10 @@ async fn upgrade(
     // life of the connection.
     drop(req);
     let (stream, tls) = stream.into_parts(&mut leftover);
+    // The I/O loop watches it from here on, under its own token.
+    shard
+        .poller
+        .unwatch_executor(std::os::fd::AsRawFd::as_raw_fd(&stream));
     let fd = match conn::take_fd(stream) {
         Ok(fd) => fd,
         Err(e) => {

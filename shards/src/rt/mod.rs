@@ -982,12 +982,14 @@ async fn shard_main(
     } else {
         glommio::spawn_local(conn::run(shard.clone(), listener, tls_listener, listeners))
     });
-    if let Some(l) = http_listener {
+    if let Some((l, fd)) = http_listener {
+        shard.poller.watch_executor(fd);
         tasks.push(glommio::spawn_local(accept_http(shard.clone(), l, false)));
     }
     if let Some(a) = shared.tls.http_addr {
-        let l = upgrade::https_listener(&shared, a)
+        let (l, fd) = upgrade::https_listener(&shared, a)
             .map_err(|e| anyhow::anyhow!("shard {id}: binding {a}: {e}"))?;
+        shard.poller.watch_executor(fd);
         tasks.push(glommio::spawn_local(accept_http(shard.clone(), l, true)));
     }
     shared.ready.fetch_add(1, Ordering::SeqCst);
@@ -1095,6 +1097,9 @@ async fn accept_http(shard: Rc<Shard>, listener: TcpListener, tls: bool) {
             continue;
         };
         let _ = stream.set_nodelay(true);
+        // Its requests end the busy loop's wait (until the I/O loop takes
+        // it over as a WebSocket, or it closes).
+        shard.poller.watch_executor(stream.as_raw_fd());
         ShardStats::add(&shard.router.stats.accepted_total, 1);
         let shard = shard.clone();
         glommio::spawn_local(async move {

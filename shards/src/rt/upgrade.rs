@@ -168,7 +168,7 @@ fn controllers_listener(
 pub(super) fn http_listener(
     shared: &super::Shared,
     addr: SocketAddr,
-) -> std::io::Result<glommio::net::TcpListener> {
+) -> std::io::Result<(glommio::net::TcpListener, RawFd)> {
     web_listener(shared, addr, Kind::Http)
 }
 
@@ -176,15 +176,16 @@ pub(super) fn http_listener(
 pub(super) fn https_listener(
     shared: &super::Shared,
     addr: SocketAddr,
-) -> std::io::Result<glommio::net::TcpListener> {
+) -> std::io::Result<(glommio::net::TcpListener, RawFd)> {
     web_listener(shared, addr, Kind::HttpTls)
 }
 
+/// A web listener and its descriptor (which the listener owns).
 fn web_listener(
     shared: &super::Shared,
     addr: SocketAddr,
     kind: Kind,
-) -> std::io::Result<glommio::net::TcpListener> {
+) -> std::io::Result<(glommio::net::TcpListener, RawFd)> {
     let s = match take(shared, kind) {
         Some(fd) => socket2::Socket::from(fd),
         None => {
@@ -195,8 +196,9 @@ fn web_listener(
     };
     s.set_cloexec(true)?;
     publish(shared, kind, s.as_raw_fd());
+    let fd = s.into_raw_fd();
     // SAFETY: a bound, listening socket whose ownership moves to the listener.
-    Ok(unsafe { glommio::net::TcpListener::from_raw_fd(s.into_raw_fd()) })
+    Ok((unsafe { glommio::net::TcpListener::from_raw_fd(fd) }, fd))
 }
 
 fn take(shared: &super::Shared, kind: Kind) -> Option<OwnedFd> {
