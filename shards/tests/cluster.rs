@@ -1390,7 +1390,7 @@ fn frames_from_another_node_wake_a_shard_that_waits_on_its_sockets() {
         }
     }
     let (sent, _) = steady.stop();
-    assert!(sent > 1000, "the stream ran: {sent} frames");
+    assert!(sent > 100, "the stream ran: {sent} frames");
     assert!(
         common::counter_at(b.http, "relay_busy_waits_total") > 0,
         "the stream kept the loop busy"

@@ -527,7 +527,7 @@ fn a_rule_action_wakes_a_shard_that_waits_on_its_sockets() {
         }
     }
     let (sent, received) = steady.stop();
-    assert!(sent > 1000, "the stream ran: {sent} frames");
+    assert!(sent > 100, "the stream ran: {sent} frames");
     assert!(received > 0);
     assert!(
         common::counter(relay, "relay_busy_waits_total") > 0,

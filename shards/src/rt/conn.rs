@@ -353,6 +353,8 @@ pub(super) async fn run(
     let mut waiter: Option<TcpStream> = None;
     let mut degraded = false;
     let mut pacer = Pacer::new(shard.shared.coalesce);
+    // Until then the loop sleeps through the executor: HTTP is under way.
+    let mut http_until: Option<std::time::Instant> = None;
     let slice = shard.shared.slice;
     let kick = &shard.shared.kicks[shard.router.shard];
     loop {
@@ -388,10 +390,15 @@ pub(super) async fn run(
                     }
                     if token == EXECUTOR {
                         // Input for the executor's sockets (HTTP): it is
-                        // the executor's to read; let it run.
+                        // the executor's to read; let it run, and for one
+                        // slice more sleep through it, not in the busy
+                        // wait: each step of the exchange (the read, the
+                        // answer, the close) is a submission on its ring
+                        // that it completes only when it runs.
                         if waited {
                             ShardStats::add(&router.stats.kicked_waits, 1);
                         }
+                        http_until = Some(began + slice);
                         kicked = true;
                         handled -= 1;
                         continue;
@@ -445,7 +452,8 @@ pub(super) async fn run(
                 // whatever the slice. An idle fleet's heartbeats (600 a
                 // second for 18,000 controllers) stay below it and sleep
                 // through glommio, with the pacer's pauses.
-                let steady = !slice.is_zero() && pacer.steady(STEADY_WINDOW);
+                let http = http_until.is_some_and(|u| began < u);
+                let steady = !slice.is_zero() && !http && pacer.steady(STEADY_WINDOW);
                 let left = slice.saturating_sub(slice_began.elapsed());
                 let other = shard.wakers.take_other();
                 let stay = steady
