@@ -25,7 +25,7 @@ const FRAMES: u32 = 3000;
 /// `PAIRS` senders on shard 0, each streaming `FRAMES` DATA frames to its
 /// receiver (half on shard 0, half on shard 1), while the test asks for
 /// `/metrics` over HTTP. Every frame arrives, in order; returns the relay
-/// busy-wait count.
+/// and its busy-wait count.
 fn stream(slice_us: u32) -> (relay_shards::Relay, u64) {
     let relay = start(|c| {
         c.shards.slice_us = slice_us;
