@@ -807,3 +807,74 @@ fn socket_states_leave_the_shards_with_their_connections() {
         assert_eq!(s.conns(), 0);
     }
 }
+
+/// A controller that writes its hello and its first frames in one segment,
+/// before any WELCOME: when the shard that accepted it does not own its
+/// address, the connection is handed over with those frames already read (or
+/// still in the socket), and every one of them is routed, in order. On
+/// io_uring the accepting shard keeps no receive in flight across the
+/// handover (one-shot receives until the hello is taken).
+#[test]
+fn frames_written_with_the_hello_survive_the_handover_in_order() {
+    use std::sync::atomic::Ordering::Relaxed;
+    const SENDERS: usize = 16;
+    const FRAMES: u32 = 50;
+    let relay = start(|_| {});
+    let mut sink = Client::hello(relay.tcp_addr(), Form::Binary, "piped-sink");
+    // Half of the senders' addresses belong to each shard; SO_REUSEPORT
+    // spreads the accepts, so some connections land on the other shard.
+    let senders: Vec<String> = (0..2)
+        .flat_map(|s| addrs_on("piped-", s, 2, SENDERS / 2))
+        .collect();
+    let mut clients = Vec::new();
+    for (i, a) in senders.iter().enumerate() {
+        let mut c = Client::connect(relay.tcp_addr(), Form::Binary);
+        let mut out = bytes::BytesMut::new();
+        let mut hello = Frame::new(FrameType::Hello);
+        hello.src = bytes::Bytes::copy_from_slice(a.as_bytes());
+        hello.payload = bytes::Bytes::from_static(b"{}");
+        hello.flags = Flags(Flags::JSON);
+        relay_core::codec::encode(&hello, &mut out);
+        for n in 0..FRAMES {
+            let mut f = Frame::data(
+                bytes::Bytes::new(),
+                bytes::Bytes::from_static(b"piped-sink"),
+                bytes::Bytes::copy_from_slice(
+                    &[&(i as u32).to_be_bytes()[..], &n.to_be_bytes()].concat(),
+                ),
+            );
+            f.seq = n + 1;
+            relay_core::codec::encode(&f, &mut out);
+        }
+        c.send_raw(&out).unwrap();
+        clients.push(c);
+    }
+    let mut next = vec![0u32; SENDERS];
+    let mut got = 0;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while got < SENDERS as u32 * FRAMES && Instant::now() < deadline {
+        let Some(f) = sink.recv_timeout(Duration::from_millis(200)) else {
+            continue;
+        };
+        assert_eq!(f.kind, FrameType::Data, "{f:?}");
+        let i = u32::from_be_bytes(f.payload[..4].try_into().unwrap()) as usize;
+        let n = u32::from_be_bytes(f.payload[4..8].try_into().unwrap());
+        assert_eq!(n, next[i], "{}: frames in order, none lost", senders[i]);
+        next[i] += 1;
+        got += 1;
+    }
+    assert_eq!(
+        got,
+        SENDERS as u32 * FRAMES,
+        "every frame arrived: {next:?}"
+    );
+    for c in &mut clients {
+        assert_eq!(c.expect(FrameType::Welcome).kind, FrameType::Welcome);
+    }
+    let handovers: u64 = relay
+        .stats()
+        .iter()
+        .map(|s| s.handovers.load(Relaxed))
+        .sum();
+    assert!(handovers > 0, "no connection was handed over");
+}
