@@ -103,7 +103,7 @@ fn steady_input_is_waited_on_by_the_loop_and_nothing_is_lost() {
     if waits == 0 {
         let steady = common::Steady::start(
             relay.tcp_addr(),
-            &addrs_on("busy-steady-", 0, 2, 4),
+            &addrs_on("busy-steady-", 0, 2, 8),
             &addrs_on("busy-sink-", 0, 2, 1)[0],
         );
         for _ in 0..100 {
@@ -135,7 +135,7 @@ fn frames_from_another_shard_wake_a_shard_that_waits_on_its_sockets() {
         c.shards.io = IoBackend::Epoll;
         c.shards.coalesce_us = 0;
     });
-    let sources = addrs_on("kick-tx-", 1, 2, 4);
+    let sources = addrs_on("kick-tx-", 1, 2, 8);
     let sink = addrs_on("kick-rx-", 1, 2, 1).remove(0);
     let far = addrs_on("kick-far-", 1, 2, 1).remove(0);
     let near = addrs_on("kick-near-", 0, 2, 1).remove(0);
@@ -204,7 +204,7 @@ fn http_requests_end_the_wait_of_a_busy_shard() {
         c.shards.io = IoBackend::Epoll;
         c.shards.coalesce_us = 0;
     });
-    let names = common::names("http-tx-", 4);
+    let names = common::names("http-tx-", 8);
     let steady = common::Steady::start(relay.tcp_addr(), &names, "http-rx");
     thread::sleep(Duration::from_millis(200));
     const ENDED: &str = "relay_busy_waits_kicked_total";

@@ -1375,7 +1375,7 @@ fn frames_from_another_node_wake_a_shard_that_waits_on_its_sockets() {
     let mut far = Client::hello(b.tcp, Form::Binary, "kick-far");
     let mut near = Client::hello(a.tcp, Form::Binary, "kick-near");
     send_until_acked(&mut near, "kick-far", "first");
-    let steady = common::Steady::start(b.tcp, &common::names("kick-tx-", 4), "kick-rx");
+    let steady = common::Steady::start(b.tcp, &common::names("kick-tx-", 8), "kick-rx");
     std::thread::sleep(Duration::from_millis(200));
     // A frame wakes the loop only if it comes while the loop waits: on a
     // loaded machine that can take more frames (at most 400).

@@ -506,7 +506,7 @@ fn a_rule_action_wakes_a_shard_that_waits_on_its_sockets() {
     let relay = r.relay.as_ref().unwrap();
     let mut out = Client::hello(relay.tcp_addr(), Form::Json, "kick-out");
     let mut c = Client::hello(relay.tcp_addr(), Form::Json, "kick-in");
-    let steady = common::Steady::start(relay.tcp_addr(), &common::names("kick-tx-", 4), "kick-rx");
+    let steady = common::Steady::start(relay.tcp_addr(), &common::names("kick-tx-", 8), "kick-rx");
     std::thread::sleep(Duration::from_millis(200));
     // An action wakes the loop only if it comes while the loop waits: on a
     // loaded machine that can take more actions (at most 400).
