@@ -104,7 +104,8 @@ pub struct ShardsConfig {
     /// While input is steady (two events or more a millisecond), the
     /// longest time, in µs, a shard's epoll loop keeps the thread waiting on
     /// its sockets itself before it gives the thread back to the executor
-    /// (HTTP, timers, rules). 0: every wait goes through the executor.
+    /// (its timers; other shards, other nodes, rules and HTTP end the wait
+    /// at once). 0: every wait goes through the executor.
     pub slice_us: u32,
 }
 

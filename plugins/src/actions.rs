@@ -19,8 +19,9 @@ struct Bell(Arc<RwLock<Option<Ring>>>);
 
 impl Bell {
     fn ring(&self) {
-        let ring = self.0.read().ok().and_then(|r| r.clone());
-        if let Some(ring) = ring {
+        if let Ok(r) = self.0.read()
+            && let Some(ring) = r.as_ref()
+        {
             ring();
         }
     }

@@ -80,18 +80,6 @@ fn drop_buckets(prefix: &str) {
     }
 }
 
-/// Writes the config of node `name` and starts it.
-fn spawn_node(dir: &std::path::Path, prefix: &str, name: &str, nats_url: &str) -> RelayProc {
-    spawn_node_with(
-        dir,
-        prefix,
-        name,
-        nats_url,
-        "[plugins]\nenabled = false\n",
-        "",
-    )
-}
-
 /// Writes the config of node `name`, with `sections` (TOML; two unpinned
 /// shards unless they have a `[shards]` of their own) and `cluster` (more keys
 /// of `[cluster]`), and starts it.
@@ -126,6 +114,11 @@ fn spawn_node_with(
 /// Starts `names` as one cluster (NATS at `urls[i]`) and waits until every
 /// node sees every other.
 fn fleet(test: &str, names: &[&str], urls: &[String]) -> Fleet {
+    fleet_with(test, names, urls, "[plugins]\nenabled = false\n")
+}
+
+/// The same, every node with `sections` (see `spawn_node_with`).
+fn fleet_with(test: &str, names: &[&str], urls: &[String], sections: &str) -> Fleet {
     nats_is_up();
     let p = prefix(test);
     let dir = std::env::temp_dir().join(&p);
@@ -133,7 +126,7 @@ fn fleet(test: &str, names: &[&str], urls: &[String]) -> Fleet {
     let nodes: Vec<RelayProc> = names
         .iter()
         .zip(urls)
-        .map(|(n, u)| spawn_node(&dir, &p, n, u))
+        .map(|(n, u)| spawn_node_with(&dir, &p, n, u, sections, ""))
         .collect();
     let f = Fleet {
         dir,
@@ -1350,27 +1343,11 @@ fn a_shared_subscription_spread_over_nodes_gets_each_message_once() {
 /// wait is the link's.
 #[test]
 fn frames_from_another_node_wake_a_shard_that_waits_on_its_sockets() {
-    nats_is_up();
-    let p = prefix("kick");
-    let dir = std::env::temp_dir().join(&p);
-    std::fs::create_dir_all(&dir).unwrap();
-    let url = format!("nats://{NATS}");
     // One shard each, waiting on its sockets up to 20 ms at a time.
     let sections = "[plugins]\nenabled = false\n\
                     [shards]\ncount = 1\npin = false\nio_memory_kib = 256\nio = \"epoll\"\n\
                     slice_us = 20000\ncoalesce_us = 0\n";
-    let nodes = vec![
-        spawn_node_with(&dir, &p, "ka", &url, sections, ""),
-        spawn_node_with(&dir, &p, "kb", &url, sections, ""),
-    ];
-    let f = Fleet {
-        dir,
-        prefix: p,
-        nodes,
-    };
-    for n in &f.nodes {
-        wait_nodes(n, 2);
-    }
+    let f = fleet_with("kick", &["ka", "kb"], &nats_urls(2), sections);
     let (a, b) = (&f.nodes[0], &f.nodes[1]);
     let mut far = Client::hello(b.tcp, Form::Binary, "kick-far");
     let mut near = Client::hello(a.tcp, Form::Binary, "kick-near");

@@ -376,30 +376,28 @@ pub(super) async fn run(
                     None => shard.poller.ready(&mut events),
                 };
                 let began = std::time::Instant::now();
-                let mut kicked = false;
+                // Work queued elsewhere wants the executor to run.
+                let mut look = false;
                 handled += n;
                 let t = now();
                 for ev in &events[..n] {
                     let token = ev.u64;
-                    if token == KICK {
-                        kick.drain();
-                        ShardStats::add(&router.stats.kicked_waits, 1);
-                        kicked = true;
-                        handled -= 1;
-                        continue;
-                    }
-                    if token == EXECUTOR {
-                        // Input for the executor's sockets (HTTP): it is
-                        // the executor's to read; let it run, and for one
-                        // slice more sleep through it, not in the busy
-                        // wait: each step of the exchange (the read, the
-                        // answer, the close) is a submission on its ring
-                        // that it completes only when it runs.
+                    if token == KICK || token == EXECUTOR {
+                        if token == KICK {
+                            kick.drain();
+                        } else {
+                            // Input for the executor's sockets (HTTP): for
+                            // one slice more sleep through the executor, not
+                            // in the busy wait: each step of the exchange
+                            // (the read, the answer, the close) is a
+                            // submission on its ring that it completes only
+                            // when it runs.
+                            http_until = Some(began + slice);
+                        }
                         if waited {
                             ShardStats::add(&router.stats.kicked_waits, 1);
                         }
-                        http_until = Some(began + slice);
-                        kicked = true;
+                        look = true;
                         handled -= 1;
                         continue;
                     }
@@ -458,7 +456,7 @@ pub(super) async fn run(
                 let other = shard.wakers.take_other();
                 let stay = steady
                     && !other
-                    && !kicked
+                    && !look
                     && !left.is_zero()
                     && !glommio::executor().need_preempt();
                 if let Some(d) = pause {
@@ -473,14 +471,16 @@ pub(super) async fn run(
                     block = Some(left);
                     continue;
                 }
-                if steady && other && !kicked && !left.is_zero() {
+                if steady && other && !look && !left.is_zero() {
                     // Another of the shard's tasks (the flusher) was woken:
                     // it runs, then the loop goes on.
                     return Poll::Ready(Next::Busy);
                 }
-                if steady || kicked {
-                    // The slice is over, or another shard's batch waits
-                    // behind a wake-up that glommio takes from its ring.
+                if steady || look {
+                    // The slice is over, or work queued elsewhere (a peer's
+                    // batch, another node's frames, a rule's action, HTTP)
+                    // waits behind a wake-up that glommio takes from its
+                    // ring.
                     return Poll::Ready(Next::Look);
                 }
                 // Everything ready was taken: arm the wait now rather than

@@ -23,7 +23,7 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::sync::atomic::Ordering::SeqCst;
 
-/// One shard's wake-up from its peers.
+/// One shard's wake-up from whoever queues work for it.
 #[derive(Debug)]
 pub(crate) struct Kick {
     efd: OwnedFd,
@@ -53,8 +53,9 @@ impl Kick {
         self.efd.as_raw_fd()
     }
 
-    /// Called by a peer after it queued something for this shard: wakes the
-    /// shard if its loop is blocked on its sockets.
+    /// Called after something was queued for this shard (by a peer, the
+    /// cluster link, a rules worker): wakes the shard if its loop is blocked
+    /// on its sockets.
     pub(crate) fn kick(&self) {
         self.pending.store(true, SeqCst);
         if self.waiting.load(SeqCst) {

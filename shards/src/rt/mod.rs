@@ -83,7 +83,7 @@ pub(crate) struct Wakers {
     /// Another task of the shard was woken since the I/O loop last looked:
     /// the loop must let the executor run it before it blocks on its
     /// sockets.
-    local: Cell<bool>,
+    other: Cell<bool>,
 }
 
 impl Wakers {
@@ -107,12 +107,12 @@ impl Wakers {
     /// A task other than the I/O loop has work (the loop yields before it
     /// blocks on its sockets).
     pub(crate) fn woke_other(&self) {
-        self.local.set(true);
+        self.other.set(true);
     }
 
     /// Whether another task was woken since the last call.
     pub(crate) fn take_other(&self) -> bool {
-        self.local.replace(false)
+        self.other.replace(false)
     }
 }
 
