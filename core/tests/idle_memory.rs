@@ -3,37 +3,13 @@
 //! tracks live allocations, in a binary of its own (one test, so no other
 //! test allocates meanwhile).
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicIsize, Ordering::Relaxed};
-
 use bytes::{Bytes, BytesMut};
 use relay_core::conn::{ConnConfig, Connection, Event, Now, Transport};
 use relay_core::mqtt::session::{Event as MqttEvent, Session, SessionConfig};
 
-struct Counting;
-
-static LIVE: AtomicIsize = AtomicIsize::new(0);
-
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
-        LIVE.fetch_add(1, Relaxed);
-        unsafe { System.alloc(l) }
-    }
-    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
-        LIVE.fetch_sub(1, Relaxed);
-        unsafe { System.dealloc(p, l) }
-    }
-    unsafe fn alloc_zeroed(&self, l: Layout) -> *mut u8 {
-        LIVE.fetch_add(1, Relaxed);
-        unsafe { System.alloc_zeroed(l) }
-    }
-    unsafe fn realloc(&self, p: *mut u8, l: Layout, n: usize) -> *mut u8 {
-        unsafe { System.realloc(p, l, n) }
-    }
-}
-
-#[global_allocator]
-static A: Counting = Counting;
+#[path = "support/counting_alloc.rs"]
+mod counting_alloc;
+use counting_alloc::live;
 
 const NOW: Now = Now {
     mono_ms: 0,
@@ -47,7 +23,7 @@ const NOW: Now = Now {
 #[test]
 fn an_idle_connection_keeps_only_its_address() {
     let cfg = ConnConfig::default();
-    let before = LIVE.load(Relaxed);
+    let before = live();
     let mut input = BytesMut::from(&b"{\"type\":\"hello\",\"addr\":\"ctl-1\"}\n"[..]);
     let mut conn = Connection::new(&cfg, Transport::Tcp, NOW);
     while let Some(ev) = conn.handle_input(&cfg, NOW, &mut input) {
@@ -62,12 +38,12 @@ fn an_idle_connection_keeps_only_its_address() {
         conn.on_transmitted(&cfg, NOW, chunk.len());
     }
     assert!(conn.is_open());
-    assert_eq!(LIVE.load(Relaxed) - before, 1, "the address alone");
+    assert_eq!(live() - before, 1, "the address alone");
     drop(conn);
-    assert_eq!(LIVE.load(Relaxed), before);
+    assert_eq!(live(), before);
 
     let cfg = SessionConfig::default();
-    let before = LIVE.load(Relaxed);
+    let before = live();
     let mut input = BytesMut::from(&b"\x10\x11\x00\x04MQTT\x04\x02\x00\x1e\x00\x05ctl-1"[..]);
     let mut s = Session::new(&cfg, NOW);
     while let Some(ev) = s.handle_input(&cfg, NOW, &mut input) {
@@ -80,7 +56,7 @@ fn an_idle_connection_keeps_only_its_address() {
         s.on_transmitted(&cfg, NOW, chunk.len());
     }
     assert!(s.is_open());
-    assert_eq!(LIVE.load(Relaxed) - before, 1, "the client id alone");
+    assert_eq!(live() - before, 1, "the client id alone");
     drop(s);
-    assert_eq!(LIVE.load(Relaxed), before);
+    assert_eq!(live(), before);
 }

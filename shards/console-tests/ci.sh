@@ -3,7 +3,8 @@
 # NSS tools (certutil, for the HTTPS test's CA; both installed when missing and
 # allowed), `npm ci` for the pinned playwright-core,
 # the relay binary built by cargo, then `npm test`. Screenshots of each view are
-# written to docs/screenshots/ (SCREENSHOT_DIR overrides it).
+# written to target/console-screenshots/ (SCREENSHOT_DIR overrides it; the
+# docs' own are refreshed with SCREENSHOT_DIR=docs/screenshots).
 #
 #   bash shards/console-tests/ci.sh
 set -euo pipefail
@@ -44,6 +45,10 @@ node --version
 target_dir=${CARGO_TARGET_DIR:-$root/target}
 export RELAY_BIN=${RELAY_BIN:-$target_dir/debug/relay}
 export CHROMIUM_BIN=$chromium_bin
+# A relative SCREENSHOT_DIR is taken from where this script was started.
+if [ -n "${SCREENSHOT_DIR:-}" ] && [ "${SCREENSHOT_DIR#/}" = "$SCREENSHOT_DIR" ]; then
+    export SCREENSHOT_DIR=$PWD/$SCREENSHOT_DIR
+fi
 
 cd "$here"
 npm ci --no-audit --no-fund

@@ -5,7 +5,7 @@
 mod common;
 
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::{Client, Form, addrs_on, counter, start};
 use relay_config::IoBackend;
@@ -121,7 +121,62 @@ fn steady_input_is_waited_on_by_the_loop_and_nothing_is_lost() {
 #[test]
 fn slice_zero_always_sleeps_through_the_executor() {
     let _one = serial();
-    assert_eq!(stream(0).1, 0);
+    let (relay, waits) = stream(0);
+    assert_eq!(waits, 0);
+    // The HTTP requests were input for the executor in passes that did not
+    // wait: a wait ended early is counted only when there was a wait.
+    assert_eq!(counter(&relay, "relay_busy_waits_kicked_total"), 0);
+}
+
+/// A shard whose input is steady and that routes a frame to another shard
+/// lets its flusher run at once, rather than waiting on its sockets until
+/// its slice (20 ms here) ends: frames from the busy shard 1 to shard 0 take
+/// well under the slice.
+#[test]
+fn frames_for_another_shard_leave_a_busy_shard_before_its_slice_ends() {
+    let _one = serial();
+    let slice = Duration::from_millis(20);
+    let relay = start(|c| {
+        c.shards.slice_us = slice.as_micros() as u32;
+        c.shards.io = IoBackend::Epoll;
+        c.shards.coalesce_us = 0;
+    });
+    let sources = addrs_on("flush-tx-", 1, 2, 8);
+    let sink = addrs_on("flush-rx-", 1, 2, 1).remove(0);
+    let near = addrs_on("flush-near-", 1, 2, 1).remove(0);
+    let far = addrs_on("flush-far-", 0, 2, 1).remove(0);
+    let mut far_c = Client::hello(relay.tcp_addr(), Form::Binary, &far);
+    let mut near_c = Client::hello(relay.tcp_addr(), Form::Binary, &near);
+    let steady = common::Steady::start(relay.tcp_addr(), &sources, &sink);
+    let waits = || counter(&relay, "relay_busy_waits_total{shard=\"1\"}");
+    let mut settle = 0;
+    while waits() == 0 && settle < 100 {
+        thread::sleep(Duration::from_millis(100));
+        settle += 1;
+    }
+    let mut took = Vec::new();
+    for n in 0..60u32 {
+        let t = Instant::now();
+        near_c.data(&far, n, false, &n.to_be_bytes());
+        let f = far_c
+            .recv_timeout(Duration::from_secs(5))
+            .expect("the frame from shard 1");
+        took.push(t.elapsed());
+        assert_eq!(f.payload[..], n.to_be_bytes());
+        // Probes at different points of the busy shard's slices.
+        thread::sleep(Duration::from_millis(3));
+    }
+    let (sent, _) = steady.stop();
+    assert!(sent > 100, "the stream ran: {sent} frames");
+    assert!(waits() > 0, "shard 1 never waited on its sockets");
+    took.sort();
+    let median = took[took.len() / 2];
+    // Held for the slice's end, half the probes would take more than a
+    // quarter of it.
+    assert!(
+        median < slice / 4,
+        "frames for shard 0 waited for shard 1's slice: median {median:?}"
+    );
 }
 
 /// A shard whose input is steady waits on its sockets itself; frames another

@@ -3,41 +3,18 @@
 //! tracks live allocations, in a binary of its own (one test, so no other
 //! test allocates meanwhile).
 
-use std::alloc::{GlobalAlloc, Layout, System};
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicIsize, Ordering::Relaxed};
 
 use bytes::Bytes;
 use relay_core::conn::{Hello, Now, Role, Transport};
 use relay_shards::router::{Router, Signals};
 use relay_shards::stats::ShardStats;
 
-struct Counting;
-
-static LIVE: AtomicIsize = AtomicIsize::new(0);
-
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
-        LIVE.fetch_add(1, Relaxed);
-        unsafe { System.alloc(l) }
-    }
-    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
-        LIVE.fetch_sub(1, Relaxed);
-        unsafe { System.dealloc(p, l) }
-    }
-    unsafe fn alloc_zeroed(&self, l: Layout) -> *mut u8 {
-        LIVE.fetch_add(1, Relaxed);
-        unsafe { System.alloc_zeroed(l) }
-    }
-    unsafe fn realloc(&self, p: *mut u8, l: Layout, n: usize) -> *mut u8 {
-        unsafe { System.realloc(p, l, n) }
-    }
-}
-
-#[global_allocator]
-static A: Counting = Counting;
+#[path = "../../core/tests/support/counting_alloc.rs"]
+mod counting_alloc;
+use counting_alloc::live;
 
 struct Quiet;
 
@@ -61,7 +38,7 @@ fn an_idle_connection_keeps_its_record_and_its_address() {
     let r = Router::new(0, 1, cfg, Arc::new(ShardStats::default()), Rc::new(Quiet));
     let remote = SocketAddr::from(([127, 0, 0, 1], 9));
     let mut cells = Vec::with_capacity(N as usize);
-    let before = LIVE.load(Relaxed);
+    let before = live();
     for i in 0..N {
         let conn = relay_core::Connection::new(&r.cfg().conn, Transport::Tcp, now);
         let cell = r.register(conn, Router::session(remote));
@@ -89,7 +66,7 @@ fn an_idle_connection_keeps_its_record_and_its_address() {
     let mut dirty = Vec::new();
     r.take_dirty(&mut dirty);
     drop(dirty);
-    let kept = LIVE.load(Relaxed) - before;
+    let kept = live() - before;
     assert!(r.lookup(b"dev-7").is_some());
     assert!(
         kept <= 2 * N + 64,
