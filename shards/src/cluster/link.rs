@@ -166,6 +166,49 @@ impl std::fmt::Debug for Link {
 
 /// The directory key of an address (bucket keys allow fewer characters
 /// than addresses do).
+/// Whether a key is held by any shard of this node, after one shard's change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Held {
+    /// It was held by none and now is by one.
+    Began,
+    /// It was held and now is by none.
+    Ended,
+    Same,
+}
+
+/// Sets or clears `shard`'s bit in `map[key]` (an entry whose mask becomes 0
+/// is removed) and says whether the key began or ended being held.
+fn set_shard<K: std::hash::Hash + Eq>(
+    map: &mut HashMap<K, u64>,
+    key: K,
+    shard: usize,
+    has: bool,
+) -> Held {
+    let before = map.get(&key).is_some_and(|m| *m != 0);
+    let mask = if has {
+        let m = map.entry(key).or_default();
+        *m |= 1 << shard;
+        *m
+    } else {
+        match map.get_mut(&key) {
+            Some(m) => {
+                *m &= !(1 << shard);
+                let left = *m;
+                if left == 0 {
+                    map.remove(&key);
+                }
+                left
+            }
+            None => 0,
+        }
+    };
+    match (before, mask != 0) {
+        (false, true) => Held::Began,
+        (true, false) => Held::Ended,
+        _ => Held::Same,
+    }
+}
+
 pub fn dir_key(addr: &[u8]) -> String {
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(addr)
 }
@@ -349,6 +392,19 @@ impl Link {
         }
     }
 
+    /// A key this node announces (`key`, with `value`) began or stopped
+    /// being held by any of its shards: tell the other nodes, when up.
+    fn interest_changed(&mut self, change: Held, key: String, value: Bytes) {
+        if !self.up {
+            return;
+        }
+        match change {
+            Held::Began => self.effects.push(Effect::InterestPut { key, value }),
+            Held::Ended => self.effects.push(Effect::InterestDelete { key }),
+            Held::Same => {}
+        }
+    }
+
     fn handle_item(&mut self, shard: usize, item: Remote, now_ms: u64) {
         match item {
             Remote::Deliver { frame, reply } => {
@@ -446,47 +502,14 @@ impl Link {
                 }
             }
             Remote::MqttFilter { filter, has } => {
-                let mask = self.own_mqtt.entry(filter.clone()).or_default();
-                let before = *mask != 0;
-                if has {
-                    *mask |= 1 << shard;
-                } else {
-                    *mask &= !(1 << shard);
-                }
-                let after = *mask != 0;
-                if !after {
-                    self.own_mqtt.remove(&filter);
-                }
+                let change = set_shard(&mut self.own_mqtt, filter.clone(), shard, has);
                 let key = mqtt_key(&filter, &self.cfg.node);
-                if after && !before && self.up {
-                    self.effects
-                        .push(Effect::InterestPut { key, value: filter });
-                } else if before && !after && self.up {
-                    self.effects.push(Effect::InterestDelete { key });
-                }
+                self.interest_changed(change, key, filter);
             }
             Remote::Interest { index, name, has } => {
-                let key = (index, name);
-                let mask = self.own_interest.entry(key.clone()).or_default();
-                let before = *mask != 0;
-                if has {
-                    *mask |= 1 << shard;
-                } else {
-                    *mask &= !(1 << shard);
-                }
-                let after = *mask != 0;
-                if !after {
-                    self.own_interest.remove(&key);
-                }
-                let k = interest_key(index, &key.1, &self.cfg.node);
-                if after && !before && self.up {
-                    self.effects.push(Effect::InterestPut {
-                        key: k,
-                        value: Bytes::from_static(b"1"),
-                    });
-                } else if before && !after && self.up {
-                    self.effects.push(Effect::InterestDelete { key: k });
-                }
+                let key = interest_key(index, &name, &self.cfg.node);
+                let change = set_shard(&mut self.own_interest, (index, name), shard, has);
+                self.interest_changed(change, key, Bytes::from_static(b"1"));
             }
             Remote::Claim { addr, conn, at_ms } => {
                 self.own.insert(addr.clone(), Own { shard, conn, at_ms });
