@@ -353,11 +353,15 @@ fn put_payload(out: &mut BytesMut, frame: &Frame) {
 }
 
 /// Splices the members of a JSON object payload after what is already written.
+/// An object with no members (`{}`, `{ }`) adds nothing.
 fn put_object_members(out: &mut BytesMut, payload: &[u8]) {
     let t = payload.trim_ascii();
     if t.len() > 2 && t[0] == b'{' && t[t.len() - 1] == b'}' && is_json(t) {
-        out.put_u8(b',');
-        out.put_slice(&t[1..t.len() - 1]);
+        let members = t[1..t.len() - 1].trim_ascii();
+        if !members.is_empty() {
+            out.put_u8(b',');
+            out.put_slice(members);
+        }
     }
 }
 
@@ -533,6 +537,23 @@ mod tests {
             v(std::str::from_utf8(&f.payload).unwrap()),
             json!({"role":"controller","heartbeat_s":10,"meta":{"fw":"1.2"}})
         );
+    }
+
+    /// A hello or welcome whose payload is an object without members (with
+    /// whitespace inside: `{\n\n}`) is written as valid JSON, not with a
+    /// dangling comma (found by the `decode` fuzz target).
+    #[test]
+    fn an_object_payload_without_members_adds_nothing() {
+        for payload in [&b"{}"[..], b"{ }", b"{\n\n}", b" {\t} "] {
+            let mut hello = Frame::data(&b"ctl-1"[..], &b""[..], payload);
+            hello.kind = FrameType::Hello;
+            let s = to_json_string(&hello);
+            assert_eq!(v(&s), json!({"type":"hello","addr":"ctl-1"}), "{s}");
+            let mut welcome = hello.clone();
+            welcome.kind = FrameType::Welcome;
+            let s = to_json_string(&welcome);
+            assert_eq!(v(&s), json!({"type":"welcome"}), "{s}");
+        }
     }
 
     #[test]

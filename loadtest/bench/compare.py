@@ -20,6 +20,7 @@ Scenarios (config/loadtest/bench-*.toml):
   d  fan-in, 1,000 controllers -> 1 dashboard
   e  18,000 idle controllers, 30 s heartbeats: bytes per connection
   f  p2p at a fixed 50,000 msg/s: server CPU-us per message
+  g  p2p at a fixed 5,000 msg/s (sparse arrivals: most messages wake the server)
 """
 
 import argparse
@@ -47,6 +48,7 @@ SCENARIOS = {
     "d": ("fan-in 1,000 -> 1", "bench-fanin-1000.toml", ["--duration", "15s"]),
     "e": ("18,000 idle controllers", "bench-idle-18000.toml", ["--duration", "20s"]),
     "f": ("p2p at 50,000 msg/s", "bench-p2p-50k.toml", ["--duration", "15s"]),
+    "g": ("p2p 1,000 pairs at 5,000 msg/s (sparse)", "bench-p2p-20k.toml", ["--duration", "15s", "--total-rate", "5000"]),
 }
 
 TARGETS = ["relay-1", "relay-2", "mosquitto"]
