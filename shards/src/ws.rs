@@ -318,3 +318,186 @@ mod tests {
         assert_eq!(close_frame(4007, "replaced")[..4], [0x88, 10, 0x0f, 0xa7]);
     }
 }
+
+/// Client bytes come from anywhere: whatever arrives, in whatever pieces,
+/// the decoder gives the messages a client framed, or an error, never a
+/// panic, and the same results however the bytes are cut.
+#[cfg(test)]
+mod props {
+    use super::*;
+    use proptest::collection::vec;
+    use proptest::prelude::*;
+    use relay_core::ws::{Opcode, put_client_frame};
+
+    const MAX: usize = 512;
+
+    /// Decodes `data` fed in pieces of the given sizes (cycled), until an
+    /// error or the end: every result in order.
+    fn decode_in(data: &[u8], pieces: &[usize]) -> Vec<Result<WsMsg, WsError>> {
+        let mut d = WsDecoder::default();
+        let mut buf = BytesMut::new();
+        let mut out = Vec::new();
+        let mut at = 0;
+        let mut i = 0;
+        while at < data.len() {
+            let n = pieces[i % pieces.len()].clamp(1, data.len() - at);
+            i += 1;
+            buf.extend_from_slice(&data[at..at + n]);
+            at += n;
+            loop {
+                match d.decode(&mut buf, MAX) {
+                    Ok(Some(m)) => out.push(Ok(m)),
+                    Ok(None) => break,
+                    Err(e) => {
+                        out.push(Err(e));
+                        return out;
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// A message as a client sends it, and what the decoder gives for it.
+    #[derive(Debug, Clone)]
+    enum Sent {
+        /// Text or binary, cut into fragments at these points, with a ping
+        /// after the first fragment when `ping`.
+        Data {
+            text: bool,
+            payload: Vec<u8>,
+            cuts: Vec<prop::sample::Index>,
+            ping: bool,
+        },
+        Ping(Vec<u8>),
+        Pong,
+        Close(Option<u16>),
+    }
+
+    fn sent() -> impl Strategy<Value = Sent> {
+        prop_oneof![
+            (
+                any::<bool>(),
+                vec(any::<u8>(), 0..300),
+                vec(any::<prop::sample::Index>(), 0..4),
+                any::<bool>()
+            )
+                .prop_map(|(text, payload, cuts, ping)| {
+                    // Text must be UTF-8: keep the bytes' ASCII half.
+                    let payload = if text {
+                        payload.into_iter().map(|b| b & 0x7f).collect()
+                    } else {
+                        payload
+                    };
+                    Sent::Data {
+                        text,
+                        payload,
+                        cuts,
+                        ping,
+                    }
+                }),
+            vec(any::<u8>(), 0..125).prop_map(Sent::Ping),
+            Just(Sent::Pong),
+            proptest::option::of(prop_oneof![1000..=1003u16, 1007..=1014u16, 3000..=4999u16])
+                .prop_map(Sent::Close),
+        ]
+    }
+
+    /// The bytes of `msgs` as a client frames them, and the messages the
+    /// decoder should give.
+    fn frame_all(msgs: &[Sent], mask: [u8; 4]) -> (Vec<u8>, Vec<WsMsg>) {
+        let mut out = Vec::new();
+        let mut want = Vec::new();
+        for m in msgs {
+            match m {
+                Sent::Data {
+                    text,
+                    payload,
+                    cuts,
+                    ping,
+                } => {
+                    let mut at: Vec<usize> =
+                        cuts.iter().map(|c| c.index(payload.len() + 1)).collect();
+                    at.push(0);
+                    at.push(payload.len());
+                    at.sort_unstable();
+                    at.dedup();
+                    let pieces: Vec<&[u8]> = if at.len() < 2 {
+                        vec![&payload[..]]
+                    } else {
+                        at.windows(2).map(|w| &payload[w[0]..w[1]]).collect()
+                    };
+                    for (i, p) in pieces.iter().enumerate() {
+                        let op = match (i, text) {
+                            (0, true) => Opcode::Text,
+                            (0, false) => Opcode::Binary,
+                            _ => Opcode::Continuation,
+                        };
+                        put_client_frame(&mut out, op, i + 1 == pieces.len(), p, mask);
+                        if i == 0 && *ping && pieces.len() > 1 {
+                            put_client_frame(&mut out, Opcode::Ping, true, b"p", mask);
+                            want.push(WsMsg::Ping(Bytes::from_static(b"p")));
+                        }
+                    }
+                    let p = Bytes::copy_from_slice(payload);
+                    want.push(if *text {
+                        WsMsg::Text(p)
+                    } else {
+                        WsMsg::Binary(p)
+                    });
+                }
+                Sent::Ping(p) => {
+                    put_client_frame(&mut out, Opcode::Ping, true, p, mask);
+                    want.push(WsMsg::Ping(Bytes::copy_from_slice(p)));
+                }
+                Sent::Pong => {
+                    put_client_frame(&mut out, Opcode::Pong, true, b"", mask);
+                    want.push(WsMsg::Pong);
+                }
+                Sent::Close(code) => {
+                    let body = code.map(|c| c.to_be_bytes().to_vec()).unwrap_or_default();
+                    put_client_frame(&mut out, Opcode::Close, true, &body, mask);
+                    want.push(WsMsg::Close(*code));
+                }
+            }
+        }
+        (out, want)
+    }
+
+    proptest! {
+        #[test]
+        fn framed_messages_decode_as_sent_in_any_pieces(
+            msgs in vec(sent(), 0..8),
+            mask in any::<[u8; 4]>(),
+            pieces in vec(1..64usize, 1..8),
+        ) {
+            let (bytes, want) = frame_all(&msgs, mask);
+            let got: Vec<WsMsg> = decode_in(&bytes, &pieces)
+                .into_iter()
+                .collect::<Result<_, _>>()
+                .expect("a well-framed stream decodes");
+            prop_assert_eq!(got, want);
+        }
+
+        #[test]
+        fn any_bytes_give_the_same_results_in_any_pieces(
+            data in vec(any::<u8>(), 0..600),
+            pieces in vec(1..64usize, 1..8),
+        ) {
+            let whole = decode_in(&data, &[data.len().max(1)]);
+            let cut = decode_in(&data, &pieces);
+            prop_assert_eq!(&cut, &whole);
+            for r in &whole {
+                match r {
+                    Ok(WsMsg::Text(t)) => {
+                        prop_assert!(std::str::from_utf8(t).is_ok());
+                        prop_assert!(t.len() <= MAX);
+                    }
+                    Ok(WsMsg::Binary(b)) => prop_assert!(b.len() <= MAX),
+                    Ok(WsMsg::Ping(p)) => prop_assert!(p.len() <= 125),
+                    _ => {}
+                }
+            }
+        }
+    }
+}
