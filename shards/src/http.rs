@@ -12,7 +12,7 @@ const MAX_HEADERS: usize = 48;
 const MAX_WS_PROTOCOLS: usize = 16;
 
 /// One parsed request.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Request {
     pub method: String,
     /// Path without the query, not yet percent-decoded.
@@ -416,5 +416,115 @@ mod tests {
             Some("ctl:")
         );
         assert_eq!(query_param("a=1", "b"), None);
+    }
+}
+
+/// Request bytes come from anywhere: whatever arrives, in whatever pieces,
+/// the parser gives the requests a client sent, or an error, never a panic,
+/// and the same results however the bytes are cut.
+#[cfg(test)]
+mod props {
+    use super::*;
+    use proptest::collection::vec;
+    use proptest::prelude::*;
+
+    const MAX_BODY: usize = 256;
+
+    /// Parses `data` fed in pieces of the given sizes (cycled), until an
+    /// error or the end: every result in order.
+    pub(super) fn parse_in(data: &[u8], pieces: &[usize]) -> Vec<Result<Request, HttpError>> {
+        let mut buf = BytesMut::new();
+        let mut out = Vec::new();
+        let mut at = 0;
+        let mut i = 0;
+        while at < data.len() {
+            let n = pieces[i % pieces.len()].clamp(1, data.len() - at);
+            i += 1;
+            buf.extend_from_slice(&data[at..at + n]);
+            at += n;
+            loop {
+                match parse_request(&mut buf, MAX_BODY) {
+                    Ok(Some(r)) => out.push(Ok(r)),
+                    Ok(None) => break,
+                    Err(e) => {
+                        out.push(Err(e));
+                        return out;
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// A request as a client writes it, and what the parser should give.
+    fn request() -> impl Strategy<Value = (Vec<u8>, Request)> {
+        (
+            prop_oneof![Just("GET"), Just("POST"), Just("DELETE"), Just("HEAD")],
+            "/[a-z0-9/_.-]{0,30}",
+            "[a-z0-9=&%]{0,20}",
+            proptest::option::of("Bearer [A-Za-z0-9]{1,20}"),
+            any::<bool>(),
+            vec(any::<u8>(), 0..MAX_BODY),
+        )
+            .prop_map(|(method, path, query, auth, close, body)| {
+                let target = if query.is_empty() {
+                    path.clone()
+                } else {
+                    format!("{path}?{query}")
+                };
+                let mut head = format!("{method} {target} HTTP/1.1\r\nHost: relay\r\n");
+                if let Some(a) = &auth {
+                    head.push_str(&format!("Authorization: {a}\r\n"));
+                }
+                if close {
+                    head.push_str("Connection: close\r\n");
+                }
+                if !body.is_empty() {
+                    head.push_str(&format!("Content-Length: {}\r\n", body.len()));
+                }
+                head.push_str("\r\n");
+                let mut bytes = head.into_bytes();
+                bytes.extend_from_slice(&body);
+                let want = Request {
+                    method: method.to_owned(),
+                    path,
+                    query,
+                    authorization: auth,
+                    keep_alive: !close,
+                    body: Bytes::from(body),
+                    ..Request::default()
+                };
+                (bytes, want)
+            })
+    }
+
+    proptest! {
+        #[test]
+        fn pipelined_requests_parse_as_sent_in_any_pieces(
+            reqs in vec(request(), 0..6),
+            pieces in vec(1..80usize, 1..8),
+        ) {
+            let bytes: Vec<u8> = reqs.iter().flat_map(|(b, _)| b.clone()).collect();
+            let want: Vec<Request> = reqs.into_iter().map(|(_, r)| r).collect();
+            let got: Vec<Request> = parse_in(&bytes, &pieces)
+                .into_iter()
+                .collect::<Result<_, _>>()
+                .expect("well-formed requests parse");
+            prop_assert_eq!(got, want);
+        }
+
+        #[test]
+        fn any_bytes_give_the_same_results_in_any_pieces(
+            data in vec(any::<u8>(), 0..600),
+            pieces in vec(1..80usize, 1..8),
+        ) {
+            let whole = parse_in(&data, &[data.len().max(1)]);
+            prop_assert_eq!(parse_in(&data, &pieces), whole.clone());
+            for r in whole.iter().flatten() {
+                prop_assert!(r.body.len() <= MAX_BODY);
+                let _ = query_param(&r.query, "addr");
+                let _ = decode(&r.path);
+            }
+        }
     }
 }
