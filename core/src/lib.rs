@@ -21,6 +21,8 @@
 //! - [`procstat`]: a process's CPU time and memory, parsed from `/proc` text.
 //! - [`ws`]: WebSocket frame writing (server frames, close and pong, named
 //!   opcodes).
+//! - [`pieces`]: feeding a byte stream to a decoder in pieces, for tests and
+//!   fuzz targets.
 
 pub mod acl;
 pub mod auth;
@@ -31,6 +33,7 @@ pub mod frame;
 pub mod json;
 pub mod mqtt;
 pub mod name;
+pub mod pieces;
 pub mod procstat;
 pub mod proxy;
 pub mod route;

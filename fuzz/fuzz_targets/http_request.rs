@@ -7,27 +7,12 @@
 
 #![no_main]
 
-use bytes::BytesMut;
 use libfuzzer_sys::fuzz_target;
+use relay_core::pieces::decode_in_pieces;
 use relay_shards::http::{HttpError, Request, decode, parse_request, query_param};
 
 fn parse_in(data: &[u8], piece: usize, max_body: usize) -> Vec<Result<Request, HttpError>> {
-    let mut buf = BytesMut::new();
-    let mut out = Vec::new();
-    for chunk in data.chunks(piece.max(1)) {
-        buf.extend_from_slice(chunk);
-        loop {
-            match parse_request(&mut buf, max_body) {
-                Ok(Some(r)) => out.push(Ok(r)),
-                Ok(None) => break,
-                Err(e) => {
-                    out.push(Err(e));
-                    return out;
-                }
-            }
-        }
-    }
-    out
+    decode_in_pieces(data, &[piece], |b| parse_request(b, max_body))
 }
 
 fuzz_target!(|data: &[u8]| {

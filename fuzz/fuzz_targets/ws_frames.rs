@@ -7,28 +7,13 @@
 
 #![no_main]
 
-use bytes::BytesMut;
 use libfuzzer_sys::fuzz_target;
+use relay_core::pieces::decode_in_pieces;
 use relay_shards::ws::{WsDecoder, WsError, WsMsg};
 
 fn decode_in(data: &[u8], piece: usize, max: usize) -> Vec<Result<WsMsg, WsError>> {
     let mut d = WsDecoder::default();
-    let mut buf = BytesMut::new();
-    let mut out = Vec::new();
-    for chunk in data.chunks(piece.max(1)) {
-        buf.extend_from_slice(chunk);
-        loop {
-            match d.decode(&mut buf, max) {
-                Ok(Some(m)) => out.push(Ok(m)),
-                Ok(None) => break,
-                Err(e) => {
-                    out.push(Err(e));
-                    return out;
-                }
-            }
-        }
-    }
-    out
+    decode_in_pieces(data, &[piece], |b| d.decode(b, max))
 }
 
 fuzz_target!(|data: &[u8]| {

@@ -427,33 +427,12 @@ mod props {
     use super::*;
     use proptest::collection::vec;
     use proptest::prelude::*;
+    use relay_core::pieces::decode_in_pieces;
 
     const MAX_BODY: usize = 256;
 
-    /// Parses `data` fed in pieces of the given sizes (cycled), until an
-    /// error or the end: every result in order.
-    pub(super) fn parse_in(data: &[u8], pieces: &[usize]) -> Vec<Result<Request, HttpError>> {
-        let mut buf = BytesMut::new();
-        let mut out = Vec::new();
-        let mut at = 0;
-        let mut i = 0;
-        while at < data.len() {
-            let n = pieces[i % pieces.len()].clamp(1, data.len() - at);
-            i += 1;
-            buf.extend_from_slice(&data[at..at + n]);
-            at += n;
-            loop {
-                match parse_request(&mut buf, MAX_BODY) {
-                    Ok(Some(r)) => out.push(Ok(r)),
-                    Ok(None) => break,
-                    Err(e) => {
-                        out.push(Err(e));
-                        return out;
-                    }
-                }
-            }
-        }
-        out
+    fn parse_in(data: &[u8], pieces: &[usize]) -> Vec<Result<Request, HttpError>> {
+        decode_in_pieces(data, pieces, |b| parse_request(b, MAX_BODY))
     }
 
     /// A request as a client writes it, and what the parser should give.

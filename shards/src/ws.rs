@@ -327,35 +327,14 @@ mod props {
     use super::*;
     use proptest::collection::vec;
     use proptest::prelude::*;
+    use relay_core::pieces::decode_in_pieces;
     use relay_core::ws::{Opcode, put_client_frame};
 
     const MAX: usize = 512;
 
-    /// Decodes `data` fed in pieces of the given sizes (cycled), until an
-    /// error or the end: every result in order.
     fn decode_in(data: &[u8], pieces: &[usize]) -> Vec<Result<WsMsg, WsError>> {
         let mut d = WsDecoder::default();
-        let mut buf = BytesMut::new();
-        let mut out = Vec::new();
-        let mut at = 0;
-        let mut i = 0;
-        while at < data.len() {
-            let n = pieces[i % pieces.len()].clamp(1, data.len() - at);
-            i += 1;
-            buf.extend_from_slice(&data[at..at + n]);
-            at += n;
-            loop {
-                match d.decode(&mut buf, MAX) {
-                    Ok(Some(m)) => out.push(Ok(m)),
-                    Ok(None) => break,
-                    Err(e) => {
-                        out.push(Err(e));
-                        return out;
-                    }
-                }
-            }
-        }
-        out
+        decode_in_pieces(data, pieces, |b| d.decode(b, MAX))
     }
 
     /// A message as a client sends it, and what the decoder gives for it.

@@ -22,16 +22,23 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
 }
 const FRAMES: u32 = 3000;
 
+/// A relay of `shards` shards on epoll that answers every input at once
+/// (`coalesce_us = 0`) and waits on its sockets for up to `slice_us`.
+fn busy_relay(shards: usize, slice_us: u32) -> relay_shards::Relay {
+    start(|c| {
+        c.shards.count = shards;
+        c.shards.slice_us = slice_us;
+        c.shards.io = IoBackend::Epoll;
+        c.shards.coalesce_us = 0;
+    })
+}
+
 /// `PAIRS` senders on shard 0, each streaming `FRAMES` DATA frames to its
 /// receiver (half on shard 0, half on shard 1), while the test asks for
 /// `/metrics` over HTTP. Every frame arrives, in order; returns the relay
 /// and its busy-wait count.
 fn stream(slice_us: u32) -> (relay_shards::Relay, u64) {
-    let relay = start(|c| {
-        c.shards.slice_us = slice_us;
-        c.shards.io = IoBackend::Epoll;
-        c.shards.coalesce_us = 0;
-    });
+    let relay = busy_relay(2, slice_us);
     let senders = addrs_on("busy-tx-", 0, 2, PAIRS);
     let local = addrs_on("busy-rx-", 0, 2, PAIRS / 2);
     let remote = addrs_on("busy-rx-", 1, 2, PAIRS - PAIRS / 2);
@@ -136,11 +143,7 @@ fn slice_zero_always_sleeps_through_the_executor() {
 fn frames_for_another_shard_leave_a_busy_shard_before_its_slice_ends() {
     let _one = serial();
     let slice = Duration::from_millis(20);
-    let relay = start(|c| {
-        c.shards.slice_us = slice.as_micros() as u32;
-        c.shards.io = IoBackend::Epoll;
-        c.shards.coalesce_us = 0;
-    });
+    let relay = busy_relay(2, slice.as_micros() as u32);
     let sources = addrs_on("flush-tx-", 1, 2, 8);
     let sink = addrs_on("flush-rx-", 1, 2, 1).remove(0);
     let near = addrs_on("flush-near-", 1, 2, 1).remove(0);
@@ -185,11 +188,7 @@ fn frames_for_another_shard_leave_a_busy_shard_before_its_slice_ends() {
 #[test]
 fn frames_from_another_shard_wake_a_shard_that_waits_on_its_sockets() {
     let _one = serial();
-    let relay = start(|c| {
-        c.shards.slice_us = 20_000;
-        c.shards.io = IoBackend::Epoll;
-        c.shards.coalesce_us = 0;
-    });
+    let relay = busy_relay(2, 20_000);
     let sources = addrs_on("kick-tx-", 1, 2, 8);
     let sink = addrs_on("kick-rx-", 1, 2, 1).remove(0);
     let far = addrs_on("kick-far-", 1, 2, 1).remove(0);
@@ -253,12 +252,7 @@ fn get_on(s: &mut std::net::TcpStream, path: &str) -> (String, String) {
 #[test]
 fn http_requests_end_the_wait_of_a_busy_shard() {
     let _one = serial();
-    let relay = start(|c| {
-        c.shards.count = 1;
-        c.shards.slice_us = 20_000;
-        c.shards.io = IoBackend::Epoll;
-        c.shards.coalesce_us = 0;
-    });
+    let relay = busy_relay(1, 20_000);
     let names = common::names("http-tx-", 8);
     let steady = common::Steady::start(relay.tcp_addr(), &names, "http-rx");
     thread::sleep(Duration::from_millis(200));
