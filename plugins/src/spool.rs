@@ -3,7 +3,9 @@
 //!
 //! Files in `[plugins] spool_dir`, per sink `NAME`:
 //! - `NAME.log`: records `len u32 LE | crc32 u32 LE | seq u64 LE | payload`, where the
-//!   crc covers seq and payload. A torn record at the end (crash mid-append) is cut off.
+//!   crc covers seq and payload. A torn record at the end (crash mid-append) is cut off;
+//!   from a whole record that fails its crc on, the bytes are moved to
+//!   `NAME.log.damaged-<unix ms>` instead (damage, not a crash: good writes may follow).
 //! - `NAME.head`: offset (u64 LE) of the first record not yet replayed. When every record
 //!   is replayed both files are reset to empty.
 //! - `NAME.seq`: the highest sequence number reserved so far. Numbers are reserved in
@@ -135,11 +137,25 @@ impl Spool {
             }
         }
         if len < file_len {
-            tracing::warn!(
-                spool = name,
-                cut = file_len - len,
-                "spool had a torn record at its end; cut it off"
-            );
+            if Self::torn_at(&mut log, len, file_len).map_err(&e)? {
+                tracing::warn!(
+                    spool = name,
+                    cut = file_len - len,
+                    "spool had a torn record at its end; cut it off"
+                );
+            } else {
+                // A whole record that fails its checksum (or an impossible
+                // length) is damage, not a crash mid-append: what follows it
+                // may be good writes. They are kept aside, not destroyed.
+                let kept = Self::keep_aside(&mut log, dir, name, len, file_len).map_err(&e)?;
+                tracing::error!(
+                    spool = name,
+                    bytes = file_len - len,
+                    kept = %kept.display(),
+                    "spool is damaged at offset {len}: the records from there on are not \
+                     replayed and were moved to the file named here"
+                );
+            }
             log.set_len(len).map_err(&e)?;
         }
         if head == len && len > 0 {
@@ -162,6 +178,42 @@ impl Spool {
             max_bytes,
             dirty: false,
         })
+    }
+
+    /// Whether the bytes from `at` (where the valid records end) are a record
+    /// cut short by the end of the file, as a crash mid-append leaves it.
+    fn torn_at(log: &mut File, at: u64, file_len: u64) -> io::Result<bool> {
+        if at + HEADER as u64 > file_len {
+            return Ok(true);
+        }
+        log.seek(SeekFrom::Start(at))?;
+        let mut h = [0u8; 4];
+        log.read_exact(&mut h)?;
+        let len = u32::from_le_bytes(h) as usize;
+        Ok(len <= MAX_RECORD && at + (HEADER + len) as u64 > file_len)
+    }
+
+    /// Copies the log's bytes from `at` to its end into a new file next to
+    /// it, `NAME.log.damaged-<unix ms>`; returns its path.
+    fn keep_aside(
+        log: &mut File,
+        dir: &Path,
+        name: &str,
+        at: u64,
+        file_len: u64,
+    ) -> io::Result<PathBuf> {
+        let ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis());
+        let path = dir.join(format!("{name}.log.damaged-{ms}"));
+        let mut out = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&path)?;
+        log.seek(SeekFrom::Start(at))?;
+        io::copy(&mut log.take(file_len - at), &mut out)?;
+        out.sync_all()?;
+        Ok(path)
     }
 
     fn read_at(log: &mut File, at: u64, file_len: u64) -> io::Result<Option<Record>> {
@@ -330,6 +382,47 @@ mod tests {
         assert_eq!(r.len(), 1);
         assert_eq!(r[0].payload, b"good");
         s.append(3, b"after").unwrap();
+        assert_eq!(s.peek(10).unwrap().len(), 2);
+        let names: Vec<_> = std::fs::read_dir(&d)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert!(!names.iter().any(|n| n.contains("damaged")), "{names:?}");
+    }
+
+    /// A record that fails its checksum in the middle of the log is damage:
+    /// the records from it on are not replayed, but kept in a file of their
+    /// own rather than cut off. A torn tail leaves no such file.
+    #[test]
+    fn damaged_records_are_kept_aside_not_destroyed() {
+        let d = dir("damaged");
+        let mut s = Spool::open(&d, "t", SpoolFsync::Always, 1 << 20).unwrap();
+        s.append(1, b"first").unwrap();
+        let second_at = s.peek(10).unwrap()[0].end;
+        s.append(2, b"second").unwrap();
+        s.append(3, b"third").unwrap();
+        drop(s);
+        let path = d.join("t.log");
+        let mut bytes = std::fs::read(&path).unwrap();
+        // One bit of the second record's payload flips.
+        bytes[second_at as usize + HEADER] ^= 1;
+        std::fs::write(&path, &bytes).unwrap();
+        let mut s = Spool::open(&d, "t", SpoolFsync::Always, 1 << 20).unwrap();
+        let r = s.peek(10).unwrap();
+        assert_eq!(r.len(), 1);
+        assert_eq!(r[0].payload, b"first");
+        let kept: Vec<_> = std::fs::read_dir(&d)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.to_string_lossy().contains("t.log.damaged-"))
+            .collect();
+        assert_eq!(kept.len(), 1, "{kept:?}");
+        assert_eq!(
+            std::fs::read(&kept[0]).unwrap(),
+            bytes[second_at as usize..]
+        );
+        // The spool goes on after the good records.
+        s.append(4, b"after").unwrap();
         assert_eq!(s.peek(10).unwrap().len(), 2);
     }
 
