@@ -16,11 +16,9 @@ pub fn decode_in_pieces<T, E>(
     let mut buf = BytesMut::new();
     let mut out = Vec::new();
     let mut at = 0;
-    let mut turn = 0;
+    let mut sizes = pieces.iter().copied().cycle();
     while at < data.len() {
-        let size = pieces.get(turn % pieces.len().max(1)).copied().unwrap_or(1);
-        turn += 1;
-        let n = size.clamp(1, data.len() - at);
+        let n = sizes.next().unwrap_or(1).clamp(1, data.len() - at);
         buf.extend_from_slice(&data[at..at + n]);
         at += n;
         loop {

@@ -36,6 +36,16 @@ pub enum SpoolError {
     Full(String, u64),
 }
 
+/// Why there is no record at an offset of the log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stop {
+    /// Fewer bytes than a whole record: the end, or a record torn by a crash
+    /// mid-append.
+    Short,
+    /// A whole record that fails its checksum, or an impossible length.
+    Damaged,
+}
+
 /// One record read back from the spool.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Record {
@@ -129,15 +139,16 @@ impl Spool {
         let mut head = read_u64(&head_path).map_err(&e)?.unwrap_or(0).min(file_len);
         // Walk the records from the head to find the valid end.
         let mut len = head;
-        loop {
+        let stop = loop {
             match Self::read_at(&mut log, len, file_len) {
-                Ok(Some(r)) => len = r.end,
-                Ok(None) => break,
-                Err(_) => break,
+                Ok(Ok(r)) => len = r.end,
+                Ok(Err(stop)) => break stop,
+                // Unreadable: keep the bytes rather than cut them.
+                Err(_) => break Stop::Damaged,
             }
-        }
+        };
         if len < file_len {
-            if Self::torn_at(&mut log, len, file_len).map_err(&e)? {
+            if stop == Stop::Short {
                 tracing::warn!(
                     spool = name,
                     cut = file_len - len,
@@ -180,19 +191,6 @@ impl Spool {
         })
     }
 
-    /// Whether the bytes from `at` (where the valid records end) are a record
-    /// cut short by the end of the file, as a crash mid-append leaves it.
-    fn torn_at(log: &mut File, at: u64, file_len: u64) -> io::Result<bool> {
-        if at + HEADER as u64 > file_len {
-            return Ok(true);
-        }
-        log.seek(SeekFrom::Start(at))?;
-        let mut h = [0u8; 4];
-        log.read_exact(&mut h)?;
-        let len = u32::from_le_bytes(h) as usize;
-        Ok(len <= MAX_RECORD && at + (HEADER + len) as u64 > file_len)
-    }
-
     /// Copies the log's bytes from `at` to its end into a new file next to
     /// it, `NAME.log.damaged-<unix ms>`; returns its path.
     fn keep_aside(
@@ -216,9 +214,10 @@ impl Spool {
         Ok(path)
     }
 
-    fn read_at(log: &mut File, at: u64, file_len: u64) -> io::Result<Option<Record>> {
+    /// The record at `at`, or why there is none there.
+    fn read_at(log: &mut File, at: u64, file_len: u64) -> io::Result<Result<Record, Stop>> {
         if at + HEADER as u64 > file_len {
-            return Ok(None);
+            return Ok(Err(Stop::Short));
         }
         log.seek(SeekFrom::Start(at))?;
         let mut h = [0u8; HEADER];
@@ -226,16 +225,19 @@ impl Spool {
         let len = u32::from_le_bytes([h[0], h[1], h[2], h[3]]) as usize;
         let crc = u32::from_le_bytes([h[4], h[5], h[6], h[7]]);
         let seq = u64::from_le_bytes([h[8], h[9], h[10], h[11], h[12], h[13], h[14], h[15]]);
+        if len > MAX_RECORD {
+            return Ok(Err(Stop::Damaged));
+        }
         let end = at + (HEADER + len) as u64;
-        if len > MAX_RECORD || end > file_len {
-            return Ok(None);
+        if end > file_len {
+            return Ok(Err(Stop::Short));
         }
         let mut payload = vec![0u8; len];
         log.read_exact(&mut payload)?;
         if checksum(seq, &payload) != crc {
-            return Ok(None);
+            return Ok(Err(Stop::Damaged));
         }
-        Ok(Some(Record { seq, payload, end }))
+        Ok(Ok(Record { seq, payload, end }))
     }
 
     /// The next sequence number (unique and increasing across restarts).
@@ -297,11 +299,11 @@ impl Spool {
         let mut at = self.head;
         while out.len() < max {
             match Self::read_at(&mut self.log, at, self.len).map_err(&e)? {
-                Some(r) => {
+                Ok(r) => {
                     at = r.end;
                     out.push(r);
                 }
-                None => break,
+                Err(_) => break,
             }
         }
         Ok(out)

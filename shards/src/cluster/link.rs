@@ -164,8 +164,6 @@ impl std::fmt::Debug for Link {
     }
 }
 
-/// The directory key of an address (bucket keys allow fewer characters
-/// than addresses do).
 /// Whether a key is held by any shard of this node, after one shard's change.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Held {
@@ -209,6 +207,8 @@ fn set_shard<K: std::hash::Hash + Eq>(
     }
 }
 
+/// The directory key of an address (bucket keys allow fewer characters
+/// than addresses do).
 pub fn dir_key(addr: &[u8]) -> String {
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(addr)
 }

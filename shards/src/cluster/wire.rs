@@ -95,11 +95,7 @@ impl Writer {
         let mut buf = BytesMut::with_capacity(256);
         buf.put_u8(VERSION);
         // A name has at most 255 bytes: cut between characters.
-        let mut end = from.len().min(255);
-        while !from.is_char_boundary(end) {
-            end -= 1;
-        }
-        put_name(&mut buf, &from.as_bytes()[..end]);
+        put_name(&mut buf, &from.as_bytes()[..from.floor_char_boundary(255)]);
         Writer { buf, items: 0 }
     }
 
@@ -168,12 +164,8 @@ impl Writer {
                     None => b.put_u16(0),
                     Some((code, msg)) => {
                         b.put_u16(*code as u16);
-                        // At most 1 KiB, cut at a character boundary.
-                        let mut end = msg.len().min(1024);
-                        while !msg.is_char_boundary(end) {
-                            end -= 1;
-                        }
-                        let m = &msg.as_bytes()[..end];
+                        // At most 1 KiB, cut between characters.
+                        let m = &msg.as_bytes()[..msg.floor_char_boundary(1024)];
                         b.put_u16(m.len() as u16);
                         b.put_slice(m);
                     }
